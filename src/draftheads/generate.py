@@ -1,0 +1,133 @@
+"""The decoding loop: draft -> verify (one backbone forward over the whole tree) -> accept -> keep KV.
+
+Without heads (or with a root-only tree) the same loop is plain autoregressive decoding, so the
+baseline and the speculative path share every piece of machinery.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .acceptance import SamplingConfig, accept, sample
+from .errors import UserError
+from .kvcache import TreeKVCache
+from .tree import Tree
+
+ROOT_ONLY = Tree([])
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    steps: int = 0  # verify passes after the prefill
+    new_tokens: int = 0
+    accepted: list[int] = field(default_factory=list)  # tokens emitted per step, the backbone's own included
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    accept_s: float = 0.0  # acceptance + KV compaction + bookkeeping
+    total_s: float = 0.0
+    tree_size: int = 1
+
+    @property
+    def mean_accepted(self) -> float:
+        return sum(self.accepted) / max(len(self.accepted), 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.total_s if self.total_s else 0.0
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "accepted"}
+        d.update(mean_accepted=self.mean_accepted, tokens_per_second=self.tokens_per_second,
+                 accepted_histogram=_histogram(self.accepted))
+        return d
+
+
+def _histogram(values: list[int]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return dict(sorted(out.items()))
+
+
+class Decoder:
+    """Runs the loop for one backbone (+ optional heads). Batch size 1."""
+
+    def __init__(self, model, heads=None, tree: Tree | None = None):
+        self.model, self.heads = model, heads
+        self.tree = tree if (tree is not None and heads is not None) else ROOT_ONLY
+        self.body = model.base_model  # decoder stack: ids -> final-norm hidden states
+        self.lm_head = model.get_output_embeddings()
+        self.context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+
+    def _sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _forward(self, cache: TreeKVCache, ids: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor):
+        """ids, positions [q] -> hidden [q, hidden_size]; appends q entries to the cache."""
+        mask = cache.attention_mask(bias)
+        out = self.body(input_ids=ids.view(1, -1), position_ids=positions.view(1, -1), attention_mask=mask,
+                        past_key_values=cache.hf, use_cache=True)
+        return out.last_hidden_state[0]
+
+    @torch.inference_mode()
+    def steps(self, prompt_ids: list[int], max_new_tokens: int, sp: SamplingConfig, stats: Stats,
+              tree: Tree | None = None) -> Iterator[list[int]]:
+        """Yield the tokens each step emits: first the prefill's token, then per step the accepted
+        drafts plus the backbone's next token. The caller stops consuming on EOS/stop/limit."""
+        tree = self.tree if tree is None or self.heads is None else tree
+        prompt_len = len(prompt_ids)
+        if prompt_len == 0:
+            raise UserError("the prompt is empty")
+        if prompt_len >= self.context:
+            raise UserError(f"the prompt has {prompt_len} tokens but the model's context is {self.context}")
+        capacity = min(self.context, prompt_len + max_new_tokens + tree.size)
+        cache = TreeKVCache.for_model(self.model, capacity)
+        gen = torch.Generator(device=self.device).manual_seed(sp.seed) if sp.seed is not None else None
+        tt = tree.tensors(self.device, self.dtype)
+        root_bias = ROOT_ONLY.tensors(self.device, self.dtype).tree_bias
+        stats.prompt_tokens, stats.tree_size = prompt_len, tree.size
+        dev = self.device
+
+        t0 = self._sync()
+        ids = torch.tensor(prompt_ids, device=dev)
+        causal = torch.full((prompt_len, prompt_len), torch.finfo(self.dtype).min, dtype=self.dtype, device=dev).triu(1)
+        hidden = self._forward(cache, ids, torch.arange(prompt_len, device=dev), causal)[-1]  # [hidden_size]
+        root = sample(self.lm_head(hidden), sp, gen)
+        stats.prefill_s = self._sync() - t0
+        yield [root]
+
+        while cache.length + 1 <= capacity:
+            L = cache.length
+            step_tree, step_tt = (tree, tt) if L + tree.size <= capacity else (ROOT_ONLY, None)
+            t0 = self._sync()
+            root_t = torch.tensor(root, device=dev)
+            if step_tree.size > 1:  # [nodes] candidate ids, root first
+                cands = self.heads.draft(hidden, root_t, step_tt.head_of, step_tt.rank_of, step_tree.topk)
+                depths, bias = step_tt.depths, step_tt.tree_bias
+            else:
+                cands, depths, bias = root_t.view(1), torch.zeros(1, dtype=torch.long, device=dev), root_bias
+            t1 = self._sync()
+            h = self._forward(cache, cands, depths + L, bias)  # [nodes, hidden_size]
+            logits = self.lm_head(h)  # [nodes, vocab]
+            t2 = self._sync()
+            nodes, root = accept(logits, cands, step_tree, sp, gen)
+            cache.keep(nodes, L)
+            hidden = h[nodes[-1]]
+            emitted = cands[nodes[1:]].tolist() + [root]
+            t3 = self._sync()
+            stats.steps += 1
+            stats.draft_s += t1 - t0
+            stats.verify_s += t2 - t1
+            stats.accept_s += t3 - t2
+            stats.accepted.append(len(emitted))
+            yield emitted

@@ -1,0 +1,127 @@
+"""Heads on disk.
+
+Native: a directory with `config.json` (HeadsConfig) and `model.safetensors`
+(`blocks.{h}.{l}.linear.weight|bias`, `lm_heads.{h}.weight`, `vocab_map`).
+
+Also read: the official Medusa layout (`medusa_lm_head.safetensors` or `.pt`, keys
+`{h}.{l}.linear.weight|bias` and `{h}.{L}.weight`, config `medusa_num_heads`, `medusa_num_layers`,
+`base_model_name_or_path`). `.pt` files load with `torch.load(weights_only=True)`, never as pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..backbone import fingerprints_match, output_embedding_fingerprint
+from ..errors import UserError
+from .medusa import HeadsConfig, MedusaHeads
+
+
+def save_heads(heads: MedusaHeads, directory: str | Path) -> Path:
+    """Write atomically: files go to a temporary name and are renamed, so a kill never leaves a torn file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
+    _atomic_write(directory / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _atomic_write(directory / "config.json",
+                  lambda p: Path(p).write_text(json.dumps(heads.cfg.to_dict(), indent=1) + "\n"))
+    return directory
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.exists():
+        raise UserError(f"{directory} holds no config.json: not a heads directory")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+
+
+def load_heads(path: str | Path, backbone=None) -> MedusaHeads:
+    """Heads from a native or official-Medusa directory. With a backbone, check they belong to it."""
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise UserError(f"heads directory not found: {path}")
+    raw = read_config(directory)
+    if "medusa_num_heads" in raw or not (directory / "model.safetensors").exists():
+        heads = _load_official_medusa(directory, raw)
+    else:
+        heads = MedusaHeads(HeadsConfig.from_dict(raw))
+        try:
+            state = load_file(directory / "model.safetensors")
+        except Exception as e:  # a torn or foreign file
+            raise UserError(f"cannot read {directory / 'model.safetensors'}: {e}") from None
+        _load_state(heads, state, directory)
+    if backbone is not None:
+        check_backbone(heads.cfg, backbone, directory)
+        heads.attach(backbone)
+    return heads
+
+
+def _load_state(heads: MedusaHeads, state: dict, where) -> None:
+    try:
+        heads.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"weights in {where} do not match their config: {str(e).splitlines()[0]}") from None
+
+
+def check_backbone(cfg: HeadsConfig, backbone, where) -> None:
+    emb = backbone.get_output_embeddings().weight
+    if cfg.lm_head == "shared" and not cfg.vocab_size:  # official "version 2" heads do not record it
+        cfg.vocab_size = emb.shape[0]
+    if (cfg.vocab_size, cfg.hidden_size) != tuple(emb.shape):
+        raise UserError(f"heads in {where} are for a backbone with vocab {cfg.vocab_size} and hidden size "
+                        f"{cfg.hidden_size}, this one has {emb.shape[0]} and {emb.shape[1]} ({cfg.backbone or 'unknown'})")
+    if cfg.backbone_fingerprint and not fingerprints_match(cfg.backbone_fingerprint, output_embedding_fingerprint(backbone)):
+        raise UserError(f"heads in {where} were trained for backbone {cfg.backbone!r}, whose output embedding "
+                        "differs from this backbone's: load the backbone they were trained on")
+
+
+def _load_official_medusa(directory: Path, raw: dict) -> MedusaHeads:
+    for name in ("medusa_lm_head.safetensors", "medusa_lm_head.pt"):
+        if (directory / name).exists():
+            file = directory / name
+            break
+    else:
+        raise UserError(f"{directory} has neither model.safetensors nor medusa_lm_head.safetensors/.pt")
+    try:
+        state = load_file(file) if file.suffix == ".safetensors" else torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read {file} safely: {str(e).splitlines()[0]}") from None
+    state = {k.removeprefix("medusa_head."): v for k, v in state.items()}
+    layers = int(raw.get("medusa_num_layers", 1))
+    # The official config sometimes under-reports the heads (Medusa's own "TODO: fix the uploaded
+    # config"): trust the weights.
+    heads_in_file = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"(\d+)\.", k)))
+    w0 = state["0.0.linear.weight"]
+    own = f"0.{layers}.weight" in state
+    vocab = state[f"0.{layers}.weight"].shape[0] if own else int(raw.get("vocab_size", 0))
+    cfg = HeadsConfig(num_heads=heads_in_file, hidden_size=w0.shape[0], vocab_size=vocab, num_layers=layers,
+                      lm_head="own" if own else "shared", backbone=raw.get("base_model_name_or_path", ""))
+    native = {}
+    for key, value in state.items():
+        h, rest = key.split(".", 1)
+        l, tail = rest.split(".", 1)
+        native[f"lm_heads.{h}.{tail}" if int(l) == layers else f"blocks.{h}.{l}.{tail}"] = value.float()
+    heads = MedusaHeads(cfg)
+    _load_state(heads, native, file)
+    return heads

@@ -1,0 +1,122 @@
+"""Medusa heads: K independent heads on the backbone's last hidden state.
+
+Head k (0-based) predicts the token k+2 positions after the last verified one, that is k+1 positions
+beyond the backbone's own next token. Each head is L residual blocks `x + SiLU(W x + b)` and an LM head
+that is its own or the backbone's (shared, frozen). With VocabTrim the LM head covers only the
+`vocab_map` ids (the backbone's most frequent tokens) and drafts are mapped back to full ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+
+@dataclass
+class HeadsConfig:
+    """What `config.json` of a native heads directory holds. Unknown keys are an error."""
+
+    num_heads: int
+    hidden_size: int
+    vocab_size: int  # the backbone's full vocabulary
+    num_layers: int = 1
+    head_type: str = "medusa"
+    lm_head: str = "own"  # "own" (a Linear per head) or "shared" (the backbone's output embedding)
+    trimmed_vocab: int | None = None  # VocabTrim: size of the kept vocabulary; ids stored as `vocab_map`
+    backbone: str = ""  # name or path of the backbone the heads were trained on
+    backbone_fingerprint: list[float] = field(default_factory=list)
+    tree: list[list[int]] | None = None  # a calibrated tree, used by default when present
+    format: str = "draftheads/1"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HeadsConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"unknown keys in heads config: {', '.join(unknown)}")
+        missing = [k for k in ("num_heads", "hidden_size", "vocab_size") if k not in d]
+        if missing:
+            raise UserError(f"heads config lacks {', '.join(missing)}")
+        cfg = cls(**d)
+        if cfg.lm_head not in ("own", "shared"):
+            raise UserError(f"heads config: lm_head must be 'own' or 'shared', not {cfg.lm_head!r}")
+        if cfg.head_type != "medusa":
+            raise UserError(f"heads of type {cfg.head_type!r} are not supported by this version")
+        return cfg
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, hidden)
+        # Zero weight: the block starts as (almost) the identity, so an untrained head starts as the
+        # backbone's own next-token predictor rather than noise.
+        nn.init.zeros_(self.linear.weight)
+
+    def forward(self, x):
+        return x + nn.functional.silu(self.linear(x))
+
+
+class MedusaHeads(nn.Module):
+    def __init__(self, cfg: HeadsConfig):
+        super().__init__()
+        self.cfg = cfg
+        out = cfg.trimmed_vocab or cfg.vocab_size
+        self.blocks = nn.ModuleList(nn.Sequential(*[ResBlock(cfg.hidden_size) for _ in range(cfg.num_layers)])
+                                    for _ in range(cfg.num_heads))
+        self.lm_heads = (nn.ModuleList(nn.Linear(cfg.hidden_size, out, bias=False) for _ in range(cfg.num_heads))
+                         if cfg.lm_head == "own" else None)
+        # Full-vocabulary id of each trimmed id; None without VocabTrim.
+        self.register_buffer("vocab_map", torch.arange(out) if cfg.trimmed_vocab else None)
+        self.shared_weight: torch.Tensor | None = None  # [out, hidden], set by attach() for lm_head="shared"
+
+    def attach(self, backbone: nn.Module) -> "MedusaHeads":
+        """Give shared-LM-head heads the backbone's output embedding (rows of the kept vocabulary)."""
+        if self.lm_heads is None:
+            w = backbone.get_output_embeddings().weight.detach()
+            self.shared_weight = w[self.vocab_map] if self.vocab_map is not None else w
+        return self
+
+    def init_lm_heads_from(self, backbone: nn.Module) -> None:
+        """Medusa-1 starts each head's own LM head as a copy of the backbone's."""
+        if self.lm_heads is None:
+            return
+        w = backbone.get_output_embeddings().weight.detach()
+        w = w[self.vocab_map] if self.vocab_map is not None else w
+        for lm in self.lm_heads:
+            lm.weight.data.copy_(w.to(lm.weight.dtype))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., hidden_size] -> logits [num_heads, ..., out_vocab] (trimmed ids under VocabTrim)."""
+        outs = []
+        for k, block in enumerate(self.blocks):
+            h = block(hidden)
+            if self.lm_heads is not None:
+                outs.append(self.lm_heads[k](h))
+            else:
+                assert self.shared_weight is not None, "call attach(backbone) before drafting with a shared LM head"
+                outs.append(h @ self.shared_weight.T)
+        return torch.stack(outs)
+
+    def to_full_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.vocab_map[ids] if self.vocab_map is not None else ids
+
+    @torch.no_grad()
+    def draft(self, hidden: torch.Tensor, root: torch.Tensor, head_of: torch.Tensor, rank_of: torch.Tensor,
+              topk: int) -> torch.Tensor:
+        """Candidate token per tree node.
+
+        hidden [hidden_size] at the last verified position; root: 0-d token id of node 0;
+        head_of, rank_of [nodes-1]: the head and rank each non-root node takes. Returns ids [nodes].
+        """
+        assert hidden.dim() == 1 and head_of.shape == rank_of.shape
+        logits = self.forward(hidden.to(self.blocks[0][0].linear.weight.dtype))  # [heads, out_vocab]
+        top = self.to_full_ids(logits.topk(topk, dim=-1).indices)  # [heads, topk]
+        return torch.cat([root.view(1), top[head_of, rank_of]])

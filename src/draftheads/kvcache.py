@@ -1,0 +1,102 @@
+"""The backbone's KV cache for tree decoding: the ONE module that knows transformers' cache layout.
+
+One preallocated tensor holds every layer's keys and values, sized to the request
+(prompt + max_new_tokens + one tree), so a step never reallocates or concatenates. A verify pass
+writes the N tree nodes at [L, L+N); `keep` then moves the accepted nodes to [L, L+a) for all layers
+in one gather and forgets the rest by moving the length back.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class _PreallocatedLayer(CacheLayerMixin):
+    """A transformers cache layer backed by a slice of TreeKVCache.kv; returns views, never copies."""
+
+    is_compileable = False
+
+    def __init__(self, owner: "TreeKVCache", index: int):
+        super().__init__()
+        self.owner, self.index, self.length = owner, index, 0
+
+    def lazy_initialization(self, key_states, value_states):
+        self.owner._allocate(key_states)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[-2]
+        end = self.length + q
+        assert end <= self.owner.capacity, "KV cache overflow: the loop must keep within capacity"
+        kv = self.owner.kv[self.index]  # [2, batch, kv_heads, capacity, head_dim]
+        kv[0, :, :, self.length:end] = key_states
+        kv[1, :, :, self.length:end] = value_states
+        self.length = end
+        return kv[0, :, :, :end], kv[1, :, :, :end]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.owner.capacity
+
+
+class TreeKVCache:
+    """KV cache for one sequence (batch 1) of at most `capacity` tokens."""
+
+    def __init__(self, num_layers: int, capacity: int, dtype: torch.dtype, device: torch.device | str):
+        self.capacity, self.dtype, self.device = capacity, dtype, device
+        self.kv: torch.Tensor | None = None  # [layers, 2, batch, kv_heads, capacity, head_dim]
+        self.layers = [_PreallocatedLayer(self, i) for i in range(num_layers)]
+        self.hf = Cache(layers=self.layers)  # what the backbone's forward takes as past_key_values
+        self._mask: torch.Tensor | None = None  # [1, 1, max_query, capacity] additive bias
+        self._mask_zeroed = 0  # columns [0, _mask_zeroed) of _mask are already 0 in every row
+
+    @classmethod
+    def for_model(cls, model, capacity: int) -> "TreeKVCache":
+        p = next(model.parameters())
+        return cls(model.config.num_hidden_layers, capacity, p.dtype, p.device)
+
+    def _allocate(self, key_states: torch.Tensor) -> None:
+        if self.kv is None:
+            b, h, _, d = key_states.shape
+            self.kv = torch.zeros(len(self.layers), 2, b, h, self.capacity, d, dtype=key_states.dtype,
+                                  device=key_states.device)
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def attention_mask(self, tree_bias: torch.Tensor) -> torch.Tensor:
+        """Mask for a forward of q new tokens after the cached ones: the whole prefix is visible, the
+        new tokens see each other as `tree_bias` [q, q] says. Returns [1, 1, q, length + q]."""
+        q, L = tree_bias.shape[0], self.length
+        assert L + q <= self.capacity
+        if self._mask is None or self._mask.shape[2] < q:
+            self._mask = torch.full((1, 1, q, self.capacity), torch.finfo(self.dtype).min, dtype=self.dtype,
+                                    device=self.device)
+            self._mask_zeroed = 0
+        if self._mask_zeroed < L:
+            self._mask[..., self._mask_zeroed:L] = 0
+            self._mask_zeroed = L
+        self._mask[0, 0, :q, L:L + q] = tree_bias
+        return self._mask[:, :, :q, :L + q]
+
+    def keep(self, nodes: list[int], start: int) -> None:
+        """After a verify pass wrote N nodes at [start, start+N): keep `nodes` (indices into those N,
+        root first, each a descendant of the previous) at [start, start+len(nodes)) and drop the rest."""
+        a = len(nodes)
+        # The accepted path is often nodes 0..a-1 already (a chain, or the top-1 path of a tree):
+        # nothing to move then.
+        if nodes != list(range(a)):
+            index = torch.tensor(nodes, device=self.kv.device) + start
+            src = self.kv.index_select(4, index)  # [layers, 2, batch, kv_heads, a, head_dim]
+            self.kv[:, :, :, :, start:start + a] = src
+        for layer in self.layers:
+            layer.length = start + a
