@@ -1,0 +1,409 @@
+"""`draftheads bench` and `draftheads calibrate`.
+
+bench: on one prompt set, in one process, on one loaded backbone, time four ways of greedy decoding
+(batch 1): transformers' `generate` (the baseline), our loop without heads, our loop with heads and
+a tree (speculative), and transformers' prompt-lookup decoding. Methods are interleaved per prompt,
+in an order rotated per prompt, so that drift on a shared machine hits all alike. Writes report.json,
+report.md and PNG plots to --out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .backbone import chat_ids
+from .calibrate import _console, load_parts, machine, progress, run_calibrate, step_latency
+from .errors import UserError
+from .questions import load_questions
+
+METHODS = ("transformers", "loop", "speculative", "prompt_lookup")
+BASELINE = "transformers"
+LABELS = {"transformers": "transformers generate (baseline)", "loop": "our loop, no heads",
+          "speculative": "our loop + heads (speculative)", "prompt_lookup": "transformers prompt lookup"}
+
+
+# ----------------------------------------------------------------------------------------- running
+
+def _hf_generate(model, ids: list[int], max_new_tokens: int, eos: set[int], pad: int, lookup: int | None) -> list[int]:
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=sorted(eos),
+                           pad_token_id=pad, prompt_lookup_num_tokens=lookup)
+    x = torch.tensor([ids], device=model.device)
+    out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=cfg)[0, len(ids):].tolist()
+    cut = next((i for i, t in enumerate(out) if t in eos), len(out))  # our loop does not return the EOS
+    return out[:cut]
+
+
+class Runner:
+    """One callable per method: ids -> (new token ids, Stats or None). All share one backbone."""
+
+    def __init__(self, dm, plain):
+        self.dm, self.plain = dm, plain
+        self.eos = plain.eos_ids
+        tok = plain.tokenizer
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else min(self.eos)
+
+    def __call__(self, method: str, ids: list[int], max_new_tokens: int):
+        model = self.plain.backbone
+        if method in ("loop", "speculative"):
+            r = (self.plain if method == "loop" else self.dm).generate(torch.tensor(ids), max_new_tokens=max_new_tokens)
+            return r.token_ids, r.stats
+        lookup = 10 if method == "prompt_lookup" else None
+        return _hf_generate(model, ids, max_new_tokens, self.eos, self.pad, lookup), None
+
+
+def _sync(device) -> float:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def run_bench(args) -> dict:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or BASELINE not in methods:
+        raise UserError(f"--methods must name {BASELINE} and any of {', '.join(METHODS)}; got {args.methods!r}")
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    cats = [c.strip() for c in args.categories.split(",")] if args.categories else None
+    questions = load_questions(args.questions, args.limit, cats)
+    dm, plain = load_parts(args)
+    run, tok = Runner(dm, plain), plain.tokenizer
+    records, mismatches = [], []
+    with progress() as bar:
+        first = chat_ids(tok, questions[0].turns[0])
+        for m in methods:  # warm-up: first calls pay for lazy init, allocator growth, kernel selection
+            run(m, first, min(args.max_new_tokens, 16))
+        task = bar.add_task("bench", total=sum(len(q.turns) for q in questions) * len(methods))
+        slot = 0
+        for q in questions:
+            history: list[dict] = []
+            for turn, text in enumerate(q.turns):
+                history.append({"role": "user", "content": text})
+                ids = chat_ids(tok, history)
+                order = methods[slot % len(methods):] + methods[:slot % len(methods)]
+                slot += 1
+                outs = {}
+                for m in order:
+                    t0 = _sync(args.device)
+                    tokens, stats = run(m, ids, args.max_new_tokens)
+                    seconds = _sync(args.device) - t0
+                    outs[m] = tokens
+                    records.append({"question_id": q.qid, "category": q.category, "turn": turn, "method": m,
+                                    "prompt_tokens": len(ids), "new_tokens": len(tokens), "seconds": seconds,
+                                    "stats": None if stats is None else {
+                                        "steps": stats.steps, "accepted": stats.accepted, "draft_s": stats.draft_s,
+                                        "verify_s": stats.verify_s, "accept_s": stats.accept_s,
+                                        "prefill_s": stats.prefill_s, "tree_size": stats.tree_size}})
+                    bar.advance(task)
+                for m in order:
+                    if m != BASELINE and outs[m] != outs[BASELINE]:
+                        mismatches.append(_explain(plain.backbone, ids, outs[BASELINE], outs[m], q, turn, m))
+                # Multi-turn: the baseline's own answer is the history for every method, so all methods
+                # decode the very same prompts in the next turn.
+                history.append({"role": "assistant", "content": tok.decode(outs[BASELINE], skip_special_tokens=True)})
+        latency = []
+        if "speculative" in methods and args.latency_sizes:
+            task = bar.add_task("verify latency", total=None)
+            latency = step_latency(dm, first, args.latency_sizes, steps=args.latency_steps)
+            bar.update(task, total=1, completed=1)
+    return _report(args, dm, methods, records, mismatches, latency)
+
+
+@torch.inference_mode()
+def _explain(model, ids, base, other, q, turn, method) -> dict:
+    """Where a greedy output left the baseline's, and the backbone's top-2 logit gap there (on the
+    baseline's prefix): a gap at float-rounding size means two tokens tied and batched tree
+    verification rounded the other way; a large gap means a bug."""
+    i = next((j for j, (a, b) in enumerate(zip(base, other)) if a != b), min(len(base), len(other)))
+    gap = None
+    if i < len(base) and i < len(other):
+        x = torch.tensor([ids + base[:i]], device=model.device)
+        top = model(input_ids=x).logits[0, -1].float().topk(2).values
+        gap = float(top[0] - top[1])
+    return {"question_id": q.qid, "category": q.category, "turn": turn, "method": method, "first_difference": i,
+            "baseline_tokens": len(base), "method_tokens": len(other), "top2_logit_gap": gap,
+            "explanation": ("length differs (one stopped early)" if gap is None else
+                            "near-tie of the two best tokens (float rounding)" if gap < 1e-3 else
+                            "NOT a tie: the outputs should agree")}
+
+
+# ----------------------------------------------------------------------------------------- report
+
+def _aggregate(records: list[dict], methods: list[str]) -> dict:
+    out = {}
+    for m in methods:
+        rs = [r for r in records if r["method"] == m]
+        tokens, seconds = sum(r["new_tokens"] for r in rs), sum(r["seconds"] for r in rs)
+        row = {"generations": len(rs), "new_tokens": tokens, "seconds": seconds,
+               "tokens_per_s": tokens / seconds if seconds else 0.0}
+        st = [r["stats"] for r in rs if r["stats"]]
+        if st:
+            steps = sum(s["steps"] for s in st)
+            acc = [a for s in st for a in s["accepted"]]
+            row.update(steps=steps, mean_accepted=sum(acc) / max(len(acc), 1),
+                       **{f"{k}_ms_per_step": 1e3 * sum(s[f"{k}_s"] for s in st) / max(steps, 1)
+                          for k in ("draft", "verify", "accept")})
+        out[m] = row
+    base = out[BASELINE]["tokens_per_s"]
+    for row in out.values():
+        row["speedup"] = row["tokens_per_s"] / base if base else 0.0
+    return out
+
+
+def _report(args, dm, methods, records, mismatches, latency) -> dict:
+    cats = sorted({r["category"] for r in records})
+    acc = [a for r in records if r["method"] == "speculative" and r["stats"] for a in r["stats"]["accepted"]]
+    histogram: dict[int, int] = {}
+    for a in acc:
+        histogram[a] = histogram.get(a, 0) + 1
+    return {
+        "config": {"questions": str(args.questions), "limit": args.limit, "max_new_tokens": args.max_new_tokens,
+                   "categories": cats, "heads": str(args.heads), "backbone": dm.backbone_name,
+                   "tree": dm.tree.to_json() if dm.tree else None, "tree_size": dm.tree.size if dm.tree else 1,
+                   "num_heads": dm.heads.cfg.num_heads, "device": args.device, "dtype": str(dm.backbone.dtype),
+                   "methods": methods, "machine": machine(), "timing": "new tokens / wall time of the whole generate call"},
+        "overall": _aggregate(records, methods),
+        "per_category": {c: _aggregate([r for r in records if r["category"] == c], methods) for c in cats},
+        "greedy_mismatches": {"count": len(mismatches), "items": mismatches},
+        "accepted_histogram": dict(sorted(histogram.items())),
+        "verify_latency": latency,
+        "records": [{**r, "stats": None if r["stats"] is None else {k: v for k, v in r["stats"].items() if k != "accepted"}}
+                    for r in records],
+    }
+
+
+def _fmt(v, spec=".2f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def write_markdown(rep: dict, path: Path) -> None:
+    c, o = rep["config"], rep["overall"]
+    lines = [f"# draftheads bench: {c['backbone']}", "",
+             f"Questions `{c['questions']}` ({o[BASELINE]['generations']} generations per method), "
+             f"max_new_tokens {c['max_new_tokens']}, greedy, batch 1, device {c['device']} ({c['dtype']}), "
+             f"heads `{c['heads']}` ({c['num_heads']} heads), tree of {c['tree_size']} nodes. "
+             f"Machine: {c['machine']['processor']}, {c['machine']['cpu_count']} CPUs, torch {c['machine']['torch']} "
+             f"({c['machine']['torch_threads']} threads). Tokens/s = {c['timing']}.", "",
+             "| method | tokens/s | speedup | mean accepted | draft ms/step | verify ms/step | accept ms/step | tokens |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m, r in o.items():
+        lines.append(f"| {LABELS[m]} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {_fmt(r.get('mean_accepted'))} | "
+                     f"{_fmt(r.get('draft_ms_per_step'), '.1f')} | {_fmt(r.get('verify_ms_per_step'), '.1f')} | "
+                     f"{_fmt(r.get('accept_ms_per_step'), '.1f')} | {r['new_tokens']} |")
+    lines += ["", "## Speedup per category", "", "| category | " + " | ".join(LABELS[m] for m in o) + " |",
+              "|---" * (len(o) + 1) + "|"]
+    for cat, rows in rep["per_category"].items():
+        lines.append(f"| {cat} | " + " | ".join(f"{rows[m]['speedup']:.2f}x ({rows[m]['tokens_per_s']:.1f} tok/s)"
+                                                for m in o) + " |")
+    mm = rep["greedy_mismatches"]
+    lines += ["", f"## Greedy outputs that differ from the baseline: {mm['count']}", ""]
+    for x in mm["items"]:
+        lines.append(f"- question {x['question_id']} turn {x['turn']} ({x['method']}): first difference at token "
+                     f"{x['first_difference']}, top-2 logit gap {_fmt(x['top2_logit_gap'], '.2e')}: {x['explanation']}")
+    if rep["verify_latency"]:
+        lines += ["", "## Step latency vs tree size (median per step, our loop)", "",
+                  "| nodes | draft ms | verify ms | accept ms | step ms |", "|---|---|---|---|---|"]
+        for x in rep["verify_latency"]:
+            lines.append(f"| {x['size']} | {x['draft_s'] * 1e3:.1f} | {x['verify_s'] * 1e3:.1f} | "
+                         f"{x['accept_s'] * 1e3:.1f} | {x['step_s'] * 1e3:.1f} |")
+    lines += ["", "Plots: speedup_per_category.png, accepted_lengths.png, verify_latency.png", ""]
+    path.write_text("\n".join(lines))
+
+
+def write_plots(rep: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    cats = list(rep["per_category"]) + ["overall"]
+    methods = [m for m in rep["overall"] if m != BASELINE]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cats)), 4))
+    width = 0.8 / max(len(methods), 1)
+    for i, m in enumerate(methods):
+        vals = [rep["per_category"][c][m]["speedup"] for c in cats[:-1]] + [rep["overall"][m]["speedup"]]
+        ax.bar([x + i * width for x in range(len(cats))], vals, width, label=LABELS[m])
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(cats))], cats, rotation=30, ha="right")
+    ax.set_ylabel("speedup over transformers generate")
+    ax.legend(fontsize=8)
+    files.append(_save(fig, out / "speedup_per_category.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    h = rep["accepted_histogram"]
+    ax.bar([int(k) for k in h], list(h.values()))
+    ax.set_xlabel("tokens accepted per step (backbone's own included)")
+    ax.set_ylabel("steps")
+    ax.set_title("speculative: accepted lengths")
+    files.append(_save(fig, out / "accepted_lengths.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lat = rep["verify_latency"]
+    if lat:
+        xs = [x["size"] for x in lat]
+        ax.plot(xs, [x["verify_s"] * 1e3 for x in lat], "o-", label="verify")
+        ax.plot(xs, [x["step_s"] * 1e3 for x in lat], "s--", label="whole step")
+        ax.set_xscale("log", base=2)
+        ax.legend()
+    ax.set_xlabel("tree nodes (root included)")
+    ax.set_ylabel("ms per step")
+    ax.set_title("verify latency vs tree size")
+    files.append(_save(fig, out / "verify_latency.png"))
+    return files
+
+
+def _save(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
+
+
+def print_summary(rep: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"draftheads bench ({rep['config']['backbone']}, tree {rep['config']['tree_size']} nodes)")
+    for col in ("method", "tok/s", "speedup", "accepted/step", "draft/verify/accept ms"):
+        t.add_column(col, justify="left" if col == "method" else "right")
+    for m, r in rep["overall"].items():
+        split = ("/".join(_fmt(r.get(f"{k}_ms_per_step"), ".1f") for k in ("draft", "verify", "accept"))
+                 if "steps" in r else "n/a")
+        t.add_row(LABELS[m], f"{r['tokens_per_s']:.1f}", f"{r['speedup']:.2f}x", _fmt(r.get("mean_accepted")), split)
+    con = _console()
+    con.print(t)
+    mm = rep["greedy_mismatches"]["count"]
+    con.print(f"greedy outputs differing from the baseline: {mm}" + (" (see report.md)" if mm else ""))
+
+
+def _set_threads(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def cmd_bench(args) -> None:
+    _set_threads(args)
+    rep = run_bench(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(rep, indent=1))
+    write_markdown(rep, out / "report.md")
+    write_plots(rep, out)
+    print_summary(rep)
+    _console().print(f"wrote {out}/report.json, report.md, speedup_per_category.png, accepted_lengths.png, verify_latency.png")
+
+
+# ----------------------------------------------------------------------------------------- calibrate
+
+def cmd_calibrate(args) -> None:
+    _set_threads(args)
+    result = run_calibrate(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    if args.write_to_heads:
+        _write_tree_to_heads(_heads_dir(args.heads), result["tree"])
+    con = _console()
+    m63 = result["medusa63"]
+    con.print(f"accuracy (conditional, rank 0 per head): {', '.join(f'{row[0]:.2f}' for row in result['accuracy'])} "
+              f"over {result['positions']} positions")
+    con.print(f"chosen tree: {result['size']} nodes, depth {result['depth']} ({result['search']}); predicted mean "
+              f"accepted {result['predicted_mean_accepted']:.3f} (empirical on calibration positions "
+              f"{result['predicted_mean_accepted_empirical']:.3f}), predicted {result['predicted_tokens_per_s']:.1f} tok/s "
+              f"(loop steps only); medusa63 truncated ({m63['size']} nodes): {m63['predicted_mean_accepted']:.3f} accepted, "
+              f"{m63['predicted_tokens_per_s']:.1f} tok/s")
+    if "measured" in result:
+        ms = result["measured"]
+        con.print(f"measured: calibrated {ms['calibrated']['mean_accepted']:.3f} accepted/step, "
+                  f"{ms['calibrated']['tokens_per_s']:.1f} tok/s; medusa63 {ms['medusa63']['mean_accepted']:.3f}, "
+                  f"{ms['medusa63']['tokens_per_s']:.1f} tok/s; prediction error {100 * result['prediction_error']:+.1f}%, "
+                  f"tokens/s vs medusa63 {result['speedup_vs_medusa63']:.2f}x")
+    con.print(f"wrote {out}" + (f" and the tree into {_heads_dir(args.heads)}/config.json" if args.write_to_heads else ""))
+
+
+def _heads_dir(heads: str) -> Path:
+    from .draftmodel import DEFAULT_HEADS_DIR
+
+    return DEFAULT_HEADS_DIR if heads == "default" else Path(heads).expanduser()
+
+
+def _write_tree_to_heads(directory: Path, tree: list[list[int]]) -> None:
+    from .heads.checkpoint import read_config
+
+    cfg = read_config(directory)
+    cfg["tree"] = tree
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config.json.")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(cfg, indent=1) + "\n")
+    os.replace(tmp, directory / "config.json")  # atomic: a kill never leaves a torn config
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"sizes must be comma-separated integers, not {text!r}") from None
+    if any(s < 1 for s in sizes):
+        raise UserError("tree sizes must be >= 1")
+    return sizes
+
+
+def register(sub) -> None:
+    from .cli import _add_model_args
+
+    b = sub.add_parser("bench", help="time baseline, our loop, speculative decoding and prompt lookup on a prompt set")
+    b.add_argument("questions", help="MT-bench/Spec-Bench question JSONL, or a prompt file (JSON list, JSONL, text lines)")
+    _add_model_args(b)
+    b.add_argument("--limit", type=int, default=10, help="first N questions (0: all)")
+    b.add_argument("--max-new-tokens", type=int, default=128)
+    b.add_argument("--out", default="bench-report", help="directory for report.json, report.md and plots")
+    b.add_argument("--categories", default=None, help="comma-separated categories to keep")
+    b.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)} ({BASELINE} required)")
+    b.add_argument("--latency-sizes", type=_sizes_arg, default="1,2,4,8,16,32,64",
+                   help="tree sizes for the verify-latency plot ('' to skip)")
+    b.add_argument("--latency-steps", type=int, default=8, help="timed loop steps per tree size")
+    _add_threads(b)
+    b.set_defaults(func=cmd_bench)
+
+    c = sub.add_parser("calibrate", help="measure head accuracies and step latency; choose the fastest tree")
+    _add_model_args(c)
+    c.add_argument("--prompts", required=True, help="prompt file (same formats as bench)")
+    c.add_argument("--out", default="tree.json")
+    c.add_argument("--limit", type=int, default=20, help="first N prompts (0: all)")
+    c.add_argument("--max-nodes", type=int, default=64, help="largest tree considered, root included")
+    c.add_argument("--max-new-tokens", type=int, default=128, help="greedy continuation length per prompt")
+    c.add_argument("--latency-sizes", type=_sizes_arg, default="1,2,4,8,12,16,24,32,48,64")
+    c.add_argument("--latency-steps", type=int, default=8)
+    c.add_argument("--no-measure", dest="measure", action="store_false",
+                   help="skip running generate with the chosen tree and medusa63 afterwards")
+    c.add_argument("--measure-limit", type=int, default=0, help="prompts for that measurement (0: all)")
+    c.add_argument("--write-to-heads", action="store_true", help="also store the tree in the heads' config.json")
+    _add_threads(c)
+    c.set_defaults(func=cmd_calibrate)
+
+
+def _add_threads(p) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's). On a CPU shared with other jobs, 1 avoids OpenMP "
+                        "threads spinning against each other, which makes multi-token forwards 10x slower")
+
+
+def _sizes_arg(text: str) -> list[int]:
+    import argparse
+
+    try:
+        return _sizes(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -1,0 +1,231 @@
+"""Measurements for `draftheads calibrate` (and the latency plot of `bench`): how often each head's
+rank-r candidate is right on the backbone's own greedy continuations, and what one loop step costs at
+each tree size on this machine. The search itself is in treesearch.py.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from .acceptance import SamplingConfig
+from .draftmodel import DraftModel
+from .errors import UserError
+from .generate import Decoder, Stats
+from .tree import MAX_RANK, Tree
+from .treesearch import greedy_trees
+
+MISS, PAST_END = -1, -2
+
+
+@torch.inference_mode()
+def head_ranks(dm: DraftModel, prompt_ids: list[int], continuation: list[int], chunk: int = 64) -> torch.Tensor:
+    """Rank of the true token in each head's top-10 at each position of a greedy continuation.
+
+    Hidden state at position t (input token seq[t]) gives the backbone's next token seq[t+1] (the root)
+    and head k's guess for seq[t+2+k]. Returns ranks [positions, heads]: 0..9, MISS, or PAST_END where
+    the continuation ends first. One batched forward over prompt + continuation (the loop's hidden
+    states differ from these only in float rounding)."""
+    model, heads = dm.backbone, dm.heads
+    seq = prompt_ids + continuation
+    ids = torch.tensor(seq, device=model.device).view(1, -1)
+    hidden = model.base_model(input_ids=ids).last_hidden_state[0]  # [T, hidden]
+    first, T, K = len(prompt_ids) - 1, len(seq), heads.cfg.num_heads
+    target = torch.tensor(seq + [-1] * (K + 2), device=model.device)
+    rows = []
+    for start in range(first, T - 1, chunk):
+        h = hidden[start:min(start + chunk, T - 1)]  # [c, hidden]
+        w = heads.blocks[0][0].linear.weight
+        top = heads.to_full_ids(heads(h.to(w.dtype)).topk(MAX_RANK, dim=-1).indices)  # [K, c, 10]
+        pos = torch.arange(start, start + h.shape[0], device=model.device)
+        want = target[pos[None, :] + 2 + torch.arange(K, device=model.device)[:, None]]  # [K, c]
+        hit = top == want[..., None]  # [K, c, 10]
+        rank = torch.where(hit.any(-1), hit.float().argmax(-1), torch.full_like(want, MISS))
+        rank = torch.where(want < 0, torch.full_like(want, PAST_END), rank)
+        rows.append(rank.T)
+    return torch.cat(rows) if rows else torch.zeros(0, K, dtype=torch.long)
+
+
+def accuracies(ranks: torch.Tensor) -> tuple[list[list[float]], list[int]]:
+    """ranks [positions, heads] -> p[k][r] = P(head k's rank r is right | heads < k right at some rank),
+    and the number of positions each estimate rests on."""
+    p, counts = [], []
+    ok = torch.ones(ranks.shape[0], dtype=torch.bool)
+    for k in range(ranks.shape[1]):
+        col = ranks[:, k]
+        eligible = ok & (col != PAST_END)
+        n = int(eligible.sum())
+        p.append([float(((col == r) & eligible).sum()) / max(n, 1) for r in range(MAX_RANK)])
+        counts.append(n)
+        ok = ok & (col >= 0)
+    return p, counts
+
+
+def empirical_accepted(ranks: torch.Tensor, paths) -> float:
+    """Mean tokens per step the tree would have given at the recorded positions (no independence
+    assumption): the root plus the longest recorded rank prefix that is a node of the tree."""
+    nodes = {tuple(q) for q in paths}
+    total = 0
+    for row in ranks.tolist():
+        d = 0
+        while d < len(row) and row[d] >= 0 and tuple(row[:d + 1]) in nodes:
+            d += 1
+        total += 1 + d
+    return total / max(len(ranks), 1)
+
+
+def tree_of_size(size: int, num_heads: int, p=None) -> Tree:
+    """A tree of `size` nodes (root included) shaped like a calibrated one: greedy on `p`, or on a
+    geometric table when none is measured yet. Latency depends on the size, hardly on the shape."""
+    p = p or [[0.6 * 0.5 ** r * 0.8 ** k for r in range(MAX_RANK)] for k in range(num_heads)]
+    trees = greedy_trees(p, size)
+    return Tree(trees[min(size - 1, len(trees) - 1)])
+
+
+@torch.inference_mode()
+def step_latency(dm: DraftModel, prompt_ids: list[int], sizes: list[int], steps: int = 8, p=None) -> list[dict]:
+    """Median seconds per loop step (draft, verify, accept) for trees of the given sizes, timed inside
+    our own loop (Decoder.steps) after 2 warm-up steps. Sizes are interleaved over rounds so that
+    drift on a shared machine hits all alike."""
+    assert dm.heads is not None
+    decoder = Decoder(dm.backbone, dm.heads, None)
+    trees = {n: tree_of_size(n, dm.heads.cfg.num_heads, p) for n in sizes}
+    samples = {n: {"draft": [], "verify": [], "accept": []} for n in sizes}
+    sp = SamplingConfig()
+    rounds = 2
+    for _ in range(rounds):
+        for n in sizes:
+            stats = Stats()
+            tree = trees[n]
+            gen = decoder.steps(prompt_ids, (steps + 3) * (tree.depth + 1), sp, stats, tree)
+            prev = (0.0, 0.0, 0.0)
+            for i, _ in enumerate(gen):
+                now = (stats.draft_s, stats.verify_s, stats.accept_s)
+                if i >= 3:  # prefill, then 2 warm-up steps
+                    for key, a, b in zip(("draft", "verify", "accept"), now, prev):
+                        samples[n][key].append(a - b)
+                prev = now
+                if i >= steps // rounds + 2:
+                    gen.close()
+                    break
+    out = []
+    for n in sizes:
+        s = {k: statistics.median(v) if v else 0.0 for k, v in samples[n].items()}
+        out.append({"size": trees[n].size, "draft_s": s["draft"], "verify_s": s["verify"], "accept_s": s["accept"],
+                    "step_s": s["draft"] + s["verify"] + s["accept"]})
+    return out
+
+
+def machine() -> dict:
+    import os
+    import platform
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def load_parts(args) -> tuple[DraftModel, DraftModel]:
+    """(speculative model with heads and tree, plain model without heads) sharing one loaded backbone."""
+    from .backbone import Backbone
+    from .draftmodel import load
+
+    heads = None if args.heads in (None, "none") else args.heads
+    if heads is None:
+        raise UserError("this command needs heads: pass --heads DIR (or leave the default heads)")
+    dm = load(heads=heads, backbone=args.backbone, device=args.device, dtype=args.dtype, tree=getattr(args, "tree", None))
+    plain = DraftModel(Backbone(dm.backbone, dm.tokenizer, dm.backbone_name), None, None)
+    return dm, plain
+
+
+def progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=_console(), transient=False)
+
+
+def _console():
+    import sys
+
+    from rich.console import Console
+
+    return Console(file=sys.stderr)
+
+
+def measure_trees(dm: DraftModel, prompts: list[list[int]], trees: dict[str, Tree], max_new_tokens: int, bar=None) -> dict:
+    """Run generate with each tree on each prompt (tree order rotated per prompt); pooled figures."""
+    out = {name: {"new_tokens": 0, "seconds": 0.0, "steps": 0, "accepted": 0} for name in trees}
+    names = list(trees)
+    for tree in trees.values():  # warm-up
+        dm.generate(torch.tensor(prompts[0]), max_new_tokens=min(max_new_tokens, 16), tree=tree)
+    task = bar.add_task("measure", total=len(prompts) * len(names)) if bar else None
+    for i, ids in enumerate(prompts):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            r = dm.generate(torch.tensor(ids), max_new_tokens=max_new_tokens, tree=trees[name])
+            o = out[name]
+            o["new_tokens"] += r.stats.new_tokens
+            o["seconds"] += r.stats.total_s
+            o["steps"] += len(r.stats.accepted)
+            o["accepted"] += sum(r.stats.accepted)
+            if bar:
+                bar.advance(task)
+    for o in out.values():
+        o["mean_accepted"] = o["accepted"] / max(o["steps"], 1)
+        o["tokens_per_s"] = o["new_tokens"] / o["seconds"] if o["seconds"] else 0.0
+    return out
+
+
+def run_calibrate(args) -> dict:
+    from .questions import load_questions
+    from .tree import MEDUSA63, load_tree, truncate
+    from .treesearch import choose, expected_accepted, interpolate
+
+    if args.max_nodes < 1 or args.max_new_tokens < 2:
+        raise UserError("--max-nodes must be >= 1 and --max-new-tokens >= 2")
+    questions = load_questions(args.prompts, args.limit)
+    dm, plain = load_parts(args)
+    K = dm.heads.cfg.num_heads
+    prompts = [plain.prompt_ids(q.turns[0]) for q in questions]
+    ranks = []
+    with progress() as bar:
+        task = bar.add_task("accuracies", total=len(prompts))
+        for ids in prompts:
+            cont = plain.generate(torch.tensor(ids), max_new_tokens=args.max_new_tokens).token_ids
+            ranks.append(head_ranks(dm, ids, cont))
+            bar.advance(task)
+        ranks = torch.cat(ranks)
+        p, counts = accuracies(ranks)
+        sizes = sorted({s for s in args.latency_sizes if s <= args.max_nodes} | {1, args.max_nodes})
+        task = bar.add_task("latency", total=None)
+        latency = step_latency(dm, max(prompts, key=len), sizes, steps=args.latency_steps, p=p)
+        bar.update(task, total=1, completed=1)
+        xs, ys = [x["size"] for x in latency], [x["step_s"] for x in latency]
+        found = choose(p, lambda n: interpolate(xs, ys, n), args.max_nodes, K)
+        best = found["best"]
+        chosen = Tree(best["tree"])
+        m63 = Tree(truncate(MEDUSA63, K))
+        result = {
+            "tree": chosen.to_json(), "size": chosen.size, "depth": chosen.depth, "search": best["by"],
+            "predicted_mean_accepted": best["expected_accepted"],
+            "predicted_mean_accepted_empirical": empirical_accepted(ranks, chosen.paths),
+            "predicted_tokens_per_s": best["tokens_per_s"], "predicted_step_s": best["step_s"],
+            "medusa63": {"size": m63.size, "predicted_mean_accepted": expected_accepted(p, m63.paths),
+                         "predicted_mean_accepted_empirical": empirical_accepted(ranks, m63.paths),
+                         "predicted_tokens_per_s": expected_accepted(p, m63.paths) / interpolate(xs, ys, m63.size)},
+            "accuracy": p, "accuracy_positions": counts, "positions": len(ranks), "prompts": len(prompts),
+            "latency": latency, "curve": [{k: v for k, v in c.items() if k != "tree"} for c in found["curve"]],
+            "heads": str(args.heads), "backbone": dm.backbone_name, "max_new_tokens": args.max_new_tokens,
+            "device": args.device, "machine": machine(),
+        }
+        if args.measure:
+            measured = measure_trees(dm, prompts[: args.measure_limit or None], {"calibrated": chosen, "medusa63": m63},
+                                     args.max_new_tokens, bar)
+            result["measured"] = measured
+            result["measured_mean_accepted"] = measured["calibrated"]["mean_accepted"]
+            result["prediction_error"] = best["expected_accepted"] / measured["calibrated"]["mean_accepted"] - 1
+            result["speedup_vs_medusa63"] = (measured["calibrated"]["tokens_per_s"]
+                                             / max(measured["medusa63"]["tokens_per_s"], 1e-9))
+    load_tree(result["tree"], K)  # what we write must load
+    return result

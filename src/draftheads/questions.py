@@ -1,0 +1,76 @@
+"""Reading a prompt set: MT-bench / Spec-Bench question files (JSONL with `question_id`, `category`,
+`turns`) or a plain prompt file (JSON list, JSONL of strings or of objects with a `prompt`,
+`instruction`, `question` or `turns` field, or one prompt per text line)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+PROMPT_FIELDS = ("prompt", "instruction", "question", "text", "input")
+
+
+@dataclass
+class Question:
+    qid: str
+    category: str
+    turns: list[str]
+
+
+def _record(obj, i: int) -> Question | None:
+    if isinstance(obj, str):
+        return Question(str(i), "default", [obj]) if obj.strip() else None
+    if not isinstance(obj, dict):
+        return None
+    turns = obj.get("turns")
+    if isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns):
+        turns = [t for t in turns if t.strip()]
+    else:
+        text = next((obj[f] for f in PROMPT_FIELDS if isinstance(obj.get(f), str) and obj[f].strip()), None)
+        if text is None:
+            return None
+        # Instruction datasets put the task's material in a separate field: it belongs to the prompt.
+        extra = obj.get("input") if "instruction" in obj else None
+        turns = [text + ("\n\n" + extra if isinstance(extra, str) and extra.strip() else "")]
+    qid = obj.get("question_id", obj.get("id", obj.get("uid", i)))
+    return Question(str(qid), str(obj.get("category") or "default"), turns) if turns else None
+
+
+def load_questions(path, limit: int | None = None, categories: list[str] | None = None) -> list[Question]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"questions file not found: {path}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    stripped = text.lstrip()
+    records: list = []
+    if stripped.startswith("["):
+        try:
+            records = json.loads(stripped)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} starts like a JSON list but is not valid JSON: {e}") from None
+    else:
+        # split on "\n" only: JSON strings may hold U+2028 and other characters splitlines() breaks on
+        lines = [line for line in text.split("\n") if line.strip()]
+        for n, line in enumerate(lines, 1):
+            if line.lstrip()[:1] in "{\"":
+                try:
+                    records.append(json.loads(line))
+                    continue
+                except json.JSONDecodeError:
+                    if line.lstrip().startswith("{"):
+                        raise UserError(f"{path}:{n} is not valid JSON") from None
+            records.append(line)  # a plain text line is a prompt
+    questions = [q for i, r in enumerate(records) if (q := _record(r, i)) is not None]
+    if not questions:
+        raise UserError(f"{path} holds no questions (expected JSONL with 'turns' or 'prompt'/'instruction'/"
+                        "'question' fields, a JSON list, or text lines)")
+    if categories:
+        known = sorted({q.category for q in questions})
+        unknown = [c for c in categories if c not in known]
+        if unknown:
+            raise UserError(f"no questions in category {', '.join(unknown)}; {path} has: {', '.join(known)}")
+        questions = [q for q in questions if q.category in categories]
+    return questions[:limit] if limit else questions

@@ -1,0 +1,114 @@
+"""Tree search against brute force on synthetic accuracies; calibrate on a tiny model."""
+
+import json
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from draftheads.calibrate import MISS, PAST_END, accuracies, empirical_accepted
+from draftheads.cli import main
+from draftheads.tree import load_tree
+from draftheads.treesearch import choose, dp_trees, expected_accepted, greedy_trees, interpolate
+from bench_fixtures import tiny_dirs  # noqa: F401  (fixture)
+
+
+def brute_force(p, max_nodes, depth, max_children=None) -> dict[int, float]:
+    """Best expected accepted drafts (root excluded) for each number of drafted nodes, over every
+    prefix-closed tree: grow all trees one node at a time, deduplicated as sets."""
+    ranks = len(p[0])
+    level = {frozenset()}
+    best = {0: 0.0}
+    for n in range(1, max_nodes):
+        grown = set()
+        for t in level:
+            for q in [()] + list(t):
+                if len(q) == depth:
+                    continue
+                if max_children and sum(1 for c in t if c[:-1] == q) >= max_children:
+                    continue
+                grown.update(t | {q + (r,)} for r in range(ranks) if q + (r,) not in t)
+        level = grown
+        best[n] = max(expected_accepted(p, t) - 1 for t in level)
+    return best
+
+
+def random_table(rng, heads=3, ranks=3, sort=False):
+    p = [[rng.random() * 0.7 for _ in range(ranks)] for _ in range(heads)]
+    return [sorted(row, reverse=True) for row in p] if sort else p
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dp_is_optimal_and_greedy_is_optimal_on_sorted_tables(seed):
+    rng = random.Random(seed)
+    p = random_table(rng, sort=True)
+    best = brute_force(p, 7, 3)
+    for trees in (dp_trees(p, 7), greedy_trees(p, 7)):
+        assert [round(expected_accepted(p, t), 9) for t in trees] == [round(1 + best[n], 9) for n in range(7)]
+        assert all(len(t) == n for n, t in enumerate(trees))
+        for t in trees:
+            load_tree([list(q) for q in t])  # prefix-closed, valid ranks
+
+
+def test_dp_beats_greedy_where_rank_accuracy_is_not_sorted():
+    # Medusa's frontier offers rank r+1 only after rank r: with rank 2 far better than rank 1 it
+    # must spend a node on rank 1 first. The DP takes rank 2 directly.
+    p = [[0.5, 0.01, 0.4], [0.5, 0.01, 0.4]]
+    best = brute_force(p, 4, 2)
+    dp = [expected_accepted(p, t) for t in dp_trees(p, 4)]
+    greedy = [expected_accepted(p, t) for t in greedy_trees(p, 4)]
+    assert dp == pytest.approx([1 + best[n] for n in range(4)])
+    assert dp[2] == pytest.approx(1.9) and greedy[2] < dp[2]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_dp_with_a_branching_limit(seed):
+    p = random_table(random.Random(10 + seed))
+    best = brute_force(p, 7, 3, max_children=2)
+    trees = dp_trees(p, 7, max_children=2)
+    assert [expected_accepted(p, t) for t in trees] == pytest.approx([1 + best[n] for n in range(7)])
+    assert all(c <= 2 for t in trees for c in Counter(q[:-1] for q in t).values())
+
+
+def test_choose_maximises_tokens_per_second():
+    p = [[0.6, 0.2, 0.1], [0.5, 0.2, 0.1], [0.4, 0.2, 0.1]]
+    step = lambda n: 1.0 + 0.08 * n  # noqa: E731
+    best = brute_force(p, 8, 3)
+    want = max(range(8), key=lambda n: (1 + best[n]) / step(n + 1))
+    got = choose(p, step, max_nodes=8)["best"]
+    assert got["size"] == want + 1
+    assert got["tokens_per_s"] == pytest.approx((1 + best[want]) / step(want + 1))
+    assert choose(p, lambda n: float(n), max_nodes=8)["best"]["size"] == 1  # cost linear in nodes: no tree pays
+
+
+def test_interpolate_is_monotone_and_extrapolates():
+    xs, ys = [1, 4, 8, 16], [1.0, 2.0, 1.5, 3.0]  # the dip at 8 is noise
+    assert interpolate(xs, ys, 1) == 1.0
+    assert interpolate(xs, ys, 2) == pytest.approx(1 + 1 / 3)
+    assert interpolate(xs, ys, 8) == 2.0
+    assert interpolate(xs, ys, 32) == pytest.approx(3.0 + 2 * 1.0)
+
+
+def test_accuracies_are_conditional_on_shallower_heads():
+    ranks = torch.tensor([[0, 0], [0, 1], [1, MISS], [MISS, 0], [0, PAST_END]])
+    p, counts = accuracies(ranks)
+    assert counts == [5, 3]  # head 1 only where head 0 was right and a target exists
+    assert p[0][:2] == pytest.approx([3 / 5, 1 / 5])
+    assert p[1][:2] == pytest.approx([1 / 3, 1 / 3])
+    assert empirical_accepted(ranks, [[0], [0, 0]]) == pytest.approx((3 + 2 + 1 + 1 + 2) / 5)
+
+
+def test_calibrate_on_a_tiny_model_writes_a_valid_tree(tiny_dirs, tmp_path):
+    bb, heads, questions = tiny_dirs
+    out = tmp_path / "tree.json"
+    rc = main(["calibrate", "--backbone", str(bb), "--heads", str(heads), "--prompts", str(questions),
+               "--out", str(out), "--max-new-tokens", "12", "--max-nodes", "8", "--latency-sizes", "1,4,8",
+               "--latency-steps", "2", "--threads", "1", "--write-to-heads"])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    tree = load_tree(str(out), 3)
+    assert tree.size == data["size"] <= 8
+    assert data["predicted_mean_accepted"] >= 1 and data["measured_mean_accepted"] >= 1
+    assert len(data["accuracy"]) == 3 and len(data["accuracy"][0]) == 10
+    assert json.loads((heads / "config.json").read_text())["tree"] == data["tree"]
