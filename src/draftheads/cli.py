@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.set_defaults(func=cmd_generate)
 
+    from .serve_cli import register as register_serve; register_serve(sub)
     from .bench import register as register_bench; register_bench(sub)
     return parser
 

@@ -5,7 +5,10 @@ Native: a directory with `config.json` (HeadsConfig) and `model.safetensors`
 
 Also read: the official Medusa layout (`medusa_lm_head.safetensors` or `.pt`, keys
 `{h}.{l}.linear.weight|bias` and `{h}.{L}.weight`, config `medusa_num_heads`, `medusa_num_layers`,
-`base_model_name_or_path`). `.pt` files load with `torch.load(weights_only=True)`, never as pickle.
+`base_model_name_or_path`), which is also TGI's layout, and vLLM's Medusa layout (`config.json` with
+`model_type: "medusa"`, keys `blocks.{h}.layers.{l}.weight|bias`, `lm_heads.{h}.weight`, optional
+`token_map`). `.pt`/`.bin` files load with `torch.load(weights_only=True)`, never as pickle.
+Exporting to those layouts lives in `export.py`.
 """
 
 from __future__ import annotations
@@ -62,7 +65,9 @@ def load_heads(path: str | Path, backbone=None) -> MedusaHeads:
     if not directory.is_dir():
         raise UserError(f"heads directory not found: {path}")
     raw = read_config(directory)
-    if "medusa_num_heads" in raw or not (directory / "model.safetensors").exists():
+    if raw.get("model_type") == "medusa":  # vLLM's layout; checked first, its config may also name medusa_num_heads
+        heads = _load_vllm_medusa(directory, raw)
+    elif "medusa_num_heads" in raw or not (directory / "model.safetensors").exists():
         heads = _load_official_medusa(directory, raw)
     else:
         heads = MedusaHeads(HeadsConfig.from_dict(raw))
@@ -122,6 +127,76 @@ def _load_official_medusa(directory: Path, raw: dict) -> MedusaHeads:
         h, rest = key.split(".", 1)
         l, tail = rest.split(".", 1)
         native[f"lm_heads.{h}.{tail}" if int(l) == layers else f"blocks.{h}.{l}.{tail}"] = value.float()
+    _restore_identity(cfg, raw)
     heads = MedusaHeads(cfg)
     _load_state(heads, native, file)
+    return heads
+
+
+def _restore_identity(cfg: HeadsConfig, raw: dict) -> None:
+    """Our exports keep the backbone identity (and tree) under a "draftheads" key that engines ignore,
+    so a round trip still refuses the wrong backbone."""
+    ours = raw.get("draftheads") or {}
+    if not isinstance(ours, dict):
+        return
+    cfg.backbone = ours.get("backbone", cfg.backbone) or cfg.backbone
+    cfg.backbone_fingerprint = list(ours.get("backbone_fingerprint") or cfg.backbone_fingerprint)
+    cfg.tree = ours.get("tree", cfg.tree)
+
+
+def _load_vllm_medusa(directory: Path, raw: dict) -> MedusaHeads:
+    """vLLM's Medusa draft model. Config keys whose names hold "num" and "heads"/"layers" count as
+    num_heads/num_hidden_layers, as vLLM's own MedusaConfig reads them."""
+    def pick(word, default=None):
+        for k, v in raw.items():
+            if "num" in k and word in k:
+                return int(v)
+        return default
+
+    num_heads, layers = pick("heads"), pick("layers", 1)
+    if "num_lookahead_tokens" in raw and num_heads is None:
+        num_heads = int(raw["num_lookahead_tokens"])
+    try:
+        hidden, vocab = int(raw["hidden_size"]), int(raw["vocab_size"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{directory / 'config.json'}: a vLLM Medusa config needs hidden_size and vocab_size") from None
+    if num_heads is None:
+        raise UserError(f"{directory / 'config.json'}: a vLLM Medusa config needs num_heads")
+    state = {}
+    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin")) or sorted(directory.glob("*.pt"))
+    if not files:
+        raise UserError(f"{directory} holds no .safetensors/.bin weights for its vLLM Medusa config")
+    for file in files:
+        try:
+            part = load_file(file) if file.suffix == ".safetensors" else torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"cannot read {file} safely: {str(e).splitlines()[0]}") from None
+        state.update({k.removeprefix("medusa_heads."): v for k, v in part.items()})
+    truncated = int(raw.get("truncated_vocab_size") or vocab)
+    trimmed = truncated if truncated < vocab else None
+    if trimmed and "token_map" not in state:
+        raise UserError(f"{directory}: truncated_vocab_size {truncated} < vocab_size {vocab} but there is no token_map")
+    shared = bool(raw.get("original_lm_head", False))
+    cfg = HeadsConfig(num_heads=num_heads, hidden_size=hidden, vocab_size=vocab, num_layers=layers,
+                      lm_head="shared" if shared else "own", trimmed_vocab=trimmed)
+    _restore_identity(cfg, raw)
+    native = {}
+    for h in range(num_heads):
+        for l in range(layers):
+            w = state.get(f"blocks.{h}.layers.{l}.weight")
+            if w is None:
+                raise UserError(f"{directory}: weights lack blocks.{h}.layers.{l}.weight")
+            native[f"blocks.{h}.{l}.linear.weight"] = w.float()
+            # medusa_fc_bias false (vLLM's default) means a bias-free block: a zero bias is the same.
+            b = state.get(f"blocks.{h}.layers.{l}.bias") if raw.get("medusa_fc_bias", False) else None
+            native[f"blocks.{h}.{l}.linear.bias"] = b.float() if b is not None else torch.zeros(hidden)
+        if not shared:  # a shared head is the backbone's own; attach() takes it from the backbone
+            w = state.get(f"lm_heads.{h}.weight")
+            if w is None:
+                raise UserError(f"{directory}: weights lack lm_heads.{h}.weight")
+            native[f"lm_heads.{h}.weight"] = (w[state["token_map"]] if trimmed and w.shape[0] > truncated else w).float()
+    if trimmed:
+        native["vocab_map"] = state["token_map"].long()
+    heads = MedusaHeads(cfg)
+    _load_state(heads, native, directory)
     return heads

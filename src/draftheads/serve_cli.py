@@ -1,0 +1,88 @@
+"""`draftheads serve`, `draftheads chat` and `draftheads export`: registered into cli.py's parser."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .cli import _add_model_args, _load
+from .errors import UserError
+
+
+def cmd_serve(args) -> None:
+    from .server import serve
+
+    _check_limits(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"draftheads: warning: serving on {args.host} without an API key: anyone who can reach it can use it",
+              file=sys.stderr)
+    model = _load(args)
+    serve(model, host=args.host, port=args.port, model_name=args.model_name, api_key=args.api_key,
+          max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
+          max_tokens_limit=args.max_tokens_limit, queue_size=args.queue_size)
+
+
+def cmd_chat(args) -> None:
+    from .chat import run_chat
+
+    run_chat(_load(args), max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+             system=args.system, seed=args.seed)
+
+
+def cmd_export(args) -> None:
+    from .backbone import load_backbone
+    from .heads import load_heads
+    from .heads.export import check_exportable, export_heads
+
+    raw = check_exportable(args.heads)
+    heads, weight = load_heads(args.heads), None
+    if (args.to == "vllm" and heads.cfg.lm_head == "shared") or args.backbone:
+        # vLLM reads a shared LM head from the draft checkpoint, so it has to be copied from the backbone.
+        bb = load_backbone(args.backbone or heads.cfg.backbone or raw.get("base_model_name_or_path"))
+        heads = load_heads(args.heads, bb.model)
+        weight = bb.model.get_output_embeddings().weight
+    out = export_heads(heads, args.out, args.to, backbone_weight=weight)
+    hint = {"vllm": f'vllm serve <backbone> --speculative-config \'{{"method": "medusa", "model": "{out}", '
+                    f'"num_speculative_tokens": {heads.cfg.num_heads}}}\'',
+            "tgi": f"text-generation-launcher --model-id {out}  (the backbone comes from base_model_name_or_path)",
+            "medusa": "FasterDecoding/Medusa or TensorRT-LLM's examples/medusa/convert_checkpoint.py "
+                      f"--medusa_model_dir {out} --num_medusa_heads {heads.cfg.num_heads}"}[args.to]
+    print(f"wrote {out} ({args.to} layout, {heads.cfg.num_heads} heads)\nuse: {hint}")
+
+
+def register(sub) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
+    _add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=os.environ.get("DRAFTHEADS_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $DRAFTHEADS_API_KEY)")
+    s.add_argument("--model-name", default=None, help="model id clients send (default: the backbone's name)")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    s.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt, also capped by the context")
+    s.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask for")
+    s.add_argument("--queue-size", type=int, default=16, help="requests that may wait; more get 429")
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat in the terminal (/reset, /exit)")
+    _add_model_args(c)
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: exact sampling")
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--system", default=None, help="system message kept at the top of the conversation")
+    c.add_argument("--seed", type=int, default=None)
+    c.set_defaults(func=cmd_chat)
+
+    e = sub.add_parser("export", help="write heads in a serving engine's layout (vllm, medusa, tgi)")
+    e.add_argument("--heads", required=True, help="heads directory (any layout load_heads reads)")
+    e.add_argument("--to", required=True, choices=["vllm", "medusa", "tgi"])
+    e.add_argument("--out", required=True, help="output directory")
+    e.add_argument("--backbone", default=None,
+                   help="backbone to check the heads against; needed for shared-LM-head heads going to vLLM")
+    e.set_defaults(func=cmd_export)
+
+
+def _check_limits(args) -> None:
+    for name in ("max_body_bytes", "max_prompt_tokens", "max_tokens_limit", "queue_size"):
+        if getattr(args, name, 1) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")

@@ -1,0 +1,376 @@
+"""OpenAI-compatible HTTP API for one DraftModel: /v1/chat/completions, /v1/completions, /v1/models, /health.
+
+The loop decodes one sequence at a time, so one worker thread runs the model and requests wait in a
+bounded FIFO queue (429 when it is full). The worker pulls the generator one chunk at a time and
+checks, before each step, whether the client is still there, so a disconnect stops decoding at the
+next step. Our acceptance statistics ride along in a `draftheads` field that OpenAI clients ignore.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .errors import UserError
+
+log = logging.getLogger("draftheads.server")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# Request bodies. Unknown OpenAI fields (user, logit_bias, ...) are accepted and ignored, as other
+# OpenAI-compatible servers do, so ordinary clients work unchanged.
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=1)  # one sequence per request: the loop is batch size 1
+    stop: Union[str, list[str], None] = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: Union[str, list[TextPart]]
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str], list[int]]
+
+
+@dataclass
+class Job:
+    ids: list[int]
+    kwargs: dict
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue  # ("chunk", Chunk) ... then ("done", None) or ("error", exception)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class Worker:
+    """Runs jobs one at a time, in arrival order, on its own thread."""
+
+    def __init__(self, model, queue_size: int):
+        self.model = model
+        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
+        self.running = False
+        self.served = 0
+        threading.Thread(target=self._run, name="draftheads-worker", daemon=True).start()
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise APIError(429, f"the server is busy: {self.jobs.maxsize} requests are already waiting; retry later",
+                           type="rate_limit_error", code="queue_full") from None
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job.cancelled.is_set():  # the client left while waiting
+                continue
+            self.running = True
+            try:
+                self._generate(job)
+            except BaseException as e:  # never let one request kill the worker
+                self._send(job, "error", e)
+            finally:
+                self.running = False
+                self.served += 1
+
+    def _generate(self, job: Job) -> None:
+        chunks = self.model.iter_generate(torch.tensor(job.ids), **job.kwargs)
+        try:
+            for chunk in chunks:  # each next() is one decoding step
+                if job.cancelled.is_set():
+                    return
+                self._send(job, "chunk", chunk)
+            self._send(job, "done", None)
+        finally:
+            chunks.close()
+
+    @staticmethod
+    def _send(job: Job, kind: str, item) -> None:
+        try:
+            job.loop.call_soon_threadsafe(job.out.put_nowait, (kind, item))
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+            job.cancelled.set()
+
+
+def create_app(model, model_name: str | None = None, api_key: str | None = None, max_body_bytes: int = 1 << 20,
+               max_prompt_tokens: int = 4096, max_tokens_limit: int = 2048, default_max_tokens: int = 256,
+               queue_size: int = 16) -> FastAPI:
+    """An app serving `model` (a DraftModel). The worker thread starts here, one per app."""
+    name = model_name or model.backbone_name
+    context = model.decoder.context
+    worker = Worker(model, queue_size)
+    created = int(time.time())
+    app = FastAPI(title="draftheads", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.worker = worker
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError):
+        return _error(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        if first.get("type") == "json_invalid":
+            return _error(APIError(400, "the request body is not valid JSON", code="invalid_json"))
+        where = ".".join(loc)
+        return _error(APIError(400, f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "invalid request"),
+                               param=where or None, code=first.get("type")))
+
+    @app.exception_handler(Exception)
+    async def crashed(_, e: Exception):  # a bug in a handler: answer 500, keep serving
+        log.error("unhandled error", exc_info=e)
+        return _error(APIError(500, "internal server error", type="server_error"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, e: StarletteHTTPException):
+        return _error(APIError(e.status_code, str(e.detail), type="invalid_request_error" if e.status_code < 500 else "server_error"))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name, "running": worker.running, "waiting": worker.jobs.qsize()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "draftheads"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        messages = [{"role": "system" if m.role == "developer" else m.role,
+                     "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
+                    for m in req.messages]
+        if not any(m["content"].strip() for m in messages):
+            raise APIError(400, "messages are all empty", param="messages", code="empty_prompt")
+        return await run(req, request, lambda: model.prompt_ids(messages), chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise APIError(400, "one prompt per request (the server decodes batch size 1)", param="prompt")
+            prompt = prompt[0]
+        if not prompt or (isinstance(prompt, str) and not prompt.strip()):
+            raise APIError(400, "the prompt is empty", param="prompt", code="empty_prompt")
+        if isinstance(prompt, list):
+            vocab = model.backbone.config.vocab_size
+            if any(not 0 <= t < vocab for t in prompt):
+                raise APIError(400, f"token ids must lie in [0, {vocab})", param="prompt")
+            return await run(req, request, lambda: list(prompt), chat=False)
+        # A plain completion continues the text as it is: no chat template.
+        return await run(req, request, lambda: list(model.tokenizer(prompt)["input_ids"]), chat=False)
+
+    async def run(req: _Sampling, request: Request, tokenize, chat: bool):
+        if req.model != name:
+            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {name!r}",
+                           param="model", code="model_not_found")
+        try:
+            ids = tokenize()
+        except UserError as e:
+            raise APIError(400, str(e), param="messages" if chat else "prompt", code="empty_prompt") from None
+        limit = min(max_prompt_tokens, context - 1)
+        if len(ids) > limit:
+            raise APIError(400, f"the prompt has {len(ids)} tokens, over this server's limit of {limit}",
+                           param="messages" if chat else "prompt", code="context_length_exceeded")
+        max_tokens = req.max_completion_tokens or req.max_tokens or default_max_tokens
+        if max_tokens > max_tokens_limit:
+            raise APIError(400, f"max_tokens is {max_tokens}, over this server's limit of {max_tokens_limit}",
+                           param="max_tokens", code="max_tokens_exceeded")
+        stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+        if len(stops) > 4:
+            raise APIError(400, "at most 4 stop sequences", param="stop")
+        # Sampling uses the exact rule, so the output has the backbone's own distribution.
+        kwargs = dict(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=stops,
+                      seed=req.seed, acceptance="exact" if req.temperature > 0 else "greedy")
+        job = Job(ids, kwargs, asyncio.get_running_loop(), asyncio.Queue())
+        worker.submit(job)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        if req.stream:
+            usage = bool((req.stream_options or {}).get("include_usage"))
+            return StreamingResponse(_sse(job, rid, name, chat, usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return JSONResponse(await _collect(job, request, rid, name, chat))
+
+    return app
+
+
+class Guard:
+    """Plain ASGI middleware (not BaseHTTPMiddleware, which would get in the way of streaming and
+    disconnect detection): the API key, then the body size, before any parsing or model work."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app, self.key, self.limit = app, (api_key or "").encode(), max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.key and scope["path"] != "/health":
+            auth = headers.get(b"authorization", b"")
+            token = auth[7:] if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
+            if not hmac.compare_digest(token.strip(), self.key):
+                return await _error(APIError(401, "missing or incorrect API key (send 'Authorization: Bearer <key>')",
+                                             code="invalid_api_key"))(scope, receive, send)
+        too_big = APIError(413, f"the request body is over {self.limit} bytes", code="request_too_large")
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.limit:
+            return await _error(too_big)(scope, receive, send)
+        if scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:  # read it all here, bounded, whatever Content-Length claimed
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await _error(too_big)(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the disconnect notice, which streaming watches for
+
+        await self.app(scope, replay, send)
+
+
+def _error(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def _from_worker(e: BaseException) -> APIError:
+    if isinstance(e, UserError):
+        return APIError(400, str(e))
+    log.error("generation failed", exc_info=e)
+    return APIError(500, f"generation failed: {type(e).__name__}", type="server_error")
+
+
+def _finish(result) -> str:
+    return "stop" if result.finish_reason == "stop" else "length"  # "context" is a length limit too
+
+
+def _usage(result) -> dict:
+    s = result.stats
+    return {"prompt_tokens": s.prompt_tokens, "completion_tokens": len(result.token_ids),
+            "total_tokens": s.prompt_tokens + len(result.token_ids)}
+
+
+def _ours(result) -> dict:
+    s = result.stats
+    return {"steps": s.steps, "mean_accepted": round(s.mean_accepted, 4), "tokens_per_second": round(s.tokens_per_second, 2),
+            "tree_size": s.tree_size, "finish_reason": result.finish_reason}
+
+
+async def _collect(job: Job, request: Request, rid: str, name: str, chat: bool) -> dict:
+    result = None
+    try:
+        while result is None:
+            try:
+                kind, item = await asyncio.wait_for(job.out.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return {}
+                continue
+            if kind == "error":
+                raise _from_worker(item)
+            if kind == "chunk" and item.result is not None:
+                result = item.result
+    finally:
+        job.cancelled.set()  # also stops a queued job whose client gave up
+    choice = ({"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
+               "finish_reason": _finish(result)} if chat else
+              {"index": 0, "text": result.text, "logprobs": None, "finish_reason": _finish(result)})
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": name, "choices": [choice], "usage": _usage(result), "draftheads": _ours(result)}
+
+
+async def _sse(job: Job, rid: str, name: str, chat: bool, include_usage: bool):
+    created = int(time.time())
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def event(choice: dict | None, **extra) -> str:
+        body = {"id": rid, "object": obj, "created": created, "model": name,
+                "choices": [choice] if choice is not None else [], **extra}
+        return f"data: {json.dumps(body)}\n\n"
+
+    def piece(text: str, finish=None) -> dict:
+        if chat:
+            return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+    # Starlette cancels this generator when the client disconnects; `finally` then tells the worker.
+    try:
+        if chat:
+            yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
+        while True:
+            kind, item = await job.out.get()
+            if kind == "error":
+                yield f"data: {json.dumps(_from_worker(item).body())}\n\n"
+                break
+            if kind == "done":
+                break
+            if item.text and item.result is None:
+                yield event(piece(item.text))
+            if item.result is not None:
+                if item.text:
+                    yield event(piece(item.text))
+                yield event(piece("", _finish(item.result)), draftheads=_ours(item.result))
+                if include_usage:
+                    yield event(None, usage=_usage(item.result))
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled.set()
+
+
+def serve(model, host: str = "127.0.0.1", port: int = 8000, **limits) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(model, **limits), host=host, port=port, log_level="info")
+

@@ -1,0 +1,68 @@
+"""`draftheads chat`, driven with scripted input and a captured console."""
+
+import io
+
+import pytest
+from rich.console import Console
+
+from draftheads.chat import run_chat, trim_history
+from tiny import tiny_draftmodel
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_draftmodel()
+
+
+def _run(model, lines, **kw):
+    feed = iter(lines)
+
+    def read(prompt):
+        try:
+            return next(feed)
+        except StopIteration:
+            raise EOFError from None
+
+    out = io.StringIO()
+    history = run_chat(model, read=read, console=Console(file=out, width=200, color_system=None), **kw)
+    return history, out.getvalue()
+
+
+def test_multi_turn_matches_generate(model):
+    history, out = _run(model, ["hello", "and then?"], max_new_tokens=10)  # then end of input
+    first = model.generate([{"role": "user", "content": "hello"}], max_new_tokens=10)
+    second = model.generate(history[:3], max_new_tokens=10)
+    assert history == [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first.text},
+                       {"role": "user", "content": "and then?"}, {"role": "assistant", "content": second.text}]
+    assert out.count("tok/s") >= 2 and "tokens/step" in out  # the speed line after every reply
+
+
+def test_reset_and_exit(model):
+    history, out = _run(model, ["hello", "/reset", "fresh start", "/exit", "never read"], max_new_tokens=6)
+    third = model.generate([{"role": "user", "content": "fresh start"}], max_new_tokens=6)
+    assert history == [{"role": "user", "content": "fresh start"}, {"role": "assistant", "content": third.text}]
+    assert "conversation cleared" in out
+
+
+def test_end_of_input_and_unknown_command(model):
+    history, out = _run(model, ["/help", "hi"], max_new_tokens=4, system="be brief")
+    assert "unknown command" in out
+    assert history[0] == {"role": "system", "content": "be brief"} and len(history) == 3
+
+
+def test_history_is_trimmed_to_fit(model):
+    turns = [{"role": "system", "content": "sys"}]
+    for i in range(6):
+        turns += [{"role": "user", "content": f"question {i} " + "x" * 40},
+                  {"role": "assistant", "content": f"answer {i} " + "y" * 40}]
+    turns.append({"role": "user", "content": "last"})
+    budget = 200
+    kept = trim_history(model, turns, budget)
+    assert len(model.prompt_ids(turns)) > budget >= len(model.prompt_ids(kept))
+    assert kept[0]["role"] == "system" and kept[-1]["content"] == "last" and kept[1]["role"] == "user"
+    assert kept == turns[:1] + turns[len(turns) - len(kept) + 1:]  # the newest turns, whole exchanges
+
+
+def test_message_longer_than_the_context_is_refused(model):
+    history, out = _run(model, ["z" * 600, "/exit"], max_new_tokens=8)
+    assert history == [] and "prompt budget" in out
