@@ -224,6 +224,10 @@ def test_bad_requests_other(server, client):
     assert r.status_code == 401
     r = _post(server, "/v1/nowhere", {})
     assert r.status_code == 404 and "error" in r.json()
+    # JSON nulls mean "default", as several OpenAI-compatible clients send them for unset fields.
+    r = _post(server, "/v1/chat/completions", {"model": "tiny", "messages": _msgs("hi"), "max_tokens": 3, "n": None,
+                                               "temperature": None, "top_p": None, "stop": None, "stream": None})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
     # The server is still fine after all that.
     assert client.chat.completions.create(model="tiny", messages=_msgs("ok?"), max_tokens=3).choices[0].message
 

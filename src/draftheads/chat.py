@@ -56,8 +56,9 @@ def run_chat(model, read: Callable[[str], str] = input, console: Console | None 
         if line.startswith("/"):
             console.print(f"[yellow]unknown command {line.split()[0]}[/yellow] {HELP}")
             continue
-        trimmed = trim_history(model, history + [{"role": "user", "content": line}], budget)
-        if not trimmed or trimmed[-1]["content"] != line:
+        message = {"role": "user", "content": line}
+        trimmed = trim_history(model, history + [message], budget)
+        if not trimmed or trimmed[-1] is not message:
             console.print(f"[red]that message alone is over the {budget}-token prompt budget; say less[/red]")
             continue
         if len(trimmed) < len(history) + 1:
@@ -94,4 +95,6 @@ def _turn(model, history, console, max_new_tokens, temperature, top_p, seed) -> 
         s = result.stats
         live.update(view(f"{s.new_tokens} tokens, {s.tokens_per_second:.1f} tok/s, {s.mean_accepted:.2f} tokens/step "
                          f"({s.steps} steps), finish: {result.finish_reason}"), refresh=True)
+    if not console.is_terminal:  # Live ends its last line itself only on a terminal (piped output)
+        console.print()
     return result.text

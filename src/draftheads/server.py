@@ -48,12 +48,13 @@ class _Sampling(BaseModel):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1)  # one sequence per request: the loop is batch size 1
+    # None (JSON null) means the default, as in OpenAI's API; some clients send nulls for unset fields.
+    temperature: float | None = Field(None, ge=0.0, le=2.0)  # OpenAI's default is 1
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int | None = Field(None, ge=1, le=1)  # one sequence per request: the loop is batch size 1
     stop: Union[str, list[str], None] = None
     seed: int | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: dict | None = None
 
 
@@ -91,7 +92,6 @@ class Worker:
         self.model = model
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
         self.running = False
-        self.served = 0
         threading.Thread(target=self._run, name="draftheads-worker", daemon=True).start()
 
     def submit(self, job: Job) -> None:
@@ -113,7 +113,6 @@ class Worker:
                 self._send(job, "error", e)
             finally:
                 self.running = False
-                self.served += 1
 
     def _generate(self, job: Job) -> None:
         chunks = self.model.iter_generate(torch.tensor(job.ids), **job.kwargs)
@@ -223,8 +222,9 @@ def create_app(model, model_name: str | None = None, api_key: str | None = None,
         if len(stops) > 4:
             raise APIError(400, "at most 4 stop sequences", param="stop")
         # Sampling uses the exact rule, so the output has the backbone's own distribution.
-        kwargs = dict(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=stops,
-                      seed=req.seed, acceptance="exact" if req.temperature > 0 else "greedy")
+        temperature = 1.0 if req.temperature is None else req.temperature
+        kwargs = dict(max_new_tokens=max_tokens, temperature=temperature, top_p=req.top_p or 1.0, stop=stops,
+                      seed=req.seed, acceptance="exact" if temperature > 0 else "greedy")
         job = Job(ids, kwargs, asyncio.get_running_loop(), asyncio.Queue())
         worker.submit(job)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]

@@ -147,13 +147,15 @@ def _restore_identity(cfg: HeadsConfig, raw: dict) -> None:
 def _load_vllm_medusa(directory: Path, raw: dict) -> MedusaHeads:
     """vLLM's Medusa draft model. Config keys whose names hold "num" and "heads"/"layers" count as
     num_heads/num_hidden_layers, as vLLM's own MedusaConfig reads them."""
-    def pick(word, default=None):
+    def pick(exact, word, default=None):
+        if exact in raw:  # prefer the exact name; the rename rule also matches e.g. num_attention_heads
+            return int(raw[exact])
         for k, v in raw.items():
             if "num" in k and word in k:
                 return int(v)
         return default
 
-    num_heads, layers = pick("heads"), pick("layers", 1)
+    num_heads, layers = pick("num_heads", "heads"), pick("num_hidden_layers", "layers", 1)
     if "num_lookahead_tokens" in raw and num_heads is None:
         num_heads = int(raw["num_lookahead_tokens"])
     try:
@@ -188,8 +190,12 @@ def _load_vllm_medusa(directory: Path, raw: dict) -> MedusaHeads:
                 raise UserError(f"{directory}: weights lack blocks.{h}.layers.{l}.weight")
             native[f"blocks.{h}.{l}.linear.weight"] = w.float()
             # medusa_fc_bias false (vLLM's default) means a bias-free block: a zero bias is the same.
-            b = state.get(f"blocks.{h}.layers.{l}.bias") if raw.get("medusa_fc_bias", False) else None
-            native[f"blocks.{h}.{l}.linear.bias"] = b.float() if b is not None else torch.zeros(hidden)
+            b = torch.zeros(hidden)
+            if raw.get("medusa_fc_bias", False):
+                b = state.get(f"blocks.{h}.layers.{l}.bias")
+                if b is None:
+                    raise UserError(f"{directory}: medusa_fc_bias is set but weights lack blocks.{h}.layers.{l}.bias")
+            native[f"blocks.{h}.{l}.linear.bias"] = b.float()
         if not shared:  # a shared head is the backbone's own; attach() takes it from the backbone
             w = state.get(f"lm_heads.{h}.weight")
             if w is None:
