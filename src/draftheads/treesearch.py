@@ -8,7 +8,8 @@ nodes' values. Expected tokens/s = (1 + sum of values) / step_seconds(size).
 Two searches give the best tree for every node count up to a budget:
 - `greedy_trees`: Medusa's construction (medusa/eval/gen_results.py), adding the most valuable frontier
   node one at a time. A child's value never exceeds its parent's (p <= 1), so the n most valuable
-  nodes are prefix-closed and greedy is optimal for every n under this model.
+  nodes are prefix-closed; when each head's accuracy also falls with rank they are all reachable
+  through the frontier, and greedy is optimal for every n.
 - `dp_trees`: a Sequoia-style dynamic program generalised to per-depth accuracies (Sequoia assumes
   one rank vector for every depth). It is exact for any accuracy table, including what greedy's
   frontier gets wrong: Medusa's frontier offers a node's *next* sibling only (rank+1), which assumes
@@ -160,8 +161,8 @@ def interpolate(sizes: list[int], seconds: list[float], n: int) -> float:
 def choose(p: list[list[float]], step_seconds, max_nodes: int = 64, max_depth: int | None = None) -> dict:
     """The tree (up to max_nodes nodes, root included) maximising (1 + E[accepted drafts]) / step(size).
     step_seconds(size) -> seconds of one loop step with a tree of that size. Runs both searches and keeps
-    the better tree for each size (they tie under this model; a difference would be a bug, so it is
-    reported). Returns the chosen tree and the per-size curve."""
+    the better tree for each size (they tie when accuracy falls with rank; the DP wins when a measured
+    table is not sorted). Returns the chosen tree and the per-size curve."""
     greedy = greedy_trees(p, max_nodes, max_depth)
     dp = dp_trees(p, max_nodes, max_depth)
     curve = []
