@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .serve_cli import register as register_serve; register_serve(sub)
     from .bench import register as register_bench; register_bench(sub)
+    from .train.cli import register as register_train; register_train(sub)
     return parser
 
 

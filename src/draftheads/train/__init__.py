@@ -1,0 +1,1 @@
+"""Training: self-distillation data (`distill`), tokenised conversations (`data`), Medusa-1 heads (`trainer`)."""

@@ -1,0 +1,109 @@
+"""`draftheads distill` and `draftheads train`: parse flags into the config dataclasses, call, print."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import UserError
+
+
+def _source(spec: str):
+    """`PATH` or `PATH:WEIGHT` (the weight is the part after the last colon when it is a number)."""
+    from .distill import SourceSpec
+
+    path, _, w = spec.rpartition(":")
+    if path:
+        try:
+            return SourceSpec(path, float(w))
+        except ValueError:
+            pass
+    return SourceSpec(spec, 1.0)
+
+
+def cmd_distill(args) -> None:
+    import torch
+
+    from ..backbone import load_backbone
+    from .distill import DistillConfig, GenerationConfig, SourceSpec, run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sources = [_source(s) for s in args.prompts or []]
+    if args.data_free:
+        sources.append(SourceSpec(None, args.data_free))
+    gen = GenerationConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                           max_prompt_tokens=args.max_prompt_tokens, temperature=args.temperature, top_p=args.top_p,
+                           second_turn=args.second_turn)
+    cfg = DistillConfig(output=args.output, sources=sources, num=args.num, prompt_field=args.field, seed=args.seed, gen=gen)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    bb = load_backbone(args.backbone, device=args.device, dtype=args.dtype)
+    path = run(cfg, bb, progress=not args.no_progress)
+    print(f"conversations: {path}")
+
+
+def cmd_train(args) -> None:
+    from .trainer import config_from_args, train
+
+    import os
+
+    out = train(config_from_args(args))
+    if os.environ.get("RANK", "0") == "0":  # one line, not one per process under accelerate launch
+        print(f"heads: {out}")
+
+
+def register(sub) -> None:
+    d = sub.add_parser("distill", help="self-distillation: the backbone answers prompts -> conversations JSONL")
+    d.add_argument("--prompts", action="append", metavar="PATH[:WEIGHT]",
+                   help="prompt file (JSON list, JSONL or text, one prompt a line); repeatable; weight sets the mix")
+    d.add_argument("--data-free", type=float, default=0.0, metavar="WEIGHT",
+                   help="mix in prompts the backbone writes itself from the bare chat template (weight as for --prompts)")
+    d.add_argument("--field", default=None, help="record field holding the prompt (default: auto-detect)")
+    d.add_argument("--output", "-o", required=True, help="conversations JSONL (appended to; rerun to resume)")
+    d.add_argument("--num", type=int, default=None, help="total conversations (default: every file prompt)")
+    d.add_argument("--backbone", default=None, help="HF model directory or cached name (default: embedded SmolLM2)")
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--dtype", default=None)
+    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--max-new-tokens", type=int, default=256)
+    d.add_argument("--max-prompt-tokens", type=int, default=512)
+    d.add_argument("--temperature", type=float, default=0.0)
+    d.add_argument("--top-p", type=float, default=1.0)
+    d.add_argument("--second-turn", action="store_true", help="the backbone writes a follow-up question and answers it")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=cmd_distill)
+
+    t = sub.add_parser("train", help="train draft heads on distilled conversations (frozen backbone)")
+    add_train_args(t)
+    t.set_defaults(func=cmd_train)
+
+
+def add_train_args(t: argparse.ArgumentParser) -> None:
+    """Flags map 1:1 onto the trainer's config dataclasses (see trainer.config_from_args)."""
+    t.add_argument("--data", required=True, help="conversations JSONL from `draftheads distill` (messages format)")
+    t.add_argument("--output", "-o", required=True, help="run directory: checkpoints, eval JSON, final heads in <dir>/heads")
+    t.add_argument("--method", default="medusa1", choices=["medusa1"])
+    t.add_argument("--backbone", default=None, help="HF model directory or cached name (default: embedded SmolLM2)")
+    t.add_argument("--dtype", default=None)
+    t.add_argument("--num-heads", type=int, default=4)
+    t.add_argument("--num-layers", type=int, default=1)
+    t.add_argument("--lm-head", default="own", choices=["own", "shared"])
+    t.add_argument("--trim-vocab", type=int, default=None, metavar="N", help="VocabTrim: heads predict the N most frequent output tokens")
+    t.add_argument("--epochs", type=float, default=2)
+    t.add_argument("--batch-size", type=int, default=8, help="sequences per step (per process)")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--warmup", type=float, default=0.05, help="warmup fraction of the steps")
+    t.add_argument("--decay", type=float, default=0.8, help="head k's loss weight is decay**k")
+    t.add_argument("--max-length", type=int, default=1024, help="tokens per conversation (longer ones are cut)")
+    t.add_argument("--eval-fraction", type=float, default=0.05)
+    t.add_argument("--precompute-features", action="store_true", help="run the backbone once, train on stored hidden states")
+    t.add_argument("--soft-targets", action="store_true", help="targets are the backbone's own next-token distributions")
+    t.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    t.add_argument("--feature-batch", type=int, default=512, help="positions per step with --precompute-features")
+    t.add_argument("--save-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--no-progress", action="store_true")

@@ -1,0 +1,92 @@
+"""Training configuration: one dataclass per concern. Unknown keys fail loudly (a typo in a config
+file must never silently train with a default)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from ..errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    backbone: str | None = None  # None: the embedded default (SmolLM2-135M-Instruct)
+    dtype: str | None = None
+    num_heads: int = 4
+    num_layers: int = 1
+    lm_head: str = "own"  # "own" or "shared" (the backbone's output embedding, frozen)
+    trim_vocab: int | None = None  # VocabTrim size N
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    max_length: int = 1024
+    eval_fraction: float = 0.05
+    precompute_features: bool = False
+
+
+@dataclass
+class OptimConfig:
+    epochs: float = 2.0
+    batch_size: int = 8  # sequences per step and process (online mode)
+    feature_batch: int = 512  # positions per step and process (precomputed features)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: float = 0.05  # fraction of all steps
+    decay: float = 0.8  # head k's loss weight: decay**k
+    soft_targets: bool = False
+
+
+@dataclass
+class RunConfig:
+    output: str = ""
+    checkpoint_every: int = 200
+    seed: int = 0
+    threads: int = 0
+    progress: bool = True
+    save_dtype: str = "float32"  # "float16" halves the heads file; loading converts to the backbone's dtype
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        parts = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(d) - set(parts))
+        if unknown:
+            raise UserError(f"unknown config section(s): {', '.join(unknown)} (known: {', '.join(parts)})")
+        kinds = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig}
+        out = {}
+        for name, sub in d.items():
+            known = {f.name for f in fields(kinds[name])}
+            bad = sorted(set(sub) - known)
+            if bad:
+                raise UserError(f"unknown key(s) in config section {name!r}: {', '.join(bad)}")
+            out[name] = kinds[name](**sub)
+        cfg = cls(**out)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> None:
+        m, o = self.model, self.optim
+        if m.lm_head not in ("own", "shared"):
+            raise UserError(f"lm_head must be 'own' or 'shared', not {m.lm_head!r}")
+        if m.num_heads < 1 or m.num_layers < 1:
+            raise UserError("num_heads and num_layers must be at least 1")
+        if m.trim_vocab is not None and m.trim_vocab < 2:
+            raise UserError("trim_vocab must be at least 2")
+        if o.epochs <= 0 or o.lr <= 0 or not 0 < o.decay <= 1 or not 0 <= o.warmup < 1:
+            raise UserError("need epochs > 0, lr > 0, 0 < decay <= 1, 0 <= warmup < 1")
+        if self.run.save_dtype not in ("float32", "float16", "bfloat16"):
+            raise UserError(f"save_dtype must be float32, float16 or bfloat16, not {self.run.save_dtype!r}")
+        if not self.data.path or not self.run.output:
+            raise UserError("training needs a conversations file (--data) and an output directory (--output)")

@@ -1,0 +1,85 @@
+"""Conversations -> token ids + loss masks, and the per-head targets Medusa heads train on.
+
+Alignment (the one thing that must be right): the backbone's hidden state at position t has read
+tokens 0..t and its LM head predicts token t+1. Medusa head k (0-based) drafts one token further per
+head, so its target at position t is token t+2+k. A target counts only when that token is an
+assistant token (the loss mask), so heads learn the backbone's answers, never the prompts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+IGNORE = -100
+
+
+def read_conversations(path: str | Path) -> list[list[dict]]:
+    """`messages` lists of a JSONL file (torn or blank lines skipped)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"conversations file not found: {path}")
+    convs = []
+    for line in p.read_text(encoding="utf-8").split("\n"):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line of a distill run still in progress
+        msgs = rec.get("messages") if isinstance(rec, dict) else None
+        if msgs and any(m.get("role") == "assistant" and m.get("content") for m in msgs):
+            convs.append(msgs)
+    if not convs:
+        raise UserError(f"{path}: no conversations with an assistant turn (expected JSONL of {{\"messages\": [...]}})")
+    return convs
+
+
+def tokenize_conversation(tok, messages: list[dict], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [T] and loss mask [T] (True on assistant tokens, their end-of-turn token included).
+
+    The chat template is rendered before and after each assistant message; the text in between is that
+    message as the template writes it. Segments are tokenised separately, as in generation, where the
+    prompt is encoded and the answer is the model's own token stream."""
+    assert messages, "empty conversation"
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tok.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False) if i else ""
+        after = tok.apply_chat_template(messages[:i + 1], tokenize=False)
+        if not before.startswith(done) or not after.startswith(before):
+            raise UserError("the chat template does not render conversations incrementally; cannot mask assistant turns")
+        pieces += [(before[len(done):], False), (after[len(before):], True)]
+        done = after
+    ids, mask = [], []
+    for text, is_asst in pieces:
+        if text:
+            t = tok(text, add_special_tokens=False)["input_ids"]
+            ids += t
+            mask += [is_asst] * len(t)
+    return torch.tensor(ids[:max_length], dtype=torch.long), torch.tensor(mask[:max_length], dtype=torch.bool)
+
+
+def head_targets(ids: torch.Tensor, mask: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """ids, mask [T] -> targets [T, num_heads]: token t+2+k where that token is an assistant token, else IGNORE."""
+    assert ids.dim() == 1 and ids.shape == mask.shape
+    T = ids.shape[0]
+    out = torch.full((T, num_heads), IGNORE, dtype=torch.long)
+    for k in range(num_heads):
+        s = 2 + k  # head k: k+1 beyond the backbone's own next token (t+1)
+        if T > s:
+            out[:T - s, k] = torch.where(mask[s:], ids[s:], torch.full_like(ids[s:], IGNORE))
+    return out
+
+
+def split(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Conversation indices -> (train, held-out), seeded; at least one held-out when n > 1."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = min(max(1, round(n * eval_fraction)), n - 1) if n > 1 and eval_fraction > 0 else 0
+    return sorted(perm[n_eval:]), sorted(perm[:n_eval])

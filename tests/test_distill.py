@@ -1,0 +1,102 @@
+"""Self-distillation: prompt formats, dedup, mixing, and resume after a real SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tiny import tiny_model, tiny_tokenizer
+
+from draftheads.errors import UserError
+from draftheads.train.distill import DistillConfig, JsonlAppender, SourceSpec, plan
+from draftheads.train.prompts import load_prompts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(path: Path, lines) -> Path:
+    path.write_text("\n".join(json.dumps(x) if not isinstance(x, str) or path.suffix != ".txt" else x for x in lines) + "\n")
+    return path
+
+
+def test_prompt_formats(tmp_path):
+    assert load_prompts(_write(tmp_path / "q.jsonl", [{"question": "Q1", "answer": "a"}])) == ["Q1"]
+    assert load_prompts(_write(tmp_path / "p.jsonl", [{"uid": 1, "prompt": "P1"}])) == ["P1"]
+    assert load_prompts(_write(tmp_path / "t.jsonl", [{"turns": ["T1", "T2"]}])) == ["T1"]
+    assert load_prompts(_write(tmp_path / "s.jsonl", ["bare one", "bare two"])) == ["bare one", "bare two"]
+    assert load_prompts(_write(tmp_path / "x.txt", ["line one", "", "line two"])) == ["line one", "line two"]
+    lst = tmp_path / "i.json"
+    lst.write_text(json.dumps([{"instruction": "Do X", "input": "on Y", "response": "r"}, {"instruction": "Do Z", "input": ""}]))
+    assert load_prompts(lst) == ["Do X\n\non Y", "Do Z"]
+    si = _write(tmp_path / "si.jsonl", [{"id": 1, "instruction": "Fix", "instances": [{"input": "code", "output": "o"}]}])
+    assert load_prompts(si) == ["Fix\n\ncode"]
+    assert load_prompts(_write(tmp_path / "f.jsonl", [{"q": "mine", "question": "no"}]), field="q") == ["mine"]
+    u = tmp_path / "u.jsonl"  # U+2028 inside a JSON string is not a line break
+    u.write_text(json.dumps({"prompt": "a\u2028b"}, ensure_ascii=False) + "\n")
+    assert load_prompts(u) == ["a\u2028b"]
+
+
+def test_prompt_user_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_prompts(tmp_path / "missing.jsonl")
+    (tmp_path / "e.jsonl").write_text("\n\n")
+    with pytest.raises(UserError, match="empty"):
+        load_prompts(tmp_path / "e.jsonl")
+    with pytest.raises(UserError, match="field 'nope'"):
+        load_prompts(_write(tmp_path / "q.jsonl", [{"question": "Q"}]), field="nope")
+
+
+def test_plan_dedups_and_mixes(tmp_path):
+    tok = tiny_tokenizer()
+    a = _write(tmp_path / "a.txt", [f"prompt {i}" for i in range(10)] + ["Prompt  3", "prompt 1"])
+    b = _write(tmp_path / "b.txt", ["prompt 2", "other 1", "other 2", "other 3", "other 4"])
+    jobs = plan(DistillConfig(output="x", sources=[SourceSpec(str(a), 1.0), SourceSpec(str(b), 1.0)]), tok)
+    assert len({j.id for j in jobs}) == len(jobs) == 14  # 10 + 4 (b's "prompt 2" repeats a's)
+    cfg = DistillConfig(output="x", sources=[SourceSpec(str(a), 3.0), SourceSpec(None, 1.0)], num=8)
+    jobs = plan(cfg, tok)
+    assert sum(j.prompt is None for j in jobs) == 2 and sum(j.source == "a.txt" for j in jobs) == 6
+    assert [j.id for j in plan(cfg, tok)] == [j.id for j in jobs]  # the same command plans the same run
+
+
+def test_torn_last_line_is_cut(tmp_path):
+    p = tmp_path / "o.jsonl"
+    p.write_bytes(b'{"id": "a", "messages": []}\n{"id": "b", "mes')
+    out = JsonlAppender(p)
+    assert [r["id"] for r in out.records] == ["a"]
+    out.append([{"id": "c"}])
+    out.close()
+    assert [json.loads(x)["id"] for x in p.read_text().splitlines()] == ["a", "c"]
+
+
+def test_distill_cli_resumes_after_sigkill(tmp_path):
+    bb = tmp_path / "bb"
+    tiny_model().save_pretrained(bb)
+    tiny_tokenizer().save_pretrained(bb)
+    prompts = _write(tmp_path / "p.txt", [f"question number {i}" for i in range(16)])
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "draftheads.cli", "distill", "--backbone", str(bb), "--prompts", str(prompts),
+           "-o", str(out), "--batch-size", "1", "--max-new-tokens", "32", "--no-progress", "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and out.read_bytes().count(b"\n") >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_killed = out.read_bytes().count(b"\n")
+    assert proc.returncode == -signal.SIGKILL and 2 <= n_killed < 16, (proc.returncode, n_killed, proc.stderr.read())
+    with open(out, "ab") as f:  # as if the kill had landed mid-write
+        f.write(b'{"id": "torn", "messages": [{"ro')
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    ids = [r["id"] for r in recs]
+    assert len(ids) == len(set(ids)) == 16  # nothing lost, nothing twice
+    assert {r["messages"][0]["content"] for r in recs} == {f"question number {i}" for i in range(16)}
+    assert all(r["messages"][1]["role"] == "assistant" for r in recs)

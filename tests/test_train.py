@@ -1,0 +1,153 @@
+"""Medusa-1 training: target alignment, loss masks, VocabTrim maps, a learning step, resume, the CLI."""
+
+import json
+
+import pytest
+import torch
+from tiny import EOS, tiny_model, tiny_tokenizer
+
+from draftheads.backbone import Backbone
+from draftheads.errors import UserError
+from draftheads.heads import HeadsConfig, MedusaHeads, load_heads
+from draftheads.heads.vocab import IGNORE, build_vocab_map, count_tokens, full_to_trimmed, trim_targets
+from draftheads.train import trainer
+from draftheads.train.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from draftheads.train.data import head_targets, tokenize_conversation
+
+
+def test_head_k_targets_token_t_plus_2_plus_k():
+    ids = torch.arange(100, 110)
+    mask = torch.tensor([False] * 3 + [True] * 7)
+    t = head_targets(ids, mask, 3)  # [10, 3]
+    for pos in range(10):
+        for k in range(3):
+            j = pos + 2 + k  # hidden at pos predicts pos+1 itself; head k is k+1 beyond that
+            assert t[pos, k] == (ids[j] if j < 10 and mask[j] else IGNORE)
+
+
+def test_loss_mask_covers_assistant_tokens_only():
+    tok = tiny_tokenizer()
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": "again"}, {"role": "assistant", "content": "ok!"}]
+    ids, mask = tokenize_conversation(tok, conv, 1024)
+    assert tok.decode(ids) == tok.apply_chat_template(conv, tokenize=False)
+    assert tok.decode(ids[mask]) == "yo<|im_end|>\nok!<|im_end|>\n"
+
+
+def test_vocab_trim_map_round_trip():
+    counts = torch.tensor([5, 0, 9, 9, 1, 0, 7, 2])
+    vmap = build_vocab_map(counts, 3, always=[5])
+    assert vmap.tolist() == [2, 3, 5]  # 9, 9 (ties: lower id first) and the forced id 5, sorted
+    table = full_to_trimmed(vmap, 8)
+    assert table[vmap].tolist() == [0, 1, 2] and table[0] == IGNORE
+    assert trim_targets(torch.tensor([[3, 0], [IGNORE, 5]]), table).tolist() == [[1, IGNORE], [IGNORE, 2]]
+    assert count_tokens([(torch.tensor([1, 1, 2]), torch.tensor([True, False, True]))], 4).tolist() == [0, 1, 1, 0]
+    heads = MedusaHeads(HeadsConfig(num_heads=2, hidden_size=8, vocab_size=8, trimmed_vocab=3))
+    heads.vocab_map.copy_(vmap)
+    drafted = heads.draft(torch.randn(8), torch.tensor(0), torch.tensor([0, 1]), torch.tensor([0, 2]), 3)
+    assert set(drafted[1:].tolist()) <= set(vmap.tolist())  # drafts come back as full ids
+
+
+def test_a_few_steps_lower_the_loss():
+    model = tiny_model()
+    heads = MedusaHeads(HeadsConfig(num_heads=2, hidden_size=64, vocab_size=model.config.vocab_size))
+    heads.init_lm_heads_from(model)
+    torch.manual_seed(0)
+    hidden, targets = torch.randn(32, 64), torch.randint(0, 200, (32, 2))
+    opt = torch.optim.AdamW(heads.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss, _ = trainer.medusa_loss(heads(hidden), targets, 0.8)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+
+
+def _conversations(path):
+    # A learnable pattern: every answer is the same text, so heads can reach high accuracy quickly.
+    recs = [{"id": str(i), "messages": [{"role": "user", "content": f"count {i}"},
+                                        {"role": "assistant", "content": "abcdefghij" * 2}]} for i in range(16)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def _cfg(tmp_path, out, **optim):
+    return TrainConfig(model=ModelConfig(num_heads=2, trim_vocab=64), data=DataConfig(
+        path=str(_conversations(tmp_path / "c.jsonl")), eval_fraction=0.2, precompute_features=True),
+        optim=OptimConfig(epochs=2, feature_batch=64, lr=3e-3, **optim),
+        run=RunConfig(output=str(out), checkpoint_every=1, progress=False))
+
+
+def _bb():
+    return Backbone(model=tiny_model(), tokenizer=tiny_tokenizer(), name="tiny")
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
+    ref = load_heads(trainer.train(_cfg(tmp_path, tmp_path / "a"), _bb()))
+    real = trainer.save_checkpoint
+
+    def killed(path, heads, opt, sched, step):
+        real(path, heads, opt, sched, step)
+        if step == 3:
+            raise KeyboardInterrupt  # stands in for SIGKILL right after a checkpoint
+    monkeypatch.setattr(trainer, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(_cfg(tmp_path, tmp_path / "b"), _bb())
+    monkeypatch.setattr(trainer, "save_checkpoint", real)
+    got = load_heads(trainer.train(_cfg(tmp_path, tmp_path / "b"), _bb()))
+    for (k, a), (_, b) in zip(ref.state_dict().items(), got.state_dict().items()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), k
+    hist = json.loads((tmp_path / "b" / "eval.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2] and len(hist[-1]["top1"]) == 2
+
+
+def test_soft_targets_run(tmp_path):
+    heads = load_heads(trainer.train(_cfg(tmp_path, tmp_path / "s", soft_targets=True), _bb()))
+    assert heads.cfg.trimmed_vocab == 64 and EOS in heads.vocab_map.tolist()
+
+
+def test_config_rejects_unknown_keys():
+    with pytest.raises(UserError, match="lr_rate"):
+        TrainConfig.from_dict({"optim": {"lr_rate": 1}})
+    with pytest.raises(UserError, match="optimiser"):
+        TrainConfig.from_dict({"optimiser": {}})
+
+
+def test_train_cli_online_mode(tmp_path, capsys):
+    from draftheads.cli import main
+
+    bb = tmp_path / "bb"
+    tiny_model().save_pretrained(bb)
+    tiny_tokenizer().save_pretrained(bb)
+    data = _conversations(tmp_path / "c.jsonl")
+    argv = ["train", "--backbone", str(bb), "--data", str(data), "--output", str(tmp_path / "run"), "--num-heads", "2",
+            "--epochs", "1", "--batch-size", "4", "--no-progress", "--lm-head", "shared", "--trim-vocab", "32"]
+    assert main(argv) == 0
+    heads = load_heads(tmp_path / "run" / "heads")
+    assert heads.cfg.lm_head == "shared" and heads.cfg.backbone == str(bb) and heads.cfg.backbone_fingerprint
+    assert main(["train", "--backbone", str(bb), "--data", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "x")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").environ.get("DRAFTHEADS_SLOW_TESTS"), reason="set DRAFTHEADS_SLOW_TESTS=1 (~45 s)")
+def test_two_processes_gloo(tmp_path):
+    """The accelerate path with 2 CPU processes (gloo), launched by torchrun as `accelerate launch` would."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bb = tmp_path / "bb"
+    tiny_model().save_pretrained(bb)
+    tiny_tokenizer().save_pretrained(bb)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "draftheads.cli", "train",
+           "--backbone", str(bb), "--data", str(_conversations(tmp_path / "c.jsonl")), "--output", str(tmp_path / "run"),
+           "--num-heads", "2", "--precompute-features", "--feature-batch", "32", "--epochs", "1", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "2 process(es)" in done.stdout and "MULTI_CPU" in done.stdout
+    assert load_heads(tmp_path / "run" / "heads").cfg.num_heads == 2
