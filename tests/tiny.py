@@ -34,15 +34,16 @@ def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2, hidden: int 
                context: int = 512):
     config_cls, model_cls, extra = ARCHS[arch]
     torch.manual_seed(seed)
+    eos, pad = (EOS, EOS + 1) if vocab > EOS + 1 else (None, None)  # a tiny-vocabulary model has no EOS
     # A large init makes the logits peaked, so greedy argmax has clear winners (no near-ties that
     # would make batched and one-token forwards disagree in the last float bit).
     config = config_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
-                        initializer_range=0.2, eos_token_id=EOS, pad_token_id=EOS + 1, bos_token_id=None,
+                        initializer_range=0.2, eos_token_id=eos, pad_token_id=pad, bos_token_id=None,
                         tie_word_embeddings=False, attn_implementation="sdpa", **extra)
     model = model_cls(config).eval()
-    model.generation_config.eos_token_id = EOS
-    model.generation_config.pad_token_id = EOS + 1
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = pad
     model.requires_grad_(False)
     return model
 

@@ -81,9 +81,10 @@ class Decoder:
 
     @torch.inference_mode()
     def steps(self, prompt_ids: list[int], max_new_tokens: int, sp: SamplingConfig, stats: Stats,
-              tree: Tree | None = None) -> Iterator[list[int]]:
+              tree: Tree | None = None, cache: TreeKVCache | None = None) -> Iterator[list[int]]:
         """Yield the tokens each step emits: first the prefill's token, then per step the accepted
-        drafts plus the backbone's next token. The caller stops consuming on EOS/stop/limit."""
+        drafts plus the backbone's next token. The caller stops consuming on EOS/stop/limit.
+        `cache` (tests) receives the KV entries; by default one sized to the request is made."""
         tree = self.tree if tree is None or self.heads is None else tree
         prompt_len = len(prompt_ids)
         if prompt_len == 0:
@@ -91,7 +92,8 @@ class Decoder:
         if prompt_len >= self.context:
             raise UserError(f"the prompt has {prompt_len} tokens but the model's context is {self.context}")
         capacity = min(self.context, prompt_len + max_new_tokens + tree.size)
-        cache = TreeKVCache.for_model(self.model, capacity)
+        cache = cache or TreeKVCache.for_model(self.model, capacity)
+        capacity = min(capacity, cache.capacity)
         gen = torch.Generator(device=self.device).manual_seed(sp.seed) if sp.seed is not None else None
         tt = tree.tensors(self.device, self.dtype)
         root_bias = ROOT_ONLY.tensors(self.device, self.dtype).tree_bias
