@@ -70,19 +70,20 @@ class DraftModel:
             tree = load_tree(tree, self.heads.cfg.num_heads)
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         ids = self.prompt_ids(prompt)
-        stats, tokens, text, sent, finish = Stats(), [], "", 0, "context"
+        # The whole sequence stays within the context window.
+        room = self.decoder.context - len(ids)
+        limit, limit_reason = (max_new_tokens, "length") if max_new_tokens <= room else (room, "context")
+        stats, tokens, text, sent, finish = Stats(), [], "", 0, None
         start = time.perf_counter()
-        for step in self.decoder.steps(ids, max_new_tokens, sp, stats, tree):
+        for step in self.decoder.steps(ids, limit, sp, stats, tree):
             for t in step:
                 if t in self.eos_ids:
                     finish = "stop"
                     break
                 tokens.append(t)
-                if len(tokens) >= max_new_tokens:
-                    finish = "length"
+                if len(tokens) >= limit:
+                    finish = limit_reason
                     break
-            else:
-                finish = None
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             cut = min((i for i in (text.find(s, max(sent - len(s), 0)) for s in stops) if i >= 0), default=-1)
             if cut >= 0:

