@@ -190,8 +190,8 @@ def write_markdown(rep: dict, path: Path) -> None:
              f"Questions `{c['questions']}` ({o[BASELINE]['generations']} generations per method), "
              f"max_new_tokens {c['max_new_tokens']}, greedy, batch 1, device {c['device']} ({c['dtype']}), "
              f"heads `{c['heads']}` ({c['num_heads']} heads), tree of {c['tree_size']} nodes. "
-             f"Machine: {c['machine']['processor']}, {c['machine']['cpu_count']} CPUs, torch {c['machine']['torch']} "
-             f"({c['machine']['torch_threads']} threads). Tokens/s = {c['timing']}.", "",
+             f"Machine: {c['machine']['processor']}, {c['machine']['cpu_count']} CPUs, torch {c['machine']['torch']}, "
+             f"torch threads: {c['machine']['torch_threads']}, load average (1, 5, 15 min) when written: {c['machine'].get('load_average')}. Tokens/s = {c['timing']}.", "",
              "| method | tokens/s | speedup | mean accepted | draft ms/step | verify ms/step | accept ms/step | tokens |",
              "|---|---|---|---|---|---|---|---|"]
     for m, r in o.items():
