@@ -71,9 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.set_defaults(func=cmd_generate)
 
-    from .serve_cli import register as register_serve; register_serve(sub)
-    from .bench import register as register_bench; register_bench(sub)
-    from .train.cli import register as register_train; register_train(sub)
+    # Imported here: serve_cli reuses this module's helpers, so a top-level import would be circular.
+    from . import bench, serve_cli
+    from .train import cli as train_cli
+
+    for module in (train_cli, bench, serve_cli):
+        module.register(sub)
     return parser
 
 
