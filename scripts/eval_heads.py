@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--trees", default="medusa16", help="comma-separated tree names or JSON path lists joined by ';'")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-baselines", action="store_true", help="trees only: mean accepted, no speed ratios")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     trees = [json.loads(t) if t.startswith("[") else t for t in a.trees.split(";" if "[" in a.trees else ",")]
@@ -41,6 +42,16 @@ def main() -> None:
     for i, p in enumerate(prompts):
         ids = chat_ids(tok, p)
         x = torch.tensor([ids])
+        if a.no_baselines:
+            for t in trees:
+                r = dm.generate(p, max_new_tokens=a.max_new_tokens, tree=t)
+                s = spec[json.dumps(t)]
+                s["tokens"] += len(r.token_ids)
+                s["time"] += r.stats.total_s
+                s["accepted"] += r.stats.accepted
+            print(f"[{i + 1}/{len(prompts)}]", {k: round(sum(v["accepted"]) / max(1, len(v["accepted"])), 3)
+                                                for k, v in spec.items()}, flush=True)
+            continue
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=a.max_new_tokens, do_sample=False,
@@ -60,6 +71,10 @@ def main() -> None:
             s["identical"] += int(r.token_ids == ref.token_ids)
         print(f"[{i + 1}/{len(prompts)}] hf {len(out)} tok, loop {len(ref.token_ids)} tok, hf==loop {out == ref.token_ids}",
               flush=True)
+    if a.no_baselines:
+        print(json.dumps({k: {"mean_accepted": sum(v["accepted"]) / max(1, len(v["accepted"])),
+                              "tok_s": v["tokens"] / v["time"]} for k, v in spec.items()}, indent=1))
+        return
     base_tps = rows["transformers"][0] / rows["transformers"][1]
     report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
               "prompts": len(prompts), "max_new_tokens": a.max_new_tokens, "heads": str(a.heads),

@@ -100,6 +100,7 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--max-length", type=int, default=1024, help="tokens per conversation (longer ones are cut)")
     t.add_argument("--eval-fraction", type=float, default=0.05)
     t.add_argument("--precompute-features", action="store_true", help="run the backbone once, train on stored hidden states")
+    t.add_argument("--features-dir", default=None, help="cache for precomputed features, shared by runs (default: --output)")
     t.add_argument("--soft-targets", action="store_true", help="targets are the backbone's own next-token distributions")
     t.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     t.add_argument("--feature-batch", type=int, default=512, help="positions per step with --precompute-features")

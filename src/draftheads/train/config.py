@@ -24,6 +24,7 @@ class DataConfig:
     max_length: int = 1024
     eval_fraction: float = 0.05
     precompute_features: bool = False
+    features_dir: str | None = None  # where precomputed features are cached (default: the output directory)
 
 
 @dataclass

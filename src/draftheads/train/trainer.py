@@ -8,6 +8,7 @@ order and the heads' gradients are all-reduced by the prepared (wrapped) module.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -32,7 +33,7 @@ def config_from_args(args) -> TrainConfig:
         model=ModelConfig(backbone=args.backbone, dtype=args.dtype, num_heads=args.num_heads, num_layers=args.num_layers,
                           lm_head=args.lm_head, trim_vocab=args.trim_vocab),
         data=DataConfig(path=args.data, max_length=args.max_length, eval_fraction=args.eval_fraction,
-                        precompute_features=args.precompute_features),
+                        precompute_features=args.precompute_features, features_dir=args.features_dir),
         optim=OptimConfig(epochs=args.epochs, batch_size=args.batch_size, feature_batch=args.feature_batch, lr=args.lr,
                           weight_decay=args.weight_decay, warmup=args.warmup, decay=args.decay,
                           soft_targets=args.soft_targets),
@@ -211,11 +212,17 @@ def train(cfg: TrainConfig, backbone=None) -> Path:
     train_seqs, eval_seqs = [seqs[i] for i in train_idx], [seqs[i] for i in eval_idx]
     feats = None
     if d.precompute_features:
-        key = f"features-{len(seqs)}-{d.max_length}-{r.seed}-{d.eval_fraction}.pt"
+        # Named by a hash of the exact token streams, the split and the backbone, so runs that differ only
+        # in head settings share one features file (--features-dir) and a changed input never reuses a stale one.
+        h = hashlib.sha1(f"{bb.name}|{output_embedding_fingerprint(model)}|{train_idx}|{eval_idx}".encode())
+        for ids, _ in seqs:
+            h.update(ids.numpy().tobytes())
+        fpath = Path(d.features_dir or out) / f"features-{h.hexdigest()[:16]}.pt"
+        fpath.parent.mkdir(parents=True, exist_ok=True)
         if acc.is_main_process:
-            precompute(model, train_seqs + eval_seqs, acc.device, out / key, 8, r.progress)
+            precompute(model, train_seqs + eval_seqs, acc.device, fpath, 8, r.progress)
         acc.wait_for_everyone()
-        feats = precompute(model, train_seqs + eval_seqs, acc.device, out / key, 8, False)  # [sum T, H] fp16
+        feats = precompute(model, train_seqs + eval_seqs, acc.device, fpath, 8, False)  # [sum T, H] fp16
         pos, tgt = flat_examples(train_seqs, m.num_heads)
         n_train_tokens = sum(s[0].shape[0] for s in train_seqs)
         epos, etgt = flat_examples(eval_seqs, m.num_heads)
