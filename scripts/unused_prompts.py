@@ -1,0 +1,42 @@
+"""Write prompts of the given files that a distilled conversations file did NOT use, as JSONL
+(`{"prompt": ...}` a line): a calibration set that is neither training data nor evaluation data.
+
+    python scripts/unused_prompts.py runs/default/conversations.jsonl FILE [FILE ...] --num 40 -o calib.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+from draftheads.train.distill import prompt_id
+from draftheads.train.prompts import load_prompts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("conversations")
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--num", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("-o", "--output", required=True)
+    a = ap.parse_args()
+    used = {json.loads(line)["id"] for line in open(a.conversations) if line.strip()}
+    pools = [[p for p in load_prompts(f) if prompt_id(p) not in used and len(p) < 1500] for f in a.files]
+    rng = random.Random(a.seed)
+    for pool in pools:
+        rng.shuffle(pool)
+    picked = []  # round-robin over the files, so every source is represented
+    while len(picked) < a.num and any(pools):
+        for pool in pools:
+            if pool and len(picked) < a.num:
+                picked.append(pool.pop())
+    with open(a.output, "w") as f:
+        for p in picked:
+            f.write(json.dumps({"prompt": p}) + "\n")
+    print(f"{len(picked)} unused prompts from {len(a.files)} files -> {a.output} ({len(used)} used ones skipped)")
+
+
+if __name__ == "__main__":
+    main()
