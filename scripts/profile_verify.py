@@ -1,6 +1,7 @@
 """Profile one verify pass of the default backbone: time per forward over N new tokens after a
 200-token context, in plain transformers (DynamicCache, built-in causal mask) and in our loop's
-machinery (preallocated cache, tree mask, LM head on the new rows only), plus a torch.profiler
+machinery (preallocated cache, tree mask, LM head on the new rows only) with stock F.linear and with
+cpu_matmul's few-row kernels, plus a torch.profiler
 breakdown at 1, 16 and 64 nodes.
 
     .venv/bin/python scripts/profile_verify.py [--threads 2] [--repeats 10] [--out docs/verify_profile.md]
@@ -69,23 +70,29 @@ def main():
         tt = tree_of_size(n).tensors("cpu", torch.float32)
         ids = torch.randint(100, 20000, (n,))
         h = decoder._forward(cache, ids, tt.depths + args.context, tt.tree_bias)
-        decoder.lm_head(h)
+        decoder.logits(h)
         cache.keep([0], args.context)
         for layer in cache.layers:  # drop the root too: every repeat starts from the same context
             layer.length = args.context
 
+    def stock_forward(n):  # our machinery with stock F.linear kernels (cpu_matmul off)
+        decoder.fast_linear = False
+        our_forward(n)
+        decoder.fast_linear = True
+
     rows = []
-    for n in SIZES:
-        rows.append((n, median_ms(lambda: hf_forward(n), args.repeats), median_ms(lambda: our_forward(n), args.repeats)))
-    base_hf, base_ours = rows[0][1], rows[0][2]
+    for n in SIZES:  # the three interleaved per size, so drift hits all alike
+        rows.append((n, median_ms(lambda: hf_forward(n), args.repeats), median_ms(lambda: stock_forward(n), args.repeats),
+                     median_ms(lambda: our_forward(n), args.repeats)))
+    base = rows[0]
     print(f"threads={torch.get_num_threads()} context={args.context} median of {args.repeats}")
-    print("| new tokens | transformers ms | x 1-token | ours ms | x 1-token |")
-    print("|---:|---:|---:|---:|---:|")
-    for n, hf, ours in rows:
-        print(f"| {n} | {hf:.1f} | {hf / base_hf:.2f} | {ours:.1f} | {ours / base_ours:.2f} |")
+    print("| new tokens | transformers ms | x 1-token | ours, stock linear ms | x 1-token | ours ms | x 1-token |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for n, hf, stock, ours in rows:
+        print(f"| {n} | {hf:.1f} | {hf / base[1]:.2f} | {stock:.1f} | {stock / base[2]:.2f} | {ours:.1f} | {ours / base[3]:.2f} |")
 
     from torch.profiler import ProfilerActivity, profile
-    for n in [int(x) for x in args.profile_sizes.split(",")]:
+    for n in [int(x) for x in args.profile_sizes.split(",") if x.strip()]:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(3):
                 our_forward(n)

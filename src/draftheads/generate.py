@@ -6,6 +6,7 @@ baseline and the speculative path share every piece of machinery.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -13,6 +14,7 @@ from typing import Iterator
 import torch
 
 from .acceptance import SamplingConfig, accept, sample
+from .cpu_matmul import few_row_linear
 from .errors import UserError
 from .kvcache import TreeKVCache
 from .tree import Tree
@@ -66,18 +68,31 @@ class Decoder:
         self.context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        self.fast_linear = True  # few-row matmuls through cpu_matmul (CPU fp32 only); False: stock kernels
 
     def _sync(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter()
 
+    def _kernels(self, rows: int):
+        # Entered per forward, never across a yield: a torch function mode is global to the thread.
+        # One-row forwards skip it: nothing to gain, and the mode's per-op dispatch costs ~2 ms.
+        mode = few_row_linear(self.device) if self.fast_linear and rows > 1 else None
+        return mode if mode is not None else contextlib.nullcontext()
+
     def _forward(self, cache: TreeKVCache, ids: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor):
         """ids, positions [q] -> hidden [q, hidden_size]; appends q entries to the cache."""
         mask = cache.attention_mask(bias)
-        out = self.body(input_ids=ids.view(1, -1), position_ids=positions.view(1, -1), attention_mask=mask,
-                        past_key_values=cache.hf, use_cache=True)
+        with self._kernels(ids.numel()):
+            out = self.body(input_ids=ids.view(1, -1), position_ids=positions.view(1, -1), attention_mask=mask,
+                            past_key_values=cache.hf, use_cache=True)
         return out.last_hidden_state[0]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., hidden_size] -> logits [..., vocab]."""
+        with self._kernels(hidden.numel() // hidden.shape[-1]):
+            return self.lm_head(hidden)
 
     @torch.inference_mode()
     def steps(self, prompt_ids: list[int], max_new_tokens: int, sp: SamplingConfig, stats: Stats,
@@ -104,7 +119,7 @@ class Decoder:
         ids = torch.tensor(prompt_ids, device=dev)
         causal = torch.full((prompt_len, prompt_len), torch.finfo(self.dtype).min, dtype=self.dtype, device=dev).triu(1)
         hidden = self._forward(cache, ids, torch.arange(prompt_len, device=dev), causal)[-1]  # [hidden_size]
-        root = sample(self.lm_head(hidden), sp, gen)
+        root = sample(self.logits(hidden), sp, gen)
         stats.prefill_s = self._sync() - t0
         yield [root]
 
@@ -120,7 +135,7 @@ class Decoder:
                 cands, depths, bias = root_t.view(1), torch.zeros(1, dtype=torch.long, device=dev), root_bias
             t1 = self._sync()
             h = self._forward(cache, cands, depths + L, bias)  # [nodes, hidden_size]
-            logits = self.lm_head(h)  # [nodes, vocab]
+            logits = self.logits(h)  # [nodes, vocab]
             t2 = self._sync()
             nodes, root = accept(logits, cands, step_tree, sp, gen)
             cache.keep(nodes, L)

@@ -1,0 +1,28 @@
+"""cpu_matmul's few-row linear equals F.linear up to float rounding, for every shape the loop uses."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from draftheads.cpu_matmul import MAX_ROWS, few_row_linear
+
+
+@pytest.mark.parametrize("shape", [(1, 24), (2, 24), (1, 7, 24), (MAX_ROWS, 24), (MAX_ROWS + 5, 24)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_stock_linear(shape, bias):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(*shape, generator=g), torch.randn(40, 24, generator=g)
+    b = torch.randn(40, generator=g) if bias else None
+    ref = F.linear(x, w, b)
+    with few_row_linear("cpu"):
+        out = F.linear(x, w, b)
+        via_module = torch.nn.Linear(24, 40, bias=bias)
+        via_module.weight.data, via_module.bias = w, (torch.nn.Parameter(b) if bias else None)
+        out_module = via_module(x)
+    assert out.shape == ref.shape == out_module.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_module, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_not_used_off_cpu():
+    assert few_row_linear("meta") is None
