@@ -8,8 +8,9 @@ layers of SmolLM2-135M-shaped fp32 weights on 2 cores, 1 row 34 ms, 2 rows 45 ms
 by float rounding order.
 
 `few_row_linear()` is a torch function mode; the decoding loop enters it around forwards of 2+ rows
-(tree verification), so the model itself is untouched, one-token steps run the stock kernels (plain
-decoding stays bit-identical to transformers'), and other users of the model see stock kernels.
+(tree verification), so the model itself is untouched, the prefill and one-token steps run the stock
+kernels (plain decoding uses the same matmul kernels as transformers'), and other users of the model
+see stock kernels.
 """
 
 from __future__ import annotations

@@ -81,10 +81,12 @@ class Decoder:
         mode = few_row_linear(self.device) if self.fast_linear and rows > 1 else None
         return mode if mode is not None else contextlib.nullcontext()
 
-    def _forward(self, cache: TreeKVCache, ids: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor):
-        """ids, positions [q] -> hidden [q, hidden_size]; appends q entries to the cache."""
+    def _forward(self, cache: TreeKVCache, ids: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor,
+                 verify: bool = True):
+        """ids, positions [q] -> hidden [q, hidden_size]; appends q entries to the cache. The prefill
+        (verify=False) runs stock kernels, as transformers' own prefill does."""
         mask = cache.attention_mask(bias)
-        with self._kernels(ids.numel()):
+        with self._kernels(ids.numel() if verify else 1):
             out = self.body(input_ids=ids.view(1, -1), position_ids=positions.view(1, -1), attention_mask=mask,
                             past_key_values=cache.hf, use_cache=True)
         return out.last_hidden_state[0]
@@ -118,7 +120,7 @@ class Decoder:
         t0 = self._sync()
         ids = torch.tensor(prompt_ids, device=dev)
         causal = torch.full((prompt_len, prompt_len), torch.finfo(self.dtype).min, dtype=self.dtype, device=dev).triu(1)
-        hidden = self._forward(cache, ids, torch.arange(prompt_len, device=dev), causal)[-1]  # [hidden_size]
+        hidden = self._forward(cache, ids, torch.arange(prompt_len, device=dev), causal, verify=False)[-1]  # [hidden_size]
         root = sample(self.logits(hidden), sp, gen)
         stats.prefill_s = self._sync() - t0
         yield [root]
