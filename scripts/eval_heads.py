@@ -40,37 +40,33 @@ def main() -> None:
     rows = {"transformers": [0, 0.0], "loop": [0, 0.0]}
     spec = {json.dumps(t): {"tokens": 0, "time": 0.0, "accepted": [], "identical": 0} for t in trees}
     for i, p in enumerate(prompts):
-        ids = chat_ids(tok, p)
-        x = torch.tensor([ids])
-        if a.no_baselines:
-            for t in trees:
-                r = dm.generate(p, max_new_tokens=a.max_new_tokens, tree=t)
-                s = spec[json.dumps(t)]
-                s["tokens"] += len(r.token_ids)
-                s["time"] += r.stats.total_s
-                s["accepted"] += r.stats.accepted
-            print(f"[{i + 1}/{len(prompts)}]", {k: round(sum(v["accepted"]) / max(1, len(v["accepted"])), 3)
-                                                for k, v in spec.items()}, flush=True)
-            continue
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=a.max_new_tokens, do_sample=False,
-                                 eos_token_id=eos, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
-        rows["transformers"][1] += time.perf_counter() - t0
-        out = out[:next((j for j, t in enumerate(out) if t in eos), len(out))]
-        rows["transformers"][0] += len(out)
-        ref = plain.generate(p, max_new_tokens=a.max_new_tokens)
-        rows["loop"][0] += len(ref.token_ids)
-        rows["loop"][1] += ref.stats.total_s
+        ref = None
+        if not a.no_baselines:
+            ids = chat_ids(tok, p)
+            x = torch.tensor([ids])
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=a.max_new_tokens,
+                                     do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+            rows["transformers"][1] += time.perf_counter() - t0
+            out = out[:next((j for j, t in enumerate(out) if t in eos), len(out))]
+            rows["transformers"][0] += len(out)
+            ref = plain.generate(p, max_new_tokens=a.max_new_tokens)
+            rows["loop"][0] += len(ref.token_ids)
+            rows["loop"][1] += ref.stats.total_s
         for t in trees:
             r = dm.generate(p, max_new_tokens=a.max_new_tokens, tree=t)
             s = spec[json.dumps(t)]
             s["tokens"] += len(r.token_ids)
             s["time"] += r.stats.total_s
             s["accepted"] += r.stats.accepted
-            s["identical"] += int(r.token_ids == ref.token_ids)
-        print(f"[{i + 1}/{len(prompts)}] hf {len(out)} tok, loop {len(ref.token_ids)} tok, hf==loop {out == ref.token_ids}",
-              flush=True)
+            s["identical"] += int(ref is not None and r.token_ids == ref.token_ids)
+        if ref is None:
+            print(f"[{i + 1}/{len(prompts)}]", {k: round(sum(v["accepted"]) / max(1, len(v["accepted"])), 3)
+                                                for k, v in spec.items()}, flush=True)
+        else:
+            print(f"[{i + 1}/{len(prompts)}] hf {len(out)} tok, loop {len(ref.token_ids)} tok, hf==loop "
+                  f"{out == ref.token_ids}", flush=True)
     if a.no_baselines:
         print(json.dumps({k: {"mean_accepted": sum(v["accepted"]) / max(1, len(v["accepted"])),
                               "tok_s": v["tokens"] / v["time"]} for k, v in spec.items()}, indent=1))

@@ -1,10 +1,9 @@
 """Profile one verify pass of the default backbone: time per forward over N new tokens after a
 200-token context, in plain transformers (DynamicCache, built-in causal mask) and in our loop's
 machinery (preallocated cache, tree mask, LM head on the new rows only) with stock F.linear and with
-cpu_matmul's few-row kernels, plus a torch.profiler
-breakdown at 1, 16 and 64 nodes.
+cpu_matmul's few-row kernels, plus a torch.profiler breakdown at 1, 16 and 64 nodes.
 
-    .venv/bin/python scripts/profile_verify.py [--threads 2] [--repeats 10] [--out docs/verify_profile.md]
+    .venv/bin/python scripts/profile_verify.py [--threads 2] [--repeats 10] [--profile-sizes 1,16,64]
 """
 
 from __future__ import annotations

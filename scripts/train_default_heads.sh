@@ -32,7 +32,7 @@ $dh train --method medusa1 --data $R/conversations.jsonl --output $R/train --pre
     $D/gpteacher_codegen_instruct.json $D/gpteacher_roleplay_instruct.json $D/arena_hard_v2.0_question.jsonl \
     --num 24 -o $R/calib_prompts.jsonl
 $dh calibrate --heads $R/train/heads --prompts $R/calib_prompts.jsonl --limit 24 --max-new-tokens 96 \
-    --max-nodes 32 --latency-sizes 1,2,3,4,6,8,12,16,24,32 --measure-limit 8 --threads 2 \
+    --max-nodes 32 --latency-sizes 1,2,3,4,5,6,8,12,16,24,32 --latency-steps 16 --measure-limit 8 --threads 2 \
     --out $R/tree.json --write-to-heads
 
 # 4. Ship.

@@ -16,24 +16,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
-import time
 
 import torch
 
 import draftheads
 from draftheads.heads.medusa import MedusaHeads
 from draftheads.questions import load_questions
-
-
-def median_ms(fn, repeats: int = 30) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+from profile_verify import median_ms  # scripts/ is on sys.path when a script in it runs
 
 
 @torch.inference_mode()
@@ -56,8 +45,8 @@ def main() -> None:
     hidden = torch.randn(heads.cfg.hidden_size)
     tt = dm.tree.tensors("cpu", model.dtype)
     root = torch.tensor(0)
-    trimmed_ms = median_ms(lambda: heads.draft(hidden, root, tt.head_of, tt.rank_of, dm.tree.topk))
-    full_ms = median_ms(lambda: full.draft(hidden, root, tt.head_of, tt.rank_of, dm.tree.topk))
+    trimmed_ms = median_ms(lambda: heads.draft(hidden, root, tt.head_of, tt.rank_of, dm.tree.topk), 30)
+    full_ms = median_ms(lambda: full.draft(hidden, root, tt.head_of, tt.rank_of, dm.tree.topk), 30)
     ids = torch.tensor([[1]])
     step_ms = median_ms(lambda: model(ids), repeats=10)  # no cache: one token, for scale only
 

@@ -4,7 +4,7 @@ A decode step multiplies 1 to ~32 rows by every weight matrix, and on CPU that i
 the weights. `F.linear(x, W)` (x @ W.T) takes MKL's GEMV for one row and a GEMM that costs 1.3-1.7x
 more for 2-16 rows; the same product written as `(W @ x.T).T` streams W faster: measured over 30
 layers of SmolLM2-135M-shaped fp32 weights on 2 cores, 1 row 34 ms, 2 rows 45 ms -> 25 ms,
-4 rows 55 -> 24 ms, 16 rows 59 -> 48 ms (docs/verify_profile.md). Results differ from F.linear only
+4 rows 55 -> 24 ms, 16 rows 59 -> 48 ms (scripts/bench_linear.py; docs/verify_profile.md). Results differ from F.linear only
 by float rounding order.
 
 `few_row_linear()` is a torch function mode; the decoding loop enters it around forwards of 2+ rows
