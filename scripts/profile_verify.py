@@ -1,7 +1,8 @@
 """Profile one verify pass of the default backbone: time per forward over N new tokens after a
 200-token context, in plain transformers (DynamicCache, built-in causal mask) and in our loop's
-machinery (preallocated cache, tree mask, LM head on the new rows only) with stock F.linear and with
-cpu_matmul's few-row kernels, plus a torch.profiler breakdown at 1, 16 and 64 nodes.
+machinery (preallocated cache, tree mask, LM head on the new rows only) three ways: transformers'
+forward with stock F.linear, the same with cpu_matmul's few-row kernels, and the lean Llama-family
+forward the loop runs; then a torch.profiler breakdown of the lean forward at 1, 16 and 64 nodes.
 
     .venv/bin/python scripts/profile_verify.py [--threads 2] [--repeats 10] [--profile-sizes 1,16,64]
 """
@@ -60,12 +61,16 @@ def main():
         model(ids, past_key_values=hf_cache, use_cache=True)
         hf_cache.crop(-n)
 
-    # Ours: preallocated cache, tree mask, LM head on the tree rows.
+    # Ours: preallocated cache, tree mask, LM head on the tree rows; three variants of the forward.
     cache = TreeKVCache.for_model(model, args.context + 64)
     causal = torch.full((args.context, args.context), torch.finfo(torch.float32).min).triu(1)
     decoder._forward(cache, ctx, torch.arange(args.context), causal)
+    lean = decoder.lean
 
-    def our_forward(n):
+    def our_forward(n, variant="lean"):
+        # "generic, stock": transformers' forward on our cache, stock F.linear; "generic": the same
+        # with cpu_matmul's few-row kernels; "lean": llama_forward (what the loop runs for this model).
+        decoder.lean, decoder.fast_linear = (lean if variant == "lean" else None), variant != "generic, stock"
         tt = tree_of_size(n).tensors("cpu", torch.float32)
         ids = torch.randint(100, 20000, (n,))
         h = decoder._forward(cache, ids, tt.depths + args.context, tt.tree_bias)
@@ -73,22 +78,20 @@ def main():
         cache.keep([0], args.context)
         for layer in cache.layers:  # drop the root too: every repeat starts from the same context
             layer.length = args.context
+        decoder.lean, decoder.fast_linear = lean, True
 
-    def stock_forward(n):  # our machinery with stock F.linear kernels (cpu_matmul off)
-        decoder.fast_linear = False
-        our_forward(n)
-        decoder.fast_linear = True
-
+    variants = ["generic, stock", "generic", "lean"]
     rows = []
-    for n in SIZES:  # the three interleaved per size, so drift hits all alike
-        rows.append((n, median_ms(lambda: hf_forward(n), args.repeats), median_ms(lambda: stock_forward(n), args.repeats),
-                     median_ms(lambda: our_forward(n), args.repeats)))
+    for n in SIZES:  # the variants interleaved per size, so drift hits all alike
+        rows.append([median_ms(lambda: hf_forward(n), args.repeats)] +
+                    [median_ms(lambda: our_forward(n, v), args.repeats) for v in variants])
     base = rows[0]
     print(f"threads={torch.get_num_threads()} context={args.context} median of {args.repeats}")
-    print("| new tokens | transformers ms | x 1-token | ours, stock linear ms | x 1-token | ours ms | x 1-token |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for n, hf, stock, ours in rows:
-        print(f"| {n} | {hf:.1f} | {hf / base[1]:.2f} | {stock:.1f} | {stock / base[2]:.2f} | {ours:.1f} | {ours / base[3]:.2f} |")
+    names = ["transformers"] + [f"ours, {v}" for v in variants]
+    print("| new tokens | " + " | ".join(f"{name} ms | x 1-token" for name in names) + " |")
+    print("|---:|" + "---:|---:|" * len(names))
+    for n, row in zip(SIZES, rows):
+        print(f"| {n} | " + " | ".join(f"{ms:.1f} | {ms / b:.2f}" for ms, b in zip(row, base)) + " |")
 
     from torch.profiler import ProfilerActivity, profile
     for n in [int(x) for x in args.profile_sizes.split(",") if x.strip()]:

@@ -29,16 +29,26 @@ def hf_greedy(model, prompt, n=N_NEW):
     return out[0, len(prompt):].tolist()
 
 
+def decoder_on(path, model, heads=None, tree=None):
+    """A Decoder on the lean Llama-family forward ("lean") or transformers' own forward ("generic")."""
+    decoder = Decoder(model, heads, tree)
+    assert decoder.lean is not None  # every tiny architecture is Llama-family
+    if path == "generic":
+        decoder.lean = None
+    return decoder
+
+
+@pytest.mark.parametrize("path", ["lean", "generic"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("tree", ["medusa63", "medusa16", "chain3"])
-def test_greedy_speculative_equals_plain_greedy(arch, tree):
+def test_greedy_speculative_equals_plain_greedy(arch, tree, path):
     model = tiny_model(arch)
     heads = tiny_heads(model, num_heads=3)
     prompt = torch.randint(0, 200, (12,), generator=torch.Generator().manual_seed(3)).tolist()
     reference = hf_greedy(model, prompt)
-    assert run(Decoder(model), prompt) == reference  # our plain loop
+    assert run(decoder_on(path, model), prompt) == reference  # our plain loop
     stats = Stats()
-    assert run(Decoder(model, heads, load_tree(tree, 3)), prompt, stats=stats) == reference
+    assert run(decoder_on(path, model, heads, load_tree(tree, 3)), prompt, stats=stats) == reference
     assert stats.steps < N_NEW  # sanity: the loop stepped, and sometimes accepted a draft
 
 
@@ -75,8 +85,9 @@ def test_oracle_drafter_accepts_full_depth_every_step(tree):
     assert stats.accepted[:-1] == [t.depth + 1] * (len(stats.accepted) - 1)
 
 
+@pytest.mark.parametrize("path", ["lean", "generic"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_compacted_cache_equals_plain_decoding_cache(arch):
+def test_compacted_cache_equals_plain_decoding_cache(arch, path):
     model = tiny_model(arch)
     heads = tiny_heads(model, num_heads=3, noise=0.02)
     prompt = list(range(50, 60))
@@ -86,7 +97,7 @@ def test_compacted_cache_equals_plain_decoding_cache(arch):
     keep = cache.keep
     cache.keep = lambda nodes, start: (kept.append(nodes), keep(nodes, start))
     out = []
-    for step in Decoder(model, heads, tree).steps(prompt, 40, SamplingConfig(), Stats(), tree, cache=cache):
+    for step in decoder_on(path, model, heads, tree).steps(prompt, 40, SamplingConfig(), Stats(), tree, cache=cache):
         out += step
         # Everything but the newest token (the next root) is in the cache.
         seen = prompt + out[:-1]

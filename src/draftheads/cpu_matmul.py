@@ -1,16 +1,17 @@
 """Few-row linear layers on CPU, routed to the kernel that streams the weights fastest.
 
 A decode step multiplies 1 to ~32 rows by every weight matrix, and on CPU that is bound by reading
-the weights. `F.linear(x, W)` (x @ W.T) takes MKL's GEMV for one row and a GEMM that costs 1.3-1.7x
-more for 2-16 rows; the same product written as `(W @ x.T).T` streams W faster: measured over 30
-layers of SmolLM2-135M-shaped fp32 weights on 2 cores, 1 row 34 ms, 2 rows 45 ms -> 25 ms,
-4 rows 55 -> 24 ms, 16 rows 59 -> 48 ms (scripts/bench_linear.py; docs/verify_profile.md). Results differ from F.linear only
-by float rounding order.
+the weights. `F.linear(x, W)` (x @ W.T) takes MKL's GEMV for one row, which streams the weights on
+one thread (same time with 1 and 2 threads), and for 2-16 rows a GEMM that costs 1.3-1.7x more. The
+same product written as `(W @ x.T).T` streams W on every thread. Measured over 30 layers of
+SmolLM2-135M-shaped fp32 weights on 2 cores (scripts/bench_linear.py; docs/verify_profile.md):
+1 row 34 ms -> 23 ms (padded to 2 rows), 2 rows 45 -> 24 ms, 4 rows 55 -> 22 ms, 16 rows 59 -> 45 ms.
+Results differ from F.linear only by float rounding order.
 
-`few_row_linear()` is a torch function mode; the decoding loop enters it around forwards of 2+ rows
-(tree verification), so the model itself is untouched, the prefill and one-token steps run the stock
-kernels (plain decoding uses the same matmul kernels as transformers'), and other users of the model
-see stock kernels.
+`linear()` is the routing rule. The Llama-family forward (llama_forward.py) calls it directly;
+for other models `few_row_linear()` is a torch function mode that routes their `F.linear` calls to
+it, entered by the decoding loop around its own forwards of 2+ rows only, because the mode's per-op
+Python dispatch costs about what the one-row kernel saves. The model object itself is never changed.
 """
 
 from __future__ import annotations
@@ -22,18 +23,32 @@ from torch.overrides import TorchFunctionMode
 MAX_ROWS = 32  # above this the GEMM is compute-bound and F.linear's layout is as good
 
 
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w, b) with few-row CPU fp32 products routed to `(w @ x.T).T`. x [..., in] -> [..., out]."""
+    rows = x.numel() // x.shape[-1]
+    if not (rows <= MAX_ROWS and x.device.type == "cpu" and w.dtype == x.dtype == torch.float32):
+        return F.linear(x, w, b)
+    x2 = x.reshape(rows, x.shape[-1])
+    if rows > 1:
+        y = w @ x2.T  # [out, rows]
+    elif torch.get_num_threads() > 1:
+        # One row: a two-row GEMM on every thread beats the one-thread GEMV (23 vs 34 ms a pass).
+        # With one thread the GEMV is faster (the GEMM then does twice the work on one core).
+        y = (w @ torch.cat((x2, x2)).T)[:, :1]  # [out, 1]
+    else:
+        return F.linear(x, w, b)
+    # Row-major like F.linear's output: attention's fast kernels need unit stride in the last dim.
+    y = y.T.contiguous()  # [rows, out]
+    if b is not None:
+        y = y + b
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
 class _FewRowLinear(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            x, w = args[0], args[1]
-            b = args[2] if len(args) > 2 else kwargs.get("bias")
-            rows = x.numel() // x.shape[-1]
-            if 1 < rows <= MAX_ROWS and x.device.type == "cpu" and w.dtype == x.dtype == torch.float32:
-                y = (w @ x.reshape(rows, x.shape[-1]).T).T  # [rows, out]
-                if b is not None:
-                    y = y + b
-                return y.reshape(*x.shape[:-1], w.shape[0])
+            return linear(args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias"))
         return func(*args, **kwargs)
 
 

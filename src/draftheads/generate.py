@@ -14,9 +14,10 @@ from typing import Iterator
 import torch
 
 from .acceptance import SamplingConfig, accept, sample
-from .cpu_matmul import few_row_linear
+from .cpu_matmul import few_row_linear, linear
 from .errors import UserError
 from .kvcache import TreeKVCache
+from .llama_forward import LlamaForward, unsupported_reason
 from .tree import Tree
 
 ROOT_ONLY = Tree([])
@@ -68,7 +69,9 @@ class Decoder:
         self.context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.fast_linear = True  # few-row matmuls through cpu_matmul (CPU fp32 only); False: stock kernels
+        self.fast_linear = True  # generic path: few-row matmuls through cpu_matmul (CPU fp32); False: stock
+        # Llama-family models take the lean forward; None: transformers' own forward (the generic path).
+        self.lean = LlamaForward(model) if unsupported_reason(model) is None else None
 
     def _sync(self) -> float:
         if self.device.type == "cuda":
@@ -83,8 +86,11 @@ class Decoder:
 
     def _forward(self, cache: TreeKVCache, ids: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor,
                  verify: bool = True):
-        """ids, positions [q] -> hidden [q, hidden_size]; appends q entries to the cache. The prefill
-        (verify=False) runs stock kernels, as transformers' own prefill does."""
+        """ids, positions [q] -> hidden [q, hidden_size]; appends q entries to the cache. The generic
+        path's prefill (verify=False) runs stock kernels, as transformers' own prefill does."""
+        if self.lean is not None:
+            mask = cache.attention_mask(bias) if ids.numel() > 1 else None  # one token sees all the cache
+            return self.lean.hidden(cache, ids, positions, mask)
         mask = cache.attention_mask(bias)
         with self._kernels(ids.numel() if verify else 1):
             out = self.body(input_ids=ids.view(1, -1), position_ids=positions.view(1, -1), attention_mask=mask,
@@ -93,8 +99,9 @@ class Decoder:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., hidden_size] -> logits [..., vocab]."""
-        with self._kernels(hidden.numel() // hidden.shape[-1]):
-            return self.lm_head(hidden)
+        if self.fast_linear and isinstance(self.lm_head, torch.nn.Linear):
+            return linear(hidden, self.lm_head.weight, self.lm_head.bias)
+        return self.lm_head(hidden)
 
     @torch.inference_mode()
     def steps(self, prompt_ids: list[int], max_new_tokens: int, sp: SamplingConfig, stats: Stats,

@@ -69,6 +69,11 @@ class TreeKVCache:
             self.kv = torch.zeros(len(self.layers), 2, b, h, self.capacity, d, dtype=key_states.dtype,
                                   device=key_states.device)
 
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write q new entries of one layer (keys, values [batch, kv_heads, q, head_dim]) after the cached
+        ones; returns views of all of that layer's entries [batch, kv_heads, cached + q, head_dim]."""
+        return self.layers[layer].update(keys, values)
+
     @property
     def length(self) -> int:
         return self.layers[0].length
