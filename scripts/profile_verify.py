@@ -21,7 +21,7 @@ from draftheads.generate import Decoder
 from draftheads.kvcache import TreeKVCache
 from draftheads.tree import chain, load_tree
 
-SIZES = [1, 2, 4, 8, 16, 32, 64]
+SIZES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64]
 
 
 def tree_of_size(n: int):
