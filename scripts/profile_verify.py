@@ -5,6 +5,10 @@ forward with stock F.linear, the same with cpu_matmul's few-row kernels, and the
 forward the loop runs; then a torch.profiler breakdown of the lean forward at 1, 16 and 64 nodes.
 
     .venv/bin/python scripts/profile_verify.py [--threads 2] [--repeats 10] [--profile-sizes 1,16,64]
+        [--device cuda] [--dtype bfloat16]
+
+On a GPU (`--device cuda`, bf16 by default there) every timed forward ends with a device sync; the
+two "generic" variants are then the same (cpu_matmul is CPU-only).
 """
 
 from __future__ import annotations
@@ -29,12 +33,15 @@ def tree_of_size(n: int):
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
+    def timed():
         t = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # kernels are asynchronous: time their completion
+        return time.perf_counter() - t
+
+    timed()  # warm-up
+    times = [timed() for _ in range(repeats)]
     return statistics.median(times) * 1e3
 
 
@@ -45,34 +52,37 @@ def main():
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--context", type=int, default=200)
     ap.add_argument("--profile-sizes", default="1,16,64")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_backbone().model
+    model = load_backbone(device=args.device, dtype=args.dtype).model
     decoder = Decoder(model)
-    ctx = torch.randint(100, 20000, (args.context,), generator=torch.Generator().manual_seed(0))
+    dev, dtype = decoder.device, decoder.dtype
+    ctx = torch.randint(100, 20000, (args.context,), generator=torch.Generator().manual_seed(0)).to(dev)
 
     # Plain transformers: a DynamicCache over the context, cropped back after each timed forward.
     hf_cache = DynamicCache(config=model.config)
     model(ctx.view(1, -1), past_key_values=hf_cache, use_cache=True)
 
     def hf_forward(n):
-        ids = torch.randint(100, 20000, (1, n))
+        ids = torch.randint(100, 20000, (1, n), device=dev)
         model(ids, past_key_values=hf_cache, use_cache=True)
         hf_cache.crop(-n)
 
     # Ours: preallocated cache, tree mask, LM head on the tree rows; three variants of the forward.
     cache = TreeKVCache.for_model(model, args.context + 64)
-    causal = torch.full((args.context, args.context), torch.finfo(torch.float32).min).triu(1)
-    decoder._forward(cache, ctx, torch.arange(args.context), causal)
+    causal = torch.full((args.context, args.context), torch.finfo(dtype).min, dtype=dtype, device=dev).triu(1)
+    decoder._forward(cache, ctx, torch.arange(args.context, device=dev), causal)
     lean = decoder.lean
 
     def our_forward(n, variant="lean"):
         # "generic, stock": transformers' forward on our cache, stock F.linear; "generic": the same
         # with cpu_matmul's few-row kernels; "lean": llama_forward (what the loop runs for this model).
         decoder.lean, decoder.fast_linear = (lean if variant == "lean" else None), variant != "generic, stock"
-        tt = tree_of_size(n).tensors("cpu", torch.float32)
-        ids = torch.randint(100, 20000, (n,))
+        tt = tree_of_size(n).tensors(dev, dtype)
+        ids = torch.randint(100, 20000, (n,), device=dev)
         h = decoder._forward(cache, ids, tt.depths + args.context, tt.tree_bias)
         decoder.logits(h)
         cache.keep([0], args.context)
@@ -86,7 +96,8 @@ def main():
         rows.append([median_ms(lambda: hf_forward(n), args.repeats)] +
                     [median_ms(lambda: our_forward(n, v), args.repeats) for v in variants])
     base = rows[0]
-    print(f"threads={torch.get_num_threads()} context={args.context} median of {args.repeats}")
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, threads={torch.get_num_threads()}"
+    print(f"{where}, {dtype}, context={args.context}, median of {args.repeats}")
     names = ["transformers"] + [f"ours, {v}" for v in variants]
     print("| new tokens | " + " | ".join(f"{name} ms | x 1-token" for name in names) + " |")
     print("|---:|" + "---:|---:|" * len(names))
@@ -95,7 +106,8 @@ def main():
 
     from torch.profiler import ProfilerActivity, profile
     for n in [int(x) for x in args.profile_sizes.split(",") if x.strip()]:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with profile(activities=activities) as prof:
             for _ in range(3):
                 our_forward(n)
         print(f"\n### ours, {n} nodes (3 passes)\n")
