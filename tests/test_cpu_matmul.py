@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from draftheads.cpu_matmul import MAX_ROWS, few_row_linear
+from draftheads.cpu_matmul import MAX_ROWS, few_row_linear, linear
 
 
 @pytest.mark.parametrize("shape", [(1, 24), (2, 24), (1, 7, 24), (MAX_ROWS, 24), (MAX_ROWS + 5, 24)])
@@ -26,3 +26,17 @@ def test_matches_stock_linear(shape, bias):
 
 def test_not_used_off_cpu():
     assert few_row_linear("meta") is None
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_linear_equals_f_linear(rows, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the one-row kernel depends on the thread count
+    try:
+        g = torch.Generator().manual_seed(0)
+        x, w, b = torch.randn(rows, 24, generator=g), torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
+        torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(linear(x[0], w), F.linear(x[0], w), rtol=1e-5, atol=1e-5)  # a 1-d input
+    finally:
+        torch.set_num_threads(before)

@@ -3,9 +3,7 @@ architecture, and other models are refused (they run the generic path)."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from draftheads.cpu_matmul import linear
 from draftheads.generate import Decoder
 from draftheads.kvcache import TreeKVCache
 from draftheads.llama_forward import unsupported_reason
@@ -46,17 +44,3 @@ def test_other_models_take_the_generic_path():
     assert Decoder(sliding).lean is None
     gpt2 = type("M", (), {"config": type("C", (), {"model_type": "gpt2"})()})()
     assert "gpt2" in unsupported_reason(gpt2)
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("rows", [1, 3])
-def test_linear_equals_f_linear(rows, threads):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)  # the one-row kernel depends on the thread count
-    try:
-        g = torch.Generator().manual_seed(0)
-        x, w, b = torch.randn(rows, 24, generator=g), torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
-        torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(linear(x[0], w), F.linear(x[0], w), rtol=1e-5, atol=1e-5)  # a 1-d input
-    finally:
-        torch.set_num_threads(before)
