@@ -151,3 +151,36 @@ def test_two_processes_gloo(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "2 process(es)" in done.stdout and "MULTI_CPU" in done.stdout
     assert load_heads(tmp_path / "run" / "heads").cfg.num_heads == 2
+
+
+def test_train_on_distilled_directory_uses_stored_hidden_states(tmp_path):
+    """A distilled directory's token streams and hidden states feed training without a feature pass, and
+    give the heads that recomputed features give."""
+    import shutil
+
+    from draftheads.train.distill import DistillConfig, GenerationConfig, SourceSpec, run
+    from draftheads.train.shards import read_distilled
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"say {i} {'xyz' * (i % 4)}\n" for i in range(12)))
+    data = tmp_path / "d"
+    run(DistillConfig(output=str(data), sources=[SourceSpec(str(prompts))], shard_size=5,
+                      gen=GenerationConfig(batch_size=4, max_new_tokens=24)), _bb(), progress=False)
+    recs, hidden = read_distilled(data)
+    assert len(recs) == 12 and all(h is not None for h in hidden)
+
+    def cfg(out):
+        return TrainConfig(model=ModelConfig(num_heads=2, trim_vocab=64), data=DataConfig(
+            path=str(data), eval_fraction=0.2, precompute_features=True),
+            optim=OptimConfig(epochs=1, feature_batch=64, lr=3e-3), run=RunConfig(output=str(out), progress=False))
+    a = load_heads(trainer.train(cfg(tmp_path / "a"), _bb()))
+    assert not list((tmp_path / "a").glob("features-*.pt"))  # no feature pass ran
+    shutil.rmtree(data / "features")
+    b = load_heads(trainer.train(cfg(tmp_path / "b"), _bb()))
+    assert list((tmp_path / "b").glob("features-*.pt"))  # features recomputed where none were kept
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x.float(), y.float(), atol=2e-2, rtol=0, msg=k)
+
+    other = Backbone(model=tiny_model(seed=5), tokenizer=tiny_tokenizer(), name="tiny")
+    with pytest.raises(UserError, match="another backbone"):
+        trainer.train(cfg(tmp_path / "c"), other)

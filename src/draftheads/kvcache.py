@@ -105,3 +105,59 @@ class TreeKVCache:
             self.kv[:, :, :, :, start:start + a] = src
         for layer in self.layers:
             layer.length = start + a
+
+
+class SlotKVCache:
+    """KV cache for `slots` independent sequences decoded together, one token each per step.
+
+    Each slot has its own length: a step writes slot s's new entry at column lengths[s], and a slot that
+    finished is refilled with the next sequence's prefill (`load`) while the others go on, so no row is
+    ever padded. Used by batched distillation (train/batch_generate.py)."""
+
+    def __init__(self, num_layers: int, slots: int, capacity: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        self.capacity, self.dtype, self.device = capacity, dtype, device
+        self.kv = torch.zeros(num_layers, 2, slots, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # [slots]
+        self._rows = torch.arange(slots, device=device)
+        self._end = 1  # keys a step attends over: max(lengths) + 1
+
+    @classmethod
+    def for_model(cls, model, slots: int, capacity: int) -> "SlotKVCache":
+        cfg, p = model.config, next(model.parameters())
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        return cls(cfg.num_hidden_layers, slots, capacity, kv_heads, head_dim, p.dtype, p.device)
+
+    def load(self, slot: int, prefill: TreeKVCache) -> None:
+        """Make `slot` hold the sequence that `prefill` (a batch-1 cache) holds."""
+        n = prefill.length
+        assert n < self.capacity, "the prompt fills the slot: nothing could be generated"
+        self.kv[:, :, slot, :, :n] = prefill.kv[:, :, 0, :, :n]
+        self.lengths[slot] = n
+
+    def release(self, slot: int) -> None:
+        """Forget `slot`'s sequence. A free slot still computes a dummy row each step; it writes at column 0."""
+        self.lengths[slot] = 0
+
+    def step_mask(self) -> torch.Tensor:
+        """Additive mask [slots, 1, 1, max(lengths) + 1] for a one-token step: slot s sees its own
+        lengths[s] cached entries and the entry the step writes, nothing beyond."""
+        assert int(self.lengths.max()) < self.capacity, "KV cache overflow: a slot outgrew its capacity"
+        self._end = int(self.lengths.max()) + 1
+        visible = torch.arange(self._end, device=self.device) <= self.lengths[:, None]  # [slots, end]
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+        return mask.masked_fill_(~visible, torch.finfo(self.dtype).min)[:, None, None]
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one entry per slot (keys, values [slots, kv_heads, 1, head_dim]) at each slot's length;
+        returns every slot's entries [slots, kv_heads, max(lengths) + 1, head_dim]. The entries join
+        their sequences at `advance()`, after the forward's last layer."""
+        assert keys.shape[0] == self._rows.numel() and keys.shape[2] == 1, keys.shape
+        kv = self.kv[layer]  # [2, slots, kv_heads, capacity, head_dim]
+        kv[0, self._rows, :, self.lengths] = keys[:, :, 0]
+        kv[1, self._rows, :, self.lengths] = values[:, :, 0]
+        return kv[0, :, :, :self._end], kv[1, :, :, :self._end]
+
+    def advance(self) -> None:
+        self.lengths += 1

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .cpu_matmul import linear
-from .kvcache import TreeKVCache
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
@@ -53,27 +52,31 @@ class LlamaForward:
         attn = self.layers[0].self_attn
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
 
-    def hidden(self, cache: TreeKVCache, ids: torch.Tensor, positions: torch.Tensor,
-               mask: torch.Tensor | None) -> torch.Tensor:
-        """ids, positions [q] -> final-norm hidden states [q, hidden_size]; appends q entries to the
-        cache. mask: additive [1, 1, q, cached + q], or None when every cached entry is visible (q = 1)."""
-        assert ids.dim() == 1 and positions.shape == ids.shape
-        q, d = ids.numel(), self.head_dim
-        x = self.embed(ids)  # [q, hidden]
-        cos, sin = self.rotary(x, positions.view(1, -1))  # [1, q, head_dim]
+    def hidden(self, cache, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """ids, positions [q] (one sequence) or [batch, q] -> final-norm hidden states [q, hidden_size] or
+        [batch, q, hidden_size]; the cache (TreeKVCache, or SlotKVCache for a batch) takes the new keys and
+        values. mask: additive [batch or 1, 1, q, keys], or None when every cached entry is visible (q = 1)."""
+        one = ids.dim() == 1
+        if one:
+            ids, positions = ids[None], positions[None]
+        assert ids.dim() == 2 and positions.shape == ids.shape
+        (b, q), d = ids.shape, self.head_dim
+        x = self.embed(ids)  # [b, q, hidden]
+        cos, sin = self.rotary(x, positions)  # [b, q, head_dim]
         for i, layer in enumerate(self.layers):
             at, mlp = layer.self_attn, layer.mlp
             h = rms_norm(x, layer.input_layernorm)
-            qs = linear(h, at.q_proj.weight, at.q_proj.bias).view(1, q, -1, d).transpose(1, 2)  # [1, heads, q, d]
-            ks = linear(h, at.k_proj.weight, at.k_proj.bias).view(1, q, -1, d).transpose(1, 2)  # [1, kv_heads, q, d]
-            vs = linear(h, at.v_proj.weight, at.v_proj.bias).view(1, q, -1, d).transpose(1, 2)
+            qs = linear(h, at.q_proj.weight, at.q_proj.bias).view(b, q, -1, d).transpose(1, 2)  # [b, heads, q, d]
+            ks = linear(h, at.k_proj.weight, at.k_proj.bias).view(b, q, -1, d).transpose(1, 2)  # [b, kv_heads, q, d]
+            vs = linear(h, at.v_proj.weight, at.v_proj.bias).view(b, q, -1, d).transpose(1, 2)
             qs, ks = apply_rotary_pos_emb(qs, ks, cos, sin)
-            keys, values = cache.append(i, ks, vs)  # [1, kv_heads, cached + q, d]
+            keys, values = cache.append(i, ks, vs)  # [b, kv_heads, keys, d]
             o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=self.scaling,
-                                               enable_gqa=True)  # [1, heads, q, d]
-            x = x + linear(o[0].transpose(0, 1).reshape(q, -1), at.o_proj.weight, at.o_proj.bias)
+                                               enable_gqa=True)  # [b, heads, q, d]
+            x = x + linear(o.transpose(1, 2).reshape(b, q, -1), at.o_proj.weight, at.o_proj.bias)
             h = rms_norm(x, layer.post_attention_layernorm)
             gate = linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
             x = x + linear(mlp.act_fn(gate) * linear(h, mlp.up_proj.weight, mlp.up_proj.bias),
                            mlp.down_proj.weight, mlp.down_proj.bias)
-        return rms_norm(x, self.norm)
+        x = rms_norm(x, self.norm)
+        return x[0] if one else x

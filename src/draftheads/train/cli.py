@@ -34,11 +34,15 @@ def cmd_distill(args) -> None:
     gen = GenerationConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                            max_prompt_tokens=args.max_prompt_tokens, temperature=args.temperature, top_p=args.top_p,
                            second_turn=args.second_turn)
-    cfg = DistillConfig(output=args.output, sources=sources, num=args.num, prompt_field=args.field, seed=args.seed, gen=gen)
+    cfg = DistillConfig(output=args.output, sources=sources, num=args.num, prompt_field=args.field, seed=args.seed,
+                        shard_size=args.shard_size, gen=gen)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     bb = load_backbone(args.backbone, device=args.device, dtype=args.dtype)
-    path = run(cfg, bb, progress=not args.no_progress)
+    import shlex
+    import sys
+
+    path = run(cfg, bb, progress=not args.no_progress, command=shlex.join(["draftheads"] + sys.argv[1:]))
     print(f"conversations: {path}")
 
 
@@ -59,7 +63,9 @@ def register(sub) -> None:
     d.add_argument("--data-free", type=float, default=0.0, metavar="WEIGHT",
                    help="mix in prompts the backbone writes itself from the bare chat template (weight as for --prompts)")
     d.add_argument("--field", default=None, help="record field holding the prompt (default: auto-detect)")
-    d.add_argument("--output", "-o", required=True, help="conversations JSONL (appended to; rerun to resume)")
+    d.add_argument("--output", "-o", required=True,
+                   help="a .jsonl file, or a directory of shards that also keeps hidden states (rerun to resume)")
+    d.add_argument("--shard-size", type=int, default=500, help="records per shard (directory output)")
     d.add_argument("--num", type=int, default=None, help="total conversations (default: every file prompt)")
     d.add_argument("--backbone", default=None, help="HF model directory or cached name (default: embedded SmolLM2)")
     d.add_argument("--device", default="cpu")

@@ -14,16 +14,17 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from .shards import read_distilled
 
 IGNORE = -100
 
 
-def read_conversations(path: str | Path) -> list[list[dict]]:
-    """`messages` lists of a JSONL file (torn or blank lines skipped)."""
+def read_records(path: str | Path) -> list[dict]:
+    """Records of a conversations JSONL file (torn or blank lines skipped)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"conversations file not found: {path}")
-    convs = []
+    records = []
     for line in p.read_text(encoding="utf-8").split("\n"):
         if not line.strip():
             continue
@@ -31,12 +32,59 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # a torn last line of a distill run still in progress
-        msgs = rec.get("messages") if isinstance(rec, dict) else None
-        if msgs and any(m.get("role") == "assistant" and m.get("content") for m in msgs):
-            convs.append(msgs)
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
+
+
+def read_conversations(path: str | Path) -> list[list[dict]]:
+    """`messages` lists of a JSONL file or distilled directory that have an assistant turn."""
+    records = read_distilled(path, features=False)[0] if Path(path).is_dir() else read_records(path)
+    convs = [r["messages"] for r in records if _has_answer(r)]
     if not convs:
         raise UserError(f"{path}: no conversations with an assistant turn (expected JSONL of {{\"messages\": [...]}})")
     return convs
+
+
+def _has_answer(rec: dict) -> bool:
+    msgs = rec.get("messages")
+    return bool(msgs) and any(m.get("role") == "assistant" and m.get("content") for m in msgs)
+
+
+def load_training_data(path: str | Path, tok, max_length: int, fingerprint: str | None = None):
+    """Token streams, loss masks and stored hidden states of every usable conversation.
+
+    Records from the batched distill engine carry the exact token stream the backbone generated (`ids`,
+    `prompt_len`): those are used as they are, and a distilled directory also gives the backbone's hidden
+    states at every position. Other records are rendered with the chat template (tokenize_conversation).
+    Returns ([(ids [T], mask [T])], [hidden [T, H] fp16 or None]).
+    """
+    if Path(path).is_dir():
+        man = Path(path) / "manifest.json"
+        made_by = json.loads(man.read_text()).get("backbone_fingerprint") if man.exists() else None
+        if fingerprint and made_by and made_by != fingerprint:
+            raise UserError(f"{path} was distilled from another backbone (output-embedding fingerprint {made_by}, "
+                            f"this one {fingerprint}): distil again with this backbone")
+        records, hidden = read_distilled(path)
+    else:
+        records = read_records(path)
+        hidden = [None] * len(records)
+    seqs, kept = [], []
+    for rec, h in zip(records, hidden):
+        if not _has_answer(rec):
+            continue
+        if "ids" in rec:
+            ids = torch.tensor(rec["ids"][:max_length], dtype=torch.long)
+            mask = torch.arange(ids.shape[0]) >= rec["prompt_len"]
+            h = h[:max_length] if h is not None else None
+        else:
+            ids, mask = tokenize_conversation(tok, rec["messages"], max_length)
+            h = None
+        seqs.append((ids, mask))
+        kept.append(h)
+    if not seqs:
+        raise UserError(f"{path}: no conversations with an assistant turn (expected JSONL of {{\"messages\": [...]}})")
+    return seqs, kept
 
 
 def tokenize_conversation(tok, messages: list[dict], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ from ..errors import UserError
 from ..heads import HeadsConfig, MedusaHeads, save_heads
 from ..heads.vocab import build_vocab_map, count_tokens, full_to_trimmed, trim_targets
 from .config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
-from .data import IGNORE, head_targets, read_conversations, split, tokenize_conversation
+from .data import IGNORE, head_targets, load_training_data, split
 
 
 def config_from_args(args) -> TrainConfig:
@@ -96,14 +96,19 @@ def backbone_hidden(model, seqs: list[torch.Tensor], device) -> list[torch.Tenso
     return [h[i, :s.shape[0]] for i, s in enumerate(seqs)]
 
 
-def precompute(model, seqs, device, path: Path, batch: int, progress: bool) -> torch.Tensor:
-    """All sequences' hidden states, concatenated [sum T_i, H] in fp16, cached at `path`."""
+def precompute(model, seqs, device, path: Path, batch: int, progress: bool,
+               stored: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """All sequences' hidden states, concatenated [sum T_i, H] in fp16. `stored` holds those distillation
+    kept (None where missing): only the missing ones are computed, and cached at `path`."""
+    out: list[torch.Tensor | None] = list(stored) if stored is not None else [None] * len(seqs)
+    missing = [i for i, h in enumerate(out) if h is None]
+    if not missing:
+        return torch.cat(out)
     if path.exists():
         return torch.load(path, weights_only=True)["hidden"]
     from tqdm.auto import tqdm
 
-    order = sorted(range(len(seqs)), key=lambda i: seqs[i][0].shape[0])  # similar lengths share a batch
-    out: list[torch.Tensor | None] = [None] * len(seqs)
+    order = sorted(missing, key=lambda i: seqs[i][0].shape[0])  # similar lengths share a batch
     for b in tqdm(range(0, len(order), batch), desc="features", disable=not progress, unit="batch"):
         idx = order[b:b + batch]
         for i, h in zip(idx, backbone_hidden(model, [seqs[i][0] for i in idx], device)):
@@ -183,8 +188,9 @@ def train(cfg: TrainConfig, backbone=None) -> Path:
     bb = backbone or load_backbone(m.backbone, device=str(acc.device), dtype=m.dtype)
     model, tok = bb.model, bb.tokenizer
     model.requires_grad_(False).eval()
-    seqs = [tokenize_conversation(tok, c, d.max_length) for c in read_conversations(d.path)]
-    seqs = [s for s in seqs if s[1][2:].any()]  # need at least one target
+    seqs, stored = load_training_data(d.path, tok, d.max_length, output_embedding_fingerprint(model))
+    usable = [i for i, s in enumerate(seqs) if s[1][2:].any()]  # need at least one target
+    seqs, stored = [seqs[i] for i in usable], [stored[i] for i in usable]
     if len(seqs) < 2:
         raise UserError(f"{d.path}: need at least 2 usable conversations, found {len(seqs)}")
     train_idx, eval_idx = split(len(seqs), d.eval_fraction, r.seed)
@@ -219,10 +225,13 @@ def train(cfg: TrainConfig, backbone=None) -> Path:
             h.update(ids.numpy().tobytes())
         fpath = Path(d.features_dir or out) / f"features-{h.hexdigest()[:16]}.pt"
         fpath.parent.mkdir(parents=True, exist_ok=True)
+        known = [stored[i] for i in train_idx] + [stored[i] for i in eval_idx]
         if acc.is_main_process:
-            precompute(model, train_seqs + eval_seqs, acc.device, fpath, 8, r.progress)
+            feats = precompute(model, train_seqs + eval_seqs, acc.device, fpath, 8, r.progress, known)
         acc.wait_for_everyone()
-        feats = precompute(model, train_seqs + eval_seqs, acc.device, fpath, 8, False)  # [sum T, H] fp16
+        if not acc.is_main_process:
+            feats = precompute(model, train_seqs + eval_seqs, acc.device, fpath, 8, False, known)  # [sum T, H] fp16
+        del known, stored
         pos, tgt = flat_examples(train_seqs, m.num_heads)
         n_train_tokens = sum(s[0].shape[0] for s in train_seqs)
         epos, etgt = flat_examples(eval_seqs, m.num_heads)
