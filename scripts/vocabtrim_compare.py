@@ -8,7 +8,7 @@
   trimming can cost in accuracy (held-out top-1 per head is in the training run's eval.json).
 
     .venv/bin/python scripts/vocabtrim_compare.py --heads src/draftheads/default_heads \
-        --prompts ../shared/data/vicuna_bench_question.jsonl --limit 10 --threads 2
+        --prompts vicuna --limit 10 --threads 2
 """
 
 from __future__ import annotations
@@ -43,10 +43,9 @@ def main() -> None:
     full = MedusaHeads(full_cfg).to(model.dtype).attach(model).eval()
 
     hidden = torch.randn(heads.cfg.hidden_size)
-    tt = dm.tree.tensors("cpu", model.dtype)
     root = torch.tensor(0)
-    trimmed_ms = median_ms(lambda: heads.draft(hidden, root, tt.head_of, tt.rank_of, dm.tree.topk), 30)
-    full_ms = median_ms(lambda: full.draft(hidden, root, tt.head_of, tt.rank_of, dm.tree.topk), 30)
+    trimmed_ms = median_ms(lambda: heads.draft(hidden, root, dm.tree), 30)
+    full_ms = median_ms(lambda: full.draft(hidden, root, dm.tree), 30)
     ids = torch.tensor([[1]])
     step_ms = median_ms(lambda: model(ids), repeats=10)  # no cache: one token, for scale only
 

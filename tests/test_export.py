@@ -35,10 +35,10 @@ def _heads(model, lm_head="own", trimmed=None, layers=1, seed=3):
 def _same(a: MedusaHeads, b: MedusaHeads):
     hidden = torch.randn(5, 64)
     torch.testing.assert_close(a(hidden), b(hidden), rtol=0, atol=0)
-    tt = load_tree("medusa16", 3).tensors("cpu", torch.float32)
+    tree = load_tree("medusa16", 3)
     for i in range(5):
-        da = a.draft(hidden[i], torch.tensor(7), tt.head_of, tt.rank_of, load_tree("medusa16", 3).topk)
-        db = b.draft(hidden[i], torch.tensor(7), tt.head_of, tt.rank_of, load_tree("medusa16", 3).topk)
+        da = a.draft(hidden[i], torch.tensor(7), tree)
+        db = b.draft(hidden[i], torch.tensor(7), tree)
         assert da.tolist() == db.tolist()
     assert (a.cfg.num_heads, a.cfg.num_layers, a.cfg.lm_head, a.cfg.trimmed_vocab, a.cfg.vocab_size) == \
            (b.cfg.num_heads, b.cfg.num_layers, b.cfg.lm_head, b.cfg.trimmed_vocab, b.cfg.vocab_size)

@@ -59,9 +59,16 @@ class OracleHeads:
     def __init__(self, continuation, vocab):
         self.continuation, self.vocab, self.emitted = continuation, vocab, 0
 
-    def draft(self, hidden, root, head_of, rank_of, topk):
+    def reset(self):
+        pass
+
+    def observe(self, hidden):
+        pass
+
+    def draft(self, hidden, root, tree):
         # root is continuation[pos]; head k proposes continuation[pos + 1 + k] at rank 0.
-        pos = self.emitted
+        tt = tree.tensors(hidden.device, hidden.dtype)
+        head_of, rank_of, pos = tt.head_of, tt.rank_of, self.emitted
         truth = torch.tensor([self.continuation[min(pos + 1 + k, len(self.continuation) - 1)]
                               for k in range(int(head_of.max()) + 1)])
         wrong = (truth[head_of] + 1 + rank_of) % self.vocab

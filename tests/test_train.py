@@ -13,6 +13,7 @@ from draftheads.heads.vocab import IGNORE, build_vocab_map, count_tokens, full_t
 from draftheads.train import trainer
 from draftheads.train.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
 from draftheads.train.data import head_targets, tokenize_conversation
+from draftheads.tree import Tree
 
 
 def test_head_k_targets_token_t_plus_2_plus_k():
@@ -44,7 +45,7 @@ def test_vocab_trim_map_round_trip():
     assert count_tokens([(torch.tensor([1, 1, 2]), torch.tensor([True, False, True]))], 4).tolist() == [0, 1, 1, 0]
     heads = MedusaHeads(HeadsConfig(num_heads=2, hidden_size=8, vocab_size=8, trimmed_vocab=3))
     heads.vocab_map.copy_(vmap)
-    drafted = heads.draft(torch.randn(8), torch.tensor(0), torch.tensor([0, 1]), torch.tensor([0, 2]), 3)
+    drafted = heads.draft(torch.randn(8), torch.tensor(0), Tree([[0], [0, 2]]))
     assert set(drafted[1:].tolist()) <= set(vmap.tolist())  # drafts come back as full ids
 
 
@@ -184,3 +185,43 @@ def test_train_on_distilled_directory_uses_stored_hidden_states(tmp_path):
     other = Backbone(model=tiny_model(seed=5), tokenizer=tiny_tokenizer(), name="tiny")
     with pytest.raises(UserError, match="another backbone"):
         trainer.train(cfg(tmp_path / "c"), other)
+
+
+@pytest.mark.parametrize("head_type,precompute", [("hydra", True), ("hydra", False), ("hydra++", True),
+                                                  ("hydra++", False)])
+def test_hydra_training_learns_and_resumes(tmp_path, head_type, precompute):
+    from draftheads.heads import HydraHeads
+
+    def cfg(out):
+        c = _cfg(tmp_path, out)
+        c.model.head_type, c.model.dropout = head_type, 0.1 if head_type == "hydra++" else 0.0
+        c.data.precompute_features = precompute
+        c.optim.epochs, c.optim.batch_size = 3, 4
+        return c
+    heads = load_heads(trainer.train(cfg(tmp_path / "a"), _bb()))
+    assert isinstance(heads, HydraHeads) and heads.cfg.head_type == head_type
+    assert (heads.prefix is not None) == (head_type == "hydra++")
+    hist = json.loads((tmp_path / "a" / "eval.json").read_text())
+    assert hist[-1]["top1"][0] > hist[0]["top1"][0] or hist[-1]["top1"][0] > 0.9, hist
+    assert hist[-1]["top1"][1] > 0.5, hist  # the answers repeat a pattern: learnable with the path
+
+
+def test_hydra_plus_plus_teacher_loss_runs_and_resumes_exactly(tmp_path, monkeypatch):
+    def cfg(out):
+        c = _cfg(tmp_path, out, soft_targets=True)
+        c.model.head_type = "hydra++"
+        return c
+    ref = load_heads(trainer.train(cfg(tmp_path / "a"), _bb()))
+    real = trainer.save_checkpoint
+
+    def killed(path, heads, opt, sched, step):
+        real(path, heads, opt, sched, step)
+        if step == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(trainer, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(cfg(tmp_path / "b"), _bb())
+    monkeypatch.setattr(trainer, "save_checkpoint", real)
+    got = load_heads(trainer.train(cfg(tmp_path / "b"), _bb()))
+    for (k, a), (_, b) in zip(ref.state_dict().items(), got.state_dict().items()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), k

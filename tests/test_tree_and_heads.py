@@ -64,9 +64,9 @@ def test_tree_file_errors(tmp_path):
 
 def _same_drafts(a, b, model):
     hidden = torch.randn(model.config.hidden_size)
-    tt = load_tree("medusa16", 3).tensors("cpu", torch.float32)
-    da = a.draft(hidden, torch.tensor(5), tt.head_of, tt.rank_of, 10)
-    db = b.draft(hidden, torch.tensor(5), tt.head_of, tt.rank_of, 10)
+    tree = load_tree("medusa16", 3)
+    da = a.draft(hidden, torch.tensor(5), tree)
+    db = b.draft(hidden, torch.tensor(5), tree)
     assert torch.equal(da, db)
 
 

@@ -91,3 +91,16 @@ def tiny_draftmodel(arch: str = "llama", tree: str = "medusa16", num_heads: int 
     h = tiny_heads(model, num_heads) if heads else None
     return DraftModel(Backbone(model=model, tokenizer=tiny_tokenizer(), name="tiny"), h,
                       load_tree(tree, num_heads) if heads else None)
+
+
+def tiny_hydra_heads(model, head_type: str = "hydra", num_heads: int = 3, seed: int = 1, noise: float = 0.05):
+    from draftheads.heads import HydraHeads
+
+    torch.manual_seed(seed)
+    cfg = HeadsConfig(num_heads=num_heads, hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size,
+                      head_type=head_type, backbone="tiny", backbone_fingerprint=output_embedding_fingerprint(model))
+    heads = HydraHeads(cfg)
+    heads.init_lm_heads_from(model)
+    for p in heads.parameters():
+        p.data += noise * torch.randn_like(p)
+    return heads.attach(model).eval().requires_grad_(False)

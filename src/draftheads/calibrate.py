@@ -20,31 +20,27 @@ MISS, PAST_END = -1, -2
 
 
 @torch.inference_mode()
-def head_ranks(dm: DraftModel, prompt_ids: list[int], continuation: list[int], chunk: int = 64) -> torch.Tensor:
+def head_ranks(dm: DraftModel, prompt_ids: list[int], continuation: list[int]) -> torch.Tensor:
     """Rank of the true token in each head's top-10 at each position of a greedy continuation.
 
     Hidden state at position t (input token seq[t]) gives the backbone's next token seq[t+1] (the root)
-    and head k's guess for seq[t+2+k]. Returns ranks [positions, heads]: 0..9, MISS, or PAST_END where
-    the continuation ends first. One batched forward over prompt + continuation (the loop's hidden
-    states differ from these only in float rounding)."""
+    and head k's guess for seq[t+2+k], given the true path seq[t+1..t+1+k] (what a drafter that sees
+    its path, Hydra, conditions on; on an accepted path the drafted tokens are the true ones). Returns
+    ranks [positions, heads]: 0..9, MISS, or PAST_END where the continuation ends first. One batched
+    forward over prompt + continuation (the loop's hidden states differ only in float rounding)."""
     model, heads = dm.backbone, dm.heads
     seq = prompt_ids + continuation
-    ids = torch.tensor(seq, device=model.device).view(1, -1)
-    hidden = model.base_model(input_ids=ids).last_hidden_state[0]  # [T, hidden]
+    ids = torch.tensor(seq, device=model.device)
+    hidden = model.base_model(input_ids=ids.view(1, -1)).last_hidden_state[0]  # [T, hidden]
     first, T, K = len(prompt_ids) - 1, len(seq), heads.cfg.num_heads
+    top = heads.teacher_topk(hidden, ids, MAX_RANK)[:, first:T - 1]  # [K, c, 10]
     target = torch.tensor(seq + [-1] * (K + 2), device=model.device)
-    rows = []
-    for start in range(first, T - 1, chunk):
-        h = hidden[start:min(start + chunk, T - 1)]  # [c, hidden]
-        w = heads.blocks[0][0].linear.weight
-        top = heads.to_full_ids(heads(h.to(w.dtype)).topk(MAX_RANK, dim=-1).indices)  # [K, c, 10]
-        pos = torch.arange(start, start + h.shape[0], device=model.device)
-        want = target[pos[None, :] + 2 + torch.arange(K, device=model.device)[:, None]]  # [K, c]
-        hit = top == want[..., None]  # [K, c, 10]
-        rank = torch.where(hit.any(-1), hit.float().argmax(-1), torch.full_like(want, MISS))
-        rank = torch.where(want < 0, torch.full_like(want, PAST_END), rank)
-        rows.append(rank.T)
-    return torch.cat(rows) if rows else torch.zeros(0, K, dtype=torch.long)
+    pos = torch.arange(first, T - 1, device=model.device)
+    want = target[pos[None, :] + 2 + torch.arange(K, device=model.device)[:, None]]  # [K, c]
+    hit = top == want[..., None]  # [K, c, 10]
+    rank = torch.where(hit.any(-1), hit.float().argmax(-1), torch.full_like(want, MISS))
+    rank = torch.where(want < 0, torch.full_like(want, PAST_END), rank)
+    return rank.T  # [c, K]
 
 
 def accuracies(ranks: torch.Tensor) -> tuple[list[list[float]], list[int]]:

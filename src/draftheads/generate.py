@@ -16,6 +16,7 @@ import torch
 from .acceptance import SamplingConfig, accept, sample
 from .cpu_matmul import few_row_linear, linear
 from .errors import UserError
+from .families import context_length, logits_transform, probe, refusal
 from .kvcache import TreeKVCache
 from .llama_forward import LlamaForward, unsupported_reason
 from .tree import Tree
@@ -28,7 +29,9 @@ class Stats:
     prompt_tokens: int = 0
     steps: int = 0  # verify passes after the prefill
     new_tokens: int = 0
-    accepted: list[int] = field(default_factory=list)  # tokens emitted per step, the backbone's own included
+    # tokens emitted per step, the backbone's own included; DraftModel cuts them to the tokens the reply
+    # kept, so that new_tokens = 1 (the prefill's) + sum(accepted)
+    accepted: list[int] = field(default_factory=list)
     prefill_s: float = 0.0
     draft_s: float = 0.0
     verify_s: float = 0.0
@@ -66,12 +69,21 @@ class Decoder:
         self.tree = tree if (tree is not None and heads is not None) else ROOT_ONLY
         self.body = model.base_model  # decoder stack: ids -> final-norm hidden states
         self.lm_head = model.get_output_embeddings()
-        self.context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        self.finish_logits = logits_transform(model)  # softcapping / logit scale the model applies, or None
+        self.context = context_length(model.config)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.fast_linear = True  # generic path: few-row matmuls through cpu_matmul (CPU fp32); False: stock
         # Llama-family models take the lean forward; None: transformers' own forward (the generic path).
         self.lean = LlamaForward(model) if unsupported_reason(model) is None else None
+        self._refuse_inexact()
+
+    def _refuse_inexact(self) -> None:
+        """Refuse, in one line, a backbone this loop would decode wrongly. The lean forward is tested
+        against transformers for each family it takes; the generic path is probed on a tiny tree step."""
+        reason = refusal(self.model) or (probe(self) if self.lean is None else None)
+        if reason:
+            raise UserError(f"draftheads cannot decode {self.model.config.model_type} exactly: {reason}")
 
     def _sync(self) -> float:
         if self.device.type == "cuda":
@@ -91,17 +103,21 @@ class Decoder:
         if self.lean is not None:
             mask = cache.attention_mask(bias) if ids.numel() > 1 else None  # one token sees all the cache
             return self.lean.hidden(cache, ids, positions, mask)
-        mask = cache.attention_mask(bias)
+        mask = cache.attention_mask(bias, positions)  # a dict of masks by layer type for mixed models
         with self._kernels(ids.numel() if verify else 1):
             out = self.body(input_ids=ids.view(1, -1), position_ids=positions.view(1, -1), attention_mask=mask,
                             past_key_values=cache.hf, use_cache=True)
         return out.last_hidden_state[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [..., hidden_size] -> logits [..., vocab]."""
-        if self.fast_linear and isinstance(self.lm_head, torch.nn.Linear):
-            return linear(hidden, self.lm_head.weight, self.lm_head.bias)
-        return self.lm_head(hidden)
+        """hidden [..., hidden_size] -> logits [..., vocab], with whatever the model applies after its
+        output embedding (softcapping, logit scale), so that `exact` samples the model's distribution."""
+        # Only a plain Linear's weight is its matrix: a quantised or adapter-wrapped subclass is not.
+        if self.fast_linear and type(self.lm_head) is torch.nn.Linear:
+            logits = linear(hidden, self.lm_head.weight, self.lm_head.bias)
+        else:
+            logits = self.lm_head(hidden)
+        return logits if self.finish_logits is None else self.finish_logits(logits)
 
     @torch.inference_mode()
     def steps(self, prompt_ids: list[int], max_new_tokens: int, sp: SamplingConfig, stats: Stats,
@@ -127,7 +143,11 @@ class Decoder:
         t0 = self._sync()
         ids = torch.tensor(prompt_ids, device=dev)
         causal = torch.full((prompt_len, prompt_len), torch.finfo(self.dtype).min, dtype=self.dtype, device=dev).triu(1)
-        hidden = self._forward(cache, ids, torch.arange(prompt_len, device=dev), causal, verify=False)[-1]  # [hidden_size]
+        prompt_hidden = self._forward(cache, ids, torch.arange(prompt_len, device=dev), causal, verify=False)  # [P, hidden]
+        hidden = prompt_hidden[-1]  # [hidden_size]
+        if self.heads is not None:
+            self.heads.reset()  # drafters with state (Hydra++'s prefix layer) start the sequence
+            self.heads.observe(prompt_hidden)
         root = sample(self.logits(hidden), sp, gen)
         stats.prefill_s = self._sync() - t0
         yield [root]
@@ -138,7 +158,7 @@ class Decoder:
             t0 = self._sync()
             root_t = torch.tensor(root, device=dev)
             if step_tree.size > 1:  # [nodes] candidate ids, root first
-                cands = self.heads.draft(hidden, root_t, step_tt.head_of, step_tt.rank_of, step_tree.topk)
+                cands = self.heads.draft(hidden, root_t, step_tree)
                 depths, bias = step_tt.depths, step_tt.tree_bias
             else:
                 cands, depths, bias = root_t.view(1), torch.zeros(1, dtype=torch.long, device=dev), root_bias
@@ -149,6 +169,8 @@ class Decoder:
             nodes, root = accept(logits, cands, step_tree, sp, gen)
             cache.keep(nodes, L)
             hidden = h[nodes[-1]]
+            if self.heads is not None:
+                self.heads.observe(h[nodes])  # [accepted, hidden]
             emitted = cands[nodes[1:]].tolist() + [root]
             t3 = self._sync()
             stats.steps += 1

@@ -38,6 +38,17 @@ class TreeTensors:
     rank_of: torch.Tensor  # [N-1] rank of each non-root node's token in its head's top-k
 
 
+@dataclass(frozen=True)
+class Level:
+    """The nodes at one depth d >= 1, for drafters that draft depth by depth (Hydra)."""
+
+    nodes: torch.Tensor  # [n] node indices at depth d
+    parent_paths: torch.Tensor  # [p, d] node indices from the root to each distinct parent (at depth d-1)
+    parent_pos: torch.Tensor  # [n] row of each node's parent in parent_paths
+    ranks: torch.Tensor  # [n] rank of each node's token among its parent's candidates
+    topk: int  # candidates needed per parent at this depth
+
+
 class Tree:
     def __init__(self, paths, max_rank: int = MAX_RANK):
         paths = [tuple(int(r) for r in p) for p in paths]
@@ -53,7 +64,7 @@ class Tree:
                 raise UserError(f"tree path {list(p)} has no parent {list(p[:-1])} in the tree")
         self.paths: list[tuple[int, ...]] = sorted(paths, key=lambda p: (len(p), p))
         self.index = {p: i + 1 for i, p in enumerate(self.paths)}  # path -> node index; root is 0
-        self._tensors: dict[tuple, TreeTensors] = {}
+        self._tensors: dict[tuple, TreeTensors | list[Level]] = {}
 
     @property
     def size(self) -> int:
@@ -78,6 +89,31 @@ class Tree:
         for node in range(1, self.size):
             kids[self.parent[node]].append(node)
         return kids
+
+    def path_to(self, node: int) -> list[int]:
+        """Node indices from the root to `node`, both included."""
+        out = [node]
+        while out[-1] != 0:
+            out.append(self.parent[out[-1]])
+        return out[::-1]
+
+    def levels(self, device: torch.device | str) -> list[Level]:
+        """Per depth 1..depth, the nodes and their parents' paths (built once per device)."""
+        key = ("levels", str(device))
+        if key not in self._tensors:
+            levels = []
+            for d in range(1, self.depth + 1):
+                nodes = [i for i in range(1, self.size) if len(self.paths[i - 1]) == d]
+                parents = sorted({self.parent[i] for i in nodes})
+                pos = {p: j for j, p in enumerate(parents)}
+                levels.append(Level(
+                    nodes=torch.tensor(nodes, device=device),
+                    parent_paths=torch.tensor([self.path_to(p) for p in parents], device=device).view(len(parents), d),
+                    parent_pos=torch.tensor([pos[self.parent[i]] for i in nodes], device=device),
+                    ranks=torch.tensor([self.paths[i - 1][-1] for i in nodes], device=device),
+                    topk=1 + max(self.paths[i - 1][-1] for i in nodes)))
+            self._tensors[key] = levels
+        return self._tensors[key]
 
     def check_heads(self, num_heads: int) -> None:
         if self.depth > num_heads:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
+import secrets
 from pathlib import Path
 
 import torch
@@ -24,7 +24,13 @@ from safetensors.torch import load_file, save_file
 
 from ..backbone import fingerprints_match, output_embedding_fingerprint
 from ..errors import UserError
+from .hydra import HydraHeads
 from .medusa import HeadsConfig, MedusaHeads
+
+
+def build_heads(cfg: HeadsConfig):
+    """Untrained heads of the config's type."""
+    return HydraHeads(cfg) if cfg.head_type in ("hydra", "hydra++") else MedusaHeads(cfg)
 
 
 def save_heads(heads: MedusaHeads, directory: str | Path) -> Path:
@@ -39,8 +45,9 @@ def save_heads(heads: MedusaHeads, directory: str | Path) -> Path:
 
 
 def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
+    """write(tmp) then rename over `path`. The temporary file is created by `write` itself, not by
+    mkstemp, so it gets the normal mode (0644 under the usual umask) rather than mkstemp's 0600."""
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -70,7 +77,7 @@ def load_heads(path: str | Path, backbone=None) -> MedusaHeads:
     elif "medusa_num_heads" in raw or not (directory / "model.safetensors").exists():
         heads = _load_official_medusa(directory, raw)
     else:
-        heads = MedusaHeads(HeadsConfig.from_dict(raw))
+        heads = build_heads(HeadsConfig.from_dict(raw))
         try:
             state = load_file(directory / "model.safetensors")
         except Exception as e:  # a torn or foreign file

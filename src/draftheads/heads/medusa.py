@@ -14,6 +14,10 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..tree import MAX_RANK, Tree
+
+
+HEAD_TYPES = ("medusa", "hydra", "hydra++")
 
 
 @dataclass
@@ -30,6 +34,7 @@ class HeadsConfig:
     backbone: str = ""  # name or path of the backbone the heads were trained on
     backbone_fingerprint: list[float] = field(default_factory=list)
     tree: list[list[int]] | None = None  # a calibrated tree, used by default when present
+    dropout: float = 0.0  # Hydra++ trains with dropout before every block and the LM head
     format: str = "draftheads/1"
 
     @classmethod
@@ -44,8 +49,8 @@ class HeadsConfig:
         cfg = cls(**d)
         if cfg.lm_head not in ("own", "shared"):
             raise UserError(f"heads config: lm_head must be 'own' or 'shared', not {cfg.lm_head!r}")
-        if cfg.head_type != "medusa":
-            raise UserError(f"heads of type {cfg.head_type!r} are not supported by this version")
+        if cfg.head_type not in HEAD_TYPES:
+            raise UserError(f"heads of type {cfg.head_type!r} are not supported (known: {', '.join(HEAD_TYPES)})")
         return cfg
 
     def to_dict(self) -> dict:
@@ -109,18 +114,30 @@ class MedusaHeads(nn.Module):
     def to_full_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self.vocab_map[ids] if self.vocab_map is not None else ids
 
-    @torch.no_grad()
-    def draft(self, hidden: torch.Tensor, root: torch.Tensor, head_of: torch.Tensor, rank_of: torch.Tensor,
-              topk: int) -> torch.Tensor:
-        """Candidate token per tree node.
+    # ---------------------------------------------------------------- the drafter contract
 
-        hidden [hidden_size] at the last verified position; root: 0-d token id of node 0;
-        head_of, rank_of [nodes-1]: the head and rank each non-root node takes. Returns ids [nodes].
-        """
-        assert hidden.dim() == 1 and head_of.shape == rank_of.shape
+    def reset(self) -> None:
+        """Medusa heads keep no state between steps."""
+
+    def observe(self, hidden: torch.Tensor) -> None:
+        """Medusa heads keep no state between steps."""
+
+    @torch.no_grad()
+    def draft(self, hidden: torch.Tensor, root: torch.Tensor, tree: Tree) -> torch.Tensor:
+        """Candidate token per tree node: hidden [hidden_size] at the last verified position, root 0-d
+        token id of node 0. Returns ids [nodes]."""
+        assert hidden.dim() == 1
+        tt = tree.tensors(hidden.device, hidden.dtype)
         # Only the heads the tree reaches: a depth-2 tree on 4 heads pays for 2 (on CPU each full head
         # costs ~1 ms of a ~65 ms step).
-        used = int(head_of.max()) + 1 if head_of.numel() else 1
-        logits = self.forward(hidden.to(self.blocks[0][0].linear.weight.dtype), used)  # [used, out_vocab]
-        top = self.to_full_ids(logits.topk(topk, dim=-1).indices)  # [used, topk]
-        return torch.cat([root.view(1), top[head_of, rank_of]])
+        logits = self.forward(hidden.to(self.blocks[0][0].linear.weight.dtype), max(tree.depth, 1))  # [used, out]
+        top = self.to_full_ids(logits.topk(tree.topk, dim=-1).indices)  # [used, topk]
+        return torch.cat([root.view(1), top[tt.head_of, tt.rank_of]])
+
+    @torch.no_grad()
+    def teacher_topk(self, hidden: torch.Tensor, ids: torch.Tensor, n: int = MAX_RANK, chunk: int = 256) -> torch.Tensor:
+        """hidden [T, H] of a whole sequence -> each head's top-n full ids [K, T, n] at each position
+        (Medusa heads ignore the path ids [T]). What `calibrate` measures."""
+        w = self.blocks[0][0].linear.weight
+        return torch.cat([self.to_full_ids(self(hidden[s:s + chunk].to(w.dtype)).topk(n, dim=-1).indices)
+                          for s in range(0, hidden.shape[0], chunk)], 1)

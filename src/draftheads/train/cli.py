@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli import add_threads
 from ..errors import UserError
 
 
@@ -68,17 +69,17 @@ def register(sub) -> None:
     d.add_argument("--shard-size", type=int, default=500, help="records per shard (directory output)")
     d.add_argument("--num", type=int, default=None, help="total conversations (default: every file prompt)")
     d.add_argument("--backbone", default=None, help="HF model directory or cached name (default: embedded SmolLM2)")
-    d.add_argument("--device", default="cpu")
-    d.add_argument("--dtype", default=None)
-    d.add_argument("--batch-size", type=int, default=16)
-    d.add_argument("--max-new-tokens", type=int, default=256)
-    d.add_argument("--max-prompt-tokens", type=int, default=512)
-    d.add_argument("--temperature", type=float, default=0.0)
-    d.add_argument("--top-p", type=float, default=1.0)
+    d.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    d.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
+    d.add_argument("--batch-size", type=int, default=16, help="prompts answered together (left-padded batch)")
+    d.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
+    d.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are skipped")
+    d.add_argument("--temperature", type=float, default=0.0, help="answers: 0 greedy, above 0 sampled")
+    d.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for the answers (1: off)")
     d.add_argument("--second-turn", action="store_true", help="the backbone writes a follow-up question and answers it")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--seed", type=int, default=0, help="seeds the source mix and sampling")
+    add_threads(d)
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_distill)
 
     t = sub.add_parser("train", help="train draft heads on distilled conversations (frozen backbone)")
@@ -87,30 +88,43 @@ def register(sub) -> None:
 
 
 def add_train_args(t: argparse.ArgumentParser) -> None:
-    """Flags map 1:1 onto the trainer's config dataclasses (see trainer.config_from_args)."""
+    """Flags map 1:1 onto the trainer's config dataclasses (see trainer.config_from_args), whose field
+    defaults are the flags' defaults: defined once, in config.py."""
+    from .config import DataConfig, ModelConfig, OptimConfig, RunConfig
+
+    M, D, O, R = ModelConfig(), DataConfig(), OptimConfig(), RunConfig()
     t.add_argument("--data", required=True, help="conversations JSONL from `draftheads distill` (messages format)")
     t.add_argument("--output", "-o", required=True, help="run directory: checkpoints, eval JSON, final heads in <dir>/heads")
-    t.add_argument("--method", default="medusa1", choices=["medusa1"])
-    t.add_argument("--backbone", default=None, help="HF model directory or cached name (default: embedded SmolLM2)")
-    t.add_argument("--dtype", default=None)
-    t.add_argument("--num-heads", type=int, default=4)
-    t.add_argument("--num-layers", type=int, default=1)
-    t.add_argument("--lm-head", default="own", choices=["own", "shared"])
-    t.add_argument("--trim-vocab", type=int, default=None, metavar="N", help="VocabTrim: heads predict the N most frequent output tokens")
-    t.add_argument("--epochs", type=float, default=2)
-    t.add_argument("--batch-size", type=int, default=8, help="sequences per step (per process)")
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--warmup", type=float, default=0.05, help="warmup fraction of the steps")
-    t.add_argument("--decay", type=float, default=0.8, help="head k's loss weight is decay**k")
-    t.add_argument("--max-length", type=int, default=1024, help="tokens per conversation (longer ones are cut)")
-    t.add_argument("--eval-fraction", type=float, default=0.05)
+    t.add_argument("--method", default="medusa1", choices=["medusa1", "hydra", "hydra++"],
+                   help="medusa1: independent heads; hydra: each head sees the path drafted before it; hydra++: hydra "
+                        "plus a prefix decoder layer (use with --soft-targets --dropout 0.2, the paper's recipe)")
+    t.add_argument("--backbone", default=M.backbone, help="HF model directory or cached name (default: embedded SmolLM2)")
+    t.add_argument("--dtype", default=M.dtype, help="backbone dtype: float32, float16, bfloat16 (default: fp32 on CPU, "
+                                                    "bf16 on CUDA)")
+    t.add_argument("--num-heads", type=int, default=M.num_heads, help="draft heads (head k guesses token k+2 ahead)")
+    t.add_argument("--num-layers", type=int, default=M.num_layers, help="residual blocks per head")
+    t.add_argument("--dropout", type=float, default=M.dropout, help="dropout before every head block (Hydra heads)")
+    t.add_argument("--lm-head", default=M.lm_head, choices=["own", "shared"],
+                   help="own: each head has its own LM head; shared: the backbone's, frozen")
+    t.add_argument("--trim-vocab", type=int, default=M.trim_vocab, metavar="N",
+                   help="VocabTrim: heads predict the N most frequent output tokens (0: the full vocabulary)")
+    t.add_argument("--epochs", type=float, default=O.epochs, help="passes over the training split")
+    t.add_argument("--batch-size", type=int, default=O.batch_size, help="sequences per step (per process)")
+    t.add_argument("--lr", type=float, default=O.lr, help="AdamW peak learning rate")
+    t.add_argument("--weight-decay", type=float, default=O.weight_decay, help="AdamW weight decay")
+    t.add_argument("--warmup", type=float, default=O.warmup, help="warmup fraction of the steps")
+    t.add_argument("--decay", type=float, default=O.decay, help="head k's loss weight is decay**k")
+    t.add_argument("--max-length", type=int, default=D.max_length, help="tokens per conversation (longer ones are cut)")
+    t.add_argument("--eval-fraction", type=float, default=D.eval_fraction,
+                   help="share of conversations held out for the per-epoch accuracy")
     t.add_argument("--precompute-features", action="store_true", help="run the backbone once, train on stored hidden states")
     t.add_argument("--features-dir", default=None, help="cache for precomputed features, shared by runs (default: --output)")
     t.add_argument("--soft-targets", action="store_true", help="targets are the backbone's own next-token distributions")
-    t.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
-    t.add_argument("--feature-batch", type=int, default=512, help="positions per step with --precompute-features")
-    t.add_argument("--save-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=0)
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--checkpoint-every", type=int, default=R.checkpoint_every, help="steps between checkpoints")
+    t.add_argument("--feature-batch", type=int, default=O.feature_batch,
+                   help="positions per step with --precompute-features")
+    t.add_argument("--save-dtype", default=R.save_dtype, choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the final heads file (loading converts to the backbone's dtype)")
+    t.add_argument("--seed", type=int, default=R.seed, help="seeds initialisation, split and batch order")
+    add_threads(t)
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from .. import defaults
 from ..errors import UserError
 
 
@@ -14,8 +15,12 @@ class ModelConfig:
     dtype: str | None = None
     num_heads: int = 4
     num_layers: int = 1
+    head_type: str = "medusa"  # "medusa" (--method medusa1), "hydra" or "hydra++"
+    dropout: float = 0.0  # Hydra heads: dropout before every block and the LM head while training
     lm_head: str = "own"  # "own" or "shared" (the backbone's output embedding, frozen)
-    trim_vocab: int | None = None  # VocabTrim size N
+    # VocabTrim: the heads predict the N most frequent output tokens (0 or None: the full vocabulary).
+    # Full-vocabulary LM heads cost ~9x the drafting time and ~10x the file for SmolLM2 (README, VocabTrim).
+    trim_vocab: int | None = 4096
 
 
 @dataclass
@@ -44,9 +49,9 @@ class RunConfig:
     output: str = ""
     checkpoint_every: int = 200
     seed: int = 0
-    threads: int = 0
+    threads: int = defaults.THREADS
     progress: bool = True
-    save_dtype: str = "float32"  # "float16" halves the heads file; loading converts to the backbone's dtype
+    save_dtype: str = "float16"  # half the float32 file; loading converts to the backbone's dtype
 
 
 @dataclass
@@ -81,10 +86,14 @@ class TrainConfig:
         m, o = self.model, self.optim
         if m.lm_head not in ("own", "shared"):
             raise UserError(f"lm_head must be 'own' or 'shared', not {m.lm_head!r}")
+        if m.head_type not in ("medusa", "hydra", "hydra++"):
+            raise UserError(f"head_type must be medusa, hydra or hydra++, not {m.head_type!r}")
+        if not 0 <= m.dropout < 1:
+            raise UserError("dropout must be in [0, 1)")
         if m.num_heads < 1 or m.num_layers < 1:
             raise UserError("num_heads and num_layers must be at least 1")
-        if m.trim_vocab is not None and m.trim_vocab < 2:
-            raise UserError("trim_vocab must be at least 2")
+        if m.trim_vocab is not None and (m.trim_vocab < 0 or m.trim_vocab == 1):
+            raise UserError("trim_vocab must be at least 2 (or 0: the full vocabulary)")
         if o.epochs <= 0 or o.lr <= 0 or not 0 < o.decay <= 1 or not 0 <= o.warmup < 1:
             raise UserError("need epochs > 0, lr > 0, 0 < decay <= 1, 0 <= warmup < 1")
         if self.run.save_dtype not in ("float32", "float16", "bfloat16"):

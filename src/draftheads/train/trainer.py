@@ -20,18 +20,20 @@ import torch.nn.functional as F
 
 from ..backbone import load_backbone, output_embedding_fingerprint
 from ..errors import UserError
-from ..heads import HeadsConfig, MedusaHeads, save_heads
+from ..heads import HeadsConfig, build_heads, save_heads
 from ..heads.vocab import build_vocab_map, count_tokens, full_to_trimmed, trim_targets
 from .config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
 from .data import IGNORE, head_targets, load_training_data, split
 
 
 def config_from_args(args) -> TrainConfig:
-    if args.method != "medusa1":
-        raise UserError(f"unknown training method {args.method!r} (this version trains medusa1)")
+    head_type = {"medusa1": "medusa", "hydra": "hydra", "hydra++": "hydra++"}.get(args.method)
+    if head_type is None:
+        raise UserError(f"unknown training method {args.method!r} (medusa1, hydra, hydra++)")
     cfg = TrainConfig(
         model=ModelConfig(backbone=args.backbone, dtype=args.dtype, num_heads=args.num_heads, num_layers=args.num_layers,
-                          lm_head=args.lm_head, trim_vocab=args.trim_vocab),
+                          lm_head=args.lm_head, trim_vocab=args.trim_vocab, head_type=head_type,
+                          dropout=args.dropout),
         data=DataConfig(path=args.data, max_length=args.max_length, eval_fraction=args.eval_fraction,
                         precompute_features=args.precompute_features, features_dir=args.features_dir),
         optim=OptimConfig(epochs=args.epochs, batch_size=args.batch_size, feature_batch=args.feature_batch, lr=args.lr,
@@ -140,6 +142,20 @@ def save_checkpoint(path: Path, heads, opt, sched, step: int) -> None:
     os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint intact
 
 
+def planned_sizes(heads, save_dtype: str) -> tuple[int, int]:
+    """Bytes of checkpoint.pt (the heads' state plus AdamW's two moments per trainable weight) and of
+    the final heads file (floating tensors in save_dtype), said before either is written."""
+    state = heads.state_dict().values()
+    moments = 2 * sum(p.numel() * p.element_size() for p in heads.parameters() if p.requires_grad)
+    item = torch.empty(0, dtype=getattr(torch, save_dtype)).element_size()
+    final = sum(t.numel() * (item if t.is_floating_point() else t.element_size()) for t in state)
+    return sum(t.numel() * t.element_size() for t in state) + moments, final
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
 def load_checkpoint(path: Path):
     return torch.load(path, weights_only=True, map_location="cpu") if path.exists() else None
 
@@ -147,15 +163,15 @@ def load_checkpoint(path: Path):
 # ---------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(heads: MedusaHeads, hidden: torch.Tensor, targets: torch.Tensor, batch: int = 1024) -> dict:
-    """hidden [N, H], targets [N, K] (full ids). Top-1/top-5 accuracy per head in full ids: a target
+def evaluate(heads, hidden: list[torch.Tensor], seqs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """hidden [T_i, H] and (ids, mask) [T_i] of each held-out conversation. Top-1/top-5 accuracy per head
+    in full ids, through the drafter's teacher-forced top-k (Hydra heads see the true path): a target
     outside a VocabTrim map counts as a miss, so trimmed and untrimmed heads compare fairly."""
-    K = targets.shape[1]
+    K = heads.cfg.num_heads
     hit1, hit5, n = torch.zeros(K), torch.zeros(K), torch.zeros(K)
-    dtype = next(heads.parameters()).dtype
-    for b in range(0, hidden.shape[0], batch):
-        h, t = hidden[b:b + batch].to(dtype), targets[b:b + batch]
-        top = heads.to_full_ids(heads(h).topk(5, dim=-1).indices).cpu()  # [K, n, 5]
+    for h, (ids, mask) in zip(hidden, seqs):
+        top = heads.teacher_topk(h, ids.to(h.device), 5).cpu()  # [K, T, 5]
+        t = head_targets(ids, mask, K)  # [T, K]
         for k in range(K):
             v = t[:, k] != IGNORE
             hit1[k] += (top[k, v, 0] == t[v, k]).sum()
@@ -163,6 +179,32 @@ def evaluate(heads: MedusaHeads, hidden: torch.Tensor, targets: torch.Tensor, ba
             n[k] += v.sum()
     n = n.clamp(min=1)
     return {"top1": (hit1 / n).tolist(), "top5": (hit5 / n).tolist(), "positions": int(n[0])}
+
+
+def path_tokens(ids: torch.Tensor, pos: torch.Tensor, K: int) -> torch.Tensor:
+    """ids [S] (one sequence or a concatenation), positions [N] -> the tokens x1..xK after each [N, K]
+    (Hydra's teacher-forced path; past the end clamped: those targets are ignored anyway)."""
+    return ids[(pos[:, None] + 1 + torch.arange(K, device=pos.device)).clamp(max=ids.shape[0] - 1)]
+
+
+def sequence_batch(hs: list[torch.Tensor], seqs, K: int, soft: bool):
+    """Whole sequences, right-padded, for heads with a prefix layer (Hydra++) and the online mode.
+    Returns hidden [B, T, H], path [B, T, K], select [B, T] (positions with a target), targets [N, K]
+    and, for soft targets, the hidden states whose LM head gives each target's distribution [K, N, H]."""
+    B, T, H = len(hs), max(h.shape[0] for h in hs), hs[0].shape[1]
+    hidden = hs[0].new_zeros(B, T, H)
+    path = torch.zeros(B, T, K, dtype=torch.long)
+    targets = torch.full((B, T, K), IGNORE, dtype=torch.long)
+    nxt = hs[0].new_zeros(B, T, K, H) if soft else None
+    for i, (h, (ids, mask)) in enumerate(zip(hs, seqs)):
+        n, pos = h.shape[0], torch.arange(h.shape[0])
+        hidden[i, :n] = h
+        path[i, :n] = path_tokens(ids, pos, K)
+        targets[i, :n] = head_targets(ids, mask, K)
+        if soft:
+            nxt[i, :n] = h[(pos[:, None] + 1 + torch.arange(K)).clamp(max=n - 1)]  # [n, K, H]
+    select = (targets != IGNORE).any(-1)  # [B, T]
+    return hidden, path, select, targets[select], (nxt[select].transpose(0, 1) if soft else None)
 
 
 # ---------------------------------------------------------------- the run
@@ -197,25 +239,29 @@ def train(cfg: TrainConfig, backbone=None) -> Path:
     lm_weight = model.get_output_embeddings().weight.detach()  # [V, H]
     V, H = lm_weight.shape
 
-    # 2. Heads, VocabTrim map from the training split's assistant tokens.
+    # 2. Heads, VocabTrim map from the training split's assistant tokens. A trim of N >= the vocabulary
+    # keeps it whole: the default N suits real vocabularies (tens of thousands), not tiny ones.
+    trim = m.trim_vocab if m.trim_vocab and m.trim_vocab < V else None
+    if m.trim_vocab and trim is None and acc.is_main_process:
+        print(f"train: trim_vocab {m.trim_vocab} >= the vocabulary ({V}): the heads keep the full vocabulary")
     hcfg = HeadsConfig(num_heads=m.num_heads, hidden_size=H, vocab_size=V, num_layers=m.num_layers,
-                       lm_head=m.lm_head, trimmed_vocab=m.trim_vocab, backbone=bb.name,
-                       backbone_fingerprint=output_embedding_fingerprint(model))
-    heads = MedusaHeads(hcfg)
+                       lm_head=m.lm_head, trimmed_vocab=trim, backbone=bb.name, head_type=m.head_type,
+                       dropout=m.dropout, backbone_fingerprint=output_embedding_fingerprint(model))
+    heads = build_heads(hcfg)
     table = None
-    if m.trim_vocab:
-        if m.trim_vocab > V:
-            raise UserError(f"--trim-vocab {m.trim_vocab} exceeds the vocabulary ({V})")
+    if trim:
         eos = [t for t in {tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)} if isinstance(t, int)]
-        heads.vocab_map.copy_(build_vocab_map(count_tokens((seqs[i] for i in train_idx), V), m.trim_vocab, eos))
+        heads.vocab_map.copy_(build_vocab_map(count_tokens((seqs[i] for i in train_idx), V), trim, eos))
         table = full_to_trimmed(heads.vocab_map, V)
     heads.init_lm_heads_from(model)
     heads.to(acc.device)
     heads.attach(model)
     vmap = heads.vocab_map
 
-    # 3. Examples: positions with targets; hidden states precomputed once or computed per batch.
+    # 3. Examples: positions with targets (or, for heads with a prefix layer, whole sequences); hidden
+    # states precomputed once or computed per batch.
     train_seqs, eval_seqs = [seqs[i] for i in train_idx], [seqs[i] for i in eval_idx]
+    hydra, by_sequence = m.head_type != "medusa", m.head_type == "hydra++"
     feats = None
     if d.precompute_features:
         # Named by a hash of the exact token streams, the split and the backbone, so runs that differ only
@@ -232,16 +278,16 @@ def train(cfg: TrainConfig, backbone=None) -> Path:
         if not acc.is_main_process:
             feats = precompute(model, train_seqs + eval_seqs, acc.device, fpath, 8, False, known)  # [sum T, H] fp16
         del known, stored
+        starts = torch.tensor([0] + [s[0].shape[0] for s in train_seqs + eval_seqs]).cumsum(0)  # [n + 1]
+        seq_feats = [feats[starts[i]:starts[i + 1]] for i in range(len(starts) - 1)]  # views, [T_i, H] each
+        eval_hidden = seq_feats[len(train_seqs):]
         pos, tgt = flat_examples(train_seqs, m.num_heads)
-        n_train_tokens = sum(s[0].shape[0] for s in train_seqs)
-        epos, etgt = flat_examples(eval_seqs, m.num_heads)
-        eval_hidden, eval_targets = feats[epos + n_train_tokens], etgt
-        n_items, per_step = pos.shape[0], o.feature_batch
+        flat_ids = torch.cat([s[0] for s in train_seqs + eval_seqs])  # aligned with feats
+        n_items, per_step = (len(train_seqs), o.batch_size) if by_sequence else (pos.shape[0], o.feature_batch)
     else:
         n_items, per_step = len(train_seqs), o.batch_size
-        epos, etgt = flat_examples(eval_seqs, m.num_heads)
-        eval_hidden = torch.cat([h.cpu() for h in backbone_hidden(model, [s[0] for s in eval_seqs], acc.device)])[epos]
-        eval_targets = etgt
+        eval_hidden = [h for b in range(0, len(eval_seqs), 8)
+                       for h in backbone_hidden(model, [s[0] for s in eval_seqs[b:b + 8]], acc.device)]
 
     # 4. Optimiser and schedule: steps counted per process (each takes per_step items a step).
     world = acc.num_processes
@@ -270,6 +316,10 @@ def train(cfg: TrainConfig, backbone=None) -> Path:
         print(f"train: {len(train_seqs)} conversations ({n_items} items), {len(eval_seqs)} held out; {world} process(es) "
               f"on {acc.device} ({acc.distributed_type}); {steps_per_epoch} steps/epoch, {total} steps, from step {step}",
               flush=True)
+        ckpt_bytes, heads_bytes = planned_sizes(heads, r.save_dtype)
+        print(f"train: will write {ckpt_path} ({_mb(ckpt_bytes)}: heads and AdamW state, every "
+              f"{r.checkpoint_every} steps and per epoch) and {out / 'heads'} ({_mb(heads_bytes)} in {r.save_dtype})",
+              flush=True)
     bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not (r.progress and acc.is_main_process))
     ddp_heads.train()
     while step < total:
@@ -279,32 +329,30 @@ def train(cfg: TrainConfig, backbone=None) -> Path:
         mine = mine.repeat(math.ceil(steps_per_epoch * per_step / max(1, mine.shape[0])))  # equal steps on every rank
         for b in range(step % steps_per_epoch, steps_per_epoch):
             idx = mine[b * per_step:(b + 1) * per_step]
-            if feats is not None:
+            path = select = None
+            if feats is not None and not by_sequence:
                 p = pos[idx]  # [N] global positions in feats
+                path = path_tokens(flat_ids, p, m.num_heads) if hydra else None  # [N, K]
                 hidden = feats[p].to(acc.device, torch.float32)  # [N, H]
                 targets = tgt[idx]  # [N, K] full ids
                 nxt = (feats[(p[None] + 1 + torch.arange(m.num_heads)[:, None]).clamp(max=feats.shape[0] - 1)]
                        if o.soft_targets else None)  # [K, N, H]
             else:
                 batch = [train_seqs[i] for i in idx.tolist()]
-                hs = backbone_hidden(model, [s[0] for s in batch], acc.device)  # [T_i, H] each
-                tt = [head_targets(ids, mask, m.num_heads) for ids, mask in batch]  # [T_i, K] each
-                keep = [(t != IGNORE).any(-1) for t in tt]
-                hidden = torch.cat([h[k] for h, k in zip(hs, keep)]).float()  # [N, H]
-                targets = torch.cat([t[k] for t, k in zip(tt, keep)])  # [N, K]
-                nxt = None
-                if o.soft_targets:
-                    rows = []
-                    for h, k_ in zip(hs, keep):
-                        ix = k_.nonzero().squeeze(-1)
-                        rows.append(h[(ix[None] + 1 + torch.arange(m.num_heads, device=ix.device)[:, None])
-                                      .clamp(max=h.shape[0] - 1)])  # [K, n, H]
-                    nxt = torch.cat(rows, dim=1)
+                hs = ([seq_feats[i].float() for i in idx.tolist()] if feats is not None
+                      else [h.float() for h in backbone_hidden(model, [s[0] for s in batch], acc.device)])
+                hidden, path, select, targets, nxt = sequence_batch(hs, batch, m.num_heads, o.soft_targets)
+                if not by_sequence:  # no prefix layer: the positions with targets are all the heads need
+                    hidden, path, select = hidden[select], path[select], None  # [N, H], [N, K]
+                hidden = hidden.to(acc.device)
             targets = targets.to(acc.device)
             hard = trim_targets(targets, table.to(acc.device)) if table is not None else targets
             soft = soft_targets(lm_weight, nxt.to(acc.device), vmap) if nxt is not None else None
             # Soft targets exist wherever the data token does, trimmed or not: validity from the full ids.
-            logits = ddp_heads(hidden)  # [K, N, V']
+            if hydra:  # [K, N, V']; Hydra++ runs its prefix layer over the whole sequences first
+                logits = ddp_heads(hidden, path.to(acc.device), None if select is None else select.to(acc.device))
+            else:
+                logits = ddp_heads(hidden)  # [K, N, V']
             loss, per_head = medusa_loss(logits, targets if soft is not None else hard, o.decay, soft)
             acc.backward(loss)
             opt.step()
@@ -320,7 +368,7 @@ def train(cfg: TrainConfig, backbone=None) -> Path:
         # 7. End of epoch (or of the run): held-out accuracy per head, logged and saved.
         if acc.is_main_process:
             heads.eval()
-            res = evaluate(heads, eval_hidden.to(acc.device), eval_targets.to(acc.device))
+            res = evaluate(heads, [h.to(acc.device, torch.float32) for h in eval_hidden], eval_seqs)
             heads.train()
             res.update(epoch=epoch + 1, step=step, train_loss=float(loss.item()), time=time.time())
             history.append(res)

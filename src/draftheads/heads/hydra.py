@@ -1,0 +1,172 @@
+"""Hydra heads: each head also sees the tokens drafted before it on the tree path (Ankner et al. 2024).
+
+Head k (0-based) drafts the token k+2 positions after the last verified one, like Medusa head k, but
+its input is the concatenation [h, E(x1), ..., E(x_{k+1})]: the backbone's last hidden state h and the
+frozen input embeddings E of the path so far, x1 being the root (the backbone's own next token). So
+drafting runs depth by depth: one batched call of head d-1 over every node at depth d-1 that has
+children. A head is ResBlock(in -> H, learned residual projection) + (L-1) ResBlock(H -> H) and an LM
+head (own, shared or VocabTrim-trimmed, as for Medusa).
+
+Hydra++ (`prefix_layer=True`) adds one Llama decoder layer over the sequence of the backbone's hidden
+states; its output at the last verified position replaces h. It keeps a KV cache of its own that only
+ever holds accepted positions (`observe`), so it needs no tree mask and no rollback. Hydra++ is
+trained against the backbone's own distributions (teacher loss) with dropout.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import DynamicCache, LlamaConfig, LlamaModel
+
+from ..tree import MAX_RANK, Tree
+from .medusa import HeadsConfig, ResBlock
+
+
+class GroundedBlock(nn.Module):
+    """The first block of a head: in_dim -> hidden, with a learned residual projection (Hydra's ResBlock)."""
+
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, hidden)
+        nn.init.zeros_(self.linear.weight)
+        self.res = nn.Linear(in_dim, hidden, bias=False)
+        # Start as "h" (the hidden-state slice of the input): an untrained head then drafts what the
+        # backbone's own LM head would, as Medusa's near-identity blocks do.
+        nn.init.zeros_(self.res.weight)
+        with torch.no_grad():
+            self.res.weight[:, :hidden].copy_(torch.eye(hidden))
+
+    def forward(self, x):
+        return self.res(x) + nn.functional.silu(self.linear(x))
+
+
+def prefix_layer_config(cfg: HeadsConfig) -> LlamaConfig:
+    h = cfg.hidden_size
+    heads = max(1, h // 64)
+    return LlamaConfig(vocab_size=1, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=1,
+                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=1 << 16,
+                       rms_norm_eps=1e-5, attn_implementation="sdpa", bos_token_id=None, eos_token_id=None,
+                       pad_token_id=None)
+
+
+class HydraHeads(nn.Module):
+    def __init__(self, cfg: HeadsConfig):
+        super().__init__()
+        assert cfg.head_type in ("hydra", "hydra++"), cfg.head_type
+        self.cfg = cfg
+        H, out = cfg.hidden_size, cfg.trimmed_vocab or cfg.vocab_size
+        self.blocks = nn.ModuleList(
+            nn.Sequential(GroundedBlock(H * (k + 2), H), *[ResBlock(H) for _ in range(cfg.num_layers - 1)])
+            for k in range(cfg.num_heads))
+        self.lm_heads = (nn.ModuleList(nn.Linear(H, out, bias=False) for _ in range(cfg.num_heads))
+                         if cfg.lm_head == "own" else None)
+        self.register_buffer("vocab_map", torch.arange(out) if cfg.trimmed_vocab else None)
+        self.prefix = LlamaModel(prefix_layer_config(cfg)) if cfg.head_type == "hydra++" else None
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.shared_weight: torch.Tensor | None = None  # [out, H], for lm_head="shared"
+        self.embed_weight: torch.Tensor | None = None  # [vocab, H] the backbone's input embedding (frozen)
+        self._cache: DynamicCache | None = None  # the prefix layer's cache: accepted positions only
+        self._last: torch.Tensor | None = None  # [H] the prefix layer's output at the last accepted position
+
+    # ---------------------------------------------------------------- setup (as MedusaHeads)
+
+    def attach(self, backbone: nn.Module) -> "HydraHeads":
+        """Give the heads the backbone's input embedding (and output rows for a shared LM head)."""
+        self.embed_weight = backbone.get_input_embeddings().weight.detach()
+        if self.lm_heads is None:
+            w = backbone.get_output_embeddings().weight.detach()
+            self.shared_weight = w[self.vocab_map] if self.vocab_map is not None else w
+        return self
+
+    def init_lm_heads_from(self, backbone: nn.Module) -> None:
+        if self.lm_heads is None:
+            return
+        w = backbone.get_output_embeddings().weight.detach()
+        w = w[self.vocab_map] if self.vocab_map is not None else w
+        for lm in self.lm_heads:
+            lm.weight.data.copy_(w.to(lm.weight.dtype))
+
+    def to_full_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.vocab_map[ids] if self.vocab_map is not None else ids
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.blocks[0][0].linear.weight.dtype
+
+    # ---------------------------------------------------------------- the math
+
+    def head(self, k: int, hidden: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+        """Head k on hidden [n, H] and path tokens [n, k+1] (root first) -> logits [n, out_vocab]."""
+        assert path.shape[-1] == k + 1 and path.shape[0] == hidden.shape[0], (path.shape, hidden.shape)
+        assert self.embed_weight is not None, "call attach(backbone) first"
+        emb = self.embed_weight[path].to(hidden.dtype).flatten(1)  # [n, (k+1) * H]
+        x = self.blocks[k](self.dropout(torch.cat([hidden, emb], -1)))  # [n, H]
+        x = self.dropout(x)
+        if self.lm_heads is not None:
+            return self.lm_heads[k](x)
+        return x @ self.shared_weight.T
+
+    def forward(self, hidden: torch.Tensor, path: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced, for training. Either positions: hidden [N, H] (after the prefix layer, for
+        Hydra++), path [N, K] the tokens x1..xK after each; or whole right-padded sequences: hidden
+        [B, T, H] of the backbone, path [B, T, K], select [B, T] the positions to score (the prefix layer
+        runs over the sequences first; causal, so padding at the end changes nothing before it).
+        Returns logits [K, N, out_vocab]."""
+        if hidden.dim() == 3:
+            hidden, path = self.prefix_states(hidden)[select], path[select]  # [N, H], [N, K]
+        return torch.stack([self.head(k, hidden, path[:, :k + 1]) for k in range(self.cfg.num_heads)])
+
+    def prefix_states(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The prefix layer over whole sequences: hidden [B, T, H] -> [B, T, H] (identity for plain Hydra)."""
+        if self.prefix is None:
+            return hidden
+        return self.prefix(inputs_embeds=hidden, attention_mask=attention_mask).last_hidden_state
+
+    # ---------------------------------------------------------------- the drafter contract
+
+    def reset(self) -> None:
+        """A new sequence: forget the prefix layer's cache."""
+        self._cache, self._last = None, None
+
+    @torch.no_grad()
+    def observe(self, hidden: torch.Tensor) -> None:
+        """The backbone's hidden states [a, H] of newly accepted positions, in order (the prompt's after
+        prefill, then each step's accepted path). Hydra++ runs its prefix layer over them."""
+        if self.prefix is None:
+            return
+        if self._cache is None:
+            self._cache = DynamicCache()
+        out = self.prefix(inputs_embeds=hidden.to(self.dtype)[None], past_key_values=self._cache, use_cache=True)
+        self._last = out.last_hidden_state[0, -1]  # [H]
+
+    @torch.no_grad()
+    def draft(self, hidden: torch.Tensor, root: torch.Tensor, tree: Tree) -> torch.Tensor:
+        """Candidate token per tree node, depth by depth. hidden [H] at the last verified position (Hydra++
+        uses its prefix layer's output there instead), root 0-d token id. Returns ids [nodes]."""
+        assert hidden.dim() == 1
+        h = self._last if self.prefix is not None else hidden.to(self.dtype)
+        assert h is not None, "Hydra++: observe() the prompt's hidden states before drafting"
+        ids = torch.empty(tree.size, dtype=torch.long, device=hidden.device)
+        ids[0] = root
+        for d, level in enumerate(tree.levels(hidden.device), start=1):
+            paths = ids[level.parent_paths]  # [p, d] tokens from the root to each parent
+            logits = self.head(d - 1, h.expand(paths.shape[0], -1), paths)  # [p, out_vocab]
+            top = self.to_full_ids(logits.topk(level.topk, dim=-1).indices)  # [p, topk]
+            ids[level.nodes] = top[level.parent_pos, level.ranks]
+        return ids
+
+    @torch.no_grad()
+    def teacher_topk(self, hidden: torch.Tensor, ids: torch.Tensor, n: int = MAX_RANK, chunk: int = 256) -> torch.Tensor:
+        """hidden [T, H] of a whole sequence, ids [T] its tokens -> each head's top-n full ids [K, T, n]
+        at each position t, given the true path ids[t+1..t+1+k] (past the end: token 0, whose targets
+        the caller ignores anyway). What `calibrate` measures."""
+        K, T = self.cfg.num_heads, ids.shape[0]
+        h = self.prefix_states(hidden.to(self.dtype)[None])[0]  # [T, H]
+        padded = torch.cat([ids, ids.new_zeros(K + 1)])
+        path = torch.stack([padded[1 + j:1 + j + T] for j in range(K)], -1)  # [T, K]: ids[t+1 .. t+K]
+        out = []
+        for s in range(0, T, chunk):
+            logits = self.forward(h[s:s + chunk], path[s:s + chunk])  # [K, c, out]
+            out.append(self.to_full_ids(logits.topk(n, dim=-1).indices))
+        return torch.cat(out, 1)
