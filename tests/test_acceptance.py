@@ -136,3 +136,16 @@ def test_statistical_test_rejects_a_biased_rule(small_vocab_setup):
     dist = _exact_distribution(model, prompt, SamplingConfig(temperature=0.9, top_k=3, acceptance="exact"))
     counts, _ = _sample_counts(Decoder(model, heads, tree), prompt, sp, tree)
     assert _chi_square_pvalue(counts, dist) < 1e-3
+
+
+def test_sampling_config_tiny_and_non_finite_temperatures():
+    import math
+
+    from draftheads.acceptance import SamplingConfig
+    from draftheads.errors import UserError
+
+    sp = SamplingConfig(temperature=1e-45, acceptance="exact")
+    assert sp.temperature == 0 and sp.acceptance == "greedy"  # greedy in effect, and no inf/NaN logits
+    for bad in (math.nan, math.inf, -1.0):
+        with pytest.raises(UserError, match="temperature"):
+            SamplingConfig(temperature=bad, acceptance="exact")

@@ -24,6 +24,9 @@ from .errors import UserError
 from .tree import Tree
 
 RULES = ("greedy", "typical", "exact")
+# A temperature below this is greedy in effect (a token 0.001 below the top logit gets p < e^-100), and
+# dividing the logits by a far smaller one (1e-45, a subnormal) overflows to inf: served as greedy.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -37,9 +40,11 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self):
+        if 0 < self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0  # logits / 1e-45 overflow to inf; this close to 0 sampling is greedy anyway
         if self.acceptance not in RULES:
             raise UserError(f"unknown acceptance rule {self.acceptance!r}; choose one of {', '.join(RULES)}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+        if not (0 <= self.temperature < float("inf")) or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise UserError("temperature must be >= 0, top_p in (0, 1], top_k >= 0")
         if self.temperature == 0:
             self.acceptance = "greedy"  # every rule is greedy at temperature 0

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
-from .cli import _add_model_args, _load
+from . import defaults
+from .cli import _add_model_args, _load, add_threads
 from .errors import UserError
 
 
@@ -19,7 +21,8 @@ def cmd_serve(args) -> None:
     model = _load(args)
     serve(model, host=args.host, port=args.port, model_name=args.model_name, api_key=args.api_key,
           max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
-          max_tokens_limit=args.max_tokens_limit, queue_size=args.queue_size)
+          max_tokens_limit=args.max_tokens_limit, queue_size=args.queue_size,
+          parse_special_tokens=args.parse_special_tokens)
 
 
 def cmd_chat(args) -> None:
@@ -31,18 +34,32 @@ def cmd_chat(args) -> None:
 
 def cmd_export(args) -> None:
     from .backbone import load_backbone
+    from .draftmodel import heads_dir
     from .heads import load_heads
     from .heads.export import check_exportable, export_heads
 
-    raw = check_exportable(args.heads)
-    heads, weight = load_heads(args.heads), None
-    if (args.to == "vllm" and heads.cfg.lm_head == "shared") or args.backbone:
+    source = heads_dir(args.heads)  # "default" is the shipped heads, as for every other command
+    raw = check_exportable(source)
+    heads, weight, tuned = load_heads(source), None, None
+    if raw.get("adapter"):
+        # Medusa-2: engines know nothing of our adapter, so the backbone with the adapter merged is written
+        # beside the heads, and the heads name it as their backbone.
+        from .adapter import prepare_backbone, save_backbone
+
+        bb = prepare_backbone(load_backbone(args.backbone or heads.cfg.backbone), source, raw)
+        heads = load_heads(source, bb.model)
+        weight = bb.model.get_output_embeddings().weight
+        tuned = save_backbone(bb.model, bb.tokenizer, Path(args.out).expanduser() / "backbone").resolve()
+        heads.cfg.backbone, heads.cfg.adapter = str(tuned), None
+    elif (args.to == "vllm" and heads.cfg.lm_head == "shared") or args.backbone:
         # vLLM reads a shared LM head from the draft checkpoint, so it has to be copied from the backbone.
         bb = load_backbone(args.backbone or heads.cfg.backbone or raw.get("base_model_name_or_path"))
-        heads = load_heads(args.heads, bb.model)
+        heads = load_heads(source, bb.model)
         weight = bb.model.get_output_embeddings().weight
     out = export_heads(heads, args.out, args.to, backbone_weight=weight)
-    hint = {"vllm": f'vllm serve <backbone> --speculative-config \'{{"method": "medusa", "model": "{out}", '
+    if tuned is not None:
+        print(f"wrote {tuned}: the backbone with the Medusa-2 adapter merged; serve the heads with THIS backbone")
+    hint = {"vllm": f'vllm serve {tuned or "<backbone>"} --speculative-config \'{{"method": "medusa", "model": "{out}", '
                     f'"num_speculative_tokens": {heads.cfg.num_heads}}}\'',
             "tgi": f"text-generation-launcher --model-id {out}  (the backbone comes from base_model_name_or_path)",
             "medusa": "FasterDecoding/Medusa or TensorRT-LLM's examples/medusa/convert_checkpoint.py "
@@ -54,7 +71,7 @@ def register(sub) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
     _add_model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     s.add_argument("--api-key", default=os.environ.get("DRAFTHEADS_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route but /health (default: $DRAFTHEADS_API_KEY)")
     s.add_argument("--model-name", default=None, help="model id clients send (default: the backbone's name)")
@@ -62,23 +79,30 @@ def register(sub) -> None:
     s.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt, also capped by the context")
     s.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask for")
     s.add_argument("--queue-size", type=int, default=16, help="requests that may wait; more get 429")
+    s.add_argument("--parse-special-tokens", action="store_true",
+                   help="let a /v1/completions string prompt spell control tokens such as <|im_start|> (default: "
+                        "they are plain text; chat messages are always plain text)")
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("chat", help="interactive multi-turn chat in the terminal (/reset, /exit)")
     _add_model_args(c)
-    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--max-new-tokens", type=int, default=defaults.MAX_NEW_TOKENS,
+                   help="most new tokens per reply; the reply usually ends earlier, at the end-of-turn token")
     c.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: exact sampling")
-    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
+                                                            "holding this probability (1: off)")
     c.add_argument("--system", default=None, help="system message kept at the top of the conversation")
-    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: unseeded)")
     c.set_defaults(func=cmd_chat)
 
     e = sub.add_parser("export", help="write heads in a serving engine's layout (vllm, medusa, tgi)")
-    e.add_argument("--heads", required=True, help="heads directory (any layout load_heads reads)")
-    e.add_argument("--to", required=True, choices=["vllm", "medusa", "tgi"])
+    e.add_argument("--heads", required=True,
+                   help="heads directory (any layout load_heads reads) or 'default' (the shipped heads)")
+    e.add_argument("--to", required=True, choices=["vllm", "medusa", "tgi"], help="the serving engine's layout")
     e.add_argument("--out", required=True, help="output directory")
     e.add_argument("--backbone", default=None,
                    help="backbone to check the heads against; needed for shared-LM-head heads going to vLLM")
+    add_threads(e)  # loading a backbone for the check runs torch
     e.set_defaults(func=cmd_export)
 
 

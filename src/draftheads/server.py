@@ -1,9 +1,11 @@
 """OpenAI-compatible HTTP API for one DraftModel: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
 The loop decodes one sequence at a time, so one worker thread runs the model and requests wait in a
-bounded FIFO queue (429 when it is full). The worker pulls the generator one chunk at a time and
-checks, before each step, whether the client is still there, so a disconnect stops decoding at the
-next step. Our acceptance statistics ride along in a `draftheads` field that OpenAI clients ignore.
+bounded FIFO queue (429 when it is full). The worker pulls the generator one step at a time and checks,
+before each step, whether the client is still there; every request watches its connection, so a
+disconnect stops decoding at the next step, or frees the queue slot of a request still waiting.
+Request bodies are validated strictly, as OpenAI's API does ("4" and true are not integers). Our
+acceptance statistics ride along in a `draftheads` field that OpenAI clients ignore.
 """
 
 from __future__ import annotations
@@ -12,23 +14,25 @@ import asyncio
 import hmac
 import json
 import logging
-import queue
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .acceptance import GREEDY_BELOW
 from .errors import UserError
 
 log = logging.getLogger("draftheads.server")
+
 
 
 class APIError(Exception):
@@ -41,31 +45,50 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def _unicode(s: str) -> str:
+    # JSON can spell a lone UTF-16 surrogate ("\ud800"), which is no Unicode text: no tokenizer takes it.
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("holds a lone UTF-16 surrogate, which is not valid Unicode text") from None
+    return s
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+# Numbers as OpenAI takes them: strict (true is no number), finite (JSON's NaN / 1e400 are refused by name).
+Number = Field(strict=True, allow_inf_nan=False)
+
+
 # Request bodies. Unknown OpenAI fields (user, logit_bias, ...) are accepted and ignored, as other
-# OpenAI-compatible servers do, so ordinary clients work unchanged.
+# OpenAI-compatible servers do, so ordinary clients work unchanged. Integers and booleans are strict.
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: StrictBool | None = None
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    model: Text
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
     # None (JSON null) means the default, as in OpenAI's API; some clients send nulls for unset fields.
-    temperature: float | None = Field(None, ge=0.0, le=2.0)  # OpenAI's default is 1
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int | None = Field(None, ge=1, le=1)  # one sequence per request: the loop is batch size 1
-    stop: Union[str, list[str], None] = None
-    seed: int | None = None
-    stream: bool | None = False
-    stream_options: dict | None = None
+    temperature: Annotated[float | None, Number] = Field(None, ge=0.0, le=2.0)  # OpenAI's default is 1
+    top_p: Annotated[float | None, Number] = Field(None, gt=0.0, le=1.0)
+    n: StrictInt | None = Field(None, ge=1, le=1)  # one sequence per request: the loop is batch size 1
+    stop: Union[Text, list[Text], None] = None
+    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch's generators take
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
 
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
-    content: Union[str, list[TextPart]]
+    content: Union[Text, list[TextPart]]
 
 
 class ChatRequest(_Sampling):
@@ -73,10 +96,10 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int]]
+    prompt: Union[Text, list[Text], list[StrictInt]]
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: Worker.cancel finds the job itself in the queue
 class Job:
     ids: list[int]
     kwargs: dict
@@ -89,22 +112,38 @@ class Worker:
     """Runs jobs one at a time, in arrival order, on its own thread."""
 
     def __init__(self, model, queue_size: int):
-        self.model = model
-        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
+        self.model, self.queue_size = model, queue_size
+        # A deque rather than queue.Queue: a cancelled job must leave the queue at once, not when its turn comes.
+        self.waiting: deque[Job] = deque()
+        self.changed = threading.Condition()
         self.running = False
         threading.Thread(target=self._run, name="draftheads-worker", daemon=True).start()
 
     def submit(self, job: Job) -> None:
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise APIError(429, f"the server is busy: {self.jobs.maxsize} requests are already waiting; retry later",
-                           type="rate_limit_error", code="queue_full") from None
+        with self.changed:
+            if len(self.waiting) >= self.queue_size:
+                raise APIError(429, f"the server is busy: {self.queue_size} requests are already waiting; retry later",
+                               type="rate_limit_error", code="queue_full")
+            self.waiting.append(job)
+            self.changed.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Stop `job` at its next step, or free its queue slot if it is still waiting."""
+        job.cancelled.set()
+        with self.changed:
+            if job in self.waiting:
+                self.waiting.remove(job)
+
+    def _next(self) -> Job:
+        with self.changed:
+            while not self.waiting:
+                self.changed.wait()
+            return self.waiting.popleft()
 
     def _run(self) -> None:
         while True:
-            job = self.jobs.get()
-            if job.cancelled.is_set():  # the client left while waiting
+            job = self._next()
+            if job.cancelled.is_set():  # cancelled between leaving the queue and now
                 continue
             self.running = True
             try:
@@ -117,7 +156,7 @@ class Worker:
     def _generate(self, job: Job) -> None:
         chunks = self.model.iter_generate(torch.tensor(job.ids), **job.kwargs)
         try:
-            for chunk in chunks:  # each next() is one decoding step
+            for chunk in chunks:  # each next() is one decoding step (draftmodel yields a chunk per step)
                 if job.cancelled.is_set():
                     return
                 self._send(job, "chunk", chunk)
@@ -135,8 +174,10 @@ class Worker:
 
 def create_app(model, model_name: str | None = None, api_key: str | None = None, max_body_bytes: int = 1 << 20,
                max_prompt_tokens: int = 4096, max_tokens_limit: int = 2048, default_max_tokens: int = 256,
-               queue_size: int = 16) -> FastAPI:
-    """An app serving `model` (a DraftModel). The worker thread starts here, one per app."""
+               queue_size: int = 16, parse_special_tokens: bool = False) -> FastAPI:
+    """An app serving `model` (a DraftModel). The worker thread starts here, one per app.
+    parse_special_tokens: whether a /v1/completions string prompt may spell control tokens
+    ("<|im_start|>"); off, they are text like any other. Chat messages are always text."""
     name = model_name or model.backbone_name
     context = model.decoder.context
     worker = Worker(model, queue_size)
@@ -151,11 +192,13 @@ def create_app(model, model_name: str | None = None, api_key: str | None = None,
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        # A union (content: a string or parts) reports one error per member. The deepest names the
+        # parameter best, and a wrong value (a surrogate in a string) says more than a wrong type.
+        first = max(e.errors(), default={}, key=lambda x: (_param(x.get("loc", ())).count("."),
+                                                           not x.get("type", "").endswith("_type")))
         if first.get("type") == "json_invalid":
             return _error(APIError(400, "the request body is not valid JSON", code="invalid_json"))
-        where = ".".join(loc)
+        where = _param(first.get("loc", ()))
         return _error(APIError(400, f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "invalid request"),
                                param=where or None, code=first.get("type")))
 
@@ -170,7 +213,7 @@ def create_app(model, model_name: str | None = None, api_key: str | None = None,
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, "running": worker.running, "waiting": worker.jobs.qsize()}
+        return {"status": "ok", "model": name, "running": worker.running, "waiting": len(worker.waiting)}
 
     @app.get("/v1/models")
     async def models():
@@ -199,8 +242,10 @@ def create_app(model, model_name: str | None = None, api_key: str | None = None,
             if any(not 0 <= t < vocab for t in prompt):
                 raise APIError(400, f"token ids must lie in [0, {vocab})", param="prompt")
             return await run(req, request, lambda: list(prompt), chat=False)
-        # A plain completion continues the text as it is: no chat template.
-        return await run(req, request, lambda: list(model.tokenizer(prompt)["input_ids"]), chat=False)
+        # A plain completion continues the text as it is: no chat template, and control-token spellings
+        # are text unless the server was started with --parse-special-tokens.
+        return await run(req, request, lambda: list(model.tokenizer(
+            prompt, split_special_tokens=not parse_special_tokens)["input_ids"]), chat=False)
 
     async def run(req: _Sampling, request: Request, tokenize, chat: bool):
         if req.model != name:
@@ -223,16 +268,17 @@ def create_app(model, model_name: str | None = None, api_key: str | None = None,
             raise APIError(400, "at most 4 stop sequences", param="stop")
         # Sampling uses the exact rule, so the output has the backbone's own distribution.
         temperature = 1.0 if req.temperature is None else req.temperature
+        temperature = 0.0 if temperature < GREEDY_BELOW else temperature
         kwargs = dict(max_new_tokens=max_tokens, temperature=temperature, top_p=req.top_p or 1.0, stop=stops,
                       seed=req.seed, acceptance="exact" if temperature > 0 else "greedy")
         job = Job(ids, kwargs, asyncio.get_running_loop(), asyncio.Queue())
         worker.submit(job)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if req.stream:
-            usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_sse(job, rid, name, chat, usage), media_type="text/event-stream",
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(_sse(job, worker, rid, name, chat, usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return JSONResponse(await _collect(job, request, rid, name, chat))
+        return JSONResponse(await _collect(job, worker, request, rid, name, chat))
 
     return app
 
@@ -285,6 +331,15 @@ def _error(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool"}
+
+
+def _param(loc) -> str:
+    """'messages.0.content' from pydantic's location ('body', 'messages', 0, 'content', 'str'): the union
+    member it tried ('str', 'list[int]', 'function-after[...]') is no part of the parameter's name."""
+    return ".".join(str(x) for x in loc[1:] if isinstance(x, int) or (x.isidentifier() and x not in _TYPE_TAGS))
+
+
 def _from_worker(e: BaseException) -> APIError:
     if isinstance(e, UserError):
         return APIError(400, str(e))
@@ -308,22 +363,31 @@ def _ours(result) -> dict:
             "tree_size": s.tree_size, "finish_reason": result.finish_reason}
 
 
-async def _collect(job: Job, request: Request, rid: str, name: str, chat: bool) -> dict:
+async def _watch(request: Request, job: Job, worker: Worker) -> None:
+    """Wait for the client to leave, then stop the job (or free its queue slot) and wake _collect.
+    The body has been read, so the next ASGI message is the disconnect notice."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    worker.cancel(job)
+    job.out.put_nowait(("gone", None))
+
+
+async def _collect(job: Job, worker: Worker, request: Request, rid: str, name: str, chat: bool) -> dict:
     result = None
+    # Watched all along, not only while no chunk comes: an abandoned request must not decode to its end.
+    watcher = asyncio.create_task(_watch(request, job, worker))
     try:
         while result is None:
-            try:
-                kind, item = await asyncio.wait_for(job.out.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return {}
-                continue
+            kind, item = await job.out.get()
+            if kind == "gone":
+                return {}  # nobody will read it
             if kind == "error":
                 raise _from_worker(item)
             if kind == "chunk" and item.result is not None:
                 result = item.result
     finally:
-        job.cancelled.set()  # also stops a queued job whose client gave up
+        watcher.cancel()
+        worker.cancel(job)
     choice = ({"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
                "finish_reason": _finish(result)} if chat else
               {"index": 0, "text": result.text, "logprobs": None, "finish_reason": _finish(result)})
@@ -331,7 +395,7 @@ async def _collect(job: Job, request: Request, rid: str, name: str, chat: bool) 
             "model": name, "choices": [choice], "usage": _usage(result), "draftheads": _ours(result)}
 
 
-async def _sse(job: Job, rid: str, name: str, chat: bool, include_usage: bool):
+async def _sse(job: Job, worker: Worker, rid: str, name: str, chat: bool, include_usage: bool):
     created = int(time.time())
     obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -366,7 +430,7 @@ async def _sse(job: Job, rid: str, name: str, chat: bool, include_usage: bool):
                     yield event(None, usage=_usage(item.result))
         yield "data: [DONE]\n\n"
     finally:
-        job.cancelled.set()
+        worker.cancel(job)
 
 
 def serve(model, host: str = "127.0.0.1", port: int = 8000, **limits) -> None:
