@@ -29,12 +29,25 @@ def _run(model, lines, **kw):
 
 
 def test_multi_turn_matches_generate(model):
-    history, out = _run(model, ["hello", "and then?"], max_new_tokens=10)  # then end of input
+    err = io.StringIO()
+    history, out = _run(model, ["hello", "and then?"], max_new_tokens=10,  # then end of input
+                        err=Console(file=err, width=200, color_system=None))
     first = model.generate([{"role": "user", "content": "hello"}], max_new_tokens=10)
     second = model.generate(history[:3], max_new_tokens=10)
     assert history == [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first.text},
                        {"role": "user", "content": "and then?"}, {"role": "assistant", "content": second.text}]
-    assert out.count("tok/s") >= 2 and "tokens/step" in out  # the speed line after every reply
+    # the speed line after every reply goes to stderr, as generate's does; stdout holds the replies
+    assert err.getvalue().count("tok/s") == 2 and "tokens/step" in err.getvalue() and "tok/s" not in out
+
+
+def test_piped_input_is_echoed_so_the_reply_starts_its_own_line(model, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))  # not a terminal: input() does not echo
+    out = io.StringIO()
+    run_chat(model, console=Console(file=out, width=200, color_system=None), max_new_tokens=6,
+             err=Console(file=io.StringIO()))
+    assert "you> " in capsys.readouterr().out  # input()'s prompt
+    lines = out.getvalue().split("\n")
+    assert lines[1] == "hello" and len(lines) > 3  # help, the echoed message, then the reply below it
 
 
 def test_reset_and_exit(model):

@@ -109,6 +109,28 @@ def test_soft_targets_run(tmp_path):
     assert heads.cfg.trimmed_vocab == 64 and EOS in heads.vocab_map.tolist()
 
 
+def test_train_flag_defaults_are_the_config_defaults():
+    import argparse
+
+    from draftheads.train.cli import add_train_args
+
+    args = argparse.ArgumentParser()
+    add_train_args(args)
+    ns = args.parse_args(["--data", "d", "--output", "o"])
+    m, r = ModelConfig(), RunConfig()
+    assert (ns.trim_vocab, ns.save_dtype) == (m.trim_vocab, r.save_dtype) == (4096, "float16")  # what the docs advise
+    assert (ns.num_heads, ns.lr, ns.checkpoint_every) == (m.num_heads, OptimConfig().lr, r.checkpoint_every)
+
+
+def test_trim_at_or_above_the_vocabulary_keeps_it_whole(tmp_path):
+    cfg = _cfg(tmp_path, tmp_path / "w")
+    cfg.model.trim_vocab, cfg.optim.epochs = 4096, 1  # the default N; the tiny vocabulary has 259 tokens
+    heads = load_heads(trainer.train(cfg, _bb()))
+    assert heads.cfg.trimmed_vocab is None
+    with pytest.raises(UserError, match="trim_vocab"):
+        TrainConfig(model=ModelConfig(trim_vocab=1), data=DataConfig(path="x"), run=RunConfig(output="y")).validate()
+
+
 def test_config_rejects_unknown_keys():
     with pytest.raises(UserError, match="lr_rate"):
         TrainConfig.from_dict({"optim": {"lr_rate": 1}})
@@ -128,6 +150,12 @@ def test_train_cli_online_mode(tmp_path, capsys):
     assert main(argv) == 0
     heads = load_heads(tmp_path / "run" / "heads")
     assert heads.cfg.lm_head == "shared" and heads.cfg.backbone == str(bb) and heads.cfg.backbone_fingerprint
+    out = capsys.readouterr().out
+    assert "will write" in out and "checkpoint.pt" in out and "MB in float16" in out  # sizes said before writing
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "run" / "heads" / "model.safetensors")
+    assert stored["blocks.0.0.linear.weight"].dtype == torch.float16  # the default save dtype
     assert main(["train", "--backbone", str(bb), "--data", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "x")]) == 2
     assert "not found" in capsys.readouterr().err
 
@@ -225,3 +253,13 @@ def test_hydra_plus_plus_teacher_loss_runs_and_resumes_exactly(tmp_path, monkeyp
     got = load_heads(trainer.train(cfg(tmp_path / "b"), _bb()))
     for (k, a), (_, b) in zip(ref.state_dict().items(), got.state_dict().items()):
         assert torch.allclose(a.float(), b.float(), atol=1e-5), k
+
+
+def test_trim_vocab_keeps_every_eos_of_a_list(tmp_path):
+    """Llama-3 and Qwen2.5 list several EOS ids in generation_config: each must stay in the trimmed vocab."""
+    bb = _bb()
+    bb.model.generation_config.eos_token_id = [EOS, 250]
+    cfg = _cfg(tmp_path, tmp_path / "e")
+    cfg.optim.epochs = 1
+    heads = load_heads(trainer.train(cfg, bb))
+    assert {EOS, 250} <= set(heads.vocab_map.tolist())

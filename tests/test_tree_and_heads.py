@@ -132,6 +132,16 @@ def test_official_medusa_layout_loads_without_pickle(tmp_path, fmt):
     _same_drafts(heads, loaded, model)
 
 
+@pytest.mark.parametrize("drop", ["0.0.linear.weight", "all"])
+def test_official_layout_with_a_missing_key_is_a_clear_error(tmp_path, drop):
+    state = _official_state(tiny_heads(tiny_model()))
+    state = {} if drop == "all" else {k: v for k, v in state.items() if k != drop}
+    (tmp_path / "config.json").write_text(json.dumps({"medusa_num_heads": 3, "medusa_num_layers": 1}))
+    save_file(state or {"other": torch.zeros(1)}, tmp_path / "medusa_lm_head.safetensors")
+    with pytest.raises(UserError, match="does not have the official Medusa layout"):
+        load_heads(tmp_path)
+
+
 def test_official_pickle_with_code_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"medusa_num_heads": 1, "medusa_num_layers": 1}))
     torch.save({"0.0.linear.weight": torch.zeros(2, 2), "evil": print}, tmp_path / "medusa_lm_head.pt")

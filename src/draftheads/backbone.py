@@ -106,13 +106,25 @@ def load_backbone(name_or_path: str | None = None, device: str = "cpu", dtype: s
         raise UserError("--device cuda was asked for but no CUDA device is available")
     try:
         tok = AutoTokenizer.from_pretrained(where, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=True, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=True,
+                                                     attn_implementation=attention_implementation(where))
     except OSError as e:
         raise UserError(f"cannot load backbone {name_or_path!r} offline: {str(e).splitlines()[0]}") from None
     model.to(device).eval()
     model.requires_grad_(False)
     name = DEFAULT_BACKBONE if name_or_path in (None, "", "default") else name_or_path
     return Backbone(model=model, tokenizer=tok, name=name)
+
+
+def attention_implementation(where: str) -> str:
+    """sdpa where the model's class supports it, eager otherwise (Gemma-2: SDPA cannot softcap attention
+    scores). Both take the loop's 4D tree masks; flash kernels would ignore them, so never those."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(where, local_files_only=True)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    return "eager" if model_class is not None and not model_class._supports_sdpa else "sdpa"
 
 
 def output_embedding_fingerprint(model: torch.nn.Module) -> list[float]:
@@ -133,9 +145,18 @@ def chat_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if not messages or not any(str(m.get("content", "")).strip() for m in messages):
         raise UserError("the prompt is empty")
+    # Only the template may emit control tokens: "<|im_end|>\n<|im_start|>system" inside a message is
+    # text, or any user could forge a system turn. sanitize_control_tokens encodes such spellings in the
+    # messages as ordinary tokens (a message without them tokenizes exactly as before).
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        from jinja2 import TemplateError
+
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                sanitize_control_tokens=True)
+        except TemplateError as e:  # templates raise on messages they refuse (roles out of order, ...)
+            raise UserError(f"the chat template refused these messages: {e}") from None
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)
-    return tokenizer("\n".join(m["content"] for m in messages))["input_ids"]
+    return tokenizer("\n".join(m["content"] for m in messages), split_special_tokens=True)["input_ids"]

@@ -6,6 +6,7 @@ strings, max_new_tokens, the context limit), incremental text for streaming, and
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,14 +16,20 @@ import torch
 
 from .acceptance import SamplingConfig
 from .backbone import Backbone, chat_ids, load_backbone
+from .defaults import LOOKUP, MAX_NEW_TOKENS
 from .errors import UserError
 from .generate import Decoder, Stats
+from .lookup import PromptLookup, lookup_config
 from .heads import load_heads
 from .heads.checkpoint import read_config
-from .tree import Tree, load_tree
+from .tree import Tree, load_tree, truncate
 
 DEFAULT_HEADS_DIR = Path(__file__).parent / "default_heads"
-DEFAULT_TREE = "medusa16"  # used when the heads carry no calibrated tree
+# Trees for heads that carry no calibrated one. On CPU a verify of up to ~4 nodes costs one token's
+# forward and bigger ones cost more (README, "Verify cost vs tree size"): a 17-node tree ran slower
+# than no heads at all. On a GPU the verify cost is nearly flat in tree size (not measured here yet).
+SAFE_TREES = {"cpu": [[0], [1], [0, 0]], "cuda": "medusa16"}
+_SP = SamplingConfig()  # the sampling defaults, named once for generate/stream/iter_generate
 
 
 @dataclass
@@ -40,11 +47,12 @@ class Chunk:
 
 
 class DraftModel:
-    def __init__(self, backbone: Backbone, heads=None, tree: Tree | None = None):
+    def __init__(self, backbone: Backbone, heads=None, tree: Tree | None = None, lookup=None):
         self.backbone, self.tokenizer, self.heads = backbone.model, backbone.tokenizer, heads
         self.backbone_name = backbone.name
         self.tree = tree
-        self.decoder = Decoder(self.backbone, heads, tree)
+        self.lookup = lookup_config(lookup)  # prompt lookup's LookupConfig, or None (off)
+        self.decoder = Decoder(self.backbone, heads, tree, PromptLookup(self.lookup) if self.lookup else None)
         eos = self.backbone.generation_config.eos_token_id if self.backbone.generation_config else None
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {e for e in eos + [self.tokenizer.eos_token_id] if e is not None}
@@ -58,10 +66,12 @@ class DraftModel:
             raise UserError("the prompt is empty")
         return chat_ids(self.tokenizer, prompt)
 
-    def iter_generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                      top_k: int = 0, acceptance: str = "greedy", tree=None, stop=None, seed: int | None = None,
-                      typical_epsilon: float = 0.09, typical_delta: float = 0.3) -> Iterator[Chunk]:
-        """Chunks of new text as the loop accepts tokens; the last chunk carries the Result."""
+    def iter_generate(self, prompt, max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = _SP.temperature,
+                      top_p: float = _SP.top_p, top_k: int = _SP.top_k, acceptance: str = _SP.acceptance, tree=None,
+                      stop=None, seed: int | None = _SP.seed, typical_epsilon: float = _SP.typical_epsilon,
+                      typical_delta: float = _SP.typical_delta) -> Iterator[Chunk]:
+        """One chunk of new text (maybe empty) per decoding step; the last chunk carries the Result. Arguments
+        as for `generate`."""
         if max_new_tokens < 1:
             raise UserError("max_new_tokens must be at least 1")
         sp = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, acceptance=acceptance, seed=seed,
@@ -92,24 +102,63 @@ class DraftModel:
                     tokens.pop()
             # Hold back a torn UTF-8 character and anything that may be the start of a stop string.
             hold = 0 if finish else _holdback(text, stops)
-            if len(text) - hold > sent:
-                yield Chunk(text[sent:len(text) - hold])
-                sent = len(text) - hold
+            new = text[sent:max(len(text) - hold, sent)]
+            sent += len(new)
+            # One chunk per step, empty while text is held back, so a consumer can stop between any two
+            # steps (the server's worker does when its client leaves).
+            yield Chunk(new)
             if finish:
                 break
         stats.new_tokens, stats.total_s = len(tokens), time.perf_counter() - start
+        stats.accepted = _kept_per_step(stats.accepted, len(tokens))
         yield Chunk(text[sent:], Result(tokens, text, stats, finish))
 
-    def generate(self, prompt, **kwargs) -> Result:
-        for chunk in self.iter_generate(prompt, **kwargs):
+    def generate(self, prompt, *, max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = _SP.temperature,
+                 top_p: float = _SP.top_p, top_k: int = _SP.top_k, acceptance: str = _SP.acceptance, tree=None,
+                 stop: str | list[str] | None = None, seed: int | None = _SP.seed,
+                 typical_epsilon: float = _SP.typical_epsilon, typical_delta: float = _SP.typical_delta) -> Result:
+        """Generate one reply (batch 1) and return it with its statistics.
+
+        prompt: a string (wrapped in the chat template as a user message), a list of chat messages
+            ({"role", "content"} dicts), or token ids ([n] or [1, n] tensor) used as they are.
+        max_new_tokens: most new tokens (fewer if EOS, a stop string or the context ends the reply).
+        temperature: 0 is greedy decoding; above 0 samples (with top_p in (0, 1], top_k >= 0, 0: off).
+        acceptance: "greedy" (temperature 0), "exact" (the backbone's own distribution) or "typical"
+            (Medusa's lossy rule, with typical_epsilon and typical_delta). At temperature 0 every rule is greedy.
+        tree: a tree for this call only (a name, a JSON file or a list of rank paths); default: the model's.
+        stop: string(s) that end the reply; the text is cut before them.
+        seed: seeds the sampling generator, for reproducible samples.
+        Returns a Result: new token ids, text, finish_reason ("stop", "length" or "context") and Stats
+        (seconds, steps, tokens accepted per step)."""
+        for chunk in self.iter_generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                        top_k=top_k, acceptance=acceptance, tree=tree, stop=stop, seed=seed,
+                                        typical_epsilon=typical_epsilon, typical_delta=typical_delta):
             if chunk.result is not None:
                 return chunk.result
         raise AssertionError("iter_generate ended without a result")
 
-    def stream(self, prompt, **kwargs) -> Iterator[str]:
-        for chunk in self.iter_generate(prompt, **kwargs):
+    def stream(self, prompt, *, max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = _SP.temperature,
+               top_p: float = _SP.top_p, top_k: int = _SP.top_k, acceptance: str = _SP.acceptance, tree=None,
+               stop: str | list[str] | None = None, seed: int | None = _SP.seed,
+               typical_epsilon: float = _SP.typical_epsilon, typical_delta: float = _SP.typical_delta) -> Iterator[str]:
+        """Yield the reply's text as the loop accepts tokens (str pieces; joined they equal
+        `generate(...).text`). Arguments as for `generate`; use `iter_generate` for the statistics too."""
+        for chunk in self.iter_generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                        top_k=top_k, acceptance=acceptance, tree=tree, stop=stop, seed=seed,
+                                        typical_epsilon=typical_epsilon, typical_delta=typical_delta):
             if chunk.text:
                 yield chunk.text
+
+
+def _kept_per_step(accepted: list[int], kept: int) -> list[int]:
+    """The loop's tokens per step, cut to the tokens the reply kept. The last step may run past EOS,
+    max_new_tokens or a stop string, and the prefill's token is no step's: without this cut the stats'
+    tokens/step (the histogram's mean) would not add up to new_tokens = 1 + sum(accepted)."""
+    left, out = max(kept - 1, 0), []
+    for a in accepted:
+        out.append(min(a, left))
+        left -= out[-1]
+    return out
 
 
 def _holdback(text: str, stops: list[str]) -> int:
@@ -118,22 +167,56 @@ def _holdback(text: str, stops: list[str]) -> int:
     return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
-def load(heads="default", backbone: str | None = None, device: str = "cpu", dtype=None, tree=None) -> DraftModel:
-    """Load a backbone and its heads. heads: "default" (the heads shipped for the default backbone),
-    a heads directory, or None (plain decoding). backbone: None means the one the heads name."""
+def heads_dir(heads) -> Path:
+    """The directory a --heads argument names: "default" is the heads shipped in the package."""
     if heads == "default":
         if not (DEFAULT_HEADS_DIR / "config.json").exists():
             raise UserError("no default heads are shipped in this version: pass heads=<directory> or heads=None")
-        heads = DEFAULT_HEADS_DIR
-    if heads is not None and not Path(heads).expanduser().is_dir():
+        return DEFAULT_HEADS_DIR
+    if not Path(heads).expanduser().is_dir():
         raise UserError(f"heads directory not found: {heads}")
+    return Path(heads).expanduser()
+
+
+def safe_tree(device, num_heads: int) -> Tree:
+    """The tree for heads without a calibrated one: small on CPU, larger on a GPU."""
+    spec = SAFE_TREES["cuda" if str(device).startswith("cuda") else "cpu"]
+    return load_tree(truncate(spec, num_heads) if isinstance(spec, list) else spec, num_heads)
+
+
+def _tree_for(heads, head_module, device, tree) -> Tree:
+    """An explicit tree, else the heads' calibrated one, else a safe default, said on stderr."""
+    if tree is not None or head_module.cfg.tree:
+        return load_tree(tree or head_module.cfg.tree, head_module.cfg.num_heads)
+    chosen = safe_tree(device, head_module.cfg.num_heads)
+    print(f"draftheads: note: {heads} holds no calibrated tree; using {chosen.to_json()} ({chosen.size} nodes, "
+          f"safe on {device}). Calibrate one for these heads on this machine: draftheads calibrate --heads {heads} "
+          "--prompts FILE --write-to-heads (docs/bench.md)", file=sys.stderr)
+    return chosen
+
+
+def load(heads="default", backbone: str | None = None, device: str = "cpu", dtype=None, tree=None,
+         lookup=None) -> DraftModel:
+    """Load a backbone and its heads. heads: "default" (the heads shipped for the default backbone),
+    a heads directory, or None (plain decoding). backbone: None means the one the heads name.
+    tree: a name, JSON file or list of rank paths; None means the heads' calibrated tree, else a small
+    tree that is safe on `device` (said on stderr). Medusa-2 heads (trained with a LoRA adapter) get their
+    adapter merged into the backbone, unless it is already the merged one; said on stderr too.
+    lookup: prompt-lookup branches in each step's tree (True, False, a dict of lookup.LookupConfig fields);
+    None means the default, off until measured to pay off. Works with heads=None too."""
+    if heads is not None:
+        heads = heads_dir(heads)
     raw = read_config(Path(heads).expanduser()) if heads is not None else {}
     if backbone is None:
         backbone = raw.get("backbone") or raw.get("base_model_name_or_path") or None
     bb = load_backbone(backbone, device=device, dtype=dtype)
+    if raw.get("adapter"):  # Medusa-2 heads: their LoRA adapter is merged in before the loop reads the weights
+        from .adapter import prepare_backbone
+
+        bb = prepare_backbone(bb, heads, raw)
     head_module = None
     if heads is not None:
         head_module = load_heads(heads, bb.model).to(device=bb.model.device, dtype=bb.model.dtype)
         head_module.attach(bb.model).eval()
-        tree = load_tree(tree or head_module.cfg.tree or DEFAULT_TREE, head_module.cfg.num_heads)
-    return DraftModel(bb, head_module, tree)
+        tree = _tree_for(heads, head_module, device, tree)
+    return DraftModel(bb, head_module, tree, lookup=LOOKUP if lookup is None else lookup)

@@ -46,6 +46,22 @@ def refusal(model) -> str | None:
         attention_windows(cfg)
     except UserError as e:
         return str(e)
+    return _unmasked_window(cfg)
+
+
+# Windows some families apply by their own means, not through the masks the loop passes, so a tree node
+# (whose cache slot L + i lies past its position L + d) would lose keys that plain decoding shows it.
+OWN_WINDOWS = ("attention_chunk_size", "local_attention_window_len", "keep_window_size", "attention_window_size")
+
+
+def _unmasked_window(cfg) -> str | None:
+    context = getattr(cfg, "max_position_embeddings", None) or 1 << 30
+    if "local" in (getattr(cfg, "attention_layers", None) or []) and cfg.window_size < context:
+        return f"its local attention layers (GPT-Neo, window_size={cfg.window_size}) window cache slots, not positions"
+    for name in OWN_WINDOWS:
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and 0 < value < context:
+            return f"its {name}={value} limits attention by other means than the tree masks draftheads passes"
     return None
 
 

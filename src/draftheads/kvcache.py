@@ -4,12 +4,39 @@ One preallocated tensor holds every layer's keys and values, sized to the reques
 (prompt + max_new_tokens + one tree), so a step never reallocates or concatenates. A verify pass
 writes the N tree nodes at [L, L+N); `keep` then moves the accepted nodes to [L, L+a) for all layers
 in one gather and forgets the rest by moving the length back.
+
+Every layer keeps every entry, sliding-window layers included: the window is applied by the mask
+(`attention_mask`), counted in positions as transformers counts it (a query at position p sees keys at
+positions > p - window), so a tree node at depth d, which sits at position L + d, sees what plain
+decoding would show it.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .errors import UserError
+
+FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' names for the layer types we mask
+
+
+def attention_windows(config) -> dict[str, int | None]:
+    """The model's layer types -> the sliding window each sees, in positions (None: the whole prefix).
+    Layer types other than full and sliding-window attention (chunked, linear, recurrent) are refused."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not types:  # one kind for every layer: Mistral, Mixtral, Phi-3 use a window whenever one is set
+        types = [SLIDING if window else FULL]
+    windows = {}
+    for kind in dict.fromkeys(types):
+        if kind not in (FULL, SLIDING):
+            raise UserError(f"{config.model_type} has {kind!r} layers; draftheads can mask full and sliding-window "
+                            "attention only")
+        if kind == SLIDING and not (isinstance(window, int) and window > 0):
+            raise UserError(f"{config.model_type} has sliding-window layers but no window size (sliding_window={window!r})")
+        windows[kind] = window if kind == SLIDING else None
+    return windows
 
 
 class _PreallocatedLayer(CacheLayerMixin):
@@ -32,6 +59,10 @@ class _PreallocatedLayer(CacheLayerMixin):
         end = self.length + q
         assert end <= self.owner.capacity, "KV cache overflow: the loop must keep within capacity"
         kv = self.owner.kv[self.index]  # [2, batch, kv_heads, capacity, head_dim]
+        # Layers with fewer kv heads than the first would broadcast into the slice silently.
+        assert key_states.shape == value_states.shape == kv[0, :, :, :q].shape, \
+            f"layer {self.index} keys {tuple(key_states.shape)} / values {tuple(value_states.shape)} do not fit the " \
+            f"cache slots {tuple(kv[0, :, :, :q].shape)}"
         kv[0, :, :, self.length:end] = key_states
         kv[1, :, :, self.length:end] = value_states
         self.length = end
@@ -50,8 +81,10 @@ class _PreallocatedLayer(CacheLayerMixin):
 class TreeKVCache:
     """KV cache for one sequence (batch 1) of at most `capacity` tokens."""
 
-    def __init__(self, num_layers: int, capacity: int, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, num_layers: int, capacity: int, dtype: torch.dtype, device: torch.device | str,
+                 windows: dict[str, int | None] | None = None):
         self.capacity, self.dtype, self.device = capacity, dtype, device
+        self.windows = windows or {FULL: None}  # layer type -> sliding window (attention_windows)
         self.kv: torch.Tensor | None = None  # [layers, 2, batch, kv_heads, capacity, head_dim]
         self.layers = [_PreallocatedLayer(self, i) for i in range(num_layers)]
         self.hf = Cache(layers=self.layers)  # what the backbone's forward takes as past_key_values
@@ -61,7 +94,7 @@ class TreeKVCache:
     @classmethod
     def for_model(cls, model, capacity: int) -> "TreeKVCache":
         p = next(model.parameters())
-        return cls(model.config.num_hidden_layers, capacity, p.dtype, p.device)
+        return cls(model.config.num_hidden_layers, capacity, p.dtype, p.device, attention_windows(model.config))
 
     def _allocate(self, key_states: torch.Tensor) -> None:
         if self.kv is None:
@@ -78,9 +111,28 @@ class TreeKVCache:
     def length(self) -> int:
         return self.layers[0].length
 
-    def attention_mask(self, tree_bias: torch.Tensor) -> torch.Tensor:
-        """Mask for a forward of q new tokens after the cached ones: the whole prefix is visible, the
-        new tokens see each other as `tree_bias` [q, q] says. Returns [1, 1, q, length + q]."""
+    def attention_mask(self, tree_bias: torch.Tensor, positions: torch.Tensor | None = None):
+        """Mask for a forward of q new tokens after the cached ones: the new tokens see each other as
+        `tree_bias` [q, q] says, and the prefix (positions 0..L-1) as each layer type's window allows.
+        positions [q]: the new tokens' positions, needed when a layer has a window. Returns an additive
+        [1, 1, q, length + q] mask, or for a model with several layer types a dict of them keyed by type
+        (the form transformers' forwards take for mixed full/sliding models)."""
+        full = self._full_mask(tree_bias)
+        masks = {kind: full if window is None else self._window(full, positions, window)
+                 for kind, window in self.windows.items()}
+        return next(iter(masks.values())) if len(masks) == 1 else masks
+
+    def _window(self, full: torch.Tensor, positions: torch.Tensor, window: int) -> torch.Tensor:
+        """`full` [1, 1, q, L + q] with every key at position <= p - window hidden from a query at p."""
+        assert positions is not None, "a sliding-window mask needs the new tokens' positions"
+        L = self.length
+        keys = torch.cat([torch.arange(L, device=positions.device), positions])  # [L + q] positions of all keys
+        too_far = keys[None, :] <= positions[:, None] - window  # [q, L + q]
+        return full.masked_fill(too_far, torch.finfo(self.dtype).min)
+
+    def _full_mask(self, tree_bias: torch.Tensor) -> torch.Tensor:
+        """The whole prefix visible, the new tokens as tree_bias says: [1, 1, q, L + q], a view of a buffer
+        kept across steps (only the new columns change)."""
         q, L = tree_bias.shape[0], self.length
         assert L + q <= self.capacity
         if self._mask is None or self._mask.shape[2] < q:

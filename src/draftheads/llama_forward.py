@@ -33,7 +33,23 @@ def unsupported_reason(model) -> str | None:
     attn = model.base_model.layers[0].self_attn
     if any(getattr(attn, name, None) is not None for name in ("q_norm", "k_norm")):
         return "per-head query/key norms"
+    for i, layer in enumerate(model.base_model.layers):
+        for name in PROJECTIONS:
+            if not _plain_linear(layer.get_submodule(name)):
+                return f"layer {i} {name} is not a plain nn.Linear (adapter or quantised layer)"
     return None
+
+
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def _plain_linear(module: torch.nn.Module) -> bool:
+    """The lean forward multiplies by `weight` itself: right only for a plain Linear with a float weight.
+    A peft adapter wraps the Linear and adds its own path; a quantised layer subclasses it or holds a
+    packed weight (a Parameter subclass or a tensor subclass), so its weight is not the matrix."""
+    w = getattr(module, "weight", None)
+    return type(module) is torch.nn.Linear and type(w) is torch.nn.Parameter and w.dtype.is_floating_point
 
 
 def rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:

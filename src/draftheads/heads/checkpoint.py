@@ -17,6 +17,7 @@ import json
 import os
 import re
 import secrets
+import stat
 from pathlib import Path
 
 import torch
@@ -45,11 +46,14 @@ def save_heads(heads: MedusaHeads, directory: str | Path) -> Path:
 
 
 def _atomic_write(path: Path, write) -> None:
-    """write(tmp) then rename over `path`. The temporary file is created by `write` itself, not by
-    mkstemp, so it gets the normal mode (0644 under the usual umask) rather than mkstemp's 0600."""
+    """write(tmp) then rename over `path`, with the mode a new file normally gets (0644 under the usual
+    umask): mkstemp and safetensors create 0600 files, which other users could not read."""
     tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask applies here
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
         write(tmp)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -103,6 +107,12 @@ def check_backbone(cfg: HeadsConfig, backbone, where) -> None:
     if (cfg.vocab_size, cfg.hidden_size) != tuple(emb.shape):
         raise UserError(f"heads in {where} are for a backbone with vocab {cfg.vocab_size} and hidden size "
                         f"{cfg.hidden_size}, this one has {emb.shape[0]} and {emb.shape[1]} ({cfg.backbone or 'unknown'})")
+    if cfg.tuned_fingerprint:  # Medusa-2: the backbone must carry the adapter the heads were trained with
+        from ..adapter import refusal, tuned_verdict
+
+        verdict = tuned_verdict(backbone, cfg.tuned_fingerprint)
+        if verdict != "tuned":
+            raise UserError(refusal(cfg, verdict, where))
     if cfg.backbone_fingerprint and not fingerprints_match(cfg.backbone_fingerprint, output_embedding_fingerprint(backbone)):
         raise UserError(f"heads in {where} were trained for backbone {cfg.backbone!r}, whose output embedding "
                         "differs from this backbone's: load the backbone they were trained on")
@@ -120,6 +130,20 @@ def _load_official_medusa(directory: Path, raw: dict) -> MedusaHeads:
     except Exception as e:
         raise UserError(f"cannot read {file} safely: {str(e).splitlines()[0]}") from None
     state = {k.removeprefix("medusa_head."): v for k, v in state.items()}
+    try:
+        cfg, native = _official_to_native(state, raw)
+    except (KeyError, ValueError, IndexError, AttributeError) as e:  # a key missing or not "head.layer.name"
+        raise UserError(f"{file} does not have the official Medusa layout (<head>.<layer>.linear.weight, "
+                        f"<head>.<layers>.weight): {type(e).__name__} {e}") from None
+    _restore_identity(cfg, raw)
+    heads = MedusaHeads(cfg)
+    _load_state(heads, native, file)
+    return heads
+
+
+def _official_to_native(state: dict, raw: dict) -> tuple[HeadsConfig, dict]:
+    """Official Medusa keys ("<head>.<layer>.linear.weight"; "<head>.<layers>.weight" for a head's own LM
+    head) -> our config and state dict. Raises KeyError/ValueError for anything else."""
     layers = int(raw.get("medusa_num_layers", 1))
     # The official config sometimes under-reports the heads (Medusa's own "TODO: fix the uploaded
     # config"): trust the weights.
@@ -134,10 +158,7 @@ def _load_official_medusa(directory: Path, raw: dict) -> MedusaHeads:
         h, rest = key.split(".", 1)
         l, tail = rest.split(".", 1)
         native[f"lm_heads.{h}.{tail}" if int(l) == layers else f"blocks.{h}.{l}.{tail}"] = value.float()
-    _restore_identity(cfg, raw)
-    heads = MedusaHeads(cfg)
-    _load_state(heads, native, file)
-    return heads
+    return cfg, native
 
 
 def _restore_identity(cfg: HeadsConfig, raw: dict) -> None:
@@ -149,6 +170,7 @@ def _restore_identity(cfg: HeadsConfig, raw: dict) -> None:
     cfg.backbone = ours.get("backbone", cfg.backbone) or cfg.backbone
     cfg.backbone_fingerprint = list(ours.get("backbone_fingerprint") or cfg.backbone_fingerprint)
     cfg.tree = ours.get("tree", cfg.tree)
+    cfg.tuned_fingerprint = list(ours.get("tuned_fingerprint") or cfg.tuned_fingerprint)  # Medusa-2 exports
 
 
 def _load_vllm_medusa(directory: Path, raw: dict) -> MedusaHeads:

@@ -1,4 +1,5 @@
-"""Medusa-1 training: a frozen backbone, heads trained on its own distilled answers.
+"""Medusa-1 training: a frozen backbone, heads trained on its own distilled answers (Hydra heads too;
+Medusa-2, which also tunes the backbone, is train/medusa2.py and starts with this trainer as its stage 1).
 
 Reads top to bottom: load, tokenise, (VocabTrim map), (precompute features), then a plain loop of
 AdamW steps with a warmup+cosine schedule, a held-out evaluation per epoch and atomic checkpoints.
@@ -22,14 +23,14 @@ from ..backbone import load_backbone, output_embedding_fingerprint
 from ..errors import UserError
 from ..heads import HeadsConfig, build_heads, save_heads
 from ..heads.vocab import build_vocab_map, count_tokens, full_to_trimmed, trim_targets
-from .config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from .config import DataConfig, JointConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
 from .data import IGNORE, head_targets, load_training_data, split
 
 
 def config_from_args(args) -> TrainConfig:
-    head_type = {"medusa1": "medusa", "hydra": "hydra", "hydra++": "hydra++"}.get(args.method)
+    head_type = {"medusa1": "medusa", "medusa2": "medusa", "hydra": "hydra", "hydra++": "hydra++"}.get(args.method)
     if head_type is None:
-        raise UserError(f"unknown training method {args.method!r} (medusa1, hydra, hydra++)")
+        raise UserError(f"unknown training method {args.method!r} (medusa1, medusa2, hydra, hydra++)")
     cfg = TrainConfig(
         model=ModelConfig(backbone=args.backbone, dtype=args.dtype, num_heads=args.num_heads, num_layers=args.num_layers,
                           lm_head=args.lm_head, trim_vocab=args.trim_vocab, head_type=head_type,
@@ -40,7 +41,12 @@ def config_from_args(args) -> TrainConfig:
                           weight_decay=args.weight_decay, warmup=args.warmup, decay=args.decay,
                           soft_targets=args.soft_targets),
         run=RunConfig(output=args.output, checkpoint_every=args.checkpoint_every, seed=args.seed, threads=args.threads,
-                      progress=not args.no_progress, save_dtype=args.save_dtype))
+                      progress=not args.no_progress, save_dtype=args.save_dtype),
+        joint=JointConfig(enabled=args.method == "medusa2", lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                          lora_dropout=args.lora_dropout,
+                          lora_targets=[t.strip() for t in args.lora_targets.split(",") if t.strip()],
+                          adapter_lr=args.adapter_lr, heads_coefficient=args.heads_coefficient,
+                          heads_warmup_epochs=args.heads_warmup_epochs, init_heads=args.init_heads, merge=args.merge))
     cfg.validate()
     return cfg
 
@@ -211,7 +217,11 @@ def sequence_batch(hs: list[torch.Tensor], seqs, K: int, soft: bool):
 
 def train(cfg: TrainConfig, backbone=None) -> Path:
     """Train heads; returns the final heads directory (<output>/heads). `backbone` (a loaded Backbone)
-    overrides cfg.model.backbone, for tests and notebooks."""
+    overrides cfg.model.backbone, for tests and notebooks. cfg.joint.enabled: Medusa-2 (train/medusa2.py)."""
+    if cfg.joint.enabled:  # Medusa-2: heads and a LoRA adapter on the backbone (train/medusa2.py)
+        from .medusa2 import train_medusa2
+
+        return train_medusa2(cfg, backbone)
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -250,7 +260,9 @@ def train(cfg: TrainConfig, backbone=None) -> Path:
     heads = build_heads(hcfg)
     table = None
     if trim:
-        eos = [t for t in {tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)} if isinstance(t, int)]
+        gen_eos = getattr(model.generation_config, "eos_token_id", None)  # an int, or a list (Llama-3, Qwen2.5)
+        gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
+        eos = sorted({t for t in [tok.eos_token_id, *gen_eos] if isinstance(t, int)})
         heads.vocab_map.copy_(build_vocab_map(count_tokens((seqs[i] for i in train_idx), V), trim, eos))
         table = full_to_trimmed(heads.vocab_map, V)
     heads.init_lm_heads_from(model)
