@@ -149,3 +149,17 @@ def test_sampling_config_tiny_and_non_finite_temperatures():
     for bad in (math.nan, math.inf, -1.0):
         with pytest.raises(UserError, match="temperature"):
             SamplingConfig(temperature=bad, acceptance="exact")
+
+
+def test_exact_sampling_with_lookup_branches_matches_backbone_distribution(small_vocab_setup):
+    """Lookup branches (tokens given, not ranked) hang in the same tree; `exact` stays exact with them."""
+    from draftheads.lookup import LookupConfig, PromptLookup
+
+    model, heads, _, prompt = small_vocab_setup
+    tree = Tree([[0]])  # a small heads tree leaves room for the branches (merged where they agree with it)
+    sp = SamplingConfig(temperature=0.9, top_k=3, acceptance="exact")
+    dist = _exact_distribution(model, prompt, sp)
+    lookup = PromptLookup(LookupConfig(max_ngram=2, min_ngram=1, branches=2, tokens=2))
+    counts, stats = _sample_counts(Decoder(model, heads, tree, lookup), prompt, sp, tree)
+    assert stats.lookup_accepted > SAMPLES // 5, "lookup drafts were hardly accepted: the test would prove little"
+    assert _chi_square_pvalue(counts, dist) > 1e-3

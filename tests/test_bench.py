@@ -22,7 +22,8 @@ def test_bench_writes_report_json_md_and_plots(tiny_dirs, tmp_path):
         if name.endswith(".png"):
             assert (out / name).read_bytes()[:4] == b"\x89PNG"
     rep = json.loads((out / "report.json").read_text())
-    assert set(rep["overall"]) == {"transformers", "loop", "speculative", "prompt_lookup"}
+    assert set(rep["overall"]) == {"transformers", "loop", "speculative", "lookup", "hybrid", "prompt_lookup"}
+    assert rep["overall"]["lookup"]["nodes_per_step"] >= 1 and rep["config"]["lookup"]["tokens"] >= 1
     assert rep["greedy_mismatches"]["count"] == 0, rep["greedy_mismatches"]["items"]
     assert rep["overall"]["transformers"]["speedup"] == 1.0
     assert rep["overall"]["speculative"]["mean_accepted"] >= 1
@@ -62,3 +63,34 @@ def test_question_formats(tmp_path):
         load_questions(f, categories=["poetry"])
     with pytest.raises(UserError, match="not found"):
         load_questions(tmp_path / "nope.jsonl")
+
+
+def test_shipped_question_set_by_name(tmp_path, monkeypatch):
+    qs = load_questions("vicuna")
+    assert len(qs) == 80 and len({q.category for q in qs}) == 9
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "vicuna").write_text("my own prompt\n")  # a file of that name wins over the shipped set
+    assert [q.turns for q in load_questions("vicuna")] == [["my own prompt"]]
+    with pytest.raises(UserError, match="shipped set: vicuna"):
+        load_questions("vicunaa")
+
+
+def test_plots_keep_bars_visible_and_count_in_integers(tmp_path, monkeypatch):
+    from draftheads import bench
+
+    figs = {}
+    monkeypatch.setattr(bench, "_save", lambda fig, path: figs.setdefault(path.name, fig) and path.name)
+    row = lambda s: {"speedup": s, "tokens_per_s": 10 * s}  # noqa: E731
+    speed = {"transformers": 1.0, "loop": 1.2, "speculative": 2.1, "prompt_lookup": 0.9}
+    rep = {"per_category": {c: {m: row(v) for m, v in speed.items()} for c in ("coding", "math")},
+           "overall": {m: row(v) for m, v in speed.items()}, "accepted_histogram": {1: 30, 2: 4, 3: 1},
+           "verify_latency": []}
+    bench.write_plots(rep, tmp_path)
+    fig = figs["speedup_per_category.png"]
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend, axes = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.y0 >= axes.y1  # above the axes: it cannot cover a bar
+    ax = figs["accepted_lengths.png"].axes[0]
+    for ticks in (ax.get_xticks(), ax.get_yticks()):
+        assert all(float(t).is_integer() for t in ticks)

@@ -1,8 +1,9 @@
 """`draftheads bench` and `draftheads calibrate`.
 
-bench: on one prompt set, in one process, on one loaded backbone, time four ways of greedy decoding
+bench: on one prompt set, in one process, on one loaded backbone, time six ways of greedy decoding
 (batch 1): transformers' `generate` (the baseline), our loop without heads, our loop with heads and
-a tree (speculative), and transformers' prompt-lookup decoding. Methods are interleaved per prompt,
+a tree (speculative), our loop with prompt lookup alone and with heads + lookup (hybrid), and
+transformers' prompt-lookup decoding. Methods are interleaved per prompt,
 in an order rotated per prompt, so that drift on a shared machine hits all alike. Writes report.json,
 report.md and PNG plots to --out.
 """
@@ -10,22 +11,24 @@ report.md and PNG plots to --out.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from .backbone import chat_ids
+from .bench_cli import METHODS
 from .calibrate import _console, load_parts, machine, progress, run_calibrate, step_latency
 from .errors import UserError
+from .lookup import LookupConfig
 from .questions import load_questions
 
-METHODS = ("transformers", "loop", "speculative", "prompt_lookup")
 BASELINE = "transformers"
 LABELS = {"transformers": "transformers generate (baseline)", "loop": "our loop, no heads",
-          "speculative": "our loop + heads (speculative)", "prompt_lookup": "transformers prompt lookup"}
+          "speculative": "our loop + heads (speculative)", "lookup": "our loop + prompt lookup, no heads",
+          "hybrid": "our loop + heads + prompt lookup (hybrid)", "prompt_lookup": "transformers prompt lookup"}
+LOOKUP_METHODS = ("lookup", "hybrid")
 
 
 # ----------------------------------------------------------------------------------------- running
@@ -44,16 +47,23 @@ def _hf_generate(model, ids: list[int], max_new_tokens: int, eos: set[int], pad:
 class Runner:
     """One callable per method: ids -> (new token ids, Stats or None). All share one backbone."""
 
-    def __init__(self, dm, plain):
-        self.dm, self.plain = dm, plain
+    def __init__(self, dm, plain, lookup):
+        from .backbone import Backbone
+        from .draftmodel import DraftModel
+
+        bb = Backbone(plain.backbone, plain.tokenizer, plain.backbone_name)
+        # speculative is the heads alone whatever --lookup says; lookup and hybrid add the lookup's branches
+        self.ours = {"loop": plain, "speculative": DraftModel(bb, dm.heads, dm.tree),
+                     "lookup": DraftModel(bb, None, None, lookup), "hybrid": DraftModel(bb, dm.heads, dm.tree, lookup)}
+        self.plain = plain
         self.eos = plain.eos_ids
         tok = plain.tokenizer
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else min(self.eos)
 
     def __call__(self, method: str, ids: list[int], max_new_tokens: int):
         model = self.plain.backbone
-        if method in ("loop", "speculative"):
-            r = (self.plain if method == "loop" else self.dm).generate(torch.tensor(ids), max_new_tokens=max_new_tokens)
+        if method in self.ours:
+            r = self.ours[method].generate(torch.tensor(ids), max_new_tokens=max_new_tokens)
             return r.token_ids, r.stats
         lookup = 10 if method == "prompt_lookup" else None
         return _hf_generate(model, ids, max_new_tokens, self.eos, self.pad, lookup), None
@@ -74,8 +84,11 @@ def run_bench(args) -> dict:
         raise UserError("--max-new-tokens must be at least 1")
     cats = [c.strip() for c in args.categories.split(",")] if args.categories else None
     questions = load_questions(args.questions, args.limit, cats)
+    if getattr(args, "lookup", None) is False:  # --no-lookup: skip our lookup methods
+        methods = [m for m in methods if m not in LOOKUP_METHODS]
     dm, plain = load_parts(args)
-    run, tok = Runner(dm, plain), plain.tokenizer
+    lookup = dm.lookup or LookupConfig()
+    run, tok = Runner(dm, plain, lookup), plain.tokenizer
     records, mismatches = [], []
     with progress() as bar:
         first = chat_ids(tok, questions[0].turns[0])
@@ -101,7 +114,8 @@ def run_bench(args) -> dict:
                                     "stats": None if stats is None else {
                                         "steps": stats.steps, "accepted": stats.accepted, "draft_s": stats.draft_s,
                                         "verify_s": stats.verify_s, "accept_s": stats.accept_s,
-                                        "prefill_s": stats.prefill_s, "tree_size": stats.tree_size}})
+                                        "prefill_s": stats.prefill_s, "tree_size": stats.tree_size,
+                                        "nodes": stats.nodes, "lookup_accepted": stats.lookup_accepted}})
                     bar.advance(task)
                 for m in order:
                     if m != BASELINE and outs[m] != outs[BASELINE]:
@@ -114,7 +128,7 @@ def run_bench(args) -> dict:
             task = bar.add_task("verify latency", total=None)
             latency = step_latency(dm, first, args.latency_sizes, steps=args.latency_steps)
             bar.update(task, total=1, completed=1)
-    return _report(args, dm, methods, records, mismatches, latency)
+    return _report(args, dm, methods, records, mismatches, latency, lookup)
 
 
 @torch.inference_mode()
@@ -149,6 +163,8 @@ def _aggregate(records: list[dict], methods: list[str]) -> dict:
             steps = sum(s["steps"] for s in st)
             acc = [a for s in st for a in s["accepted"]]
             row.update(steps=steps, mean_accepted=sum(acc) / max(len(acc), 1),
+                       nodes_per_step=sum(s["nodes"] for s in st) / max(steps, 1),
+                       lookup_accepted=sum(s["lookup_accepted"] for s in st),
                        **{f"{k}_ms_per_step": 1e3 * sum(s[f"{k}_s"] for s in st) / max(steps, 1)
                           for k in ("draft", "verify", "accept")})
         out[m] = row
@@ -158,7 +174,7 @@ def _aggregate(records: list[dict], methods: list[str]) -> dict:
     return out
 
 
-def _report(args, dm, methods, records, mismatches, latency) -> dict:
+def _report(args, dm, methods, records, mismatches, latency, lookup) -> dict:
     cats = sorted({r["category"] for r in records})
     acc = [a for r in records if r["method"] == "speculative" and r["stats"] for a in r["stats"]["accepted"]]
     histogram: dict[int, int] = {}
@@ -169,6 +185,7 @@ def _report(args, dm, methods, records, mismatches, latency) -> dict:
                    "categories": cats, "heads": str(args.heads), "backbone": dm.backbone_name,
                    "tree": dm.tree.to_json() if dm.tree else None, "tree_size": dm.tree.size if dm.tree else 1,
                    "num_heads": dm.heads.cfg.num_heads, "device": args.device, "dtype": str(dm.backbone.dtype),
+                   "lookup": asdict(lookup),
                    "methods": methods, "machine": machine(), "timing": "new tokens / wall time of the whole generate call"},
         "overall": _aggregate(records, methods),
         "per_category": {c: _aggregate([r for r in records if r["category"] == c], methods) for c in cats},
@@ -192,10 +209,11 @@ def write_markdown(rep: dict, path: Path) -> None:
              f"heads `{c['heads']}` ({c['num_heads']} heads), tree of {c['tree_size']} nodes. "
              f"Machine: {c['machine']['processor']}, {c['machine']['cpu_count']} CPUs, torch {c['machine']['torch']}, "
              f"torch threads: {c['machine']['torch_threads']}, load average (1, 5, 15 min) when written: {c['machine'].get('load_average')}. Tokens/s = {c['timing']}.", "",
-             "| method | tokens/s | speedup | mean accepted | draft ms/step | verify ms/step | accept ms/step | tokens |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | tokens/s | speedup | mean accepted | nodes/step | draft ms/step | verify ms/step | accept ms/step | tokens |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for m, r in o.items():
         lines.append(f"| {LABELS[m]} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {_fmt(r.get('mean_accepted'))} | "
+                     f"{_fmt(r.get('nodes_per_step'), '.1f')} | "
                      f"{_fmt(r.get('draft_ms_per_step'), '.1f')} | {_fmt(r.get('verify_ms_per_step'), '.1f')} | "
                      f"{_fmt(r.get('accept_ms_per_step'), '.1f')} | {r['new_tokens']} |")
     lines += ["", "## Speedup per category", "", "| category | " + " | ".join(LABELS[m] for m in o) + " |",
@@ -223,6 +241,7 @@ def write_plots(rep: dict, out: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     files = []
     cats = list(rep["per_category"]) + ["overall"]
@@ -235,12 +254,15 @@ def write_plots(rep: dict, out: Path) -> list[str]:
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(cats))], cats, rotation=30, ha="right")
     ax.set_ylabel("speedup over transformers generate")
-    ax.legend(fontsize=8)
+    # Above the axes, not inside: inside, the legend hides the tallest bars.
+    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.01), ncol=2, frameon=False)
     files.append(_save(fig, out / "speedup_per_category.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     h = rep["accepted_histogram"]
     ax.bar([int(k) for k in h], list(h.values()))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no 1.5 tokens, no 2.5 steps
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("tokens accepted per step (backbone's own included)")
     ax.set_ylabel("steps")
     ax.set_title("speculative: accepted lengths")
@@ -265,7 +287,7 @@ def _save(fig, path: Path) -> str:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")  # "tight": a legend outside the axes is kept whole
     plt.close(fig)
     return path.name
 
@@ -286,13 +308,7 @@ def print_summary(rep: dict) -> None:
     con.print(f"greedy outputs differing from the baseline: {mm}" + (" (see report.md)" if mm else ""))
 
 
-def _set_threads(args) -> None:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-
 def cmd_bench(args) -> None:
-    _set_threads(args)
     rep = run_bench(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -306,13 +322,14 @@ def cmd_bench(args) -> None:
 # ----------------------------------------------------------------------------------------- calibrate
 
 def cmd_calibrate(args) -> None:
-    _set_threads(args)
+    from .draftmodel import heads_dir
+
     result = run_calibrate(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     if args.write_to_heads:
-        _write_tree_to_heads(_heads_dir(args.heads), result["tree"])
+        _write_tree_to_heads(heads_dir(args.heads), result["tree"])
     con = _console()
     m63 = result["medusa63"]
     con.print(f"accuracy (conditional, rank 0 per head): {', '.join(f'{row[0]:.2f}' for row in result['accuracy'])} "
@@ -328,82 +345,18 @@ def cmd_calibrate(args) -> None:
                   f"{ms['calibrated']['tokens_per_s']:.1f} tok/s; medusa63 {ms['medusa63']['mean_accepted']:.3f}, "
                   f"{ms['medusa63']['tokens_per_s']:.1f} tok/s; prediction error {100 * result['prediction_error']:+.1f}%, "
                   f"tokens/s vs medusa63 {result['speedup_vs_medusa63']:.2f}x")
-    con.print(f"wrote {out}" + (f" and the tree into {_heads_dir(args.heads)}/config.json" if args.write_to_heads else ""))
-
-
-def _heads_dir(heads: str) -> Path:
-    from .draftmodel import DEFAULT_HEADS_DIR
-
-    return DEFAULT_HEADS_DIR if heads == "default" else Path(heads).expanduser()
+    if "lookup" in result:
+        lk = result["lookup"]
+        con.print(f"prompt lookup: matches at {100 * lk['match_rate']:.0f}% of positions, {lk['mean_nodes']:.1f} nodes/step; "
+                  f"mean accepted on calibration positions: heads {lk['mean_accepted_heads_only']:.3f}, lookup "
+                  f"{lk['mean_accepted_lookup_only']:.3f}, both {lk['mean_accepted_hybrid']:.3f} (the tree was chosen "
+                  f"for both: predicted {lk['predicted_tokens_per_s']:.1f} tok/s)")
+    con.print(f"wrote {out}" + (f" and the tree into {heads_dir(args.heads)}/config.json" if args.write_to_heads else ""))
 
 
 def _write_tree_to_heads(directory: Path, tree: list[list[int]]) -> None:
-    from .heads.checkpoint import read_config
+    from .heads.checkpoint import _atomic_write, read_config
 
     cfg = read_config(directory)
     cfg["tree"] = tree
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config.json.")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(cfg, indent=1) + "\n")
-    os.replace(tmp, directory / "config.json")  # atomic: a kill never leaves a torn config
-
-
-# ----------------------------------------------------------------------------------------- CLI
-
-def _sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"sizes must be comma-separated integers, not {text!r}") from None
-    if any(s < 1 for s in sizes):
-        raise UserError("tree sizes must be >= 1")
-    return sizes
-
-
-def register(sub) -> None:
-    from .cli import _add_model_args
-
-    b = sub.add_parser("bench", help="time baseline, our loop, speculative decoding and prompt lookup on a prompt set")
-    b.add_argument("questions", help="MT-bench/Spec-Bench question JSONL, or a prompt file (JSON list, JSONL, text lines)")
-    _add_model_args(b)
-    b.add_argument("--limit", type=int, default=10, help="first N questions (0: all)")
-    b.add_argument("--max-new-tokens", type=int, default=128)
-    b.add_argument("--out", default="bench-report", help="directory for report.json, report.md and plots")
-    b.add_argument("--categories", default=None, help="comma-separated categories to keep")
-    b.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)} ({BASELINE} required)")
-    b.add_argument("--latency-sizes", type=_sizes_arg, default="1,2,4,8,16,32,64",
-                   help="tree sizes for the verify-latency plot ('' to skip)")
-    b.add_argument("--latency-steps", type=int, default=8, help="timed loop steps per tree size")
-    _add_threads(b)
-    b.set_defaults(func=cmd_bench)
-
-    c = sub.add_parser("calibrate", help="measure head accuracies and step latency; choose the fastest tree")
-    _add_model_args(c)
-    c.add_argument("--prompts", required=True, help="prompt file (same formats as bench)")
-    c.add_argument("--out", default="tree.json")
-    c.add_argument("--limit", type=int, default=20, help="first N prompts (0: all)")
-    c.add_argument("--max-nodes", type=int, default=64, help="largest tree considered, root included")
-    c.add_argument("--max-new-tokens", type=int, default=64, help="greedy continuation length per prompt")
-    c.add_argument("--latency-sizes", type=_sizes_arg, default="1,2,4,8,12,16,24,32,48,64")
-    c.add_argument("--latency-steps", type=int, default=8)
-    c.add_argument("--no-measure", dest="measure", action="store_false",
-                   help="skip running generate with the chosen tree and medusa63 afterwards")
-    c.add_argument("--measure-limit", type=int, default=10, help="prompts for that measurement (0: all)")
-    c.add_argument("--write-to-heads", action="store_true", help="also store the tree in the heads' config.json")
-    _add_threads(c)
-    c.set_defaults(func=cmd_calibrate)
-
-
-def _add_threads(p) -> None:
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's). On a CPU shared with other jobs, 1 avoids OpenMP "
-                        "threads spinning against each other, which makes multi-token forwards 10x slower")
-
-
-def _sizes_arg(text: str) -> list[int]:
-    import argparse
-
-    try:
-        return _sizes(text)
-    except UserError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    _atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=1) + "\n"))

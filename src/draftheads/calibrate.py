@@ -1,6 +1,7 @@
 """Measurements for `draftheads calibrate` (and the latency plot of `bench`): how often each head's
-rank-r candidate is right on the backbone's own greedy continuations, and what one loop step costs at
-each tree size on this machine. The search itself is in treesearch.py.
+rank-r candidate is right on the backbone's own greedy continuations, how far prompt lookup's branches
+would have been accepted at the same positions (with --lookup), and what one loop step costs at each
+tree size on this machine. The search itself is in treesearch.py.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from .acceptance import SamplingConfig
 from .draftmodel import DraftModel
 from .errors import UserError
 from .generate import Decoder, Stats
+from .lookup import PromptLookup
 from .tree import MAX_RANK, Tree
 from .treesearch import greedy_trees
 
@@ -58,17 +60,72 @@ def accuracies(ranks: torch.Tensor) -> tuple[list[list[float]], list[int]]:
     return p, counts
 
 
-def empirical_accepted(ranks: torch.Tensor, paths) -> float:
-    """Mean tokens per step the tree would have given at the recorded positions (no independence
-    assumption): the root plus the longest recorded rank prefix that is a node of the tree."""
-    nodes = {tuple(q) for q in paths}
-    total = 0
+def tree_depths(ranks: torch.Tensor, paths) -> list[int]:
+    """Per recorded position, the drafts the tree would have had accepted: the longest recorded rank
+    prefix that is a node of the tree."""
+    nodes, out = {tuple(q) for q in paths}, []
     for row in ranks.tolist():
         d = 0
         while d < len(row) and row[d] >= 0 and tuple(row[:d + 1]) in nodes:
             d += 1
-        total += 1 + d
-    return total / max(len(ranks), 1)
+        out.append(d)
+    return out
+
+
+def empirical_accepted(ranks: torch.Tensor, paths) -> float:
+    """Mean tokens per step the tree would have given at the recorded positions (no independence
+    assumption): the root plus tree_depths."""
+    depths = tree_depths(ranks, paths)
+    return sum(1 + d for d in depths) / max(len(depths), 1)
+
+
+def lookup_depths(lookup: PromptLookup, prompt_ids: list[int], continuation: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt lookup's counterpart of head_ranks, at the same positions: per position, the drafts its
+    best branch would have had accepted (the branch's leading run of true tokens) and the nodes its
+    branches add to the step's tree (counted before merging with the heads' tree: an upper bound)."""
+    seq = prompt_ids + continuation
+    first, T = len(prompt_ids) - 1, len(seq)
+    top = lookup.teacher_topk(None, torch.tensor(seq), lookup.cfg.branches)[:, first:T - 1]  # [K, c, branches]
+    K = top.shape[0]
+    target = torch.tensor(seq + [-1] * (K + 2))
+    want = target[torch.arange(first, T - 1)[None, :] + 2 + torch.arange(K)[:, None]]  # [K, c] tokens after the root
+    hit = (top == want[..., None]) & (want[..., None] >= 0)
+    depth = hit.long().cumprod(0).sum(0).max(-1).values  # [c]
+    cols = top.permute(1, 2, 0).tolist()  # [c][branch][k]
+    nodes = torch.tensor([len({tuple(b[:k + 1]) for b in bs for k in range(K) if b[k] >= 0}) for bs in cols])
+    return depth, nodes
+
+
+def with_lookup(curve: list[dict], ranks: torch.Tensor, depth: torch.Tensor, nodes: torch.Tensor, step_seconds) -> dict:
+    """Each tree of the search curve verified together with the lookup branches: the recorded mean
+    tokens per step (root + the longer of the heads' and the lookup's accepted runs, which is what the
+    merged tree accepts), at the step time of the tree's size plus the mean lookup nodes. Adds
+    `expected_accepted_hybrid` and `tokens_per_s_hybrid` to every entry; returns the best entry."""
+    extra, lk = float(nodes.float().mean()) if len(nodes) else 0.0, depth.tolist()
+    for c in curve:
+        heads = tree_depths(ranks, c["tree"])
+        c["expected_accepted_hybrid"] = sum(1 + max(a, b) for a, b in zip(heads, lk)) / max(len(lk), 1)
+        c["tokens_per_s_hybrid"] = c["expected_accepted_hybrid"] / step_seconds(c["size"] + extra)
+    return max(curve, key=lambda c: c["tokens_per_s_hybrid"])
+
+
+def lookup_summary(lookup: PromptLookup, ranks: torch.Tensor, depth: torch.Tensor, nodes: torch.Tensor, paths) -> dict:
+    """What calibrate reports for the lookup: how often it matches, how far it is accepted (per depth,
+    conditional as the heads' accuracies), what it costs in nodes, and the recorded mean tokens per step
+    of heads alone, lookup alone and both, for the tree `paths`."""
+    from dataclasses import asdict
+
+    matched, heads = nodes > 0, torch.tensor(tree_depths(ranks, paths), dtype=torch.long)
+    acc = []
+    for k in range(lookup.cfg.tokens):
+        eligible = matched & (depth >= k)
+        acc.append(float((eligible & (depth > k)).sum()) / max(int(eligible.sum()), 1))
+    n = max(len(depth), 1)
+    return {"config": asdict(lookup.cfg), "positions": len(depth), "match_rate": float(matched.sum()) / n,
+            "accuracy": acc, "mean_nodes": float(nodes.sum()) / n,
+            "mean_accepted_lookup_only": 1 + float(depth.sum()) / n,
+            "mean_accepted_heads_only": 1 + float(heads.sum()) / n,
+            "mean_accepted_hybrid": 1 + float(torch.maximum(heads, depth).sum()) / n}
 
 
 def tree_of_size(size: int, num_heads: int, p=None) -> Tree:
@@ -132,7 +189,8 @@ def load_parts(args) -> tuple[DraftModel, DraftModel]:
     heads = None if args.heads in (None, "none") else args.heads
     if heads is None:
         raise UserError("this command needs heads: pass --heads DIR (or leave the default heads)")
-    dm = load(heads=heads, backbone=args.backbone, device=args.device, dtype=args.dtype, tree=getattr(args, "tree", None))
+    dm = load(heads=heads, backbone=args.backbone, device=args.device, dtype=args.dtype, tree=getattr(args, "tree", None),
+              lookup=getattr(args, "lookup", None))
     plain = DraftModel(Backbone(dm.backbone, dm.tokenizer, dm.backbone_name), None, None)
     return dm, plain
 
@@ -186,12 +244,15 @@ def run_calibrate(args) -> dict:
     dm, plain = load_parts(args)
     K = dm.heads.cfg.num_heads
     prompts = [plain.prompt_ids(q.turns[0]) for q in questions]
-    ranks = []
+    lookup = PromptLookup(dm.lookup) if dm.lookup else None
+    ranks, lk = [], []
     with progress() as bar:
         task = bar.add_task("accuracies", total=len(prompts))
         for ids in prompts:
             cont = plain.generate(torch.tensor(ids), max_new_tokens=args.max_new_tokens).token_ids
             ranks.append(head_ranks(dm, ids, cont))
+            if lookup is not None:
+                lk.append(lookup_depths(lookup, ids, cont))
             bar.advance(task)
         ranks = torch.cat(ranks)
         p, counts = accuracies(ranks)
@@ -202,6 +263,9 @@ def run_calibrate(args) -> dict:
         xs, ys = [x["size"] for x in latency], [x["step_s"] for x in latency]
         found = choose(p, lambda n: interpolate(xs, ys, n), args.max_nodes, K)
         best = found["best"]
+        if lookup is not None:  # the tree that is fastest together with the lookup branches
+            lk_depth, lk_nodes = torch.cat([d for d, _ in lk]), torch.cat([n for _, n in lk])
+            best = with_lookup(found["curve"], ranks, lk_depth, lk_nodes, lambda n: interpolate(xs, ys, n))
         chosen = Tree(best["tree"])
         m63 = Tree(truncate(MEDUSA63, K))
         result = {
@@ -217,12 +281,16 @@ def run_calibrate(args) -> dict:
             "heads": str(args.heads), "backbone": dm.backbone_name, "max_new_tokens": args.max_new_tokens,
             "device": args.device, "machine": machine(),
         }
+        if lookup is not None:
+            result["lookup"] = {**lookup_summary(lookup, ranks, lk_depth, lk_nodes, chosen.paths),
+                                "predicted_tokens_per_s": best["tokens_per_s_hybrid"]}
         if args.measure:
             measured = measure_trees(dm, prompts[: args.measure_limit or None], {"calibrated": chosen, "medusa63": m63},
                                      args.max_new_tokens, bar)
             result["measured"] = measured
             result["measured_mean_accepted"] = measured["calibrated"]["mean_accepted"]
-            result["prediction_error"] = best["expected_accepted"] / measured["calibrated"]["mean_accepted"] - 1
+            predicted = best.get("expected_accepted_hybrid", best["expected_accepted"])  # measured with lookup if on
+            result["prediction_error"] = predicted / measured["calibrated"]["mean_accepted"] - 1
             result["speedup_vs_medusa63"] = (measured["calibrated"]["tokens_per_s"]
                                              / max(measured["medusa63"]["tokens_per_s"], 1e-9))
     load_tree(result["tree"], K)  # what we write must load

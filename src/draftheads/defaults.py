@@ -10,6 +10,10 @@ THREADS = 0
 # assistant answer ends at its end-of-turn token rather than mid-sentence (256 cut replies short).
 MAX_NEW_TOKENS = 512
 
+# Prompt-lookup branches in the tree (--lookup / --no-lookup, load(lookup=...)): off until a measurement
+# shows where they pay off (issue 16).
+LOOKUP = False
+
 
 def set_threads(threads: int | None) -> None:
     """Apply --threads: 0 or None leaves torch's default."""

@@ -1,7 +1,8 @@
 """The decoding loop: draft -> verify (one backbone forward over the whole tree) -> accept -> keep KV.
 
 Without heads (or with a root-only tree) the same loop is plain autoregressive decoding, so the
-baseline and the speculative path share every piece of machinery.
+baseline and the speculative path share every piece of machinery. Each step's tree comes from the
+drafter (lookup.Hybrid): the configured tree of ranks, plus prompt-lookup branches when they match.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .errors import UserError
 from .families import context_length, logits_transform, probe, refusal
 from .kvcache import TreeKVCache
 from .llama_forward import LlamaForward, unsupported_reason
+from .lookup import Hybrid, PromptLookup
 from .tree import Tree
 
 ROOT_ONLY = Tree([])
@@ -37,7 +39,19 @@ class Stats:
     verify_s: float = 0.0
     accept_s: float = 0.0  # acceptance + KV compaction + bookkeeping
     total_s: float = 0.0
-    tree_size: int = 1
+    tree_size: int = 1  # the configured tree's (ranked) nodes; prompt lookup adds nodes on steps that match
+    nodes: int = 0  # nodes verified, summed over steps (steps x tree_size without lookup)
+    lookup_accepted: int = 0  # accepted drafts whose token was given by prompt lookup (ranked by no head)
+
+    def record(self, tree: Tree, nodes: list[int], draft_s: float, verify_s: float, accept_s: float) -> None:
+        """One step: its tree, its accepted nodes (root first) and the seconds of its three phases."""
+        self.steps += 1
+        self.nodes += tree.size
+        self.lookup_accepted += sum(tree.given[n] for n in nodes)
+        self.draft_s += draft_s
+        self.verify_s += verify_s
+        self.accept_s += accept_s
+        self.accepted.append(len(nodes))  # the accepted drafts and the backbone's next token
 
     @property
     def mean_accepted(self) -> float:
@@ -62,11 +76,12 @@ def _histogram(values: list[int]) -> dict[int, int]:
 
 
 class Decoder:
-    """Runs the loop for one backbone (+ optional heads). Batch size 1."""
+    """Runs the loop for one backbone (+ optional heads and prompt lookup). Batch size 1."""
 
-    def __init__(self, model, heads=None, tree: Tree | None = None):
+    def __init__(self, model, heads=None, tree: Tree | None = None, lookup: PromptLookup | None = None):
         self.model, self.heads = model, heads
         self.tree = tree if (tree is not None and heads is not None) else ROOT_ONLY
+        self.drafter = Hybrid(heads, lookup) if heads is not None or lookup is not None else None
         self.body = model.base_model  # decoder stack: ids -> final-norm hidden states
         self.lm_head = model.get_output_embeddings()
         self.finish_logits = logits_transform(model)  # softcapping / logit scale the model applies, or None
@@ -131,12 +146,11 @@ class Decoder:
             raise UserError("the prompt is empty")
         if prompt_len >= self.context:
             raise UserError(f"the prompt has {prompt_len} tokens but the model's context is {self.context}")
-        capacity = min(self.context, prompt_len + max_new_tokens + tree.size)
+        reserve = self.drafter.max_size(tree) if self.drafter is not None else 1  # most nodes of a step
+        capacity = min(self.context, prompt_len + max_new_tokens + reserve)
         cache = cache or TreeKVCache.for_model(self.model, capacity)
         capacity = min(capacity, cache.capacity)
         gen = torch.Generator(device=self.device).manual_seed(sp.seed) if sp.seed is not None else None
-        tt = tree.tensors(self.device, self.dtype)
-        root_bias = ROOT_ONLY.tensors(self.device, self.dtype).tree_bias
         stats.prompt_tokens, stats.tree_size = prompt_len, tree.size
         dev = self.device
 
@@ -145,37 +159,31 @@ class Decoder:
         causal = torch.full((prompt_len, prompt_len), torch.finfo(self.dtype).min, dtype=self.dtype, device=dev).triu(1)
         prompt_hidden = self._forward(cache, ids, torch.arange(prompt_len, device=dev), causal, verify=False)  # [P, hidden]
         hidden = prompt_hidden[-1]  # [hidden_size]
-        if self.heads is not None:
-            self.heads.reset()  # drafters with state (Hydra++'s prefix layer) start the sequence
-            self.heads.observe(prompt_hidden)
+        if self.drafter is not None:
+            self.drafter.reset()  # drafters with state (Hydra++'s prefix layer, lookup's n-grams) start the sequence
+            self.drafter.observe(prompt_hidden, ids)
         root = sample(self.logits(hidden), sp, gen)
         stats.prefill_s = self._sync() - t0
         yield [root]
 
         while cache.length + 1 <= capacity:
             L = cache.length
-            step_tree, step_tt = (tree, tt) if L + tree.size <= capacity else (ROOT_ONLY, None)
             t0 = self._sync()
             root_t = torch.tensor(root, device=dev)
-            if step_tree.size > 1:  # [nodes] candidate ids, root first
-                cands = self.heads.draft(hidden, root_t, step_tree)
-                depths, bias = step_tt.depths, step_tt.tree_bias
-            else:
-                cands, depths, bias = root_t.view(1), torch.zeros(1, dtype=torch.long, device=dev), root_bias
+            step_tree, cands = ROOT_ONLY, root_t.view(1)
+            if self.drafter is not None and L + reserve <= capacity:  # the step's tree, ids [nodes] root first
+                step_tree, cands = self.drafter.propose(hidden, root_t, tree)
+            tt = step_tree.tensors(dev, self.dtype)  # built once per tree shape
             t1 = self._sync()
-            h = self._forward(cache, cands, depths + L, bias)  # [nodes, hidden_size]
+            h = self._forward(cache, cands, tt.depths + L, tt.tree_bias)  # [nodes, hidden_size]
             logits = self.logits(h)  # [nodes, vocab]
             t2 = self._sync()
             nodes, root = accept(logits, cands, step_tree, sp, gen)
             cache.keep(nodes, L)
             hidden = h[nodes[-1]]
-            if self.heads is not None:
-                self.heads.observe(h[nodes])  # [accepted, hidden]
+            if self.drafter is not None:
+                self.drafter.observe(h[nodes], cands[nodes])  # the accepted positions' hidden states and ids
             emitted = cands[nodes[1:]].tolist() + [root]
             t3 = self._sync()
-            stats.steps += 1
-            stats.draft_s += t1 - t0
-            stats.verify_s += t2 - t1
-            stats.accept_s += t3 - t2
-            stats.accepted.append(len(emitted))
+            stats.record(step_tree, nodes, t1 - t0, t2 - t1, t3 - t2)
             yield emitted

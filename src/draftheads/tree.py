@@ -4,6 +4,12 @@
 `[a, b]` is the rank-b candidate of head 1 placed after `[a]`; depth d uses head d-1. Node 0 is the
 root and is not listed. Nodes are sorted by (depth, path), as Medusa does, so published trees load
 unchanged. The tensors a step needs are built once per (tree, device) and cached.
+
+Given nodes: a drafter that knows tokens rather than ranks (prompt lookup) adds nodes whose token it
+gives. Their paths continue a ranked path (or the root) with negative elements: -1 - j is the j-th
+given child of its parent, so `(0, -1, -1)` is a chain of two given tokens below the rank-0 node.
+They come after every ranked node, so the ranked nodes keep their Medusa indices and the heads draft
+the ranked part (`Tree(paths)`) alone. `tree.with_given(paths)` builds such a tree once per shape.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ MEDUSA63 = [[0], [0, 0], [1], [0, 1], [2], [0, 0, 0], [1, 0], [0, 2], [3], [0, 3
             [0, 2, 1], [9, 0], [0, 6, 0], [0, 0, 0, 1], [1, 6], [0, 7, 0]]
 
 MAX_RANK = 10  # candidates drawn per head, as in Medusa (TOPK = 10)
+MAX_SHAPES = 4096  # trees with given nodes kept per ranked tree (a few hundred shapes occur in practice)
 
 
 @dataclass(frozen=True)
@@ -34,8 +41,8 @@ class TreeTensors:
 
     tree_bias: torch.Tensor  # [N, N] additive attention bias: 0 where node j is i or an ancestor of i, else -inf
     depths: torch.Tensor  # [N] root 0
-    head_of: torch.Tensor  # [N-1] head that drafts each non-root node (depth - 1)
-    rank_of: torch.Tensor  # [N-1] rank of each non-root node's token in its head's top-k
+    head_of: torch.Tensor  # [R-1] head that drafts each non-root ranked node (depth - 1); R = ranked nodes
+    rank_of: torch.Tensor  # [R-1] rank of each non-root ranked node's token in its head's top-k
 
 
 @dataclass(frozen=True)
@@ -50,21 +57,31 @@ class Level:
 
 
 class Tree:
-    def __init__(self, paths, max_rank: int = MAX_RANK):
+    def __init__(self, paths, max_rank: int = MAX_RANK, given=()):
+        """paths: ranked paths (Medusa's format); given: paths of given nodes (module docstring)."""
         paths = [tuple(int(r) for r in p) for p in paths]
-        seen = set(paths)
-        if len(seen) != len(paths):
+        given = [tuple(int(r) for r in p) for p in given]
+        seen = set(paths) | set(given)
+        if len(seen) != len(paths) + len(given):
             raise UserError("tree lists a path twice")
-        for p in paths:
+        for i, p in enumerate(paths + given):
             if not p:
                 raise UserError("tree contains an empty path (the root is implicit)")
-            if any(r < 0 or r >= max_rank for r in p):
+            # a ranked path is all ranks; a given path is ranks, then one or more given (negative) elements
+            ranks = p if i < len(paths) else p[:next((j for j, r in enumerate(p) if r < 0), len(p))]
+            if any(r < 0 or r >= max_rank for r in ranks):
                 raise UserError(f"tree path {list(p)} uses a rank outside 0..{max_rank - 1} (candidates drawn per head)")
+            if i >= len(paths) and (len(ranks) == len(p) or any(r >= 0 for r in p[len(ranks):])):
+                raise UserError(f"given path {list(p)} must be ranks followed by given (negative) elements only")
             if len(p) > 1 and p[:-1] not in seen:
                 raise UserError(f"tree path {list(p)} has no parent {list(p[:-1])} in the tree")
-        self.paths: list[tuple[int, ...]] = sorted(paths, key=lambda p: (len(p), p))
+        key = lambda p: (len(p), p)  # noqa: E731
+        self.max_rank = max_rank
+        self.ranked_size = len(paths) + 1  # nodes 0..ranked_size-1 are the root and the ranked nodes
+        self.paths: list[tuple[int, ...]] = sorted(paths, key=key) + sorted(given, key=key)
         self.index = {p: i + 1 for i, p in enumerate(self.paths)}  # path -> node index; root is 0
         self._tensors: dict[tuple, TreeTensors | list[Level]] = {}
+        self._shapes: dict[tuple, Tree] = {}  # with_given's trees, by their given paths
 
     @property
     def size(self) -> int:
@@ -77,7 +94,31 @@ class Tree:
 
     @property
     def topk(self) -> int:
-        return 1 + max((max(p) for p in self.paths), default=0)
+        return 1 + max((max(p) for p in self.paths[:self.ranked_size - 1]), default=0)
+
+    @cached_property
+    def given(self) -> list[bool]:
+        """Per node: its token is given (prompt lookup) rather than a head's ranked candidate."""
+        return [False] * self.ranked_size + [True] * (self.size - self.ranked_size)
+
+    @cached_property
+    def ranked(self) -> "Tree":
+        """The ranked nodes alone: the tree the heads draft (self when there are no given nodes)."""
+        return self if self.ranked_size == self.size else Tree(self.paths[:self.ranked_size - 1], self.max_rank)
+
+    def with_given(self, given) -> "Tree":
+        """This (ranked) tree plus given nodes, built once per shape: the same shape again returns the same
+        Tree, whose tensors are already built. No given paths: this tree itself."""
+        assert self.ranked_size == self.size, "given nodes hang on a ranked tree"
+        key = tuple(sorted(tuple(p) for p in given))
+        if not key:
+            return self
+        tree = self._shapes.get(key)
+        if tree is None:
+            if len(self._shapes) >= MAX_SHAPES:
+                self._shapes.clear()
+            tree = self._shapes[key] = Tree(self.paths, self.max_rank, key)
+        return tree
 
     @cached_property
     def parent(self) -> list[int]:
@@ -98,12 +139,12 @@ class Tree:
         return out[::-1]
 
     def levels(self, device: torch.device | str) -> list[Level]:
-        """Per depth 1..depth, the nodes and their parents' paths (built once per device)."""
+        """Per depth 1..depth, the ranked nodes and their parents' paths (built once per device)."""
         key = ("levels", str(device))
         if key not in self._tensors:
             levels = []
-            for d in range(1, self.depth + 1):
-                nodes = [i for i in range(1, self.size) if len(self.paths[i - 1]) == d]
+            for d in range(1, self.ranked.depth + 1):
+                nodes = [i for i in range(1, self.ranked_size) if len(self.paths[i - 1]) == d]
                 parents = sorted({self.parent[i] for i in nodes})
                 pos = {p: j for j, p in enumerate(parents)}
                 levels.append(Level(
@@ -130,16 +171,18 @@ class Tree:
                 allowed[node] |= allowed[self.parent[node]]
             bias = torch.zeros(n, n, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
             depths = torch.tensor([0] + [len(p) for p in self.paths])
+            ranked = self.paths[:self.ranked_size - 1]
             self._tensors[key] = TreeTensors(
-                tree_bias=bias.to(device), depths=depths.to(device),
-                head_of=(depths[1:] - 1).to(device), rank_of=torch.tensor([p[-1] for p in self.paths], dtype=torch.long).to(device))
+                tree_bias=bias.to(device), depths=depths.to(device), head_of=(depths[1:self.ranked_size] - 1).to(device),
+                rank_of=torch.tensor([p[-1] for p in ranked], dtype=torch.long).to(device))
         return self._tensors[key]
 
     def to_json(self) -> list[list[int]]:
         return [list(p) for p in self.paths]
 
     def __repr__(self):
-        return f"Tree({self.size} nodes, depth {self.depth})"
+        given = f", {self.size - self.ranked_size} given" if self.size > self.ranked_size else ""
+        return f"Tree({self.size} nodes{given}, depth {self.depth})"
 
 
 def chain(depth: int) -> Tree:

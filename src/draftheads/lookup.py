@@ -1,0 +1,183 @@
+"""Prompt lookup (draft the tokens that followed an earlier occurrence of the context's last n-gram,
+as transformers' `prompt_lookup_num_tokens` does) and the hybrid that verifies its branches together
+with the heads' tree in one forward.
+
+Matching: the context is the prompt, the tokens accepted so far and the step's root (the backbone's
+own next token). For n from `max_ngram` down to `min_ngram`, every earlier occurrence of the context's
+last n tokens, most recent first, offers the `tokens` that followed it; distinct continuations become
+branches, longest match first, up to `branches`. No match: no branch, and the step verifies the heads'
+tree alone (no extra node, no extra cost).
+
+The step's tree: branches hang from the root as chains of given tokens (tree.py), merged as a trie. A
+branch whose first tokens are those of existing nodes (the heads' or an earlier branch's) follows them
+and hangs only its remaining tokens below, so siblings never hold the same token. The acceptance rules
+then work unchanged: greedy follows the one child holding the backbone's token, which yields the longest
+accepted path over heads and lookup together; `exact` stays exact, since every proposal is a function
+of the context alone and siblings are distinct (acceptance.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from itertools import islice
+
+import torch
+
+from .errors import UserError
+from .tree import MAX_RANK, Tree
+
+SCAN = 64  # occurrences looked at per n-gram length: enough to find `branches` distinct continuations
+
+
+@dataclass(frozen=True)
+class LookupConfig:
+    max_ngram: int = 3  # longest suffix matched
+    min_ngram: int = 2  # shortest; one-token matches are mostly noise in prose
+    branches: int = 2  # distinct continuations per step
+    tokens: int = 5  # tokens per continuation
+
+    def __post_init__(self):
+        if not 1 <= self.min_ngram <= self.max_ngram or self.branches < 1 or self.tokens < 1:
+            raise UserError("lookup settings need 1 <= min_ngram <= max_ngram, branches >= 1, tokens >= 1, "
+                            f"not {asdict(self)}")
+
+
+def lookup_config(spec) -> LookupConfig | None:
+    """`lookup=` of load(): None or False (off), True (the default settings), a dict of LookupConfig
+    fields or a LookupConfig."""
+    if spec is None or spec is False:
+        return None
+    if spec is True:
+        return LookupConfig()
+    if isinstance(spec, LookupConfig):
+        return spec
+    if isinstance(spec, dict):
+        try:
+            return LookupConfig(**spec)
+        except TypeError as e:
+            raise UserError(f"lookup settings: {e}") from None
+    raise UserError(f"lookup must be True, False, a dict or a LookupConfig, not {spec!r}")
+
+
+class PromptLookup:
+    """The n-gram drafter. Of the drafter contract it implements reset, observe and teacher_topk; its
+    draft is `branches(root)`: token lists, not one token per node of a tree of ranks."""
+
+    def __init__(self, cfg: LookupConfig | None = None):
+        self.cfg = cfg or LookupConfig()
+        self.reset()
+
+    @property
+    def max_nodes(self) -> int:
+        """Most nodes the branches add to a step's tree."""
+        return self.cfg.branches * self.cfg.tokens
+
+    def reset(self) -> None:
+        self.context: list[int] = []
+        # per n: n-gram -> positions just after each of its occurrences in the context, in order
+        self.index: dict[int, dict[tuple[int, ...], list[int]]] = {
+            n: {} for n in range(self.cfg.min_ngram, self.cfg.max_ngram + 1)}
+
+    def observe(self, hidden: torch.Tensor | None, ids) -> None:
+        """Tokens [a] newly in the context (the prompt after prefill, each step's accepted path); the
+        hidden states are not used."""
+        for t in ids.tolist() if isinstance(ids, torch.Tensor) else ids:
+            self.context.append(int(t))
+            end = len(self.context)
+            for n, index in self.index.items():
+                if end >= n:
+                    index.setdefault(tuple(self.context[end - n:]), []).append(end)
+
+    def branches(self, root: int) -> list[list[int]]:
+        """Continuations of context + [root]: longest n-gram first, most recent occurrence first, each
+        distinct and no prefix of one taken before; at most cfg.branches of cfg.tokens tokens each."""
+        ctx, k, out = self.context, self.cfg.tokens, []
+        for n in range(self.cfg.max_ngram, self.cfg.min_ngram - 1, -1):
+            if len(ctx) < n - 1:
+                continue
+            suffix = tuple(ctx[len(ctx) - n + 1:]) + (root,)
+            for p in islice(reversed(self.index[n].get(suffix, ())), SCAN):
+                cont = ctx[p:p + k]
+                # Past the context's end the copy goes on into the root and then into itself, as an
+                # overlapping copy does: after "x y x y x" + root "y", (y x y) continues "x y x y x".
+                while len(cont) < k:
+                    j = p + len(cont) - len(ctx)
+                    cont.append(root if j == 0 else cont[j - 1])  # seq = ctx + [root] + cont; cont[i] = seq[p + i]
+                if not any(b[:len(cont)] == cont for b in out):
+                    out.append(cont)
+                    if len(out) == self.cfg.branches:
+                        return out
+        return out
+
+    def teacher_topk(self, hidden: torch.Tensor, ids: torch.Tensor, n: int = MAX_RANK) -> torch.Tensor:
+        """ids [T] of a whole sequence -> [K, T, n] with K = cfg.tokens: at position t (context ids[:t+1],
+        root ids[t+1]) column r holds branch r's tokens, -1 where there is none. Heads' rank r at depth k
+        is branch r's k-th token here; a branch is accepted along its own column only. What `calibrate`
+        measures; `hidden` is not used."""
+        seq, K = ids.tolist(), self.cfg.tokens
+        out = torch.full((K, len(seq), n), -1, dtype=torch.long)
+        probe = PromptLookup(self.cfg)
+        for t in range(len(seq) - 1):
+            probe.observe(None, seq[t:t + 1])
+            for r, branch in enumerate(probe.branches(seq[t + 1])[:n]):
+                out[:len(branch), t, r] = torch.tensor(branch)
+        return out.to(ids.device)
+
+
+def hang(tree: Tree, ids: list[int], branches: list[list[int]]) -> tuple[list[tuple[int, ...]], list[int]]:
+    """Merge branches (token lists continuing the root) into `tree`, whose nodes hold `ids`, as a trie:
+    follow existing nodes while the tokens agree, add the rest as given nodes. Returns the new nodes'
+    paths (tree.py: -1 - j is the j-th given child of its parent) and their tokens."""
+    paths: list[tuple[int, ...]] = [()] + tree.paths  # by node; new nodes are appended
+    child = {(tree.parent[i], ids[i]): i for i in range(1, tree.size)}
+    given_children: dict[int, int] = {}
+    new, tokens = [], []
+    for branch in branches:
+        node = 0
+        for t in branch:
+            nxt = child.get((node, t))
+            if nxt is None:
+                given_children[node] = j = given_children.get(node, 0) + 1
+                nxt = child[(node, t)] = len(paths)
+                paths.append(paths[node] + (-j,))
+                new.append(paths[nxt])
+                tokens.append(t)
+            node = nxt
+    return new, tokens
+
+
+class Hybrid:
+    """What the loop drafts with: heads (a tree of ranks), prompt lookup (branches of given tokens), or
+    both (either may be None). `propose` returns the step's tree and its ids; the loop and acceptance
+    see only those. `Hybrid(heads, None)` is the heads alone, with the configured tree every step."""
+
+    def __init__(self, heads=None, lookup: PromptLookup | None = None):
+        self.heads, self.lookup = heads, lookup
+
+    def max_size(self, tree: Tree) -> int:
+        """Most nodes a step's tree can have on the ranked tree `tree` (the loop sizes its cache by it)."""
+        return tree.size + (self.lookup.max_nodes if self.lookup is not None else 0)
+
+    def reset(self) -> None:
+        for drafter in (self.heads, self.lookup):
+            if drafter is not None:
+                drafter.reset()
+
+    def observe(self, hidden: torch.Tensor, ids: torch.Tensor) -> None:
+        """hidden [a, H] and ids [a] of the newly accepted positions."""
+        if self.heads is not None:
+            self.heads.observe(hidden)
+        if self.lookup is not None:
+            self.lookup.observe(hidden, ids)
+
+    def propose(self, hidden: torch.Tensor, root: torch.Tensor, tree: Tree) -> tuple[Tree, torch.Tensor]:
+        """hidden [H] at the last verified position, root 0-d, `tree` the ranked tree -> (the step's tree,
+        ids [its size], root first). Without a lookup match the step's tree is `tree` itself."""
+        ids = self.heads.draft(hidden, root, tree) if self.heads is not None and tree.size > 1 else root.view(1)
+        branches = self.lookup.branches(int(root)) if self.lookup is not None else []
+        given, tokens = hang(tree, ids.tolist(), branches) if branches else ([], [])
+        if not given:
+            return tree, ids
+        step = tree.with_given(given)
+        order = sorted(range(len(given)), key=lambda i: step.index[given[i]])
+        return step, torch.cat([ids, ids.new_tensor([tokens[i] for i in order])])

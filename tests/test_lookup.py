@@ -1,0 +1,289 @@
+"""Prompt lookup: the n-gram matcher on exact contexts, trees with given nodes, the hybrid step tree,
+and the loop with lookup alone and with heads (greedy output and KV cache equal plain decoding's)."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import draftheads
+from bench_fixtures import tiny_dirs  # noqa: F401  (fixture)
+from draftheads.acceptance import SamplingConfig
+from draftheads.calibrate import lookup_depths, lookup_summary, with_lookup
+from draftheads.cli import main
+from draftheads.errors import UserError
+from draftheads.generate import Decoder, Stats
+from draftheads.kvcache import TreeKVCache
+from draftheads.lookup import Hybrid, LookupConfig, PromptLookup, hang, lookup_config
+from draftheads.tree import MEDUSA63, Tree, load_tree
+from tiny import ARCHS, tiny_heads, tiny_model
+
+# ------------------------------------------------------------------------------------- the matcher
+
+
+def lookup_on(context, **cfg) -> PromptLookup:
+    lk = PromptLookup(LookupConfig(**cfg))
+    lk.observe(None, torch.tensor(context))
+    return lk
+
+
+def test_longest_match_first_then_most_recent_occurrence():
+    ctx = [1, 2, 3, 10, 11, 12, 9, 2, 3, 20, 21, 22, 4, 3, 30, 31, 1, 2]
+    lk = lookup_on(ctx, max_ngram=3, min_ngram=1, branches=3, tokens=3)
+    # root 3: (1 2 3) once -> 10 11 12; (2 3) twice, the later first -> 20 21 22 (the earlier one repeats
+    # 10 11 12); (3) most recently at 13 -> 30 31 1
+    assert lk.branches(3) == [[10, 11, 12], [20, 21, 22], [30, 31, 1]]
+    assert lookup_on(ctx, max_ngram=3, min_ngram=1, branches=2, tokens=3).branches(3) == [[10, 11, 12], [20, 21, 22]]
+    assert lookup_on(ctx, max_ngram=2, min_ngram=2, branches=3, tokens=2).branches(3) == [[20, 21], [10, 11]]
+
+
+def test_no_match_gives_no_branch():
+    lk = lookup_on([1, 2, 3, 4, 5], max_ngram=3, min_ngram=2)
+    assert lk.branches(9) == [] and lk.branches(1) == []  # (5 1) never occurred
+    assert lookup_on([1, 2, 3, 4, 5], min_ngram=1).branches(3) == [[4, 5, 3, 4, 5]]  # one token is enough at min_ngram 1
+    assert PromptLookup().branches(3) == []  # empty context
+
+
+def test_overlapping_match_copies_on_through_the_root():
+    # "1 2 1 2 1" + root 2: (2 1 2) ended at position 4; the copy runs into the root and then into itself
+    assert lookup_on([1, 2, 1, 2, 1], min_ngram=1, branches=3, tokens=5).branches(2) == [[1, 2, 1, 2, 1]]
+    assert lookup_on([5, 5, 5], min_ngram=1, tokens=4).branches(5) == [[5, 5, 5, 5]]
+
+
+def test_a_repeated_continuation_is_one_branch():
+    ctx = [7, 8, 1, 2, 3, 0, 7, 8, 1, 2, 3, 5, 7, 8, 4, 5, 6, 0, 7]
+    # root 8: (7 8) occurred three times; the two oldest continue alike
+    assert lookup_on(ctx, max_ngram=2, min_ngram=2, branches=3, tokens=3).branches(8) == [[4, 5, 6], [1, 2, 3]]
+
+
+def test_lookup_settings():
+    assert lookup_config(None) is None and lookup_config(False) is None
+    assert lookup_config(True) == LookupConfig() and lookup_config({"tokens": 3}).tokens == 3
+    with pytest.raises(UserError):
+        lookup_config({"min_ngram": 4, "max_ngram": 3})
+    with pytest.raises(UserError):
+        lookup_config({"nope": 1})
+
+
+def test_teacher_topk_is_the_branches_at_each_position():
+    seq = torch.tensor([1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 9])
+    lk = PromptLookup(LookupConfig(tokens=3, branches=2))
+    top = lk.teacher_topk(None, seq, 4)  # [K=3, T, 4]
+    assert top.shape == (3, 11, 4)
+    assert top[:, 6, 0].tolist() == [4, 5, 1] and (top[:, 6, 1:] == -1).all()  # (1 2) + root 3 -> 4 5 1
+    assert (top[:, :5] == -1).all() and (top[:, 10] == -1).all()  # no match yet; no root after the last
+
+
+# --------------------------------------------------------------------------- trees with given nodes
+
+def test_given_nodes_come_after_the_ranked_ones_which_keep_their_indices():
+    ranked = load_tree("medusa16", 3)
+    tree = ranked.with_given([(-1,), (-1, -1), (0, -1), (0, 0, -1)])
+    assert tree.paths[:ranked.size - 1] == ranked.paths and tree.ranked_size == ranked.size
+    assert tree.size == ranked.size + 4 and tree.given == [False] * ranked.size + [True] * 4
+    assert tree.ranked.paths == ranked.paths and tree.topk == ranked.topk
+    assert ranked.with_given([(0, 0, -1), (0, -1), (-1, -1), (-1,)]) is tree  # cached by shape
+    assert ranked.with_given([]) is ranked
+    tt, rt = tree.tensors("cpu", torch.float32), ranked.tensors("cpu", torch.float32)
+    assert torch.equal(tt.head_of, rt.head_of) and torch.equal(tt.rank_of, rt.rank_of)
+    # the chain below the root: (-1, -1) sees the root, (-1,) and itself only
+    chain2 = tree.index[(-1, -1)]
+    assert (tt.tree_bias[chain2] == 0).nonzero().view(-1).tolist() == [0, tree.index[(-1,)], chain2]
+    assert tt.depths[tree.index[(0, 0, -1)]] == 3
+
+
+def test_published_trees_load_unchanged_and_given_paths_are_checked():
+    with pytest.raises(UserError):
+        Tree([[-1]])  # a user's tree holds ranks only
+    with pytest.raises(UserError):
+        Tree([[0]], given=[(0, 1)])  # a given path needs a given element
+    with pytest.raises(UserError):
+        Tree([[0]], given=[(-1, 0)])  # no ranked node below a given one
+    with pytest.raises(UserError):
+        Tree([[0]], given=[(1, -1)])  # its ranked parent must exist
+    m63 = Tree(MEDUSA63)  # Medusa's order: by (depth, path)
+    assert m63.paths == sorted(map(tuple, MEDUSA63), key=lambda p: (len(p), p)) and m63.given == [False] * 64
+
+
+class FixedHeads:
+    def __init__(self, ids):
+        self.ids = torch.tensor(ids)
+
+    def reset(self):
+        pass
+
+    def observe(self, hidden):
+        pass
+
+    def draft(self, hidden, root, tree):
+        return torch.cat([root.view(1), self.ids[:tree.size - 1]])
+
+
+class FixedLookup(PromptLookup):
+    def __init__(self, branches):
+        super().__init__(LookupConfig(branches=max(len(branches), 1), tokens=4))
+        self.fixed = branches
+
+    def branches(self, root):
+        return self.fixed
+
+
+def test_branches_merge_into_the_heads_tree_as_a_trie():
+    tree = Tree([[0], [1], [0, 0]])  # nodes 1=[0] (token 1), 2=[1] (token 2), 3=[0,0] (token 3)
+    given, tokens = hang(tree, [100, 1, 2, 3], [[1, 3, 7, 8], [1, 4], [9], [1, 3]])
+    assert given == [(0, 0, -1), (0, 0, -1, -1), (0, -1), (-1,)] and tokens == [7, 8, 4, 9]
+    hybrid = Hybrid(FixedHeads([1, 2, 3]), FixedLookup([[1, 3, 7, 8], [1, 4], [9]]))
+    step, ids = hybrid.propose(torch.zeros(4), torch.tensor(100), tree)
+    assert step.size == 8 and ids[:4].tolist() == [100, 1, 2, 3]
+    for path, token in zip(given, tokens):
+        assert ids[step.index[path]] == token
+    for node in range(step.size):  # no two siblings hold the same token
+        sib = [int(ids[c]) for c in step.children[node]]
+        assert len(sib) == len(set(sib))
+    again, _ = hybrid.propose(torch.zeros(4), torch.tensor(100), tree)
+    assert again is step  # same shape, same Tree: its tensors are not rebuilt
+
+
+def test_without_a_match_the_step_tree_is_the_heads_tree():
+    tree = Tree([[0], [1], [0, 0]])
+    step, ids = Hybrid(FixedHeads([1, 2, 3]), FixedLookup([])).propose(torch.zeros(4), torch.tensor(5), tree)
+    assert step is tree and ids.tolist() == [5, 1, 2, 3]
+    # a branch that the heads' tree already holds adds nothing either
+    step, _ = Hybrid(FixedHeads([1, 2, 3]), FixedLookup([[1, 3]])).propose(torch.zeros(4), torch.tensor(5), tree)
+    assert step is tree
+    step, ids = Hybrid(None, FixedLookup([[4, 5]])).propose(torch.zeros(4), torch.tensor(5), Tree([]))
+    assert step.size == 3 and ids.tolist() == [5, 4, 5]  # lookup alone, no heads
+
+
+# ---------------------------------------------------------------------------------------- the loop
+
+N_NEW = 64
+PROMPT = list(range(30, 45)) * 2
+
+
+def echo_model(arch="llama"):
+    """A tiny model with weak attention: its greedy output falls into repeats (copying-like), so lookup
+    branches get accepted, while attention still moves the logits and the KV cache measurably."""
+    model = tiny_model(arch)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(0.02)
+    return model
+
+
+def hf_greedy(model, prompt, n=N_NEW):
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def run(decoder, prompt, n=N_NEW, stats=None):
+    out = []
+    for step in decoder.steps(prompt, n, SamplingConfig(), stats or Stats()):
+        out += step
+        if len(out) >= n:
+            break
+    return out[:n]
+
+
+def decoder_on(path, model, heads=None, tree=None, lookup=None):
+    """A Decoder on the lean Llama-family forward ("lean") or transformers' own forward ("generic")."""
+    decoder = Decoder(model, heads, tree, lookup)
+    if path == "generic":
+        decoder.lean = None
+    return decoder
+
+
+@pytest.mark.parametrize("path", ["lean", "generic"])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_greedy_with_lookup_and_hybrid_equals_plain_greedy(arch, path):
+    model = echo_model(arch)
+    heads, tree = tiny_heads(model, num_heads=3), load_tree("medusa8", 3)
+    reference = hf_greedy(model, PROMPT)
+    for h, t in ((None, None), (heads, tree)):  # lookup alone, then heads + lookup
+        stats = Stats()
+        assert run(decoder_on(path, model, h, t, PromptLookup()), PROMPT, stats=stats) == reference
+        assert stats.lookup_accepted >= 5, "lookup branches were hardly accepted: the test would prove little"
+        assert stats.nodes > stats.steps * stats.tree_size  # some steps verified lookup nodes too
+
+
+def test_a_step_without_a_match_verifies_exactly_the_heads_tree():
+    model = echo_model()
+    heads, tree = tiny_heads(model, num_heads=3), load_tree("medusa8", 3)
+    decoder = Decoder(model, heads, tree, PromptLookup())
+    rows, forward = [], decoder._forward
+    decoder._forward = lambda cache, ids, *a, **k: (rows.append(ids.numel()), forward(cache, ids, *a, **k))[1]
+    prompt, stats = list(range(60, 80)), Stats()  # no token repeats: the first step's n-grams never occurred
+    steps = decoder.steps(prompt, N_NEW, SamplingConfig(), stats)
+    next(steps), next(steps)
+    assert rows == [len(prompt), tree.size] and stats.nodes == tree.size
+    for _ in range(40):
+        next(steps)
+    assert max(rows[1:]) > tree.size and min(rows[1:]) == tree.size  # matched steps grow, the others do not
+    assert stats.nodes == sum(rows[1:])
+
+
+@pytest.mark.parametrize("path", ["lean", "generic"])
+def test_cache_after_hybrid_steps_equals_plain_decoding_cache(path):
+    model = echo_model("qwen2")
+    heads, tree = tiny_heads(model, num_heads=3), load_tree("medusa8", 3)
+    cache, out, stats = TreeKVCache.for_model(model, 200), [], Stats()
+    decoder = decoder_on(path, model, heads, tree, PromptLookup())
+    for step in decoder.steps(PROMPT, 48, SamplingConfig(), stats, cache=cache):
+        out += step
+        seen = PROMPT + out[:-1]  # everything but the newest token (the next root) is in the cache
+        ref = DynamicCache(config=model.config)
+        model(torch.tensor([seen]), past_key_values=ref, use_cache=True)
+        for i, layer in enumerate(ref.layers):
+            torch.testing.assert_close(cache.kv[i, 0, :, :, :len(seen)], layer.keys, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(cache.kv[i, 1, :, :, :len(seen)], layer.values, atol=1e-5, rtol=1e-4)
+        if len(out) >= 48:
+            break
+    assert stats.lookup_accepted > 0
+
+
+# ---------------------------------------------------------------------------------- calibrate, API
+
+def test_lookup_depths_on_a_known_sequence():
+    lk = PromptLookup(LookupConfig(max_ngram=3, min_ngram=2, branches=2, tokens=5))
+    depth, nodes = lookup_depths(lk, [1, 2, 3, 4, 5, 1, 2], [3, 4, 5, 9])
+    # position 6 (root 3): (1 2 3) -> 4 5 1 2 3 against 4 5 9: 2 accepted; position 7 (root 4): 5 1 ..
+    # against 5 9: 1; position 8 (root 5): 1 2 .. against 9: 0; position 9 (root 9): no match
+    assert depth.tolist() == [2, 1, 0, 0] and nodes.tolist() == [5, 5, 5, 0]
+    ranks = torch.tensor([[0, 0], [1, -1], [-1, -1], [0, -1]])  # the tree [[0], [0, 0]] accepts 2, 0, 0, 1
+    s = lookup_summary(lk, ranks, depth, nodes, [(0,), (0, 0)])
+    assert s["match_rate"] == 0.75 and s["mean_nodes"] == 3.75
+    assert s["mean_accepted_heads_only"] == 1 + 3 / 4 and s["mean_accepted_lookup_only"] == 1 + 3 / 4
+    assert s["mean_accepted_hybrid"] == 1 + (2 + 1 + 0 + 1) / 4
+    assert s["accuracy"][:3] == [2 / 3, 1 / 2, 0.0]
+    curve = [{"size": 1, "tree": []}, {"size": 3, "tree": [(0,), (0, 0)]}]
+    best = with_lookup(curve, ranks, depth, nodes, lambda n: 1.0)  # flat step time: the bigger tree wins
+    assert best["size"] == 3 and curve[0]["expected_accepted_hybrid"] == 1 + 3 / 4
+
+
+def test_cli_lookup_without_heads_and_the_api(tiny_dirs, capsys):
+    bb, heads, _ = tiny_dirs
+    assert main(["generate", "abc abc abc abc", "--backbone", str(bb), "--heads", "none", "--lookup",
+                 "--max-new-tokens", "24"]) == 0
+    out, err = capsys.readouterr()
+    plain = draftheads.load(heads=None, backbone=str(bb))
+    assert plain.lookup is None  # off by default
+    assert out.rstrip("\n") == plain.generate("abc abc abc abc", max_new_tokens=24).text and "tokens from lookup" in err
+    hybrid = draftheads.load(heads=str(heads), backbone=str(bb), lookup={"tokens": 3})
+    assert hybrid.lookup.tokens == 3
+    assert hybrid.generate("abc abc", max_new_tokens=16).token_ids == plain.generate("abc abc", max_new_tokens=16).token_ids
+    assert main(["generate", "hi", "--backbone", str(bb), "--heads", str(heads), "--no-lookup",
+                 "--max-new-tokens", "4"]) == 0
+    assert "tokens from lookup" not in capsys.readouterr().err
+
+
+def test_calibrate_with_lookup_reports_it(tiny_dirs, tmp_path):
+    import json
+
+    bb, heads, questions = tiny_dirs
+    out = tmp_path / "tree.json"
+    assert main(["calibrate", "--backbone", str(bb), "--heads", str(heads), "--prompts", str(questions), "--lookup",
+                 "--out", str(out), "--max-new-tokens", "12", "--max-nodes", "6", "--latency-sizes", "1,4",
+                 "--latency-steps", "2", "--threads", "1", "--no-measure"]) == 0
+    data = json.loads(out.read_text())
+    lk = data["lookup"]
+    assert lk["positions"] == data["positions"] and lk["mean_accepted_hybrid"] >= lk["mean_accepted_heads_only"]
+    assert all("tokens_per_s_hybrid" in c for c in data["curve"])
