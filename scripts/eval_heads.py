@@ -16,13 +16,14 @@ import torch
 
 import draftheads
 from draftheads.backbone import chat_ids
+from draftheads.questions import question_file
 from draftheads.train.prompts import load_prompts
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--heads", default="default")
-    ap.add_argument("--prompts", default="/work/shared/data/vicuna_bench_question.jsonl")
+    ap.add_argument("--prompts", default=str(question_file("vicuna")))  # the shipped held-out set
     ap.add_argument("--limit", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--trees", default="medusa16", help="comma-separated tree names or JSON path lists joined by ';'")

@@ -8,6 +8,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=${1:-../shared/data}
+if [ ! -f "$D/gsm8k_train.jsonl" ]; then
+    echo "train_default_heads.sh: no training prompts in $D: fetch them (docs/training.md, \"Prompt files\") and pass their folder" >&2
+    exit 2
+fi
 R=runs/default
 dh=.venv/bin/draftheads
 mkdir -p $R

@@ -127,3 +127,32 @@ def test_cli_export(model, tmp_path):
     (tmp_path / "hydra").mkdir()
     (tmp_path / "hydra" / "config.json").write_text(json.dumps({"head_type": "hydra"}))
     assert main(["export", "--heads", str(tmp_path / "hydra"), "--to", "vllm", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_cli_export_default_heads(tmp_path, capsys):
+    from draftheads.cli import main
+    from draftheads.draftmodel import DEFAULT_HEADS_DIR
+
+    if not (DEFAULT_HEADS_DIR / "config.json").exists():
+        pytest.skip("this version ships no default heads")
+    assert main(["export", "--heads", "default", "--to", "vllm", "--out", str(tmp_path / "vllm")]) == 0
+    assert load_heads(tmp_path / "vllm").cfg.num_heads == load_heads(DEFAULT_HEADS_DIR).cfg.num_heads
+    # The shipped heads are VocabTrim heads: the medusa layout refuses them in one line, not "no config.json".
+    assert main(["export", "--heads", "default", "--to", "medusa", "--out", str(tmp_path / "m")]) == 2
+    assert "VocabTrim" in capsys.readouterr().err
+
+
+def test_written_files_get_the_normal_mode(model, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        heads = _heads(model)
+        save_heads(heads, tmp_path / "native")
+        export_heads(heads, tmp_path / "vllm", "vllm")
+    finally:
+        os.umask(old)
+    for d in ("native", "vllm"):
+        for f in ("config.json", "model.safetensors"):
+            assert stat.S_IMODE((tmp_path / d / f).stat().st_mode) == 0o644, (d, f)

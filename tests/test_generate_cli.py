@@ -70,7 +70,8 @@ def test_user_errors_are_one_line(tiny_dirs, capsys, tmp_path, args, message):
         base[flag] = value
     code, _, err = run_cli(capsys, "generate", prompt, *[x for kv in base.items() for x in kv])
     assert code == 2
-    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    lines = [line for line in err.splitlines() if not line.startswith("draftheads: note:")]  # e.g. the tree note
+    assert len(lines) == 1 and message in err and "Traceback" not in err
 
 
 def test_bad_tree_and_mismatched_heads(tiny_dirs, capsys, tmp_path):
@@ -99,3 +100,108 @@ def test_context_limit_ends_generation_cleanly(tiny_dirs):
     result = model.generate("y" * 470, max_new_tokens=200)
     prompt_len = result.stats.prompt_tokens
     assert result.finish_reason == "context" and prompt_len + len(result.token_ids) <= 512
+
+
+# ------------------------------------------------------------------ defaults, help, threads, stats
+
+
+def _subcommands():
+    from draftheads.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict))
+    return sub.choices
+
+
+def test_help_shows_defaults_and_describes_every_option(capsys):
+    for name, parser in _subcommands().items():
+        for action in parser._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no description"
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: 512)" in out and "(default: greedy)" in out and "(default: 0)" in out  # threads
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: 4096)" in out and "(default: float16)" in out
+
+
+def test_help_imports_no_torch():
+    code = "import sys; from draftheads.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_threads_flag_on_every_command_that_runs_torch(tiny_dirs, capsys):
+    import torch
+
+    from draftheads import defaults
+
+    commands = _subcommands()
+    for name in ("generate", "chat", "serve", "bench", "calibrate", "export", "distill", "train"):
+        flag = next(a for a in commands[name]._actions if "--threads" in a.option_strings)
+        assert flag.default == defaults.THREADS, name
+    bb, heads, _ = tiny_dirs
+    before = torch.get_num_threads()
+    try:
+        assert main(["generate", "hi", "--backbone", str(bb), "--heads", str(heads), "--max-new-tokens", "2",
+                     "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert main(["generate", "hi", "--backbone", str(bb), "--threads", "-1"]) == 2
+    assert "--threads must be" in capsys.readouterr().err
+
+
+def test_heads_without_a_tree_get_a_safe_tree_and_say_so(tiny_dirs, capsys, tmp_path):
+    from draftheads.draftmodel import safe_tree
+
+    bb, heads, _ = tiny_dirs
+    model = draftheads.load(heads=str(heads), backbone=str(bb))
+    err = capsys.readouterr().err
+    assert model.tree.to_json() == [[0], [1], [0, 0]]  # small: a CPU verify of <= 4 nodes costs one token's
+    assert "no calibrated tree" in err and "[[0], [1], [0, 0]]" in err and "draftheads calibrate" in err
+    assert safe_tree("cpu", 1).to_json() == [[0], [1]]
+    assert safe_tree("cuda", 3).size > safe_tree("cpu", 3).size
+    draftheads.load(heads=str(heads), backbone=str(bb), tree="chain2")  # an explicit tree: nothing to say
+    assert "no calibrated tree" not in capsys.readouterr().err
+    cfg = json.loads((heads / "config.json").read_text())
+    (heads / "config.json").write_text(json.dumps({**cfg, "tree": [[0]]}))
+    assert draftheads.load(heads=str(heads), backbone=str(bb)).tree.to_json() == [[0]]
+    assert "no calibrated tree" not in capsys.readouterr().err
+
+
+def test_exact_at_temperature_zero_says_it_is_greedy(tiny_dirs, capsys):
+    bb, heads, _ = tiny_dirs
+    code, out, err = run_cli(capsys, "generate", "hi", "--backbone", str(bb), "--heads", str(heads),
+                             "--max-new-tokens", "4", "--acceptance", "exact")
+    assert code == 0 and "at temperature 0 is greedy decoding" in err
+    code, out, err = run_cli(capsys, "generate", "hi", "--backbone", str(bb), "--heads", str(heads),
+                             "--max-new-tokens", "4", "--acceptance", "exact", "--temperature", "0.5", "--seed", "0")
+    assert code == 0 and "greedy decoding" not in err
+
+
+def test_stats_add_up_tokens_per_step_is_the_histograms_mean(tiny_dirs, capsys):
+    from draftheads.draftmodel import _kept_per_step
+
+    assert _kept_per_step([3, 3, 3], 6) == [3, 2, 0]  # the prefill's token is no step's
+    bb, heads, _ = tiny_dirs
+    model = draftheads.load(heads=str(heads), backbone=str(bb), tree="chain3")
+    full = model.generate("abc", max_new_tokens=40)
+    for kw in ({"max_new_tokens": 40}, {"max_new_tokens": 7}, {"max_new_tokens": 40, "stop": full.text[12:15]}):
+        s = model.generate("abc", **kw).stats
+        d = s.to_dict()
+        hist = d["accepted_histogram"]
+        assert s.new_tokens == 1 + sum(s.accepted) and s.steps == len(s.accepted), kw
+        assert d["mean_accepted"] == pytest.approx(sum(k * v for k, v in hist.items()) / sum(hist.values())), kw
+
+
+def test_generate_and_stream_name_themselves_on_a_wrong_keyword(tiny_dirs):
+    bb, heads, _ = tiny_dirs
+    model = draftheads.load(heads=str(heads), backbone=str(bb))
+    with pytest.raises(TypeError, match=r"generate\(\) got an unexpected keyword argument 'max_tokens'"):
+        model.generate("hi", max_tokens=3)
+    with pytest.raises(TypeError, match=r"stream\(\) got an unexpected keyword argument 'temp'"):
+        list(model.stream("hi", temp=0.5))
+    assert "max_new_tokens" in model.generate.__doc__ and "as for `generate`" in model.stream.__doc__

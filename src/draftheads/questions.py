@@ -11,6 +11,9 @@ from pathlib import Path
 from .errors import UserError
 
 PROMPT_FIELDS = ("prompt", "instruction", "question", "text", "input")
+DATA_DIR = Path(__file__).parent / "data"
+# Question sets shipped in the package (data/README.md: origins and licences), usable by name.
+SHIPPED = {"vicuna": "vicuna_bench_question.jsonl"}
 
 
 @dataclass
@@ -39,10 +42,18 @@ def _record(obj, i: int) -> Question | None:
     return Question(str(qid), str(obj.get("category") or "default"), turns) if turns else None
 
 
-def load_questions(path, limit: int | None = None, categories: list[str] | None = None) -> list[Question]:
-    path = Path(path).expanduser()
+def question_file(name) -> Path:
+    """A shipped set's name (`vicuna`) or a path. A file of that name in the working directory wins."""
+    path = Path(name).expanduser()
+    if not path.exists() and str(name) in SHIPPED:
+        return DATA_DIR / SHIPPED[str(name)]
     if not path.is_file():
-        raise UserError(f"questions file not found: {path}")
+        raise UserError(f"questions file not found: {path} (or name a shipped set: {', '.join(SHIPPED)})")
+    return path
+
+
+def load_questions(path, limit: int | None = None, categories: list[str] | None = None) -> list[Question]:
+    path = question_file(path)
     text = path.read_text(encoding="utf-8", errors="replace")
     stripped = text.lstrip()
     records: list = []

@@ -49,7 +49,7 @@ def cmd_export(args) -> None:
         bb = prepare_backbone(load_backbone(args.backbone or heads.cfg.backbone), source, raw)
         heads = load_heads(source, bb.model)
         weight = bb.model.get_output_embeddings().weight
-        tuned = save_backbone(bb.model, bb.tokenizer, Path(args.out).expanduser() / "backbone").resolve()
+        tuned = (Path(args.out).expanduser() / "backbone").resolve()
         heads.cfg.backbone, heads.cfg.adapter = str(tuned), None
     elif (args.to == "vllm" and heads.cfg.lm_head == "shared") or args.backbone:
         # vLLM reads a shared LM head from the draft checkpoint, so it has to be copied from the backbone.
@@ -57,7 +57,8 @@ def cmd_export(args) -> None:
         heads = load_heads(source, bb.model)
         weight = bb.model.get_output_embeddings().weight
     out = export_heads(heads, args.out, args.to, backbone_weight=weight)
-    if tuned is not None:
+    if tuned is not None:  # written once the heads were, so that a refused layout writes nothing
+        save_backbone(bb.model, bb.tokenizer, tuned)
         print(f"wrote {tuned}: the backbone with the Medusa-2 adapter merged; serve the heads with THIS backbone")
     hint = {"vllm": f'vllm serve {tuned or "<backbone>"} --speculative-config \'{{"method": "medusa", "model": "{out}", '
                     f'"num_speculative_tokens": {heads.cfg.num_heads}}}\'',
@@ -101,7 +102,8 @@ def register(sub) -> None:
     e.add_argument("--to", required=True, choices=["vllm", "medusa", "tgi"], help="the serving engine's layout")
     e.add_argument("--out", required=True, help="output directory")
     e.add_argument("--backbone", default=None,
-                   help="backbone to check the heads against; needed for shared-LM-head heads going to vLLM")
+                   help="backbone to check the heads against; needed for shared-LM-head heads going to vLLM. Medusa-2 "
+                        "heads: the original backbone, which gets their adapter merged and is written to <out>/backbone")
     add_threads(e)  # loading a backbone for the check runs torch
     e.set_defaults(func=cmd_export)
 

@@ -52,6 +52,8 @@ def export_heads(heads: MedusaHeads, out: str | Path, to: str, backbone_weight: 
     # What engines ignore but our import restores: the wrong-backbone check and the calibrated tree.
     ours = {"backbone": cfg.backbone, "backbone_fingerprint": cfg.backbone_fingerprint, "tree": cfg.tree,
             "exported_by": "draftheads"}
+    if cfg.tuned_fingerprint:  # Medusa-2 heads: refuse the untuned backbone after a round trip too
+        ours["tuned_fingerprint"] = cfg.tuned_fingerprint
     if to == "vllm":
         tensors, config = _vllm(heads, state, backbone_weight)
     else:

@@ -35,6 +35,11 @@ class HeadsConfig:
     backbone_fingerprint: list[float] = field(default_factory=list)
     tree: list[list[int]] | None = None  # a calibrated tree, used by default when present
     dropout: float = 0.0  # Hydra++ trains with dropout before every block and the LM head
+    # Medusa-2: the LoRA adapter trained with the heads (a path relative to the heads directory), which
+    # `draftheads.load` merges into the backbone, and the weights it changed most, so that the heads refuse
+    # the untuned backbone (adapter.py). Empty for Medusa-1 and Hydra heads.
+    adapter: str | None = None
+    tuned_fingerprint: list[dict] = field(default_factory=list)
     format: str = "draftheads/1"
 
     @classmethod

@@ -57,6 +57,12 @@ def cmd_train(args) -> None:
         print(f"heads: {out}")
 
 
+def cmd_compare(args) -> None:
+    from ..compare import cmd_compare as run
+
+    run(args)
+
+
 def register(sub) -> None:
     d = sub.add_parser("distill", help="self-distillation: the backbone answers prompts -> conversations JSONL")
     d.add_argument("--prompts", action="append", metavar="PATH[:WEIGHT]",
@@ -82,7 +88,31 @@ def register(sub) -> None:
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_distill)
 
-    t = sub.add_parser("train", help="train draft heads on distilled conversations (frozen backbone)")
+    c = sub.add_parser("compare", help="Medusa-2 quality report: the tuned backbone against the original, and the "
+                                       "speed gained, side by side",
+                       description="Greedy replies of the original backbone, of the original with Medusa-1 heads "
+                                   "(optional) and of the tuned backbone with its Medusa-2 heads: speed, top-1 agreement "
+                                   "of the tuned model with the original (teacher-forced on the original's replies) and "
+                                   "the original's perplexity on the tuned model's replies. Writes report.json/.md.")
+    from ..bench_cli import QUESTIONS_HELP
+
+    c.add_argument("questions", help="held-out prompts: " + QUESTIONS_HELP)
+    c.add_argument("--heads", required=True, help="Medusa-2 heads directory (from train --method medusa2)")
+    c.add_argument("--medusa1-heads", default=None,
+                   help="Medusa-1 heads for the original backbone ('default' or a directory), timed beside")
+    c.add_argument("--backbone", default=None, help="the ORIGINAL backbone (default: the one the heads name)")
+    c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    c.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
+    c.add_argument("--tree", default=None, help="tree for both heads (default: each heads' calibrated tree, else a "
+                                                "small one that is safe on the device)")
+    c.add_argument("--limit", type=int, default=10, help="first N questions (0: all)")
+    c.add_argument("--max-new-tokens", type=int, default=128, help="most new tokens per reply")
+    c.add_argument("--out", default="compare-report", help="directory for report.json and report.md")
+    add_threads(c)
+    c.set_defaults(func=cmd_compare)
+
+    t = sub.add_parser("train", help="train draft heads on distilled conversations (frozen backbone; medusa2: with a "
+                                     "LoRA adapter on it)")
     add_train_args(t)
     t.set_defaults(func=cmd_train)
 
@@ -90,15 +120,18 @@ def register(sub) -> None:
 def add_train_args(t: argparse.ArgumentParser) -> None:
     """Flags map 1:1 onto the trainer's config dataclasses (see trainer.config_from_args), whose field
     defaults are the flags' defaults: defined once, in config.py."""
-    from .config import DataConfig, ModelConfig, OptimConfig, RunConfig
+    from .config import DataConfig, JointConfig, ModelConfig, OptimConfig, RunConfig
 
-    M, D, O, R = ModelConfig(), DataConfig(), OptimConfig(), RunConfig()
+    M, D, O, R, J = ModelConfig(), DataConfig(), OptimConfig(), RunConfig(), JointConfig()
     t.add_argument("--data", required=True, help="conversations JSONL from `draftheads distill` (messages format)")
     t.add_argument("--output", "-o", required=True, help="run directory: checkpoints, eval JSON, final heads in <dir>/heads")
-    t.add_argument("--method", default="medusa1", choices=["medusa1", "hydra", "hydra++"],
-                   help="medusa1: independent heads; hydra: each head sees the path drafted before it; hydra++: hydra "
-                        "plus a prefix decoder layer (use with --soft-targets --dropout 0.2, the paper's recipe)")
-    t.add_argument("--backbone", default=M.backbone, help="HF model directory or cached name (default: embedded SmolLM2)")
+    t.add_argument("--method", default="medusa1", choices=["medusa1", "medusa2", "hydra", "hydra++"],
+                   help="medusa1: independent heads; medusa2: Medusa heads plus a LoRA adapter on the backbone, trained "
+                        "together (faster drafts, NOT lossless w.r.t. the original model; docs/training.md); hydra: "
+                        "each head sees the path drafted before it; hydra++: hydra plus a prefix decoder layer (use "
+                        "with --soft-targets --dropout 0.2, the paper's recipe)")
+    t.add_argument("--backbone", default=M.backbone,
+                   help="HF model directory or cached name (default: embedded SmolLM2)")
     t.add_argument("--dtype", default=M.dtype, help="backbone dtype: float32, float16, bfloat16 (default: fp32 on CPU, "
                                                     "bf16 on CUDA)")
     t.add_argument("--num-heads", type=int, default=M.num_heads, help="draft heads (head k guesses token k+2 ahead)")
@@ -126,5 +159,22 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--save-dtype", default=R.save_dtype, choices=["float32", "float16", "bfloat16"],
                    help="dtype of the final heads file (loading converts to the backbone's dtype)")
     t.add_argument("--seed", type=int, default=R.seed, help="seeds initialisation, split and batch order")
+    g = t.add_argument_group("medusa2 (--method medusa2)")
+    g.add_argument("--lora-rank", type=int, default=J.lora_rank, help="LoRA rank of the backbone's adapter")
+    g.add_argument("--lora-alpha", type=float, default=J.lora_alpha, help="LoRA alpha (the update is scaled by alpha/rank)")
+    g.add_argument("--lora-dropout", type=float, default=J.lora_dropout, help="dropout on the LoRA branch")
+    g.add_argument("--lora-targets", default=",".join(J.lora_targets),
+                   help="comma-separated module names to adapt, or all-linear (every linear layer but the LM head)")
+    g.add_argument("--adapter-lr", type=float, default=J.adapter_lr,
+                   help="the adapter's peak learning rate (the heads use --lr, higher)")
+    g.add_argument("--heads-coefficient", type=float, default=J.heads_coefficient,
+                   help="lambda: loss = KL(original || tuned) + lambda * sum_k decay^k head loss_k; larger drafts "
+                        "better and moves the backbone further from the original")
+    g.add_argument("--heads-warmup-epochs", type=float, default=J.heads_warmup_epochs,
+                   help="stage 1: epochs of heads-only training (Medusa-1, frozen backbone) before the joint stage, "
+                        "which runs --epochs")
+    g.add_argument("--init-heads", default=J.init_heads,
+                   help="start the joint stage from these Medusa-1 heads (a directory or 'default') instead of a stage 1")
+    g.add_argument("--merge", action="store_true", help="also write the backbone with the adapter merged to <output>/merged")
     add_threads(t)
     t.add_argument("--no-progress", action="store_true", help="no progress bar")

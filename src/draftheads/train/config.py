@@ -54,12 +54,32 @@ class RunConfig:
     save_dtype: str = "float16"  # half the float32 file; loading converts to the backbone's dtype
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # Llama-family names
+
+
+@dataclass
+class JointConfig:
+    """Medusa-2 (--method medusa2): a LoRA adapter on the backbone trained together with the heads
+    (train/medusa2.py). Off for medusa1 and hydra."""
+    enabled: bool = False
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # or ["all-linear"]
+    adapter_lr: float = 1e-4  # the adapter's peak LR; the heads keep optim.lr (higher: Medusa-2's recipe)
+    heads_coefficient: float = 0.2  # lambda: loss = KL(original || tuned) + lambda * sum_k decay^k CE_k
+    heads_warmup_epochs: float = 1.0  # stage 1: heads only (Medusa-1) on the frozen backbone, before the joint stage
+    init_heads: str | None = None  # start from these Medusa-1 heads instead of a stage 1
+    merge: bool = False  # also write the backbone with the adapter merged (<output>/merged)
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    joint: JointConfig = field(default_factory=JointConfig)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -67,7 +87,7 @@ class TrainConfig:
         unknown = sorted(set(d) - set(parts))
         if unknown:
             raise UserError(f"unknown config section(s): {', '.join(unknown)} (known: {', '.join(parts)})")
-        kinds = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig}
+        kinds = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig, "joint": JointConfig}
         out = {}
         for name, sub in d.items():
             known = {f.name for f in fields(kinds[name])}
@@ -100,3 +120,14 @@ class TrainConfig:
             raise UserError(f"save_dtype must be float32, float16 or bfloat16, not {self.run.save_dtype!r}")
         if not self.data.path or not self.run.output:
             raise UserError("training needs a conversations file (--data) and an output directory (--output)")
+        j = self.joint
+        if j.enabled:
+            if m.head_type != "medusa":
+                raise UserError("medusa2 trains Medusa heads (head_type medusa)")
+            if o.soft_targets:
+                raise UserError("--soft-targets is for medusa1 and hydra: medusa2's backbone changes, so its heads "
+                                "learn the data tokens")
+            if j.lora_rank < 1 or j.lora_alpha <= 0 or not 0 <= j.lora_dropout < 1 or not j.lora_targets:
+                raise UserError("LoRA needs rank >= 1, alpha > 0, 0 <= dropout < 1 and at least one target module")
+            if j.adapter_lr <= 0 or j.heads_coefficient < 0 or j.heads_warmup_epochs < 0:
+                raise UserError("need adapter_lr > 0, heads_coefficient >= 0 and heads_warmup_epochs >= 0")
