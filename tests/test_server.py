@@ -527,3 +527,25 @@ def test_cli_serve(tmp_path, model):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_batched_server_replies_equal_serial_replies():
+    """8 concurrent clients on a --max-batch 4 server get exactly the greedy replies a one-at-a-time
+    server gives."""
+    import concurrent.futures
+
+    prompts = [f"question {i}: " + "abc" * i for i in range(8)]
+
+    def replies(max_batch):
+        srv = Server(create_app(tiny_draftmodel(tree="medusa16"), max_batch=max_batch))
+        client = OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        try:
+            def ask(p):
+                r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": p}],
+                                                   max_tokens=20, temperature=0)
+                return r.choices[0].message.content
+            with concurrent.futures.ThreadPoolExecutor(8) as ex:
+                return list(ex.map(ask, prompts))
+        finally:
+            srv.stop()
+    assert replies(4) == replies(1)

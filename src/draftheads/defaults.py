@@ -14,6 +14,10 @@ MAX_NEW_TOKENS = 512
 # shows where they pay off (issue 16).
 LOOKUP = False
 
+# Requests the server decodes together (--max-batch): each verify pass covers every running request's
+# tree (batch.py). 1 serves one request at a time.
+MAX_BATCH = 8
+
 
 def set_threads(threads: int | None) -> None:
     """Apply --threads: 0 or None leaves torch's default."""

@@ -69,9 +69,9 @@ class DraftModel:
     def iter_generate(self, prompt, max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = _SP.temperature,
                       top_p: float = _SP.top_p, top_k: int = _SP.top_k, acceptance: str = _SP.acceptance, tree=None,
                       stop=None, seed: int | None = _SP.seed, typical_epsilon: float = _SP.typical_epsilon,
-                      typical_delta: float = _SP.typical_delta) -> Iterator[Chunk]:
+                      typical_delta: float = _SP.typical_delta, batch=None) -> Iterator[Chunk]:
         """One chunk of new text (maybe empty) per decoding step; the last chunk carries the Result. Arguments
-        as for `generate`."""
+        as for `generate`; `batch` (a batch.BatchDecoder) decodes inside that batch, stepped by its owner."""
         if max_new_tokens < 1:
             raise UserError("max_new_tokens must be at least 1")
         sp = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, acceptance=acceptance, seed=seed,
@@ -81,11 +81,13 @@ class DraftModel:
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         ids = self.prompt_ids(prompt)
         # The whole sequence stays within the context window.
-        room = self.decoder.context - len(ids)
+        decoder = batch or self.decoder
+        room = decoder.context - len(ids)
         limit, limit_reason = (max_new_tokens, "length") if max_new_tokens <= room else (room, "context")
         stats, tokens, text, sent, finish = Stats(), [], "", 0, None
         start = time.perf_counter()
-        for step in self.decoder.steps(ids, limit, sp, stats, tree):
+        steps = decoder.steps(ids, limit, sp, stats, tree)
+        for step in steps:
             for t in step:
                 if t in self.eos_ids:
                     finish = "stop"
@@ -109,9 +111,23 @@ class DraftModel:
             yield Chunk(new)
             if finish:
                 break
+        steps.close()  # in a batch: frees the slot now, not when the generator is collected
         stats.new_tokens, stats.total_s = len(tokens), time.perf_counter() - start
         stats.accepted = _kept_per_step(stats.accepted, len(tokens))
         yield Chunk(text[sent:], Result(tokens, text, stats, finish))
+
+    def generate_many(self, prompts: list, *, max_batch: int = 8, max_seq_len: int = 2048, **kwargs) -> list[Result]:
+        """One Result per prompt, decoded together: up to `max_batch` sequences share each verify pass
+        (batch.BatchDecoder; `max_seq_len` tokens per sequence). Keyword arguments as for `generate`;
+        the results equal decoding each prompt alone (greedy: token for token). Models the batched
+        step does not take (not Llama-family, or Hydra++ heads) decode one prompt after another."""
+        from .batch import BatchDecoder, run_all
+
+        try:
+            batch = BatchDecoder(self.decoder, max_batch, max_seq_len)
+        except UserError:
+            return [self.generate(p, **kwargs) for p in prompts]
+        return run_all(batch, [self.iter_generate(p, batch=batch, **kwargs) for p in prompts])
 
     def generate(self, prompt, *, max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = _SP.temperature,
                  top_p: float = _SP.top_p, top_k: int = _SP.top_k, acceptance: str = _SP.acceptance, tree=None,

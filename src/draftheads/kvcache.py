@@ -201,15 +201,38 @@ class SlotKVCache:
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
         return mask.masked_fill_(~visible, torch.finfo(self.dtype).min)[:, None, None]
 
+    def tree_mask(self, tree_bias: torch.Tensor) -> torch.Tensor:
+        """Additive mask [slots, 1, q, max(lengths) + q] for a step of q nodes per slot: slot s's nodes see
+        its lengths[s] cached entries and each other as tree_bias[s] [q, q] says (0 / -inf; a padding
+        node should see itself, so that no row is all -inf)."""
+        S, q, _ = tree_bias.shape
+        assert S == self._rows.numel() and int(self.lengths.max()) + q <= self.capacity, "KV cache overflow"
+        self._end = int(self.lengths.max()) + q
+        prefix = torch.arange(self._end, device=self.device) < self.lengths[:, None]  # [slots, end]
+        mask = torch.full((S, q, self._end), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(prefix[:, None, :], 0)
+        cols = (self.lengths[:, None] + torch.arange(q, device=self.device))[:, None, :].expand(S, q, q)
+        return mask.scatter_(2, cols, tree_bias.to(self.dtype))[:, None]
+
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write one entry per slot (keys, values [slots, kv_heads, 1, head_dim]) at each slot's length;
-        returns every slot's entries [slots, kv_heads, max(lengths) + 1, head_dim]. The entries join
-        their sequences at `advance()`, after the forward's last layer."""
-        assert keys.shape[0] == self._rows.numel() and keys.shape[2] == 1, keys.shape
+        """Write q entries per slot (keys, values [slots, kv_heads, q, head_dim]) after each slot's own
+        length; returns every slot's entries [slots, kv_heads, max(lengths) + q, head_dim]. The entries
+        join their sequences at `advance()` (q = 1) or `keep()` (a tree step), after the forward."""
+        assert keys.shape[0] == self._rows.numel(), keys.shape
+        cols = self.lengths[:, None] + torch.arange(keys.shape[2], device=self.device)  # [slots, q]
         kv = self.kv[layer]  # [2, slots, kv_heads, capacity, head_dim]
-        kv[0, self._rows, :, self.lengths] = keys[:, :, 0]
-        kv[1, self._rows, :, self.lengths] = values[:, :, 0]
+        kv[0, self._rows[:, None], :, cols] = keys.transpose(1, 2)  # indexed as [slots, q, kv_heads, head_dim]
+        kv[1, self._rows[:, None], :, cols] = values.transpose(1, 2)
         return kv[0, :, :, :self._end], kv[1, :, :, :self._end]
+
+    def keep(self, slot: int, nodes: list[int]) -> None:
+        """After a tree step wrote slot `slot`'s nodes after its length L: keep `nodes` (root first, each
+        a descendant of the previous) at [L, L + len(nodes)) and drop the rest."""
+        L, a = int(self.lengths[slot]), len(nodes)
+        if nodes != list(range(a)):
+            index = torch.tensor(nodes, device=self.device) + L
+            self.kv[:, :, slot, :, L:L + a] = self.kv[:, :, slot, :, :].index_select(3, index)
+        self.lengths[slot] = L + a
 
     def advance(self) -> None:
         self.lengths += 1

@@ -22,7 +22,7 @@ def cmd_serve(args) -> None:
     serve(model, host=args.host, port=args.port, model_name=args.model_name, api_key=args.api_key,
           max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
           max_tokens_limit=args.max_tokens_limit, queue_size=args.queue_size,
-          parse_special_tokens=args.parse_special_tokens)
+          parse_special_tokens=args.parse_special_tokens, max_batch=args.max_batch, max_seq_len=args.max_seq_len)
 
 
 def cmd_chat(args) -> None:
@@ -80,6 +80,10 @@ def register(sub) -> None:
     s.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt, also capped by the context")
     s.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask for")
     s.add_argument("--queue-size", type=int, default=16, help="requests that may wait; more get 429")
+    s.add_argument("--max-batch", type=int, default=defaults.MAX_BATCH,
+                   help="requests decoded together, one verify pass for all (continuous batching; 1: one at a time)")
+    s.add_argument("--max-seq-len", type=int, default=2048,
+                   help="tokens per batched request (prompt + reply); its KV cache slot is preallocated")
     s.add_argument("--parse-special-tokens", action="store_true",
                    help="let a /v1/completions string prompt spell control tokens such as <|im_start|> (default: "
                         "they are plain text; chat messages are always plain text)")
@@ -109,6 +113,6 @@ def register(sub) -> None:
 
 
 def _check_limits(args) -> None:
-    for name in ("max_body_bytes", "max_prompt_tokens", "max_tokens_limit", "queue_size"):
+    for name in ("max_body_bytes", "max_prompt_tokens", "max_tokens_limit", "queue_size", "max_batch", "max_seq_len"):
         if getattr(args, name, 1) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")

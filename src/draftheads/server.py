@@ -109,10 +109,13 @@ class Job:
 
 
 class Worker:
-    """Runs jobs one at a time, in arrival order, on its own thread."""
+    """Runs jobs in arrival order on its own thread: up to `max_batch` at once (continuous batching: a job
+    joins at the next step boundary and leaves when it ends or its client goes), or one at a time where
+    the model does not take the batched step (batch.BatchDecoder says why)."""
 
-    def __init__(self, model, queue_size: int):
+    def __init__(self, model, queue_size: int, max_batch: int = 1, max_seq_len: int = 2048):
         self.model, self.queue_size = model, queue_size
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
         # A deque rather than queue.Queue: a cancelled job must leave the queue at once, not when its turn comes.
         self.waiting: deque[Job] = deque()
         self.changed = threading.Condition()
@@ -141,6 +144,16 @@ class Worker:
             return self.waiting.popleft()
 
     def _run(self) -> None:
+        batch = None
+        if self.max_batch > 1:
+            from .batch import BatchDecoder
+
+            try:  # made on this thread: it does all the torch work from here on
+                batch = BatchDecoder(self.model.decoder, self.max_batch, self.max_seq_len)
+            except UserError as e:
+                log.warning("serving one request at a time: %s", e)
+        if batch is not None:
+            self._run_batched(batch)
         while True:
             job = self._next()
             if job.cancelled.is_set():  # cancelled between leaving the queue and now
@@ -164,6 +177,50 @@ class Worker:
         finally:
             chunks.close()
 
+    def _run_batched(self, batch) -> None:
+        running: dict[int, tuple[Job, object]] = {}  # id(job) -> (job, its chunk generator)
+        while True:
+            with self.changed:
+                while not self.waiting and not running:
+                    self.changed.wait()
+                joining = [self.waiting.popleft() for _ in range(min(len(self.waiting), len(batch.free)))]
+            self.running = True
+            for job in joining:  # prefill, first chunk
+                if not job.cancelled.is_set():
+                    chunks = self.model.iter_generate(torch.tensor(job.ids), batch=batch, **job.kwargs)
+                    if self._advance(job, chunks):
+                        running[id(job)] = (job, chunks)
+            try:
+                batch.step()  # one verify pass for every running job
+            except BaseException as e:  # never let one pass kill the worker: fail its jobs, go on
+                for job, chunks in running.values():
+                    chunks.close()
+                    self._send(job, "error", e)
+                running.clear()
+            for key, (job, chunks) in list(running.items()):
+                if not self._advance(job, chunks):
+                    del running[key]
+            self.running = bool(running)
+
+    def _advance(self, job: Job, chunks) -> bool:
+        """Send `job` its next chunk (one decoding step); False once it is finished, failed or cancelled
+        (its generator closed, so its batch slot is free)."""
+        try:
+            chunk = None if job.cancelled.is_set() else next(chunks, None)
+        except BaseException as e:
+            chunks.close()
+            self._send(job, "error", e)
+            return False
+        if chunk is None:
+            chunks.close()
+            return False
+        self._send(job, "chunk", chunk)
+        if chunk.result is not None:
+            chunks.close()
+            self._send(job, "done", None)
+            return False
+        return True
+
     @staticmethod
     def _send(job: Job, kind: str, item) -> None:
         try:
@@ -174,13 +231,17 @@ class Worker:
 
 def create_app(model, model_name: str | None = None, api_key: str | None = None, max_body_bytes: int = 1 << 20,
                max_prompt_tokens: int = 4096, max_tokens_limit: int = 2048, default_max_tokens: int = 256,
-               queue_size: int = 16, parse_special_tokens: bool = False) -> FastAPI:
+               queue_size: int = 16, parse_special_tokens: bool = False, max_batch: int = 1,
+               max_seq_len: int = 2048) -> FastAPI:
     """An app serving `model` (a DraftModel). The worker thread starts here, one per app.
     parse_special_tokens: whether a /v1/completions string prompt may spell control tokens
-    ("<|im_start|>"); off, they are text like any other. Chat messages are always text."""
+    ("<|im_start|>"); off, they are text like any other. Chat messages are always text.
+    max_batch: requests decoded together (continuous batching; 1: one at a time), each in a cache slot
+    of max_seq_len tokens (prompt + reply)."""
     name = model_name or model.backbone_name
-    context = model.decoder.context
-    worker = Worker(model, queue_size)
+    # A batch slot holds prompt + reply + one tree: 64 leaves room for trees of up to 64 nodes.
+    context = model.decoder.context if max_batch <= 1 else min(model.decoder.context, max_seq_len - 64)
+    worker = Worker(model, queue_size, max_batch, max_seq_len)
     created = int(time.time())
     app = FastAPI(title="draftheads", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = worker

@@ -1,0 +1,186 @@
+"""Many sequences per verify pass: the batched decoding step behind the server's continuous batching.
+
+Each sequence has its own cache slot and length (SlotKVCache), its own tree (or none), its own
+sampling settings and its own drafter state (prompt lookup's n-grams). One step drafts every
+sequence's tree, verifies all their nodes in ONE forward over [slots, nodes] on the lean forward
+(each sequence attends only to its own cache and its own tree ancestors; shorter trees are padded
+with nodes that see only themselves), then accepts and compacts the cache per sequence.
+
+`steps()` has Decoder.steps' contract (a generator of the tokens each step emits), but it is driven
+from outside: its first next() prefills the sequence into a free slot, and each later next() returns
+what the last `step()` emitted for it. So DraftModel's text handling runs unchanged on top of it, and
+one thread (the server's worker) interleaves many requests: step(), then next() on each of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .acceptance import SamplingConfig, accept, sample
+from .errors import UserError
+from .generate import ROOT_ONLY, Decoder, Stats
+from .kvcache import SlotKVCache, TreeKVCache
+from .lookup import Hybrid, PromptLookup
+from .tree import Tree
+
+
+@dataclass
+class _Sequence:
+    slot: int
+    sp: SamplingConfig
+    gen: torch.Generator | None
+    tree: Tree
+    drafter: Hybrid | None
+    stats: Stats
+    end: int  # the slot length this sequence may reach (prompt + its tokens + one tree)
+    reserve: int  # most nodes of one of its steps
+    hidden: torch.Tensor  # [H] at the last verified position
+    root: int  # the backbone's next token, not yet verified
+    emitted: list[int] | None = None  # what the last step() gave it, until its steps() hands it out
+    done: bool = False  # no room left for another step
+
+
+class BatchDecoder:
+    """Decodes up to `slots` sequences together; `capacity` tokens per slot (prompt + reply + one tree)."""
+
+    def __init__(self, decoder: Decoder, slots: int, capacity: int):
+        if decoder.lean is None:
+            raise UserError("batched decoding runs on the lean forward (Llama, Mistral, Qwen2); this model "
+                            "decodes one request at a time")
+        heads = decoder.drafter.heads if decoder.drafter is not None else None
+        if getattr(heads, "prefix", None) is not None:
+            raise UserError("Hydra++ heads keep one prefix-layer cache: they decode one request at a time")
+        self.dec, self.heads = decoder, heads
+        self.lookup_cfg = decoder.drafter.lookup.cfg if decoder.drafter is not None and decoder.drafter.lookup else None
+        self.cache = SlotKVCache.for_model(decoder.model, slots, capacity)
+        self.capacity = capacity
+        self.free = list(range(slots))[::-1]
+        self.seqs: dict[int, _Sequence] = {}
+
+    @property
+    def context(self) -> int:
+        """Tokens a sequence may hold (what DraftModel sizes replies by)."""
+        return self.capacity - self._reserve(self.dec.tree)
+
+    def _reserve(self, tree: Tree) -> int:
+        return tree.size + (PromptLookup(self.lookup_cfg).max_nodes if self.lookup_cfg else 0)
+
+    @torch.inference_mode()
+    def steps(self, prompt_ids: list[int], max_new_tokens: int, sp: SamplingConfig, stats: Stats,
+              tree: Tree | None = None) -> Iterator[list[int]]:
+        """Decoder.steps' contract: yields the prefill's token, then per step() the tokens emitted."""
+        assert self.free, "no free slot: the scheduler admits at most `slots` sequences"
+        tree = self.dec.tree if tree is None or self.heads is None else tree
+        P, reserve = len(prompt_ids), self._reserve(tree)
+        if P == 0:
+            raise UserError("the prompt is empty")
+        if P + reserve >= self.capacity:
+            raise UserError(f"the prompt has {P} tokens; a batch slot holds {self.capacity} (--max-seq-len)")
+        slot = self.free.pop()
+        try:
+            seq = self._prefill(slot, prompt_ids, min(self.capacity, P + max_new_tokens + reserve), reserve, sp,
+                                stats, tree)
+            yield [seq.root]
+            while not seq.done:
+                assert seq.emitted is not None, "next() without a step() in between"
+                out, seq.emitted = seq.emitted, None
+                yield out
+        finally:
+            self.seqs.pop(slot, None)
+            self.cache.release(slot)
+            self.free.append(slot)
+
+    def _prefill(self, slot, prompt_ids, end, reserve, sp, stats, tree) -> _Sequence:
+        dec, P = self.dec, len(prompt_ids)
+        dev = dec.device
+        t0 = dec._sync()
+        tmp = TreeKVCache(dec.model.config.num_hidden_layers, P, dec.dtype, dev)
+        causal = torch.full((P, P), torch.finfo(dec.dtype).min, dtype=dec.dtype, device=dev).triu(1)
+        ids = torch.tensor(prompt_ids, device=dev)
+        h = dec.lean.hidden(tmp, ids, torch.arange(P, device=dev), tmp.attention_mask(causal))  # [P, H]
+        self.cache.load(slot, tmp)
+        drafter = None
+        if self.heads is not None or self.lookup_cfg is not None:
+            drafter = Hybrid(self.heads, PromptLookup(self.lookup_cfg) if self.lookup_cfg else None)
+            drafter.reset()
+            drafter.observe(h, ids)
+        gen = torch.Generator(device=dev).manual_seed(sp.seed) if sp.seed is not None else None
+        root = sample(dec.logits(h[-1]), sp, gen)
+        stats.prompt_tokens, stats.tree_size, stats.prefill_s = P, tree.size, dec._sync() - t0
+        seq = self.seqs[slot] = _Sequence(slot, sp, gen, tree, drafter, stats, end, reserve, h[-1], root)
+        return seq
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One verify pass over every admitted sequence's tree; each gets its emitted tokens."""
+        seqs = [s for s in self.seqs.values() if not s.done and s.emitted is None]
+        if not seqs:
+            return
+        dec, dev, S = self.dec, self.dec.device, len(self.free) + len(self.seqs)
+        t0 = dec._sync()
+        plans = {}
+        for s in seqs:
+            L = int(self.cache.lengths[s.slot])
+            root = torch.tensor(s.root, device=dev)
+            step_tree, cands = ROOT_ONLY, root.view(1)
+            if s.drafter is not None and L + s.reserve <= s.end:
+                step_tree, cands = s.drafter.propose(s.hidden, root, s.tree)
+            plans[s.slot] = (L, step_tree, cands)
+        q = max(t.size for _, t, _ in plans.values())
+        ids = torch.zeros(S, q, dtype=torch.long, device=dev)
+        positions = torch.zeros(S, q, dtype=torch.long, device=dev)
+        # Padding nodes (and idle slots) see only themselves: no all -inf row, nothing real touched.
+        bias = torch.full((S, q, q), torch.finfo(dec.dtype).min, dtype=dec.dtype, device=dev)
+        bias.diagonal(dim1=1, dim2=2).zero_()
+        for slot, (L, t, cands) in plans.items():
+            tt, n = t.tensors(dev, dec.dtype), t.size
+            ids[slot, :n], positions[slot, :n], bias[slot, :n, :n] = cands, tt.depths + L, tt.tree_bias
+            positions[slot, n:] = L
+        t1 = dec._sync()
+        h = dec.lean.hidden(self.cache, ids, positions, self.cache.tree_mask(bias))  # [S, q, H]
+        rows = torch.cat([torch.arange(t.size, device=dev) + slot * q for slot, (_, t, _) in plans.items()])
+        logits = dec.logits(h.view(S * q, -1)[rows])  # [real nodes, vocab]
+        t2 = dec._sync()
+        off = 0
+        for s in seqs:
+            L, t, cands = plans[s.slot]
+            nodes, s.root = accept(logits[off:off + t.size], cands, t, s.sp, s.gen)
+            off += t.size
+            self.cache.keep(s.slot, nodes)
+            hs = h[s.slot, nodes]  # [accepted, H]
+            s.hidden = hs[-1]
+            if s.drafter is not None:
+                s.drafter.observe(hs, cands[nodes])
+            s.emitted = cands[nodes[1:]].tolist() + [s.root]
+            s.done = int(self.cache.lengths[s.slot]) + 1 > s.end
+        t3 = dec._sync()
+        for s in seqs:  # the pass's time is every sequence's: each waited for all of it
+            s.stats.record(plans[s.slot][1], [0] * len(s.emitted), t1 - t0, t2 - t1, (t3 - t2))
+
+
+def run_all(batch: BatchDecoder, replies: list) -> list:
+    """Drive DraftModel.iter_generate generators (made with batch=`batch`) to their Results, admitting
+    each as a slot frees: the scheduler of generate_many, in miniature the server's."""
+    waiting, running, results = list(enumerate(replies)), {}, [None] * len(replies)
+
+    def advance(i, chunks) -> bool:
+        for chunk in chunks:  # one chunk per step; the last one carries the result
+            if chunk.result is not None:
+                results[i] = chunk.result
+                return False
+            return True
+        return False
+
+    while waiting or running:
+        while waiting and batch.free:
+            i, chunks = waiting.pop(0)
+            if advance(i, chunks):
+                running[i] = chunks
+        batch.step()
+        for i, chunks in list(running.items()):
+            if not advance(i, chunks):
+                del running[i]
+    return results

@@ -1,0 +1,126 @@
+"""Batched decoding: many sequences per verify pass give each sequence the output it gets alone."""
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from test_loop import hf_greedy
+from tiny import tiny_heads, tiny_model
+
+from draftheads.acceptance import SamplingConfig
+from draftheads.batch import BatchDecoder
+from draftheads.errors import UserError
+from draftheads.generate import Decoder, Stats
+from draftheads.tree import Tree, load_tree
+
+
+def drive(batch: BatchDecoder, requests, n_new):
+    """The server's scheduler in miniature: admit into free slots, step, hand each sequence its tokens.
+    requests: (prompt, sampling, tree) -> outputs in request order (n_new tokens each)."""
+    waiting, running, out = list(enumerate(requests)), {}, {}
+    while waiting or running:
+        while waiting and batch.free:
+            i, (prompt, sp, tree) = waiting.pop(0)
+            gen = batch.steps(prompt, n_new, sp, Stats(), tree)
+            running[i], out[i] = gen, list(next(gen))
+        batch.step()
+        for i, gen in list(running.items()):
+            step = next(gen, None)
+            if step is not None:
+                out[i] += step
+            if step is None or len(out[i]) >= n_new:
+                gen.close()  # frees the slot
+                del running[i]
+    return [out[i][:n_new] for i in range(len(requests))]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_batched_greedy_equals_each_sequence_alone(arch):
+    model = tiny_model(arch)
+    heads = tiny_heads(model, num_heads=3)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 200, (n,), generator=g).tolist() for n in (5, 17, 9, 30, 12)]
+    trees = [load_tree("medusa16", 3), Tree([]), load_tree("chain3"), Tree([[0], [1], [0, 0]]), None]
+    batch = BatchDecoder(Decoder(model, heads, load_tree("medusa16", 3)), slots=3, capacity=128)
+    got = drive(batch, [(p, SamplingConfig(), t) for p, t in zip(prompts, trees)], 40)
+    assert got == [hf_greedy(model, p, 40) for p in prompts]
+    assert sorted(batch.free) == [0, 1, 2] and not batch.seqs and int(batch.cache.lengths.sum()) == 0
+
+
+def test_slots_are_reused_without_leaks():
+    model = tiny_model()
+    batch = BatchDecoder(Decoder(model, tiny_heads(model)), slots=4, capacity=64)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 200, (int(torch.randint(2, 20, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(100)]
+    got = drive(batch, [(p, SamplingConfig(), None) for p in prompts], 6)
+    assert got[:5] == [hf_greedy(model, p, 6) for p in prompts[:5]] and all(len(x) == 6 for x in got)
+    assert sorted(batch.free) == [0, 1, 2, 3] and not batch.seqs
+
+
+def test_a_sequence_leaving_mid_batch_leaves_the_others_unchanged():
+    model = tiny_model()
+    heads = tiny_heads(model)
+    prompts = [list(range(10, 20)), list(range(40, 47)), list(range(90, 102))]
+    batch = BatchDecoder(Decoder(model, heads, load_tree("medusa16", 3)), slots=3, capacity=128)
+    gens = [batch.steps(p, 40, SamplingConfig(), Stats()) for p in prompts]
+    out = [list(next(g)) for g in gens]
+    for step in range(60):
+        batch.step()
+        for i, g in enumerate(gens):
+            if g is None:
+                continue
+            out[i] += next(g, [])
+            if i == 1 and step == 3:  # its client left
+                g.close()
+                gens[1] = None
+                assert batch.free == [1]  # its slot is free at once
+    for i in (0, 2):
+        assert out[i][:40] == hf_greedy(model, prompts[i], 40)
+
+
+def test_exact_sampling_in_a_batch_keeps_the_backbones_distribution():
+    """The first drafted position's token, sampled through tree acceptance inside a batch, against the
+    backbone's own probabilities (chi-square; the other sequence in the batch is greedy)."""
+    model = tiny_model()
+    heads = tiny_heads(model, noise=0.3)
+    prompt = list(range(30, 38))
+    sp = SamplingConfig(temperature=1.5, acceptance="exact")
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1] / 1.5
+    probs = logits.softmax(-1)
+    top = probs.topk(6).indices
+    counts = torch.zeros(7)
+    batch = BatchDecoder(Decoder(model, heads, load_tree("medusa16", 3)), slots=2, capacity=64)
+    for seed in range(1500):
+        other = batch.steps(list(range(5, 15)), 4, SamplingConfig(), Stats())
+        next(other)
+        mine = batch.steps(prompt, 4, SamplingConfig(**{**sp.__dict__, "seed": seed}), Stats())
+        first = next(mine)[0]
+        mine.close(), other.close()
+        hit = (top == first).nonzero()
+        counts[int(hit[0, 0]) if hit.numel() else 6] += 1
+    expected = torch.cat([probs[top], 1 - probs[top].sum(0, keepdim=True)]) * counts.sum()
+    assert chisquare(counts.numpy(), expected.numpy()).pvalue > 1e-3
+
+
+def test_hydra_plus_plus_and_long_prompts_are_refused_clearly():
+    from tiny import tiny_hydra_heads
+
+    model = tiny_model()
+    with pytest.raises(UserError, match="one request at a time"):
+        BatchDecoder(Decoder(model, tiny_hydra_heads(model, "hydra++")), slots=2, capacity=64)
+    batch = BatchDecoder(Decoder(model, tiny_heads(model)), slots=2, capacity=32)
+    with pytest.raises(UserError, match="batch slot holds 32"):
+        next(batch.steps(list(range(40)), 4, SamplingConfig(), Stats()))
+    assert sorted(batch.free) == [0, 1]
+
+
+def test_generate_many_equals_generate_one_by_one():
+    from tiny import tiny_draftmodel
+
+    dm = tiny_draftmodel(tree="medusa16")
+    prompts = ["hello there", "a much longer prompt about hash tables and trees", "x", "count to ten"]
+    many = dm.generate_many(prompts, max_batch=3, max_new_tokens=24, stop="zz")
+    for p, r in zip(prompts, many):
+        one = dm.generate(p, max_new_tokens=24, stop="zz")
+        assert r.token_ids == one.token_ids and r.text == one.text and r.finish_reason == one.finish_reason
