@@ -5,6 +5,7 @@ import json
 import os
 import random
 import socket
+import signal
 import subprocess
 import sys
 import threading
@@ -524,8 +525,11 @@ def test_cli_serve(tmp_path, model):
         ref = model.generate(_msgs("from the cli"), max_new_tokens=20)
         r = client.chat.completions.create(model="tiny", messages=_msgs("from the cli"), max_tokens=20, temperature=0)
         assert r.choices[0].message.content == ref.text
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: HTTP (its own thread) and the decoding loop (main) both end
+        assert proc.wait(20) == 0
     finally:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.kill()
         proc.wait(20)
 
 

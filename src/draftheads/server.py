@@ -113,14 +113,16 @@ class Worker:
     joins at the next step boundary and leaves when it ends or its client goes), or one at a time where
     the model does not take the batched step (batch.BatchDecoder says why)."""
 
-    def __init__(self, model, queue_size: int, max_batch: int = 1, max_seq_len: int = 2048):
+    def __init__(self, model, queue_size: int, max_batch: int = 1, max_seq_len: int = 2048, own_thread: bool = True):
         self.model, self.queue_size = model, queue_size
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        self.stopped = threading.Event()
         # A deque rather than queue.Queue: a cancelled job must leave the queue at once, not when its turn comes.
         self.waiting: deque[Job] = deque()
         self.changed = threading.Condition()
         self.running = False
-        threading.Thread(target=self._run, name="draftheads-worker", daemon=True).start()
+        if own_thread:  # else the caller runs run() (serve(): on the thread that loaded the model)
+            threading.Thread(target=self.run, name="draftheads-worker", daemon=True).start()
 
     def submit(self, job: Job) -> None:
         with self.changed:
@@ -137,13 +139,16 @@ class Worker:
             if job in self.waiting:
                 self.waiting.remove(job)
 
-    def _next(self) -> Job:
+    def _next(self) -> Job | None:
         with self.changed:
             while not self.waiting:
-                self.changed.wait()
+                if self.stopped.is_set():
+                    return None
+                self.changed.wait(0.5)
             return self.waiting.popleft()
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Decode jobs until stop() (the worker's loop; never returns while serving)."""
         batch = None
         if self.max_batch > 1:
             from .batch import BatchDecoder
@@ -153,10 +158,10 @@ class Worker:
             except UserError as e:
                 log.warning("serving one request at a time: %s", e)
         if batch is not None:
-            self._run_batched(batch)
-        while True:
+            return self._run_batched(batch)
+        while not self.stopped.is_set():
             job = self._next()
-            if job.cancelled.is_set():  # cancelled between leaving the queue and now
+            if job is None or job.cancelled.is_set():  # cancelled between leaving the queue and now
                 continue
             self.running = True
             try:
@@ -179,10 +184,12 @@ class Worker:
 
     def _run_batched(self, batch) -> None:
         running: dict[int, tuple[Job, object]] = {}  # id(job) -> (job, its chunk generator)
-        while True:
+        while not self.stopped.is_set():
             with self.changed:
                 while not self.waiting and not running:
-                    self.changed.wait()
+                    if self.stopped.is_set():
+                        return
+                    self.changed.wait(0.5)
                 joining = [self.waiting.popleft() for _ in range(min(len(self.waiting), len(batch.free)))]
             self.running = True
             for job in joining:  # prefill, first chunk
@@ -221,6 +228,9 @@ class Worker:
             return False
         return True
 
+    def stop(self) -> None:
+        self.stopped.set()
+
     @staticmethod
     def _send(job: Job, kind: str, item) -> None:
         try:
@@ -232,16 +242,17 @@ class Worker:
 def create_app(model, model_name: str | None = None, api_key: str | None = None, max_body_bytes: int = 1 << 20,
                max_prompt_tokens: int = 4096, max_tokens_limit: int = 2048, default_max_tokens: int = 256,
                queue_size: int = 16, parse_special_tokens: bool = False, max_batch: int = 1,
-               max_seq_len: int = 2048) -> FastAPI:
+               max_seq_len: int = 2048, worker_thread: bool = True) -> FastAPI:
     """An app serving `model` (a DraftModel). The worker thread starts here, one per app.
     parse_special_tokens: whether a /v1/completions string prompt may spell control tokens
     ("<|im_start|>"); off, they are text like any other. Chat messages are always text.
     max_batch: requests decoded together (continuous batching; 1: one at a time), each in a cache slot
-    of max_seq_len tokens (prompt + reply)."""
+    of max_seq_len tokens (prompt + reply). worker_thread: start the decoding thread here; False leaves
+    `app.state.worker.run()` to the caller (serve() runs it on the thread that loaded the model)."""
     name = model_name or model.backbone_name
     # A batch slot holds prompt + reply + one tree: 64 leaves room for trees of up to 64 nodes.
     context = model.decoder.context if max_batch <= 1 else min(model.decoder.context, max_seq_len - 64)
-    worker = Worker(model, queue_size, max_batch, max_seq_len)
+    worker = Worker(model, queue_size, max_batch, max_seq_len, own_thread=worker_thread)
     created = int(time.time())
     app = FastAPI(title="draftheads", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = worker
@@ -495,7 +506,22 @@ async def _sse(job: Job, worker: Worker, rid: str, name: str, chat: bool, includ
 
 
 def serve(model, host: str = "127.0.0.1", port: int = 8000, **limits) -> None:
+    """Serve until Ctrl-C. HTTP runs on a thread of its own and decoding on this one, the thread that
+    loaded the model: torch work on a second thread ran at about half speed on a 2-core CPU (each
+    thread that runs parallel torch ops gets an OpenMP team of its own; README, "Serving")."""
     import uvicorn
 
-    uvicorn.run(create_app(model, **limits), host=host, port=port, log_level="info")
+    app = create_app(model, worker_thread=False, **limits)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+    http = threading.Thread(target=server.run, name="draftheads-http", daemon=True)
+    http.start()
+    watch = threading.Thread(target=lambda: (http.join(), app.state.worker.stop()), daemon=True)
+    watch.start()  # uvicorn ended (a bind error, a signal): the worker's loop ends too
+    try:
+        app.state.worker.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        http.join(10)
 
