@@ -20,7 +20,7 @@ from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaModel
 
 from ..tree import MAX_RANK, Tree
-from .medusa import HeadsConfig, ResBlock
+from .medusa import DraftHeads, HeadsConfig, ResBlock
 
 
 class GroundedBlock(nn.Module):
@@ -50,45 +50,24 @@ def prefix_layer_config(cfg: HeadsConfig) -> LlamaConfig:
                        pad_token_id=None)
 
 
-class HydraHeads(nn.Module):
+class HydraHeads(DraftHeads):
     def __init__(self, cfg: HeadsConfig):
-        super().__init__()
         assert cfg.head_type in ("hydra", "hydra++"), cfg.head_type
-        self.cfg = cfg
-        H, out = cfg.hidden_size, cfg.trimmed_vocab or cfg.vocab_size
+        super().__init__(cfg)
+        H = cfg.hidden_size
         self.blocks = nn.ModuleList(
             nn.Sequential(GroundedBlock(H * (k + 2), H), *[ResBlock(H) for _ in range(cfg.num_layers - 1)])
             for k in range(cfg.num_heads))
-        self.lm_heads = (nn.ModuleList(nn.Linear(H, out, bias=False) for _ in range(cfg.num_heads))
-                         if cfg.lm_head == "own" else None)
-        self.register_buffer("vocab_map", torch.arange(out) if cfg.trimmed_vocab else None)
         self.prefix = LlamaModel(prefix_layer_config(cfg)) if cfg.head_type == "hydra++" else None
         self.dropout = nn.Dropout(cfg.dropout)
-        self.shared_weight: torch.Tensor | None = None  # [out, H], for lm_head="shared"
         self.embed_weight: torch.Tensor | None = None  # [vocab, H] the backbone's input embedding (frozen)
         self._cache: DynamicCache | None = None  # the prefix layer's cache: accepted positions only
         self._last: torch.Tensor | None = None  # [H] the prefix layer's output at the last accepted position
 
-    # ---------------------------------------------------------------- setup (as MedusaHeads)
-
     def attach(self, backbone: nn.Module) -> "HydraHeads":
         """Give the heads the backbone's input embedding (and output rows for a shared LM head)."""
         self.embed_weight = backbone.get_input_embeddings().weight.detach()
-        if self.lm_heads is None:
-            w = backbone.get_output_embeddings().weight.detach()
-            self.shared_weight = w[self.vocab_map] if self.vocab_map is not None else w
-        return self
-
-    def init_lm_heads_from(self, backbone: nn.Module) -> None:
-        if self.lm_heads is None:
-            return
-        w = backbone.get_output_embeddings().weight.detach()
-        w = w[self.vocab_map] if self.vocab_map is not None else w
-        for lm in self.lm_heads:
-            lm.weight.data.copy_(w.to(lm.weight.dtype))
-
-    def to_full_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.vocab_map[ids] if self.vocab_map is not None else ids
+        return super().attach(backbone)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -102,10 +81,7 @@ class HydraHeads(nn.Module):
         assert self.embed_weight is not None, "call attach(backbone) first"
         emb = self.embed_weight[path].to(hidden.dtype).flatten(1)  # [n, (k+1) * H]
         x = self.blocks[k](self.dropout(torch.cat([hidden, emb], -1)))  # [n, H]
-        x = self.dropout(x)
-        if self.lm_heads is not None:
-            return self.lm_heads[k](x)
-        return x @ self.shared_weight.T
+        return self.lm_logits(k, self.dropout(x))
 
     def forward(self, hidden: torch.Tensor, path: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced, for training. Either positions: hidden [N, H] (after the prefix layer, for

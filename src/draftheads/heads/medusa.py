@@ -74,20 +74,21 @@ class ResBlock(nn.Module):
         return x + nn.functional.silu(self.linear(x))
 
 
-class MedusaHeads(nn.Module):
+class DraftHeads(nn.Module):
+    """What Medusa and Hydra heads share: an LM head per head (its own, or the backbone's output rows:
+    shared, frozen) and VocabTrim's id map."""
+
     def __init__(self, cfg: HeadsConfig):
         super().__init__()
         self.cfg = cfg
         out = cfg.trimmed_vocab or cfg.vocab_size
-        self.blocks = nn.ModuleList(nn.Sequential(*[ResBlock(cfg.hidden_size) for _ in range(cfg.num_layers)])
-                                    for _ in range(cfg.num_heads))
         self.lm_heads = (nn.ModuleList(nn.Linear(cfg.hidden_size, out, bias=False) for _ in range(cfg.num_heads))
                          if cfg.lm_head == "own" else None)
         # Full-vocabulary id of each trimmed id; None without VocabTrim.
         self.register_buffer("vocab_map", torch.arange(out) if cfg.trimmed_vocab else None)
         self.shared_weight: torch.Tensor | None = None  # [out, hidden], set by attach() for lm_head="shared"
 
-    def attach(self, backbone: nn.Module) -> "MedusaHeads":
+    def attach(self, backbone: nn.Module):
         """Give shared-LM-head heads the backbone's output embedding (rows of the kept vocabulary)."""
         if self.lm_heads is None:
             w = backbone.get_output_embeddings().weight.detach()
@@ -95,7 +96,7 @@ class MedusaHeads(nn.Module):
         return self
 
     def init_lm_heads_from(self, backbone: nn.Module) -> None:
-        """Medusa-1 starts each head's own LM head as a copy of the backbone's."""
+        """Each head's own LM head starts as a copy of the backbone's (its kept rows under VocabTrim)."""
         if self.lm_heads is None:
             return
         w = backbone.get_output_embeddings().weight.detach()
@@ -103,21 +104,27 @@ class MedusaHeads(nn.Module):
         for lm in self.lm_heads:
             lm.weight.data.copy_(w.to(lm.weight.dtype))
 
-    def forward(self, hidden: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
-        """hidden [..., hidden_size] -> logits [n, ..., out_vocab] (trimmed ids under VocabTrim) of the
-        first n = num_heads (default all) heads."""
-        outs = []
-        for k, block in enumerate(self.blocks[:num_heads]):
-            h = block(hidden)
-            if self.lm_heads is not None:
-                outs.append(self.lm_heads[k](h))
-            else:
-                assert self.shared_weight is not None, "call attach(backbone) before drafting with a shared LM head"
-                outs.append(h @ self.shared_weight.T)
-        return torch.stack(outs)
+    def lm_logits(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """Head k's LM head: x [..., hidden] -> logits [..., out_vocab] (trimmed ids under VocabTrim)."""
+        if self.lm_heads is not None:
+            return self.lm_heads[k](x)
+        assert self.shared_weight is not None, "call attach(backbone) before drafting with a shared LM head"
+        return x @ self.shared_weight.T
 
     def to_full_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self.vocab_map[ids] if self.vocab_map is not None else ids
+
+
+class MedusaHeads(DraftHeads):
+    def __init__(self, cfg: HeadsConfig):
+        super().__init__(cfg)
+        self.blocks = nn.ModuleList(nn.Sequential(*[ResBlock(cfg.hidden_size) for _ in range(cfg.num_layers)])
+                                    for _ in range(cfg.num_heads))
+
+    def forward(self, hidden: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
+        """hidden [..., hidden_size] -> logits [n, ..., out_vocab] (trimmed ids under VocabTrim) of the
+        first n = num_heads (default all) heads."""
+        return torch.stack([self.lm_logits(k, block(hidden)) for k, block in enumerate(self.blocks[:num_heads])])
 
     # ---------------------------------------------------------------- the drafter contract
 

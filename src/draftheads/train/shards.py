@@ -106,6 +106,7 @@ class ShardWriter:
             hidden = raw.view(rows, self.meta["hidden_size"])
             tmp = self.dir / "features" / f"{shard_name(n, '')}.tmp"
             save_file({"hidden": hidden}, str(tmp))
+            os.chmod(tmp, 0o644)  # safetensors writes 0600
             os.replace(tmp, self.dir / "features" / shard_name(n, ".safetensors"))
         body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs).encode()
         atomic_write(self.dir / shard_name(n), gzip.compress(body, mtime=0))
