@@ -31,7 +31,11 @@ def test_bench_writes_report_json_md_and_plots(tiny_dirs, tmp_path):
     # a two-turn question is two generations per method
     assert rep["overall"]["loop"]["generations"] == 4
     assert [x["size"] for x in rep["verify_latency"]] == [1, 2, 4]
-    assert "Speedup per category" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "Speedup per category" in md and "heads over our own loop" in md
+    o = rep["overall"]
+    own = f"{o['speculative']['tokens_per_s'] / o['loop']['tokens_per_s']:.2f}x |"
+    assert next(line for line in md.splitlines() if line.startswith("| overall |")).endswith(own)
 
 
 def test_bench_user_errors(tiny_dirs, tmp_path, capsys):
