@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("prompts", help="a training prompt file (never an evaluation file)")
     ap.add_argument("--num", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=48, help="rows per transformers generate call")
-    ap.add_argument("--slots", type=int, default=128, help="slots of the batched engine")
+    ap.add_argument("--slots", default="48,128", help="slots of the batched engine (comma-separated: one run each)")
     ap.add_argument("--max-new-tokens", type=int, default=192)
     ap.add_argument("--max-prompt-tokens", type=int, default=192)
     ap.add_argument("--threads", type=int, default=2)
@@ -65,20 +65,23 @@ def main() -> None:
             backbone_hidden(model, [seqs[i] for i in order[b:b + 8]], model.device)
     feat_s = time.perf_counter() - t0
 
-    # the batched engine, hidden states kept
-    queue = [Request(x, args.max_new_tokens, SamplingConfig(), keep_hidden=True) for x in ids]
-    engine = BatchGenerator(model, args.slots, args.max_prompt_tokens + args.max_new_tokens, eos)
-    t0 = time.perf_counter()
-    eng_tokens = sum(len(f.new_ids) for f in engine.run(lambda: queue.pop(0) if queue else None))
-    eng_s = time.perf_counter() - t0
-
-    res = {"prompts": len(ids), "threads": args.threads, "batch_size": args.batch_size, "slots": args.slots,
+    res = {"prompts": len(ids), "threads": args.threads, "batch_size": args.batch_size,
            "max_new_tokens": args.max_new_tokens,
            "generate": {"tokens": gen_tokens, "seconds": gen_s, "tokens_per_s": gen_tokens / gen_s},
            "generate_plus_features": {"seconds": gen_s + feat_s, "tokens_per_s": gen_tokens / (gen_s + feat_s)},
-           "engine_with_hidden": {"tokens": eng_tokens, "seconds": eng_s, "tokens_per_s": eng_tokens / eng_s}}
-    res["speedup_generation"] = res["engine_with_hidden"]["tokens_per_s"] / res["generate"]["tokens_per_s"]
-    res["speedup_end_to_end"] = res["engine_with_hidden"]["tokens_per_s"] / res["generate_plus_features"]["tokens_per_s"]
+           "engine_with_hidden": {}}
+    # the batched engine, hidden states kept
+    for slots in [int(x) for x in args.slots.split(",")]:
+        queue = [Request(x, args.max_new_tokens, SamplingConfig(), keep_hidden=True) for x in ids]
+        engine = BatchGenerator(model, slots, args.max_prompt_tokens + args.max_new_tokens, eos)
+        t0 = time.perf_counter()
+        eng_tokens = sum(len(f.new_ids) for f in engine.run(lambda: queue.pop(0) if queue else None))
+        eng_s = time.perf_counter() - t0
+        tps = eng_tokens / eng_s
+        res["engine_with_hidden"][slots] = {
+            "tokens": eng_tokens, "seconds": eng_s, "tokens_per_s": tps,
+            "speedup_generation": tps / res["generate"]["tokens_per_s"],
+            "speedup_end_to_end": tps / res["generate_plus_features"]["tokens_per_s"]}
     print(json.dumps(res, indent=1))
     if args.out:
         with open(args.out, "w") as f:

@@ -84,9 +84,9 @@ def soft_targets(lm_weight: torch.Tensor, next_hidden: torch.Tensor, vocab_map: 
 
     next_hidden [K, N, H]: hidden state at t+1+k (whose LM head predicts token t+2+k, head k's target).
     Returns probabilities [K, N, V'], renormalised over the kept ids under VocabTrim."""
-    logits = next_hidden.to(lm_weight.dtype) @ lm_weight.T  # [K, N, V]
-    if vocab_map is not None:
-        logits = logits[..., vocab_map]
+    if vocab_map is not None:  # only the kept rows: 12x less work for 4,096 of 49,152 ids
+        lm_weight = lm_weight[vocab_map]
+    logits = next_hidden.to(lm_weight.dtype) @ lm_weight.T  # [K, N, V']
     return logits.float().softmax(-1)
 
 
@@ -187,6 +187,12 @@ def evaluate(heads, hidden: list[torch.Tensor], seqs: list[tuple[torch.Tensor, t
     return {"top1": (hit1 / n).tolist(), "top5": (hit5 / n).tolist(), "positions": int(n[0])}
 
 
+def next_hidden(feats: torch.Tensor, pos: torch.Tensor, K: int) -> torch.Tensor:
+    """feats [S, H], positions [N] -> the hidden states at t+1..t+K [K, N, H], whose LM head gives the
+    distribution of head k's target token t+2+k (soft targets; past the end clamped: ignored anyway)."""
+    return feats[(pos[None] + 1 + torch.arange(K, device=pos.device)[:, None]).clamp(max=feats.shape[0] - 1)]
+
+
 def path_tokens(ids: torch.Tensor, pos: torch.Tensor, K: int) -> torch.Tensor:
     """ids [S] (one sequence or a concatenation), positions [N] -> the tokens x1..xK after each [N, K]
     (Hydra's teacher-forced path; past the end clamped: those targets are ignored anyway)."""
@@ -208,7 +214,7 @@ def sequence_batch(hs: list[torch.Tensor], seqs, K: int, soft: bool):
         path[i, :n] = path_tokens(ids, pos, K)
         targets[i, :n] = head_targets(ids, mask, K)
         if soft:
-            nxt[i, :n] = h[(pos[:, None] + 1 + torch.arange(K)).clamp(max=n - 1)]  # [n, K, H]
+            nxt[i, :n] = next_hidden(h, pos, K).transpose(0, 1)  # [n, K, H]
     select = (targets != IGNORE).any(-1)  # [B, T]
     return hidden, path, select, targets[select], (nxt[select].transpose(0, 1) if soft else None)
 
@@ -347,8 +353,7 @@ def train(cfg: TrainConfig, backbone=None) -> Path:
                 path = path_tokens(flat_ids, p, m.num_heads) if hydra else None  # [N, K]
                 hidden = feats[p].to(acc.device, torch.float32)  # [N, H]
                 targets = tgt[idx]  # [N, K] full ids
-                nxt = (feats[(p[None] + 1 + torch.arange(m.num_heads)[:, None]).clamp(max=feats.shape[0] - 1)]
-                       if o.soft_targets else None)  # [K, N, H]
+                nxt = next_hidden(feats, p, m.num_heads) if o.soft_targets else None  # [K, N, H]
             else:
                 batch = [train_seqs[i] for i in idx.tolist()]
                 hs = ([seq_feats[i].float() for i in idx.tolist()] if feats is not None
