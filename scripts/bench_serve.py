@@ -39,7 +39,7 @@ def free_port() -> int:
 def start_server(args, extra: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "draftheads.cli", "serve", "--port", str(port), "--threads", str(args.threads),
-           "--queue-size", "64", *extra]
+           "--queue-size", "64", "--model-name", "x", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300

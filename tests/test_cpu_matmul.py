@@ -40,3 +40,39 @@ def test_linear_equals_f_linear(rows, threads):
         torch.testing.assert_close(linear(x[0], w), F.linear(x[0], w), rtol=1e-5, atol=1e-5)  # a 1-d input
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, MAX_ROWS])
+def test_padded_product_equals_f_linear(rows):
+    from draftheads.cpu_matmul import padded_linear
+
+    g = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(rows, 24, generator=g), torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
+    out = padded_linear(x, w, b)
+    assert out.is_contiguous()  # row-major: attention's fast kernels need it
+    torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_routes_are_measured_per_machine_and_can_be_forced(tmp_path, monkeypatch):
+    from draftheads import cpu_matmul
+
+    monkeypatch.setenv("DRAFTHEADS_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_matmul, "_ROUTES", {})
+    calls = []
+    monkeypatch.setattr(cpu_matmul, "measure", lambda threads: calls.append(threads) or {2, 3, 4})
+    assert cpu_matmul.routes() == {2, 3, 4} and calls == [torch.get_num_threads()]
+    monkeypatch.setattr(cpu_matmul, "_ROUTES", {})
+    assert cpu_matmul.routes() == {2, 3, 4} and len(calls) == 1  # the second process reads the cached table
+    monkeypatch.setattr(cpu_matmul, "_ROUTES", {})
+    monkeypatch.setenv("DRAFTHEADS_FEW_ROW_KERNEL", "stock")
+    assert cpu_matmul.routes() == frozenset()
+    monkeypatch.setattr(cpu_matmul, "_ROUTES", {})
+    monkeypatch.setenv("DRAFTHEADS_FEW_ROW_KERNEL", "padded")
+    assert cpu_matmul.routes() == frozenset(range(1, MAX_ROWS + 1))
+
+
+def test_measure_returns_row_counts_in_range():
+    from draftheads.cpu_matmul import measure
+
+    wins = measure(1, layers=1, repeats=1)
+    assert wins <= set(range(1, MAX_ROWS + 1))

@@ -8,6 +8,13 @@ thread. Measured over 30 layers of SmolLM2-135M-shaped fp32 weights on 2 cores
 (scripts/bench_linear.py; docs/verify_profile.md): 1 row 34 -> 25 ms, 2 rows 45 -> 24 ms,
 4 rows 55 -> 24 ms, 16 rows 59 -> 47 ms. Results differ from F.linear only by float rounding order.
 
+Which kernel streams faster depends on the CPU and its BLAS: on an Intel Xeon (AVX-512, 2 threads)
+MKL's F.linear beat the padded product at every row count up to 12 (1 row 14.9 vs 37.7 ms over 30
+layers), the opposite of the AMD EPYC figures above. So the rule is measured, not assumed: on first
+use per (CPU model, torch version, thread count) `routes()` times both kernels at 1-32 rows on
+SmolLM2-shaped weights (~3 s) and caches the row counts where the padded product wins in
+`$DRAFTHEADS_CACHE/cpu_matmul.json`. `DRAFTHEADS_FEW_ROW_KERNEL=padded|stock` forces one kernel.
+
 `linear()` is the routing rule. The Llama-family forward (llama_forward.py) calls it directly;
 for other models `few_row_linear()` is a torch function mode that routes their `F.linear` calls to
 it, entered by the decoding loop around its own forwards of 2+ rows only, because the mode's per-op
@@ -16,11 +23,20 @@ Python dispatch costs about what the one-row kernel saves. The model object itse
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 MAX_ROWS = 32  # above this the GEMM is compute-bound and F.linear's layout is as good
+GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # row counts timed; others take the next one up
+_ROUTES: dict[int, frozenset[int]] = {}  # threads -> row counts where the padded product wins
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -32,6 +48,14 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
         return F.linear(x, w, b)
     if rows == 1 and torch.get_num_threads() == 1:
         return F.linear(x, w, b)  # on one thread the GEMV beats a two-row GEMM doing twice the work
+    if rows not in routes():
+        return F.linear(x, w, b)
+    return padded_linear(x, w, b)
+
+
+def padded_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """`(w @ x.T).T` with the rows zero-padded to a power of two. x [..., in] -> [..., out]."""
+    rows = x.numel() // x.shape[-1]
     # MKL's few-column GEMM is fast for 2, 4, 16 and 32 columns and up to 2x slower in between
     # (30 layers, 2 threads: 3 rows 31 ms vs 4 rows 24 ms; 15 rows 107 ms vs 16 rows 47 ms), so pad
     # with zero rows to the next power of two; one row becomes two, which uses both cores where
@@ -45,6 +69,78 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     if b is not None:
         y = y + b
     return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def routes() -> frozenset[int]:
+    """Row counts (1..MAX_ROWS) for which the padded product beats F.linear on this machine."""
+    threads = torch.get_num_threads()
+    if threads not in _ROUTES:
+        forced = os.environ.get("DRAFTHEADS_FEW_ROW_KERNEL", "auto")
+        if forced == "padded":
+            _ROUTES[threads] = frozenset(range(1, MAX_ROWS + 1))
+        elif forced == "stock":
+            _ROUTES[threads] = frozenset()
+        else:
+            _ROUTES[threads] = _cached_or_measured(threads)
+    return _ROUTES[threads]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cached_or_measured(threads: int) -> frozenset[int]:
+    from .backbone import cache_dir  # the converted model's cache, one place for both
+
+    key = f"{_cpu_model()} | torch {torch.__version__} | {threads} threads"
+    path = cache_dir() / "cpu_matmul.json"
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    if key not in table:
+        table[key] = sorted(measure(threads))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(table, indent=1) + "\n")
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only cache: measure again next time
+    return frozenset(table[key])
+
+
+@torch.inference_mode()
+def measure(threads: int, layers: int = 12, repeats: int = 3) -> set[int]:
+    """Time F.linear against the padded product on `layers` layers of SmolLM2-135M-shaped fp32 weights
+    (larger than the CPU's caches, as real weights are), at each GRID row count; returns the row counts
+    1..MAX_ROWS whose grid point the padded product won by 5% or more."""
+    shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    weights = [torch.randn(o, i) for _ in range(layers) for o, i in shapes]
+
+    def ms(rows: int, fn) -> float:
+        xs = {i: torch.randn(rows, i) for i in (576, 1536)}
+        times = []
+        for _ in range(repeats + 1):  # the first pass warms up
+            t = time.perf_counter()
+            for w in weights:
+                fn(xs[w.shape[1]], w)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times[1:])
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        wins = {g for g in GRID if ms(g, padded_linear) < 0.95 * ms(g, F.linear)}
+    finally:
+        torch.set_num_threads(before)
+    return {r for r in range(1, MAX_ROWS + 1) if min(g for g in GRID if g >= r) in wins}
 
 
 class _FewRowLinear(TorchFunctionMode):
