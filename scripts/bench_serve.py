@@ -112,6 +112,8 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/bench_serve")
+    ap.add_argument("--configs", default="heads, batched;no heads, batched;heads, serial",
+                    help="which server configurations, ';'-separated (the API comparison needs 'heads, serial')")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     from draftheads.questions import load_questions  # the shipped held-out set, by name
@@ -124,6 +126,7 @@ def main() -> None:
                "heads, serial": ["--max-batch", "1"]}
     report = {"max_tokens": args.max_tokens, "threads": args.threads, "prompts": n, "configs": {}}
     alone: dict[int, str] = {}
+    configs = {k: v for k, v in configs.items() if k in args.configs.split(";")}
     for name, extra in configs.items():
         proc, url = start_server(args, extra)
         try:
@@ -135,8 +138,8 @@ def main() -> None:
                     texts.setdefault(c, {})[r["index"]] = r["text"]
                 rows.append(row)
                 print(name, json.dumps(row), flush=True)
-            if name == "heads, serial":
-                alone = texts[1]
+            if name == "heads, serial" or not alone:
+                alone = texts[1]  # one client: each request decoded alone
             report["configs"][name] = {"args": extra, "levels": rows, "texts": texts}
         finally:
             proc.terminate()
@@ -145,7 +148,15 @@ def main() -> None:
         if name.startswith("heads"):
             cfg["differ_from_alone"] = {c: sum(t[i] != alone[i] for i in t) for c, t in cfg["texts"].items()}
 
-    # The Python API in this process, the same requests one by one.
+    if "heads, serial" not in report["configs"]:
+        report["api_vs_http"] = None
+    else:
+        api_vs_http(args, prompts, levels, report)
+    write_report(args, report, levels)
+
+
+def api_vs_http(args, prompts, levels, report) -> None:
+    """The Python API in this process, the same requests one by one."""
     import draftheads
     from draftheads.defaults import set_threads
 
@@ -163,6 +174,8 @@ def main() -> None:
                              "http_over_api": serial1["wall_s"] / serial1["requests"] / statistics.mean(api)}
     print(json.dumps(report["api_vs_http"]))
 
+
+def write_report(args, report, levels) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -174,8 +187,9 @@ def main() -> None:
             lines.append(f"| {name} | {row['clients']} | {row['tokens_per_s']:.1f} | {row['ttft_p50']:.2f} / "
                          f"{row['ttft_p95']:.2f} | {1000 * row['tpot_p50']:.0f} / {1000 * row['tpot_p95']:.0f} | {d} |")
     a = report["api_vs_http"]
-    lines.append(f"\nPython API {a['api_s_per_request']:.2f} s per request, HTTP (serial, 1 client) "
-                 f"{a['http_s_per_request']:.2f} s: {a['http_over_api']:.2f}x")
+    if a:
+        lines.append(f"\nPython API {a['api_s_per_request']:.2f} s per request, HTTP (serial, 1 client) "
+                     f"{a['http_s_per_request']:.2f} s: {a['http_over_api']:.2f}x")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 

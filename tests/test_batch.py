@@ -124,3 +124,22 @@ def test_generate_many_equals_generate_one_by_one():
     for p, r in zip(prompts, many):
         one = dm.generate(p, max_new_tokens=24, stop="zz")
         assert r.token_ids == one.token_ids and r.text == one.text and r.finish_reason == one.finish_reason
+
+
+def test_a_row_budget_decodes_plainly_past_it_and_stays_exact():
+    model = tiny_model()
+    heads = tiny_heads(model, num_heads=3)
+    prompts = [list(range(10, 20)), list(range(40, 47)), list(range(90, 102))]
+    reqs = [(p, SamplingConfig(), None) for p in prompts]
+    plain = BatchDecoder(Decoder(model, heads, load_tree("medusa16", 3)), slots=3, capacity=128, max_rows=20)
+    stats = [Stats() for _ in prompts]
+    gens = [plain.steps(p, 30, SamplingConfig(), st) for p, st in zip(prompts, stats)]
+    for g in gens:
+        next(g)
+    plain.step()  # three 16-node trees = 48 rows > 20: every sequence takes one plain step
+    assert all(len(next(g)) == 1 for g in gens) and all(st.nodes == 1 for st in stats)
+    for g in gens:
+        g.close()
+    roomy = BatchDecoder(Decoder(model, heads, load_tree("medusa16", 3)), slots=3, capacity=128, max_rows=20)
+    assert drive(roomy, reqs[:1], 30) == [hf_greedy(model, prompts[0], 30)]  # one tree fits: 16 rows
+    assert drive(plain, reqs, 30) == [hf_greedy(model, p, 30) for p in prompts]

@@ -46,7 +46,7 @@ class _Sequence:
 class BatchDecoder:
     """Decodes up to `slots` sequences together; `capacity` tokens per slot (prompt + reply + one tree)."""
 
-    def __init__(self, decoder: Decoder, slots: int, capacity: int):
+    def __init__(self, decoder: Decoder, slots: int, capacity: int, max_rows: int | None = None):
         if decoder.lean is None:
             raise UserError("batched decoding runs on the lean forward (Llama, Mistral, Qwen2); this model "
                             "decodes one request at a time")
@@ -57,7 +57,10 @@ class BatchDecoder:
         self.lookup_cfg = decoder.drafter.lookup.cfg if decoder.drafter is not None and decoder.drafter.lookup else None
         self.cache = SlotKVCache.for_model(decoder.model, slots, capacity)
         self.capacity = capacity
-        self.free = list(range(slots))[::-1]
+        # Most tree nodes one pass verifies (None: no limit). Past it, every sequence decodes plainly in
+        # that pass: on a CPU many sequences' trees cost more than they gain (README, batching).
+        self.max_rows = max_rows
+        self.free = list(range(slots))
         self.seqs: dict[int, _Sequence] = {}
 
     @property
@@ -79,7 +82,8 @@ class BatchDecoder:
             raise UserError("the prompt is empty")
         if P + reserve >= self.capacity:
             raise UserError(f"the prompt has {P} tokens; a batch slot holds {self.capacity} (--max-seq-len)")
-        slot = self.free.pop()
+        slot = min(self.free)  # the lowest: a pass covers slots up to the highest running one
+        self.free.remove(slot)
         try:
             seq = self._prefill(slot, prompt_ids, min(self.capacity, P + max_new_tokens + reserve), reserve, sp,
                                 stats, tree)
@@ -119,14 +123,16 @@ class BatchDecoder:
         seqs = [s for s in self.seqs.values() if not s.done and s.emitted is None]
         if not seqs:
             return
-        dec, dev, S = self.dec, self.dec.device, len(self.free) + len(self.seqs)
+        dec, dev = self.dec, self.dec.device
+        S = 1 + max(self.seqs)  # the pass covers slots [0, S); idle ones below S are padding
         t0 = dec._sync()
         plans = {}
+        trees = self.max_rows is None or sum(s.reserve for s in seqs) <= self.max_rows
         for s in seqs:
             L = int(self.cache.lengths[s.slot])
             root = torch.tensor(s.root, device=dev)
             step_tree, cands = ROOT_ONLY, root.view(1)
-            if s.drafter is not None and L + s.reserve <= s.end:
+            if trees and s.drafter is not None and L + s.reserve <= s.end:
                 step_tree, cands = s.drafter.propose(s.hidden, root, s.tree)
             plans[s.slot] = (L, step_tree, cands)
         q = max(t.size for _, t, _ in plans.values())
@@ -144,10 +150,11 @@ class BatchDecoder:
         rows = torch.cat([torch.arange(t.size, device=dev) + slot * q for slot, (_, t, _) in plans.items()])
         logits = dec.logits(h.view(S * q, -1)[rows])  # [real nodes, vocab]
         t2 = dec._sync()
-        off = 0
+        off, accepted = 0, {}
         for s in seqs:
             L, t, cands = plans[s.slot]
             nodes, s.root = accept(logits[off:off + t.size], cands, t, s.sp, s.gen)
+            accepted[s.slot] = nodes
             off += t.size
             self.cache.keep(s.slot, nodes)
             hs = h[s.slot, nodes]  # [accepted, H]
@@ -158,7 +165,7 @@ class BatchDecoder:
             s.done = int(self.cache.lengths[s.slot]) + 1 > s.end
         t3 = dec._sync()
         for s in seqs:  # the pass's time is every sequence's: each waited for all of it
-            s.stats.record(plans[s.slot][1], [0] * len(s.emitted), t1 - t0, t2 - t1, (t3 - t2))
+            s.stats.record(plans[s.slot][1], accepted[s.slot], t1 - t0, t2 - t1, t3 - t2)
 
 
 def run_all(batch: BatchDecoder, replies: list) -> list:

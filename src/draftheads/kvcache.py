@@ -172,7 +172,8 @@ class SlotKVCache:
         self.kv = torch.zeros(num_layers, 2, slots, kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # [slots]
         self._rows = torch.arange(slots, device=device)
-        self._end = 1  # keys a step attends over: max(lengths) + 1
+        self._end = 1  # keys a step attends over: max(lengths) + q
+        self._n = slots  # a step covers slots [0, _n): the batch keeps its running sequences in the low slots
 
     @classmethod
     def for_model(cls, model, slots: int, capacity: int) -> "SlotKVCache":
@@ -196,34 +197,37 @@ class SlotKVCache:
         """Additive mask [slots, 1, 1, max(lengths) + 1] for a one-token step: slot s sees its own
         lengths[s] cached entries and the entry the step writes, nothing beyond."""
         assert int(self.lengths.max()) < self.capacity, "KV cache overflow: a slot outgrew its capacity"
-        self._end = int(self.lengths.max()) + 1
+        self._n, self._end = self._rows.numel(), int(self.lengths.max()) + 1
         visible = torch.arange(self._end, device=self.device) <= self.lengths[:, None]  # [slots, end]
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
         return mask.masked_fill_(~visible, torch.finfo(self.dtype).min)[:, None, None]
 
     def tree_mask(self, tree_bias: torch.Tensor) -> torch.Tensor:
-        """Additive mask [slots, 1, q, max(lengths) + q] for a step of q nodes per slot: slot s's nodes see
-        its lengths[s] cached entries and each other as tree_bias[s] [q, q] says (0 / -inf; a padding
-        node should see itself, so that no row is all -inf)."""
+        """Additive mask [n, 1, q, max(lengths) + q] for a step of q nodes in each of the first n slots
+        (n = tree_bias.shape[0]; the step then covers those only): slot s's nodes see its lengths[s]
+        cached entries and each other as tree_bias[s] [q, q] says (0 / -inf; a padding node should see
+        itself, so that no row is all -inf)."""
         S, q, _ = tree_bias.shape
-        assert S == self._rows.numel() and int(self.lengths.max()) + q <= self.capacity, "KV cache overflow"
-        self._end = int(self.lengths.max()) + q
-        prefix = torch.arange(self._end, device=self.device) < self.lengths[:, None]  # [slots, end]
+        lengths = self.lengths[:S]
+        assert S <= self._rows.numel() and int(lengths.max()) + q <= self.capacity, "KV cache overflow"
+        self._n, self._end = S, int(lengths.max()) + q
+        prefix = torch.arange(self._end, device=self.device) < lengths[:, None]  # [n, end]
         mask = torch.full((S, q, self._end), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
         mask.masked_fill_(prefix[:, None, :], 0)
-        cols = (self.lengths[:, None] + torch.arange(q, device=self.device))[:, None, :].expand(S, q, q)
+        cols = (lengths[:, None] + torch.arange(q, device=self.device))[:, None, :].expand(S, q, q)
         return mask.scatter_(2, cols, tree_bias.to(self.dtype))[:, None]
 
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write q entries per slot (keys, values [slots, kv_heads, q, head_dim]) after each slot's own
         length; returns every slot's entries [slots, kv_heads, max(lengths) + q, head_dim]. The entries
         join their sequences at `advance()` (q = 1) or `keep()` (a tree step), after the forward."""
-        assert keys.shape[0] == self._rows.numel(), keys.shape
-        cols = self.lengths[:, None] + torch.arange(keys.shape[2], device=self.device)  # [slots, q]
+        n = self._n
+        assert keys.shape[0] == n, (keys.shape, n)
+        cols = self.lengths[:n, None] + torch.arange(keys.shape[2], device=self.device)  # [n, q]
         kv = self.kv[layer]  # [2, slots, kv_heads, capacity, head_dim]
-        kv[0, self._rows[:, None], :, cols] = keys.transpose(1, 2)  # indexed as [slots, q, kv_heads, head_dim]
-        kv[1, self._rows[:, None], :, cols] = values.transpose(1, 2)
-        return kv[0, :, :, :self._end], kv[1, :, :, :self._end]
+        kv[0, self._rows[:n, None], :, cols] = keys.transpose(1, 2)  # indexed as [n, q, kv_heads, head_dim]
+        kv[1, self._rows[:n, None], :, cols] = values.transpose(1, 2)
+        return kv[0, :n, :, :self._end], kv[1, :n, :, :self._end]
 
     def keep(self, slot: int, nodes: list[int]) -> None:
         """After a tree step wrote slot `slot`'s nodes after its length L: keep `nodes` (root first, each

@@ -22,7 +22,8 @@ def cmd_serve(args) -> None:
     serve(model, host=args.host, port=args.port, model_name=args.model_name, api_key=args.api_key,
           max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
           max_tokens_limit=args.max_tokens_limit, queue_size=args.queue_size,
-          parse_special_tokens=args.parse_special_tokens, max_batch=args.max_batch, max_seq_len=args.max_seq_len)
+          parse_special_tokens=args.parse_special_tokens, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+          max_tree_rows=args.max_tree_rows or None)
 
 
 def cmd_chat(args) -> None:
@@ -82,6 +83,9 @@ def register(sub) -> None:
     s.add_argument("--queue-size", type=int, default=16, help="requests that may wait; more get 429")
     s.add_argument("--max-batch", type=int, default=defaults.MAX_BATCH,
                    help="requests decoded together, one verify pass for all (continuous batching; 1: one at a time)")
+    s.add_argument("--max-tree-rows", type=int, default=16,
+                   help="most tree nodes one batched pass verifies; past it the running requests decode plainly in "
+                        "that pass (0: no limit; a CPU's matmuls turn compute-bound at a few rows, a GPU's much later)")
     s.add_argument("--max-seq-len", type=int, default=2048,
                    help="tokens per batched request (prompt + reply); its KV cache slot is preallocated")
     s.add_argument("--parse-special-tokens", action="store_true",

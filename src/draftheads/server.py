@@ -113,9 +113,10 @@ class Worker:
     joins at the next step boundary and leaves when it ends or its client goes), or one at a time where
     the model does not take the batched step (batch.BatchDecoder says why)."""
 
-    def __init__(self, model, queue_size: int, max_batch: int = 1, max_seq_len: int = 2048, own_thread: bool = True):
+    def __init__(self, model, queue_size: int, max_batch: int = 1, max_seq_len: int = 2048, own_thread: bool = True,
+                 max_tree_rows: int | None = None):
         self.model, self.queue_size = model, queue_size
-        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        self.max_batch, self.max_seq_len, self.max_tree_rows = max_batch, max_seq_len, max_tree_rows
         self.stopped = threading.Event()
         # A deque rather than queue.Queue: a cancelled job must leave the queue at once, not when its turn comes.
         self.waiting: deque[Job] = deque()
@@ -154,7 +155,7 @@ class Worker:
             from .batch import BatchDecoder
 
             try:  # made on this thread: it does all the torch work from here on
-                batch = BatchDecoder(self.model.decoder, self.max_batch, self.max_seq_len)
+                batch = BatchDecoder(self.model.decoder, self.max_batch, self.max_seq_len, self.max_tree_rows)
             except UserError as e:
                 log.warning("serving one request at a time: %s", e)
         if batch is not None:
@@ -242,17 +243,17 @@ class Worker:
 def create_app(model, model_name: str | None = None, api_key: str | None = None, max_body_bytes: int = 1 << 20,
                max_prompt_tokens: int = 4096, max_tokens_limit: int = 2048, default_max_tokens: int = 256,
                queue_size: int = 16, parse_special_tokens: bool = False, max_batch: int = 1,
-               max_seq_len: int = 2048, worker_thread: bool = True) -> FastAPI:
+               max_seq_len: int = 2048, worker_thread: bool = True, max_tree_rows: int | None = None) -> FastAPI:
     """An app serving `model` (a DraftModel). The worker thread starts here, one per app.
     parse_special_tokens: whether a /v1/completions string prompt may spell control tokens
     ("<|im_start|>"); off, they are text like any other. Chat messages are always text.
     max_batch: requests decoded together (continuous batching; 1: one at a time), each in a cache slot
-    of max_seq_len tokens (prompt + reply). worker_thread: start the decoding thread here; False leaves
+    of max_seq_len tokens (prompt + reply); max_tree_rows: most tree nodes per batched pass (None: no limit). worker_thread: start the decoding thread here; False leaves
     `app.state.worker.run()` to the caller (serve() runs it on the thread that loaded the model)."""
     name = model_name or model.backbone_name
     # A batch slot holds prompt + reply + one tree: 64 leaves room for trees of up to 64 nodes.
     context = model.decoder.context if max_batch <= 1 else min(model.decoder.context, max_seq_len - 64)
-    worker = Worker(model, queue_size, max_batch, max_seq_len, own_thread=worker_thread)
+    worker = Worker(model, queue_size, max_batch, max_seq_len, own_thread=worker_thread, max_tree_rows=max_tree_rows)
     created = int(time.time())
     app = FastAPI(title="draftheads", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = worker
