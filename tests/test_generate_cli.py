@@ -205,3 +205,17 @@ def test_generate_and_stream_name_themselves_on_a_wrong_keyword(tiny_dirs):
     with pytest.raises(TypeError, match=r"stream\(\) got an unexpected keyword argument 'temp'"):
         list(model.stream("hi", temp=0.5))
     assert "max_new_tokens" in model.generate.__doc__ and "as for `generate`" in model.stream.__doc__
+
+
+def test_default_threads_step_aside_for_a_busy_machine(monkeypatch, capsys):
+    import os
+
+    from draftheads import defaults
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert defaults._threads_for_load() is None and capsys.readouterr().err == ""  # quiet: torch's default
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.3, 1.0, 1.0))
+    assert defaults._threads_for_load() == 1 and "busy" in capsys.readouterr().err
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    assert defaults._threads_for_load() == 1

@@ -3,7 +3,7 @@ its parser, and `--help` must not pay for importing torch."""
 
 from __future__ import annotations
 
-# torch CPU threads for every command (--threads). 0 keeps torch's own choice (one per core).
+# torch CPU threads for every command (--threads). 0: one per core, fewer on a busy machine (set_threads).
 THREADS = 0
 
 # New tokens per reply for `generate`, `chat` and the Python API: long enough that a typical
@@ -20,12 +20,35 @@ MAX_BATCH = 8
 
 
 def set_threads(threads: int | None) -> None:
-    """Apply --threads: 0 or None leaves torch's default."""
+    """Apply --threads. 0 or None: one thread per core, unless other jobs already keep the cores busy
+    (1-minute load average), then fewer: beside a busy 2-thread process our 2-thread loop with heads
+    fell from 31.8 to 1.0 tokens/s (OpenMP threads spinning against it), with 1 thread it ran at 11.7
+    (README, "Threads beside another job")."""
     if threads is not None and threads < 0:
         from .errors import UserError
 
         raise UserError(f"--threads must be 0 (torch's default) or more, not {threads}")
+    if not threads:
+        threads = _threads_for_load()
     if threads:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def _threads_for_load() -> int | None:
+    """A thread count below the core count when other work holds cores (None: keep torch's default)."""
+    import os
+    import sys
+
+    try:
+        cores, load = len(os.sched_getaffinity(0)), os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    free = cores - int(load + 0.5)
+    if cores < 2 or free >= cores:
+        return None
+    threads = max(1, free)
+    print(f"draftheads: note: the machine is busy (load average {load:.1f} on {cores} cores): using {threads} "
+          "torch thread(s); --threads N chooses", file=sys.stderr)
+    return threads
