@@ -22,7 +22,7 @@ import torch
 from .acceptance import SamplingConfig, accept, sample
 from .errors import UserError
 from .generate import ROOT_ONLY, Decoder, Stats
-from .kvcache import SlotKVCache, TreeKVCache
+from .kvcache import SlotKVCache
 from .lookup import Hybrid, PromptLookup
 from .tree import Tree
 
@@ -55,6 +55,7 @@ class BatchDecoder:
             raise UserError("Hydra++ heads keep one prefix-layer cache: they decode one request at a time")
         self.dec, self.heads = decoder, heads
         self.lookup_cfg = decoder.drafter.lookup.cfg if decoder.drafter is not None and decoder.drafter.lookup else None
+        self.lookup_nodes = PromptLookup(self.lookup_cfg).max_nodes if self.lookup_cfg else 0
         self.cache = SlotKVCache.for_model(decoder.model, slots, capacity)
         self.capacity = capacity
         # Most tree nodes one pass verifies (None: no limit). Past it, every sequence decodes plainly in
@@ -69,7 +70,7 @@ class BatchDecoder:
         return self.capacity - self._reserve(self.dec.tree)
 
     def _reserve(self, tree: Tree) -> int:
-        return tree.size + (PromptLookup(self.lookup_cfg).max_nodes if self.lookup_cfg else 0)
+        return tree.size + self.lookup_nodes
 
     @torch.inference_mode()
     def steps(self, prompt_ids: list[int], max_new_tokens: int, sp: SamplingConfig, stats: Stats,
@@ -101,11 +102,8 @@ class BatchDecoder:
         dec, P = self.dec, len(prompt_ids)
         dev = dec.device
         t0 = dec._sync()
-        tmp = TreeKVCache(dec.model.config.num_hidden_layers, P, dec.dtype, dev)
-        causal = torch.full((P, P), torch.finfo(dec.dtype).min, dtype=dec.dtype, device=dev).triu(1)
         ids = torch.tensor(prompt_ids, device=dev)
-        h = dec.lean.hidden(tmp, ids, torch.arange(P, device=dev), tmp.attention_mask(causal))  # [P, H]
-        self.cache.load(slot, tmp)
+        h = dec.lean.prefill_slot(self.cache, slot, ids)  # [P, H]
         drafter = None
         if self.heads is not None or self.lookup_cfg is not None:
             drafter = Hybrid(self.heads, PromptLookup(self.lookup_cfg) if self.lookup_cfg else None)

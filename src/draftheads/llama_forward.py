@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .cpu_matmul import linear
+from .kvcache import TreeKVCache
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
@@ -67,6 +68,16 @@ class LlamaForward:
         self.embed, self.rotary, self.norm, self.layers = body.embed_tokens, body.rotary_emb, body.norm, body.layers
         attn = self.layers[0].self_attn
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
+
+    def prefill_slot(self, cache, slot: int, ids: torch.Tensor) -> torch.Tensor:
+        """Prefill one sequence, ids [P], into slot `slot` of a SlotKVCache while the other slots keep
+        theirs. Returns its final-norm hidden states [P, hidden_size]."""
+        P, w = ids.numel(), self.embed.weight
+        tmp = TreeKVCache(len(self.layers), P, w.dtype, w.device)
+        causal = torch.full((P, P), torch.finfo(w.dtype).min, dtype=w.dtype, device=w.device).triu(1)
+        h = self.hidden(tmp, ids, torch.arange(P, device=w.device), tmp.attention_mask(causal))  # [P, H]
+        cache.load(slot, tmp)
+        return h
 
     def hidden(self, cache, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """ids, positions [q] (one sequence) or [batch, q] -> final-norm hidden states [q, hidden_size] or

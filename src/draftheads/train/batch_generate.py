@@ -17,7 +17,7 @@ import torch
 
 from ..acceptance import SamplingConfig, sampling_probs
 from ..cpu_matmul import linear
-from ..kvcache import SlotKVCache, TreeKVCache
+from ..kvcache import SlotKVCache
 from ..llama_forward import LlamaForward
 
 
@@ -53,10 +53,9 @@ class BatchGenerator:
         self.fwd = LlamaForward(model)  # asserts the model is supported
         self.lm_head = model.get_output_embeddings()
         self.cache = SlotKVCache.for_model(model, slots, capacity)
-        self.num_layers = model.config.num_hidden_layers
         self.eos = set(eos_ids)
         p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
+        self.device = p.device
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
         self.slots: list[_Slot | None] = [None] * slots
 
@@ -82,11 +81,7 @@ class BatchGenerator:
     def _prefill(self, s: int, req: Request) -> None:
         P = len(req.ids)
         assert 0 < P and P + req.max_new_tokens <= self.cache.capacity, "request longer than the slot capacity"
-        tmp = TreeKVCache(self.num_layers, P, self.dtype, self.device)
-        causal = torch.full((P, P), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device).triu(1)
-        ids = torch.tensor(req.ids, device=self.device)
-        h = self.fwd.hidden(tmp, ids, torch.arange(P, device=self.device), tmp.attention_mask(causal))  # [P, H]
-        self.cache.load(s, tmp)
+        h = self.fwd.prefill_slot(self.cache, s, torch.tensor(req.ids, device=self.device))  # [P, H]
         slot = self.slots[s] = _Slot(req, [])
         if req.keep_hidden:
             slot.hidden.append(h.to("cpu", torch.float16))

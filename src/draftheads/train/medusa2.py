@@ -41,7 +41,7 @@ from ..heads import load_heads, save_heads
 from ..heads.vocab import full_to_trimmed, trim_targets
 from .config import TrainConfig
 from .data import IGNORE, head_targets, load_training_data, split
-from .trainer import _mb, backbone_hidden, evaluate, load_checkpoint, lr_factor, medusa_loss
+from .trainer import _mb, backbone_hidden, evaluate, lr_factor, medusa_loss, resume
 
 ADAPTER = "../adapter"  # where the heads' config finds the adapter, relative to <output>/heads
 
@@ -219,16 +219,10 @@ def train_medusa2(cfg: TrainConfig, backbone=None) -> Path:
     ddp_joint, opt = acc.prepare(joint, opt)
 
     # 3. Resume (batch orders are seeded per epoch, as in Medusa-1).
-    ckpt_path, step = out / "checkpoint.pt", 0
-    state = load_checkpoint(ckpt_path)
+    ckpt_path, step, state, history = resume(out, heads, opt, sched)
     if state is not None:
-        heads.load_state_dict(state["heads"])
         set_peft_model_state_dict(peft_model, state["adapter"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        step = state["step"]
     history_path = out / "eval.json"
-    history = json.loads(history_path.read_text()) if history_path.exists() and step else []
 
     # 4. The loop.
     if acc.is_main_process:

@@ -166,6 +166,21 @@ def load_checkpoint(path: Path):
     return torch.load(path, weights_only=True, map_location="cpu") if path.exists() else None
 
 
+def resume(out: Path, heads, opt, sched) -> tuple[Path, int, dict | None, list]:
+    """The run's checkpoint path, the step to go on from, the checkpoint (for callers with more state)
+    and the eval history so far. Heads, optimiser and schedule are restored in place."""
+    ckpt_path, step = out / "checkpoint.pt", 0
+    state = load_checkpoint(ckpt_path)
+    if state is not None:
+        heads.load_state_dict(state["heads"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step = state["step"]
+    history_path = out / "eval.json"
+    history = json.loads(history_path.read_text()) if history_path.exists() and step else []
+    return ckpt_path, step, state, history
+
+
 # ---------------------------------------------------------------- evaluation
 
 @torch.no_grad()
@@ -319,15 +334,8 @@ def train(cfg: TrainConfig, backbone=None) -> Path:
 
     # 5. Resume: the checkpoint holds heads, optimiser, schedule and the step; batch orders are seeded
     # per epoch, so step s of a resumed run sees exactly the batch it would have seen.
-    ckpt_path, step = out / "checkpoint.pt", 0
-    state = load_checkpoint(ckpt_path)
-    if state is not None:
-        heads.load_state_dict(state["heads"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        step = state["step"]
+    ckpt_path, step, _, history = resume(out, heads, opt, sched)
     history_path = out / "eval.json"
-    history = json.loads(history_path.read_text()) if history_path.exists() and step else []
 
     # 6. The loop.
     if acc.is_main_process:
