@@ -150,3 +150,27 @@ def test_distill_shards_resume_after_sigkill_with_hidden_states(tmp_path):
         torch.testing.assert_close(h.float(), ref, atol=2e-2, rtol=1e-2)
         tok = tiny_tokenizer()
         assert tok.decode(r["ids"][r["prompt_len"]:], skip_special_tokens=True).strip() == r["messages"][1]["content"]
+    # A fresh clone has the shards without their features: the trainer's fill pass recomputes them, a shard at
+    # a time, and a pass killed midway keeps the shards it finished.
+    from draftheads.train.shards import fill_features
+    from draftheads.train.trainer import backbone_hidden
+
+    for f in (out / "features").glob("shard-*.safetensors"):
+        f.unlink()
+    calls = []
+
+    def dies_in_second_shard(seqs):
+        calls.append(len(seqs))
+        if sum(calls) > 4:  # shards hold 4 records: the kill lands in the second one
+            raise KeyboardInterrupt
+        return backbone_hidden(model, seqs, "cpu")
+
+    with pytest.raises(KeyboardInterrupt):
+        fill_features(out, dies_in_second_shard, batch_tokens=64, progress=False)
+    assert sorted(p.name for p in (out / "features").glob("shard-*")) == ["shard-00000.safetensors"]
+    assert fill_features(out, lambda seqs: backbone_hidden(model, seqs, "cpu"), batch_tokens=64, progress=False) \
+        == len(list(out.glob("shard-*.jsonl.gz"))) - 1
+    refilled = read_distilled(out)[1]
+    for h, g in zip(hidden, refilled):
+        torch.testing.assert_close(g.float(), h.float(), atol=2e-2, rtol=1e-2)
+    assert fill_features(out, dies_in_second_shard, progress=False) == 0  # nothing left to compute

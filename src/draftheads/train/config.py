@@ -28,8 +28,12 @@ class DataConfig:
     path: str = ""
     max_length: int = 1024
     eval_fraction: float = 0.05
+    train_tokens: int | None = None  # a seeded subset of the training split with ~N assistant tokens (data-size curves)
     precompute_features: bool = False
     features_dir: str | None = None  # where precomputed features are cached (default: the output directory)
+    # "bfloat16": the feature pass runs under bf16 autocast, ~3x faster on CPUs with BF16 instructions; the
+    # features then differ from fp32 ones by ~1% (relative norm), well inside what heads tolerate.
+    feature_dtype: str = "float32"
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .shards import read_distilled
+from .shards import fill_features, read_distilled
 
 IGNORE = -100
 
@@ -51,12 +51,14 @@ def _has_answer(rec: dict) -> bool:
     return bool(msgs) and any(m.get("role") == "assistant" and m.get("content") for m in msgs)
 
 
-def load_training_data(path: str | Path, tok, max_length: int, fingerprint: str | None = None):
+def load_training_data(path: str | Path, tok, max_length: int, fingerprint: str | None = None, fill=None):
     """Token streams, loss masks and stored hidden states of every usable conversation.
 
     Records from the batched distill engine carry the exact token stream the backbone generated (`ids`,
     `prompt_len`): those are used as they are, and a distilled directory also gives the backbone's hidden
     states at every position. Other records are rendered with the chat template (tokenize_conversation).
+    `fill` = (hidden_of, progress): first compute the features a distilled directory lacks on this machine
+    (a fresh clone has the shards, not their features), shard by shard, so a killed pass keeps its work.
     Returns ([(ids [T], mask [T])], [hidden [T, H] fp16 or None]).
     """
     if Path(path).is_dir():
@@ -65,6 +67,8 @@ def load_training_data(path: str | Path, tok, max_length: int, fingerprint: str 
         if fingerprint and made_by and made_by != fingerprint:
             raise UserError(f"{path} was distilled from another backbone (output-embedding fingerprint {made_by}, "
                             f"this one {fingerprint}): distil again with this backbone")
+        if fill:
+            fill_features(path, fill[0], progress=fill[1])
         records, hidden = read_distilled(path)
     else:
         records = read_records(path)

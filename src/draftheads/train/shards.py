@@ -233,6 +233,39 @@ def iter_shards(directory: str | Path, features: bool = True):
         yield "partial", recs, hidden
 
 
+def fill_features(directory: str | Path, hidden_of, batch_tokens: int = 4096, progress: bool = True) -> int:
+    """Compute the features of every finished shard that lacks them here (a fresh clone: features are a
+    local cache). hidden_of(list of ids [T_i]) -> list of hidden states [T_i, H]. Records go in batches of
+    similar length, up to `batch_tokens` padded positions. Each shard is written whole and atomically, so
+    a killed pass resumes at the first shard still missing. Returns how many shards were computed."""
+    from tqdm.auto import tqdm
+
+    d = Path(directory)
+    todo = [(n, recs) for n, (name, recs, h) in enumerate(iter_shards(d)) if h is None and name != "partial"]
+    size = json.loads((d / "manifest.json").read_text())["hidden_size"]
+    bar = tqdm(total=sum(r["rows"] for _, recs in todo for r in recs), desc="features", unit="tok",
+               unit_scale=True, disable=not progress or not todo)
+    for n, recs in todo:
+        out: dict[int, torch.Tensor] = {}
+        order = sorted((i for i, r in enumerate(recs) if r["rows"]), key=lambda i: len(recs[i]["ids"]))
+        while order:
+            k = 1  # ascending lengths: the k-th record is the batch's longest
+            while k < len(order) and len(recs[order[k]]["ids"]) * (k + 1) <= batch_tokens:
+                k += 1
+            idx, order = order[:k], order[k:]
+            for i, h in zip(idx, hidden_of([torch.tensor(recs[i]["ids"]) for i in idx])):
+                assert h.shape == (recs[i]["rows"], size), (h.shape, recs[i]["rows"], size)
+                out[i] = h.to("cpu", torch.float16)
+            bar.update(sum(recs[i]["rows"] for i in idx))
+        tmp = d / "features" / shard_name(n, ".tmp")
+        tmp.parent.mkdir(exist_ok=True)
+        save_file({"hidden": torch.cat([out[i] for i in sorted(out)])}, str(tmp))
+        os.chmod(tmp, 0o644)  # safetensors writes 0600
+        os.replace(tmp, d / "features" / shard_name(n, ".safetensors"))
+    bar.close()
+    return len(todo)
+
+
 def read_distilled(directory: str | Path, features: bool = True) -> tuple[list[dict], list[torch.Tensor | None]]:
     """Every record of a distilled directory and, per record, its stored hidden states [len(ids), H] or None."""
     records, hidden = [], []

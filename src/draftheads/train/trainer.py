@@ -36,7 +36,9 @@ def config_from_args(args) -> TrainConfig:
                           lm_head=args.lm_head, trim_vocab=args.trim_vocab, head_type=head_type,
                           dropout=args.dropout),
         data=DataConfig(path=args.data, max_length=args.max_length, eval_fraction=args.eval_fraction,
-                        precompute_features=args.precompute_features, features_dir=args.features_dir),
+                        train_tokens=args.train_tokens,
+                        precompute_features=args.precompute_features, features_dir=args.features_dir,
+                        feature_dtype=args.feature_dtype),
         optim=OptimConfig(epochs=args.epochs, batch_size=args.batch_size, feature_batch=args.feature_batch, lr=args.lr,
                           weight_decay=args.weight_decay, warmup=args.warmup, decay=args.decay,
                           soft_targets=args.soft_targets),
@@ -93,19 +95,22 @@ def soft_targets(lm_weight: torch.Tensor, next_hidden: torch.Tensor, vocab_map: 
 # ---------------------------------------------------------------- features
 
 @torch.no_grad()
-def backbone_hidden(model, seqs: list[torch.Tensor], device) -> list[torch.Tensor]:
-    """Final-norm hidden states [T_i, H] of each sequence (right-padded batch, attention mask)."""
+def backbone_hidden(model, seqs: list[torch.Tensor], device, dtype: str = "float32") -> list[torch.Tensor]:
+    """Final-norm hidden states [T_i, H] of each sequence (right-padded batch, attention mask); `dtype`
+    "bfloat16" runs under bf16 autocast."""
     T = max(s.shape[0] for s in seqs)
     pad = torch.zeros(len(seqs), T, dtype=torch.long)
     att = torch.zeros(len(seqs), T, dtype=torch.long)
     for i, s in enumerate(seqs):
         pad[i, :s.shape[0]], att[i, :s.shape[0]] = s, 1
-    h = model.base_model(input_ids=pad.to(device), attention_mask=att.to(device)).last_hidden_state  # [B, T, H]
+    device = torch.device(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        h = model.base_model(input_ids=pad.to(device), attention_mask=att.to(device)).last_hidden_state  # [B, T, H]
     return [h[i, :s.shape[0]] for i, s in enumerate(seqs)]
 
 
 def precompute(model, seqs, device, path: Path, batch: int, progress: bool,
-               stored: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+               stored: list[torch.Tensor | None] | None = None, dtype: str = "float32") -> torch.Tensor:
     """All sequences' hidden states, concatenated [sum T_i, H] in fp16. `stored` holds those distillation
     kept (None where missing): only the missing ones are computed, and cached at `path`."""
     out: list[torch.Tensor | None] = list(stored) if stored is not None else [None] * len(seqs)
@@ -119,7 +124,7 @@ def precompute(model, seqs, device, path: Path, batch: int, progress: bool,
     order = sorted(missing, key=lambda i: seqs[i][0].shape[0])  # similar lengths share a batch
     for b in tqdm(range(0, len(order), batch), desc="features", disable=not progress, unit="batch"):
         idx = order[b:b + batch]
-        for i, h in zip(idx, backbone_hidden(model, [seqs[i][0] for i in idx], device)):
+        for i, h in zip(idx, backbone_hidden(model, [seqs[i][0] for i in idx], device, dtype)):
             out[i] = h.to("cpu", torch.float16)
     hidden = torch.cat(out)  # [sum T_i, H]
     tmp = path.with_suffix(".tmp")
@@ -261,12 +266,21 @@ def train(cfg: TrainConfig, backbone=None) -> Path:
     bb = backbone or load_backbone(m.backbone, device=str(acc.device), dtype=m.dtype)
     model, tok = bb.model, bb.tokenizer
     model.requires_grad_(False).eval()
-    seqs, stored = load_training_data(d.path, tok, d.max_length, output_embedding_fingerprint(model))
+    fill = None
+    if d.precompute_features:
+        fill = (lambda ids: backbone_hidden(model, ids, acc.device, d.feature_dtype), r.progress)
+    with acc.main_process_first():  # the main process computes missing features, the others then read them
+        seqs, stored = load_training_data(d.path, tok, d.max_length, output_embedding_fingerprint(model),
+                                          fill if acc.is_main_process else None)
     usable = [i for i, s in enumerate(seqs) if s[1][2:].any()]  # need at least one target
     seqs, stored = [seqs[i] for i in usable], [stored[i] for i in usable]
     if len(seqs) < 2:
         raise UserError(f"{d.path}: need at least 2 usable conversations, found {len(seqs)}")
     train_idx, eval_idx = split(len(seqs), d.eval_fraction, r.seed)
+    if d.train_tokens:  # a subset of the training split; the held-out split stays the same for every size
+        order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(r.seed)).tolist()
+        count = torch.tensor([int(seqs[i][1].sum()) for i in train_idx])[order].cumsum(0)  # assistant tokens
+        train_idx = sorted(train_idx[j] for j in order[:int((count < d.train_tokens).sum()) + 1])
     lm_weight = model.get_output_embeddings().weight.detach()  # [V, H]
     V, H = lm_weight.shape
 
@@ -299,17 +313,18 @@ def train(cfg: TrainConfig, backbone=None) -> Path:
     if d.precompute_features:
         # Named by a hash of the exact token streams, the split and the backbone, so runs that differ only
         # in head settings share one features file (--features-dir) and a changed input never reuses a stale one.
-        h = hashlib.sha1(f"{bb.name}|{output_embedding_fingerprint(model)}|{train_idx}|{eval_idx}".encode())
+        dt = "" if d.feature_dtype == "float32" else f"|{d.feature_dtype}"  # float32 keeps older caches' names
+        h = hashlib.sha1(f"{bb.name}|{output_embedding_fingerprint(model)}|{train_idx}|{eval_idx}{dt}".encode())
         for ids, _ in seqs:
             h.update(ids.numpy().tobytes())
         fpath = Path(d.features_dir or out) / f"features-{h.hexdigest()[:16]}.pt"
         fpath.parent.mkdir(parents=True, exist_ok=True)
         known = [stored[i] for i in train_idx] + [stored[i] for i in eval_idx]
         if acc.is_main_process:
-            feats = precompute(model, train_seqs + eval_seqs, acc.device, fpath, 8, r.progress, known)
+            feats = precompute(model, train_seqs + eval_seqs, acc.device, fpath, 8, r.progress, known, d.feature_dtype)
         acc.wait_for_everyone()
         if not acc.is_main_process:
-            feats = precompute(model, train_seqs + eval_seqs, acc.device, fpath, 8, False, known)  # [sum T, H] fp16
+            feats = precompute(model, train_seqs + eval_seqs, acc.device, fpath, 8, False, known, d.feature_dtype)  # [sum T, H] fp16
         del known, stored
         starts = torch.tensor([0] + [s[0].shape[0] for s in train_seqs + eval_seqs]).cumsum(0)  # [n + 1]
         seq_feats = [feats[starts[i]:starts[i + 1]] for i in range(len(starts) - 1)]  # views, [T_i, H] each
