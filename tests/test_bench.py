@@ -98,3 +98,21 @@ def test_plots_keep_bars_visible_and_count_in_integers(tmp_path, monkeypatch):
     ax = figs["accepted_lengths.png"].axes[0]
     for ticks in (ax.get_xticks(), ax.get_yticks()):
         assert all(float(t).is_integer() for t in ticks)
+
+
+def test_bench_concurrency_loads_real_servers_on_loopback(tiny_dirs, tmp_path):
+    """--concurrency starts `draftheads serve` processes (heads batched, plain batched, heads serial) and
+    streams to each from concurrent clients; replies at 2 clients equal those decoded alone."""
+    bb, heads, questions = tiny_dirs
+    out = tmp_path / "conc"
+    rc = main(["bench", str(questions), "--backbone", str(bb), "--heads", str(heads), "--concurrency", "1,2",
+               "--requests-per-client", "1", "--max-new-tokens", "6", "--max-batch", "2", "--tree", "medusa8",
+               "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert list(rep["configs"]) == ["heads, batched", "plain, batched", "heads, serial"]
+    for name, cfg in rep["configs"].items():
+        assert [lv["clients"] for lv in cfg["levels"]] == [1, 2] and all(lv["requests"] == 2 for lv in cfg["levels"])
+        assert all(lv["tokens_per_s"] > 0 and lv["ttft_p95"] >= lv["ttft_p50"] > 0 for lv in cfg["levels"]), name
+    assert rep["configs"]["heads, batched"]["differ_from_alone"] == {"1": 0, "2": 0}
+    assert (out / "concurrency.png").read_bytes()[:4] == b"\x89PNG" and "| heads, batched | 2 |" in (out / "report.md").read_text()

@@ -136,7 +136,7 @@ def test_exact_sampling_has_the_softcapped_distribution():
 
 def test_a_logit_transform_the_loop_does_not_apply_is_refused(monkeypatch):
     model = family_model("gemma3")
-    monkeypatch.setattr("draftheads.generate.logits_transform", lambda model: None)
+    monkeypatch.setattr("draftheads.engine.logits_transform", lambda model: None)
     with pytest.raises(UserError, match="cannot decode gemma3_text exactly: .* own logits"):
         Decoder(model)
 

@@ -26,10 +26,10 @@ def test_lean_forward_equals_transformers_forward(arch):
         if path == "generic":
             decoder.lean = None
         cache = TreeKVCache.for_model(model, 64)
-        prefill = decoder._forward(cache, prompt, torch.arange(20), causal, verify=False)  # [20, hidden]
-        tree = decoder._forward(cache, cands, tt.depths + 20, tt.tree_bias)  # [nodes, hidden]
+        prefill = decoder.engine._forward(cache, prompt, torch.arange(20), causal, verify=False)  # [20, hidden]
+        tree = decoder.engine._forward(cache, cands, tt.depths + 20, tt.tree_bias)  # [nodes, hidden]
         cache.keep([0], 20)
-        one = decoder._forward(cache, cands[:1], torch.tensor([21]), tt.tree_bias[:1, :1])  # [1, hidden]
+        one = decoder.engine._forward(cache, cands[:1], torch.tensor([21]), tt.tree_bias[:1, :1])  # [1, hidden]
         outputs[path] = [decoder.logits(h) for h in (prefill, tree, one)] + [cache.kv[:, :, :, :, :22]]
     for lean, generic in zip(outputs["lean"], outputs["generic"]):
         torch.testing.assert_close(lean, generic, rtol=1e-4, atol=1e-4)

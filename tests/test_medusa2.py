@@ -2,7 +2,6 @@
 disabled adapters give the original model exactly, merged and adapter-applied models decode alike, the
 tuned fingerprint refuses the untuned backbone, and train -> load -> generate / export / compare runs."""
 
-import copy
 import json
 
 import pytest

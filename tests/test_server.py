@@ -541,7 +541,8 @@ def test_batched_server_replies_equal_serial_replies():
     prompts = [f"question {i}: " + "abc" * i for i in range(8)]
 
     def replies(max_batch):
-        srv = Server(create_app(tiny_draftmodel(tree="medusa16"), max_batch=max_batch))
+        # prefill in chunks of 5 tokens: longer prompts join over several passes of the running ones
+        srv = Server(create_app(tiny_draftmodel(tree="medusa16"), max_batch=max_batch, prefill_chunk=5))
         client = OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
         try:
             def ask(p):

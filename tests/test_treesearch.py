@@ -104,11 +104,26 @@ def test_calibrate_on_a_tiny_model_writes_a_valid_tree(tiny_dirs, tmp_path):
     out = tmp_path / "tree.json"
     rc = main(["calibrate", "--backbone", str(bb), "--heads", str(heads), "--prompts", str(questions),
                "--out", str(out), "--max-new-tokens", "12", "--max-nodes", "8", "--latency-sizes", "1,4,8",
-               "--latency-steps", "2", "--threads", "1", "--write-to-heads"])
+               "--latency-steps", "2", "--threads", "1", "--write-to-heads", "--batch-sizes", "1,3"])
     assert rc == 0
     data = json.loads(out.read_text())
+    table = data["batch_trees"]  # a tree per batch size, from whole batched rounds
+    assert set(table) == {"1", "3"} and all(1 <= row["size"] <= 8 for row in table.values())
+    assert [x["size"] for x in table["3"]["latency"]] == [1, 4, 8] and table["3"]["latency"][0]["step_s"] > 0
+    assert json.loads((heads / "config.json").read_text())["batch_trees"] == {b: r["tree"] for b, r in table.items()}
     tree = load_tree(str(out), 3)
     assert tree.size == data["size"] <= 8
     assert data["predicted_mean_accepted"] >= 1 and data["measured_mean_accepted"] >= 1
     assert len(data["accuracy"]) == 3 and len(data["accuracy"][0]) == 10
     assert json.loads((heads / "config.json").read_text())["tree"] == data["tree"]
+
+
+def test_batch_table_shrinks_the_tree_as_rounds_get_dearer():
+    from draftheads.calibrate import batch_table
+
+    p = [[0.6, 0.2] + [0.0] * 8, [0.5, 0.2] + [0.0] * 8]
+    flat = [{"size": n, "step_s": 0.05} for n in (1, 4, 8)]  # one sequence: nodes are free up to 8
+    steep = [{"size": n, "step_s": 0.05 * n} for n in (1, 4, 8)]  # many: every node costs a token's time
+    table = batch_table(p, {1: flat, 8: steep}, max_nodes=8, max_depth=2)
+    assert table["1"]["size"] > 1 and table["8"]["size"] == 1 and table["8"]["tree"] == []
+    assert table["8"]["predicted_tokens_per_s"] == pytest.approx(8 / 0.05) == table["8"]["plain_tokens_per_s"]

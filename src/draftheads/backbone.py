@@ -85,9 +85,10 @@ def resolve(name_or_path: str | None) -> str:
 
 @dataclass
 class Backbone:
-    model: torch.nn.Module  # an AutoModelForCausalLM
+    model: torch.nn.Module  # an AutoModelForCausalLM (a gguf_backbone.GGUFBackbone for the llama.cpp engine)
     tokenizer: object
     name: str  # what the user asked for, recorded in the heads' config
+    engine: object = None  # the loop's engine (engine.py) when it is not a TorchEngine on `model`
 
 
 def load_backbone(name_or_path: str | None = None, device: str = "cpu", dtype: str | torch.dtype | None = None) -> Backbone:
@@ -127,13 +128,27 @@ def attention_implementation(where: str) -> str:
     return "eager" if model_class is not None and not model_class._supports_sdpa else "sdpa"
 
 
+def output_embedding_shape(model) -> tuple[int, int]:
+    """(vocab, hidden) of the backbone's output embedding. A GGUF backbone (gguf_backbone.py) states it,
+    and its fingerprint, without dequantising the whole matrix."""
+    known = getattr(model, "output_shape", None)
+    return tuple(known) if known else tuple(model.get_output_embeddings().weight.shape)
+
+
+def fingerprint_places(vocab: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 32 (row, column) places of the output embedding that its fingerprint reads: rows [32], cols [32]."""
+    return torch.linspace(0, vocab - 1, 32).long(), (torch.arange(32) * 7919) % hidden
+
+
 def output_embedding_fingerprint(model: torch.nn.Module) -> list[float]:
     """32 weights of the backbone's output embedding at fixed spread-out places. Heads record them and
     refuse a backbone whose weights differ (compared with a tolerance, so fp16/bf16 copies still match)."""
+    known = getattr(model, "output_fingerprint", None)
+    if known is not None:
+        return list(known)
     w = model.get_output_embeddings().weight.detach()  # [vocab, hidden]
-    rows = torch.linspace(0, w.shape[0] - 1, 32).long().to(w.device)
-    cols = (torch.arange(32, device=w.device) * 7919) % w.shape[1]
-    return [round(float(x), 6) for x in w[rows, cols].float()]
+    rows, cols = fingerprint_places(*w.shape)
+    return [round(float(x), 6) for x in w[rows.to(w.device), cols.to(w.device)].float()]
 
 
 def fingerprints_match(a: list[float], b: list[float]) -> bool:

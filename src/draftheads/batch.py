@@ -37,6 +37,7 @@ class _Sequence:
     stats: Stats
     end: int  # the slot length this sequence may reach (prompt + its tokens + one tree)
     reserve: int  # most nodes of one of its steps
+    by_batch: bool  # its tree follows the batch-size table (the request named none)
     hidden: torch.Tensor  # [H] at the last verified position
     root: int  # the backbone's next token, not yet verified
     emitted: list[int] | None = None  # what the last step() gave it, until its steps() hands it out
@@ -46,7 +47,8 @@ class _Sequence:
 class BatchDecoder:
     """Decodes up to `slots` sequences together; `capacity` tokens per slot (prompt + reply + one tree)."""
 
-    def __init__(self, decoder: Decoder, slots: int, capacity: int, max_rows: int | None = None):
+    def __init__(self, decoder: Decoder, slots: int, capacity: int, max_rows: int | None = None,
+                 batch_trees: dict[int, Tree] | None = None, prefill_chunk: int | None = None):
         if decoder.lean is None:
             raise UserError("batched decoding runs on the lean forward (Llama, Mistral, Qwen2); this model "
                             "decodes one request at a time")
@@ -61,24 +63,41 @@ class BatchDecoder:
         # Most tree nodes one pass verifies (None: no limit). Past it, every sequence decodes plainly in
         # that pass: on a CPU many sequences' trees cost more than they gain (README, batching).
         self.max_rows = max_rows
+        # The tree for a pass of B sequences: the entry of the largest batch size <= B (`calibrate
+        # --batch-sizes` measures whole rounds per batch size; a tree that pays alone may not in a batch).
+        self.batch_trees = sorted((batch_trees or {}).items()) if self.heads is not None else []
+        assert all(b >= 1 for b, _ in self.batch_trees), "batch sizes start at 1"
+        self.prefill_chunk = prefill_chunk  # prompt tokens per prefill forward (None: the whole prompt at once)
         self.free = list(range(slots))
         self.seqs: dict[int, _Sequence] = {}
 
     @property
     def context(self) -> int:
         """Tokens a sequence may hold (what DraftModel sizes replies by)."""
-        return self.capacity - self._reserve(self.dec.tree)
+        return self.capacity - self._reserve(self.dec.tree, True)
 
-    def _reserve(self, tree: Tree) -> int:
-        return tree.size + self.lookup_nodes
+    def _reserve(self, tree: Tree, by_batch: bool) -> int:
+        trees = [tree] + ([t for _, t in self.batch_trees] if by_batch else [])
+        return max(t.size for t in trees) + self.lookup_nodes
+
+    def tree_at(self, batch: int, tree: Tree) -> Tree:
+        """The tree of a sequence that follows the table, in a pass of `batch` sequences (`tree` when the
+        table is empty; the smallest batch size's entry below it)."""
+        for b, t in reversed(self.batch_trees):
+            if b <= batch:
+                return t
+        return self.batch_trees[0][1] if self.batch_trees else tree
 
     @torch.inference_mode()
     def steps(self, prompt_ids: list[int], max_new_tokens: int, sp: SamplingConfig, stats: Stats,
               tree: Tree | None = None) -> Iterator[list[int]]:
-        """Decoder.steps' contract: yields the prefill's token, then per step() the tokens emitted."""
+        """Decoder.steps' contract: yields the prefill's token, then per step() the tokens emitted. With
+        `prefill_chunk`, a long prompt is prefilled a chunk per next(), each yielding [] (no token yet),
+        so that the owner steps the other sequences in between."""
         assert self.free, "no free slot: the scheduler admits at most `slots` sequences"
+        by_batch = tree is None
         tree = self.dec.tree if tree is None or self.heads is None else tree
-        P, reserve = len(prompt_ids), self._reserve(tree)
+        P, reserve = len(prompt_ids), self._reserve(tree, by_batch)
         if P == 0:
             raise UserError("the prompt is empty")
         if P + reserve >= self.capacity:
@@ -86,8 +105,18 @@ class BatchDecoder:
         slot = min(self.free)  # the lowest: a pass covers slots up to the highest running one
         self.free.remove(slot)
         try:
-            seq = self._prefill(slot, prompt_ids, min(self.capacity, P + max_new_tokens + reserve), reserve, sp,
-                                stats, tree)
+            stats.prompt_tokens, stats.tree_size = P, tree.size
+            dev = self.dec.device
+            ids = torch.tensor(prompt_ids, device=dev)
+            prefill = self.dec.lean.prefill_slot_chunks(self.cache, slot, ids, self.prefill_chunk or P)
+            t0 = self.dec._sync()
+            for done in prefill:
+                stats.prefill_s += self.dec._sync() - t0
+                if done < P:
+                    yield []
+                t0 = self.dec._sync()
+            seq = self._start(slot, ids, prefill.hidden, min(self.capacity, P + max_new_tokens + reserve), reserve,
+                              by_batch, sp, stats, tree)
             yield [seq.root]
             while not seq.done:
                 assert seq.emitted is not None, "next() without a step() in between"
@@ -98,12 +127,10 @@ class BatchDecoder:
             self.cache.release(slot)
             self.free.append(slot)
 
-    def _prefill(self, slot, prompt_ids, end, reserve, sp, stats, tree) -> _Sequence:
-        dec, P = self.dec, len(prompt_ids)
-        dev = dec.device
+    def _start(self, slot, ids, h, end, reserve, by_batch, sp, stats, tree) -> _Sequence:
+        """The prompt ids [P] is in the slot, h [P, H] its hidden states: the drafter and the first token."""
+        dec, dev = self.dec, self.dec.device
         t0 = dec._sync()
-        ids = torch.tensor(prompt_ids, device=dev)
-        h = dec.lean.prefill_slot(self.cache, slot, ids)  # [P, H]
         drafter = None
         if self.heads is not None or self.lookup_cfg is not None:
             drafter = Hybrid(self.heads, PromptLookup(self.lookup_cfg) if self.lookup_cfg else None)
@@ -111,8 +138,8 @@ class BatchDecoder:
             drafter.observe(h, ids)
         gen = torch.Generator(device=dev).manual_seed(sp.seed) if sp.seed is not None else None
         root = sample(dec.logits(h[-1]), sp, gen)
-        stats.prompt_tokens, stats.tree_size, stats.prefill_s = P, tree.size, dec._sync() - t0
-        seq = self.seqs[slot] = _Sequence(slot, sp, gen, tree, drafter, stats, end, reserve, h[-1], root)
+        stats.prefill_s += dec._sync() - t0
+        seq = self.seqs[slot] = _Sequence(slot, sp, gen, tree, drafter, stats, end, reserve, by_batch, h[-1], root)
         return seq
 
     @torch.inference_mode()
@@ -125,13 +152,14 @@ class BatchDecoder:
         S = 1 + max(self.seqs)  # the pass covers slots [0, S); idle ones below S are padding
         t0 = dec._sync()
         plans = {}
-        trees = self.max_rows is None or sum(s.reserve for s in seqs) <= self.max_rows
+        tree = {s.slot: self.tree_at(len(seqs), s.tree) if s.by_batch else s.tree for s in seqs}
+        trees = self.max_rows is None or sum(t.size + self.lookup_nodes for t in tree.values()) <= self.max_rows
         for s in seqs:
             L = int(self.cache.lengths[s.slot])
             root = torch.tensor(s.root, device=dev)
             step_tree, cands = ROOT_ONLY, root.view(1)
             if trees and s.drafter is not None and L + s.reserve <= s.end:
-                step_tree, cands = s.drafter.propose(s.hidden, root, s.tree)
+                step_tree, cands = s.drafter.propose(s.hidden, root, tree[s.slot])
             plans[s.slot] = (L, step_tree, cands)
         q = max(t.size for _, t, _ in plans.values())
         ids = torch.zeros(S, q, dtype=torch.long, device=dev)

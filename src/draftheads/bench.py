@@ -3,7 +3,8 @@
 bench: on one prompt set, in one process, on one loaded backbone, time six ways of greedy decoding
 (batch 1): transformers' `generate` (the baseline), our loop without heads, our loop with heads and
 a tree (speculative), our loop with prompt lookup alone and with heads + lookup (hybrid), and
-transformers' prompt-lookup decoding. Methods are interleaved per prompt,
+transformers' prompt-lookup decoding. With --engine llama.cpp the baseline is llama.cpp's own greedy
+decoding of the same GGUF and our loop runs on llama.cpp. Methods are interleaved per prompt,
 in an order rotated per prompt, so that drift on a shared machine hits all alike. Writes report.json,
 report.md and PNG plots to --out.
 """
@@ -18,14 +19,14 @@ from pathlib import Path
 import torch
 
 from .backbone import chat_ids
-from .bench_cli import METHODS
+from .bench_cli import LLAMACPP_METHODS, METHODS
 from .calibrate import _console, load_parts, machine, progress, run_calibrate, step_latency
 from .errors import UserError
 from .lookup import LookupConfig
 from .questions import load_questions
 
-BASELINE = "transformers"
-LABELS = {"transformers": "transformers generate (baseline)", "loop": "our loop, no heads",
+LABELS = {"transformers": "transformers generate (baseline)", "llamacpp": "llama.cpp greedy (baseline)",
+          "loop": "our loop, no heads",
           "speculative": "our loop + heads (speculative)", "lookup": "our loop + prompt lookup, no heads",
           "hybrid": "our loop + heads + prompt lookup (hybrid)", "prompt_lookup": "transformers prompt lookup"}
 LOOKUP_METHODS = ("lookup", "hybrid")
@@ -51,11 +52,11 @@ class Runner:
         from .backbone import Backbone
         from .draftmodel import DraftModel
 
-        bb = Backbone(plain.backbone, plain.tokenizer, plain.backbone_name)
+        bb = Backbone(plain.backbone, plain.tokenizer, plain.backbone_name, dm.engine)
         # speculative is the heads alone whatever --lookup says; lookup and hybrid add the lookup's branches
         self.ours = {"loop": plain, "speculative": DraftModel(bb, dm.heads, dm.tree),
                      "lookup": DraftModel(bb, None, None, lookup), "hybrid": DraftModel(bb, dm.heads, dm.tree, lookup)}
-        self.plain = plain
+        self.plain, self.engine = plain, dm.engine  # engine: None (torch) or the llama.cpp engine
         self.eos = plain.eos_ids
         tok = plain.tokenizer
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else min(self.eos)
@@ -65,8 +66,18 @@ class Runner:
         if method in self.ours:
             r = self.ours[method].generate(torch.tensor(ids), max_new_tokens=max_new_tokens)
             return r.token_ids, r.stats
+        if method == "llamacpp":
+            return self.engine.greedy(ids, max_new_tokens, self.eos), None
         lookup = 10 if method == "prompt_lookup" else None
         return _hf_generate(model, ids, max_new_tokens, self.eos, self.pad, lookup), None
+
+    def next_logits(self, ids: list[int]) -> torch.Tensor:
+        """The baseline backbone's logits [vocab] after ids: where a greedy output parted from it, why."""
+        if self.engine is not None:
+            e = self.engine
+            return e.prefill(e.new_cache(len(ids)), torch.tensor(ids), "none")[1].clone()
+        model = self.plain.backbone
+        return model(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1]
 
 
 def _sync(device) -> float:
@@ -76,10 +87,13 @@ def _sync(device) -> float:
 
 
 def run_bench(args) -> dict:
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or BASELINE not in methods:
-        raise UserError(f"--methods must name {BASELINE} and any of {', '.join(METHODS)}; got {args.methods!r}")
+    llamacpp = getattr(args, "engine", None) == "llama.cpp" or str(args.backbone or "").lower().endswith(".gguf")
+    allowed = LLAMACPP_METHODS if llamacpp else METHODS
+    baseline = allowed[0]
+    methods = [m.strip() for m in (args.methods or ",".join(allowed)).split(",") if m.strip()]
+    bad = [m for m in methods if m not in allowed]
+    if bad or baseline not in methods:
+        raise UserError(f"--methods must name {baseline} and any of {', '.join(allowed)}; got {args.methods!r}")
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
     cats = [c.strip() for c in args.categories.split(",")] if args.categories else None
@@ -118,11 +132,11 @@ def run_bench(args) -> dict:
                                         "nodes": stats.nodes, "lookup_accepted": stats.lookup_accepted}})
                     bar.advance(task)
                 for m in order:
-                    if m != BASELINE and outs[m] != outs[BASELINE]:
-                        mismatches.append(_explain(plain.backbone, ids, outs[BASELINE], outs[m], q, turn, m))
+                    if m != baseline and outs[m] != outs[baseline]:
+                        mismatches.append(_explain(run.next_logits, ids, outs[baseline], outs[m], q, turn, m))
                 # Multi-turn: the baseline's own answer is the history for every method, so all methods
                 # decode the very same prompts in the next turn.
-                history.append({"role": "assistant", "content": tok.decode(outs[BASELINE], skip_special_tokens=True)})
+                history.append({"role": "assistant", "content": tok.decode(outs[baseline], skip_special_tokens=True)})
         latency = []
         if "speculative" in methods and args.latency_sizes:
             task = bar.add_task("verify latency", total=None)
@@ -132,15 +146,14 @@ def run_bench(args) -> dict:
 
 
 @torch.inference_mode()
-def _explain(model, ids, base, other, q, turn, method) -> dict:
+def _explain(next_logits, ids, base, other, q, turn, method) -> dict:
     """Where a greedy output left the baseline's, and the backbone's top-2 logit gap there (on the
     baseline's prefix): a gap at float-rounding size means two tokens tied and batched tree
     verification rounded the other way; a large gap means a bug."""
     i = next((j for j, (a, b) in enumerate(zip(base, other)) if a != b), min(len(base), len(other)))
     gap = None
     if i < len(base) and i < len(other):
-        x = torch.tensor([ids + base[:i]], device=model.device)
-        top = model(input_ids=x).logits[0, -1].float().topk(2).values
+        top = next_logits(ids + base[:i]).float().topk(2).values
         gap = float(top[0] - top[1])
     return {"question_id": q.qid, "category": q.category, "turn": turn, "method": method, "first_difference": i,
             "baseline_tokens": len(base), "method_tokens": len(other), "top2_logit_gap": gap,
@@ -150,6 +163,11 @@ def _explain(model, ids, base, other, q, turn, method) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- report
+
+def baseline_of(methods) -> str:
+    """The run's baseline: transformers' generate (torch engine) or llama.cpp's greedy decoding."""
+    return next(m for m in methods if m in (METHODS[0], LLAMACPP_METHODS[0]))
+
 
 def _aggregate(records: list[dict], methods: list[str]) -> dict:
     out = {}
@@ -168,7 +186,7 @@ def _aggregate(records: list[dict], methods: list[str]) -> dict:
                        **{f"{k}_ms_per_step": 1e3 * sum(s[f"{k}_s"] for s in st) / max(steps, 1)
                           for k in ("draft", "verify", "accept")})
         out[m] = row
-    base = out[BASELINE]["tokens_per_s"]
+    base = out[baseline_of(methods)]["tokens_per_s"]
     for row in out.values():
         row["speedup"] = row["tokens_per_s"] / base if base else 0.0
     return out
@@ -185,6 +203,8 @@ def _report(args, dm, methods, records, mismatches, latency, lookup) -> dict:
                    "categories": cats, "heads": str(args.heads), "backbone": dm.backbone_name,
                    "tree": dm.tree.to_json() if dm.tree else None, "tree_size": dm.tree.size if dm.tree else 1,
                    "num_heads": dm.heads.cfg.num_heads, "device": args.device, "dtype": str(dm.backbone.dtype),
+                   "engine": f"llama.cpp ({dm.engine.description})" if dm.engine is not None else "torch",
+                   "baseline": baseline_of(methods),
                    "lookup": asdict(lookup),
                    "methods": methods, "machine": machine(), "timing": "new tokens / wall time of the whole generate call"},
         "overall": _aggregate(records, methods),
@@ -204,8 +224,9 @@ def _fmt(v, spec=".2f") -> str:
 def write_markdown(rep: dict, path: Path) -> None:
     c, o = rep["config"], rep["overall"]
     lines = [f"# draftheads bench: {c['backbone']}", "",
-             f"Questions `{c['questions']}` ({o[BASELINE]['generations']} generations per method), "
-             f"max_new_tokens {c['max_new_tokens']}, greedy, batch 1, device {c['device']} ({c['dtype']}), "
+             f"Questions `{c['questions']}` ({o[baseline_of(o)]['generations']} generations per method), "
+             f"max_new_tokens {c['max_new_tokens']}, greedy, batch 1, engine {c.get('engine', 'torch')}, "
+             f"device {c['device']} ({c['dtype']}), "
              f"heads `{c['heads']}` ({c['num_heads']} heads), tree of {c['tree_size']} nodes. "
              f"Machine: {c['machine']['processor']}, {c['machine']['cpu_count']} CPUs, torch {c['machine']['torch']}, "
              f"torch threads: {c['machine']['torch_threads']}, load average (1, 5, 15 min) when written: {c['machine'].get('load_average')}. Tokens/s = {c['timing']}.", "",
@@ -249,7 +270,8 @@ def write_plots(rep: dict, out: Path) -> list[str]:
 
     files = []
     cats = list(rep["per_category"]) + ["overall"]
-    methods = [m for m in rep["overall"] if m != BASELINE]
+    baseline = baseline_of(rep["overall"])
+    methods = [m for m in rep["overall"] if m != baseline]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cats)), 4))
     width = 0.8 / max(len(methods), 1)
     for i, m in enumerate(methods):
@@ -257,7 +279,7 @@ def write_plots(rep: dict, out: Path) -> list[str]:
         ax.bar([x + i * width for x in range(len(cats))], vals, width, label=LABELS[m])
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(cats))], cats, rotation=30, ha="right")
-    ax.set_ylabel("speedup over transformers generate")
+    ax.set_ylabel(f"speedup over {LABELS[baseline].removesuffix(' (baseline)')}")
     # Above the axes, not inside: inside, the legend hides the tallest bars.
     ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.01), ncol=2, frameon=False)
     files.append(_save(fig, out / "speedup_per_category.png"))
@@ -333,7 +355,7 @@ def cmd_calibrate(args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     if args.write_to_heads:
-        _write_tree_to_heads(heads_dir(args.heads), result["tree"])
+        _write_tree_to_heads(heads_dir(args.heads), result["tree"], result.get("batch_trees"))
     con = _console()
     m63 = result["medusa63"]
     con.print(f"accuracy (conditional, rank 0 per head): {', '.join(f'{row[0]:.2f}' for row in result['accuracy'])} "
@@ -355,12 +377,17 @@ def cmd_calibrate(args) -> None:
                   f"mean accepted on calibration positions: heads {lk['mean_accepted_heads_only']:.3f}, lookup "
                   f"{lk['mean_accepted_lookup_only']:.3f}, both {lk['mean_accepted_hybrid']:.3f} (the tree was chosen "
                   f"for both: predicted {lk['predicted_tokens_per_s']:.1f} tok/s)")
+    for b, row in result.get("batch_trees", {}).items():
+        con.print(f"batch of {b}: tree of {row['size']} nodes, predicted {row['predicted_tokens_per_s']:.1f} tok/s "
+                  f"for all {b} (without trees {row['plain_tokens_per_s']:.1f})")
     con.print(f"wrote {out}" + (f" and the tree into {heads_dir(args.heads)}/config.json" if args.write_to_heads else ""))
 
 
-def _write_tree_to_heads(directory: Path, tree: list[list[int]]) -> None:
+def _write_tree_to_heads(directory: Path, tree: list[list[int]], batch_trees: dict | None = None) -> None:
     from .heads.checkpoint import _atomic_write, read_config
 
     cfg = read_config(directory)
     cfg["tree"] = tree
+    if batch_trees:
+        cfg["batch_trees"] = {b: row["tree"] for b, row in batch_trees.items()}
     _atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=1) + "\n"))

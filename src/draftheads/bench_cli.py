@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import argparse
 
-# defined here, not in bench.py: no torch import
+from . import defaults
+
+# defined here, not in bench.py: no torch import. Per engine: its methods, the baseline first.
 METHODS = ("transformers", "loop", "speculative", "lookup", "hybrid", "prompt_lookup")
-QUESTIONS_HELP = ("a shipped question set by name (vicuna: 80 MT-bench-style questions in 9 categories) or a file: "
+LLAMACPP_METHODS = ("llamacpp", "loop", "speculative", "lookup", "hybrid")  # llamacpp: llama.cpp's own greedy
+QUESTIONS_HELP = ("a shipped question set by name (vicuna: 80 MT-bench-style questions in 9 categories; copying: 30 "
+                  "prompts whose answers copy from them: translation, summarization, rag, code_edit, rewrite, "
+                  "extraction) or a file: "
                   "MT-bench/Spec-Bench question JSONL, or a prompt file (JSON list, JSONL, text lines)")
 
 
 def cmd_bench(args) -> None:
-    from .bench import cmd_bench as run
-
+    if args.concurrency:
+        from .bench_serve import cmd_bench_concurrency as run
+    else:
+        from .bench import cmd_bench as run
     run(args)
 
 
@@ -46,11 +53,20 @@ def register(sub) -> None:
     b.add_argument("--max-new-tokens", type=int, default=128, help="most new tokens per answer")
     b.add_argument("--out", default="bench-report", help="directory for report.json, report.md and plots")
     b.add_argument("--categories", default=None, help="comma-separated categories to keep (default: all)")
-    b.add_argument("--methods", default=",".join(METHODS),
-                   help=f"comma-separated subset of {','.join(METHODS)} (transformers, the baseline, required)")
+    b.add_argument("--methods", default=None,
+                   help=f"comma-separated subset of {','.join(METHODS)} (transformers, the baseline, required); with "
+                        f"--engine llama.cpp of {','.join(LLAMACPP_METHODS)} (llamacpp, llama.cpp's own greedy "
+                        "decoding, the baseline, required). Default: all of the engine's")
     b.add_argument("--latency-sizes", type=sizes, default="1,2,4,8,16,32,64",
                    help="tree sizes for the verify-latency plot ('' to skip)")
     b.add_argument("--latency-steps", type=int, default=8, help="timed loop steps per tree size")
+    b.add_argument("--concurrency", type=sizes, default=None,
+                   help="instead: serve the model (heads batched, plain batched, heads one at a time) and load each "
+                        "server with this many concurrent streaming clients, e.g. 1,2,4,8 (bench_serve.py)")
+    b.add_argument("--requests-per-client", type=int, default=2,
+                   help="with --concurrency: requests = this x the largest concurrency, shared among the clients")
+    b.add_argument("--max-batch", type=int, default=defaults.MAX_BATCH,
+                   help="with --concurrency: the batched servers' --max-batch")
     b.set_defaults(func=cmd_bench)
 
     c = sub.add_parser("calibrate", help="measure head accuracies and step latency; choose the fastest tree",
@@ -68,6 +84,10 @@ def register(sub) -> None:
     c.add_argument("--no-measure", dest="measure", action="store_false",
                    help="skip running generate with the chosen tree and medusa63 afterwards")
     c.add_argument("--measure-limit", type=int, default=10, help="prompts for that measurement (0: all)")
-    c.add_argument("--write-to-heads", action="store_true", help="also store the tree in the heads' config.json")
+    c.add_argument("--batch-sizes", type=sizes, default="",
+                   help="also time whole rounds of the batched step (the server's --max-batch) at these batch sizes, "
+                        "e.g. 1,2,4,8, and choose a tree for each ('' to skip)")
+    c.add_argument("--write-to-heads", action="store_true", help="also store the tree (and the trees per batch size) in "
+                                                                  "the heads' config.json")
     c.set_defaults(func=cmd_calibrate)
 

@@ -7,6 +7,7 @@ tree size on this machine. The search itself is in treesearch.py.
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 
@@ -33,7 +34,7 @@ def head_ranks(dm: DraftModel, prompt_ids: list[int], continuation: list[int]) -
     model, heads = dm.backbone, dm.heads
     seq = prompt_ids + continuation
     ids = torch.tensor(seq, device=model.device)
-    hidden = model.base_model(input_ids=ids.view(1, -1)).last_hidden_state[0]  # [T, hidden]
+    hidden = dm.decoder.engine.hidden_states(ids)  # [T, hidden]
     first, T, K = len(prompt_ids) - 1, len(seq), heads.cfg.num_heads
     top = heads.teacher_topk(hidden, ids, MAX_RANK)[:, first:T - 1]  # [K, c, 10]
     target = torch.tensor(seq + [-1] * (K + 2), device=model.device)
@@ -142,7 +143,7 @@ def step_latency(dm: DraftModel, prompt_ids: list[int], sizes: list[int], steps:
     our own loop (Decoder.steps) after 2 warm-up steps. Sizes are interleaved over rounds so that
     drift on a shared machine hits all alike."""
     assert dm.heads is not None
-    decoder = Decoder(dm.backbone, dm.heads, None)
+    decoder = Decoder(dm.backbone, dm.heads, None, engine=dm.engine)
     trees = {n: tree_of_size(n, dm.heads.cfg.num_heads, p) for n in sizes}
     samples = {n: {"draft": [], "verify": [], "accept": []} for n in sizes}
     sp = SamplingConfig()
@@ -170,6 +171,56 @@ def step_latency(dm: DraftModel, prompt_ids: list[int], sizes: list[int], steps:
     return out
 
 
+@torch.inference_mode()
+def batch_round_latency(dm: DraftModel, prompt_ids: list[int], batch: int, sizes: list[int], steps: int = 8,
+                        p=None) -> list[dict]:
+    """Median seconds of one whole round of the batched step (batch.BatchDecoder: every sequence's
+    draft, one verify pass over all their nodes, acceptance and compaction) with `batch` sequences of
+    the same prompt, each with a tree of each size, after 2 warm-up rounds. Whole rounds, not isolated
+    forwards: those flatter large batches, whose drafting and bookkeeping grow with the batch too."""
+    from .batch import BatchDecoder
+
+    assert dm.heads is not None and batch >= 1
+    decoder = Decoder(dm.backbone, dm.heads, None, engine=dm.engine)
+    trees = {n: tree_of_size(n, dm.heads.cfg.num_heads, p) for n in sizes}
+    samples: dict[int, list[float]] = {n: [] for n in sizes}
+    for _ in range(2):  # sizes interleaved over rounds, as in step_latency
+        for n in sizes:
+            tree, new = trees[n], (steps // 2 + 3) * (trees[n].depth + 1)
+            bd = BatchDecoder(decoder, batch, len(prompt_ids) + new + tree.size + 1)
+            seqs = [bd.steps(prompt_ids, new, SamplingConfig(), Stats(), tree) for _ in range(batch)]
+            for s in seqs:
+                next(s)  # prefill
+            for i in range(steps // 2 + 2):
+                t0 = time.perf_counter()
+                bd.step()
+                for s in seqs:
+                    next(s)
+                if i >= 2:
+                    samples[n].append(time.perf_counter() - t0)
+            for s in seqs:
+                s.close()
+    return [{"size": trees[n].size, "step_s": statistics.median(samples[n])} for n in sizes]
+
+
+def batch_table(p, latency: dict[int, list[dict]], max_nodes: int, max_depth: int) -> dict[str, dict]:
+    """Per batch size, the tree with the most tokens/s under its measured round latency: {"8": {"tree",
+    "size", "predicted_mean_accepted", "predicted_tokens_per_s" (all sequences together),
+    "plain_tokens_per_s" (the same batch without trees), "latency"}}. A size-1 tree means no tree pays."""
+    from .treesearch import choose, interpolate
+
+    table = {}
+    for b, lat in sorted(latency.items()):
+        xs, ys = [x["size"] for x in lat], [x["step_s"] for x in lat]
+        found = choose(p, lambda n: interpolate(xs, ys, n), min(max_nodes, max(xs)), max_depth)
+        best, plain = found["best"], found["curve"][0]
+        table[str(b)] = {"tree": Tree(best["tree"]).to_json(), "size": best["size"],
+                         "predicted_mean_accepted": best["expected_accepted"],
+                         "predicted_tokens_per_s": b * best["tokens_per_s"],
+                         "plain_tokens_per_s": b * plain["tokens_per_s"], "latency": lat}
+    return table
+
+
 def machine() -> dict:
     import os
     import platform
@@ -190,8 +241,8 @@ def load_parts(args) -> tuple[DraftModel, DraftModel]:
     if heads is None:
         raise UserError("this command needs heads: pass --heads DIR (or leave the default heads)")
     dm = load(heads=heads, backbone=args.backbone, device=args.device, dtype=args.dtype, tree=getattr(args, "tree", None),
-              lookup=getattr(args, "lookup", None))
-    plain = DraftModel(Backbone(dm.backbone, dm.tokenizer, dm.backbone_name), None, None)
+              lookup=getattr(args, "lookup", None), engine=getattr(args, "engine", None))
+    plain = DraftModel(Backbone(dm.backbone, dm.tokenizer, dm.backbone_name, dm.engine), None, None)
     return dm, plain
 
 
@@ -261,6 +312,12 @@ def run_calibrate(args) -> dict:
         latency = step_latency(dm, max(prompts, key=len), sizes, steps=args.latency_steps, p=p)
         bar.update(task, total=1, completed=1)
         xs, ys = [x["size"] for x in latency], [x["step_s"] for x in latency]
+        by_batch = {}
+        if args.batch_sizes:
+            task = bar.add_task("batched rounds", total=len(args.batch_sizes))
+            for b in args.batch_sizes:
+                by_batch[b] = batch_round_latency(dm, max(prompts, key=len), b, sizes, steps=args.latency_steps, p=p)
+                bar.advance(task)
         found = choose(p, lambda n: interpolate(xs, ys, n), args.max_nodes, K)
         best = found["best"]
         if lookup is not None:  # the tree that is fastest together with the lookup branches
@@ -281,6 +338,8 @@ def run_calibrate(args) -> dict:
             "heads": str(args.heads), "backbone": dm.backbone_name, "max_new_tokens": args.max_new_tokens,
             "device": args.device, "machine": machine(),
         }
+        if by_batch:
+            result["batch_trees"] = batch_table(p, by_batch, args.max_nodes, K)
         if lookup is not None:
             result["lookup"] = {**lookup_summary(lookup, ranks, lk_depth, lk_nodes, chosen.paths),
                                 "predicted_tokens_per_s": best["tokens_per_s_hybrid"]}

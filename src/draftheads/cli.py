@@ -38,12 +38,16 @@ def add_threads(p: argparse.ArgumentParser) -> None:
 def _add_model_args(p: argparse.ArgumentParser, heads_default="default") -> None:
     p.add_argument("--heads", default=heads_default,
                    help="heads directory, 'default' (shipped for the default backbone) or 'none' (plain decoding)")
-    p.add_argument("--backbone", default=None, help="HF model directory or cached name (default: the one the heads name)")
+    p.add_argument("--backbone", default=None, help="HF model directory or cached name, or a .gguf file for the "
+                                                     "llama.cpp engine (default: the one the heads name)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--tree", default=None,
                    help="tree.json, medusa63, medusa<N> or chain<N> (default: the heads' calibrated tree, else a "
                         "small one that is safe on the device)")
+    p.add_argument("--engine", default=None, choices=["torch", "llama.cpp"],
+                   help="what runs the backbone: torch (transformers) or llama.cpp (a GGUF; pip install "
+                        "draftheads[llamacpp]). Default: llama.cpp for a .gguf --backbone, else torch")
     p.add_argument("--lookup", action=argparse.BooleanOptionalAction, default=None,
                    help="prompt lookup: add branches copied from earlier in the prompt and reply to each step's tree, "
                         "verified in the same pass; works with --heads none (default: off)")
@@ -55,7 +59,7 @@ def _load(args):
 
     heads = None if args.heads in (None, "none") else args.heads
     return load(heads=heads, backbone=args.backbone, device=args.device, dtype=args.dtype, tree=args.tree,
-                lookup=args.lookup)
+                lookup=args.lookup, engine=args.engine)
 
 
 def _acceptance(args) -> str:

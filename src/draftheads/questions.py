@@ -13,7 +13,7 @@ from .errors import UserError
 PROMPT_FIELDS = ("prompt", "instruction", "question", "text", "input")
 DATA_DIR = Path(__file__).parent / "data"
 # Question sets shipped in the package (data/README.md: origins and licences), usable by name.
-SHIPPED = {"vicuna": "vicuna_bench_question.jsonl"}
+SHIPPED = {"vicuna": "vicuna_bench_question.jsonl", "copying": "copying_bench_question.jsonl"}
 
 
 @dataclass

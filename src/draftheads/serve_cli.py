@@ -23,7 +23,14 @@ def cmd_serve(args) -> None:
           max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
           max_tokens_limit=args.max_tokens_limit, queue_size=args.queue_size,
           parse_special_tokens=args.parse_special_tokens, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-          max_tree_rows=args.max_tree_rows or None)
+          max_tree_rows=_tree_rows(args, model), prefill_chunk=args.prefill_chunk or None)
+
+
+def _tree_rows(args, model) -> int | None:
+    """--max-tree-rows, by default a budget of 16 nodes per pass unless the heads carry a batch-size table."""
+    if args.max_tree_rows is None:
+        return None if model.batch_trees else 16
+    return args.max_tree_rows or None
 
 
 def cmd_chat(args) -> None:
@@ -83,9 +90,13 @@ def register(sub) -> None:
     s.add_argument("--queue-size", type=int, default=16, help="requests that may wait; more get 429")
     s.add_argument("--max-batch", type=int, default=defaults.MAX_BATCH,
                    help="requests decoded together, one verify pass for all (continuous batching; 1: one at a time)")
-    s.add_argument("--max-tree-rows", type=int, default=16,
+    s.add_argument("--max-tree-rows", type=int, default=None,
                    help="most tree nodes one batched pass verifies; past it the running requests decode plainly in "
-                        "that pass (0: no limit; a CPU's matmuls turn compute-bound at a few rows, a GPU's much later)")
+                        "that pass (0: no limit; default: none when the heads carry a tree per batch size, from "
+                        "`calibrate --batch-sizes`, else 16: a CPU's matmuls turn compute-bound at a few rows)")
+    s.add_argument("--prefill-chunk", type=int, default=defaults.PREFILL_CHUNK,
+                   help="prompt tokens prefilled between two batched passes, so that a long prompt does not stall "
+                        "the running streams (0: whole prompts at once)")
     s.add_argument("--max-seq-len", type=int, default=2048,
                    help="tokens per batched request (prompt + reply); its KV cache slot is preallocated")
     s.add_argument("--parse-special-tokens", action="store_true",
@@ -120,3 +131,6 @@ def _check_limits(args) -> None:
     for name in ("max_body_bytes", "max_prompt_tokens", "max_tokens_limit", "queue_size", "max_batch", "max_seq_len"):
         if getattr(args, name, 1) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("max_tree_rows", "prefill_chunk"):
+        if (getattr(args, name, 0) or 0) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more")

@@ -114,9 +114,10 @@ class Worker:
     the model does not take the batched step (batch.BatchDecoder says why)."""
 
     def __init__(self, model, queue_size: int, max_batch: int = 1, max_seq_len: int = 2048, own_thread: bool = True,
-                 max_tree_rows: int | None = None):
+                 max_tree_rows: int | None = None, prefill_chunk: int | None = None):
         self.model, self.queue_size = model, queue_size
         self.max_batch, self.max_seq_len, self.max_tree_rows = max_batch, max_seq_len, max_tree_rows
+        self.prefill_chunk = prefill_chunk
         self.stopped = threading.Event()
         # A deque rather than queue.Queue: a cancelled job must leave the queue at once, not when its turn comes.
         self.waiting: deque[Job] = deque()
@@ -155,9 +156,12 @@ class Worker:
             from .batch import BatchDecoder
 
             try:  # made on this thread: it does all the torch work from here on
-                batch = BatchDecoder(self.model.decoder, self.max_batch, self.max_seq_len, self.max_tree_rows)
+                batch = BatchDecoder(self.model.decoder, self.max_batch, self.max_seq_len, self.max_tree_rows,
+                                     self.model.batch_trees, self.prefill_chunk)
             except UserError as e:
                 log.warning("serving one request at a time: %s", e)
+            except Exception:  # a dead worker would leave every request waiting forever
+                log.exception("batched decoding failed to start: serving one request at a time")
         if batch is not None:
             return self._run_batched(batch)
         while not self.stopped.is_set():
@@ -193,7 +197,7 @@ class Worker:
                     self.changed.wait(0.5)
                 joining = [self.waiting.popleft() for _ in range(min(len(self.waiting), len(batch.free)))]
             self.running = True
-            for job in joining:  # prefill, first chunk
+            for job in joining:  # prefill (its first chunk of --prefill-chunk tokens), first chunk of text
                 if not job.cancelled.is_set():
                     chunks = self.model.iter_generate(torch.tensor(job.ids), batch=batch, **job.kwargs)
                     if self._advance(job, chunks):
@@ -243,17 +247,21 @@ class Worker:
 def create_app(model, model_name: str | None = None, api_key: str | None = None, max_body_bytes: int = 1 << 20,
                max_prompt_tokens: int = 4096, max_tokens_limit: int = 2048, default_max_tokens: int = 256,
                queue_size: int = 16, parse_special_tokens: bool = False, max_batch: int = 1,
-               max_seq_len: int = 2048, worker_thread: bool = True, max_tree_rows: int | None = None) -> FastAPI:
+               max_seq_len: int = 2048, worker_thread: bool = True, max_tree_rows: int | None = None,
+               prefill_chunk: int | None = None) -> FastAPI:
     """An app serving `model` (a DraftModel). The worker thread starts here, one per app.
     parse_special_tokens: whether a /v1/completions string prompt may spell control tokens
     ("<|im_start|>"); off, they are text like any other. Chat messages are always text.
     max_batch: requests decoded together (continuous batching; 1: one at a time), each in a cache slot
-    of max_seq_len tokens (prompt + reply); max_tree_rows: most tree nodes per batched pass (None: no limit). worker_thread: start the decoding thread here; False leaves
+    of max_seq_len tokens (prompt + reply); max_tree_rows: most tree nodes per batched pass (None: no limit);
+    prefill_chunk: prompt tokens prefilled between two batched passes (None: a whole prompt at once, the
+    running requests wait for it). worker_thread: start the decoding thread here; False leaves
     `app.state.worker.run()` to the caller (serve() runs it on the thread that loaded the model)."""
     name = model_name or model.backbone_name
     # A batch slot holds prompt + reply + one tree: 64 leaves room for trees of up to 64 nodes.
     context = model.decoder.context if max_batch <= 1 else min(model.decoder.context, max_seq_len - 64)
-    worker = Worker(model, queue_size, max_batch, max_seq_len, own_thread=worker_thread, max_tree_rows=max_tree_rows)
+    worker = Worker(model, queue_size, max_batch, max_seq_len, own_thread=worker_thread, max_tree_rows=max_tree_rows,
+                    prefill_chunk=prefill_chunk)
     created = int(time.time())
     app = FastAPI(title="draftheads", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = worker

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..backbone import fingerprints_match, output_embedding_fingerprint
+from ..backbone import fingerprints_match, output_embedding_fingerprint, output_embedding_shape
 from ..errors import UserError
 from .hydra import HydraHeads
 from .medusa import HeadsConfig, MedusaHeads
@@ -101,12 +101,12 @@ def _load_state(heads: MedusaHeads, state: dict, where) -> None:
 
 
 def check_backbone(cfg: HeadsConfig, backbone, where) -> None:
-    emb = backbone.get_output_embeddings().weight
+    shape = output_embedding_shape(backbone)  # (vocab, hidden)
     if cfg.lm_head == "shared" and not cfg.vocab_size:  # official "version 2" heads do not record it
-        cfg.vocab_size = emb.shape[0]
-    if (cfg.vocab_size, cfg.hidden_size) != tuple(emb.shape):
+        cfg.vocab_size = shape[0]
+    if (cfg.vocab_size, cfg.hidden_size) != shape:
         raise UserError(f"heads in {where} are for a backbone with vocab {cfg.vocab_size} and hidden size "
-                        f"{cfg.hidden_size}, this one has {emb.shape[0]} and {emb.shape[1]} ({cfg.backbone or 'unknown'})")
+                        f"{cfg.hidden_size}, this one has {shape[0]} and {shape[1]} ({cfg.backbone or 'unknown'})")
     if cfg.tuned_fingerprint:  # Medusa-2: the backbone must carry the adapter the heads were trained with
         from ..adapter import refusal, tuned_verdict
 

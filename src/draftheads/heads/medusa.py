@@ -34,6 +34,9 @@ class HeadsConfig:
     backbone: str = ""  # name or path of the backbone the heads were trained on
     backbone_fingerprint: list[float] = field(default_factory=list)
     tree: list[list[int]] | None = None  # a calibrated tree, used by default when present
+    # `calibrate --batch-sizes`: {"8": tree} the tree of the batched step at 8 running sequences (used
+    # from that batch size up to the next entry's)
+    batch_trees: dict[str, list[list[int]]] | None = None
     dropout: float = 0.0  # Hydra++ trains with dropout before every block and the LM head
     # Medusa-2: the LoRA adapter trained with the heads (a path relative to the heads directory), which
     # `draftheads.load` merges into the backbone, and the weights it changed most, so that the heads refuse
@@ -52,6 +55,9 @@ class HeadsConfig:
         if missing:
             raise UserError(f"heads config lacks {', '.join(missing)}")
         cfg = cls(**d)
+        if cfg.batch_trees is not None and not (isinstance(cfg.batch_trees, dict) and all(
+                isinstance(b, str) and b.isdigit() and int(b) >= 1 for b in cfg.batch_trees)):
+            raise UserError("heads config: batch_trees must map batch sizes (\"1\", \"8\", ...) to trees")
         if cfg.lm_head not in ("own", "shared"):
             raise UserError(f"heads config: lm_head must be 'own' or 'shared', not {cfg.lm_head!r}")
         if cfg.head_type not in HEAD_TYPES:

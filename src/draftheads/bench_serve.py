@@ -1,0 +1,193 @@
+"""`draftheads bench --concurrency 1,2,4,8`: the server under load, real clients on loopback.
+
+For each server configuration (heads batched `--max-batch N`, plain batched `--heads none --max-batch
+N`, heads serial `--max-batch 1`) a fresh `draftheads serve` process is started and warmed with one
+request; at each concurrency c, c client threads send their share of the prompts (streamed, greedy).
+Measured per level: aggregate tokens/s, time to first token (p50/p95), time per output token after
+the first (p50/p95), and how many replies differ from the serial server's reply at 1 client (each
+request decoded alone). Writes report.json, report.md and concurrency.png to --out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from .errors import UserError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_args: list[str], extra: list[str]) -> tuple[subprocess.Popen, str]:
+    """A `draftheads serve` process on a free loopback port, once /health answers."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "draftheads.cli", "serve", "--port", str(port), "--queue-size", "64",
+           "--model-name", "x", *model_args, *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + 300
+    while True:
+        if proc.poll() is not None:
+            err = (proc.stderr.read() or "").strip().splitlines()
+            raise UserError(f"the server did not start: {err[-1] if err else ' '.join(cmd)}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            raise UserError("the server did not answer /health within 300 s")
+        time.sleep(0.5)
+
+
+def ask(url: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed greedy chat request: its text, time to first token and seconds (wall), tokens."""
+    t0 = time.perf_counter()
+    first, text, tokens = None, "", 0
+    body = {"model": "x", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for c in chunk.get("choices", []):
+                piece = c.get("delta", {}).get("content") or ""
+                if piece and first is None:
+                    first = time.perf_counter() - t0
+                text += piece
+    return {"text": text, "ttft": first or 0.0, "seconds": time.perf_counter() - t0, "tokens": tokens}
+
+
+def _quantile(xs: list[float], p: int) -> float:
+    return statistics.quantiles(xs, n=100)[p - 1] if len(xs) > 1 else xs[0]
+
+
+def load_level(url: str, prompts: list[tuple[int, str]], clients: int, max_tokens: int) -> tuple[dict, list[dict]]:
+    """`clients` threads, each sending its share of `prompts` one after another."""
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def client(mine):
+        for i, p in mine:
+            r = ask(url, p, max_tokens)
+            r["index"] = i
+            with lock:
+                results.append(r)
+    threads = [threading.Thread(target=client, args=(prompts[i::clients],)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if len(results) < len(prompts):
+        raise UserError(f"{len(prompts) - len(results)} requests failed at {clients} clients")
+    tpot = [(r["seconds"] - r["ttft"]) / max(r["tokens"] - 1, 1) for r in results]
+    ttft = [r["ttft"] for r in results]
+    return {"clients": clients, "requests": len(results), "wall_s": wall,
+            "tokens_per_s": sum(r["tokens"] for r in results) / wall,
+            "ttft_p50": _quantile(ttft, 50), "ttft_p95": _quantile(ttft, 95),
+            "tpot_p50": _quantile(tpot, 50), "tpot_p95": _quantile(tpot, 95)}, results
+
+
+def run_concurrency(args) -> dict:
+    from .questions import load_questions
+
+    levels = args.concurrency
+    n = max(levels) * args.requests_per_client
+    prompts = list(enumerate(q.turns[0] for q in load_questions(args.questions, n)))
+    model_args = ["--threads", str(args.threads)]
+    for flag, value in (("--backbone", args.backbone), ("--device", args.device), ("--dtype", args.dtype),
+                        ("--tree", args.tree)):
+        if value is not None:
+            model_args += [flag, value]
+    heads = args.heads not in (None, "none")
+    configs = {"plain, batched": ["--heads", "none", "--max-batch", str(args.max_batch)]}
+    if heads:
+        configs = {"heads, batched": ["--heads", args.heads, "--max-batch", str(args.max_batch)], **configs,
+                   "heads, serial": ["--heads", args.heads, "--max-batch", "1"]}
+    else:
+        configs["plain, serial"] = ["--heads", "none", "--max-batch", "1"]
+    report = {"questions": args.questions, "prompts": len(prompts), "max_tokens": args.max_new_tokens,
+              "max_batch": args.max_batch, "threads": args.threads, "configs": {}}
+    from .calibrate import machine
+
+    for name, extra in configs.items():
+        proc, url = start_server(model_args, extra)
+        try:
+            ask(url, "Say hi.", 8)  # warm-up
+            rows, texts = [], {}
+            for c in levels:
+                row, results = load_level(url, prompts, c, args.max_new_tokens)
+                texts[c] = {r["index"]: r["text"] for r in results}
+                rows.append(row)
+                print(f"{name}, {c} clients: {row['tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
+            report["configs"][name] = {"args": extra, "levels": rows, "texts": texts}
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    serial = next(cfg for name, cfg in report["configs"].items() if name.endswith("serial"))
+    alone = serial["texts"][min(levels)] if min(levels) == 1 else None
+    for cfg in report["configs"].values():
+        cfg["differ_from_alone"] = ({c: sum(t[i] != alone[i] for i in t) for c, t in cfg["texts"].items()}
+                                    if alone is not None else None)
+    report["machine"] = machine()
+    return report
+
+
+def write_report(report: dict, out: Path) -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    lines = ["| config | clients | tokens/s | TTFT p50 / p95 s | per-token p50 / p95 ms | differ from alone |",
+             "|---|---|---|---|---|---|"]
+    for name, cfg in report["configs"].items():
+        for row in cfg["levels"]:
+            d = (cfg["differ_from_alone"] or {}).get(row["clients"], "n/a")
+            lines.append(f"| {name} | {row['clients']} | {row['tokens_per_s']:.1f} | {row['ttft_p50']:.2f} / "
+                         f"{row['ttft_p95']:.2f} | {1000 * row['tpot_p50']:.0f} / {1000 * row['tpot_p95']:.0f} | {d} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, cfg in report["configs"].items():
+        ax.plot([r["clients"] for r in cfg["levels"]], [r["tokens_per_s"] for r in cfg["levels"]], marker="o",
+                label=name)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("aggregate tokens/s")
+    ax.set_xticks([r["clients"] for r in next(iter(report["configs"].values()))["levels"]])
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "concurrency.png", dpi=120)
+    plt.close(fig)
+    return lines
+
+
+def cmd_bench_concurrency(args) -> None:
+    if args.max_batch < 2:
+        raise UserError("--max-batch must be at least 2 for the batched servers")
+    report = run_concurrency(args)
+    lines = write_report(report, Path(args.out))
+    print("\n".join(lines))
+    print(f"wrote {args.out}/report.json, report.md, concurrency.png", file=sys.stderr)

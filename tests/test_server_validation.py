@@ -1,0 +1,241 @@
+"""The server's validation, limits and error objects, in process (starlette's TestClient) on a stub model
+that records what each request asked for: every boundary on both sides, every message whole.
+
+test_server.py runs the real thing (uvicorn, the openai client, a tiny model); these pin what it does
+not look at closely: which limit, which parameter and code, which sampling settings reach the model.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+from starlette.testclient import TestClient
+
+from draftheads.errors import UserError
+from draftheads.server import Job, Worker, create_app
+
+
+class Stub:
+    """What create_app uses of a DraftModel. A prompt is one id per character of "role:content" (chat)
+    or of the text (completion); the reply is "hello" in two chunks."""
+
+    backbone_name = "stub"
+
+    def __init__(self, context=100, vocab=50, fail=None, finish="length"):
+        self.decoder = SimpleNamespace(context=context, lean=None)  # lean None: no batched decoding
+        self.batch_trees = {}
+        self.backbone = SimpleNamespace(config=SimpleNamespace(vocab_size=vocab))
+        self.fail, self.finish, self.calls, self.messages, self.split = fail, finish, [], [], []
+
+    def prompt_ids(self, messages):
+        self.messages.append(messages)
+        if messages[0]["content"] == "user error":
+            raise UserError("the prompt is refused")
+        if messages[0]["content"] == "crash":
+            raise RuntimeError("a bug")
+        return [ord(c) % 50 for m in messages for c in f"{m['role']}:{m['content']}"]
+
+    def tokenizer(self, text, split_special_tokens):
+        self.split.append(split_special_tokens)
+        return {"input_ids": [ord(c) % 50 for c in text]}
+
+    def iter_generate(self, ids, **kwargs):
+        self.calls.append((ids.tolist(), kwargs))
+        if self.fail:
+            raise self.fail
+        stats = SimpleNamespace(prompt_tokens=len(ids), steps=3, mean_accepted=1.234567, tokens_per_second=12.3456,
+                                tree_size=4)
+        yield SimpleNamespace(text="hel", result=None)
+        yield SimpleNamespace(text="lo", result=SimpleNamespace(text="hello", token_ids=[1, 2, 3], stats=stats,
+                                                                 finish_reason=self.finish))
+
+
+@pytest.fixture
+def api():
+    apps = []
+
+    def make(model=None, **kw):
+        model = model or Stub()
+        apps.append(create_app(model, **kw))
+        return TestClient(apps[-1], raise_server_exceptions=False), model
+
+    yield make
+    for app in apps:
+        app.state.worker.stop()
+
+
+def chat(text="hi", **kw):
+    return {"model": "stub", "messages": [{"role": "user", "content": text}], **kw}
+
+
+def error(r, status, message, param=None, code=None, type="invalid_request_error"):
+    assert r.status_code == status, r.text
+    assert r.json() == {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def test_replies_usage_and_our_statistics(api):
+    client, model = api(model_name="named")
+    r = client.post("/v1/chat/completions", json={**chat(), "model": "named"}).json()
+    assert r["id"].startswith("chatcmpl-") and len(r["id"]) == 9 + 24 and r["object"] == "chat.completion"
+    assert r["model"] == "named" and isinstance(r["created"], int)
+    assert r["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "hello"}, "logprobs": None,
+                             "finish_reason": "length"}]
+    assert r["usage"] == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}  # "user:hi"
+    assert r["draftheads"] == {"steps": 3, "mean_accepted": 1.2346, "tokens_per_second": 12.35, "tree_size": 4,
+                               "finish_reason": "length"}
+    for finish, shown in (("stop", "stop"), ("context", "length")):
+        client, model = api(Stub(finish=finish))
+        r = client.post("/v1/completions", json={"model": "stub", "prompt": "abc"}).json()
+        assert r["id"].startswith("cmpl-") and len(r["id"]) == 5 + 24 and r["object"] == "text_completion"
+        assert r["choices"] == [{"index": 0, "text": "hello", "logprobs": None, "finish_reason": shown}]
+    assert client.get("/health").json() == {"status": "ok", "model": "stub", "running": False, "waiting": 0}
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and [(m["id"], m["object"], m["owned_by"]) for m in models["data"]] == \
+        [("stub", "model", "draftheads")]
+
+
+def test_sampling_settings_reach_the_model(api):
+    client, model = api(default_max_tokens=7)
+    greedy = dict(max_new_tokens=7, temperature=0.0, top_p=1.0, stop=[], seed=None, acceptance="greedy")
+    for body, want in [
+        (chat(), {**greedy, "temperature": 1.0, "acceptance": "exact"}),  # OpenAI's default temperature is 1
+        (chat(temperature=0), greedy),
+        (chat(temperature=0.99e-5), greedy),  # below GREEDY_BELOW (1e-5): greedy
+        (chat(temperature=1e-5, top_p=0.5, seed=3), {**greedy, "temperature": 1e-5, "top_p": 0.5, "seed": 3,
+                                                     "acceptance": "exact"}),
+        (chat(max_tokens=5, stop="x"), {**greedy, "temperature": 1.0, "acceptance": "exact", "max_new_tokens": 5,
+                                        "stop": ["x"]}),
+        (chat(max_tokens=5, max_completion_tokens=6, temperature=0, stop=["a", "b", "c", "d"]),
+         {**greedy, "max_new_tokens": 6, "stop": ["a", "b", "c", "d"]}),
+    ]:
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+        assert model.calls[-1] == ([ord(c) % 50 for c in "user:" + body["messages"][0]["content"]], want), body
+
+
+def test_prompts_as_the_model_sees_them(api):
+    client, model = api()
+    msgs = [{"role": "developer", "content": "be"}, {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                                 {"type": "text", "text": "b"}]}]
+    assert client.post("/v1/chat/completions", json={"model": "stub", "messages": msgs}).status_code == 200
+    assert model.messages[-1] == [{"role": "system", "content": "be"}, {"role": "user", "content": "ab"}]
+    for prompt, ids in (("ab", [47, 48]), (["ab"], [47, 48]), ([0, 49, 3], [0, 49, 3])):
+        assert client.post("/v1/completions", json={"model": "stub", "prompt": prompt}).status_code == 200
+        assert model.calls[-1][0] == ids
+    assert model.split == [True, True]  # control-token spellings are text
+    client, model = api(parse_special_tokens=True)
+    client.post("/v1/completions", json={"model": "stub", "prompt": "ab"})
+    assert model.split == [False]
+
+
+def test_request_errors_name_the_parameter_and_code(api):
+    client, _ = api(max_tokens_limit=20, default_max_tokens=30)
+    post = client.post
+    error(post("/v1/chat/completions", json={**chat(), "model": "other"}), 404,
+          "the model 'other' does not exist; this server serves 'stub'", "model", "model_not_found")
+    error(post("/v1/chat/completions", json=chat(" \n")), 400, "messages are all empty", "messages", "empty_prompt")
+    error(post("/v1/chat/completions", json=chat("user error")), 400, "the prompt is refused", "messages",
+          "empty_prompt")
+    error(post("/v1/completions", json={"model": "stub", "prompt": ["a", "b"]}), 400,
+          "one prompt per request (the server decodes batch size 1)", "prompt")
+    for empty in ("", " ", [], [""]):
+        error(post("/v1/completions", json={"model": "stub", "prompt": empty}), 400, "the prompt is empty", "prompt",
+              "empty_prompt")
+    for ids in ([50], [-1], [3, 50]):
+        error(post("/v1/completions", json={"model": "stub", "prompt": ids}), 400, "token ids must lie in [0, 50)",
+              "prompt")
+    error(post("/v1/chat/completions", json=chat()), 400, "max_tokens is 30, over this server's limit of 20",
+          "max_tokens", "max_tokens_exceeded")  # the default counts too
+    error(post("/v1/chat/completions", json=chat(max_tokens=5, max_completion_tokens=21)), 400,
+          "max_tokens is 21, over this server's limit of 20", "max_tokens", "max_tokens_exceeded")
+    assert post("/v1/chat/completions", json=chat(max_tokens=20)).status_code == 200
+    error(post("/v1/chat/completions", json=chat(max_tokens=1, stop=list("abcde"))), 400, "at most 4 stop sequences",
+          "stop")
+    error(post("/v1/chat/completions", content=b'{"model": "stub", ',
+               headers={"Content-Type": "application/json"}), 400, "the request body is not valid JSON",
+          code="invalid_json")
+    error(post("/v1/chat/completions", json={**chat(), "n": 2}), 400, "n: Input should be less than or equal to 1", "n",
+          "less_than_equal")
+    error(post("/v1/chat/completions", json={"model": "stub", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": 5}]}]}), 400, "messages.0.content.0.text: Input should be a valid string",
+        "messages.0.content.0.text", "string_type")
+    error(client.get("/v1/nowhere"), 404, "Not Found")
+    error(client.get("/v1/chat/completions"), 405, "Method Not Allowed")
+    error(post("/v1/chat/completions", json=chat("crash")), 500, "internal server error", type="server_error")
+
+
+def test_prompt_limits_on_both_sides(api):
+    client, _ = api(max_prompt_tokens=10)  # "user:" + 5 characters = 10 ids
+    assert client.post("/v1/chat/completions", json=chat("x" * 5)).status_code == 200
+    error(client.post("/v1/chat/completions", json=chat("x" * 6)), 400,
+          "the prompt has 11 tokens, over this server's limit of 10", "messages", "context_length_exceeded")
+    client, _ = api(Stub(context=12))  # the context keeps one position for the first new token
+    assert client.post("/v1/completions", json={"model": "stub", "prompt": [1] * 11}).status_code == 200
+    error(client.post("/v1/completions", json={"model": "stub", "prompt": [1] * 12}), 400,
+          "the prompt has 12 tokens, over this server's limit of 11", "prompt", "context_length_exceeded")
+    # Batched: a slot of max_seq_len tokens keeps 64 for the tree.
+    client, _ = api(max_batch=2, max_seq_len=80)
+    assert client.post("/v1/completions", json={"model": "stub", "prompt": [1] * 15}).status_code == 200
+    error(client.post("/v1/completions", json={"model": "stub", "prompt": [1] * 16}), 400,
+          "the prompt has 16 tokens, over this server's limit of 15", "prompt", "context_length_exceeded")
+    client, _ = api(Stub(context=10), max_batch=2, max_seq_len=2048)
+    error(client.post("/v1/completions", json={"model": "stub", "prompt": [1] * 10}), 400,
+          "the prompt has 10 tokens, over this server's limit of 9", "prompt", "context_length_exceeded")
+
+
+def test_worker_errors_become_error_objects(api):
+    client, _ = api(Stub(fail=UserError("too long for the model")))
+    error(client.post("/v1/chat/completions", json=chat()), 400, "too long for the model")
+    client, _ = api(Stub(fail=RuntimeError("boom")))
+    error(client.post("/v1/chat/completions", json=chat()), 500, "generation failed: RuntimeError", type="server_error")
+
+
+def test_streaming_events_and_usage(api):
+    import json
+
+    client, _ = api()
+    for usage in (True, False):
+        body = chat(stream=True, stream_options={"include_usage": usage})
+        with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        last = json.loads(events[-2])
+        assert ("usage" in last) == usage and (not usage or last["usage"]["completion_tokens"] == 3)
+    with client.stream("POST", "/v1/completions", json={"model": "stub", "prompt": "ab", "stream": True}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert [e["choices"][0]["text"] for e in events] == ["hel", "lo", ""] and events[0]["id"].startswith("cmpl-")
+
+
+def test_api_key_and_body_limit(api):
+    client, _ = api(Stub(context=1000), api_key="k3y", max_body_bytes=200)  # room for a 200-byte prompt
+    body = chat()
+    for headers in ({"Authorization": "Bearer k3y"}, {"authorization": "bearer k3y "}, {"X-API-Key": "k3y"}):
+        assert client.post("/v1/chat/completions", json=body, headers=headers).status_code == 200, headers
+    message = "missing or incorrect API key (send 'Authorization: Bearer <key>')"
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Token k3y"}, {"X-API-Key": "k3"}):
+        error(client.post("/v1/chat/completions", json=body, headers=headers), 401, message, code="invalid_api_key")
+    error(client.get("/v1/models"), 401, message, code="invalid_api_key")
+    assert client.get("/health").status_code == 200  # health needs no key
+    key = {"Authorization": "Bearer k3y", "Content-Type": "application/json"}
+    fits = b'{"model": "stub", "messages": [{"role": "user", "content": "%s"}]}'
+    fits = fits % (b"x" * (200 - len(fits) + 2))
+    assert len(fits) == 200 and client.post("/v1/chat/completions", content=fits, headers=key).status_code == 200
+    too_big = "the request body is over 200 bytes"
+    error(client.post("/v1/chat/completions", content=fits + b" ", headers=key), 413, too_big,
+          code="request_too_large")
+    # No Content-Length (chunked): counted while it is read.
+    error(client.post("/v1/chat/completions", content=iter([fits[:150], fits[150:] + b"  "]), headers=key), 413,
+          too_big, code="request_too_large")
+    assert client.post("/v1/chat/completions", content=iter([fits[:150], fits[150:]]), headers=key).status_code == 200
+    error(client.post("/v1/chat/completions", content=fits, headers={**key, "Content-Length": "x1"}), 413, too_big,
+          code="request_too_large")
+
+
+def test_a_full_queue_refuses_by_name():
+    worker = Worker(Stub(), queue_size=1, own_thread=False)
+    worker.submit(Job([1], {}, None, None))
+    with pytest.raises(Exception) as e:
+        worker.submit(Job([2], {}, None, None))
+    assert (e.value.status, e.value.code, e.value.type) == (429, "queue_full", "rate_limit_error")
+    assert e.value.message == "the server is busy: 1 requests are already waiting; retry later"
+    assert len(worker.waiting) == 1
