@@ -30,6 +30,14 @@ Flash attention is on: with it, a row of a many-token decode gets bit for bit th
 decode gives (measured on the default model, AMD EPYC with AVX-512), so a verified tree scores each node as
 plain decoding would. Without it, llama.cpp's batched attention rows after the first differed by 0.4-0.9 in
 logits (of ~30) from one-token decoding.
+
+The V cache is q8_0 and the K cache f16. With equal K and V types llama.cpp's CPU flash attention takes
+other kernels by shape: a split-KV path for one-token decodes once 512 cells are used, and a tiled path
+for decodes of 64 rows or more, and each rounds differently from the one-row kernel that a verify
+batch's rows get (greedy outputs parted from llama.cpp's own on 7 of 13 long prompts). Different K and
+V types keep every shape on the one kernel (f32 V would not: llama.cpp stores it as f16). The baseline
+`greedy` and the tests run the same configuration, so "equal to llama.cpp's greedy decoding" means
+llama.cpp with `-fa on -ctv q8_0`, a setting its users run to halve the V cache.
 """
 
 from __future__ import annotations
