@@ -240,8 +240,19 @@ def fill_features(directory: str | Path, hidden_of, batch_tokens: int = 4096, pr
     a killed pass resumes at the first shard still missing. Returns how many shards were computed."""
     from tqdm.auto import tqdm
 
+    from safetensors import safe_open
+
+    def stored_rows(n: int) -> int | None:  # the rows a shard's features file holds, read from its header only
+        path = d / "features" / shard_name(n, ".safetensors")
+        if not path.exists():
+            return None
+        with safe_open(str(path), "pt") as f:
+            return f.get_slice("hidden").get_shape()[0]
+
     d = Path(directory)
-    todo = [(n, recs) for n, (name, recs, h) in enumerate(iter_shards(d)) if h is None and name != "partial"]
+    # As iter_shards: a features file of another version of the shard (other row count) is recomputed.
+    todo = [(n, recs) for n, (name, recs, _) in enumerate(iter_shards(d, features=False))
+            if name != "partial" and 0 != sum(r.get("rows", 0) for r in recs) != stored_rows(n)]
     size = json.loads((d / "manifest.json").read_text())["hidden_size"]
     bar = tqdm(total=sum(r["rows"] for _, recs in todo for r in recs), desc="features", unit="tok",
                unit_scale=True, disable=not progress or not todo)
