@@ -182,7 +182,7 @@ def test_two_processes_gloo(tmp_path):
     assert load_heads(tmp_path / "run" / "heads").cfg.num_heads == 2
 
 
-def test_train_on_distilled_directory_uses_stored_hidden_states(tmp_path):
+def test_train_on_distilled_directory_uses_stored_hidden_states(tmp_path, capsys):
     """A distilled directory's token streams and hidden states feed training without a feature pass, and
     give the heads that recomputed features give."""
     import shutil
@@ -215,6 +215,36 @@ def test_train_on_distilled_directory_uses_stored_hidden_states(tmp_path):
     other = Backbone(model=tiny_model(seed=5), tokenizer=tiny_tokenizer(), name="tiny")
     with pytest.raises(UserError, match="another backbone"):
         trainer.train(cfg(tmp_path / "c"), other)
+
+    # --shards N: the first N shards only, and hidden states are computed for those only.
+    shutil.rmtree(data / "features")
+    one = cfg(tmp_path / "s1")
+    one.data.shards = 1
+    trainer.train(one, _bb())
+    assert sorted(p.name for p in (data / "features").glob("*")) == ["shard-00000.safetensors"]
+    assert "train: 4 conversations" in capsys.readouterr().out  # shard 0's 5 records: 4 train, 1 held out
+    one.data.shards = 4
+    with pytest.raises(UserError, match="has 3 finished shard"):
+        trainer.train(one, _bb())
+    one.data.shards, one.data.path = 1, str(prompts)
+    with pytest.raises(UserError, match="needs a distilled directory"):
+        trainer.train(one, _bb())
+
+
+def test_train_tokens_takes_a_subset_of_the_training_split_and_keeps_the_held_out_one(tmp_path, capsys):
+    path = _conversations(tmp_path / "c.jsonl")
+
+    def run(out, train_tokens):
+        cfg = TrainConfig(model=ModelConfig(num_heads=2, trim_vocab=0), data=DataConfig(
+            path=str(path), eval_fraction=0.25, precompute_features=True, train_tokens=train_tokens),
+            optim=OptimConfig(epochs=1, feature_batch=16), run=RunConfig(output=str(tmp_path / out), progress=False))
+        trainer.train(cfg, _bb())
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("train: ") and "held out" in x)
+        return int(line.split()[1]), line.split("), ")[1].split(" held out")[0]
+
+    full, held = run("full", None)
+    few, held_few = run("few", 10)
+    assert held_few == held and few == 1 < full  # every answer holds more than 10 assistant tokens
 
 
 @pytest.mark.parametrize("head_type,precompute", [("hydra", True), ("hydra", False), ("hydra++", True),

@@ -159,6 +159,9 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--train-tokens", type=int, default=D.train_tokens, metavar="N",
                    help="train on a seeded subset of the training split with ~N assistant tokens; the held-out "
                         "split is unchanged (data-size curves)")
+    t.add_argument("--shards", type=int, default=D.shards, metavar="N",
+                   help="a distilled directory: train on its first N finished shards only (hidden states are "
+                        "computed for those only)")
     t.add_argument("--precompute-features", action="store_true", help="run the backbone once, train on stored hidden states")
     t.add_argument("--features-dir", default=None, help="cache for precomputed features, shared by runs (default: --output)")
     t.add_argument("--feature-dtype", default=D.feature_dtype, choices=["float32", "bfloat16"],

@@ -29,6 +29,9 @@ class DataConfig:
     max_length: int = 1024
     eval_fraction: float = 0.05
     train_tokens: int | None = None  # a seeded subset of the training split with ~N assistant tokens (data-size curves)
+    # A distilled directory: only its first N finished shards (hidden states are computed for those only), so a
+    # small machine can train on part of a large set without a feature pass over all of it.
+    shards: int | None = None
     precompute_features: bool = False
     features_dir: str | None = None  # where precomputed features are cached (default: the output directory)
     # "bfloat16": the feature pass runs under bf16 autocast, ~3x faster on CPUs with BF16 instructions; the
@@ -122,6 +125,8 @@ class TrainConfig:
             raise UserError("need epochs > 0, lr > 0, 0 < decay <= 1, 0 <= warmup < 1")
         if self.run.save_dtype not in ("float32", "float16", "bfloat16"):
             raise UserError(f"save_dtype must be float32, float16 or bfloat16, not {self.run.save_dtype!r}")
+        if self.data.shards is not None and self.data.shards < 1:
+            raise UserError("shards must be at least 1")
         if not self.data.path or not self.run.output:
             raise UserError("training needs a conversations file (--data) and an output directory (--output)")
         j = self.joint

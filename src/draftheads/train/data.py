@@ -51,7 +51,8 @@ def _has_answer(rec: dict) -> bool:
     return bool(msgs) and any(m.get("role") == "assistant" and m.get("content") for m in msgs)
 
 
-def load_training_data(path: str | Path, tok, max_length: int, fingerprint: str | None = None, fill=None):
+def load_training_data(path: str | Path, tok, max_length: int, fingerprint: str | None = None, fill=None,
+                       shards: int | None = None):
     """Token streams, loss masks and stored hidden states of every usable conversation.
 
     Records from the batched distill engine carry the exact token stream the backbone generated (`ids`,
@@ -59,6 +60,7 @@ def load_training_data(path: str | Path, tok, max_length: int, fingerprint: str 
     states at every position. Other records are rendered with the chat template (tokenize_conversation).
     `fill` = (hidden_of, progress): first compute the features a distilled directory lacks on this machine
     (a fresh clone has the shards, not their features), shard by shard, so a killed pass keeps its work.
+    `shards` = N: a distilled directory's first N finished shards only.
     Returns ([(ids [T], mask [T])], [hidden [T, H] fp16 or None]).
     """
     if Path(path).is_dir():
@@ -68,9 +70,11 @@ def load_training_data(path: str | Path, tok, max_length: int, fingerprint: str 
             raise UserError(f"{path} was distilled from another backbone (output-embedding fingerprint {made_by}, "
                             f"this one {fingerprint}): distil again with this backbone")
         if fill:
-            fill_features(path, fill[0], progress=fill[1])
-        records, hidden = read_distilled(path)
+            fill_features(path, fill[0], progress=fill[1], shards=shards)
+        records, hidden = read_distilled(path, shards=shards)
     else:
+        if shards is not None:
+            raise UserError(f"--shards needs a distilled directory, and {path} is a file")
         records = read_records(path)
         hidden = [None] * len(records)
     seqs, kept = [], []

@@ -192,7 +192,8 @@ def train_medusa2(cfg: TrainConfig, backbone=None) -> Path:
     K, V = heads.cfg.num_heads, model.get_output_embeddings().weight.shape[0]
     table = full_to_trimmed(heads.vocab_map, V).to(acc.device) if heads.vocab_map is not None else None
     # Token streams only: stored hidden states are the original backbone's, not the tuned one's.
-    seqs, _ = load_training_data(d.path, tok, d.max_length, output_embedding_fingerprint(model))
+    seqs, _ = load_training_data(d.path, tok, d.max_length, output_embedding_fingerprint(model),
+                                  shards=d.shards)
     seqs = [s for s in seqs if s[1][2:].any()]
     if len(seqs) < 2:
         raise UserError(f"{d.path}: need at least 2 usable conversations, found {len(seqs)}")

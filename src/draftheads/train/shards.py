@@ -203,14 +203,18 @@ def _remove(*paths: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def iter_shards(directory: str | Path, features: bool = True):
+def iter_shards(directory: str | Path, features: bool = True, shards: int | None = None):
     """(name, records, hidden [rows, H] fp16 or None) for every finished shard in order, then the partial
-    one. hidden is None when not asked for or not on this machine (features are a local cache)."""
+    one; with `shards` = N only the first N finished shards. hidden is None when not asked for or not on this
+    machine (features are a local cache)."""
     d = Path(directory)
     if not d.is_dir():
         raise UserError(f"distilled data directory not found: {directory}")
+    if shards is not None and not (d / shard_name(shards - 1)).exists():
+        have = sum(1 for _ in d.glob("shard-*.jsonl.gz"))
+        raise UserError(f"{directory} has {have} finished shard(s), fewer than the {shards} asked for (--shards)")
     n = 0
-    while (d / shard_name(n)).exists():
+    while (d / shard_name(n)).exists() and (shards is None or n < shards):
         recs = [json.loads(line) for line in gzip.decompress((d / shard_name(n)).read_bytes()).splitlines()]
         fpath = d / "features" / shard_name(n, ".safetensors")
         hidden = load_file(str(fpath))["hidden"] if features and fpath.exists() else None
@@ -219,7 +223,7 @@ def iter_shards(directory: str | Path, features: bool = True):
         yield shard_name(n), recs, hidden
         n += 1
     part = d / "partial.jsonl"
-    if part.exists():
+    if part.exists() and shards is None:
         recs = JsonlAppender.read(part)
         hidden = None
         rows = sum(r.get("rows", 0) for r in recs)
@@ -233,9 +237,10 @@ def iter_shards(directory: str | Path, features: bool = True):
         yield "partial", recs, hidden
 
 
-def fill_features(directory: str | Path, hidden_of, batch_tokens: int = 4096, progress: bool = True) -> int:
-    """Compute the features of every finished shard that lacks them here (a fresh clone: features are a
-    local cache). hidden_of(list of ids [T_i]) -> list of hidden states [T_i, H]. Records go in batches of
+def fill_features(directory: str | Path, hidden_of, batch_tokens: int = 4096, progress: bool = True,
+                  shards: int | None = None) -> int:
+    """Compute the features of every finished shard (or of the first `shards`) that lacks them here (a fresh
+    clone: features are a local cache). hidden_of(list of ids [T_i]) -> list of hidden states [T_i, H]. Records go in batches of
     similar length, up to `batch_tokens` padded positions. Each shard is written whole and atomically, so
     a killed pass resumes at the first shard still missing. Returns how many shards were computed."""
     from tqdm.auto import tqdm
@@ -251,7 +256,7 @@ def fill_features(directory: str | Path, hidden_of, batch_tokens: int = 4096, pr
 
     d = Path(directory)
     # As iter_shards: a features file of another version of the shard (other row count) is recomputed.
-    todo = [(n, recs) for n, (name, recs, _) in enumerate(iter_shards(d, features=False))
+    todo = [(n, recs) for n, (name, recs, _) in enumerate(iter_shards(d, features=False, shards=shards))
             if name != "partial" and 0 != sum(r.get("rows", 0) for r in recs) != stored_rows(n)]
     size = json.loads((d / "manifest.json").read_text())["hidden_size"]
     bar = tqdm(total=sum(r["rows"] for _, recs in todo for r in recs), desc="features", unit="tok",
@@ -277,10 +282,12 @@ def fill_features(directory: str | Path, hidden_of, batch_tokens: int = 4096, pr
     return len(todo)
 
 
-def read_distilled(directory: str | Path, features: bool = True) -> tuple[list[dict], list[torch.Tensor | None]]:
-    """Every record of a distilled directory and, per record, its stored hidden states [len(ids), H] or None."""
+def read_distilled(directory: str | Path, features: bool = True,
+                   shards: int | None = None) -> tuple[list[dict], list[torch.Tensor | None]]:
+    """Every record of a distilled directory (or of its first `shards` finished shards) and, per record, its
+    stored hidden states [len(ids), H] or None."""
     records, hidden = [], []
-    for _, recs, h in iter_shards(directory, features):
+    for _, recs, h in iter_shards(directory, features, shards):
         row = 0
         for r in recs:
             n = r.get("rows", 0)

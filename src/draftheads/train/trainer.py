@@ -36,7 +36,7 @@ def config_from_args(args) -> TrainConfig:
                           lm_head=args.lm_head, trim_vocab=args.trim_vocab, head_type=head_type,
                           dropout=args.dropout),
         data=DataConfig(path=args.data, max_length=args.max_length, eval_fraction=args.eval_fraction,
-                        train_tokens=args.train_tokens,
+                        train_tokens=args.train_tokens, shards=args.shards,
                         precompute_features=args.precompute_features, features_dir=args.features_dir,
                         feature_dtype=args.feature_dtype),
         optim=OptimConfig(epochs=args.epochs, batch_size=args.batch_size, feature_batch=args.feature_batch, lr=args.lr,
@@ -271,7 +271,7 @@ def train(cfg: TrainConfig, backbone=None) -> Path:
         fill = (lambda ids: backbone_hidden(model, ids, acc.device, d.feature_dtype), r.progress)
     with acc.main_process_first():  # the main process computes missing features, the others then read them
         seqs, stored = load_training_data(d.path, tok, d.max_length, output_embedding_fingerprint(model),
-                                          fill if acc.is_main_process else None)
+                                          fill if acc.is_main_process else None, shards=d.shards)
     usable = [i for i, s in enumerate(seqs) if s[1][2:].any()]  # need at least one target
     seqs, stored = [seqs[i] for i in usable], [stored[i] for i in usable]
     if len(seqs) < 2:
