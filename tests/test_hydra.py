@@ -11,11 +11,12 @@ from draftheads.heads import HydraHeads, load_heads, save_heads
 from draftheads.tree import load_tree
 
 
-@pytest.mark.parametrize("head_type", ["hydra", "hydra++"])
+@pytest.mark.parametrize("head_type,residual", [("hydra", "projection"), ("hydra++", "projection"),
+                                                 ("hydra++", "hidden")])
 @pytest.mark.parametrize("arch,path", [("llama", "lean"), ("qwen2", "lean"), ("mistral", "generic")])
-def test_greedy_with_hydra_equals_plain_greedy(head_type, arch, path):
+def test_greedy_with_hydra_equals_plain_greedy(head_type, residual, arch, path):
     model = tiny_model(arch)
-    heads = tiny_hydra_heads(model, head_type)
+    heads = tiny_hydra_heads(model, head_type, grounded_residual=residual)
     prompt = torch.randint(0, 200, (12,), generator=torch.Generator().manual_seed(3)).tolist()
     stats = Stats()
     assert run(decoder_on(path, model, heads, load_tree("medusa16", 3)), prompt, stats=stats) == hf_greedy(model, prompt)

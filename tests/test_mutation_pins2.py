@@ -77,11 +77,11 @@ def test_shared_lm_head_needs_attach_and_takes_the_kept_backbone_rows():
 
 # ---------------------------------------------------------------- Hydra heads
 
-def _hydra(model, head_type="hydra", num_layers=2, lm_head="own", seed=0):
+def _hydra(model, head_type="hydra", num_layers=2, lm_head="own", seed=0, grounded_residual="projection"):
     from draftheads.heads import HydraHeads
 
     cfg = HeadsConfig(num_heads=3, hidden_size=64, vocab_size=model.config.vocab_size, num_layers=num_layers,
-                      head_type=head_type, lm_head=lm_head)
+                      head_type=head_type, lm_head=lm_head, grounded_residual=grounded_residual)
     return _randomised(HydraHeads(cfg), seed, scale=0.1).attach(model)
 
 
@@ -103,6 +103,27 @@ def test_hydra_head_is_its_math_written_out():
         torch.testing.assert_close(heads.head(k, h, path), x @ heads.lm_heads[k].weight.T)
     with pytest.raises(AssertionError):
         heads.head(1, h, path)  # a path of 3 tokens is head 2's, not head 1's
+
+
+def test_hydra_head_with_the_hidden_residual_adds_h_itself_and_has_half_the_first_block():
+    """grounded_residual="hidden": [h, E(x1..x_{k+1})] -> h + SiLU(W x + b); no residual projection stored."""
+    model = tiny_model()
+    heads = _hydra(model, num_layers=1, grounded_residual="hidden")
+    projected = _hydra(model, num_layers=1)
+    E = model.get_input_embeddings().weight
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(5, 64, generator=g)
+    for k in range(3):
+        path = torch.randint(0, 250, (5, k + 1), generator=g)
+        first = heads.blocks[k][0]
+        assert first.res is None
+        x = torch.cat([h, E[path].flatten(1)], -1)
+        x = h + torch.nn.functional.silu(x @ first.linear.weight.T + first.linear.bias)
+        torch.testing.assert_close(heads.head(k, h, path), x @ heads.lm_heads[k].weight.T)
+    block_params = sum(p.numel() for p in heads.blocks.parameters())
+    assert block_params + sum(64 * 64 * (k + 2) for k in range(3)) == sum(p.numel() for p in projected.blocks.parameters())
+    with pytest.raises(UserError, match=r"^heads config: grounded_residual must be 'projection' or 'hidden', not 'x'$"):
+        HeadsConfig.from_dict({"num_heads": 2, "hidden_size": 8, "vocab_size": 16, "grounded_residual": "x"})
 
 
 def test_hydra_forward_on_whole_sequences_runs_the_prefix_layer_then_selects():

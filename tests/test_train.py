@@ -131,6 +131,17 @@ def test_trim_at_or_above_the_vocabulary_keeps_it_whole(tmp_path):
         TrainConfig(model=ModelConfig(trim_vocab=1), data=DataConfig(path="x"), run=RunConfig(output="y")).validate()
 
 
+def test_config_rejects_a_grounded_residual_for_medusa_heads_and_unknown_values():
+    def check(**model):
+        TrainConfig(model=ModelConfig(**model), data=DataConfig(path="x"), run=RunConfig(output="y")).validate()
+
+    check(head_type="hydra++", grounded_residual="hidden")
+    with pytest.raises(UserError, match="^grounded_residual applies to Hydra heads"):
+        check(grounded_residual="hidden")
+    with pytest.raises(UserError, match="^grounded_residual must be 'projection' or 'hidden', not 'none'$"):
+        check(head_type="hydra", grounded_residual="none")
+
+
 def test_config_rejects_unknown_keys():
     with pytest.raises(UserError, match="lr_rate"):
         TrainConfig.from_dict({"optim": {"lr_rate": 1}})
@@ -295,3 +306,14 @@ def test_trim_vocab_keeps_every_eos_of_a_list(tmp_path):
     cfg.optim.epochs = 1
     heads = load_heads(trainer.train(cfg, bb))
     assert {EOS, 250} <= set(heads.vocab_map.tolist())
+
+
+def test_bf16_feature_pass_runs_in_bf16_and_stays_within_a_few_percent_of_fp32():
+    model = tiny_model()
+    seqs = [torch.randint(0, 250, (n,), generator=torch.Generator().manual_seed(n)) for n in (9, 14)]
+    full = trainer.backbone_hidden(model, seqs, "cpu")
+    half = trainer.backbone_hidden(model, seqs, "cpu", "bfloat16")
+    for f, h in zip(full, half):
+        assert f.shape == h.shape and f.dtype == torch.float32
+        rel = ((h.float() - f).norm() / f.norm()).item()
+        assert 0 < rel < 0.05  # rounded (autocast really on), but close

@@ -147,3 +147,14 @@ def test_official_pickle_with_code_is_refused(tmp_path):
     torch.save({"0.0.linear.weight": torch.zeros(2, 2), "evil": print}, tmp_path / "medusa_lm_head.pt")
     with pytest.raises(UserError, match="safely"):
         load_heads(tmp_path)
+
+
+def test_shipped_heads_names_resolve_or_say_none_is_shipped(monkeypatch, tmp_path):
+    from draftheads import draftmodel
+
+    monkeypatch.setitem(draftmodel.SHIPPED_HEADS, "hydra", tmp_path / "absent")
+    with pytest.raises(UserError, match=r"^no 'hydra' heads are shipped in this version: pass heads=<directory>"):
+        draftmodel.heads_dir("hydra")
+    (tmp_path / "absent").mkdir()
+    (tmp_path / "absent" / "config.json").write_text("{}")
+    assert draftmodel.heads_dir("hydra") == tmp_path / "absent"

@@ -93,12 +93,14 @@ def tiny_draftmodel(arch: str = "llama", tree: str = "medusa16", num_heads: int 
                       load_tree(tree, num_heads) if heads else None)
 
 
-def tiny_hydra_heads(model, head_type: str = "hydra", num_heads: int = 3, seed: int = 1, noise: float = 0.05):
+def tiny_hydra_heads(model, head_type: str = "hydra", num_heads: int = 3, seed: int = 1, noise: float = 0.05,
+                     grounded_residual: str = "projection"):
     from draftheads.heads import HydraHeads
 
     torch.manual_seed(seed)
     cfg = HeadsConfig(num_heads=num_heads, hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size,
-                      head_type=head_type, backbone="tiny", backbone_fingerprint=output_embedding_fingerprint(model))
+                      head_type=head_type, backbone="tiny", backbone_fingerprint=output_embedding_fingerprint(model),
+                      grounded_residual=grounded_residual)
     heads = HydraHeads(cfg)
     heads.init_lm_heads_from(model)
     for p in heads.parameters():

@@ -37,7 +37,8 @@ def add_threads(p: argparse.ArgumentParser) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser, heads_default="default") -> None:
     p.add_argument("--heads", default=heads_default,
-                   help="heads directory, 'default' (shipped for the default backbone) or 'none' (plain decoding)")
+                   help="heads directory, 'default' or 'hydra' (the Medusa or Hydra++ heads shipped for the default "
+                        "backbone) or 'none' (plain decoding)")
     p.add_argument("--backbone", default=None, help="HF model directory or cached name, or a .gguf file for the "
                                                      "llama.cpp engine (default: the one the heads name)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")

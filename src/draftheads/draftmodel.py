@@ -25,6 +25,7 @@ from .heads.checkpoint import read_config
 from .tree import Tree, load_tree, truncate
 
 DEFAULT_HEADS_DIR = Path(__file__).parent / "default_heads"
+SHIPPED_HEADS = {"default": DEFAULT_HEADS_DIR, "hydra": Path(__file__).parent / "default_hydra_heads"}
 # Trees for heads that carry no calibrated one. On CPU a verify of up to ~4 nodes costs one token's
 # forward and bigger ones cost more (README, "Verify cost vs tree size"): a 17-node tree ran slower
 # than no heads at all. On a GPU the verify cost is nearly flat in tree size (not measured here yet).
@@ -188,11 +189,12 @@ def _holdback(text: str, stops: list[str]) -> int:
 
 
 def heads_dir(heads) -> Path:
-    """The directory a --heads argument names: "default" is the heads shipped in the package."""
-    if heads == "default":
-        if not (DEFAULT_HEADS_DIR / "config.json").exists():
-            raise UserError("no default heads are shipped in this version: pass heads=<directory> or heads=None")
-        return DEFAULT_HEADS_DIR
+    """The directory a --heads argument names: "default" (Medusa) and "hydra" (Hydra++) are the heads shipped
+    in the package for the default backbone."""
+    if heads in SHIPPED_HEADS:
+        if not (SHIPPED_HEADS[heads] / "config.json").exists():
+            raise UserError(f"no {heads!r} heads are shipped in this version: pass heads=<directory> or heads=None")
+        return SHIPPED_HEADS[heads]
     if not Path(heads).expanduser().is_dir():
         raise UserError(f"heads directory not found: {heads}")
     return Path(heads).expanduser()
@@ -217,8 +219,8 @@ def _tree_for(heads, head_module, device, tree) -> Tree:
 
 def load(heads="default", backbone: str | None = None, device: str = "cpu", dtype=None, tree=None,
          lookup=None, engine: str | None = None) -> DraftModel:
-    """Load a backbone and its heads. heads: "default" (the heads shipped for the default backbone),
-    a heads directory, or None (plain decoding). backbone: None means the one the heads name.
+    """Load a backbone and its heads. heads: "default" or "hydra" (the Medusa or Hydra++ heads shipped for the
+    default backbone), a heads directory, or None (plain decoding). backbone: None means the one the heads name.
     tree: a name, JSON file or list of rank paths; None means the heads' calibrated tree, else a small
     tree that is safe on `device` (said on stderr). Medusa-2 heads (trained with a LoRA adapter) get their
     adapter merged into the backbone, unless it is already the merged one; said on stderr too.

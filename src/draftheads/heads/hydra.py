@@ -20,25 +20,31 @@ from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaModel
 
 from ..tree import MAX_RANK, Tree
-from .medusa import DraftHeads, HeadsConfig, ResBlock
+from .medusa import GROUNDED_RESIDUALS, DraftHeads, HeadsConfig, ResBlock
 
 
 class GroundedBlock(nn.Module):
-    """The first block of a head: in_dim -> hidden, with a learned residual projection (Hydra's ResBlock)."""
+    """The first block of a head: in_dim -> hidden. The residual path is a learned projection of the whole
+    input (Hydra's ResBlock, residual="projection") or the hidden-state slice h itself (residual="hidden"),
+    which halves the head's parameters: the SiLU branch still sees the whole input."""
 
-    def __init__(self, in_dim: int, hidden: int):
+    def __init__(self, in_dim: int, hidden: int, residual: str = "projection"):
         super().__init__()
+        assert residual in GROUNDED_RESIDUALS, residual
+        self.hidden = hidden
         self.linear = nn.Linear(in_dim, hidden)
         nn.init.zeros_(self.linear.weight)
-        self.res = nn.Linear(in_dim, hidden, bias=False)
-        # Start as "h" (the hidden-state slice of the input): an untrained head then drafts what the
-        # backbone's own LM head would, as Medusa's near-identity blocks do.
-        nn.init.zeros_(self.res.weight)
-        with torch.no_grad():
-            self.res.weight[:, :hidden].copy_(torch.eye(hidden))
+        self.res = nn.Linear(in_dim, hidden, bias=False) if residual == "projection" else None
+        if self.res is not None:
+            # Start as "h" (the hidden-state slice of the input): an untrained head then drafts what the
+            # backbone's own LM head would, as Medusa's near-identity blocks do.
+            nn.init.zeros_(self.res.weight)
+            with torch.no_grad():
+                self.res.weight[:, :hidden].copy_(torch.eye(hidden))
 
     def forward(self, x):
-        return self.res(x) + nn.functional.silu(self.linear(x))
+        res = x[..., :self.hidden] if self.res is None else self.res(x)
+        return res + nn.functional.silu(self.linear(x))
 
 
 def prefix_layer_config(cfg: HeadsConfig) -> LlamaConfig:
@@ -56,7 +62,7 @@ class HydraHeads(DraftHeads):
         super().__init__(cfg)
         H = cfg.hidden_size
         self.blocks = nn.ModuleList(
-            nn.Sequential(GroundedBlock(H * (k + 2), H), *[ResBlock(H) for _ in range(cfg.num_layers - 1)])
+            nn.Sequential(GroundedBlock(H * (k + 2), H, cfg.grounded_residual), *[ResBlock(H) for _ in range(cfg.num_layers - 1)])
             for k in range(cfg.num_heads))
         self.prefix = LlamaModel(prefix_layer_config(cfg)) if cfg.head_type == "hydra++" else None
         self.dropout = nn.Dropout(cfg.dropout)

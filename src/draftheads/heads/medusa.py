@@ -18,6 +18,7 @@ from ..tree import MAX_RANK, Tree
 
 
 HEAD_TYPES = ("medusa", "hydra", "hydra++")
+GROUNDED_RESIDUALS = ("projection", "hidden")
 
 
 @dataclass
@@ -38,6 +39,9 @@ class HeadsConfig:
     # from that batch size up to the next entry's)
     batch_trees: dict[str, list[list[int]]] | None = None
     dropout: float = 0.0  # Hydra++ trains with dropout before every block and the LM head
+    # Hydra heads' first block: the residual path is a learned projection of [h, E(path)] ("projection",
+    # Hydra's) or h itself ("hidden": half the parameters, what fits the shipped Hydra++ heads in 40 MB)
+    grounded_residual: str = "projection"
     # Medusa-2: the LoRA adapter trained with the heads (a path relative to the heads directory), which
     # `draftheads.load` merges into the backbone, and the weights it changed most, so that the heads refuse
     # the untuned backbone (adapter.py). Empty for Medusa-1 and Hydra heads.
@@ -60,6 +64,9 @@ class HeadsConfig:
             raise UserError("heads config: batch_trees must map batch sizes (\"1\", \"8\", ...) to trees")
         if cfg.lm_head not in ("own", "shared"):
             raise UserError(f"heads config: lm_head must be 'own' or 'shared', not {cfg.lm_head!r}")
+        if cfg.grounded_residual not in GROUNDED_RESIDUALS:
+            raise UserError(f"heads config: grounded_residual must be {' or '.join(map(repr, GROUNDED_RESIDUALS))}, "
+                            f"not {cfg.grounded_residual!r}")
         if cfg.head_type not in HEAD_TYPES:
             raise UserError(f"heads of type {cfg.head_type!r} are not supported (known: {', '.join(HEAD_TYPES)})")
         return cfg

@@ -143,6 +143,9 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--num-heads", type=int, default=M.num_heads, help="draft heads (head k guesses token k+2 ahead)")
     t.add_argument("--num-layers", type=int, default=M.num_layers, help="residual blocks per head")
     t.add_argument("--dropout", type=float, default=M.dropout, help="dropout before every head block (Hydra heads)")
+    t.add_argument("--grounded-residual", default=M.grounded_residual, choices=["projection", "hidden"],
+                   help="Hydra heads' first block: a learned residual projection of [h, path embeddings] (Hydra's) "
+                        "or h itself (half the parameters)")
     t.add_argument("--lm-head", default=M.lm_head, choices=["own", "shared"],
                    help="own: each head has its own LM head; shared: the backbone's, frozen")
     t.add_argument("--trim-vocab", type=int, default=M.trim_vocab, metavar="N",

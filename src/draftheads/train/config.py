@@ -17,6 +17,7 @@ class ModelConfig:
     num_layers: int = 1
     head_type: str = "medusa"  # "medusa" (--method medusa1), "hydra" or "hydra++"
     dropout: float = 0.0  # Hydra heads: dropout before every block and the LM head while training
+    grounded_residual: str = "projection"  # Hydra heads' first block: "projection" (Hydra's) or "hidden" (smaller)
     lm_head: str = "own"  # "own" or "shared" (the backbone's output embedding, frozen)
     # VocabTrim: the heads predict the N most frequent output tokens (0 or None: the full vocabulary).
     # Full-vocabulary LM heads cost ~9x the drafting time and ~10x the file for SmolLM2 (README, VocabTrim).
@@ -115,6 +116,10 @@ class TrainConfig:
             raise UserError(f"lm_head must be 'own' or 'shared', not {m.lm_head!r}")
         if m.head_type not in ("medusa", "hydra", "hydra++"):
             raise UserError(f"head_type must be medusa, hydra or hydra++, not {m.head_type!r}")
+        if m.grounded_residual not in ("projection", "hidden"):
+            raise UserError(f"grounded_residual must be 'projection' or 'hidden', not {m.grounded_residual!r}")
+        if m.head_type == "medusa" and m.grounded_residual != "projection":
+            raise UserError("grounded_residual applies to Hydra heads (--method hydra or hydra++) only")
         if not 0 <= m.dropout < 1:
             raise UserError("dropout must be in [0, 1)")
         if m.num_heads < 1 or m.num_layers < 1:

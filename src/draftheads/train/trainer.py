@@ -34,7 +34,7 @@ def config_from_args(args) -> TrainConfig:
     cfg = TrainConfig(
         model=ModelConfig(backbone=args.backbone, dtype=args.dtype, num_heads=args.num_heads, num_layers=args.num_layers,
                           lm_head=args.lm_head, trim_vocab=args.trim_vocab, head_type=head_type,
-                          dropout=args.dropout),
+                          dropout=args.dropout, grounded_residual=args.grounded_residual),
         data=DataConfig(path=args.data, max_length=args.max_length, eval_fraction=args.eval_fraction,
                         train_tokens=args.train_tokens, shards=args.shards,
                         precompute_features=args.precompute_features, features_dir=args.features_dir,
@@ -291,7 +291,7 @@ def train(cfg: TrainConfig, backbone=None) -> Path:
         print(f"train: trim_vocab {m.trim_vocab} >= the vocabulary ({V}): the heads keep the full vocabulary")
     hcfg = HeadsConfig(num_heads=m.num_heads, hidden_size=H, vocab_size=V, num_layers=m.num_layers,
                        lm_head=m.lm_head, trimmed_vocab=trim, backbone=bb.name, head_type=m.head_type,
-                       dropout=m.dropout, backbone_fingerprint=output_embedding_fingerprint(model))
+                       dropout=m.dropout, grounded_residual=m.grounded_residual, backbone_fingerprint=output_embedding_fingerprint(model))
     heads = build_heads(hcfg)
     table = None
     if trim:

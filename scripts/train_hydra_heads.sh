@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Reproduce the Hydra++ heads shipped in src/draftheads/default_hydra_heads (`--heads hydra`) for
+# SmolLM2-135M-Instruct, on CPU, from the versioned distilled set data/distilled, the data of the shipped
+# Medusa heads; then compare both in one run on held-out vicuna questions. Resumable: rerun after a kill.
+#
+#   bash scripts/train_hydra_heads.sh [DATA_DIR] [TRAIN_TOKENS]    (defaults: ../shared/data, the whole split)
+#
+# Size: own LM heads and Hydra's learned residual projections make 44 MB of Hydra++ heads, over the 40 MB
+# all shipped heads may take beside the 21.6 MB Medusa heads; the backbone's own (frozen) output rows
+# (--lm-head shared, over the same 4,096 VocabTrim ids) and the hidden state as the first block's residual
+# (--grounded-residual hidden) make 15.9 MB.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+D=${1:-../shared/data}
+N=${2:-}
+if [ ! -f "$D/gsm8k_train.jsonl" ]; then
+    echo "train_hydra_heads.sh: no training prompts in $D: fetch them (docs/training.md, \"Prompt files\") and pass their folder" >&2
+    exit 2
+fi
+R=runs/hydra
+dh=.venv/bin/draftheads
+mkdir -p $R
+
+# 1. Hydra++ with the released recipe (teacher loss only, dropout 0.2), one epoch, on the stored hidden states
+#    (computed first on a fresh clone: bf16 autocast pays only on CPUs with BF16 instructions).
+[ -f $R/train/heads/config.json ] || $dh train --method hydra++ --data data/distilled --output $R/train \
+    --precompute-features --feature-dtype bfloat16 ${N:+--train-tokens $N} --num-heads 4 --num-layers 1 \
+    --lm-head shared --trim-vocab 4096 --grounded-residual hidden --soft-targets --dropout 0.2 --epochs 1 \
+    --batch-size 8 --lr 1e-3 --save-dtype float16 --threads 2
+
+# 2. Calibrate its tree on the prompts the Medusa heads were calibrated on (training sources, not distilled).
+[ -f $R/calib_prompts.jsonl ] || .venv/bin/python scripts/unused_prompts.py data/distilled $D/gsm8k_train.jsonl \
+    $D/gpteacher_codegen_instruct.json $D/gpteacher_roleplay_instruct.json --num 24 -o $R/calib_prompts.jsonl
+[ -f $R/tree.json ] || $dh calibrate --heads $R/train/heads --prompts $R/calib_prompts.jsonl --limit 24 \
+    --max-new-tokens 96 --max-nodes 32 --latency-sizes 1,2,3,4,5,6,8,12,16,24,32 --latency-steps 16 \
+    --measure-limit 8 --threads 2 --out $R/tree.json --write-to-heads
+
+# 3. Shipped Medusa heads against these, each with its own calibrated tree, interleaved per prompt.
+[ -f $R/compare.json ] || .venv/bin/python scripts/compare_heads.py --heads default --heads $R/train/heads \
+    --limit 20 --max-new-tokens 128 --out $R/compare.json
+
+# 4. Ship.
+mkdir -p src/draftheads/default_hydra_heads
+cp $R/train/heads/config.json $R/train/heads/model.safetensors src/draftheads/default_hydra_heads/
