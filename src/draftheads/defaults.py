@@ -20,6 +20,9 @@ MAX_BATCH = 8
 # Prompt tokens the server prefills between two batched passes (--prefill-chunk): a 2,000-token prompt
 # prefilled at once would stall the running streams for seconds on a CPU.
 PREFILL_CHUNK = 256
+# Tree nodes one batched pass verifies when the heads carry no tree per batch size (--max-tree-rows):
+# a CPU's matmuls turn compute-bound at a few rows, so past it the running requests decode plainly.
+MAX_TREE_ROWS = 16
 
 
 def set_threads(threads: int | None) -> None:

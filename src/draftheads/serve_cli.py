@@ -27,9 +27,9 @@ def cmd_serve(args) -> None:
 
 
 def _tree_rows(args, model) -> int | None:
-    """--max-tree-rows, by default a budget of 16 nodes per pass unless the heads carry a batch-size table."""
+    """--max-tree-rows, by default a budget of MAX_TREE_ROWS nodes per pass unless the heads carry a batch-size table."""
     if args.max_tree_rows is None:
-        return None if model.batch_trees else 16
+        return None if model.batch_trees else defaults.MAX_TREE_ROWS
     return args.max_tree_rows or None
 
 
@@ -93,7 +93,8 @@ def register(sub) -> None:
     s.add_argument("--max-tree-rows", type=int, default=None,
                    help="most tree nodes one batched pass verifies; past it the running requests decode plainly in "
                         "that pass (0: no limit; default: none when the heads carry a tree per batch size, from "
-                        "`calibrate --batch-sizes`, else 16: a CPU's matmuls turn compute-bound at a few rows)")
+                        f"`calibrate --batch-sizes`, else {defaults.MAX_TREE_ROWS}: a CPU's matmuls turn compute-bound "
+                        "at a few rows)")
     s.add_argument("--prefill-chunk", type=int, default=defaults.PREFILL_CHUNK,
                    help="prompt tokens prefilled between two batched passes, so that a long prompt does not stall "
                         "the running streams (0: whole prompts at once)")
