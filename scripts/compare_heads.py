@@ -38,6 +38,8 @@ def main() -> None:
     models = [draftheads.load(heads=h, tree=a.tree) for h in a.heads]
     plain = draftheads.DraftModel(draftheads.draftmodel.Backbone(models[0].backbone, models[0].tokenizer,
                                                                  models[0].backbone_name))
+    for dm in [plain, *models]:  # warm-up: first-call costs (kernel choice, allocations) fall on no method
+        dm.generate("Hello.", max_new_tokens=8)
     rows = {"plain loop": {"tokens": 0, "time": 0.0}}
     rows |= {h: {"tokens": 0, "time": 0.0, "accepted": [], "identical": 0} for h in a.heads}
     for p in tqdm(prompts, desc="prompts"):
