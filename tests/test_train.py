@@ -277,12 +277,15 @@ def test_hydra_training_learns_and_resumes(tmp_path, head_type, precompute):
     assert hist[-1]["top1"][1] > 0.5, hist  # the answers repeat a pattern: learnable with the path
 
 
-def test_hydra_plus_plus_teacher_loss_runs_and_resumes_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("lm_head,residual", [("own", "projection"), ("shared", "hidden")])  # the 2nd: shipped
+def test_hydra_plus_plus_teacher_loss_runs_and_resumes_exactly(tmp_path, monkeypatch, lm_head, residual):
     def cfg(out):
         c = _cfg(tmp_path, out, soft_targets=True)
-        c.model.head_type = "hydra++"
+        c.model.head_type, c.model.lm_head, c.model.grounded_residual = "hydra++", lm_head, residual
         return c
     ref = load_heads(trainer.train(cfg(tmp_path / "a"), _bb()))
+    assert (ref.cfg.lm_head, ref.cfg.grounded_residual) == (lm_head, residual)
+    assert (ref.blocks[0][0].res is None) == (residual == "hidden") and (ref.lm_heads is None) == (lm_head == "shared")
     real = trainer.save_checkpoint
 
     def killed(path, heads, opt, sched, step):
