@@ -53,3 +53,19 @@ def test_shipped_heads_accept_several_tokens_per_step(models):
     r = spec.generate("Explain what a hash table is and when to use one.", max_new_tokens=96)
     # Greedy, so deterministic: the shipped heads give 1.34 here (plain decoding: exactly 1.0).
     assert r.stats.mean_accepted > 1.2, r.stats.to_dict()
+
+
+def test_shipped_hydra_heads_are_lossless_and_draft(models):
+    """`--heads hydra`: the shipped Hydra++ heads (prefix layer, shared trimmed LM head) on the real model."""
+    import draftheads
+    from draftheads.draftmodel import SHIPPED_HEADS
+
+    if not (SHIPPED_HEADS["hydra"] / "config.json").exists():
+        pytest.skip("no Hydra heads are shipped")
+    _, plain = models
+    hydra = draftheads.load(heads="hydra")
+    assert hydra.heads.cfg.head_type == "hydra++"
+    prompt = "Explain what a hash table is and when to use one."
+    r = hydra.generate(prompt, max_new_tokens=96)
+    assert r.token_ids == plain.generate(prompt, max_new_tokens=96).token_ids
+    assert r.stats.mean_accepted > 1.2, r.stats.to_dict()
