@@ -27,7 +27,8 @@ def cmd_serve(args) -> None:
 
 
 def _tree_rows(args, model) -> int | None:
-    """--max-tree-rows, by default a budget of MAX_TREE_ROWS nodes per pass unless the heads carry a batch-size table."""
+    """--max-tree-rows, by default a budget of MAX_TREE_ROWS nodes per pass unless the heads carry a tree per
+    batch size."""
     if args.max_tree_rows is None:
         return None if model.batch_trees else defaults.MAX_TREE_ROWS
     return args.max_tree_rows or None

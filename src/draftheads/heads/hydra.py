@@ -62,7 +62,8 @@ class HydraHeads(DraftHeads):
         super().__init__(cfg)
         H = cfg.hidden_size
         self.blocks = nn.ModuleList(
-            nn.Sequential(GroundedBlock(H * (k + 2), H, cfg.grounded_residual), *[ResBlock(H) for _ in range(cfg.num_layers - 1)])
+            nn.Sequential(GroundedBlock(H * (k + 2), H, cfg.grounded_residual),
+                          *[ResBlock(H) for _ in range(cfg.num_layers - 1)])
             for k in range(cfg.num_heads))
         self.prefix = LlamaModel(prefix_layer_config(cfg)) if cfg.head_type == "hydra++" else None
         self.dropout = nn.Dropout(cfg.dropout)

@@ -240,9 +240,10 @@ def iter_shards(directory: str | Path, features: bool = True, shards: int | None
 def fill_features(directory: str | Path, hidden_of, batch_tokens: int = 4096, progress: bool = True,
                   shards: int | None = None) -> int:
     """Compute the features of every finished shard (or of the first `shards`) that lacks them here (a fresh
-    clone: features are a local cache). hidden_of(list of ids [T_i]) -> list of hidden states [T_i, H]. Records go in batches of
-    similar length, up to `batch_tokens` padded positions. Each shard is written whole and atomically, so
-    a killed pass resumes at the first shard still missing. Returns how many shards were computed."""
+    clone: features are a local cache). hidden_of(list of ids [T_i]) -> list of hidden states [T_i, H].
+    Records go in batches of similar length, up to `batch_tokens` padded positions. Each shard is written
+    whole and atomically, so a killed pass resumes at the first shard still missing. Returns how many shards
+    were computed."""
     from tqdm.auto import tqdm
 
     from safetensors import safe_open
