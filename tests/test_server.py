@@ -1,6 +1,7 @@
 """The OpenAI-compatible server, against a real uvicorn on loopback, with the official openai client."""
 
 import copy
+import itertools
 import json
 import os
 import random
@@ -554,3 +555,33 @@ def test_batched_server_replies_equal_serial_replies():
         finally:
             srv.stop()
     assert replies(4) == replies(1)
+
+
+@pytest.mark.parametrize("max_batch", [1, 4])
+def test_ctrl_c_while_a_request_decodes_fails_it_and_stops_the_worker(model, max_batch):
+    """serve() decodes on the main thread, where Ctrl-C lands: the worker must not take KeyboardInterrupt
+    for one request's error and go on serving (the process would never exit)."""
+    import asyncio
+
+    from draftheads.server import Job, Worker
+
+    class Interrupted(Gated):
+        def iter_generate(self, *a, **k):
+            yield from itertools.islice(self.model.iter_generate(*a, **k), 1)
+            raise KeyboardInterrupt
+
+    worker = Worker(Interrupted(model), queue_size=4, max_batch=max_batch, own_thread=False)
+    loop = asyncio.new_event_loop()
+    timer = threading.Timer(20, worker.stop)  # a worker that swallowed Ctrl-C returns then instead of raising
+    try:
+        job = Job(model.prompt_ids(_msgs("x")), {"max_new_tokens": 8}, loop, asyncio.Queue())
+        worker.submit(job)
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            worker.run()
+        loop.run_until_complete(asyncio.sleep(0))  # deliver what the worker sent
+        sent = [job.out.get_nowait() for _ in range(job.out.qsize())]
+        assert sent[-1][0] == "error" and isinstance(sent[-1][1], KeyboardInterrupt)
+    finally:
+        timer.cancel()
+        loop.close()

@@ -173,6 +173,8 @@ class Worker:
                 self._generate(job)
             except BaseException as e:  # never let one request kill the worker
                 self._send(job, "error", e)
+                if not isinstance(e, Exception):  # Ctrl-C (serve() decodes on the main thread): stop serving
+                    raise
             finally:
                 self.running = False
 
@@ -209,6 +211,8 @@ class Worker:
                     chunks.close()
                     self._send(job, "error", e)
                 running.clear()
+                if not isinstance(e, Exception):  # Ctrl-C: the jobs are told, then serving stops
+                    raise
             for key, (job, chunks) in list(running.items()):
                 if not self._advance(job, chunks):
                     del running[key]
@@ -222,6 +226,8 @@ class Worker:
         except BaseException as e:
             chunks.close()
             self._send(job, "error", e)
+            if not isinstance(e, Exception):  # Ctrl-C: the job is told, then serving stops
+                raise
             return False
         if chunk is None:
             chunks.close()
