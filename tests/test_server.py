@@ -507,10 +507,14 @@ def test_cli_serve(tmp_path, model):
     model.tokenizer.save_pretrained(tmp_path / "bb")
     save_heads(model.heads, tmp_path / "heads")
     port = _free_port()
-    env = {**os.environ, "DRAFTHEADS_API_KEY": KEY, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env = {**os.environ, "DRAFTHEADS_API_KEY": KEY, "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
+           "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "draftheads.cli", "serve", "--backbone", str(tmp_path / "bb"),
                              "--heads", str(tmp_path / "heads"), "--port", str(port), "--model-name", "tiny"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            # Ctrl-C as from a terminal, even when pytest itself runs as a background job
+                            # (`pytest &`: the shell sets SIGINT to ignored, and a child inherits that)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 60
@@ -527,7 +531,14 @@ def test_cli_serve(tmp_path, model):
         r = client.chat.completions.create(model="tiny", messages=_msgs("from the cli"), max_tokens=20, temperature=0)
         assert r.choices[0].message.content == ref.text
         proc.send_signal(signal.SIGINT)  # Ctrl-C: HTTP (its own thread) and the decoding loop (main) both end
-        assert proc.wait(20) == 0
+        try:
+            code = proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # PYTHONFAULTHANDLER: every thread's stack on stderr
+            time.sleep(2)
+            proc.kill()
+            raise AssertionError("serve did not exit after Ctrl-C:\n" + proc.communicate()[0][-6000:]) from None
+        assert code == 0
     finally:
         if proc.poll() is None:
             proc.kill()
