@@ -3,8 +3,8 @@ whether each output equals plain greedy decoding, on held-out prompts. Methods a
 (plain loop, then every set of heads), so machine noise falls on all of them alike. Each set uses its own
 calibrated tree unless --tree is given. Ratios are against the first --heads.
 
-    python scripts/compare_heads.py --heads runs/hydra/medusa1/heads --heads runs/hydra/hydrapp/heads \
-        --limit 20 --max-new-tokens 128 --out runs/hydra/compare.json
+    python scripts/compare_heads.py --heads default --heads hydra --limit 20 --max-new-tokens 128 \
+        --out runs/hydra/compare.json
 """
 
 from __future__ import annotations
