@@ -23,7 +23,7 @@ from draftheads.train.prompts import load_prompts
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--heads", action="append", required=True, help="a heads directory or 'default'; repeat")
+    ap.add_argument("--heads", action="append", required=True, help="a heads directory, 'default' or 'hydra'; repeat")
     ap.add_argument("--prompts", default=str(question_file("vicuna")))  # the shipped held-out set
     ap.add_argument("--limit", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=128)
