@@ -21,6 +21,9 @@ MAX_BATCH = 8
 # Prompt tokens the server prefills between two batched passes (--prefill-chunk): a 2,000-token prompt
 # prefilled at once would stall the running streams for seconds on a CPU.
 PREFILL_CHUNK = 256
+# Hydra heads' first block (--grounded-residual): its residual path is a learned projection of [h, E(path)]
+# (Hydra's) or h itself (half the parameters). Here, not in heads/, because the CLI must not import torch.
+GROUNDED_RESIDUALS = ("projection", "hidden")
 # Tree nodes one batched pass verifies when the heads carry no tree per batch size (--max-tree-rows):
 # a CPU's matmuls turn compute-bound at a few rows, so past it the running requests decode plainly.
 MAX_TREE_ROWS = 16

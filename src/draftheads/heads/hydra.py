@@ -20,7 +20,8 @@ from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaModel
 
 from ..tree import MAX_RANK, Tree
-from .medusa import GROUNDED_RESIDUALS, DraftHeads, HeadsConfig, ResBlock
+from ..defaults import GROUNDED_RESIDUALS
+from .medusa import DraftHeads, HeadsConfig, ResBlock
 
 
 class GroundedBlock(nn.Module):

@@ -13,12 +13,12 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
+from ..defaults import GROUNDED_RESIDUALS
 from ..errors import UserError
 from ..tree import MAX_RANK, Tree
 
 
 HEAD_TYPES = ("medusa", "hydra", "hydra++")
-GROUNDED_RESIDUALS = ("projection", "hidden")
 
 
 @dataclass

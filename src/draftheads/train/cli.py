@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .. import defaults
 from ..cli import add_threads
 
 
@@ -143,7 +144,7 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--num-heads", type=int, default=M.num_heads, help="draft heads (head k guesses token k+2 ahead)")
     t.add_argument("--num-layers", type=int, default=M.num_layers, help="residual blocks per head")
     t.add_argument("--dropout", type=float, default=M.dropout, help="dropout before every head block (Hydra heads)")
-    t.add_argument("--grounded-residual", default=M.grounded_residual, choices=["projection", "hidden"],
+    t.add_argument("--grounded-residual", default=M.grounded_residual, choices=defaults.GROUNDED_RESIDUALS,
                    help="Hydra heads' first block: a learned residual projection of [h, path embeddings] (Hydra's) "
                         "or h itself (half the parameters)")
     t.add_argument("--lm-head", default=M.lm_head, choices=["own", "shared"],

@@ -116,8 +116,9 @@ class TrainConfig:
             raise UserError(f"lm_head must be 'own' or 'shared', not {m.lm_head!r}")
         if m.head_type not in ("medusa", "hydra", "hydra++"):
             raise UserError(f"head_type must be medusa, hydra or hydra++, not {m.head_type!r}")
-        if m.grounded_residual not in ("projection", "hidden"):
-            raise UserError(f"grounded_residual must be 'projection' or 'hidden', not {m.grounded_residual!r}")
+        if m.grounded_residual not in defaults.GROUNDED_RESIDUALS:
+            raise UserError(f"grounded_residual must be {' or '.join(map(repr, defaults.GROUNDED_RESIDUALS))}, "
+                            f"not {m.grounded_residual!r}")
         if m.head_type == "medusa" and m.grounded_residual != "projection":
             raise UserError("grounded_residual applies to Hydra heads (--method hydra or hydra++) only")
         if not 0 <= m.dropout < 1:

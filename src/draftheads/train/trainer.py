@@ -291,7 +291,8 @@ def train(cfg: TrainConfig, backbone=None) -> Path:
         print(f"train: trim_vocab {m.trim_vocab} >= the vocabulary ({V}): the heads keep the full vocabulary")
     hcfg = HeadsConfig(num_heads=m.num_heads, hidden_size=H, vocab_size=V, num_layers=m.num_layers,
                        lm_head=m.lm_head, trimmed_vocab=trim, backbone=bb.name, head_type=m.head_type,
-                       dropout=m.dropout, grounded_residual=m.grounded_residual, backbone_fingerprint=output_embedding_fingerprint(model))
+                       dropout=m.dropout, grounded_residual=m.grounded_residual,
+                       backbone_fingerprint=output_embedding_fingerprint(model))
     heads = build_heads(hcfg)
     table = None
     if trim:
