@@ -234,6 +234,10 @@ def test_train_on_distilled_directory_uses_stored_hidden_states(tmp_path, capsys
     trainer.train(one, _bb())
     assert sorted(p.name for p in (data / "features").glob("*")) == ["shard-00000.safetensors"]
     assert "train: 4 conversations" in capsys.readouterr().out  # shard 0's 5 records: 4 train, 1 held out
+    every = cfg(tmp_path / "s3")
+    every.data.shards = 3  # every finished shard: allowed
+    trainer.train(every, _bb())
+    assert "train: 10 conversations" in capsys.readouterr().out
     one.data.shards = 4
     with pytest.raises(UserError, match="has 3 finished shard"):
         trainer.train(one, _bb())
