@@ -496,3 +496,62 @@ def test_flat_positions_are_global_over_several_sequences_and_devices_follow():
     meta = torch.zeros(4, dtype=torch.long, device="meta")
     assert path_tokens(meta, meta, 2).device.type == "meta"
     assert next_hidden(torch.zeros(4, 3, device="meta"), meta, 2).device.type == "meta"
+
+
+def test_distilled_directory_conversations_shards_and_fingerprint(tmp_path):
+    import json
+
+    import pytest
+
+    from draftheads.errors import UserError
+    from draftheads.train.data import load_training_data, read_conversations
+    from draftheads.train.shards import ShardWriter
+
+    def rec(i, answered=True):
+        msgs = [{"role": "user", "content": f"q{i}"}] + ([{"role": "assistant", "content": f"a{i}"}] if answered else [])
+        return {"messages": msgs, "ids": list(range(10 * i, 10 * i + 4)), "prompt_len": 1, "source": "t"}
+
+    d = tmp_path / "dist"
+    w = ShardWriter(d, 2, {"backbone_fingerprint": "fp-a", "hidden_size": 3})
+    hid = [torch.full((4, 3), float(i)) for i in range(5)]
+    for i in (0, 2, 4):  # shards 0 and 1 of two records each, then a partial one
+        w.append([rec(j, answered=j != 1) for j in range(i, min(i + 2, 5))], hid[i:i + 2])
+    w.close(finish=False)
+    assert [m[0]["content"] for m in read_conversations(d)] == ["q0", "q2", "q3", "q4"]
+    seqs, hidden = load_training_data(d, None, 3, fingerprint="fp-a")
+    assert [s[0].tolist() for s in seqs] == [[0, 1, 2], [20, 21, 22], [30, 31, 32], [40, 41, 42]]
+    assert [s[1].tolist() for s in seqs] == [[False, True, True]] * 4
+    assert [h[0, 0].item() for h in hidden] == [0.0, 2.0, 3.0, 4.0] and hidden[0].shape == (3, 3)
+    seqs, hidden = load_training_data(d, None, 8, shards=1)  # the first finished shard only, never the partial one
+    assert [s[0].tolist() for s in seqs] == [[0, 1, 2, 3]] and len(hidden) == 1
+    seqs, _ = load_training_data(d, None, 8, shards=2)
+    assert [s[0][0].item() for s in seqs] == [0, 20, 30]
+    with pytest.raises(UserError, match=r"^.*dist was distilled from another backbone \(output-embedding fingerprint "
+                                        r"fp-a, this one fp-b\): distil again with this backbone$"):
+        load_training_data(d, None, 8, fingerprint="fp-b")
+    (d / "manifest.json").unlink()  # a directory without a manifest: nothing to compare, still readable
+    assert len(load_training_data(d, None, 8, fingerprint="fp-b")[0]) == 4
+
+
+def test_segments_are_tokenised_without_special_tokens():
+    from tiny import tiny_tokenizer
+
+    from draftheads.train.data import tokenize_conversation
+
+    class WithBos:
+        """The tiny tokenizer plus a BOS token (id 0) whenever special tokens are asked for, as Llama's adds."""
+
+        def __init__(self):
+            self.tok = tiny_tokenizer()
+
+        def apply_chat_template(self, *a, **k):
+            return self.tok.apply_chat_template(*a, **k)
+
+        def __call__(self, text, add_special_tokens=True):
+            ids = self.tok(text, add_special_tokens=False)["input_ids"]
+            return {"input_ids": ([0] if add_special_tokens else []) + ids}
+
+    conv = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    ids, mask = tokenize_conversation(WithBos(), conv, 64)
+    want, _ = tokenize_conversation(tiny_tokenizer(), conv, 64)
+    assert ids.tolist() == want.tolist() and 0 not in ids.tolist()
