@@ -14,6 +14,7 @@ from draftheads.tree import load_tree
 @pytest.mark.parametrize("head_type,residual", [("hydra", "projection"), ("hydra++", "projection"),
                                                  ("hydra++", "hidden")])
 @pytest.mark.parametrize("arch,path", [("llama", "lean"), ("qwen2", "lean"), ("mistral", "generic")])
+@pytest.mark.filterwarnings("error::FutureWarning")  # the cache goes by the keyword the model's forward names
 def test_greedy_with_hydra_equals_plain_greedy(head_type, residual, arch, path):
     model = tiny_model(arch)
     heads = tiny_hydra_heads(model, head_type, grounded_residual=residual)
@@ -21,6 +22,17 @@ def test_greedy_with_hydra_equals_plain_greedy(head_type, residual, arch, path):
     stats = Stats()
     assert run(decoder_on(path, model, heads, load_tree("medusa16", 3)), prompt, stats=stats) == hf_greedy(model, prompt)
     assert stats.steps < 48  # some drafts were accepted
+
+
+def test_cache_keyword_is_the_one_the_forward_names():
+    from draftheads.kvcache import cache_keyword
+
+    class Before(torch.nn.Module):  # a remote-code model written before transformers renamed it
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return None
+
+    assert cache_keyword(Before()) == "past_key_values"
+    assert cache_keyword(tiny_model().base_model) == "cache"
 
 
 def test_hydra_drafts_depend_on_the_path_and_medusa_drafts_do_not():

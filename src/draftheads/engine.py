@@ -24,7 +24,7 @@ import torch
 from .cpu_matmul import few_row_linear, linear
 from .errors import UserError
 from .families import context_length, logits_transform, probe, refusal
-from .kvcache import TreeKVCache
+from .kvcache import TreeKVCache, cache_keyword
 from .llama_forward import LlamaForward, unsupported_reason
 from .tree import Tree
 
@@ -64,6 +64,7 @@ class TorchEngine:
     def __init__(self, model):
         self.model = model
         self.body = model.base_model  # decoder stack: ids -> final-norm hidden states
+        self._cache_kw = cache_keyword(self.body)
         self.lm_head = model.get_output_embeddings()
         self.finish_logits = logits_transform(model)  # softcapping / logit scale the model applies, or None
         self.context = context_length(model.config)
@@ -97,7 +98,7 @@ class TorchEngine:
         mask = cache.attention_mask(bias, positions)  # a dict of masks by layer type for mixed models
         with self._kernels(ids.numel() if verify else 1):
             out = self.body(input_ids=ids.view(1, -1), position_ids=positions.view(1, -1), attention_mask=mask,
-                            past_key_values=cache.hf, use_cache=True)
+                            use_cache=True, **{self._cache_kw: cache.hf})
         return out.last_hidden_state[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -13,12 +13,20 @@ decoding would show it.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .errors import UserError
 
 FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' names for the layer types we mask
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword `model.forward` takes its cache by. transformers 5.2x renamed `past_key_values` to
+    `cache` (the old name still works but warns on every call); remote-code models keep the old one."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def attention_windows(config) -> dict[str, int | None]:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaModel
 
+from ..kvcache import cache_keyword
 from ..tree import MAX_RANK, Tree
 from ..defaults import GROUNDED_RESIDUALS
 from .medusa import DraftHeads, HeadsConfig, ResBlock
@@ -121,7 +122,8 @@ class HydraHeads(DraftHeads):
             return
         if self._cache is None:
             self._cache = DynamicCache()
-        out = self.prefix(inputs_embeds=hidden.to(self.dtype)[None], past_key_values=self._cache, use_cache=True)
+        out = self.prefix(inputs_embeds=hidden.to(self.dtype)[None], use_cache=True,
+                          **{cache_keyword(self.prefix): self._cache})
         self._last = out.last_hidden_state[0, -1]  # [H]
 
     @torch.no_grad()
