@@ -498,7 +498,7 @@ def test_flat_positions_are_global_over_several_sequences_and_devices_follow():
     assert next_hidden(torch.zeros(4, 3, device="meta"), meta, 2).device.type == "meta"
 
 
-def test_distilled_directory_conversations_shards_and_fingerprint(tmp_path):
+def test_distilled_directory_conversations_shards_and_fingerprint(tmp_path, capsys):
     import json
 
     import pytest
@@ -529,6 +529,16 @@ def test_distilled_directory_conversations_shards_and_fingerprint(tmp_path):
     with pytest.raises(UserError, match=r"^.*dist was distilled from another backbone \(output-embedding fingerprint "
                                         r"fp-a, this one fp-b\): distil again with this backbone$"):
         load_training_data(d, None, 8, fingerprint="fp-b")
+    (d / "features" / "shard-00001.safetensors").unlink()  # features are a local cache: computed when asked
+    calls = []
+
+    def hidden_of(seqs):
+        calls.append(len(seqs))
+        return [torch.full((len(s), 3), float(s[0] // 10)) for s in seqs]
+
+    seqs, hidden = load_training_data(d, None, 8, fill=(hidden_of, False))
+    assert calls and [h[0, 0].item() for h in hidden] == [0.0, 2.0, 3.0, 4.0]
+    assert capsys.readouterr().err == ""  # progress=False: no bar
     (d / "manifest.json").unlink()  # a directory without a manifest: nothing to compare, still readable
     assert len(load_training_data(d, None, 8, fingerprint="fp-b")[0]) == 4
 
@@ -555,3 +565,14 @@ def test_segments_are_tokenised_without_special_tokens():
     ids, mask = tokenize_conversation(WithBos(), conv, 64)
     want, _ = tokenize_conversation(tiny_tokenizer(), conv, 64)
     assert ids.tolist() == want.tolist() and 0 not in ids.tolist()
+
+
+def test_data_assertions_refuse_what_they_name():
+    import pytest
+
+    from draftheads.train.data import tokenize_conversation
+
+    with pytest.raises(AssertionError, match="^empty conversation$"):
+        tokenize_conversation(None, [], 8)
+    with pytest.raises(AssertionError):
+        head_targets(torch.arange(4), torch.ones(3, dtype=torch.bool), 2)  # ids and mask of other lengths

@@ -34,6 +34,11 @@ def test_heads_config_errors_name_every_key_and_the_known_values():
         HeadsConfig.from_dict({**base, "lm_head": "tied"})
     with pytest.raises(UserError, match=r"^heads of type 'eagle' are not supported \(known: medusa, hydra, hydra\+\+\)$"):
         HeadsConfig.from_dict({**base, "head_type": "eagle"})
+    assert HeadsConfig.from_dict({**base, "batch_trees": {"1": [[0]], "16": []}}).batch_trees == {"1": [[0]], "16": []}
+    for bad in (["8"], {8: [[0]]}, {"0": [[0]]}, {"x": [[0]]}, {"-1": [[0]]}):  # JSON keys are digit strings >= 1
+        with pytest.raises(UserError, match=r'^heads config: batch_trees must map batch sizes \("1", "8", \.\.\.\) '
+                                            r'to trees$'):
+            HeadsConfig.from_dict({**base, "batch_trees": bad})
 
 
 def test_medusa_heads_are_residual_blocks_and_drafts_are_full_ids():
