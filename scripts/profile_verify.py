@@ -22,6 +22,7 @@ from transformers import DynamicCache
 
 from draftheads.backbone import load_backbone
 from draftheads.generate import Decoder
+from draftheads.kvcache import cache_keyword
 from draftheads.kvcache import TreeKVCache
 from draftheads.tree import chain, load_tree
 
@@ -64,11 +65,11 @@ def main():
 
     # Plain transformers: a DynamicCache over the context, cropped back after each timed forward.
     hf_cache = DynamicCache(config=model.config)
-    model(ctx.view(1, -1), past_key_values=hf_cache, use_cache=True)
+    model(ctx.view(1, -1), use_cache=True, **{cache_keyword(model): hf_cache})
 
     def hf_forward(n):
         ids = torch.randint(100, 20000, (1, n), device=dev)
-        model(ids, past_key_values=hf_cache, use_cache=True)
+        model(ids, use_cache=True, **{cache_keyword(model): hf_cache})
         hf_cache.crop(-n)
 
     # Ours: preallocated cache, tree mask, LM head on the tree rows; three variants of the forward.

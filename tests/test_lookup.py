@@ -12,7 +12,7 @@ from draftheads.calibrate import lookup_depths, lookup_summary, with_lookup
 from draftheads.cli import main
 from draftheads.errors import UserError
 from draftheads.generate import Decoder, Stats
-from draftheads.kvcache import TreeKVCache
+from draftheads.kvcache import TreeKVCache, cache_keyword
 from draftheads.lookup import Hybrid, LookupConfig, PromptLookup, hang, lookup_config
 from draftheads.tree import MEDUSA63, Tree, load_tree
 from tiny import ARCHS, tiny_heads, tiny_model
@@ -231,7 +231,7 @@ def test_cache_after_hybrid_steps_equals_plain_decoding_cache(path):
         out += step
         seen = PROMPT + out[:-1]  # everything but the newest token (the next root) is in the cache
         ref = DynamicCache(config=model.config)
-        model(torch.tensor([seen]), past_key_values=ref, use_cache=True)
+        model(torch.tensor([seen]), use_cache=True, **{cache_keyword(model): ref})
         for i, layer in enumerate(ref.layers):
             torch.testing.assert_close(cache.kv[i, 0, :, :, :len(seen)], layer.keys, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(cache.kv[i, 1, :, :, :len(seen)], layer.values, atol=1e-5, rtol=1e-4)

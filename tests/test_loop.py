@@ -7,7 +7,7 @@ from transformers import DynamicCache
 
 from draftheads.acceptance import SamplingConfig
 from draftheads.generate import Decoder, Stats
-from draftheads.kvcache import TreeKVCache
+from draftheads.kvcache import TreeKVCache, cache_keyword
 from draftheads.tree import chain, load_tree
 from tiny import ARCHS, tiny_heads, tiny_model
 
@@ -110,7 +110,7 @@ def test_compacted_cache_equals_plain_decoding_cache(arch, path):
         seen = prompt + out[:-1]
         assert cache.length == len(seen)
         ref = DynamicCache(config=model.config)
-        model(torch.tensor([seen]), past_key_values=ref, use_cache=True)
+        model(torch.tensor([seen]), use_cache=True, **{cache_keyword(model): ref})
         for i, layer in enumerate(ref.layers):
             torch.testing.assert_close(cache.kv[i, 0, :, :, :len(seen)], layer.keys, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(cache.kv[i, 1, :, :, :len(seen)], layer.values, atol=1e-5, rtol=1e-4)

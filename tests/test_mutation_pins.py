@@ -367,6 +367,59 @@ def test_tree_cache_keeps_dtype_and_device_and_refuses_overflow():
     cache.append(0, torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2))
     with pytest.raises(AssertionError):
         cache.attention_mask(torch.zeros(2, 2))  # 3 cached + 2 new > 4
+    with pytest.raises(AssertionError, match=r"^layer 0 keys \(1, 2, 1, 2\) / values \(1, 2, 1, 2\) do not fit the "
+                                             r"cache slots \(1, 1, 1, 2\)$"):
+        cache.append(0, torch.zeros(1, 2, 1, 2), torch.zeros(1, 2, 1, 2))  # another layer's kv heads
+    with pytest.raises(AssertionError, match="^KV cache overflow: the loop must keep within capacity$"):
+        cache.append(0, torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
+    with pytest.raises(AssertionError, match="^a sliding-window mask needs the new tokens' positions$"):
+        TreeKVCache(1, 4, torch.float32, "cpu", {"sliding_attention": 2}).attention_mask(torch.zeros(1, 1))
+    meta = tiny_model_on_meta()
+    assert TreeKVCache.for_model(meta, 8).device.type == "meta"
+
+
+def tiny_model_on_meta():
+    from tiny import tiny_model
+
+    return tiny_model().to("meta")
+
+
+def test_slot_cache_keeps_dtype_and_device_and_refuses_overflow():
+    import types
+
+    import pytest
+
+    from draftheads.kvcache import SlotKVCache, TreeKVCache
+
+    for device in ("cpu", "meta"):
+        cache = SlotKVCache(2, 3, 8, 2, 4, torch.bfloat16, device)
+        for t in (cache.kv, cache.lengths, cache._rows, cache._cols):
+            assert t.device.type == device
+        assert cache.kv.dtype == torch.bfloat16 and cache.lengths.dtype == torch.long
+    meta = tiny_model_on_meta()
+    cache = SlotKVCache.for_model(meta, 2, 8)
+    assert cache.kv.device.type == "meta" and cache.kv.shape == (2, 2, 2, 2, 8, 16)  # tiny: 4 heads of 16, 2 kv heads
+    cfg = types.SimpleNamespace(num_hidden_layers=1, hidden_size=64, num_attention_heads=4, head_dim=8)
+    cache = SlotKVCache.for_model(types.SimpleNamespace(config=cfg, parameters=lambda: iter([torch.zeros(1)])), 2, 8)
+    assert cache.kv.shape == (1, 2, 2, 4, 8, 8)  # head_dim as the config says; no num_key_value_heads: one per head
+
+    cache = SlotKVCache(1, 2, 6, 1, 2, torch.bfloat16, "cpu")
+    pre = TreeKVCache(1, 6, torch.bfloat16, "cpu")
+    pre.append(0, torch.ones(1, 1, 5, 2, dtype=torch.bfloat16), torch.ones(1, 1, 5, 2, dtype=torch.bfloat16))
+    cache.load(0, pre)  # 5 of 6: one token can still be generated
+    assert cache.step_mask().dtype == torch.bfloat16
+    m = cache.tree_mask(torch.zeros(2, 1, 1, dtype=torch.float32))  # 5 + 1 = capacity: fits
+    assert m.dtype == torch.bfloat16 and m.shape == (2, 1, 1, 6)
+    with pytest.raises(AssertionError, match="^KV cache overflow$"):
+        cache.tree_mask(torch.zeros(2, 2, 2))  # 5 + 2 > 6
+    with pytest.raises(AssertionError, match="^KV cache overflow$"):
+        cache.tree_mask(torch.zeros(3, 1, 1))  # more rows than slots
+    cache.lengths[0] = 6
+    with pytest.raises(AssertionError, match="^KV cache overflow: a slot outgrew its capacity$"):
+        cache.step_mask()
+    pre.append(0, torch.ones(1, 1, 1, 2, dtype=torch.bfloat16), torch.ones(1, 1, 1, 2, dtype=torch.bfloat16))
+    with pytest.raises(AssertionError, match="^the prompt fills the slot: nothing could be generated$"):
+        cache.load(1, pre)  # 6 of 6
 
 
 # ---------------------------------------------------------------- training data

@@ -95,7 +95,7 @@ class TreeKVCache:
         self.windows = windows or {FULL: None}  # layer type -> sliding window (attention_windows)
         self.kv: torch.Tensor | None = None  # [layers, 2, batch, kv_heads, capacity, head_dim]
         self.layers = [_PreallocatedLayer(self, i) for i in range(num_layers)]
-        self.hf = Cache(layers=self.layers)  # what the backbone's forward takes as past_key_values
+        self.hf = Cache(layers=self.layers)  # what the backbone's forward takes as its cache (cache_keyword)
         self._mask: torch.Tensor | None = None  # [1, 1, max_query, capacity] additive bias
         self._mask_zeroed = 0  # columns [0, _mask_zeroed) of _mask are already 0 in every row
 
@@ -160,7 +160,7 @@ class TreeKVCache:
         # The accepted path is often nodes 0..a-1 already (a chain, or the top-1 path of a tree):
         # nothing to move then.
         if nodes != list(range(a)):
-            index = torch.tensor(nodes, device=self.kv.device) + start
+            index = self.kv.new_tensor(nodes, dtype=torch.long) + start  # on the cache's device
             src = self.kv.index_select(4, index)  # [layers, 2, batch, kv_heads, a, head_dim]
             self.kv[:, :, :, :, start:start + a] = src
         for layer in self.layers:
@@ -179,7 +179,9 @@ class SlotKVCache:
         self.capacity, self.dtype, self.device = capacity, dtype, device
         self.kv = torch.zeros(num_layers, 2, slots, kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # [slots]
+        # Slot and column indices on the cache's device, made once: steps slice them instead of allocating.
         self._rows = torch.arange(slots, device=device)
+        self._cols = torch.arange(capacity, device=device)
         self._end = 1  # keys a step attends over: max(lengths) + q
         self._n = slots  # a step covers slots [0, _n): the batch keeps its running sequences in the low slots
 
@@ -206,8 +208,8 @@ class SlotKVCache:
         lengths[s] cached entries and the entry the step writes, nothing beyond."""
         assert int(self.lengths.max()) < self.capacity, "KV cache overflow: a slot outgrew its capacity"
         self._n, self._end = self._rows.numel(), int(self.lengths.max()) + 1
-        visible = torch.arange(self._end, device=self.device) <= self.lengths[:, None]  # [slots, end]
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+        visible = self._cols[:self._end] <= self.lengths[:, None]  # [slots, end]
+        mask = self.kv.new_zeros(visible.shape)
         return mask.masked_fill_(~visible, torch.finfo(self.dtype).min)[:, None, None]
 
     def tree_mask(self, tree_bias: torch.Tensor) -> torch.Tensor:
@@ -219,10 +221,10 @@ class SlotKVCache:
         lengths = self.lengths[:S]
         assert S <= self._rows.numel() and int(lengths.max()) + q <= self.capacity, "KV cache overflow"
         self._n, self._end = S, int(lengths.max()) + q
-        prefix = torch.arange(self._end, device=self.device) < lengths[:, None]  # [n, end]
-        mask = torch.full((S, q, self._end), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
+        prefix = self._cols[:self._end] < lengths[:, None]  # [n, end]
+        mask = self.kv.new_full((S, q, self._end), torch.finfo(self.dtype).min)
         mask.masked_fill_(prefix[:, None, :], 0)
-        cols = (lengths[:, None] + torch.arange(q, device=self.device))[:, None, :].expand(S, q, q)
+        cols = (lengths[:, None] + self._cols[:q])[:, None, :].expand(S, q, q)  # [n, q, q]
         return mask.scatter_(2, cols, tree_bias.to(self.dtype))[:, None]
 
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +233,7 @@ class SlotKVCache:
         join their sequences at `advance()` (q = 1) or `keep()` (a tree step), after the forward."""
         n = self._n
         assert keys.shape[0] == n, (keys.shape, n)
-        cols = self.lengths[:n, None] + torch.arange(keys.shape[2], device=self.device)  # [n, q]
+        cols = self.lengths[:n, None] + self._cols[:keys.shape[2]]  # [n, q]
         kv = self.kv[layer]  # [2, slots, kv_heads, capacity, head_dim]
         kv[0, self._rows[:n, None], :, cols] = keys.transpose(1, 2)  # indexed as [n, q, kv_heads, head_dim]
         kv[1, self._rows[:n, None], :, cols] = values.transpose(1, 2)
@@ -242,7 +244,7 @@ class SlotKVCache:
         a descendant of the previous) at [L, L + len(nodes)) and drop the rest."""
         L, a = int(self.lengths[slot]), len(nodes)
         if nodes != list(range(a)):
-            index = torch.tensor(nodes, device=self.device) + L
+            index = self._cols[nodes] + L
             self.kv[:, :, slot, :, L:L + a] = self.kv[:, :, slot, :, :].index_select(3, index)
         self.lengths[slot] = L + a
 
