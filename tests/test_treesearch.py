@@ -127,3 +127,36 @@ def test_batch_table_shrinks_the_tree_as_rounds_get_dearer():
     table = batch_table(p, {1: flat, 8: steep}, max_nodes=8, max_depth=2)
     assert table["1"]["size"] > 1 and table["8"]["size"] == 1 and table["8"]["tree"] == []
     assert table["8"]["predicted_tokens_per_s"] == pytest.approx(8 / 0.05) == table["8"]["plain_tokens_per_s"]
+
+
+def test_searches_respect_ranks_and_depth_bounds():
+    p = [[0.5, 0.3], [0.6]]  # head 1 measured at one rank only
+    assert expected_accepted(p, [(0, 1)]) == 1.0  # a rank the table lacks is never right
+    # Greedy: its frontier stops at each head's last measured rank (per head) and at the table's depth.
+    assert greedy_trees(p, 10)[-1] == [(0,), (0, 0), (1,), (1, 0)]
+    assert greedy_trees([[0.5], [0.9, 0.8]], 10)[-1] == [(0,), (0, 0), (0, 1)]
+    assert greedy_trees([[0.5, 0.3], [0.9, 0.8]], 10, max_rank=[1, 2])[-1] == [(0,), (0, 0), (0, 1)]
+    assert greedy_trees(p, 10, max_depth=1)[-1] == [(0,), (1,)]
+    # DP: trees only as large as fit (2 ranks at depth 1: 0..2 drafted nodes), children shallower first.
+    assert [len(t) for t in dp_trees(p, 10, max_depth=1)] == [0, 1, 2]
+    assert dp_trees([[0.5, 0.45], [0.9, 0.1]], 4)[3] == [(0,), (1,), (0, 0)]
+
+
+def test_choose_keeps_the_better_search_per_size_and_names_it():
+    step = lambda n: 1.0  # noqa: E731
+    tie = choose([[0.6, 0.2], [0.5, 0.1]], step, max_nodes=4)["curve"]
+    assert {c["by"] for c in tie} == {"greedy"}  # sorted table: both optimal, greedy's tree kept
+    assert all(c["expected_accepted"] == c["expected_accepted_greedy"] == pytest.approx(c["expected_accepted_dp"])
+               for c in tie)
+    p = [[0.5, 0.01, 0.4], [0.5, 0.01, 0.4]]  # rank 2 beats rank 1: the DP's tree is better by 0.39
+    curve = choose(p, step, max_nodes=4)["curve"]
+    assert curve[2]["by"] == "dp" and curve[2]["tree"] == dp_trees(p, 4)[2]
+    assert curve[2]["expected_accepted"] == pytest.approx(1.9) and curve[2]["expected_accepted_greedy"] < 1.9
+    deep = choose([[0.9, 0.5], [0.9, 0.5], [0.9]], step, max_nodes=6, max_depth=2)["curve"]
+    assert max(len(q) for c in deep for q in c["tree"]) == 2
+
+
+def test_interpolate_extrapolates_from_one_or_two_points():
+    assert interpolate([4], [0.1], 10) == 0.1
+    assert interpolate([1, 3], [1.0, 2.0], 5) == pytest.approx(3.0)
+    assert interpolate([1, 2, 4], [1.0, 2.0, 3.0], 6) == pytest.approx(4.0)  # the last segment's slope

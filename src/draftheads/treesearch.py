@@ -48,12 +48,10 @@ def greedy_trees(p: list[list[float]], max_nodes: int, max_depth: int | None = N
     max_rank = max_rank or [len(row) for row in p]
     chosen: list[Path] = []
     heap: list[tuple[float, Path]] = []
-    seen: set[Path] = set()
 
-    def push(q: Path):
-        if q in seen or len(q) > depth or q[-1] >= max_rank[len(q) - 1]:
+    def push(q: Path):  # each node enters once: from its previous sibling, or (rank 0) from its parent
+        if len(q) > depth or q[-1] >= max_rank[len(q) - 1]:
             return
-        seen.add(q)
         heapq.heappush(heap, (-path_value(p, q), q))  # ties: shallower, then lower ranks first
 
     push((0,))
@@ -82,8 +80,8 @@ def dp_trees(p: list[list[float]], max_nodes: int, max_depth: int | None = None,
     @lru_cache(maxsize=None)
     def forest(d: int) -> tuple[list[float], list[list[tuple[int, int]]]]:
         """For a node at depth d: best[m] and choice[m] = [(rank, subtree size)] for m = 0..M."""
-        if d >= depth:
-            return [0.0] * (M + 1), [[] for _ in range(M + 1)]
+        if d >= depth:  # below the deepest head: no node fits
+            return [0.0] + [-math.inf] * M, [[] for _ in range(M + 1)]
         below, _ = forest(d + 1)
         n_r = ranks[d]
         # H[j][c][m]: best using ranks < j, c children, m nodes. Keep argmax for reconstruction.
@@ -102,7 +100,7 @@ def dp_trees(p: list[list[float]], max_nodes: int, max_depth: int | None = None,
                 for m in range(1, M + 1):
                     for s in range(1, m + 1):
                         base = prev_c[m - s]
-                        if base == neg:
+                        if base == neg or below[s - 1] == neg:
                             continue
                         v = base + pr * (1.0 + below[s - 1])
                         if v > cur[m] + 1e-15:
