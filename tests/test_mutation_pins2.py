@@ -458,3 +458,118 @@ def test_vllm_layout_errors_name_the_file_and_the_key(tmp_path):
             model__safetensors={**_vllm(heads), "lm_heads.1.weight": torch.zeros(259, 32)})
     refused(base, r"cannot read DIR/model.pt safely: Weights only load failed\..*",
             model__pt={**_vllm(heads), "evil": print})
+
+
+# ---------------------------------------------------------------- batched decoding
+
+
+def _recording(heads):
+    """heads whose draft() calls are logged as (root, hidden [H]): what each sequence's drafter was given."""
+    log, draft = [], heads.draft
+    heads.draft = lambda hidden, root, tree: (log.append((int(root), hidden.clone())), draft(hidden, root, tree))[1]
+    return heads, log
+
+
+def _alone(decoder, prompt, n, sp, stats):
+    from draftheads.generate import Stats
+
+    out = []
+    for step in decoder.steps(prompt, n, sp, stats if stats is not None else Stats()):
+        out += step
+        if len(out) >= n:
+            break
+    return out[:n]
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_batched_sequence_drafts_accepts_and_samples_as_it_does_alone(sampled):
+    """Per sequence, in a batch of three: the same tokens (a seeded sample too), the same steps and accepted
+    drafts (heads and prompt lookup), and its drafter given the same hidden state and root every step."""
+    from test_lookup import PROMPT, echo_model
+    from tiny import tiny_heads
+
+    from draftheads.acceptance import SamplingConfig
+    from draftheads.batch import BatchDecoder
+    from draftheads.generate import Decoder, Stats
+    from draftheads.lookup import PromptLookup
+
+    model = echo_model()
+    prompts = [PROMPT, list(range(60, 75)) * 2, list(range(90, 99))]
+    sps = [SamplingConfig(temperature=0.7, acceptance="exact", seed=s) if sampled else SamplingConfig()
+           for s in (5, 6, 7)]
+    tree = load_tree("medusa8", 3)
+    heads, log = _recording(tiny_heads(model, num_heads=3))
+    alone_stats = [Stats() for _ in prompts]
+    alone = [_alone(Decoder(model, heads, tree, PromptLookup()), p, 30, sp, st)
+             for p, sp, st in zip(prompts, sps, alone_stats)]
+    alone_log, log[:] = list(log), []
+    batch = BatchDecoder(Decoder(model, heads, tree, PromptLookup()), slots=3, capacity=160)
+    assert batch.lookup_nodes == PromptLookup().max_nodes > 0 and batch.context == 160 - tree.size - batch.lookup_nodes
+    stats = [Stats() for _ in prompts]
+    got = [[] for _ in prompts]
+    gens = [batch.steps(p, 30, sp, st) for p, sp, st in zip(prompts, sps, stats)]
+    for k, g in enumerate(gens):
+        got[k] += next(g)
+    while any(len(o) < 30 for o in got):
+        batch.step()
+        for k, g in enumerate(gens):
+            got[k] += next(g, [])
+    for g in gens:
+        g.close()
+    assert [o[:30] for o in got] == alone
+    for a, b in zip(alone_stats, stats):
+        n = len(a.accepted)  # the batch ran on until the slowest sequence had 30 tokens
+        assert (b.accepted[:n], b.prompt_tokens, b.tree_size) == (a.accepted, a.prompt_tokens, a.tree_size)
+    if not sampled:
+        assert sum(st.lookup_accepted for st in alone_stats) >= 5  # lookup branches were taken, in both
+        assert sum(st.lookup_accepted for st in stats) >= sum(st.lookup_accepted for st in alone_stats)
+    assert len(log) >= len(alone_log)
+    for root, hidden in alone_log:  # every drafting state of the solo runs occurs in the batch
+        assert any(r == root and torch.allclose(h, hidden, atol=1e-4) for r, h in log), root
+
+
+def test_batch_decoder_messages_tables_and_prefill_time(monkeypatch):
+    import itertools
+
+    from tiny import tiny_heads, tiny_hydra_heads
+
+    from draftheads.acceptance import SamplingConfig
+    from draftheads.batch import BatchDecoder
+    from draftheads.generate import Decoder, Stats
+    from draftheads.tree import Tree
+
+    model = tiny_model()
+    generic = Decoder(model, tiny_heads(model))
+    generic.lean = None
+    with pytest.raises(UserError, match=r"^batched decoding runs on the lean forward \(Llama, Mistral, Qwen2\); "
+                                        r"this model decodes one request at a time$"):
+        BatchDecoder(generic, slots=2, capacity=64)
+    with pytest.raises(UserError, match=r"^Hydra\+\+ heads keep one prefix-layer cache: they decode one request at "
+                                        r"a time$"):
+        BatchDecoder(Decoder(model, tiny_hydra_heads(model, "hydra++")), slots=2, capacity=64)
+    small, big = Tree([[0]]), load_tree("medusa16", 3)
+    with pytest.raises(AssertionError, match="^batch sizes start at 1$"):
+        BatchDecoder(Decoder(model, tiny_heads(model), small), 2, 64, batch_trees={0: big})
+    batch = BatchDecoder(Decoder(model, tiny_heads(model), small), 2, 64, batch_trees={2: big, 4: small})
+    assert batch.tree_at(1, small) is big and batch.tree_at(3, small) is big and batch.tree_at(9, big) is small
+    assert batch.context == 64 - big.size  # a sequence following the table reserves its largest tree
+    plain = BatchDecoder(Decoder(model, None), 2, 64, batch_trees={2: big})
+    assert plain.batch_trees == [] and plain.context == 63 and plain.tree_at(2, Tree([])).size == 1
+    # The prefill's time is its forward and its first token's: one tick of a clock that ticks per reading, each.
+    clock = itertools.count()
+    monkeypatch.setattr(batch.dec, "_sync", lambda: float(next(clock)))
+    stats = Stats()
+    gen = batch.steps(list(range(5, 12)), 4, SamplingConfig(), stats)
+    next(gen)
+    assert stats.prefill_s == 2.0
+    gen.close()
+
+
+def test_generate_many_with_replies_that_end_at_their_first_token():
+    from tiny import tiny_draftmodel
+
+    dm = tiny_draftmodel(tree="medusa16")
+    prompts = ["hello there", "x", "count to ten"]
+    many = dm.generate_many(prompts, max_batch=2, max_new_tokens=1)
+    assert [len(r.token_ids) for r in many] == [1, 1, 1]
+    assert [r.token_ids for r in many] == [dm.generate(p, max_new_tokens=1).token_ids for p in prompts]
