@@ -30,7 +30,7 @@ class GroundedBlock(nn.Module):
     input (Hydra's ResBlock, residual="projection") or the hidden-state slice h itself (residual="hidden"),
     which halves the head's parameters: the SiLU branch still sees the whole input."""
 
-    def __init__(self, in_dim: int, hidden: int, residual: str = "projection"):
+    def __init__(self, in_dim: int, hidden: int, residual: str):
         super().__init__()
         assert residual in GROUNDED_RESIDUALS, residual
         self.hidden = hidden
