@@ -19,7 +19,7 @@ from draftheads.errors import UserError
 from draftheads.generate import Decoder, Stats
 from draftheads.kvcache import TreeKVCache
 from draftheads.tree import Tree, load_tree
-from tiny import tiny_heads, tiny_tokenizer
+from tiny import tiny_heads, tiny_model, tiny_tokenizer
 
 VOCAB, WINDOW, PROMPT, N_NEW = 128, 8, 12, 36  # prompt + output = 48 positions: six windows
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -230,3 +230,14 @@ def test_load_picks_sdpa_or_eager_per_model(tmp_path, name, attention):
     bb = load_backbone(str(tmp_path))
     assert bb.model.config._attn_implementation == attention
     Decoder(bb.model)  # and the loop accepts it
+
+
+def test_cache_keyword_is_the_one_the_forward_names():
+    from draftheads.kvcache import cache_keyword
+
+    class Before(torch.nn.Module):  # a remote-code model written before transformers renamed it
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return None
+
+    assert cache_keyword(Before()) == "past_key_values"
+    assert cache_keyword(tiny_model().base_model) == "cache"

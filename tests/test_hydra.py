@@ -24,17 +24,6 @@ def test_greedy_with_hydra_equals_plain_greedy(head_type, residual, arch, path):
     assert stats.steps < 48  # some drafts were accepted
 
 
-def test_cache_keyword_is_the_one_the_forward_names():
-    from draftheads.kvcache import cache_keyword
-
-    class Before(torch.nn.Module):  # a remote-code model written before transformers renamed it
-        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
-            return None
-
-    assert cache_keyword(Before()) == "past_key_values"
-    assert cache_keyword(tiny_model().base_model) == "cache"
-
-
 def test_hydra_drafts_depend_on_the_path_and_medusa_drafts_do_not():
     model = tiny_model()
     hidden, tree = torch.randn(64), load_tree("chain3")

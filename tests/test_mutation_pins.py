@@ -376,6 +376,7 @@ def test_tree_cache_keeps_dtype_and_device_and_refuses_overflow():
         TreeKVCache(1, 4, torch.float32, "cpu", {"sliding_attention": 2}).attention_mask(torch.zeros(1, 1))
     meta = tiny_model_on_meta()
     assert TreeKVCache.for_model(meta, 8).device.type == "meta"
+    assert cache.layers[0].get_mask_sizes(2) == (5, 0)  # transformers' own masks: 3 cached + 2 new keys, from 0
 
 
 def tiny_model_on_meta():
