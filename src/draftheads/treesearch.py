@@ -156,7 +156,7 @@ def interpolate(sizes: list[int], seconds: list[float], n: int) -> float:
     return ys[-1] + slope * (n - xs[-1])
 
 
-def choose(p: list[list[float]], step_seconds, max_nodes: int = 64, max_depth: int | None = None) -> dict:
+def choose(p: list[list[float]], step_seconds, max_nodes: int, max_depth: int | None = None) -> dict:
     """The tree (up to max_nodes nodes, root included) maximising (1 + E[accepted drafts]) / step(size).
     step_seconds(size) -> seconds of one loop step with a tree of that size. Runs both searches and keeps
     the better tree for each size (they tie when accuracy falls with rank; the DP wins when a measured
