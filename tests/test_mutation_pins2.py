@@ -481,46 +481,52 @@ def _alone(decoder, prompt, n, sp, stats):
     return out[:n]
 
 
-@pytest.mark.parametrize("sampled", [False, True])
-def test_a_batched_sequence_drafts_accepts_and_samples_as_it_does_alone(sampled):
-    """Per sequence, in a batch of three: the same tokens (a seeded sample too), the same steps and accepted
-    drafts (heads and prompt lookup), and its drafter given the same hidden state and root every step."""
+@pytest.mark.parametrize("sampled,drafters", [(False, "heads+lookup"), (True, "heads+lookup"), (False, "heads"),
+                                              (False, "lookup"), (False, "none")])
+def test_a_batched_sequence_drafts_accepts_and_samples_as_it_does_alone(sampled, drafters):
+    """Per sequence, in a batch of three: the same tokens (a seeded sample too), the same steps, verified
+    nodes and accepted drafts (heads, prompt lookup, both, neither), and its drafter given the same hidden
+    state and root every step."""
     from test_lookup import PROMPT, echo_model
     from tiny import tiny_heads
 
     from draftheads.acceptance import SamplingConfig
     from draftheads.batch import BatchDecoder
     from draftheads.generate import Decoder, Stats
-    from draftheads.lookup import PromptLookup
+    from draftheads.lookup import LookupConfig, PromptLookup
 
     model = echo_model()
     prompts = [PROMPT, list(range(60, 75)) * 2, list(range(90, 99))]
     sps = [SamplingConfig(temperature=0.7, acceptance="exact", seed=s) if sampled else SamplingConfig()
            for s in (5, 6, 7)]
-    tree = load_tree("medusa8", 3)
-    heads, log = _recording(tiny_heads(model, num_heads=3))
+    heads, log = _recording(tiny_heads(model, num_heads=3)) if "heads" in drafters else (None, [])
+    tree = load_tree("medusa8", 3) if heads is not None else None
+    cfg = LookupConfig(branches=3, tokens=4)  # not the default settings: the batch must use these
+    lookup = (lambda: PromptLookup(cfg)) if "lookup" in drafters else (lambda: None)
     alone_stats = [Stats() for _ in prompts]
-    alone = [_alone(Decoder(model, heads, tree, PromptLookup()), p, 30, sp, st)
+    alone = [_alone(Decoder(model, heads, tree, lookup()), p, 30, sp, st)
              for p, sp, st in zip(prompts, sps, alone_stats)]
     alone_log, log[:] = list(log), []
-    batch = BatchDecoder(Decoder(model, heads, tree, PromptLookup()), slots=3, capacity=160)
-    assert batch.lookup_nodes == PromptLookup().max_nodes > 0 and batch.context == 160 - tree.size - batch.lookup_nodes
+    batch = BatchDecoder(Decoder(model, heads, tree, lookup()), slots=3, capacity=160)
+    nodes = 12 if "lookup" in drafters else 0  # 3 branches of 4 tokens
+    assert batch.lookup_nodes == nodes and batch.context == 160 - (tree.size if tree else 1) - nodes
     stats = [Stats() for _ in prompts]
     got = [[] for _ in prompts]
     gens = [batch.steps(p, 30, sp, st) for p, sp, st in zip(prompts, sps, stats)]
     for k, g in enumerate(gens):
         got[k] += next(g)
-    while any(len(o) < 30 for o in got):
+    while any(gens):
         batch.step()
         for k, g in enumerate(gens):
-            got[k] += next(g, [])
-    for g in gens:
-        g.close()
+            if g is not None:
+                got[k] += next(g, [])
+                if len(got[k]) >= 30:  # where the solo run stopped too
+                    gens[k] = g.close()
     assert [o[:30] for o in got] == alone
     for a, b in zip(alone_stats, stats):
-        n = len(a.accepted)  # the batch ran on until the slowest sequence had 30 tokens
-        assert (b.accepted[:n], b.prompt_tokens, b.tree_size) == (a.accepted, a.prompt_tokens, a.tree_size)
-    if not sampled:
+        assert (b.steps, b.accepted, b.nodes, b.lookup_accepted, b.prompt_tokens, b.tree_size) == \
+               (a.steps, a.accepted, a.nodes, a.lookup_accepted, a.prompt_tokens, a.tree_size)
+    if not sampled and "lookup" in drafters:
         assert sum(st.lookup_accepted for st in alone_stats) >= 5  # lookup branches were taken, in both
         assert sum(st.lookup_accepted for st in stats) >= sum(st.lookup_accepted for st in alone_stats)
     assert len(log) >= len(alone_log)
@@ -553,6 +559,9 @@ def test_batch_decoder_messages_tables_and_prefill_time(monkeypatch):
     batch = BatchDecoder(Decoder(model, tiny_heads(model), small), 2, 64, batch_trees={2: big, 4: small})
     assert batch.tree_at(1, small) is big and batch.tree_at(3, small) is big and batch.tree_at(9, big) is small
     assert batch.context == 64 - big.size  # a sequence following the table reserves its largest tree
+    named = batch.steps(list(range(60)), 2, SamplingConfig(), Stats(), small)  # 60 + 2 < 64 < 60 + 17
+    assert len(next(named)) == 1  # a named tree reserves its own size only
+    named.close()
     plain = BatchDecoder(Decoder(model, None), 2, 64, batch_trees={2: big})
     assert plain.batch_trees == [] and plain.context == 63 and plain.tree_at(2, Tree([])).size == 1
     # The prefill's time is its forward and its first token's: one tick of a clock that ticks per reading, each.
