@@ -239,3 +239,111 @@ def test_a_full_queue_refuses_by_name():
     assert (e.value.status, e.value.code, e.value.type) == (429, "queue_full", "rate_limit_error")
     assert e.value.message == "the server is busy: 1 requests are already waiting; retry later"
     assert len(worker.waiting) == 1
+
+
+def test_default_limits_and_what_the_worker_is_given(api):
+    from draftheads import defaults
+
+    client, model = api(Stub(context=10 * defaults.MAX_PROMPT_TOKENS))
+    ok = lambda body: client.post("/v1/completions", json={"model": "stub", **body}).status_code  # noqa: E731
+    assert ok({"prompt": [1] * defaults.MAX_PROMPT_TOKENS}) == 200
+    assert model.calls[-1][1]["max_new_tokens"] == defaults.DEFAULT_MAX_TOKENS
+    assert ok({"prompt": [1] * (defaults.MAX_PROMPT_TOKENS + 1)}) == 400
+    assert ok({"prompt": [1], "max_tokens": defaults.MAX_TOKENS_LIMIT}) == 200
+    assert ok({"prompt": [1], "max_tokens": defaults.MAX_TOKENS_LIMIT + 1}) == 400
+    w = client.app.state.worker
+    assert (w.queue_size, w.max_batch, w.max_seq_len, w.max_tree_rows, w.prefill_chunk) == \
+        (defaults.QUEUE_SIZE, 1, defaults.MAX_SEQ_LEN, None, None)
+    # One request at a time: the model's whole context, however short a batch slot would be.
+    client, _ = api(Stub(context=500), max_batch=1, max_seq_len=80)
+    assert client.post("/v1/completions", json={"model": "stub", "prompt": [1] * 400}).status_code == 200
+    import threading
+
+    workers = lambda: sum(t.name == "draftheads-worker" for t in threading.enumerate())  # noqa: E731
+    before = workers()
+    client, _ = api(max_batch=3, max_seq_len=300, max_tree_rows=7, prefill_chunk=5, worker_thread=False)
+    w = client.app.state.worker
+    assert (w.max_batch, w.max_seq_len, w.max_tree_rows, w.prefill_chunk) == (3, 300, 7, 5)
+    assert workers() == before  # worker_thread=False: the caller runs it
+    for path in ("/docs", "/redoc", "/openapi.json"):  # no schema or docs pages on a server meant to be locked down
+        assert client.get(path).status_code == 404, path
+    models = client.get("/v1/models").json()
+    assert isinstance(models["data"][0]["created"], int)
+
+
+def test_the_body_is_read_whole_from_every_chunk_and_a_disconnect_ends_it():
+    """The Guard as ASGI sees it: a body in several messages (one without a "body" key), and a client gone
+    before the end."""
+    import asyncio
+
+    from draftheads.server import Guard
+
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(await receive())
+
+    def run(messages, limit=100):
+        queue = list(messages)
+
+        async def receive():
+            return queue.pop(0)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}
+        sent = []
+
+        async def send(m):
+            sent.append(m)
+
+        asyncio.run(Guard(app, None, limit)(scope, receive, send))
+        return sent
+
+    run([{"type": "http.request", "body": b"ab", "more_body": True}, {"type": "http.request", "more_body": True},
+         {"type": "http.request", "body": b"cd"}])
+    assert seen == [{"type": "http.request", "body": b"abcd", "more_body": False}]
+    seen.clear()
+    assert run([{"type": "http.request", "body": b"ab", "more_body": True}, {"type": "http.disconnect"}]) == []
+    assert seen == []  # the handler never ran
+    sent = run([{"type": "http.request", "body": b"x" * 60, "more_body": True},
+                {"type": "http.request", "body": b"x" * 60, "more_body": False}])
+    assert sent[0]["status"] == 413 and seen == []
+    lifespan = []
+
+    async def lifespan_app(scope, receive, send):
+        lifespan.append((scope["type"], await receive()))
+
+    async def receive():
+        return {"type": "lifespan.startup"}
+
+    asyncio.run(Guard(lifespan_app, "k", 10)({"type": "lifespan"}, receive, None))
+    assert lifespan == [("lifespan", {"type": "lifespan.startup"})]  # passed through as it is
+
+
+def test_lone_surrogates_and_worker_failures_are_named(api, caplog):
+    import logging
+
+    from draftheads.server import APIError, _unicode
+
+    with pytest.raises(ValueError, match="^holds a lone UTF-16 surrogate, which is not valid Unicode text$"):
+        _unicode("a\ud800")
+    assert str(APIError(400, "the message")) == "the message"
+    client, _ = api(Stub(fail=RuntimeError("boom")))
+    with caplog.at_level(logging.ERROR, logger="draftheads.server"):
+        client.post("/v1/chat/completions", json=chat())
+    failed = [r for r in caplog.records if r.getMessage() == "generation failed"]
+    assert failed and failed[0].exc_info[0] is RuntimeError
+
+
+def test_empty_prompt_errors_name_the_parameter_of_each_endpoint(api):
+    client, _ = api()
+    error(client.post("/v1/completions", json={"model": "stub", "prompt": [], "max_tokens": 1}), 400,
+          "the prompt is empty", "prompt", "empty_prompt")
+    import json
+
+    with client.stream("POST", "/v1/completions", json={"model": "stub", "prompt": "ab", "stream": True}) as r:
+        first = json.loads(next(line[6:] for line in r.iter_lines() if line.startswith("data: {")))
+    assert (first["object"], first["model"]) == ("text_completion", "stub")
+    client, _ = api(model_name="named")
+    with client.stream("POST", "/v1/chat/completions", json={**chat(), "model": "named", "stream": True}) as r:
+        first = json.loads(next(line[6:] for line in r.iter_lines() if line.startswith("data: {")))
+    assert (first["object"], first["model"]) == ("chat.completion.chunk", "named")

@@ -24,6 +24,15 @@ PREFILL_CHUNK = 256
 # Hydra heads' first block (--grounded-residual): its residual path is a learned projection of [h, E(path)]
 # (Hydra's) or h itself (half the parameters). Here, not in heads/, because the CLI must not import torch.
 GROUNDED_RESIDUALS = ("projection", "hidden")
+# The server's limits (serve's options and create_app's arguments): the largest request body in bytes,
+# the longest prompt and the largest max_tokens a request may ask for (tokens), the reply length when a
+# request names none, requests that may wait (more get 429), and a batch slot's tokens (prompt + reply).
+MAX_BODY_BYTES = 1 << 20
+MAX_PROMPT_TOKENS = 4096
+MAX_TOKENS_LIMIT = 2048
+DEFAULT_MAX_TOKENS = 256
+QUEUE_SIZE = 16
+MAX_SEQ_LEN = 2048
 # Tree nodes one batched pass verifies when the heads carry no tree per batch size (--max-tree-rows):
 # a CPU's matmuls turn compute-bound at a few rows, so past it the running requests decode plainly.
 MAX_TREE_ROWS = 16

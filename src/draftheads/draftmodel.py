@@ -16,7 +16,7 @@ import torch
 
 from .acceptance import SamplingConfig
 from .backbone import Backbone, chat_ids, load_backbone
-from .defaults import LOOKUP, MAX_NEW_TOKENS
+from .defaults import LOOKUP, MAX_BATCH, MAX_NEW_TOKENS, MAX_SEQ_LEN
 from .errors import UserError
 from .generate import Decoder, Stats
 from .lookup import PromptLookup, lookup_config
@@ -121,7 +121,8 @@ class DraftModel:
         stats.accepted = _kept_per_step(stats.accepted, len(tokens))
         yield Chunk(text[sent:], Result(tokens, text, stats, finish))
 
-    def generate_many(self, prompts: list, *, max_batch: int = 8, max_seq_len: int = 2048, **kwargs) -> list[Result]:
+    def generate_many(self, prompts: list, *, max_batch: int = MAX_BATCH, max_seq_len: int = MAX_SEQ_LEN,
+                      **kwargs) -> list[Result]:
         """One Result per prompt, decoded together: up to `max_batch` sequences share each verify pass
         (batch.BatchDecoder; `max_seq_len` tokens per sequence). Keyword arguments as for `generate`;
         the results equal decoding each prompt alone (greedy: token for token). Models the batched

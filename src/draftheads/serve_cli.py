@@ -85,10 +85,11 @@ def register(sub) -> None:
     s.add_argument("--api-key", default=os.environ.get("DRAFTHEADS_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route but /health (default: $DRAFTHEADS_API_KEY)")
     s.add_argument("--model-name", default=None, help="model id clients send (default: the backbone's name)")
-    s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
-    s.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt, also capped by the context")
-    s.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask for")
-    s.add_argument("--queue-size", type=int, default=16, help="requests that may wait; more get 429")
+    s.add_argument("--max-body-bytes", type=int, default=defaults.MAX_BODY_BYTES,
+                   help="largest request body in bytes (default 1 MiB)")
+    s.add_argument("--max-prompt-tokens", type=int, default=defaults.MAX_PROMPT_TOKENS, help="longest prompt, also capped by the context")
+    s.add_argument("--max-tokens-limit", type=int, default=defaults.MAX_TOKENS_LIMIT, help="largest max_tokens a request may ask for")
+    s.add_argument("--queue-size", type=int, default=defaults.QUEUE_SIZE, help="requests that may wait; more get 429")
     s.add_argument("--max-batch", type=int, default=defaults.MAX_BATCH,
                    help="requests decoded together, one verify pass for all (continuous batching; 1: one at a time)")
     s.add_argument("--max-tree-rows", type=int, default=None,
@@ -99,7 +100,7 @@ def register(sub) -> None:
     s.add_argument("--prefill-chunk", type=int, default=defaults.PREFILL_CHUNK,
                    help="prompt tokens prefilled between two batched passes, so that a long prompt does not stall "
                         "the running streams (0: whole prompts at once)")
-    s.add_argument("--max-seq-len", type=int, default=2048,
+    s.add_argument("--max-seq-len", type=int, default=defaults.MAX_SEQ_LEN,
                    help="tokens per batched request (prompt + reply); its KV cache slot is preallocated")
     s.add_argument("--parse-special-tokens", action="store_true",
                    help="let a /v1/completions string prompt spell control tokens such as <|im_start|> (default: "

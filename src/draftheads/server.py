@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import defaults
 from .acceptance import GREEDY_BELOW
 from .errors import UserError
 
@@ -113,8 +114,8 @@ class Worker:
     joins at the next step boundary and leaves when it ends or its client goes), or one at a time where
     the model does not take the batched step (batch.BatchDecoder says why)."""
 
-    def __init__(self, model, queue_size: int, max_batch: int = 1, max_seq_len: int = 2048, own_thread: bool = True,
-                 max_tree_rows: int | None = None, prefill_chunk: int | None = None):
+    def __init__(self, model, queue_size: int, max_batch: int = 1, max_seq_len: int = defaults.MAX_SEQ_LEN,
+                 own_thread: bool = True, max_tree_rows: int | None = None, prefill_chunk: int | None = None):
         self.model, self.queue_size = model, queue_size
         self.max_batch, self.max_seq_len, self.max_tree_rows = max_batch, max_seq_len, max_tree_rows
         self.prefill_chunk = prefill_chunk
@@ -250,10 +251,11 @@ class Worker:
             job.cancelled.set()
 
 
-def create_app(model, model_name: str | None = None, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-               max_prompt_tokens: int = 4096, max_tokens_limit: int = 2048, default_max_tokens: int = 256,
-               queue_size: int = 16, parse_special_tokens: bool = False, max_batch: int = 1,
-               max_seq_len: int = 2048, worker_thread: bool = True, max_tree_rows: int | None = None,
+def create_app(model, model_name: str | None = None, api_key: str | None = None,
+               max_body_bytes: int = defaults.MAX_BODY_BYTES, max_prompt_tokens: int = defaults.MAX_PROMPT_TOKENS,
+               max_tokens_limit: int = defaults.MAX_TOKENS_LIMIT, default_max_tokens: int = defaults.DEFAULT_MAX_TOKENS,
+               queue_size: int = defaults.QUEUE_SIZE, parse_special_tokens: bool = False, max_batch: int = 1,
+               max_seq_len: int = defaults.MAX_SEQ_LEN, worker_thread: bool = True, max_tree_rows: int | None = None,
                prefill_chunk: int | None = None) -> FastAPI:
     """An app serving `model` (a DraftModel). The worker thread starts here, one per app.
     parse_special_tokens: whether a /v1/completions string prompt may spell control tokens
