@@ -63,6 +63,11 @@ for row in "${modules[@]}"; do
     cp -r src tests "$work"/
   fi
   find "$work" -name __pycache__ -prune -exec rm -rf {} +
+  # mutmut 3 skips every decorated function, so the decoding loops (`@torch.inference_mode()`) and the
+  # heads' drafting (`@torch.no_grad()`) would never be mutated. In the scratch copy of the mutated file
+  # those two decorators go: they change no result, only whether autograd records (the tests' models
+  # need no gradients). Other decorated functions (@property, @cached_property, routes) stay unmutated.
+  sed -i -E '/^[[:space:]]*@torch\.(inference_mode|no_grad)\(\)[[:space:]]*$/d' "$work/src/draftheads/$file"
   sel=""
   for t in $tests; do [ -f "tests/$t" ] && sel+="\"tests/$t\", "; done
   { cat pyproject.toml; cat <<EOF

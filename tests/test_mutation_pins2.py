@@ -582,3 +582,37 @@ def test_generate_many_with_replies_that_end_at_their_first_token():
     many = dm.generate_many(prompts, max_batch=2, max_new_tokens=1)
     assert [len(r.token_ids) for r in many] == [1, 1, 1]
     assert [r.token_ids for r in many] == [dm.generate(p, max_new_tokens=1).token_ids for p in prompts]
+
+
+# ---------------------------------------------------------------- the decoding loop's bookkeeping
+
+
+def test_stats_add_up_every_step_and_report_a_sorted_histogram():
+    from draftheads.generate import Stats
+    from draftheads.tree import Tree
+
+    s = Stats(new_tokens=6, total_s=2.0)
+    tree = Tree([[0], [0, 0]])
+    s.record(tree, [0, 1], 0.5, 1.0, 0.25)
+    s.record(tree, [0], 0.25, 2.0, 0.5)
+    s.record(tree, [0, 1, 2], 0.25, 1.0, 0.25)
+    assert (s.steps, s.nodes, s.accepted) == (3, 9, [2, 1, 3])
+    assert (s.draft_s, s.verify_s, s.accept_s) == (1.0, 4.0, 1.0)
+    d = s.to_dict()
+    assert "accepted" not in d and d["steps"] == 3 and d["mean_accepted"] == 2.0 and d["tokens_per_second"] == 3.0
+    assert list(d["accepted_histogram"].items()) == [(1, 1), (2, 1), (3, 1)]
+    s.record(tree, [0, 1], 0.0, 0.0, 0.0)
+    assert s.to_dict()["accepted_histogram"] == {1: 1, 2: 2, 3: 1}
+
+
+def test_decoder_takes_the_engine_given_and_drafts_only_with_a_drafter():
+    from tiny import tiny_heads
+
+    from draftheads.generate import ROOT_ONLY, Decoder
+
+    model = tiny_model()
+    plain = Decoder(model, tree=load_tree("chain3"))
+    assert plain.drafter is None and plain.tree is ROOT_ONLY  # a tree without heads drafts nothing
+    engine = plain.engine
+    again = Decoder(model, tiny_heads(model), load_tree("chain3"), engine=engine)
+    assert again.engine is engine and again.tree.size == 4 and again.drafter is not None
