@@ -616,3 +616,27 @@ def test_decoder_takes_the_engine_given_and_drafts_only_with_a_drafter():
     engine = plain.engine
     again = Decoder(model, tiny_heads(model), load_tree("chain3"), engine=engine)
     assert again.engine is engine and again.tree.size == 4 and again.drafter is not None
+
+
+def test_teacher_topk_in_chunks_against_the_heads_math_and_from_bf16_heads():
+    import copy
+
+    model = tiny_model()
+    g = torch.Generator().manual_seed(4)
+    T, n = 7, 4
+    hidden, ids = torch.randn(T, 64, generator=g), torch.randint(0, 200, (T,), generator=g)
+    for heads in (_medusa(model), _hydra(model, "hydra++")):
+        K = heads.cfg.num_heads
+        whole = heads.teacher_topk(hidden, ids, n)
+        assert whole.shape == (K, T, n) and torch.equal(heads.teacher_topk(hidden, ids, n, chunk=3), whole)
+        h = heads.prefix_states(hidden[None])[0] if hasattr(heads, "prefix_states") else hidden
+        for k in range(K):
+            for t in range(T - K):  # the true path ids[t+1 .. t+1+k] lies inside the sequence
+                logits = heads.head(k, h[t:t + 1], ids[t + 1:t + 2 + k][None])[0] if hasattr(heads, "head") \
+                    else heads(hidden[t])[k]
+                assert torch.equal(whole[k, t], logits.topk(n).indices), (type(heads).__name__, k, t)
+        bf = copy.deepcopy(heads).to(torch.bfloat16)  # fp32 hidden states in, bf16 heads: cast on the way in
+        assert bf.teacher_topk(hidden, ids, n).shape == (K, T, n)
+        bf.reset()
+        bf.observe(hidden)
+        assert bf.draft(hidden[-1], ids[-1], load_tree("chain2")).shape == (3,)
