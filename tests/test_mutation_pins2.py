@@ -640,3 +640,104 @@ def test_teacher_topk_in_chunks_against_the_heads_math_and_from_bf16_heads():
         bf.reset()
         bf.observe(hidden)
         assert bf.draft(hidden[-1], ids[-1], load_tree("chain2")).shape == (3,)
+
+
+def test_batched_steps_bounds_messages_and_the_end_of_a_sequence(monkeypatch):
+    import itertools
+
+    from tiny import tiny_heads
+
+    from draftheads.acceptance import SamplingConfig
+    from draftheads.batch import BatchDecoder
+    from draftheads.generate import Decoder, Stats
+    from draftheads.tree import Tree
+
+    model = tiny_model()
+    heads = tiny_heads(model, num_heads=3)
+    chain = load_tree("chain3")
+    batch = BatchDecoder(Decoder(model, heads, chain), slots=1, capacity=32, batch_trees={1: chain, 2: Tree([[0]])})
+    sp = SamplingConfig()
+    with pytest.raises(UserError, match="^the prompt is empty$"):
+        next(batch.steps([], 4, sp, Stats()))
+    one = batch.steps([7], 2, sp, Stats())
+    assert len(next(one)) == 1  # a one-token prompt is a prompt
+    with pytest.raises(AssertionError, match="^no free slot: the scheduler admits at most `slots` sequences$"):
+        next(batch.steps([1, 2], 2, sp, Stats()))
+    with pytest.raises(AssertionError, match=r"^next\(\) without a step\(\) in between$"):
+        next(one)
+    one.close()
+    # The reserve of a sequence that follows the table is the table's largest tree: 4 nodes here.
+    with pytest.raises(UserError, match="^the prompt has 28 tokens; a batch slot holds 32"):
+        next(batch.steps(list(range(28)), 2, sp, Stats()))
+    fits = batch.steps(list(range(27)), 2, sp, Stats())
+    assert len(next(fits)) == 1
+    fits.close()
+
+    # To the end of a sequence: a tree step only while the tree fits before `end`, then plain steps, and
+    # the sequence ends when its cache reaches `end` exactly (every token up to it emitted).
+    stats, P = Stats(), 10
+    gen = batch.steps(list(range(40, 40 + P)), 6, sp, stats)
+    out = list(next(gen))
+    seq = batch.seqs[0]
+    assert seq.end == P + 6 + 4
+    while True:
+        L, nodes = int(batch.cache.lengths[0]), stats.nodes
+        batch.step()
+        step = next(gen, None)
+        if step is None:
+            break
+        out += step
+        assert (stats.nodes - nodes > 1) == (L + 4 <= seq.end), (L, stats.nodes - nodes)
+        if seq.done:
+            assert int(batch.cache.lengths[0]) == seq.end
+            steps = stats.steps
+            batch.step()  # a finished sequence whose tokens were handed out is not stepped again
+            assert int(batch.cache.lengths[0]) == seq.end and stats.steps == steps
+    assert len(out) == seq.end - P + 1  # the last step's tokens too: as many as Decoder.steps gives alone
+    solo = []
+    for step in Decoder(model, heads, chain).steps(list(range(40, 40 + P)), 6, sp, Stats()):
+        solo += step
+        if len(solo) >= len(out):
+            break
+    assert out == solo
+
+    # Time: a clock that ticks once per reading. Prefill in two chunks plus the first token: 3 ticks;
+    # each step's draft, verify and accept phases: one tick each.
+    chunked = BatchDecoder(Decoder(model, heads, chain), slots=2, capacity=64, prefill_chunk=4)
+    clock = itertools.count()
+    monkeypatch.setattr(chunked.dec, "_sync", lambda: float(next(clock)))
+    stats = Stats()
+    gen = chunked.steps(list(range(5, 12)), 8, sp, stats)
+    assert next(gen) == [] and len(next(gen)) == 1 and stats.prefill_s == 3.0
+    chunked.step()
+    next(gen)
+    assert (stats.draft_s, stats.verify_s, stats.accept_s) == (1.0, 1.0, 1.0)
+    gen.close()
+    left = chunked.steps(list(range(5, 12)), 8, sp, Stats())
+    assert next(left) == []
+    left.close()  # gone during its prefill: its slot comes back
+    assert sorted(chunked.free) == [0, 1] and not chunked.seqs
+
+
+def test_the_row_budget_counts_lookup_nodes_and_holds_at_equality():
+    from tiny import tiny_heads
+
+    from draftheads.acceptance import SamplingConfig
+    from draftheads.batch import BatchDecoder
+    from draftheads.generate import Decoder, Stats
+    from draftheads.lookup import LookupConfig, PromptLookup
+
+    model = tiny_model()
+    heads, chain = tiny_heads(model, num_heads=3), load_tree("chain3")
+    for lookup, rows, tree_steps in ((None, 8, True), (None, 7, False), (LookupConfig(branches=1, tokens=2), 12, True),
+                                     (LookupConfig(branches=1, tokens=2), 11, False)):
+        batch = BatchDecoder(Decoder(model, heads, chain, PromptLookup(lookup) if lookup else None), slots=2,
+                             capacity=64, max_rows=rows)
+        stats = [Stats(), Stats()]
+        gens = [batch.steps(list(range(10 + 9 * i, 19 + 9 * i)), 8, SamplingConfig(), st) for i, st in enumerate(stats)]
+        for g in gens:
+            next(g)
+        batch.step()  # two chains of 4 (+ 2 lookup nodes each): within the budget or not
+        assert all((st.nodes > 1) == tree_steps for st in stats), (lookup, rows)
+        for g in gens:
+            g.close()

@@ -118,9 +118,10 @@ class BatchDecoder:
             seq = self._start(slot, ids, prefill.hidden, min(self.capacity, P + max_new_tokens + reserve), reserve,
                               by_batch, sp, stats, tree)
             yield [seq.root]
-            while not seq.done:
+            done = False
+            while not done:  # the step that fills the slot emits tokens too, as Decoder.steps' last one does
                 assert seq.emitted is not None, "next() without a step() in between"
-                out, seq.emitted = seq.emitted, None
+                out, seq.emitted, done = seq.emitted, None, seq.done
                 yield out
         finally:
             self.seqs.pop(slot, None)
