@@ -741,3 +741,80 @@ def test_the_row_budget_counts_lookup_nodes_and_holds_at_equality():
         assert all((st.nodes > 1) == tree_steps for st in stats), (lookup, rows)
         for g in gens:
             g.close()
+
+
+class _Spy:
+    """A TorchEngine that records what the loop asks of it, and returns no hidden states when told "none"
+    (as the Engine contract allows and the llama.cpp engine does)."""
+
+    def __init__(self, engine):
+        self.engine, self.capacity, self.need = engine, [], []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def new_cache(self, capacity):
+        self.capacity.append(capacity)
+        return self.engine.new_cache(capacity)
+
+    def prefill(self, cache, ids, hidden):
+        self.need.append(hidden)
+        h, logits = self.engine.prefill(cache, ids, hidden)
+        return (None if hidden == "none" else h), logits
+
+
+def test_the_loop_sizes_its_cache_asks_only_for_the_hidden_states_it_needs_and_takes_the_calls_tree(monkeypatch):
+    import itertools
+
+    from tiny import tiny_heads, tiny_hydra_heads
+
+    from draftheads.acceptance import SamplingConfig
+    from draftheads.engine import TorchEngine
+    from draftheads.generate import Decoder, Stats
+    from draftheads.kvcache import TreeKVCache
+    from draftheads.lookup import PromptLookup
+
+    model, sp = tiny_model(), SamplingConfig()
+    chain3, chain2 = load_tree("chain3"), load_tree("chain2")
+    for heads, lookup, tree, need in ((None, None, None, "none"), (tiny_heads(model), None, chain3, "last"),
+                                      (None, PromptLookup(), None, "none"),
+                                      (tiny_hydra_heads(model, "hydra++"), None, chain3, "all")):
+        spy = _Spy(TorchEngine(model))
+        dec = Decoder(model, heads, tree, lookup, engine=spy)
+        out = []
+        for step in dec.steps(list(range(10, 20)), 5, sp, Stats()):
+            out += step
+            if len(out) >= 5:
+                break
+        reserve = dec.drafter.max_size(dec.tree) if dec.drafter is not None else 1
+        assert spy.need == [need] and spy.capacity == [10 + 5 + reserve], (need, spy.capacity)
+    dec = Decoder(model, tiny_heads(model), chain3)
+    stats = Stats()
+    next(dec.steps([7], 4, sp, stats, tree=chain2))  # a one-token prompt, and this call's own tree
+    assert stats.tree_size == 3
+    with pytest.raises(UserError, match="^the prompt is empty$"):
+        next(dec.steps([], 4, sp, Stats()))
+    with pytest.raises(UserError, match=f"^the prompt has {dec.context} tokens but the model's context is "
+                                        f"{dec.context}$"):
+        next(dec.steps([1] * dec.context, 4, sp, Stats()))
+    next(dec.steps([1] * (dec.context - 1), 1, sp, Stats()))
+
+    # To the end of the cache: a tree step while the tree fits, then plain steps, every token handed out.
+    cache, stats, P = TreeKVCache.for_model(model, 20), Stats(), 10
+    out, gen = [], dec.steps(list(range(40, 40 + P)), 100, sp, stats, cache=cache)
+    out += next(gen)
+    while True:
+        L, nodes = cache.length, stats.nodes
+        step = next(gen, None)
+        if step is None:
+            break
+        out += step
+        assert (stats.nodes - nodes > 1) == (L + 4 <= 20), (L, stats.nodes - nodes)
+    assert cache.length == 20 and len(out) == 20 - P + 1
+
+    clock = itertools.count()  # one tick per reading: prefill one tick, each phase of a step one tick
+    monkeypatch.setattr(dec, "_sync", lambda: float(next(clock)))
+    stats = Stats()
+    gen = dec.steps(list(range(5, 12)), 8, sp, stats)
+    next(gen), next(gen), next(gen)
+    assert (stats.prefill_s, stats.draft_s, stats.verify_s, stats.accept_s) == (1.0, 2.0, 2.0, 2.0)
