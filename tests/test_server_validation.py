@@ -307,16 +307,21 @@ def test_the_body_is_read_whole_from_every_chunk_and_a_disconnect_ends_it():
     sent = run([{"type": "http.request", "body": b"x" * 60, "more_body": True},
                 {"type": "http.request", "body": b"x" * 60, "more_body": False}])
     assert sent[0]["status"] == 413 and seen == []
-    lifespan = []
+    lifespan, sent = [], []
 
     async def lifespan_app(scope, receive, send):
         lifespan.append((scope["type"], await receive()))
+        await send({"type": "lifespan.startup.complete"})
 
     async def receive():
         return {"type": "lifespan.startup"}
 
-    asyncio.run(Guard(lifespan_app, "k", 10)({"type": "lifespan"}, receive, None))
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(Guard(lifespan_app, "k", 10)({"type": "lifespan"}, receive, send))
     assert lifespan == [("lifespan", {"type": "lifespan.startup"})]  # passed through as it is
+    assert sent == [{"type": "lifespan.startup.complete"}]
 
 
 def test_lone_surrogates_and_worker_failures_are_named(api, caplog):
@@ -335,6 +340,13 @@ def test_lone_surrogates_and_worker_failures_are_named(api, caplog):
 
 
 def test_empty_prompt_errors_name_the_parameter_of_each_endpoint(api):
+    class Refusing(Stub):
+        def tokenizer(self, text, split_special_tokens):
+            raise UserError("nothing left of it")
+
+    client, _ = api(Refusing())
+    error(client.post("/v1/completions", json={"model": "stub", "prompt": "ab"}), 400, "nothing left of it", "prompt",
+          "empty_prompt")
     client, _ = api()
     error(client.post("/v1/completions", json={"model": "stub", "prompt": [], "max_tokens": 1}), 400,
           "the prompt is empty", "prompt", "empty_prompt")
