@@ -623,15 +623,15 @@ def test_teacher_topk_in_chunks_against_the_heads_math_and_from_bf16_heads():
 
     model = tiny_model()
     g = torch.Generator().manual_seed(4)
-    T, n = 7, 4
+    T, n = 70, 4  # more positions than hidden units: chunks run over the positions, not the features
     hidden, ids = torch.randn(T, 64, generator=g), torch.randint(0, 200, (T,), generator=g)
     for heads in (_medusa(model), _hydra(model, "hydra++")):
         K = heads.cfg.num_heads
         whole = heads.teacher_topk(hidden, ids, n)
-        assert whole.shape == (K, T, n) and torch.equal(heads.teacher_topk(hidden, ids, n, chunk=3), whole)
+        assert whole.shape == (K, T, n) and torch.equal(heads.teacher_topk(hidden, ids, n, chunk=9), whole)
         h = heads.prefix_states(hidden[None])[0] if hasattr(heads, "prefix_states") else hidden
         for k in range(K):
-            for t in range(T - K):  # the true path ids[t+1 .. t+1+k] lies inside the sequence
+            for t in (0, 1, 5, 33, T - K - 1):  # the true path ids[t+1 .. t+1+k] lies inside the sequence
                 logits = heads.head(k, h[t:t + 1], ids[t + 1:t + 2 + k][None])[0] if hasattr(heads, "head") \
                     else heads(hidden[t])[k]
                 assert torch.equal(whole[k, t], logits.topk(n).indices), (type(heads).__name__, k, t)
