@@ -655,7 +655,9 @@ def test_batched_steps_bounds_messages_and_the_end_of_a_sequence(monkeypatch):
     model = tiny_model()
     heads = tiny_heads(model, num_heads=3)
     chain = load_tree("chain3")
-    batch = BatchDecoder(Decoder(model, heads, chain), slots=1, capacity=32, batch_trees={1: chain, 2: Tree([[0]])})
+    # The default tree (chain2, 3 nodes) is smaller than the table's entry for one sequence (chain3, 4 nodes).
+    batch = BatchDecoder(Decoder(model, heads, load_tree("chain2")), slots=1, capacity=32,
+                         batch_trees={1: chain, 2: Tree([[0]])})
     sp = SamplingConfig()
     with pytest.raises(UserError, match="^the prompt is empty$"):
         next(batch.steps([], 4, sp, Stats()))
