@@ -565,7 +565,7 @@ def test_batch_decoder_messages_tables_and_prefill_time(monkeypatch):
     plain = BatchDecoder(Decoder(model, None), 2, 64, batch_trees={2: big})
     assert plain.batch_trees == [] and plain.context == 63 and plain.tree_at(2, Tree([])).size == 1
     # The prefill's time is its forward and its first token's: one tick of a clock that ticks per reading, each.
-    clock = itertools.count()
+    clock = itertools.count(100)
     monkeypatch.setattr(batch.dec, "_sync", lambda: float(next(clock)))
     stats = Stats()
     gen = batch.steps(list(range(5, 12)), 4, SamplingConfig(), stats)
@@ -706,7 +706,7 @@ def test_batched_steps_bounds_messages_and_the_end_of_a_sequence(monkeypatch):
     # Time: a clock that ticks once per reading. Prefill in two chunks plus the first token: 3 ticks;
     # each step's draft, verify and accept phases: one tick each.
     chunked = BatchDecoder(Decoder(model, heads, chain), slots=2, capacity=64, prefill_chunk=4)
-    clock = itertools.count()
+    clock = itertools.count(100)
     monkeypatch.setattr(chunked.dec, "_sync", lambda: float(next(clock)))
     stats = Stats()
     gen = chunked.steps(list(range(5, 12)), 8, sp, stats)
@@ -814,7 +814,7 @@ def test_the_loop_sizes_its_cache_asks_only_for_the_hidden_states_it_needs_and_t
         assert (stats.nodes - nodes > 1) == (L + 4 <= 20), (L, stats.nodes - nodes)
     assert cache.length == 20 and len(out) == 20 - P + 1
 
-    clock = itertools.count()  # one tick per reading: prefill one tick, each phase of a step one tick
+    clock = itertools.count(100)  # one tick per reading: prefill one tick, each phase of a step one tick
     monkeypatch.setattr(dec, "_sync", lambda: float(next(clock)))
     stats = Stats()
     gen = dec.steps(list(range(5, 12)), 8, sp, stats)
