@@ -87,9 +87,12 @@ def register(sub) -> None:
     s.add_argument("--model-name", default=None, help="model id clients send (default: the backbone's name)")
     s.add_argument("--max-body-bytes", type=int, default=defaults.MAX_BODY_BYTES,
                    help="largest request body in bytes (default 1 MiB)")
-    s.add_argument("--max-prompt-tokens", type=int, default=defaults.MAX_PROMPT_TOKENS, help="longest prompt, also capped by the context")
-    s.add_argument("--max-tokens-limit", type=int, default=defaults.MAX_TOKENS_LIMIT, help="largest max_tokens a request may ask for")
-    s.add_argument("--queue-size", type=int, default=defaults.QUEUE_SIZE, help="requests that may wait; more get 429")
+    s.add_argument("--max-prompt-tokens", type=int, default=defaults.MAX_PROMPT_TOKENS,
+                   help="longest prompt, also capped by the context")
+    s.add_argument("--max-tokens-limit", type=int, default=defaults.MAX_TOKENS_LIMIT,
+                   help="largest max_tokens a request may ask for")
+    s.add_argument("--queue-size", type=int, default=defaults.QUEUE_SIZE,
+                   help="requests that may wait; more get 429")
     s.add_argument("--max-batch", type=int, default=defaults.MAX_BATCH,
                    help="requests decoded together, one verify pass for all (continuous batching; 1: one at a time)")
     s.add_argument("--max-tree-rows", type=int, default=None,
