@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaModel
 
+from ..defaults import GROUNDED_RESIDUALS
 from ..kvcache import cache_keyword
 from ..tree import MAX_RANK, Tree
-from ..defaults import GROUNDED_RESIDUALS
 from .medusa import DraftHeads, HeadsConfig, ResBlock
 
 
@@ -68,6 +68,7 @@ class HydraHeads(DraftHeads):
                           *[ResBlock(H) for _ in range(cfg.num_layers - 1)])
             for k in range(cfg.num_heads))
         self.prefix = LlamaModel(prefix_layer_config(cfg)) if cfg.head_type == "hydra++" else None
+        self._prefix_cache_kw = cache_keyword(self.prefix) if self.prefix is not None else None  # once, not per step
         self.dropout = nn.Dropout(cfg.dropout)
         self.embed_weight: torch.Tensor | None = None  # [vocab, H] the backbone's input embedding (frozen)
         self._cache: DynamicCache | None = None  # the prefix layer's cache: accepted positions only
@@ -123,7 +124,7 @@ class HydraHeads(DraftHeads):
         if self._cache is None:
             self._cache = DynamicCache()
         out = self.prefix(inputs_embeds=hidden.to(self.dtype)[None], use_cache=True,
-                          **{cache_keyword(self.prefix): self._cache})
+                          **{self._prefix_cache_kw: self._cache})
         self._last = out.last_hidden_state[0, -1]  # [H]
 
     @torch.no_grad()
