@@ -213,3 +213,45 @@ def test_heads_config_batch_trees_are_checked_and_loaded(tiny_dirs):
     dm = load(heads=str(heads), backbone=str(bb))
     assert {b: t.size for b, t in dm.batch_trees.items()} == {1: 3, 4: 1}
     assert load(heads=str(heads), backbone=str(bb), tree="chain2").batch_trees == {}  # a named tree holds at every size
+
+
+def test_served_round_costs_switch_table_followers_to_plain_rounds_and_stay_exact():
+    """With a RoundCosts, each round asks it whether the table's trees pay at this batch size; a plain
+    round verifies only the roots of the sequences that follow the table (a named tree keeps its tree),
+    the round is recorded as what ran, and the outputs stay each sequence's greedy output alone."""
+    from draftheads.round_costs import RoundCosts
+
+    model = tiny_model()
+    heads = tiny_heads(model, num_heads=3)
+    prompts = [list(range(10, 20)), list(range(40, 47)), list(range(90, 102))]
+    costs = RoundCosts(warmup=2, explore_every=3)
+    batch = BatchDecoder(Decoder(model, heads, load_tree("medusa8", 3)), slots=3, capacity=128, costs=costs)
+    stats = [Stats() for _ in prompts]
+    gens = [batch.steps(p, 30, SamplingConfig(), st, tree) for p, st, tree in
+            zip(prompts, stats, [None, None, load_tree("chain3")])]
+    for g in gens:
+        next(g)
+    batch.step()  # warm-up round 1: the trees (9 nodes each for the two table followers)
+    assert [st.nodes for st in stats] == [9, 9, 4]
+    for g in gens:
+        next(g)
+    batch.step()  # warm-up round 2: plain for the table followers, chain3 still for the named one
+    assert [st.nodes for st in stats] == [10, 10, 8]
+    assert {k: r.rounds for k, r in costs.rates.items()} == {(4, True): 1, (4, False): 1}  # 3 pooled with 4
+    for g in gens:
+        g.close()
+    fresh = BatchDecoder(Decoder(model, heads, load_tree("medusa8", 3)), slots=3, capacity=128,
+                         costs=RoundCosts(warmup=1, explore_every=2))  # switches often
+    reqs = [(p, SamplingConfig(), None) for p in prompts]
+    assert drive(fresh, reqs, 30) == [hf_greedy(model, p, 30) for p in prompts]
+    assert any(not trees for _, trees in fresh.costs.rates) and any(trees for _, trees in fresh.costs.rates)
+
+
+def test_without_heads_or_with_a_one_node_table_there_is_nothing_to_decide():
+    from draftheads.round_costs import RoundCosts
+
+    model = tiny_model()
+    for dec in (Decoder(model, None), Decoder(model, tiny_heads(model), Tree([]))):
+        batch = BatchDecoder(dec, slots=2, capacity=64, costs=RoundCosts())
+        drive(batch, [(list(range(5, 12)), SamplingConfig(), None)] * 2, 5)
+        assert batch.costs.rounds == {}

@@ -115,4 +115,8 @@ def test_bench_concurrency_loads_real_servers_on_loopback(tiny_dirs, tmp_path):
         assert [lv["clients"] for lv in cfg["levels"]] == [1, 2] and all(lv["requests"] == 2 for lv in cfg["levels"])
         assert all(lv["tokens_per_s"] > 0 and lv["ttft_p95"] >= lv["ttft_p50"] > 0 for lv in cfg["levels"]), name
     assert rep["configs"]["heads, batched"]["differ_from_alone"] == {"1": 0, "2": 0}
+    # the batched heads server measured its rounds per batch size (round_costs.py); without heads, nothing to decide
+    rounds = rep["configs"]["heads, batched"]["batched_rounds"]
+    assert sum(r["rounds"] for r in rounds.values()) > 0 and set(rounds) <= {"1", "2"}
+    assert rep["configs"]["plain, batched"]["batched_rounds"] is None
     assert (out / "concurrency.png").read_bytes()[:4] == b"\x89PNG" and "| heads, batched | 2 |" in (out / "report.md").read_text()

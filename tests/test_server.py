@@ -596,3 +596,21 @@ def test_ctrl_c_while_a_request_decodes_fails_it_and_stops_the_worker(model, max
     finally:
         timer.cancel()
         loop.close()
+
+
+@pytest.mark.parametrize("adapt", [True, False])
+def test_health_reports_the_batched_rounds_the_tree_decision_rests_on(adapt):
+    """--adapt-trees (the default): the batched worker measures its rounds per batch size, with the heads'
+    trees and plain, and /health shows those tokens/s; --no-adapt-trees measures nothing."""
+    srv = Server(create_app(tiny_draftmodel(tree="medusa16"), max_batch=2, adapt_trees=adapt))
+    client = OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    try:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=12,
+                                       temperature=0)
+        rounds = httpx.get(srv.url + "/health").json().get("batched_rounds")
+    finally:
+        srv.stop()
+    if adapt:
+        assert list(rounds) == ["1"] and rounds["1"]["rounds"] >= 2 and rounds["1"]["trees"] > 0 < rounds["1"]["plain"]
+    else:
+        assert rounds is None

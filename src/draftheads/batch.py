@@ -24,6 +24,7 @@ from .errors import UserError
 from .generate import ROOT_ONLY, Decoder, Stats
 from .kvcache import SlotKVCache
 from .lookup import Hybrid, PromptLookup
+from .round_costs import RoundCosts
 from .tree import Tree
 
 
@@ -48,7 +49,8 @@ class BatchDecoder:
     """Decodes up to `slots` sequences together; `capacity` tokens per slot (prompt + reply + one tree)."""
 
     def __init__(self, decoder: Decoder, slots: int, capacity: int, max_rows: int | None = None,
-                 batch_trees: dict[int, Tree] | None = None, prefill_chunk: int | None = None):
+                 batch_trees: dict[int, Tree] | None = None, prefill_chunk: int | None = None,
+                 costs: RoundCosts | None = None):
         if decoder.lean is None:
             raise UserError("batched decoding runs on the lean forward (Llama, Mistral, Qwen2); this model "
                             "decodes one request at a time")
@@ -68,6 +70,9 @@ class BatchDecoder:
         self.batch_trees = sorted((batch_trees or {}).items()) if self.heads is not None else []
         assert all(b >= 1 for b, _ in self.batch_trees), "batch sizes start at 1"
         self.prefill_chunk = prefill_chunk  # prompt tokens per prefill forward (None: the whole prompt at once)
+        # Served rounds' tokens/s, which decide whether the table's trees pay at each batch size (None: they
+        # always do; calibrate times fixed trees).
+        self.costs = costs
         self.free = list(range(slots))
         self.seqs: dict[int, _Sequence] = {}
 
@@ -152,14 +157,17 @@ class BatchDecoder:
         dec, dev = self.dec, self.dec.device
         S = 1 + max(self.seqs)  # the pass covers slots [0, S); idle ones below S are padding
         t0 = dec._sync()
-        plans = {}
-        tree = {s.slot: self.tree_at(len(seqs), s.tree) if s.by_batch else s.tree for s in seqs}
+        plans, B = {}, len(seqs)
+        table = self.tree_at(B, self.dec.tree)  # what the sequences that follow the table take
+        choice = self.costs is not None and table.size > 1 and any(s.by_batch and s.drafter is not None for s in seqs)
+        with_table = self.costs.use_trees(B) if choice else True
+        tree = {s.slot: (table if with_table else ROOT_ONLY) if s.by_batch else s.tree for s in seqs}
         trees = self.max_rows is None or sum(t.size + self.lookup_nodes for t in tree.values()) <= self.max_rows
         for s in seqs:
             L = int(self.cache.lengths[s.slot])
             root = torch.tensor(s.root, device=dev)
             step_tree, cands = ROOT_ONLY, root.view(1)
-            if trees and s.drafter is not None and L + s.reserve <= s.end:
+            if trees and s.drafter is not None and L + s.reserve <= s.end and (with_table or not s.by_batch):
                 step_tree, cands = s.drafter.propose(s.hidden, root, tree[s.slot])
             plans[s.slot] = (L, step_tree, cands)
         q = max(t.size for _, t, _ in plans.values())
@@ -193,6 +201,8 @@ class BatchDecoder:
         t3 = dec._sync()
         for s in seqs:  # the pass's time is every sequence's: each waited for all of it
             s.stats.record(plans[s.slot][1], accepted[s.slot], t1 - t0, t2 - t1, t3 - t2)
+        if choice:  # what actually ran: a row budget may have sent the round plain
+            self.costs.record(B, with_table and trees, sum(len(s.emitted) for s in seqs), t3 - t0)
 
 
 def run_all(batch: BatchDecoder, replies: list) -> list:

@@ -140,7 +140,9 @@ def run_concurrency(args) -> dict:
                 texts[c] = {r["index"]: r["text"] for r in results}
                 rows.append(row)
                 print(f"{name}, {c} clients: {row['tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
-            report["configs"][name] = {"args": extra, "levels": rows, "texts": texts}
+            # The batched server's measured tokens/s per batch size, with trees and plain (round_costs.py).
+            rounds = httpx.get(url + "/health", timeout=10).json().get("batched_rounds")
+            report["configs"][name] = {"args": extra, "levels": rows, "texts": texts, "batched_rounds": rounds}
         finally:
             proc.terminate()
             proc.wait(30)
@@ -163,6 +165,12 @@ def write_report(report: dict, out: Path) -> list[str]:
             d = (cfg["differ_from_alone"] or {}).get(row["clients"], "n/a")
             lines.append(f"| {name} | {row['clients']} | {row['tokens_per_s']:.1f} | {row['ttft_p50']:.2f} / "
                          f"{row['ttft_p95']:.2f} | {1000 * row['tpot_p50']:.0f} / {1000 * row['tpot_p95']:.0f} | {d} |")
+    for name, cfg in report["configs"].items():
+        if cfg.get("batched_rounds"):
+            lines += ["", f"{name}, the rounds it served (the tree decision per batch size, round_costs.py):", "",
+                      "| sequences | rounds | tokens/s with trees | tokens/s plain |", "|---|---|---|---|"]
+            lines += [f"| {b} | {r['rounds']} | {r['trees']:.1f} | {r['plain']:.1f} |"
+                      for b, r in cfg["batched_rounds"].items()]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 

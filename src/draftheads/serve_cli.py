@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -23,7 +24,8 @@ def cmd_serve(args) -> None:
           max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
           max_tokens_limit=args.max_tokens_limit, queue_size=args.queue_size,
           parse_special_tokens=args.parse_special_tokens, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-          max_tree_rows=_tree_rows(args, model), prefill_chunk=args.prefill_chunk or None)
+          max_tree_rows=_tree_rows(args, model), prefill_chunk=args.prefill_chunk or None,
+          adapt_trees=args.adapt_trees)
 
 
 def _tree_rows(args, model) -> int | None:
@@ -100,6 +102,9 @@ def register(sub) -> None:
                         "that pass (0: no limit; default: none when the heads carry a tree per batch size, from "
                         f"`calibrate --batch-sizes`, else {defaults.MAX_TREE_ROWS}: a CPU's matmuls turn compute-bound "
                         "at a few rows)")
+    s.add_argument("--adapt-trees", action=argparse.BooleanOptionalAction, default=defaults.ADAPT_TREES,
+                   help="per batch size, decode with the heads' trees or plainly, whichever the server's own rounds "
+                        "measured faster (tokens/s on /health); --no-adapt-trees always takes the trees")
     s.add_argument("--prefill-chunk", type=int, default=defaults.PREFILL_CHUNK,
                    help="prompt tokens prefilled between two batched passes, so that a long prompt does not stall "
                         "the running streams (0: whole prompts at once)")

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import defaults
 from .acceptance import GREEDY_BELOW
 from .errors import UserError
+from .round_costs import RoundCosts
 
 log = logging.getLogger("draftheads.server")
 
@@ -115,10 +116,13 @@ class Worker:
     the model does not take the batched step (batch.BatchDecoder says why)."""
 
     def __init__(self, model, queue_size: int, max_batch: int = 1, max_seq_len: int = defaults.MAX_SEQ_LEN,
-                 own_thread: bool = True, max_tree_rows: int | None = None, prefill_chunk: int | None = None):
+                 own_thread: bool = True, max_tree_rows: int | None = None, prefill_chunk: int | None = None,
+                 adapt_trees: bool = defaults.ADAPT_TREES):
         self.model, self.queue_size = model, queue_size
         self.max_batch, self.max_seq_len, self.max_tree_rows = max_batch, max_seq_len, max_tree_rows
         self.prefill_chunk = prefill_chunk
+        # Served rounds decide whether the heads' trees pay at each batch size (round_costs.py); None: off.
+        self.costs = RoundCosts() if adapt_trees else None
         self.stopped = threading.Event()
         # A deque rather than queue.Queue: a cancelled job must leave the queue at once, not when its turn comes.
         self.waiting: deque[Job] = deque()
@@ -158,7 +162,7 @@ class Worker:
 
             try:  # made on this thread: it does all the torch work from here on
                 batch = BatchDecoder(self.model.decoder, self.max_batch, self.max_seq_len, self.max_tree_rows,
-                                     self.model.batch_trees, self.prefill_chunk)
+                                     self.model.batch_trees, self.prefill_chunk, self.costs)
             except UserError as e:
                 log.warning("serving one request at a time: %s", e)
             except Exception:  # a dead worker would leave every request waiting forever
@@ -256,20 +260,21 @@ def create_app(model, model_name: str | None = None, api_key: str | None = None,
                max_tokens_limit: int = defaults.MAX_TOKENS_LIMIT, default_max_tokens: int = defaults.DEFAULT_MAX_TOKENS,
                queue_size: int = defaults.QUEUE_SIZE, parse_special_tokens: bool = False, max_batch: int = 1,
                max_seq_len: int = defaults.MAX_SEQ_LEN, worker_thread: bool = True, max_tree_rows: int | None = None,
-               prefill_chunk: int | None = None) -> FastAPI:
+               prefill_chunk: int | None = None, adapt_trees: bool = defaults.ADAPT_TREES) -> FastAPI:
     """An app serving `model` (a DraftModel). The worker thread starts here, one per app.
     parse_special_tokens: whether a /v1/completions string prompt may spell control tokens
     ("<|im_start|>"); off, they are text like any other. Chat messages are always text.
     max_batch: requests decoded together (continuous batching; 1: one at a time), each in a cache slot
     of max_seq_len tokens (prompt + reply); max_tree_rows: most tree nodes per batched pass (None: no limit);
     prefill_chunk: prompt tokens prefilled between two batched passes (None: a whole prompt at once, the
-    running requests wait for it). worker_thread: start the decoding thread here; False leaves
+    running requests wait for it). adapt_trees: per batch size, the heads' trees or plain decoding,
+    whichever served rounds measured faster (round_costs.py); /health reports those rates. worker_thread: start the decoding thread here; False leaves
     `app.state.worker.run()` to the caller (serve() runs it on the thread that loaded the model)."""
     name = model_name or model.backbone_name
     # A batch slot holds prompt + reply + one tree: 64 leaves room for trees of up to 64 nodes.
     context = model.decoder.context if max_batch <= 1 else min(model.decoder.context, max_seq_len - 64)
     worker = Worker(model, queue_size, max_batch, max_seq_len, own_thread=worker_thread, max_tree_rows=max_tree_rows,
-                    prefill_chunk=prefill_chunk)
+                    prefill_chunk=prefill_chunk, adapt_trees=adapt_trees)
     created = int(time.time())
     app = FastAPI(title="draftheads", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = worker
@@ -302,7 +307,10 @@ def create_app(model, model_name: str | None = None, api_key: str | None = None,
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, "running": worker.running, "waiting": len(worker.waiting)}
+        body = {"status": "ok", "model": name, "running": worker.running, "waiting": len(worker.waiting)}
+        if worker.costs is not None and worker.costs.rounds:  # tokens/s per batch size, with trees and plain
+            body["batched_rounds"] = {str(b): r for b, r in worker.costs.summary().items()}
+        return body
 
     @app.get("/v1/models")
     async def models():

@@ -1,0 +1,78 @@
+"""Trees or plain decoding at the current batch size: decided from the rounds the server has served.
+
+`calibrate --batch-sizes` picks a tree per batch size from rounds it times on its own prompts. Served
+rounds differ: other prompts, requests joining and leaving, prefill chunks in between, another load on
+the machine. On this project's CPU its table chose 2-node chains at 8 sequences and the served
+heads-batched runs came out at 0.81x plain-batched (README, batching). So the batched step asks this
+model, per round, whether the sequences that follow the table take its tree or decode plainly: it keeps,
+per batch size, the tokens per second of the rounds served each way, takes the better, and spends one
+round in `explore_every` on the other to follow a changing load. Batch sizes are pooled up to the next
+power of two (3 with 4, 5-8 with 8): the few-row kernels pad rows to a power of two, so those rounds
+cost alike, and a short burst of traffic does not have to warm up every size on its own.
+
+Switching changes which tokens are drafted, never which are emitted under greedy or exact acceptance
+(both are exact per step); typical acceptance already depends on the tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def pooled(batch: int) -> int:
+    """The batch size whose measurements a round of `batch` sequences shares: the next power of two."""
+    assert batch >= 1
+    return 1 << (batch - 1).bit_length()
+
+
+@dataclass
+class _Rate:
+    tokens: float = 0.0  # decayed sums: recent rounds count most
+    seconds: float = 0.0
+    rounds: int = 0
+
+    @property
+    def per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class RoundCosts:
+    """Per batch size, the measured tokens/s of rounds with the table's trees and of plain rounds."""
+
+    warmup: int = 4  # rounds of each kind before the faster one is preferred
+    explore_every: int = 16  # then one round in this many takes the other kind
+    decay: float = 0.95  # per round of the same kind: the estimate follows the last ~20 of them
+    rates: dict[tuple[int, bool], _Rate] = field(default_factory=dict)  # (pooled batch size, trees) -> rate
+    rounds: dict[int, int] = field(default_factory=dict)  # pooled batch size -> rounds served
+
+    def __post_init__(self):
+        assert self.warmup >= 1 and self.explore_every >= 2 and 0 < self.decay <= 1
+
+    def use_trees(self, batch: int) -> bool:
+        """Whether the next round of `batch` sequences should take the table's trees."""
+        batch = pooled(batch)
+        trees, plain = self._rate(batch, True), self._rate(batch, False)
+        if min(trees.rounds, plain.rounds) < self.warmup:
+            return trees.rounds <= plain.rounds  # alternate until both kinds have their warm-up rounds
+        best = trees.per_second >= plain.per_second
+        explore = self.rounds.get(batch, 0) % self.explore_every == self.explore_every - 1
+        return best != explore
+
+    def record(self, batch: int, trees: bool, tokens: int, seconds: float) -> None:
+        """A served round of `batch` sequences emitted `tokens` in `seconds` (draft + verify + accept)."""
+        assert tokens >= 0 and seconds >= 0
+        batch = pooled(batch)
+        r = self.rates.setdefault((batch, trees), _Rate())
+        r.tokens = r.tokens * self.decay + tokens
+        r.seconds = r.seconds * self.decay + seconds
+        r.rounds += 1
+        self.rounds[batch] = self.rounds.get(batch, 0) + 1
+
+    def _rate(self, batch: int, trees: bool) -> _Rate:
+        return self.rates.get((batch, trees), _Rate())
+
+    def summary(self) -> dict[int, dict[str, float]]:
+        """{pooled batch size: {"trees": tokens/s, "plain": tokens/s, "rounds": n}} of what was measured."""
+        return {b: {"trees": self._rate(b, True).per_second, "plain": self._rate(b, False).per_second,
+                    "rounds": n} for b, n in sorted(dict(self.rounds).items())}  # a copy: /health reads it while the worker writes

@@ -1,0 +1,58 @@
+"""The served-round cost model that decides, per batch size, between the table's trees and plain rounds."""
+
+import pytest
+
+from draftheads.round_costs import RoundCosts, pooled
+
+
+def serve(costs, batch, rate, rounds):
+    """Run `rounds` rounds of `batch` sequences at tokens/s rate[trees]; returns the choices made."""
+    choices = []
+    for _ in range(rounds):
+        trees = costs.use_trees(batch)
+        costs.record(batch, trees, tokens=int(rate[trees] * 2), seconds=2.0)
+        choices.append(trees)
+    return choices
+
+
+def test_it_alternates_until_both_kinds_have_their_warm_up_rounds():
+    costs = RoundCosts(warmup=3, explore_every=100)
+    assert serve(costs, 4, {True: 10, False: 50}, 6) == [True, False, True, False, True, False]
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_then_it_takes_the_faster_kind_and_explores_the_other_once_in_explore_every(faster):
+    costs = RoundCosts(warmup=2, explore_every=5)
+    rate = {faster: 40, not faster: 20}
+    choices = serve(costs, 8, rate, 4 + 20)[4:]  # after the warm-up, rounds 5..24 of this batch size
+    # round n (1-based) explores when n % 5 == 0
+    assert choices == [(faster if (n % 5) else not faster) for n in range(5, 25)]
+
+
+def test_batch_sizes_are_measured_apart():
+    costs = RoundCosts(warmup=1, explore_every=1000)
+    serve(costs, 1, {True: 30, False: 20}, 4)
+    serve(costs, 8, {True: 20, False: 60}, 4)
+    assert costs.use_trees(1) and not costs.use_trees(8)
+    assert costs.use_trees(2)  # never served: warm-up starts with the trees
+    assert not costs.use_trees(5) and [pooled(b) for b in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
+    s = costs.summary()
+    assert s[1] == pytest.approx({"trees": 30.0, "plain": 20.0, "rounds": 4}) and s[8]["plain"] == pytest.approx(60.0)
+
+
+def test_recent_rounds_count_most_so_it_follows_a_changing_load():
+    costs = RoundCosts(warmup=1, explore_every=4, decay=0.5)
+    early = serve(costs, 4, {True: 50, False: 30}, 10)
+    assert early[2:].count(True) >= 6  # the trees, but for the exploring rounds
+    serve(costs, 4, {True: 10, False: 30}, 12)  # the trees stopped paying (another load on the machine)
+    late = serve(costs, 4, {True: 10, False: 30}, 8)
+    assert late.count(False) >= 6  # plain, but for the exploring rounds
+
+
+def test_the_rate_is_decayed_tokens_over_decayed_seconds():
+    costs = RoundCosts(decay=0.5)
+    costs.record(2, True, tokens=10, seconds=1.0)
+    costs.record(2, True, tokens=30, seconds=1.0)
+    assert costs.summary()[2]["trees"] == pytest.approx((10 * 0.5 + 30) / (1 * 0.5 + 1))
+    with pytest.raises(AssertionError):
+        RoundCosts(explore_every=1)
