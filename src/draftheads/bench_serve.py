@@ -1,8 +1,9 @@
 """`draftheads bench --concurrency 1,2,4,8`: the server under load, real clients on loopback.
 
 For each server configuration (heads batched `--max-batch N`, plain batched `--heads none --max-batch
-N`, heads serial `--max-batch 1`) a fresh `draftheads serve` process is started and warmed with one
-request; at each concurrency c, c client threads send their share of the prompts (streamed, greedy).
+N`, heads serial `--max-batch 1`) a `draftheads serve` process is started and warmed with one request;
+all of them run at once, and at each concurrency c they take turns: c client threads send their share
+of the prompts (streamed, greedy) to one server, then to the next.
 Measured per level: aggregate tokens/s, time to first token (p50/p95), time per output token after
 the first (p50/p95), and how many replies differ from the serial server's reply at 1 client (each
 request decoded alone). Writes report.json, report.md and concurrency.png to --out.
@@ -130,21 +131,26 @@ def run_concurrency(args) -> dict:
               "max_batch": args.max_batch, "threads": args.threads, "configs": {}}
     from .calibrate import machine
 
-    for name, extra in configs.items():
-        proc, url = start_server(model_args, extra)
-        try:
-            ask(url, "Say hi.", 8)  # warm-up
-            rows, texts = [], {}
-            for c in levels:
+    # Every server runs at once, idle but for the one being measured, and the configurations take turns at
+    # each level: a shared machine's slow minutes then fall on all of them, not on whichever ran last.
+    servers = {}
+    try:
+        for name, extra in configs.items():
+            servers[name] = start_server(model_args, extra)
+            ask(servers[name][1], "Say hi.", 8)  # warm-up
+            report["configs"][name] = {"args": extra, "levels": [], "texts": {}}
+        for c in levels:
+            for name, (_, url) in servers.items():
                 row, results = load_level(url, prompts, c, args.max_new_tokens)
-                texts[c] = {r["index"]: r["text"] for r in results}
-                rows.append(row)
+                report["configs"][name]["texts"][c] = {r["index"]: r["text"] for r in results}
+                report["configs"][name]["levels"].append(row)
                 print(f"{name}, {c} clients: {row['tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
-            # The batched server's measured tokens/s per batch size, with trees and plain (round_costs.py).
-            rounds = httpx.get(url + "/health", timeout=10).json().get("batched_rounds")
-            report["configs"][name] = {"args": extra, "levels": rows, "texts": texts, "batched_rounds": rounds}
-        finally:
+        for name, (_, url) in servers.items():  # measured tokens/s per batch size, trees and plain (round_costs.py)
+            report["configs"][name]["batched_rounds"] = httpx.get(url + "/health", timeout=10).json().get("batched_rounds")
+    finally:
+        for proc, _ in servers.values():
             proc.terminate()
+        for proc, _ in servers.values():
             proc.wait(30)
     serial = next(cfg for name, cfg in report["configs"].items() if name.endswith("serial"))
     alone = serial["texts"][min(levels)] if min(levels) == 1 else None
