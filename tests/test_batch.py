@@ -255,3 +255,24 @@ def test_without_heads_or_with_a_one_node_table_there_is_nothing_to_decide():
         batch = BatchDecoder(dec, slots=2, capacity=64, costs=RoundCosts())
         drive(batch, [(list(range(5, 12)), SamplingConfig(), None)] * 2, 5)
         assert batch.costs.rounds == {}
+
+
+def test_a_slot_keeps_room_for_its_largest_step_and_the_server_limit_says_the_same():
+    """slot_context (what the server's prompt limit uses, before any BatchDecoder exists) equals the batch's
+    own context: the slot minus the largest of the tree and the table's entries, plus lookup's branches;
+    Hydra++ heads and models off the lean forward are refused by name."""
+    from draftheads.batch import refusal, slot_context
+    from draftheads.lookup import Hybrid, LookupConfig, PromptLookup
+
+    model = tiny_model()
+    heads = tiny_heads(model, num_heads=3)
+    table = {1: load_tree("medusa16", 3), 4: Tree([[0]])}
+    dec = Decoder(model, heads, load_tree("chain2"))
+    assert slot_context(dec, 128, table) == BatchDecoder(dec, 2, 128, batch_trees=table).context == 128 - 17
+    assert slot_context(dec, 128) == 128 - 3 and slot_context(Decoder(model, None), 128, table) == 127
+    looked = Decoder(model, heads, load_tree("chain2"), PromptLookup(LookupConfig(branches=2, tokens=5)))
+    assert isinstance(looked.drafter, Hybrid)
+    assert slot_context(looked, 128, table) == BatchDecoder(looked, 2, 128, batch_trees=table).context == 128 - 17 - 10
+    assert refusal(dec) is None
+    dec.lean = None
+    assert "lean forward" in refusal(dec)

@@ -171,11 +171,16 @@ def test_prompt_limits_on_both_sides(api):
     assert client.post("/v1/completions", json={"model": "stub", "prompt": [1] * 11}).status_code == 200
     error(client.post("/v1/completions", json={"model": "stub", "prompt": [1] * 12}), 400,
           "the prompt has 12 tokens, over this server's limit of 11", "prompt", "context_length_exceeded")
-    # Batched: a slot of max_seq_len tokens keeps 64 for the tree.
-    client, _ = api(max_batch=2, max_seq_len=80)
-    assert client.post("/v1/completions", json={"model": "stub", "prompt": [1] * 15}).status_code == 200
-    error(client.post("/v1/completions", json={"model": "stub", "prompt": [1] * 16}), 400,
-          "the prompt has 16 tokens, over this server's limit of 15", "prompt", "context_length_exceeded")
+    # Batched: a slot of max_seq_len tokens keeps room for one step, here a 5-node tree (20 - 5 = 15 tokens).
+    batchable = Stub()
+    batchable.decoder = SimpleNamespace(context=100, lean=object(), drafter=None, tree=SimpleNamespace(size=5))
+    client, _ = api(batchable, max_batch=2, max_seq_len=20)
+    assert client.post("/v1/completions", json={"model": "stub", "prompt": [1] * 14}).status_code == 200
+    error(client.post("/v1/completions", json={"model": "stub", "prompt": [1] * 15}), 400,
+          "the prompt has 15 tokens, over this server's limit of 14", "prompt", "context_length_exceeded")
+    # A model the batched step does not take is served one request at a time: its own context holds.
+    client, _ = api(max_batch=2, max_seq_len=20)
+    assert client.post("/v1/completions", json={"model": "stub", "prompt": [1] * 99}).status_code == 200
     client, _ = api(Stub(context=10), max_batch=2, max_seq_len=2048)
     error(client.post("/v1/completions", json={"model": "stub", "prompt": [1] * 10}), 400,
           "the prompt has 10 tokens, over this server's limit of 9", "prompt", "context_length_exceeded")

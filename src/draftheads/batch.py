@@ -28,6 +28,36 @@ from .round_costs import RoundCosts
 from .tree import Tree
 
 
+def _heads(decoder: Decoder):
+    return decoder.drafter.heads if decoder.drafter is not None else None
+
+
+def _lookup_cfg(decoder: Decoder):
+    return decoder.drafter.lookup.cfg if decoder.drafter is not None and decoder.drafter.lookup else None
+
+
+def refusal(decoder: Decoder) -> str | None:
+    """Why `decoder`'s model cannot take the batched step (it then decodes one request at a time), or None."""
+    if decoder.lean is None:
+        return "batched decoding runs on the lean forward (Llama, Mistral, Qwen2); this model decodes one request at a time"
+    if getattr(_heads(decoder), "prefix", None) is not None:
+        return "Hydra++ heads keep one prefix-layer cache: they decode one request at a time"
+    return None
+
+
+def step_room(decoder: Decoder, tree: Tree, table: dict[int, Tree]) -> int:
+    """Most positions one step of a sequence may write: its tree or a table entry, whichever is larger,
+    plus prompt lookup's branches."""
+    cfg = _lookup_cfg(decoder)
+    return max(t.size for t in [tree, *table.values()]) + (PromptLookup(cfg).max_nodes if cfg else 0)
+
+
+def slot_context(decoder: Decoder, capacity: int, batch_trees: dict[int, Tree] | None = None) -> int:
+    """Tokens a sequence that follows the batch-size table may hold in a slot of `capacity`."""
+    table = (batch_trees or {}) if _heads(decoder) is not None else {}  # without heads no table applies
+    return capacity - step_room(decoder, decoder.tree, table)
+
+
 @dataclass
 class _Sequence:
     slot: int
@@ -51,14 +81,11 @@ class BatchDecoder:
     def __init__(self, decoder: Decoder, slots: int, capacity: int, max_rows: int | None = None,
                  batch_trees: dict[int, Tree] | None = None, prefill_chunk: int | None = None,
                  costs: RoundCosts | None = None):
-        if decoder.lean is None:
-            raise UserError("batched decoding runs on the lean forward (Llama, Mistral, Qwen2); this model "
-                            "decodes one request at a time")
-        heads = decoder.drafter.heads if decoder.drafter is not None else None
-        if getattr(heads, "prefix", None) is not None:
-            raise UserError("Hydra++ heads keep one prefix-layer cache: they decode one request at a time")
-        self.dec, self.heads = decoder, heads
-        self.lookup_cfg = decoder.drafter.lookup.cfg if decoder.drafter is not None and decoder.drafter.lookup else None
+        reason = refusal(decoder)
+        if reason:
+            raise UserError(reason)
+        self.dec, self.heads = decoder, _heads(decoder)
+        self.lookup_cfg = _lookup_cfg(decoder)
         self.lookup_nodes = PromptLookup(self.lookup_cfg).max_nodes if self.lookup_cfg else 0
         self.cache = SlotKVCache.for_model(decoder.model, slots, capacity)
         self.capacity = capacity
@@ -79,11 +106,10 @@ class BatchDecoder:
     @property
     def context(self) -> int:
         """Tokens a sequence may hold (what DraftModel sizes replies by)."""
-        return self.capacity - self._reserve(self.dec.tree, True)
+        return slot_context(self.dec, self.capacity, dict(self.batch_trees))
 
     def _reserve(self, tree: Tree, by_batch: bool) -> int:
-        trees = [tree] + ([t for _, t in self.batch_trees] if by_batch else [])
-        return max(t.size for t in trees) + self.lookup_nodes
+        return step_room(self.dec, tree, dict(self.batch_trees) if by_batch else {})
 
     def tree_at(self, batch: int, tree: Tree) -> Tree:
         """The tree of a sequence that follows the table, in a pass of `batch` sequences (`tree` when the

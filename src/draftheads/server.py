@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import defaults
 from .acceptance import GREEDY_BELOW
 from .errors import UserError
+from .batch import refusal, slot_context
 from .round_costs import RoundCosts
 
 log = logging.getLogger("draftheads.server")
@@ -271,8 +272,10 @@ def create_app(model, model_name: str | None = None, api_key: str | None = None,
     whichever served rounds measured faster (round_costs.py); /health reports those rates. worker_thread: start the decoding thread here; False leaves
     `app.state.worker.run()` to the caller (serve() runs it on the thread that loaded the model)."""
     name = model_name or model.backbone_name
-    # A batch slot holds prompt + reply + one tree: 64 leaves room for trees of up to 64 nodes.
-    context = model.decoder.context if max_batch <= 1 else min(model.decoder.context, max_seq_len - 64)
+    # A batch slot holds prompt + reply + room for one step: its largest tree and lookup branches.
+    batched = max_batch > 1 and refusal(model.decoder) is None
+    context = (min(model.decoder.context, slot_context(model.decoder, max_seq_len, model.batch_trees)) if batched
+               else model.decoder.context)
     worker = Worker(model, queue_size, max_batch, max_seq_len, own_thread=worker_thread, max_tree_rows=max_tree_rows,
                     prefill_chunk=prefill_chunk, adapt_trees=adapt_trees)
     created = int(time.time())
