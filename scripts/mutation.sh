@@ -43,6 +43,7 @@ modules=(
   "checkpoint|heads/checkpoint.py|test_tree_and_heads.py test_export.py test_hydra.py test_mutation_pins2.py"
   "treesearch|treesearch.py|test_treesearch.py test_mutation_pins2.py"
   "batch|batch.py|test_batch.py test_mutation_pins2.py|$batch_chi2"
+  "round_costs|round_costs.py|test_round_costs.py test_batch.py|$batch_chi2"
   "server|server.py|test_server.py test_server_validation.py test_mutation_pins2.py||$server_fns"
   "generate|generate.py|test_loop.py test_families.py test_lookup.py test_mutation_pins2.py"
 )
