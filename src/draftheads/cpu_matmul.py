@@ -36,14 +36,18 @@ from torch.overrides import TorchFunctionMode
 
 MAX_ROWS = 32  # above this the GEMM is compute-bound and F.linear's layout is as good
 GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # row counts timed; others take the next one up
-_ROUTES: dict[int, frozenset[int]] = {}  # threads -> row counts where the padded product wins
+_ROUTES: dict[int, frozenset[int]] = {}
+ROW_EXACT_DTYPES = (torch.bfloat16, torch.float16)  # one-row products padded to two: see two_rows  # threads -> row counts where the padded product wins
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, w, b) with few-row CPU fp32 products routed to `(w @ x.T).T`. x [..., in] -> [..., out]."""
+    """F.linear(x, w, b) with few-row CPU fp32 products routed to `(w @ x.T).T`, and one-row CPU bf16/fp16
+    products run as two rows (`two_rows`). x [..., in] -> [..., out]."""
     rows = x.numel() // x.shape[-1]
     if torch.compiler.is_compiling():
         return F.linear(x, w, b)  # Inductor picks its own GEMM for a plain linear
+    if x.device.type == "cpu" and rows == 1 and x.dtype in ROW_EXACT_DTYPES:
+        return two_rows(x, w, b)
     if not (rows <= MAX_ROWS and x.device.type == "cpu" and w.dtype == x.dtype == torch.float32):
         return F.linear(x, w, b)
     if rows == 1 and torch.get_num_threads() == 1:
@@ -51,6 +55,20 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     if rows not in routes():
         return F.linear(x, w, b)
     return padded_linear(x, w, b)
+
+
+def two_rows(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear of one row [..., in] as the first row of a two-row product -> [..., out].
+
+    oneDNN's bf16 product takes another kernel for one row than for two or more, which rounds
+    differently (the default model's down_proj: 2-9 of 40 real rows differ in some element), while 2
+    to 40 rows give each row bitwise what it gets alone in a two-row product (scripts/bf16_exactness.py).
+    A plain step's rows then equal the same rows of a tree pass, which bf16's 8-bit mantissa needs
+    for speculative output to equal plain output. It is also faster: the two-row kernel streams the
+    weights on every thread."""
+    x2 = x.reshape(1, x.shape[-1])
+    y = F.linear(torch.cat((x2, x2.new_zeros(1, x2.shape[1]))), w, b)[:1]
+    return y.reshape(*x.shape[:-1], w.shape[0])
 
 
 def padded_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:

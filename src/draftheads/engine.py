@@ -21,7 +21,7 @@ from typing import Protocol
 
 import torch
 
-from .cpu_matmul import few_row_linear, linear
+from .cpu_matmul import ROW_EXACT_DTYPES, few_row_linear, linear
 from .errors import UserError
 from .families import context_length, logits_transform, probe, refusal
 from .kvcache import TreeKVCache, cache_keyword
@@ -73,6 +73,9 @@ class TorchEngine:
         self.fast_linear = True  # generic path: few-row matmuls through cpu_matmul (CPU fp32); False: stock
         # Llama-family models take the lean forward; None: transformers' own forward (the generic path).
         self.lean = LlamaForward(model) if unsupported_reason(model) is None else None
+        # Reduced precision on a CPU: a tree pass's rows must each compute what a plain step computes, bit for
+        # bit, or output changes (bf16 logits tie often): each node's attention runs alone (LlamaForward).
+        self.row_exact = self.device.type == "cpu" and self.dtype in ROW_EXACT_DTYPES
         self._refuse_inexact()
 
     def _refuse_inexact(self) -> None:
@@ -89,10 +92,13 @@ class TorchEngine:
         return mode if mode is not None else contextlib.nullcontext()
 
     def _forward(self, cache: TreeKVCache, ids: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor,
-                 verify: bool = True):
+                 verify: bool = True, tree: Tree | None = None):
         """ids, positions [q] -> hidden [q, hidden_size]; appends q entries to the cache. The generic
-        path's prefill (verify=False) runs stock kernels, as transformers' own prefill does."""
+        path's prefill (verify=False) runs stock kernels, as transformers' own prefill does. tree: the
+        verified tree, whose rows the lean forward attends one by one where `row_exact` asks for it."""
         if self.lean is not None:
+            if tree is not None and self.row_exact and ids.numel() > 1:
+                return self.lean.hidden(cache, ids, positions, None, tuple(tree.parent))
             mask = cache.attention_mask(bias) if ids.numel() > 1 else None  # one token sees all the cache
             return self.lean.hidden(cache, ids, positions, mask)
         mask = cache.attention_mask(bias, positions)  # a dict of masks by layer type for mixed models
@@ -125,7 +131,7 @@ class TorchEngine:
 
     def verify(self, cache: TreeKVCache, ids: torch.Tensor, tree: Tree):
         tt = tree.tensors(self.device, self.dtype)  # built once per tree shape
-        hidden = self._forward(cache, ids, tt.depths + cache.length, tt.tree_bias)  # [N, H]
+        hidden = self._forward(cache, ids, tt.depths + cache.length, tt.tree_bias, tree=tree)  # [N, H]
         return self.logits(hidden), hidden
 
     def keep(self, cache: TreeKVCache, start: int, nodes: list[int]) -> None:

@@ -13,6 +13,7 @@ decoding would show it.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -45,6 +46,25 @@ def attention_windows(config) -> dict[str, int | None]:
             raise UserError(f"{config.model_type} has sliding-window layers but no window size (sliding_window={window!r})")
         windows[kind] = window if kind == SLIDING else None
     return windows
+
+
+@functools.lru_cache(maxsize=256)
+def path_plan(parent: tuple[int, ...]) -> tuple[tuple[tuple[int, int, bool], ...], bool]:
+    """A tree's nodes (parent[i] < i, parent[0] = -1) written at slots [L, L+q) in their own order, visited
+    depth first: per node (node, depth, copy), where copy says that slot L + depth holds another node at
+    that point, so the node must be written there for slots [L, L + depth] to hold its path; and whether
+    any copy happened (the nodes' order must then be restored). A chain needs no copy."""
+    assert parent and parent[0] == -1 and all(0 <= parent[i] < i for i in range(1, len(parent))), parent
+    children: list[list[int]] = [[] for _ in parent]
+    for node in range(1, len(parent)):
+        children[parent[node]].append(node)
+    occupant, order, stack = list(range(len(parent))), [], [(0, 0)]
+    while stack:
+        node, depth = stack.pop()
+        order.append((node, depth, occupant[depth] != node))
+        occupant[depth] = node
+        stack.extend((c, depth + 1) for c in reversed(children[node]))
+    return tuple(order), any(copy for _, _, copy in order)
 
 
 class _PreallocatedLayer(CacheLayerMixin):
@@ -114,6 +134,26 @@ class TreeKVCache:
         """Write q new entries of one layer (keys, values [batch, kv_heads, q, head_dim]) after the cached
         ones; returns views of all of that layer's entries [batch, kv_heads, cached + q, head_dim]."""
         return self.layers[layer].update(keys, values)
+
+    def append_rows(self, layer: int, keys: torch.Tensor, values: torch.Tensor, parent: tuple[int, ...]):
+        """`append` for the q nodes of a tree (parent[i] < i, parent[0] = -1), then yield, node by node in
+        depth-first order, (node, keys, values) with keys/values [batch, kv_heads, L + depth + 1, head_dim]:
+        views that hold exactly what that node sees, the prefix then its path from the root, contiguous and
+        in order, so the node's attention can run as the plain step at its position runs it (row-exact
+        attention, for reduced precision: LlamaForward). A node whose slot holds another is copied in; the
+        nodes' own order is restored after the last view. Consume the generator to the end."""
+        L = self.layers[layer].length
+        self.append(layer, keys, values)
+        kv = self.kv[layer]  # [2, batch, kv_heads, capacity, head_dim]
+        order, moved = path_plan(parent)
+        for node, depth, copy in order:
+            if copy:
+                kv[0, :, :, L + depth] = keys[:, :, node]
+                kv[1, :, :, L + depth] = values[:, :, node]
+            yield node, kv[0, :, :, :L + depth + 1], kv[1, :, :, :L + depth + 1]
+        if moved:
+            kv[0, :, :, L:L + keys.shape[2]] = keys
+            kv[1, :, :, L:L + keys.shape[2]] = values
 
     @property
     def length(self) -> int:

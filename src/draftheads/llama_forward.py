@@ -82,14 +82,19 @@ class LlamaForward:
         sequences' steps in between (a long prompt does not freeze their streams)."""
         return PrefillChunks(self, cache, slot, ids, chunk)
 
-    def hidden(self, cache, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def hidden(self, cache, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+               parent: tuple[int, ...] | None = None) -> torch.Tensor:
         """ids, positions [q] (one sequence) or [batch, q] -> final-norm hidden states [q, hidden_size] or
         [batch, q, hidden_size]; the cache (TreeKVCache, or SlotKVCache for a batch) takes the new keys and
-        values. mask: additive [batch or 1, 1, q, keys], or None when every cached entry is visible (q = 1)."""
+        values. mask: additive [batch or 1, 1, q, keys], or None when every cached entry is visible (q = 1).
+        parent (one sequence, a TreeKVCache): the tree's parents instead of a mask, for row-exact attention:
+        each node attends alone over exactly the keys it sees, the call a plain step at its position makes,
+        so its result does not depend on the other nodes (needed in bf16; docs/verify_profile.md)."""
         one = ids.dim() == 1
         if one:
             ids, positions = ids[None], positions[None]
         assert ids.dim() == 2 and positions.shape == ids.shape
+        assert parent is None or (ids.shape[0] == 1 and len(parent) == ids.shape[1] and mask is None)
         (b, q), d = ids.shape, self.head_dim
         x = self.embed(ids)  # [b, q, hidden]
         cos, sin = self.rotary(x, positions)  # [b, q, head_dim]
@@ -100,9 +105,15 @@ class LlamaForward:
             ks = linear(h, at.k_proj.weight, at.k_proj.bias).view(b, q, -1, d).transpose(1, 2)  # [b, kv_heads, q, d]
             vs = linear(h, at.v_proj.weight, at.v_proj.bias).view(b, q, -1, d).transpose(1, 2)
             qs, ks = apply_rotary_pos_emb(qs, ks, cos, sin)
-            keys, values = cache.append(i, ks, vs)  # [b, kv_heads, keys, d]
-            o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=self.scaling,
-                                               enable_gqa=True)  # [b, heads, q, d]
+            if parent is None:
+                keys, values = cache.append(i, ks, vs)  # [b, kv_heads, keys, d]
+                o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=self.scaling,
+                                                   enable_gqa=True)  # [b, heads, q, d]
+            else:
+                o = torch.empty_like(qs)  # [1, heads, q, d]
+                for node, keys, values in cache.append_rows(i, ks, vs, parent):  # [1, kv_heads, its keys, d]
+                    o[:, :, node:node + 1] = F.scaled_dot_product_attention(
+                        qs[:, :, node:node + 1], keys, values, scale=self.scaling, enable_gqa=True)
             x = x + linear(o.transpose(1, 2).reshape(b, q, -1), at.o_proj.weight, at.o_proj.bias)
             h = rms_norm(x, layer.post_attention_layernorm)
             gate = linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)

@@ -1,0 +1,148 @@
+"""Row-exact verify for reduced precision on a CPU: each tree node's row equals, bit for bit, what plain
+decoding computes at its position, so bf16 speculative output equals bf16 plain output."""
+
+import pytest
+import torch
+
+from draftheads.backbone import Backbone
+from draftheads.cpu_matmul import linear
+from draftheads.draftmodel import DraftModel
+from draftheads.engine import TorchEngine
+from draftheads.kvcache import TreeKVCache, path_plan
+from draftheads.tree import Tree, load_tree
+from tiny import ARCHS, tiny_heads, tiny_model, tiny_tokenizer
+
+TREES = {
+    "chain": load_tree("chain4"),
+    "medusa16": load_tree("medusa16", 3),
+    "medusa63": load_tree("medusa63", 4),
+    "with_given": Tree([[0], [1], [0, 0]]).with_given([[0, -1], [0, -1, -1], [1, -1]]),
+}
+
+
+def test_a_chain_needs_no_copy():
+    order, moved = path_plan((-1, 0, 1, 2))
+    assert order == ((0, 0, False), (1, 1, False), (2, 2, False), (3, 3, False)) and not moved
+
+
+@pytest.mark.parametrize("name", sorted(TREES))
+def test_plan_puts_each_nodes_path_in_its_slots(name):
+    tree = TREES[name]
+    order, moved = path_plan(tuple(tree.parent))
+    assert sorted(node for node, _, _ in order) == list(range(tree.size))  # every node once
+    slots = list(range(tree.size))  # slot d holds node d after the pass writes the nodes in order
+    for node, depth, copy in order:
+        assert copy == (slots[depth] != node)
+        slots[depth] = node
+        assert slots[:depth + 1] == tree.path_to(node)  # the prefix of slots is exactly its path
+    assert moved == any(c for _, _, c in order) == (name not in ("chain",))
+
+
+@pytest.mark.parametrize("name", sorted(TREES))
+def test_append_rows_views_hold_the_prefix_then_the_path(name):
+    tree, L = TREES[name], 5
+    cache = TreeKVCache(2, L + tree.size, torch.float32, "cpu")
+    g = torch.Generator().manual_seed(0)
+    prefix = [torch.randn(1, 2, L, 4, generator=g) for _ in range(2)]
+    cache.append(1, *prefix)
+    keys, values = (torch.randn(1, 2, tree.size, 4, generator=g) for _ in range(2))
+    seen = set()
+    for node, k, v in cache.append_rows(1, keys, values, tuple(tree.parent)):
+        path = tree.path_to(node)
+        assert torch.equal(k, torch.cat([prefix[0], keys[:, :, path]], 2))
+        assert torch.equal(v, torch.cat([prefix[1], values[:, :, path]], 2))
+        seen.add(node)
+    assert seen == set(range(tree.size))
+    # Afterwards the layer holds the nodes in their own order, as `append` leaves them (for `keep`).
+    assert cache.layers[1].length == L + tree.size
+    assert torch.equal(cache.kv[1, 0, :, :, L:], keys) and torch.equal(cache.kv[1, 1, :, :, L:], values)
+
+
+def test_one_row_bf16_products_are_two_row_products():
+    # down_proj's shape (in 1536), heavy-tailed rows like real activations: on a CPU with AVX512-BF16,
+    # oneDNN's one-row kernel gives 7 of these 40 rows differently from the 40-row product.
+    g = torch.Generator().manual_seed(0)
+    w = (0.02 * torch.randn(576, 1536, generator=g)).bfloat16()
+    x = (3 * torch.randn(40, 1536, generator=g) * torch.rand(40, 1536, generator=g) ** 4).bfloat16()
+    alone = torch.cat([linear(x[r:r + 1], w) for r in range(40)])  # [40, 576]
+    assert torch.equal(alone, torch.nn.functional.linear(x, w))  # each row as the 40-row product gives it
+    assert torch.equal(linear(x[0], w), alone[0])  # a 1-d row too
+
+
+def _plain_hidden(engine, prompt: torch.Tensor, path_ids: torch.Tensor) -> torch.Tensor:
+    """Prefill `prompt`, then plain one-token steps over path_ids: the last step's hidden state [H]."""
+    cache = engine.new_cache(prompt.numel() + path_ids.numel())
+    engine.prefill(cache, prompt)
+    P = prompt.numel()
+    for i, t in enumerate(path_ids.tolist()):
+        h = engine._forward(cache, torch.tensor([t]), torch.tensor([P + i]), None)  # [1, H]
+    return h[0]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("name", ["chain", "medusa63", "with_given"])
+def test_bf16_tree_rows_equal_plain_steps_bit_for_bit(arch, name):
+    model = tiny_model(arch, hidden=128, layers=3).to(torch.bfloat16)
+    engine = TorchEngine(model)
+    assert engine.row_exact and engine.lean is not None
+    tree = TREES[name]
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 250, (23,), generator=g)
+    cands = torch.randint(0, 250, (tree.size,), generator=g)
+    cache = engine.new_cache(prompt.numel() + tree.size)
+    engine.prefill(cache, prompt)
+    logits, hidden = engine.verify(cache, cands, tree)  # [nodes, vocab], [nodes, H]
+    for node in range(tree.size):
+        plain = _plain_hidden(engine, prompt, cands[tree.path_to(node)])
+        assert torch.equal(hidden[node], plain), (arch, name, node)
+        assert torch.equal(logits[node], engine.logits(plain))
+
+
+def test_fp32_row_exact_pass_matches_the_masked_pass():
+    model = tiny_model("llama")
+    engine = TorchEngine(model)
+    assert not engine.row_exact  # fp32 keeps the one masked call per layer
+    tree = TREES["medusa63"]
+    g = torch.Generator().manual_seed(2)
+    prompt, cands = torch.randint(0, 250, (17,), generator=g), torch.randint(0, 250, (tree.size,), generator=g)
+    out = {}
+    for exact in (False, True):
+        engine.row_exact = exact
+        cache = engine.new_cache(17 + tree.size)
+        engine.prefill(cache, prompt)
+        out[exact] = engine.verify(cache, cands, tree)[1]
+    torch.testing.assert_close(out[True], out[False], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_bf16_speculative_greedy_equals_plain_greedy(arch):
+    model = tiny_model(arch, hidden=128, layers=3)
+    heads = tiny_heads(model, num_heads=4, noise=0.02)
+    model, heads = model.to(torch.bfloat16), heads.to(torch.bfloat16)
+    bb = Backbone(model=model, tokenizer=tiny_tokenizer(), name="tiny")
+    spec = DraftModel(bb, heads, load_tree("medusa63", 4))
+    plain = DraftModel(bb, None, None)
+    accepted = []
+    for prompt in ("The cat sat on the", "Write a list of numbers: 1, 2, 3,", "abcabcabc"):
+        a = plain.generate(prompt, max_new_tokens=48)
+        b = spec.generate(prompt, max_new_tokens=48)
+        assert b.token_ids == a.token_ids, (arch, prompt)
+        accepted.append(b.stats.mean_accepted)
+    assert max(accepted) > 1.0  # the heads' drafts were accepted: the tree rows were really used
+
+
+def test_bf16_on_a_cpu_decodes_requests_one_at_a_time():
+    """A batched pass is not row-exact: generate_many falls back to one prompt after another (and the
+    server to its serial worker), so every reply is what `generate` gives alone."""
+    from draftheads.batch import BatchDecoder, refusal
+    from draftheads.errors import UserError
+
+    model = tiny_model("llama", hidden=128).to(torch.bfloat16)
+    heads = tiny_heads(tiny_model("llama", hidden=128), num_heads=3).to(torch.bfloat16)
+    dm = DraftModel(Backbone(model=model, tokenizer=tiny_tokenizer(), name="tiny"), heads, load_tree("medusa16", 3))
+    assert "bfloat16 on a CPU" in refusal(dm.decoder)
+    with pytest.raises(UserError, match="bfloat16 on a CPU"):
+        BatchDecoder(dm.decoder, 2, 64)
+    prompts = ["The cat sat on the", "1, 2, 3,"]
+    many = dm.generate_many(prompts, max_new_tokens=16)
+    assert [r.token_ids for r in many] == [dm.generate(p, max_new_tokens=16).token_ids for p in prompts]
