@@ -29,13 +29,14 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--tree", default=None, help="one tree for every set (default: each set's calibrated tree)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: float32 on a CPU)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     if len(a.heads) < 2:
         ap.error("give at least two --heads")
     torch.set_num_threads(a.threads)
     prompts = load_prompts(a.prompts)[:a.limit]
-    models = [draftheads.load(heads=h, tree=a.tree) for h in a.heads]
+    models = [draftheads.load(heads=h, tree=a.tree, dtype=a.dtype) for h in a.heads]
     plain = draftheads.DraftModel(draftheads.draftmodel.Backbone(models[0].backbone, models[0].tokenizer,
                                                                  models[0].backbone_name))
     for dm in [plain, *models]:  # warm-up: first-call costs (kernel choice, allocations) fall on no method
@@ -54,7 +55,7 @@ def main() -> None:
             rows[h]["identical"] += int(r.token_ids == ref.token_ids)
     loop_tps = rows["plain loop"]["tokens"] / rows["plain loop"]["time"]
     report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-              "prompts": a.prompts, "limit": len(prompts), "max_new_tokens": a.max_new_tokens,
+              "prompts": a.prompts, "limit": len(prompts), "dtype": str(models[0].decoder.dtype), "max_new_tokens": a.max_new_tokens,
               "plain_loop_tok_s": loop_tps, "heads": {}}
     for h, dm in zip(a.heads, models):
         s = rows[h]
