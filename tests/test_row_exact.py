@@ -8,6 +8,7 @@ from draftheads.backbone import Backbone
 from draftheads.cpu_matmul import linear
 from draftheads.draftmodel import DraftModel
 from draftheads.engine import TorchEngine
+from draftheads.generate import ROOT_ONLY
 from draftheads.kvcache import TreeKVCache, path_plan
 from draftheads.tree import Tree, load_tree
 from tiny import ARCHS, tiny_heads, tiny_model, tiny_tokenizer
@@ -73,9 +74,8 @@ def _plain_hidden(engine, prompt: torch.Tensor, path_ids: torch.Tensor) -> torch
     """Prefill `prompt`, then plain one-token steps over path_ids: the last step's hidden state [H]."""
     cache = engine.new_cache(prompt.numel() + path_ids.numel())
     engine.prefill(cache, prompt)
-    P = prompt.numel()
-    for i, t in enumerate(path_ids.tolist()):
-        h = engine._forward(cache, torch.tensor([t]), torch.tensor([P + i]), None)  # [1, H]
+    for t in path_ids.tolist():
+        h = engine.verify(cache, torch.tensor([t]), ROOT_ONLY)[1]  # [1, H]
     return h[0]
 
 

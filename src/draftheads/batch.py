@@ -42,7 +42,7 @@ def refusal(decoder: Decoder) -> str | None:
         return "batched decoding runs on the lean forward (Llama, Mistral, Qwen2); this model decodes one request at a time"
     if getattr(_heads(decoder), "prefix", None) is not None:
         return "Hydra++ heads keep one prefix-layer cache: they decode one request at a time"
-    if getattr(decoder.engine, "row_exact", False):
+    if decoder.engine.row_exact:
         return (f"{str(decoder.dtype).removeprefix('torch.')} on a CPU: a batched pass would not give each sequence "
                 "what it gets alone (docs/verify_profile.md); one request at a time")
     return None

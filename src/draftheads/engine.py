@@ -97,7 +97,7 @@ class TorchEngine:
         path's prefill (verify=False) runs stock kernels, as transformers' own prefill does. tree: the
         verified tree, whose rows the lean forward attends one by one where `row_exact` asks for it."""
         if self.lean is not None:
-            if tree is not None and self.row_exact and ids.numel() > 1:
+            if tree is not None and self.row_exact:  # plain steps too: every row takes the same call
                 return self.lean.hidden(cache, ids, positions, None, tuple(tree.parent))
             mask = cache.attention_mask(bias) if ids.numel() > 1 else None  # one token sees all the cache
             return self.lean.hidden(cache, ids, positions, mask)

@@ -111,9 +111,12 @@ class LlamaForward:
                                                    enable_gqa=True)  # [b, heads, q, d]
             else:
                 o = torch.empty_like(qs)  # [1, heads, q, d]
+                g = qs.shape[1] // ks.shape[1]  # query heads per kv head
                 for node, keys, values in cache.append_rows(i, ks, vs, parent):  # [1, kv_heads, its keys, d]
-                    o[:, :, node:node + 1] = F.scaled_dot_product_attention(
-                        qs[:, :, node:node + 1], keys, values, scale=self.scaling, enable_gqa=True)
+                    # The row's query heads as g queries of their kv head (what enable_gqa computes): in
+                    # bf16 this call costs 41 us where a one-query GQA call costs 191 us (CPU, 2 threads).
+                    row = qs[:, :, node].reshape(1, -1, g, d)  # [1, kv_heads, g, d]
+                    o[:, :, node] = F.scaled_dot_product_attention(row, keys, values, scale=self.scaling).reshape(1, -1, d)
             x = x + linear(o.transpose(1, 2).reshape(b, q, -1), at.o_proj.weight, at.o_proj.bias)
             h = rms_norm(x, layer.post_attention_layernorm)
             gate = linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
