@@ -7,6 +7,7 @@ import torch
 from draftheads.backbone import Backbone
 from draftheads.cpu_matmul import linear
 from draftheads.draftmodel import DraftModel
+from draftheads.acceptance import SamplingConfig
 from draftheads.engine import TorchEngine
 from draftheads.generate import ROOT_ONLY
 from draftheads.kvcache import TreeKVCache, path_plan
@@ -48,7 +49,8 @@ def test_append_rows_views_hold_the_prefix_then_the_path(name):
     cache.append(1, *prefix)
     keys, values = (torch.randn(1, 2, tree.size, 4, generator=g) for _ in range(2))
     seen = set()
-    for node, k, v in cache.append_rows(1, keys, values, tuple(tree.parent)):
+    for row, node, k, v in cache.append_rows(1, keys, values, {0: tuple(tree.parent)}):
+        assert row == 0
         path = tree.path_to(node)
         assert torch.equal(k, torch.cat([prefix[0], keys[:, :, path]], 2))
         assert torch.equal(v, torch.cat([prefix[1], values[:, :, path]], 2))
@@ -131,18 +133,39 @@ def test_bf16_speculative_greedy_equals_plain_greedy(arch):
     assert max(accepted) > 1.0  # the heads' drafts were accepted: the tree rows were really used
 
 
-def test_bf16_on_a_cpu_decodes_requests_one_at_a_time():
-    """A batched pass is not row-exact: generate_many falls back to one prompt after another (and the
-    server to its serial worker), so every reply is what `generate` gives alone."""
-    from draftheads.batch import BatchDecoder, refusal
-    from draftheads.errors import UserError
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_bf16_batched_decoding_equals_each_sequence_alone(arch):
+    """A batched pass in bf16 runs row-exact too (each slot's nodes over their own slot's keys): every
+    sequence gets, token for token, what bf16 greedy decoding gives it alone, whatever else shares the
+    pass: other trees, other lengths, plain sequences, sequences joining and leaving."""
+    from draftheads.batch import BatchDecoder
+    from draftheads.generate import Decoder, Stats
+    from test_batch import drive
 
-    model = tiny_model("llama", hidden=128).to(torch.bfloat16)
-    heads = tiny_heads(tiny_model("llama", hidden=128), num_heads=3).to(torch.bfloat16)
-    dm = DraftModel(Backbone(model=model, tokenizer=tiny_tokenizer(), name="tiny"), heads, load_tree("medusa16", 3))
-    assert "bfloat16 on a CPU" in refusal(dm.decoder)
-    with pytest.raises(UserError, match="bfloat16 on a CPU"):
-        BatchDecoder(dm.decoder, 2, 64)
-    prompts = ["The cat sat on the", "1, 2, 3,"]
-    many = dm.generate_many(prompts, max_new_tokens=16)
-    assert [r.token_ids for r in many] == [dm.generate(p, max_new_tokens=16).token_ids for p in prompts]
+    model = tiny_model(arch, hidden=128, layers=3).to(torch.bfloat16)
+    heads = tiny_heads(tiny_model(arch, hidden=128, layers=3), num_heads=3, noise=0.02).to(torch.bfloat16)
+    dec = Decoder(model, heads, load_tree("medusa16", 3))
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 250, (n,), generator=g).tolist() for n in (5, 17, 9, 30, 12, 3)]
+    trees = [load_tree("medusa16", 3), Tree([]), load_tree("chain3"), Tree([[0], [1], [0, 0]]), None, load_tree("medusa16", 3)]
+    batch = BatchDecoder(dec, slots=3, capacity=128, prefill_chunk=4)  # chunking is off in row-exact mode
+    assert batch.row_exact and batch.prefill_chunk is None
+    got = drive(batch, [(p, SamplingConfig(), t) for p, t in zip(prompts, trees)], 40)
+    alone = []
+    for p, t in zip(prompts, trees):
+        stats = Stats()
+        toks = []
+        for step in dec.steps(p, 40, SamplingConfig(), stats, t):
+            toks += step
+            if len(toks) >= 40:
+                break
+        alone.append(toks[:40])
+    assert got == alone
+    plain = Decoder(model)  # and alone is plain bf16 greedy decoding
+    for p, a in zip(prompts[:2], alone):
+        toks = []
+        for step in plain.steps(p, 40, SamplingConfig(), Stats()):
+            toks += step
+            if len(toks) >= 40:
+                break
+        assert toks[:40] == a

@@ -173,8 +173,7 @@ def test_prompt_limits_on_both_sides(api):
           "the prompt has 12 tokens, over this server's limit of 11", "prompt", "context_length_exceeded")
     # Batched: a slot of max_seq_len tokens keeps room for one step, here a 5-node tree (20 - 5 = 15 tokens).
     batchable = Stub()
-    batchable.decoder = SimpleNamespace(context=100, lean=object(), drafter=None, tree=SimpleNamespace(size=5),
-                                        engine=SimpleNamespace(row_exact=False))
+    batchable.decoder = SimpleNamespace(context=100, lean=object(), drafter=None, tree=SimpleNamespace(size=5))
     client, _ = api(batchable, max_batch=2, max_seq_len=20)
     assert client.post("/v1/completions", json={"model": "stub", "prompt": [1] * 14}).status_code == 200
     error(client.post("/v1/completions", json={"model": "stub", "prompt": [1] * 15}), 400,

@@ -42,9 +42,6 @@ def refusal(decoder: Decoder) -> str | None:
         return "batched decoding runs on the lean forward (Llama, Mistral, Qwen2); this model decodes one request at a time"
     if getattr(_heads(decoder), "prefix", None) is not None:
         return "Hydra++ heads keep one prefix-layer cache: they decode one request at a time"
-    if decoder.engine.row_exact:
-        return (f"{str(decoder.dtype).removeprefix('torch.')} on a CPU: a batched pass would not give each sequence "
-                "what it gets alone (docs/verify_profile.md); one request at a time")
     return None
 
 
@@ -99,7 +96,11 @@ class BatchDecoder:
         # --batch-sizes` measures whole rounds per batch size; a tree that pays alone may not in a batch).
         self.batch_trees = sorted((batch_trees or {}).items()) if self.heads is not None else []
         assert all(b >= 1 for b, _ in self.batch_trees), "batch sizes start at 1"
-        self.prefill_chunk = prefill_chunk  # prompt tokens per prefill forward (None: the whole prompt at once)
+        # Row-exact verify (bf16 on a CPU): the nodes attend one by one, and a prompt is prefilled whole, as
+        # Decoder.steps prefills it: a chunked prefill would round its keys differently.
+        self.row_exact = decoder.engine.row_exact
+        # prompt tokens per prefill forward (None: the whole prompt at once)
+        self.prefill_chunk = None if self.row_exact else prefill_chunk
         # Served rounds' tokens/s, which decide whether the table's trees pay at each batch size (None: they
         # always do; calibrate times fixed trees).
         self.costs = costs
@@ -210,7 +211,11 @@ class BatchDecoder:
             ids[slot, :n], positions[slot, :n], bias[slot, :n, :n] = cands, tt.depths + L, tt.tree_bias
             positions[slot, n:] = L
         t1 = dec._sync()
-        h = dec.lean.hidden(self.cache, ids, positions, self.cache.tree_mask(bias))  # [S, q, H]
+        if self.row_exact:  # each node's attention alone over its own slot's keys (engine.row_exact)
+            self.cache.begin_rows(S, q)
+            h = dec.lean.hidden(self.cache, ids, positions, None, {slot: tuple(t.parent) for slot, (_, t, _) in plans.items()})
+        else:
+            h = dec.lean.hidden(self.cache, ids, positions, self.cache.tree_mask(bias))  # [S, q, H]
         rows = torch.cat([torch.arange(t.size, device=dev) + slot * q for slot, (_, t, _) in plans.items()])
         logits = dec.logits(h.view(S * q, -1)[rows])  # [real nodes, vocab]
         t2 = dec._sync()

@@ -98,7 +98,7 @@ class TorchEngine:
         verified tree, whose rows the lean forward attends one by one where `row_exact` asks for it."""
         if self.lean is not None:
             if tree is not None and self.row_exact:  # plain steps too: every row takes the same call
-                return self.lean.hidden(cache, ids, positions, None, tuple(tree.parent))
+                return self.lean.hidden(cache, ids, positions, None, {0: tuple(tree.parent)})
             mask = cache.attention_mask(bias) if ids.numel() > 1 else None  # one token sees all the cache
             return self.lean.hidden(cache, ids, positions, mask)
         mask = cache.attention_mask(bias, positions)  # a dict of masks by layer type for mixed models

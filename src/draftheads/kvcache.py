@@ -67,6 +67,21 @@ def path_plan(parent: tuple[int, ...]) -> tuple[tuple[tuple[int, int, bool], ...
     return tuple(order), any(copy for _, _, copy in order)
 
 
+def _path_views(kv: torch.Tensor, row: int, L: int, keys: torch.Tensor, values: torch.Tensor, parent: tuple[int, ...]):
+    """The views of append_rows for batch row `row` of one layer's kv [2, rows, kv_heads, capacity, head_dim],
+    whose tree nodes keys/values [rows, kv_heads, q, head_dim] were written at [L, L + q)."""
+    order, moved = path_plan(parent)
+    for node, depth, copy in order:
+        if copy:
+            kv[0, row, :, L + depth] = keys[row, :, node]
+            kv[1, row, :, L + depth] = values[row, :, node]
+        yield row, node, kv[0, row:row + 1, :, :L + depth + 1], kv[1, row:row + 1, :, :L + depth + 1]
+    if moved:
+        n = len(parent)
+        kv[0, row, :, L:L + n] = keys[row, :, :n]
+        kv[1, row, :, L:L + n] = values[row, :, :n]
+
+
 class _PreallocatedLayer(CacheLayerMixin):
     """A transformers cache layer backed by a slice of TreeKVCache.kv; returns views, never copies."""
 
@@ -135,25 +150,18 @@ class TreeKVCache:
         ones; returns views of all of that layer's entries [batch, kv_heads, cached + q, head_dim]."""
         return self.layers[layer].update(keys, values)
 
-    def append_rows(self, layer: int, keys: torch.Tensor, values: torch.Tensor, parent: tuple[int, ...]):
-        """`append` for the q nodes of a tree (parent[i] < i, parent[0] = -1), then yield, node by node in
-        depth-first order, (node, keys, values) with keys/values [batch, kv_heads, L + depth + 1, head_dim]:
-        views that hold exactly what that node sees, the prefix then its path from the root, contiguous and
-        in order, so the node's attention can run as the plain step at its position runs it (row-exact
-        attention, for reduced precision: LlamaForward). A node whose slot holds another is copied in; the
-        nodes' own order is restored after the last view. Consume the generator to the end."""
+    def append_rows(self, layer: int, keys: torch.Tensor, values: torch.Tensor, trees: dict[int, tuple[int, ...]]):
+        """`append` for the q nodes of a tree, trees = {0: its parents} (parent[i] < i, parent[0] = -1), then
+        yield, node by node in depth-first order, (0, node, keys, values) with keys/values [1, kv_heads,
+        L + depth + 1, head_dim]: views that hold exactly what that node sees, the prefix then its path
+        from the root, contiguous and in order, so the node's attention can run as the plain step at its
+        position runs it (row-exact attention, for reduced precision: LlamaForward). A node whose slot
+        holds another is copied in; the nodes' own order is restored after the last view. Consume the
+        generator to the end."""
+        assert list(trees) == [0], "one sequence: its tree is row 0's"
         L = self.layers[layer].length
         self.append(layer, keys, values)
-        kv = self.kv[layer]  # [2, batch, kv_heads, capacity, head_dim]
-        order, moved = path_plan(parent)
-        for node, depth, copy in order:
-            if copy:
-                kv[0, :, :, L + depth] = keys[:, :, node]
-                kv[1, :, :, L + depth] = values[:, :, node]
-            yield node, kv[0, :, :, :L + depth + 1], kv[1, :, :, :L + depth + 1]
-        if moved:
-            kv[0, :, :, L:L + keys.shape[2]] = keys
-            kv[1, :, :, L:L + keys.shape[2]] = values
+        yield from _path_views(self.kv[layer], 0, L, keys, values, trees[0])
 
     @property
     def length(self) -> int:
@@ -251,6 +259,20 @@ class SlotKVCache:
         visible = self._cols[:self._end] <= self.lengths[:, None]  # [slots, end]
         mask = self.kv.new_zeros(visible.shape)
         return mask.masked_fill_(~visible, torch.finfo(self.dtype).min)[:, None, None]
+
+    def begin_rows(self, n: int, q: int) -> None:
+        """A step of q nodes in each of the first n slots without a mask (row-exact attention, append_rows)."""
+        assert n <= self._rows.numel() and int(self.lengths[:n].max()) + q <= self.capacity, "KV cache overflow"
+        self._n, self._end = n, int(self.lengths[:n].max()) + q
+
+    def append_rows(self, layer: int, keys: torch.Tensor, values: torch.Tensor, trees: dict[int, tuple[int, ...]]):
+        """TreeKVCache.append_rows for a batch step (after begin_rows): `append`, then per slot in `trees`
+        ({slot: its tree's parents}; other slots are padding) the views (slot, node, keys, values) [1, kv_heads,
+        lengths[slot] + depth + 1, head_dim] of exactly what each of its nodes sees. Consume to the end."""
+        self.append(layer, keys, values)
+        kv = self.kv[layer]  # [2, slots, kv_heads, capacity, head_dim]
+        for slot, parent in trees.items():
+            yield from _path_views(kv, slot, int(self.lengths[slot]), keys, values, parent)
 
     def tree_mask(self, tree_bias: torch.Tensor) -> torch.Tensor:
         """Additive mask [n, 1, q, max(lengths) + q] for a step of q nodes in each of the first n slots

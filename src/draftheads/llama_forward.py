@@ -83,18 +83,19 @@ class LlamaForward:
         return PrefillChunks(self, cache, slot, ids, chunk)
 
     def hidden(self, cache, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-               parent: tuple[int, ...] | None = None) -> torch.Tensor:
+               trees: dict[int, tuple[int, ...]] | None = None) -> torch.Tensor:
         """ids, positions [q] (one sequence) or [batch, q] -> final-norm hidden states [q, hidden_size] or
         [batch, q, hidden_size]; the cache (TreeKVCache, or SlotKVCache for a batch) takes the new keys and
         values. mask: additive [batch or 1, 1, q, keys], or None when every cached entry is visible (q = 1).
-        parent (one sequence, a TreeKVCache): the tree's parents instead of a mask, for row-exact attention:
-        each node attends alone over exactly the keys it sees, the call a plain step at its position makes,
-        so its result does not depend on the other nodes (needed in bf16; docs/verify_profile.md)."""
+        trees ({batch row: its tree's parents}) instead of a mask, for row-exact attention: each node attends
+        alone over exactly the keys it sees, the call a plain step at its position makes, so its result
+        does not depend on the other rows (needed in bf16; docs/verify_profile.md). Rows of other batch
+        rows and past a tree's size are padding: their attention output is 0."""
         one = ids.dim() == 1
         if one:
             ids, positions = ids[None], positions[None]
         assert ids.dim() == 2 and positions.shape == ids.shape
-        assert parent is None or (ids.shape[0] == 1 and len(parent) == ids.shape[1] and mask is None)
+        assert trees is None or (mask is None and all(len(t) <= ids.shape[1] for t in trees.values()))
         (b, q), d = ids.shape, self.head_dim
         x = self.embed(ids)  # [b, q, hidden]
         cos, sin = self.rotary(x, positions)  # [b, q, head_dim]
@@ -105,18 +106,18 @@ class LlamaForward:
             ks = linear(h, at.k_proj.weight, at.k_proj.bias).view(b, q, -1, d).transpose(1, 2)  # [b, kv_heads, q, d]
             vs = linear(h, at.v_proj.weight, at.v_proj.bias).view(b, q, -1, d).transpose(1, 2)
             qs, ks = apply_rotary_pos_emb(qs, ks, cos, sin)
-            if parent is None:
+            if trees is None:
                 keys, values = cache.append(i, ks, vs)  # [b, kv_heads, keys, d]
                 o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=self.scaling,
                                                    enable_gqa=True)  # [b, heads, q, d]
             else:
-                o = torch.empty_like(qs)  # [1, heads, q, d]
+                o = torch.zeros_like(qs)  # [b, heads, q, d]
                 g = qs.shape[1] // ks.shape[1]  # query heads per kv head
-                for node, keys, values in cache.append_rows(i, ks, vs, parent):  # [1, kv_heads, its keys, d]
+                for r, node, keys, values in cache.append_rows(i, ks, vs, trees):  # [1, kv_heads, its keys, d]
                     # The row's query heads as g queries of their kv head (what enable_gqa computes): in
                     # bf16 this call costs 41 us where a one-query GQA call costs 191 us (CPU, 2 threads).
-                    row = qs[:, :, node].reshape(1, -1, g, d)  # [1, kv_heads, g, d]
-                    o[:, :, node] = F.scaled_dot_product_attention(row, keys, values, scale=self.scaling).reshape(1, -1, d)
+                    row = qs[r, :, node].reshape(1, -1, g, d)  # [1, kv_heads, g, d]
+                    o[r, :, node] = F.scaled_dot_product_attention(row, keys, values, scale=self.scaling).reshape(-1, d)
             x = x + linear(o.transpose(1, 2).reshape(b, q, -1), at.o_proj.weight, at.o_proj.bias)
             h = rms_norm(x, layer.post_attention_layernorm)
             gate = linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
