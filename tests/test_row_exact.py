@@ -12,6 +12,7 @@ from draftheads.engine import TorchEngine
 from draftheads.generate import ROOT_ONLY
 from draftheads.kvcache import TreeKVCache, path_plan
 from draftheads.tree import Tree, load_tree
+from bench_fixtures import tiny_dirs  # noqa: F401 (a fixture)
 from tiny import ARCHS, tiny_heads, tiny_model, tiny_tokenizer
 
 TREES = {
@@ -169,3 +170,28 @@ def test_bf16_batched_decoding_equals_each_sequence_alone(arch):
             if len(toks) >= 40:
                 break
         assert toks[:40] == a
+
+
+def test_trees_calibrated_for_bf16_are_stored_apart_and_taken_in_bf16(tiny_dirs):
+    """calibrate --write-to-heads in bf16 writes device_trees["cpu bfloat16"] and leaves the fp32 tree;
+    load takes each where the backbone runs; a malformed entry is refused in one line."""
+    import json
+
+    from draftheads import load
+    from draftheads.bench import _write_tree_to_heads
+    from draftheads.errors import UserError
+    from draftheads.heads.medusa import HeadsConfig
+
+    bb, heads, _ = tiny_dirs
+    _write_tree_to_heads(heads, [[0], [1], [0, 0]], {"1": {"tree": [[0]]}})  # a CPU fp32 calibration
+    _write_tree_to_heads(heads, [[0], [0, 0], [0, 0, 0]], {"1": {"tree": [[0], [1]]}, "8": {"tree": []}}, "cpu bfloat16")
+    cfg = json.loads((heads / "config.json").read_text())
+    assert cfg["tree"] == [[0], [1], [0, 0]] and cfg["batch_trees"] == {"1": [[0]]}
+    assert cfg["device_trees"] == {"cpu bfloat16": {"tree": [[0], [0, 0], [0, 0, 0]], "batch_trees": {"1": [[0], [1]], "8": []}}}
+    fp32, bf16 = load(heads=str(heads), backbone=str(bb)), load(heads=str(heads), backbone=str(bb), dtype="bfloat16")
+    assert fp32.tree.to_json() == [[0], [1], [0, 0]] and {b: t.size for b, t in fp32.batch_trees.items()} == {1: 2}
+    assert bf16.tree.to_json() == [[0], [0, 0], [0, 0, 0]] and {b: t.size for b, t in bf16.batch_trees.items()} == {1: 3, 8: 1}
+    for bad in ({"bfloat16": {"tree": [[0]]}}, {"cpu bfloat16": {"tree": [[0]], "other": 1}},
+                {"cpu bfloat16": {"batch_trees": {"eight": [[0]]}}}):
+        with pytest.raises(UserError, match="device_trees must map"):
+            HeadsConfig.from_dict({"num_heads": 2, "hidden_size": 8, "vocab_size": 10, "device_trees": bad})

@@ -355,7 +355,7 @@ def cmd_calibrate(args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     if args.write_to_heads:
-        _write_tree_to_heads(heads_dir(args.heads), result["tree"], result.get("batch_trees"))
+        _write_tree_to_heads(heads_dir(args.heads), result["tree"], result.get("batch_trees"), result["calibrated_for"])
     con = _console()
     m63 = result["medusa63"]
     con.print(f"accuracy (conditional, rank 0 per head): {', '.join(f'{row[0]:.2f}' for row in result['accuracy'])} "
@@ -383,11 +383,20 @@ def cmd_calibrate(args) -> None:
     con.print(f"wrote {out}" + (f" and the tree into {heads_dir(args.heads)}/config.json" if args.write_to_heads else ""))
 
 
-def _write_tree_to_heads(directory: Path, tree: list[list[int]], batch_trees: dict | None = None) -> None:
+def _write_tree_to_heads(directory: Path, tree: list[list[int]], batch_trees: dict | None = None,
+                         where: str = "cpu float32") -> None:
+    """Store the tree (and trees per batch size) in the heads' config: as its own `tree` for a CPU in
+    float32, else under device_trees[where] ("cpu bfloat16", "cuda bfloat16"), which `load` takes there."""
+    from .draftmodel import DEFAULT_TREES_KEY
     from .heads.checkpoint import _atomic_write, read_config
 
     cfg = read_config(directory)
-    cfg["tree"] = tree
+    if where == DEFAULT_TREES_KEY:
+        entry = cfg
+    else:
+        cfg["device_trees"] = cfg.get("device_trees") or {}  # saved heads carry null
+        entry = cfg["device_trees"].setdefault(where, {})
+    entry["tree"] = tree
     if batch_trees:
-        cfg["batch_trees"] = {b: row["tree"] for b, row in batch_trees.items()}
+        entry["batch_trees"] = {b: row["tree"] for b, row in batch_trees.items()}
     _atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=1) + "\n"))

@@ -12,7 +12,7 @@ import time
 import torch
 
 from .acceptance import SamplingConfig
-from .draftmodel import DraftModel
+from .draftmodel import DraftModel, trees_key
 from .errors import UserError
 from .generate import Decoder, Stats
 from .lookup import PromptLookup
@@ -337,6 +337,7 @@ def run_calibrate(args) -> dict:
             "latency": latency, "curve": [{k: v for k, v in c.items() if k != "tree"} for c in found["curve"]],
             "heads": str(args.heads), "backbone": dm.backbone_name, "max_new_tokens": args.max_new_tokens,
             "device": args.device, "machine": machine(),
+            "calibrated_for": trees_key(dm.decoder.device, dm.decoder.dtype),
         }
         if by_batch:
             result["batch_trees"] = batch_table(p, by_batch, args.max_nodes, K)

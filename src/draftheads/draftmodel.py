@@ -207,10 +207,26 @@ def safe_tree(device, num_heads: int) -> Tree:
     return load_tree(truncate(spec, num_heads) if isinstance(spec, list) else spec, num_heads)
 
 
-def _tree_for(heads, head_module, device, tree) -> Tree:
+def trees_key(device, dtype) -> str:
+    """Where a backbone runs, as HeadsConfig.device_trees names it: "cpu bfloat16"."""
+    return f"{torch.device(device).type} {str(dtype).removeprefix('torch.')}"
+
+
+DEFAULT_TREES_KEY = "cpu float32"  # what a heads config's own `tree` and `batch_trees` were calibrated for
+
+
+def calibrated_trees(cfg, device, dtype) -> tuple[list | None, dict | None]:
+    """The heads' calibrated tree and trees per batch size for a backbone on `device` in `dtype`."""
+    entry = (cfg.device_trees or {}).get(trees_key(device, dtype))
+    if entry is not None:
+        return entry.get("tree"), entry.get("batch_trees")
+    return cfg.tree, cfg.batch_trees
+
+
+def _tree_for(heads, head_module, device, tree, calibrated) -> Tree:
     """An explicit tree, else the heads' calibrated one, else a safe default, said on stderr."""
-    if tree is not None or head_module.cfg.tree:
-        return load_tree(tree or head_module.cfg.tree, head_module.cfg.num_heads)
+    if tree is not None or calibrated:
+        return load_tree(tree or calibrated, head_module.cfg.num_heads)
     chosen = safe_tree(device, head_module.cfg.num_heads)
     print(f"draftheads: note: {heads} holds no calibrated tree; using {chosen.to_json()} ({chosen.size} nodes, "
           f"safe on {device}). Calibrate one for these heads on this machine: draftheads calibrate --heads {heads} "
@@ -244,10 +260,10 @@ def load(heads="default", backbone: str | None = None, device: str = "cpu", dtyp
     if heads is not None:
         head_module = load_heads(heads, bb.model).to(device=bb.model.device, dtype=bb.model.dtype)
         head_module.attach(bb.model).eval()
+        calibrated, by_batch = calibrated_trees(head_module.cfg, bb.model.device, bb.model.dtype)
         if tree is None:  # an explicit tree holds at every batch size
-            batch_trees = {int(b): load_tree(t, head_module.cfg.num_heads)
-                           for b, t in (head_module.cfg.batch_trees or {}).items()}
-        tree = _tree_for(heads, head_module, device, tree)
+            batch_trees = {int(b): load_tree(t, head_module.cfg.num_heads) for b, t in (by_batch or {}).items()}
+        tree = _tree_for(heads, head_module, device, tree, calibrated)
     return DraftModel(bb, head_module, tree, lookup=LOOKUP if lookup is None else lookup, batch_trees=batch_trees)
 
 

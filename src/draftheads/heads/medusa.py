@@ -38,6 +38,10 @@ class HeadsConfig:
     # `calibrate --batch-sizes`: {"8": tree} the tree of the batched step at 8 running sequences (used
     # from that batch size up to the next entry's)
     batch_trees: dict[str, list[list[int]]] | None = None
+    # Trees calibrated where the backbone runs other than on a CPU in float32 (what `tree` and
+    # `batch_trees` are for): {"cpu bfloat16": {"tree": ..., "batch_trees": ...}}, taken there instead
+    # (a bf16 verify costs another curve: docs/verify_profile.md).
+    device_trees: dict[str, dict] | None = None
     dropout: float = 0.0  # Hydra++ trains with dropout before every block and the LM head
     # Hydra heads' first block: the residual path is a learned projection of [h, E(path)] ("projection",
     # Hydra's) or h itself ("hidden": half the parameters, what fits the shipped Hydra++ heads in 40 MB)
@@ -62,6 +66,12 @@ class HeadsConfig:
         if cfg.batch_trees is not None and not (isinstance(cfg.batch_trees, dict) and all(
                 isinstance(b, str) and b.isdigit() and int(b) >= 1 for b in cfg.batch_trees)):
             raise UserError("heads config: batch_trees must map batch sizes (\"1\", \"8\", ...) to trees")
+        if cfg.device_trees is not None and not (isinstance(cfg.device_trees, dict) and all(
+                isinstance(k, str) and len(k.split()) == 2 and isinstance(v, dict) and set(v) <= {"tree", "batch_trees"}
+                and all(isinstance(b, str) and b.isdigit() and int(b) >= 1 for b in v.get("batch_trees") or {})
+                for k, v in cfg.device_trees.items())):
+            raise UserError("heads config: device_trees must map \"DEVICE DTYPE\" (\"cpu bfloat16\") to "
+                            "{\"tree\": ..., \"batch_trees\": ...}")
         if cfg.lm_head not in ("own", "shared"):
             raise UserError(f"heads config: lm_head must be 'own' or 'shared', not {cfg.lm_head!r}")
         if cfg.grounded_residual not in GROUNDED_RESIDUALS:
