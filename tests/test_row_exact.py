@@ -82,10 +82,11 @@ def _plain_hidden(engine, prompt: torch.Tensor, path_ids: torch.Tensor) -> torch
     return h[0]
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
-@pytest.mark.parametrize("name", ["chain", "medusa63", "with_given"])
-def test_bf16_tree_rows_equal_plain_steps_bit_for_bit(arch, name):
-    model = tiny_model(arch, hidden=128, layers=3).to(torch.bfloat16)
+@pytest.mark.parametrize("arch,name,dtype", [(a, n, torch.bfloat16) for a in sorted(ARCHS)
+                                              for n in ("chain", "medusa63", "with_given")]
+                         + [("llama", "medusa63", torch.float16)])
+def test_bf16_tree_rows_equal_plain_steps_bit_for_bit(arch, name, dtype):
+    model = tiny_model(arch, hidden=128, layers=3).to(dtype)
     engine = TorchEngine(model)
     assert engine.row_exact and engine.lean is not None
     tree = TREES[name]

@@ -36,8 +36,8 @@ from torch.overrides import TorchFunctionMode
 
 MAX_ROWS = 32  # above this the GEMM is compute-bound and F.linear's layout is as good
 GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # row counts timed; others take the next one up
-_ROUTES: dict[int, frozenset[int]] = {}
-ROW_EXACT_DTYPES = (torch.bfloat16, torch.float16)  # one-row products padded to two: see two_rows  # threads -> row counts where the padded product wins
+_ROUTES: dict[int, frozenset[int]] = {}  # threads -> row counts where the padded product wins
+ROW_EXACT_DTYPES = (torch.bfloat16, torch.float16)  # one-row products padded to two: see two_rows
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:

@@ -232,6 +232,7 @@ class SlotKVCache:
         self._cols = torch.arange(capacity, device=device)
         self._end = 1  # keys a step attends over: max(lengths) + q
         self._n = slots  # a step covers slots [0, _n): the batch keeps its running sequences in the low slots
+        self._starts: list[int] = []  # lengths[:_n] at begin_rows (row-exact steps)
 
     @classmethod
     def for_model(cls, model, slots: int, capacity: int) -> "SlotKVCache":
@@ -262,8 +263,9 @@ class SlotKVCache:
 
     def begin_rows(self, n: int, q: int) -> None:
         """A step of q nodes in each of the first n slots without a mask (row-exact attention, append_rows)."""
-        assert n <= self._rows.numel() and int(self.lengths[:n].max()) + q <= self.capacity, "KV cache overflow"
-        self._n, self._end = n, int(self.lengths[:n].max()) + q
+        starts = self.lengths[:n].tolist()  # once per step, not per layer
+        assert n <= self._rows.numel() and max(starts) + q <= self.capacity, "KV cache overflow"
+        self._n, self._end, self._starts = n, max(starts) + q, starts
 
     def append_rows(self, layer: int, keys: torch.Tensor, values: torch.Tensor, trees: dict[int, tuple[int, ...]]):
         """TreeKVCache.append_rows for a batch step (after begin_rows): `append`, then per slot in `trees`
@@ -272,7 +274,7 @@ class SlotKVCache:
         self.append(layer, keys, values)
         kv = self.kv[layer]  # [2, slots, kv_heads, capacity, head_dim]
         for slot, parent in trees.items():
-            yield from _path_views(kv, slot, int(self.lengths[slot]), keys, values, parent)
+            yield from _path_views(kv, slot, self._starts[slot], keys, values, parent)
 
     def tree_mask(self, tree_bias: torch.Tensor) -> torch.Tensor:
         """Additive mask [n, 1, q, max(lengths) + q] for a step of q nodes in each of the first n slots
