@@ -196,3 +196,15 @@ def test_trees_calibrated_for_bf16_are_stored_apart_and_taken_in_bf16(tiny_dirs)
                 {"cpu bfloat16": {"batch_trees": {"eight": [[0]]}}}):
         with pytest.raises(UserError, match="device_trees must map"):
             HeadsConfig.from_dict({"num_heads": 2, "hidden_size": 8, "vocab_size": 10, "device_trees": bad})
+
+
+def test_a_row_exact_batch_step_refuses_to_write_past_a_slot():
+    from draftheads.kvcache import SlotKVCache
+
+    cache = SlotKVCache(1, 2, 8, 1, 2, torch.float32, "cpu")
+    cache.lengths[:] = torch.tensor([3, 5])
+    cache.begin_rows(2, 3)  # slot 1's nodes end exactly at the capacity
+    assert cache._starts == [3, 5]
+    for n, q in ((2, 4), (3, 1)):  # one column past a slot; a slot the cache does not have
+        with pytest.raises(AssertionError, match="KV cache overflow"):
+            cache.begin_rows(n, q)
