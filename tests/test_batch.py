@@ -276,3 +276,25 @@ def test_a_slot_keeps_room_for_its_largest_step_and_the_server_limit_says_the_sa
     assert refusal(dec) is None
     dec.lean = None
     assert "lean forward" in refusal(dec)
+
+
+def test_round_costs_decide_for_a_two_node_table_and_only_for_table_followers():
+    """The shipped fp32 table is [[0]] (2 nodes) at 1, 2 and 8 sequences: the decision must be made for it;
+    a round whose sequences all named their own tree decides nothing; a recorded round's seconds are the
+    round's own (a few ms on a tiny model, so its rate is high)."""
+    import time
+
+    from draftheads.round_costs import RoundCosts
+
+    model = tiny_model()
+    heads = tiny_heads(model, num_heads=3)
+    reqs = [(list(range(10, 20)), SamplingConfig(), None), (list(range(40, 47)), SamplingConfig(), None)]
+    two = BatchDecoder(Decoder(model, heads, Tree([[0]])), slots=2, capacity=64, costs=RoundCosts(warmup=1))
+    start = time.perf_counter()
+    drive(two, reqs, 12)
+    wall = time.perf_counter() - start
+    assert set(two.costs.rates) == {(2, True), (2, False)}
+    assert all(0 < r.seconds <= wall for r in two.costs.rates.values())  # each round's own time, not t3 + t0
+    named = BatchDecoder(Decoder(model, heads, Tree([[0]])), slots=2, capacity=64, costs=RoundCosts())
+    drive(named, [(p, sp, load_tree("chain2")) for p, sp, _ in reqs], 12)
+    assert named.costs.rounds == {}
