@@ -56,3 +56,22 @@ def test_the_rate_is_decayed_tokens_over_decayed_seconds():
     assert costs.summary()[2]["trees"] == pytest.approx((10 * 0.5 + 30) / (1 * 0.5 + 1))
     with pytest.raises(AssertionError):
         RoundCosts(explore_every=1)
+
+
+def test_settings_and_records_are_checked_at_their_bounds():
+    RoundCosts(warmup=1, explore_every=2, decay=1.0)  # decay 1: no forgetting, allowed
+    for bad in ({"decay": 0.0}, {"decay": 1.5}, {"warmup": 0}, {"explore_every": 1}):
+        with pytest.raises(AssertionError):
+            RoundCosts(**bad)
+    costs = RoundCosts()
+    costs.record(1, True, 0, 0.0)  # a round may emit nothing measurable in no measurable time
+    for tokens, seconds in ((-1, 1.0), (1, -1.0)):
+        with pytest.raises(AssertionError):
+            costs.record(1, True, tokens, seconds)
+
+
+def test_equal_rates_keep_the_trees():
+    costs = RoundCosts(warmup=1, explore_every=100)
+    costs.record(4, True, 10, 1.0)
+    costs.record(4, False, 10, 1.0)
+    assert costs.use_trees(4)  # a tie goes to the heads' trees (what the table was calibrated to take)
