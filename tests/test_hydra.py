@@ -72,7 +72,7 @@ def test_prefix_layer_cache_after_acceptance_equals_recomputation():
     prompt = torch.randint(0, 200, (12,), generator=torch.Generator().manual_seed(5)).tolist()
     out = run(decoder_on("lean", model, heads, load_tree("medusa16", 3)), prompt, n=30)
     # The decoder consumed 30 tokens' worth of steps; the prefix layer saw exactly the accepted positions.
-    seen = heads._cache.get_seq_length()
+    seen = heads._cache.length
     seq = torch.tensor(prompt + out)[:seen]
     hidden = model.base_model(input_ids=seq[None]).last_hidden_state  # [1, seen, H]
     fresh = heads.prefix_states(hidden)[0, -1]
@@ -93,3 +93,34 @@ def test_native_round_trip_keeps_the_head_type(tmp_path, head_type):
         heads.reset(), back.reset()
         heads.observe(x), back.observe(x)
     assert torch.equal(heads.draft(h, torch.tensor(4), tree), back.eval().draft(h, torch.tensor(4), tree))
+
+
+def test_prefix_layer_cache_grows_past_its_first_allocation_and_keeps_every_position():
+    """observe runs the prefix layer on the lean forward with a cache that doubles when full: across the
+    growth (256 -> 512 positions) the last state equals the prefix layer over the whole sequence at once."""
+    model = tiny_model()
+    heads = tiny_hydra_heads(model, "hydra++")
+    x = torch.randn(300, 64, generator=torch.Generator().manual_seed(3))
+    heads.reset()
+    heads.observe(x[:250])  # a prompt: causal among its positions
+    assert heads._cache.capacity == 256
+    for t in range(250, 300, 3):  # steps of 1-3 accepted positions
+        heads.observe(x[t:t + 3])
+    assert heads._cache.length == 300 and heads._cache.capacity == 512
+    torch.testing.assert_close(heads._last, heads.prefix_states(x[None])[0, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_a_cache_reserve_keeps_its_entries_and_never_shrinks():
+    from draftheads.kvcache import TreeKVCache
+
+    cache = TreeKVCache(2, 4, torch.float32, "cpu")
+    k = torch.randn(1, 2, 3, 4)
+    cache.append(0, k, -k)
+    cache.append(1, 2 * k, -2 * k)
+    cache.reserve(2)
+    assert cache.capacity == 4
+    cache.reserve(10)
+    assert cache.capacity == 10 and cache.kv.shape[4] == 10 and cache.length == 3
+    keys, values = cache.append(0, k[:, :, :2], k[:, :, :2])  # room past the old capacity
+    assert torch.equal(keys[:, :, :3], k) and torch.equal(values[:, :, :3], -k) and keys.shape[2] == 5
+    assert torch.equal(cache.kv[1, 0, :, :, :3], 2 * k)

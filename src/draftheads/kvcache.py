@@ -139,6 +139,17 @@ class TreeKVCache:
         p = next(model.parameters())
         return cls(model.config.num_hidden_layers, capacity, p.dtype, p.device, attention_windows(model.config))
 
+    def reserve(self, capacity: int) -> None:
+        """Make room for `capacity` entries, keeping those cached (for a cache that grows with its sequence:
+        Hydra++'s prefix layer); never shrinks."""
+        if capacity <= self.capacity:
+            return
+        self.capacity, old = capacity, self.kv
+        self._mask, self._mask_zeroed = None, 0
+        if old is not None:
+            self.kv = old.new_zeros(*old.shape[:4], capacity, old.shape[5])
+            self.kv[..., :old.shape[4], :] = old
+
     def _allocate(self, key_states: torch.Tensor) -> None:
         if self.kv is None:
             b, h, _, d = key_states.shape

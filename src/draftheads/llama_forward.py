@@ -96,8 +96,14 @@ class LlamaForward:
             ids, positions = ids[None], positions[None]
         assert ids.dim() == 2 and positions.shape == ids.shape
         assert trees is None or (mask is None and all(len(t) <= ids.shape[1] for t in trees.values()))
-        (b, q), d = ids.shape, self.head_dim
-        x = self.embed(ids)  # [b, q, hidden]
+        x = self.from_embeddings(cache, self.embed(ids), positions, mask, trees)  # [b, q, hidden]
+        return x[0] if one else x
+
+    def from_embeddings(self, cache, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+                        trees: dict[int, tuple[int, ...]] | None = None) -> torch.Tensor:
+        """`hidden` from input embeddings x [b, q, hidden] (Hydra++'s prefix layer takes the backbone's
+        hidden states as its inputs) -> final-norm hidden states [b, q, hidden]."""
+        (b, q, _), d = x.shape, self.head_dim
         cos, sin = self.rotary(x, positions)  # [b, q, head_dim]
         for i, layer in enumerate(self.layers):
             at, mlp = layer.self_attn, layer.mlp
@@ -123,8 +129,7 @@ class LlamaForward:
             gate = linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
             x = x + linear(mlp.act_fn(gate) * linear(h, mlp.up_proj.weight, mlp.up_proj.bias),
                            mlp.down_proj.weight, mlp.down_proj.bias)
-        x = rms_norm(x, self.norm)
-        return x[0] if one else x
+        return rms_norm(x, self.norm)
 
 
 class PrefillChunks:
