@@ -71,8 +71,9 @@ class HydraHeads(DraftHeads):
         self.prefix = LlamaModel(prefix_layer_config(cfg)) if cfg.head_type == "hydra++" else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.embed_weight: torch.Tensor | None = None  # [vocab, H] the backbone's input embedding (frozen)
-        # The prefix layer at decode time: LlamaForward's code on its weights (transformers' forward costs
-        # ~1.8 ms a step in per-call machinery, 8% of a bf16 step); its cache holds accepted positions only.
+        # The prefix layer at decode time: LlamaForward's code on its weights (observing 2 positions after
+        # 200: 0.57 against 0.94 ms through transformers' forward, fp32, 2 threads); its cache holds
+        # accepted positions only.
         self._lean = LlamaForward(self.prefix) if self.prefix is not None else None
         self._cache: TreeKVCache | None = None
         self._last: torch.Tensor | None = None  # [H] the prefix layer's output at the last accepted position
