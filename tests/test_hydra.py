@@ -108,6 +108,10 @@ def test_prefix_layer_cache_grows_past_its_first_allocation_and_keeps_every_posi
         heads.observe(x[t:t + 3])
     assert heads._cache.length == 300 and heads._cache.capacity == 512
     torch.testing.assert_close(heads._last, heads.prefix_states(x[None])[0, -1], atol=1e-4, rtol=1e-4)
+    heads.reset()
+    heads.observe(torch.cat([x, x]))  # a prompt of 600: the first allocation takes all of it
+    assert heads._cache.length == 600 and heads._cache.capacity == 600
+    torch.testing.assert_close(heads._last, heads.prefix_states(torch.cat([x, x])[None])[0, -1], atol=1e-4, rtol=1e-4)
 
 
 def test_a_cache_reserve_keeps_its_entries_and_never_shrinks():
