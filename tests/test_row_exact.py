@@ -203,8 +203,8 @@ def test_a_row_exact_batch_step_refuses_to_write_past_a_slot():
 
     cache = SlotKVCache(1, 2, 8, 1, 2, torch.float32, "cpu")
     cache.lengths[:] = torch.tensor([3, 5])
-    cache.begin_rows(2, 3)  # slot 1's nodes end exactly at the capacity
+    cache.begin_step(2, 3)  # slot 1's nodes end exactly at the capacity
     assert cache._starts == [3, 5]
     for n, q in ((2, 4), (3, 1)):  # one column past a slot; a slot the cache does not have
         with pytest.raises(AssertionError, match="KV cache overflow"):
-            cache.begin_rows(n, q)
+            cache.begin_step(n, q)

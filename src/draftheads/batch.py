@@ -212,7 +212,7 @@ class BatchDecoder:
             positions[slot, n:] = L
         t1 = dec._sync()
         if self.row_exact:  # each node's attention alone over its own slot's keys (engine.row_exact)
-            self.cache.begin_rows(S, q)
+            self.cache.begin_step(S, q)
             h = dec.lean.hidden(self.cache, ids, positions, None, {slot: tuple(t.parent) for slot, (_, t, _) in plans.items()})
         else:
             h = dec.lean.hidden(self.cache, ids, positions, self.cache.tree_mask(bias))  # [S, q, H]

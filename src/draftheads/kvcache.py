@@ -243,7 +243,7 @@ class SlotKVCache:
         self._cols = torch.arange(capacity, device=device)
         self._end = 1  # keys a step attends over: max(lengths) + q
         self._n = slots  # a step covers slots [0, _n): the batch keeps its running sequences in the low slots
-        self._starts: list[int] = []  # lengths[:_n] at begin_rows (row-exact steps)
+        self._starts: list[int] = []  # lengths[:_n] at begin_step
 
     @classmethod
     def for_model(cls, model, slots: int, capacity: int) -> "SlotKVCache":
@@ -272,14 +272,15 @@ class SlotKVCache:
         mask = self.kv.new_zeros(visible.shape)
         return mask.masked_fill_(~visible, torch.finfo(self.dtype).min)[:, None, None]
 
-    def begin_rows(self, n: int, q: int) -> None:
-        """A step of q nodes in each of the first n slots without a mask (row-exact attention, append_rows)."""
+    def begin_step(self, n: int, q: int) -> None:
+        """A step of q nodes in each of the first n slots (tree_mask's, or a row-exact one's: append_rows):
+        check that every slot has room for them and fix the step's extent."""
         starts = self.lengths[:n].tolist()  # once per step, not per layer
         assert n <= self._rows.numel() and max(starts) + q <= self.capacity, "KV cache overflow"
         self._n, self._end, self._starts = n, max(starts) + q, starts
 
     def append_rows(self, layer: int, keys: torch.Tensor, values: torch.Tensor, trees: dict[int, tuple[int, ...]]):
-        """TreeKVCache.append_rows for a batch step (after begin_rows): `append`, then per slot in `trees`
+        """TreeKVCache.append_rows for a batch step (after begin_step): `append`, then per slot in `trees`
         ({slot: its tree's parents}; other slots are padding) the views (slot, node, keys, values) [1, kv_heads,
         lengths[slot] + depth + 1, head_dim] of exactly what each of its nodes sees. Consume to the end."""
         self.append(layer, keys, values)
@@ -293,9 +294,8 @@ class SlotKVCache:
         cached entries and each other as tree_bias[s] [q, q] says (0 / -inf; a padding node should see
         itself, so that no row is all -inf)."""
         S, q, _ = tree_bias.shape
+        self.begin_step(S, q)
         lengths = self.lengths[:S]
-        assert S <= self._rows.numel() and int(lengths.max()) + q <= self.capacity, "KV cache overflow"
-        self._n, self._end = S, int(lengths.max()) + q
         prefix = self._cols[:self._end] < lengths[:, None]  # [n, end]
         mask = self.kv.new_full((S, q, self._end), torch.finfo(self.dtype).min)
         mask.masked_fill_(prefix[:, None, :], 0)
