@@ -298,3 +298,40 @@ def test_round_costs_decide_for_a_two_node_table_and_only_for_table_followers():
     named = BatchDecoder(Decoder(model, heads, Tree([[0]])), slots=2, capacity=64, costs=RoundCosts())
     drive(named, [(p, sp, load_tree("chain2")) for p, sp, _ in reqs], 12)
     assert named.costs.rounds == {}
+
+
+def test_a_large_named_tree_beside_a_slot_near_its_end_waits_instead_of_overflowing():
+    """Every slot of a pass gets as many rows as the largest tree: a 17-node named tree beside a sequence 1-3
+    positions from its slot's end would write past it. That tree decodes plainly for such passes; both stay
+    exact. Before: the pass asserted a KV-cache overflow."""
+    model = tiny_model()
+    heads = tiny_heads(model, num_heads=3)
+    batch = BatchDecoder(Decoder(model, heads, load_tree("chain2")), slots=2, capacity=64)
+    prompts = [list(range(10, 50)), list(range(60, 70))]
+    reqs = [(prompts[0], SamplingConfig(), None), (prompts[1], SamplingConfig(), load_tree("medusa16", 3))]
+    assert drive(batch, reqs, 21) == [hf_greedy(model, p, 21) for p in prompts]
+
+
+def test_a_finished_sequence_not_yet_handed_out_does_not_block_the_others():
+    """A sequence that filled its slot (length = capacity) and whose tokens its consumer has not taken yet
+    still lies inside the pass: its slot is released at once, so the others step on and stay exact."""
+    model = tiny_model()
+    heads = tiny_heads(model, num_heads=3)
+    batch = BatchDecoder(Decoder(model, heads, load_tree("chain2")), slots=2, capacity=48)
+    full, other = batch.steps(list(range(10, 50)), 100, SamplingConfig(), Stats()), None
+    out = list(next(full))
+    while True:
+        batch.step()
+        if batch.seqs[0].done:
+            break  # its last tokens wait for its consumer
+        out += next(full)
+    assert batch.seqs[0].done and int(batch.cache.lengths[0]) == 0  # spent, released before steps() ends
+    other = batch.steps(list(range(60, 70)), 12, SamplingConfig(), Stats())
+    got = list(next(other))
+    for _ in range(12):
+        batch.step()
+        got += next(other, [])
+    assert got[:12] == hf_greedy(model, list(range(60, 70)), 12)
+    out += next(full)
+    assert out == hf_greedy(model, list(range(10, 50)), len(out)) and 40 + len(out) >= 48 - 3
+    assert next(full, None) is None and sorted(batch.free) == [0]

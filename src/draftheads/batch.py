@@ -200,6 +200,12 @@ class BatchDecoder:
             if trees and s.drafter is not None and L + s.reserve <= s.end and (with_table or not s.by_batch):
                 step_tree, cands = s.drafter.propose(s.hidden, root, tree[s.slot])
             plans[s.slot] = (L, step_tree, cands)
+        # The pass writes q rows after every slot's length, its padding included: a tree that would push a
+        # slot near its end past the capacity (another's, larger than that slot's own reserve) waits a pass.
+        room = self.capacity - int(self.cache.lengths[:S].max())
+        for slot, (L, t, cands) in plans.items():
+            if t.size > room:
+                plans[slot] = (L, ROOT_ONLY, cands[:1])
         q = max(t.size for _, t, _ in plans.values())
         ids = torch.zeros(S, q, dtype=torch.long, device=dev)
         positions = torch.zeros(S, q, dtype=torch.long, device=dev)
@@ -232,6 +238,8 @@ class BatchDecoder:
                 s.drafter.observe(hs, cands[nodes])
             s.emitted = cands[nodes[1:]].tolist() + [s.root]
             s.done = int(self.cache.lengths[s.slot]) + 1 > s.end
+            if s.done:  # its keys are spent: the slot's padding rows go to column 0 until steps() frees it
+                self.cache.release(s.slot)
         t3 = dec._sync()
         for s in seqs:  # the pass's time is every sequence's: each waited for all of it
             s.stats.record(plans[s.slot][1], accepted[s.slot], t1 - t0, t2 - t1, t3 - t2)
