@@ -550,9 +550,6 @@ def test_batch_decoder_messages_tables_and_prefill_time(monkeypatch):
     with pytest.raises(UserError, match=r"^batched decoding runs on the lean forward \(Llama, Mistral, Qwen2\); "
                                         r"this model decodes one request at a time$"):
         BatchDecoder(generic, slots=2, capacity=64)
-    with pytest.raises(UserError, match=r"^Hydra\+\+ heads keep one prefix-layer cache: they decode one request at "
-                                        r"a time$"):
-        BatchDecoder(Decoder(model, tiny_hydra_heads(model, "hydra++")), slots=2, capacity=64)
     small, big = Tree([[0]]), load_tree("medusa16", 3)
     with pytest.raises(AssertionError, match="^batch sizes start at 1$"):
         BatchDecoder(Decoder(model, tiny_heads(model), small), 2, 64, batch_trees={0: big})
@@ -690,11 +687,11 @@ def test_batched_steps_bounds_messages_and_the_end_of_a_sequence(monkeypatch):
             break
         out += step
         assert (stats.nodes - nodes > 1) == (L + 4 <= seq.end), (L, stats.nodes - nodes)
-        if seq.done:
-            assert int(batch.cache.lengths[0]) == seq.end
+        if seq.done:  # its cache reached `end` (L + the step's tokens), and its slot was released at once
+            assert L + len(step) == seq.end and int(batch.cache.lengths[0]) == 0
             steps = stats.steps
             batch.step()  # a finished sequence whose tokens were handed out is not stepped again
-            assert int(batch.cache.lengths[0]) == seq.end and stats.steps == steps
+            assert int(batch.cache.lengths[0]) == 0 and stats.steps == steps
     assert len(out) == seq.end - P + 1  # the last step's tokens too: as many as Decoder.steps gives alone
     solo = []
     for step in Decoder(model, heads, chain).steps(list(range(40, 40 + P)), 6, sp, Stats()):

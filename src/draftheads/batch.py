@@ -40,8 +40,6 @@ def refusal(decoder: Decoder) -> str | None:
     """Why `decoder`'s model cannot take the batched step (it then decodes one request at a time), or None."""
     if decoder.lean is None:
         return "batched decoding runs on the lean forward (Llama, Mistral, Qwen2); this model decodes one request at a time"
-    if getattr(_heads(decoder), "prefix", None) is not None:
-        return "Hydra++ heads keep one prefix-layer cache: they decode one request at a time"
     return None
 
 
@@ -169,7 +167,8 @@ class BatchDecoder:
         t0 = dec._sync()
         drafter = None
         if self.heads is not None or self.lookup_cfg is not None:
-            drafter = Hybrid(self.heads, PromptLookup(self.lookup_cfg) if self.lookup_cfg else None)
+            heads = self.heads.for_sequence() if self.heads is not None else None  # Hydra++: its own prefix cache
+            drafter = Hybrid(heads, PromptLookup(self.lookup_cfg) if self.lookup_cfg else None)
             drafter.reset()
             drafter.observe(h, ids)
         gen = torch.Generator(device=dev).manual_seed(sp.seed) if sp.seed is not None else None

@@ -15,6 +15,8 @@ trained against the backbone's own distributions (teacher loss) with dropout.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaModel
@@ -119,6 +121,15 @@ class HydraHeads(DraftHeads):
     def reset(self) -> None:
         """A new sequence: forget the prefix layer's cache."""
         self._cache, self._last = None, None
+
+    def for_sequence(self) -> "HydraHeads":
+        """Hydra++: these heads' weights with a prefix-layer cache of their own, for one of several
+        sequences decoded together (a shallow copy: parameters and the lean forward are shared)."""
+        if self.prefix is None:
+            return self
+        twin = copy.copy(self)
+        twin._cache, twin._last = None, None
+        return twin
 
     @torch.no_grad()
     def observe(self, hidden: torch.Tensor) -> None:

@@ -137,6 +137,11 @@ class DraftHeads(nn.Module):
     def to_full_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self.vocab_map[ids] if self.vocab_map is not None else ids
 
+    def for_sequence(self) -> "DraftHeads":
+        """The drafter of one sequence among several decoded together (batch.py): these heads when they keep
+        no state between steps."""
+        return self
+
 
 class MedusaHeads(DraftHeads):
     def __init__(self, cfg: HeadsConfig):
