@@ -126,7 +126,7 @@ class DraftModel:
         """One Result per prompt, decoded together: up to `max_batch` sequences share each verify pass
         (batch.BatchDecoder; `max_seq_len` tokens per sequence). Keyword arguments as for `generate`;
         the results equal decoding each prompt alone (greedy: token for token). Models the batched
-        step does not take (not Llama-family, or Hydra++ heads) decode one prompt after another."""
+        step does not take (not Llama-family) decode one prompt after another."""
         from .batch import BatchDecoder, run_all
 
         try:
