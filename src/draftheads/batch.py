@@ -208,18 +208,19 @@ class BatchDecoder:
         q = max(t.size for _, t, _ in plans.values())
         ids = torch.zeros(S, q, dtype=torch.long, device=dev)
         positions = torch.zeros(S, q, dtype=torch.long, device=dev)
-        # Padding nodes (and idle slots) see only themselves: no all -inf row, nothing real touched.
-        bias = torch.full((S, q, q), torch.finfo(dec.dtype).min, dtype=dec.dtype, device=dev)
-        bias.diagonal(dim1=1, dim2=2).zero_()
         for slot, (L, t, cands) in plans.items():
-            tt, n = t.tensors(dev, dec.dtype), t.size
-            ids[slot, :n], positions[slot, :n], bias[slot, :n, :n] = cands, tt.depths + L, tt.tree_bias
-            positions[slot, n:] = L
+            ids[slot, :t.size], positions[slot, :t.size] = cands, t.tensors(dev, dec.dtype).depths + L
+            positions[slot, t.size:] = L
         t1 = dec._sync()
         if self.row_exact:  # each node's attention alone over its own slot's keys (engine.row_exact)
             self.cache.begin_step(S, q)
             h = dec.lean.hidden(self.cache, ids, positions, None, {slot: tuple(t.parent) for slot, (_, t, _) in plans.items()})
         else:
+            # Padding nodes (and idle slots) see only themselves: no all -inf row, nothing real touched.
+            bias = torch.full((S, q, q), torch.finfo(dec.dtype).min, dtype=dec.dtype, device=dev)
+            bias.diagonal(dim1=1, dim2=2).zero_()
+            for slot, (_, t, _) in plans.items():
+                bias[slot, :t.size, :t.size] = t.tensors(dev, dec.dtype).tree_bias
             h = dec.lean.hidden(self.cache, ids, positions, self.cache.tree_mask(bias))  # [S, q, H]
         rows = torch.cat([torch.arange(t.size, device=dev) + slot * q for slot, (_, t, _) in plans.items()])
         logits = dec.logits(h.view(S * q, -1)[rows])  # [real nodes, vocab]
