@@ -25,7 +25,7 @@ from ..defaults import GROUNDED_RESIDUALS
 from ..kvcache import TreeKVCache
 from ..llama_forward import LlamaForward
 from ..tree import MAX_RANK, Tree
-from .medusa import DraftHeads, HeadsConfig, ResBlock
+from .medusa import DraftHeads, HeadsConfig, ResBlock, linear
 
 
 class GroundedBlock(nn.Module):
@@ -48,8 +48,8 @@ class GroundedBlock(nn.Module):
                 self.res.weight[:, :hidden].copy_(torch.eye(hidden))
 
     def forward(self, x):
-        res = x[..., :self.hidden] if self.res is None else self.res(x)
-        return res + nn.functional.silu(self.linear(x))
+        res = x[..., :self.hidden] if self.res is None else linear(x, self.res.weight)
+        return res + nn.functional.silu(linear(x, self.linear.weight, self.linear.bias))
 
 
 def prefix_layer_config(cfg: HeadsConfig) -> LlamaConfig:
