@@ -34,10 +34,16 @@ mkdir -p $R
 [ -f $R/tree.json ] || $dh calibrate --heads $R/train/heads --prompts $R/calib_prompts.jsonl --limit 24 \
     --max-new-tokens 96 --max-nodes 32 --latency-sizes 1,2,3,4,5,6,8,12,16,24,32 --latency-steps 16 \
     --measure-limit 8 --threads 2 --out $R/tree.json --write-to-heads
+#    and for bf16 on this CPU (stored in the heads' device_trees)
+[ -f $R/tree_bf16.json ] || $dh calibrate --heads $R/train/heads --prompts $R/calib_prompts.jsonl --limit 24 \
+    --max-new-tokens 96 --max-nodes 32 --latency-sizes 1,2,3,4,5,6,8,12,16,24,32 --latency-steps 16 \
+    --measure-limit 8 --threads 2 --dtype bfloat16 --out $R/tree_bf16.json --write-to-heads
 
 # 3. Shipped Medusa heads against these, each with its own calibrated tree, interleaved per prompt.
 [ -f $R/compare.json ] || .venv/bin/python scripts/compare_heads.py --heads default --heads $R/train/heads \
     --limit 20 --max-new-tokens 128 --out $R/compare.json
+[ -f $R/compare_bf16.json ] || .venv/bin/python scripts/compare_heads.py --heads default --heads $R/train/heads \
+    --dtype bfloat16 --limit 20 --max-new-tokens 128 --out $R/compare_bf16.json
 
 # 4. Ship.
 mkdir -p src/draftheads/default_hydra_heads
