@@ -344,7 +344,7 @@ def test_a_finished_sequence_not_yet_handed_out_does_not_block_the_others():
     model = tiny_model()
     heads = tiny_heads(model, num_heads=3)
     batch = BatchDecoder(Decoder(model, heads, load_tree("chain2")), slots=2, capacity=48)
-    full, other = batch.steps(list(range(10, 50)), 100, SamplingConfig(), Stats()), None
+    full = batch.steps(list(range(10, 50)), 100, SamplingConfig(), Stats())
     out = list(next(full))
     while True:
         batch.step()
