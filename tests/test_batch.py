@@ -361,3 +361,24 @@ def test_a_finished_sequence_not_yet_handed_out_does_not_block_the_others():
     out += next(full)
     assert out == hf_greedy(model, list(range(10, 50)), len(out)) and 40 + len(out) >= 48 - 3
     assert next(full, None) is None and sorted(batch.free) == [0]
+
+
+def test_a_named_tree_runs_exactly_while_every_slot_has_room_for_it():
+    """The bound of the waiting rule: B's 17-node tree runs in a pass whenever every slot has >= 17 free
+    columns (room == 17 included) and waits otherwise."""
+    model = tiny_model()
+    heads = tiny_heads(model, num_heads=3)
+    batch = BatchDecoder(Decoder(model, heads, load_tree("chain2")), slots=2, capacity=64)
+    a = batch.steps(list(range(10, 55)), 100, SamplingConfig(), Stats())  # 45 tokens: room 19 at the start
+    b_stats = Stats()
+    b = batch.steps(list(range(60, 64)), 100, SamplingConfig(), b_stats, load_tree("medusa16", 3))
+    next(a), next(b)
+    rooms = []
+    while 0 in batch.seqs and not batch.seqs[0].done and int(batch.cache.lengths[1]) + 17 <= batch.seqs[1].end:
+        room, nodes = 64 - int(batch.cache.lengths.max()), b_stats.nodes
+        batch.step()
+        assert (b_stats.nodes - nodes == 17) == (room >= 17), (room, b_stats.nodes - nodes)
+        rooms.append(room)
+        next(a), next(b)
+    assert 17 in rooms and 16 in rooms, rooms  # both sides of the bound were stepped
+    a.close(), b.close()
