@@ -124,7 +124,7 @@ def test_tuned_fingerprint_refuses_the_untuned_and_another_backbone(tmp_path):
 
 def _cfg(tmp_path, out):
     return TrainConfig(model=ModelConfig(num_heads=2, trim_vocab=64), data=DataConfig(
-        path=str(_conversations(tmp_path / "c.jsonl")), eval_fraction=0.2),
+        paths=[str(_conversations(tmp_path / "c.jsonl"))], eval_fraction=0.2),
         optim=OptimConfig(epochs=2, batch_size=4, lr=3e-3),
         run=RunConfig(output=str(out), checkpoint_every=1, progress=False),
         joint=JointConfig(enabled=True, lora_rank=4, lora_targets=TARGETS, adapter_lr=1e-3, heads_warmup_epochs=1))

@@ -12,7 +12,7 @@ from draftheads.heads import HeadsConfig, MedusaHeads, load_heads
 from draftheads.heads.vocab import IGNORE, build_vocab_map, count_tokens, full_to_trimmed, trim_targets
 from draftheads.train import trainer
 from draftheads.train.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
-from draftheads.train.data import head_targets, tokenize_conversation
+from draftheads.train.data import head_targets, load_training_sets, tokenize_conversation
 from draftheads.tree import Tree
 
 
@@ -76,7 +76,7 @@ def _conversations(path):
 
 def _cfg(tmp_path, out, **optim):
     return TrainConfig(model=ModelConfig(num_heads=2, trim_vocab=64), data=DataConfig(
-        path=str(_conversations(tmp_path / "c.jsonl")), eval_fraction=0.2, precompute_features=True),
+        paths=[str(_conversations(tmp_path / "c.jsonl"))], eval_fraction=0.2, precompute_features=True),
         optim=OptimConfig(epochs=2, feature_batch=64, lr=3e-3, **optim),
         run=RunConfig(output=str(out), checkpoint_every=1, progress=False))
 
@@ -117,6 +117,7 @@ def test_train_flag_defaults_are_the_config_defaults():
     args = argparse.ArgumentParser()
     add_train_args(args)
     ns = args.parse_args(["--data", "d", "--output", "o"])
+    assert ns.data == ["d"] and args.parse_args(["--data", "d", "--data", "e", "--output", "o"]).data == ["d", "e"]
     m, r = ModelConfig(), RunConfig()
     assert (ns.trim_vocab, ns.save_dtype) == (m.trim_vocab, r.save_dtype) == (4096, "float16")  # what the docs advise
     assert (ns.num_heads, ns.lr, ns.checkpoint_every) == (m.num_heads, OptimConfig().lr, r.checkpoint_every)
@@ -128,12 +129,12 @@ def test_trim_at_or_above_the_vocabulary_keeps_it_whole(tmp_path):
     heads = load_heads(trainer.train(cfg, _bb()))
     assert heads.cfg.trimmed_vocab is None
     with pytest.raises(UserError, match="trim_vocab"):
-        TrainConfig(model=ModelConfig(trim_vocab=1), data=DataConfig(path="x"), run=RunConfig(output="y")).validate()
+        TrainConfig(model=ModelConfig(trim_vocab=1), data=DataConfig(paths=["x"]), run=RunConfig(output="y")).validate()
 
 
 def test_config_rejects_a_grounded_residual_for_medusa_heads_and_unknown_values():
     def check(**model):
-        TrainConfig(model=ModelConfig(**model), data=DataConfig(path="x"), run=RunConfig(output="y")).validate()
+        TrainConfig(model=ModelConfig(**model), data=DataConfig(paths=["x"]), run=RunConfig(output="y")).validate()
 
     check(head_type="hydra++", grounded_residual="hidden")
     with pytest.raises(UserError, match="^grounded_residual applies to Hydra heads"):
@@ -149,6 +150,26 @@ def test_config_rejects_unknown_keys():
         TrainConfig.from_dict({"optimiser": {}})
 
 
+def test_each_source_is_split_on_its_own_so_adding_one_keeps_the_others_held_out_part(tmp_path):
+    tok = tiny_tokenizer()
+    a = _conversations(tmp_path / "a.jsonl")
+    b = tmp_path / "b.jsonl"
+    b.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"b {i}"},
+                                                  {"role": "assistant", "content": "zyxw" * (1 + i % 3)}]}) + "\n"
+                         for i in range(8)))
+    seqs1, _, train1, eval1 = load_training_sets([str(a)], tok, 1024, 0.25, 0)
+    seqs2, _, train2, eval2 = load_training_sets([str(a), str(b)], tok, 1024, 0.25, 0)
+    assert len(seqs2) == len(seqs1) + 8 and sorted(train2 + eval2) == list(range(len(seqs2)))
+    ids = lambda seqs, idx: [seqs[i][0].tolist() for i in idx]  # noqa: E731
+    n = len(seqs1)
+    assert ids(seqs2, [i for i in eval2 if i < n]) == ids(seqs1, eval1) and len(eval1) == 4
+    assert ids(seqs2, [i for i in train2 if i < n]) == ids(seqs1, train1)
+    assert len([i for i in eval2 if i >= n]) == 2  # b's own quarter
+    with pytest.raises(UserError, match="at least 2 usable"):
+        b.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "yz"}]}) + "\n")
+        load_training_sets([str(a), str(b)], tok, 1024, 0.25, 0)
+
+
 def test_train_cli_online_mode(tmp_path, capsys):
     from draftheads.cli import main
 
@@ -156,13 +177,16 @@ def test_train_cli_online_mode(tmp_path, capsys):
     tiny_model().save_pretrained(bb)
     tiny_tokenizer().save_pretrained(bb)
     data = _conversations(tmp_path / "c.jsonl")
-    argv = ["train", "--backbone", str(bb), "--data", str(data), "--output", str(tmp_path / "run"), "--num-heads", "2",
+    (tmp_path / "more.jsonl").write_text((tmp_path / "c.jsonl").read_text().replace("count", "tally"))
+    argv = ["train", "--backbone", str(bb), "--data", str(data), "--data", str(tmp_path / "more.jsonl"),
+            "--output", str(tmp_path / "run"), "--num-heads", "2",
             "--epochs", "1", "--batch-size", "4", "--no-progress", "--lm-head", "shared", "--trim-vocab", "32"]
     assert main(argv) == 0
     heads = load_heads(tmp_path / "run" / "heads")
     assert heads.cfg.lm_head == "shared" and heads.cfg.backbone == str(bb) and heads.cfg.backbone_fingerprint
     out = capsys.readouterr().out
     assert "will write" in out and "checkpoint.pt" in out and "MB in float16" in out  # sizes said before writing
+    assert "train: 30 conversations" in out and "2 held out" in out  # both sources, 16 each, one held out of each
     from safetensors.torch import load_file
 
     stored = load_file(tmp_path / "run" / "heads" / "model.safetensors")
@@ -211,7 +235,7 @@ def test_train_on_distilled_directory_uses_stored_hidden_states(tmp_path, capsys
 
     def cfg(out):
         return TrainConfig(model=ModelConfig(num_heads=2, trim_vocab=64), data=DataConfig(
-            path=str(data), eval_fraction=0.2, precompute_features=True),
+            paths=[str(data)], eval_fraction=0.2, precompute_features=True),
             optim=OptimConfig(epochs=1, feature_batch=64, lr=3e-3), run=RunConfig(output=str(out), progress=False))
     a = load_heads(trainer.train(cfg(tmp_path / "a"), _bb()))
     assert not list((tmp_path / "a").glob("features-*.pt"))  # no feature pass ran
@@ -241,7 +265,7 @@ def test_train_on_distilled_directory_uses_stored_hidden_states(tmp_path, capsys
     one.data.shards = 4
     with pytest.raises(UserError, match="has 3 finished shard"):
         trainer.train(one, _bb())
-    one.data.shards, one.data.path = 1, str(prompts)
+    one.data.shards, one.data.paths = 1, [str(prompts)]
     with pytest.raises(UserError, match="needs a distilled directory"):
         trainer.train(one, _bb())
 
@@ -251,7 +275,7 @@ def test_train_tokens_takes_a_subset_of_the_training_split_and_keeps_the_held_ou
 
     def run(out, train_tokens):
         cfg = TrainConfig(model=ModelConfig(num_heads=2, trim_vocab=0), data=DataConfig(
-            path=str(path), eval_fraction=0.25, precompute_features=True, train_tokens=train_tokens),
+            paths=[str(path)], eval_fraction=0.25, precompute_features=True, train_tokens=train_tokens),
             optim=OptimConfig(epochs=1, feature_batch=16), run=RunConfig(output=str(tmp_path / out), progress=False))
         trainer.train(cfg, _bb())
         line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("train: ") and "held out" in x)

@@ -130,7 +130,10 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     from .config import DataConfig, JointConfig, ModelConfig, OptimConfig, RunConfig
 
     M, D, O, R, J = ModelConfig(), DataConfig(), OptimConfig(), RunConfig(), JointConfig()
-    t.add_argument("--data", required=True, help="conversations JSONL from `draftheads distill` (messages format)")
+    t.add_argument("--data", required=True, action="append",
+                   help="conversations JSONL or distilled directory from `draftheads distill`; repeat to train on "
+                        "several (each is split into train / held-out on its own, so adding one leaves the others' "
+                        "held-out parts as they were)")
     t.add_argument("--output", "-o", required=True, help="run directory: checkpoints, eval JSON, final heads in <dir>/heads")
     t.add_argument("--method", default="medusa1", choices=["medusa1", "medusa2", "hydra", "hydra++"],
                    help="medusa1: independent heads; medusa2: Medusa heads plus a LoRA adapter on the backbone, trained "

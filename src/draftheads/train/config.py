@@ -26,7 +26,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""
+    # conversations JSONL files or distilled directories; each is split into train / held-out on its own
+    paths: list[str] = field(default_factory=list)
     max_length: int = 1024
     eval_fraction: float = 0.05
     train_tokens: int | None = None  # a seeded subset of the training split with ~N assistant tokens (data-size curves)
@@ -133,7 +134,7 @@ class TrainConfig:
             raise UserError(f"save_dtype must be float32, float16 or bfloat16, not {self.run.save_dtype!r}")
         if self.data.shards is not None and self.data.shards < 1:
             raise UserError("shards must be at least 1")
-        if not self.data.path or not self.run.output:
+        if not self.data.paths or not all(self.data.paths) or not self.run.output:
             raise UserError("training needs a conversations file (--data) and an output directory (--output)")
         j = self.joint
         if j.enabled:

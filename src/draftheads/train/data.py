@@ -95,6 +95,25 @@ def load_training_data(path: str | Path, tok, max_length: int, fingerprint: str 
     return seqs, kept
 
 
+def load_training_sets(paths: list[str], tok, max_length: int, eval_fraction: float, seed: int,
+                       fingerprint: str | None = None, fill=None, shards: int | None = None):
+    """load_training_data over several sources, each one's usable conversations (one target at least) split
+    on its own, so that a held-out part does not change when another source is added (the data-size curve
+    and earlier runs stay comparable). Returns (seqs, stored, train_idx, eval_idx) over their concatenation."""
+    seqs, stored, train_idx, eval_idx = [], [], [], []
+    for path in paths:
+        s, h = load_training_data(path, tok, max_length, fingerprint, fill, shards)
+        usable = [i for i, (_, mask) in enumerate(s) if mask[2:].any()]
+        if len(usable) < 2:
+            raise UserError(f"{path}: need at least 2 usable conversations, found {len(usable)}")
+        tr, ev = split(len(usable), eval_fraction, seed)
+        train_idx += [len(seqs) + i for i in tr]
+        eval_idx += [len(seqs) + i for i in ev]
+        seqs += [s[i] for i in usable]
+        stored += [h[i] for i in usable]
+    return seqs, stored, train_idx, eval_idx
+
+
 def tokenize_conversation(tok, messages: list[dict], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ids [T] and loss mask [T] (True on assistant tokens, their end-of-turn token included).
 

@@ -40,7 +40,7 @@ from ..errors import UserError
 from ..heads import load_heads, save_heads
 from ..heads.vocab import full_to_trimmed, trim_targets
 from .config import TrainConfig
-from .data import IGNORE, head_targets, load_training_data, split
+from .data import IGNORE, head_targets, load_training_sets
 from .trainer import _mb, backbone_hidden, evaluate, lr_factor, medusa_loss, resume
 
 ADAPTER = "../adapter"  # where the heads' config finds the adapter, relative to <output>/heads
@@ -192,12 +192,8 @@ def train_medusa2(cfg: TrainConfig, backbone=None) -> Path:
     K, V = heads.cfg.num_heads, model.get_output_embeddings().weight.shape[0]
     table = full_to_trimmed(heads.vocab_map, V).to(acc.device) if heads.vocab_map is not None else None
     # Token streams only: stored hidden states are the original backbone's, not the tuned one's.
-    seqs, _ = load_training_data(d.path, tok, d.max_length, output_embedding_fingerprint(model),
-                                  shards=d.shards)
-    seqs = [s for s in seqs if s[1][2:].any()]
-    if len(seqs) < 2:
-        raise UserError(f"{d.path}: need at least 2 usable conversations, found {len(seqs)}")
-    train_idx, eval_idx = split(len(seqs), d.eval_fraction, r.seed)  # the split stage 1 used
+    seqs, _, train_idx, eval_idx = load_training_sets(d.paths, tok, d.max_length, d.eval_fraction, r.seed,
+                                                      output_embedding_fingerprint(model), shards=d.shards)  # stage 1's split
     train_seqs, eval_seqs = [seqs[i] for i in train_idx], [seqs[i] for i in eval_idx]
 
     # 2. The adapter (LoRA's B starts at zero: the tuned model starts as the original, KL 0) and the

@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..heads import HeadsConfig, build_heads, save_heads
 from ..heads.vocab import build_vocab_map, count_tokens, full_to_trimmed, trim_targets
 from .config import DataConfig, JointConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
-from .data import IGNORE, head_targets, load_training_data, split
+from .data import IGNORE, head_targets, load_training_sets
 
 
 def config_from_args(args) -> TrainConfig:
@@ -35,7 +35,7 @@ def config_from_args(args) -> TrainConfig:
         model=ModelConfig(backbone=args.backbone, dtype=args.dtype, num_heads=args.num_heads, num_layers=args.num_layers,
                           lm_head=args.lm_head, trim_vocab=args.trim_vocab, head_type=head_type,
                           dropout=args.dropout, grounded_residual=args.grounded_residual),
-        data=DataConfig(path=args.data, max_length=args.max_length, eval_fraction=args.eval_fraction,
+        data=DataConfig(paths=list(args.data), max_length=args.max_length, eval_fraction=args.eval_fraction,
                         train_tokens=args.train_tokens, shards=args.shards,
                         precompute_features=args.precompute_features, features_dir=args.features_dir,
                         feature_dtype=args.feature_dtype),
@@ -270,13 +270,9 @@ def train(cfg: TrainConfig, backbone=None) -> Path:
     if d.precompute_features:
         fill = (lambda ids: backbone_hidden(model, ids, acc.device, d.feature_dtype), r.progress)
     with acc.main_process_first():  # the main process computes missing features, the others then read them
-        seqs, stored = load_training_data(d.path, tok, d.max_length, output_embedding_fingerprint(model),
-                                          fill if acc.is_main_process else None, shards=d.shards)
-    usable = [i for i, s in enumerate(seqs) if s[1][2:].any()]  # need at least one target
-    seqs, stored = [seqs[i] for i in usable], [stored[i] for i in usable]
-    if len(seqs) < 2:
-        raise UserError(f"{d.path}: need at least 2 usable conversations, found {len(seqs)}")
-    train_idx, eval_idx = split(len(seqs), d.eval_fraction, r.seed)
+        seqs, stored, train_idx, eval_idx = load_training_sets(
+            d.paths, tok, d.max_length, d.eval_fraction, r.seed, output_embedding_fingerprint(model),
+            fill if acc.is_main_process else None, shards=d.shards)
     if d.train_tokens:  # a subset of the training split; the held-out split stays the same for every size
         order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(r.seed)).tolist()
         count = torch.tensor([int(seqs[i][1].sum()) for i in train_idx])[order].cumsum(0)  # assistant tokens
