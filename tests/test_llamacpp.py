@@ -160,3 +160,27 @@ def test_heads_for_another_backbone_are_refused(model):
     other = dict(model.backbone.identity, fingerprint=[x + 0.5 for x in model.backbone.identity["fingerprint"]])
     with pytest.raises(UserError, match="output embedding differs"):
         load_heads(heads_dir("default"), GGUFBackbone(embedded_gguf(), other))
+
+
+def test_settings_that_llama_cpp_would_abort_on_are_one_line_errors():
+    from draftheads.engine_llamacpp import LlamaCppSettings
+
+    # llama.cpp reserves an output row per sequence: a smaller batch aborted the process (GGML_ASSERT)
+    with pytest.raises(UserError, match="batch >= max_leaves"):
+        LlamaCppSettings(batch=8, max_leaves=9)
+    LlamaCppSettings(batch=8, max_leaves=8)
+
+
+@needs_engine
+def test_a_tree_larger_than_the_batch_is_refused_and_one_that_fits_runs():
+    from draftheads.engine_llamacpp import LlamaCppEngine, LlamaCppSettings
+
+    engine = LlamaCppEngine(embedded_gguf(), LlamaCppSettings(batch=8, max_leaves=8))
+    cache = engine.new_cache(64)
+    engine.prefill(cache, torch.arange(100, 130), "last")
+    fits = Tree([[0], [1], [0, 0], [0, 1], [1, 0]])  # 6 nodes, depth 2: 8 rows with the re-decoded path
+    logits, hidden = engine.verify(cache, torch.arange(200, 206), fits)
+    assert logits.shape[0] == hidden.shape[0] == 6
+    engine.keep(cache, cache.length, [0, 1, 3])
+    with pytest.raises(UserError, match="needs a llama.cpp batch of 9"):
+        engine.verify(cache, torch.arange(200, 207), Tree([[0], [1], [2], [0, 0], [0, 1], [1, 0]]))

@@ -72,6 +72,10 @@ class LlamaCppSettings:
         if self.context < 0 or self.threads < 0 or self.batch < 1 or not 1 <= self.max_leaves <= 255:
             raise UserError(f"llama.cpp settings need context >= 0, threads >= 0, batch >= 1 and 1 <= max_leaves "
                             f"<= 255 (llama.cpp's 256 sequences), not {asdict(self)}")
+        if self.batch < self.max_leaves:  # llama.cpp reserves an output row per sequence in every decode; it
+            # aborts the process (GGML_ASSERT n_outputs_max) on a smaller batch, so it is refused here
+            raise UserError(f"llama.cpp settings need batch >= max_leaves (an output row per sequence), not "
+                            f"batch {self.batch} and max_leaves {self.max_leaves}")
 
 
 def bindings():
@@ -325,6 +329,9 @@ class LlamaCppEngine:
             if p.leaves > self.settings.max_leaves:
                 raise UserError(f"a tree of {p.leaves} leaves is more than the llama.cpp engine's "
                                 f"{self.settings.max_leaves} sequences: choose a smaller tree")
+            if tree.size + tree.depth > self.settings.batch:  # the tree and the path re-decoded ahead of it
+                raise UserError(f"a tree of {tree.size} nodes and depth {tree.depth} needs a llama.cpp batch of "
+                                f"{tree.size + tree.depth}, more than {self.settings.batch}: choose a smaller tree")
             if len(self._plans) >= 4096:  # prompt lookup makes a few hundred shapes; keep the memory bounded
                 self._plans.clear()
             self._plans[tree] = p
