@@ -81,9 +81,19 @@ class TorchEngine:
     def _refuse_inexact(self) -> None:
         """Refuse, in one line, a backbone this loop would decode wrongly. The lean forward is tested
         against transformers for each family it takes; the generic path is probed on a tiny tree step."""
-        reason = refusal(self.model) or (probe(self) if self.lean is None else None)
+        reason = refusal(self.model) or (self._inexact_rows() or probe(self) if self.lean is None else None)
         if reason:
             raise UserError(f"draftheads cannot decode {self.model.config.model_type} exactly: {reason}")
+
+    def _inexact_rows(self) -> str | None:
+        # transformers' attention over a tree's rows rounds differently from a one-token step; in reduced
+        # precision that flips near-tied greedy tokens (tiny Qwen3, OLMo-2, Gemma, Phi, GPT-NeoX in bf16: 1-6
+        # of 12 replies changed). Only the lean forward attends row by row (row_exact).
+        if self.row_exact:
+            return (f"in {str(self.dtype).removeprefix('torch.')} on a CPU its tree rows would round differently "
+                    "from one-token steps and change greedy output (only Llama, Mistral and Qwen2 attend row by "
+                    "row); load it in float32")
+        return None
 
     def _kernels(self, rows: int):
         # Entered per forward, never across a yield: a torch function mode is global to the thread.
