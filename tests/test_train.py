@@ -157,14 +157,15 @@ def test_each_source_is_split_on_its_own_so_adding_one_keeps_the_others_held_out
     b.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"b {i}"},
                                                   {"role": "assistant", "content": "zyxw" * (1 + i % 3)}]}) + "\n"
                          for i in range(8)))
-    seqs1, _, train1, eval1 = load_training_sets([str(a)], tok, 1024, 0.25, 0)
-    seqs2, _, train2, eval2 = load_training_sets([str(a), str(b)], tok, 1024, 0.25, 0)
+    seqs1, _, train1, eval1, _ = load_training_sets([str(a)], tok, 1024, 0.25, 0)
+    seqs2, _, train2, eval2, src2 = load_training_sets([str(a), str(b)], tok, 1024, 0.25, 0)
     assert len(seqs2) == len(seqs1) + 8 and sorted(train2 + eval2) == list(range(len(seqs2)))
     ids = lambda seqs, idx: [seqs[i][0].tolist() for i in idx]  # noqa: E731
     n = len(seqs1)
     assert ids(seqs2, [i for i in eval2 if i < n]) == ids(seqs1, eval1) and len(eval1) == 4
     assert ids(seqs2, [i for i in train2 if i < n]) == ids(seqs1, train1)
     assert len([i for i in eval2 if i >= n]) == 2  # b's own quarter
+    assert src2 == [str(a)] * n + [str(b)] * 8
     with pytest.raises(UserError, match="at least 2 usable"):
         b.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "yz"}]}) + "\n")
         load_training_sets([str(a), str(b)], tok, 1024, 0.25, 0)
@@ -187,6 +188,8 @@ def test_train_cli_online_mode(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "will write" in out and "checkpoint.pt" in out and "MB in float16" in out  # sizes said before writing
     assert "train: 30 conversations" in out and "2 held out" in out  # both sources, 16 each, one held out of each
+    per_source = json.loads((tmp_path / "run" / "eval.json").read_text())[-1]["per_source"]
+    assert list(per_source) == [str(data), str(tmp_path / "more.jsonl")] and f"  {data}: top1 " in out
     from safetensors.torch import load_file
 
     stored = load_file(tmp_path / "run" / "heads" / "model.safetensors")

@@ -99,8 +99,9 @@ def load_training_sets(paths: list[str], tok, max_length: int, eval_fraction: fl
                        fingerprint: str | None = None, fill=None, shards: int | None = None):
     """load_training_data over several sources, each one's usable conversations (one target at least) split
     on its own, so that a held-out part does not change when another source is added (the data-size curve
-    and earlier runs stay comparable). Returns (seqs, stored, train_idx, eval_idx) over their concatenation."""
-    seqs, stored, train_idx, eval_idx = [], [], [], []
+    and earlier runs stay comparable). Returns (seqs, stored, train_idx, eval_idx, source) over their
+    concatenation; source[i] is the path conversation i came from."""
+    seqs, stored, train_idx, eval_idx, source = [], [], [], [], []
     for path in paths:
         s, h = load_training_data(path, tok, max_length, fingerprint, fill, shards)
         usable = [i for i, (_, mask) in enumerate(s) if mask[2:].any()]
@@ -111,7 +112,8 @@ def load_training_sets(paths: list[str], tok, max_length: int, eval_fraction: fl
         eval_idx += [len(seqs) + i for i in ev]
         seqs += [s[i] for i in usable]
         stored += [h[i] for i in usable]
-    return seqs, stored, train_idx, eval_idx
+        source += [path] * len(usable)
+    return seqs, stored, train_idx, eval_idx, source
 
 
 def tokenize_conversation(tok, messages: list[dict], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:

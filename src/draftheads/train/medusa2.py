@@ -192,7 +192,7 @@ def train_medusa2(cfg: TrainConfig, backbone=None) -> Path:
     K, V = heads.cfg.num_heads, model.get_output_embeddings().weight.shape[0]
     table = full_to_trimmed(heads.vocab_map, V).to(acc.device) if heads.vocab_map is not None else None
     # Token streams only: stored hidden states are the original backbone's, not the tuned one's.
-    seqs, _, train_idx, eval_idx = load_training_sets(d.paths, tok, d.max_length, d.eval_fraction, r.seed,
+    seqs, _, train_idx, eval_idx, _ = load_training_sets(d.paths, tok, d.max_length, d.eval_fraction, r.seed,
                                                       output_embedding_fingerprint(model), shards=d.shards)  # stage 1's split
     train_seqs, eval_seqs = [seqs[i] for i in train_idx], [seqs[i] for i in eval_idx]
 

@@ -270,7 +270,7 @@ def train(cfg: TrainConfig, backbone=None) -> Path:
     if d.precompute_features:
         fill = (lambda ids: backbone_hidden(model, ids, acc.device, d.feature_dtype), r.progress)
     with acc.main_process_first():  # the main process computes missing features, the others then read them
-        seqs, stored, train_idx, eval_idx = load_training_sets(
+        seqs, stored, train_idx, eval_idx, source = load_training_sets(
             d.paths, tok, d.max_length, d.eval_fraction, r.seed, output_embedding_fingerprint(model),
             fill if acc.is_main_process else None, shards=d.shards)
     if d.train_tokens:  # a subset of the training split; the held-out split stays the same for every size
@@ -405,13 +405,21 @@ def train(cfg: TrainConfig, backbone=None) -> Path:
         # 7. End of epoch (or of the run): held-out accuracy per head, logged and saved.
         if acc.is_main_process:
             heads.eval()
-            res = evaluate(heads, [h.to(acc.device, torch.float32) for h in eval_hidden], eval_seqs)
+            hs = [h.to(acc.device, torch.float32) for h in eval_hidden]
+            res = evaluate(heads, hs, eval_seqs)
+            if len(d.paths) > 1:  # each source's held-out part alone too: a source's figure stays comparable
+                res["per_source"] = {
+                    path: evaluate(heads, [h for h, i in zip(hs, eval_idx) if source[i] == path],
+                                   [eval_seqs[j] for j, i in enumerate(eval_idx) if source[i] == path])
+                    for path in d.paths}
             heads.train()
             res.update(epoch=epoch + 1, step=step, train_loss=float(loss.item()), time=time.time())
             history.append(res)
             history_path.write_text(json.dumps(history, indent=1) + "\n")
             bar.write("eval epoch %d: top1 %s top5 %s" % (epoch + 1, " ".join(f"{a:.3f}" for a in res["top1"]),
                                                           " ".join(f"{a:.3f}" for a in res["top5"])))
+            for path, part in res.get("per_source", {}).items():
+                bar.write(f"  {path}: top1 {' '.join(f'{a:.3f}' for a in part['top1'])}")
             save_checkpoint(ckpt_path, heads, opt, sched, step)
         acc.wait_for_everyone()
     bar.close()
