@@ -181,12 +181,13 @@ def test_the_tree_follows_the_batch_size_table_and_a_named_tree_does_not():
     stats = [Stats() for _ in prompts]
     gens = [batch.steps(prompts[0], 30, SamplingConfig(), stats[0])]
     next(gens[0])
-    batch.step()
+    assert batch.step() == 1
+    assert batch.step() == 0  # its tokens not handed out yet: nothing to decode
     assert stats[0].nodes == 17  # alone: the entry for 1 (16 drafts and the root)
     next(gens[0])
     gens.append(batch.steps(prompts[1], 30, SamplingConfig(), stats[1]))
     next(gens[1])
-    batch.step()
+    assert batch.step() == 2
     assert stats[0].nodes == 34 and stats[1].nodes == 17  # two: still the entry for 1
     for g in gens:
         next(g)

@@ -178,11 +178,12 @@ class BatchDecoder:
         return seq
 
     @torch.inference_mode()
-    def step(self) -> None:
-        """One verify pass over every admitted sequence's tree; each gets its emitted tokens."""
+    def step(self) -> int:
+        """One verify pass over every admitted sequence's tree; each gets its emitted tokens. Returns the
+        number of sequences the pass decoded (0: no pass)."""
         seqs = [s for s in self.seqs.values() if not s.done and s.emitted is None]
         if not seqs:
-            return
+            return 0
         dec, dev = self.dec, self.dec.device
         S = 1 + max(self.seqs)  # the pass covers slots [0, S); idle ones below S are padding
         t0 = dec._sync()
@@ -245,6 +246,7 @@ class BatchDecoder:
             s.stats.record(plans[s.slot][1], accepted[s.slot], t1 - t0, t2 - t1, t3 - t2)
         if choice:  # what actually ran: a row budget may have sent the round plain
             self.costs.record(B, with_table and trees, sum(len(s.emitted) for s in seqs), t3 - t0)
+        return B
 
 
 def run_all(batch: BatchDecoder, replies: list) -> list:

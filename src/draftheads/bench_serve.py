@@ -109,6 +109,10 @@ def load_level(url: str, prompts: list[tuple[int, str]], clients: int, max_token
             "tpot_p50": _quantile(tpot, 50), "tpot_p95": _quantile(tpot, 95)}, results
 
 
+def _phases(url: str) -> dict:
+    return httpx.get(url + "/health", timeout=10).json().get("batched_phases") or {}
+
+
 def run_concurrency(args) -> dict:
     from .questions import load_questions
 
@@ -141,7 +145,10 @@ def run_concurrency(args) -> dict:
             report["configs"][name] = {"args": extra, "levels": [], "texts": {}}
         for c in levels:
             for name, (_, url) in servers.items():
+                before = _phases(url)
                 row, results = load_level(url, prompts, c, args.max_new_tokens)
+                after = _phases(url)  # the batched worker's time per phase during this level (server.Worker.phases)
+                row["phases"] = {k: after[k] - before.get(k, 0) for k in after} if after else None
                 report["configs"][name]["texts"][c] = {r["index"]: r["text"] for r in results}
                 report["configs"][name]["levels"].append(row)
                 print(f"{name}, {c} clients: {row['tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
@@ -177,6 +184,14 @@ def write_report(report: dict, out: Path) -> list[str]:
                       "| sequences | rounds | tokens/s with trees | tokens/s plain |", "|---|---|---|---|"]
             lines += [f"| {b} | {r['rounds']} | {r['trees']:.1f} | {r['plain']:.1f} |"
                       for b, r in cfg["batched_rounds"].items()]
+    phased = [(name, row) for name, cfg in report["configs"].items() for row in cfg["levels"] if row.get("phases")]
+    if phased:
+        lines += ["", "Where the batched workers' time went per level (server.Worker.phases; seconds):", "",
+                  "| config | clients | wall | admit (prefill) | verify passes | hand-out | passes | sequences per pass |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {row['clients']} | {row['wall_s']:.1f} | {ph['admit_s']:.1f} | {ph['passes_s']:.1f} | "
+                  f"{ph['advance_s']:.1f} | {ph['passes']} | {ph['sequences'] / max(ph['passes'], 1):.2f} |"
+                  for name, row in phased for ph in [row["phases"]]]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 

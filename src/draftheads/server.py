@@ -124,6 +124,10 @@ class Worker:
         self.prefill_chunk = prefill_chunk
         # Served rounds decide whether the heads' trees pay at each batch size (round_costs.py); None: off.
         self.costs = RoundCosts() if adapt_trees else None
+        # Where the batched worker's time goes (seconds): admitting jobs (prefill, first chunk), the verify
+        # passes, and handing each job its next chunk (text, or a long prompt's next prefill chunk); plus
+        # passes, and sequences summed over them. /health reports it: served configurations compared by phase.
+        self.phases = {"admit_s": 0.0, "passes_s": 0.0, "advance_s": 0.0, "passes": 0, "sequences": 0}
         self.stopped = threading.Event()
         # A deque rather than queue.Queue: a cancelled job must leave the queue at once, not when its turn comes.
         self.waiting: deque[Job] = deque()
@@ -205,13 +209,15 @@ class Worker:
                     self.changed.wait(0.5)
                 joining = [self.waiting.popleft() for _ in range(min(len(self.waiting), len(batch.free)))]
             self.running = True
+            t0 = time.perf_counter()
             for job in joining:  # prefill (its first chunk of --prefill-chunk tokens), first chunk of text
                 if not job.cancelled.is_set():
                     chunks = self.model.iter_generate(torch.tensor(job.ids), batch=batch, **job.kwargs)
                     if self._advance(job, chunks):
                         running[id(job)] = (job, chunks)
+            t1, stepped = time.perf_counter(), 0
             try:
-                batch.step()  # one verify pass for every running job
+                stepped = batch.step()  # one verify pass for every running job
             except BaseException as e:  # never let one pass kill the worker: fail its jobs, go on
                 for job, chunks in running.values():
                     chunks.close()
@@ -219,10 +225,17 @@ class Worker:
                 running.clear()
                 if not isinstance(e, Exception):  # Ctrl-C: the jobs are told, then serving stops
                     raise
+            t2 = time.perf_counter()
             for key, (job, chunks) in list(running.items()):
                 if not self._advance(job, chunks):
                     del running[key]
             self.running = bool(running)
+            ph = self.phases
+            ph["admit_s"] += t1 - t0
+            ph["passes_s"] += t2 - t1
+            ph["advance_s"] += time.perf_counter() - t2
+            ph["passes"] += stepped > 0
+            ph["sequences"] += stepped
 
     def _advance(self, job: Job, chunks) -> bool:
         """Send `job` its next chunk (one decoding step); False once it is finished, failed or cancelled
@@ -313,6 +326,8 @@ def create_app(model, model_name: str | None = None, api_key: str | None = None,
         body = {"status": "ok", "model": name, "running": worker.running, "waiting": len(worker.waiting)}
         if worker.costs is not None and worker.costs.rounds:  # tokens/s per batch size, with trees and plain
             body["batched_rounds"] = {str(b): r for b, r in worker.costs.summary().items()}
+        if worker.phases["passes"]:  # the batched worker's time per phase (Worker.phases)
+            body["batched_phases"] = dict(worker.phases)
         return body
 
     @app.get("/v1/models")
