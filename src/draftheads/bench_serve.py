@@ -109,8 +109,8 @@ def load_level(url: str, prompts: list[tuple[int, str]], clients: int, max_token
             "tpot_p50": _quantile(tpot, 50), "tpot_p95": _quantile(tpot, 95)}, results
 
 
-def _phases(url: str) -> dict:
-    return httpx.get(url + "/health", timeout=10).json().get("batched_phases") or {}
+def _health(url: str) -> dict:
+    return httpx.get(url + "/health", timeout=10).json()
 
 
 def run_concurrency(args) -> dict:
@@ -145,15 +145,16 @@ def run_concurrency(args) -> dict:
             report["configs"][name] = {"args": extra, "levels": [], "texts": {}}
         for c in levels:
             for name, (_, url) in servers.items():
-                before = _phases(url)
+                before = _health(url).get("batched_phases") or {}
                 row, results = load_level(url, prompts, c, args.max_new_tokens)
-                after = _phases(url)  # the batched worker's time per phase during this level (server.Worker.phases)
+                # the batched worker's time per phase during this level (server.Worker.phases)
+                after = _health(url).get("batched_phases")
                 row["phases"] = {k: after[k] - before.get(k, 0) for k in after} if after else None
                 report["configs"][name]["texts"][c] = {r["index"]: r["text"] for r in results}
                 report["configs"][name]["levels"].append(row)
                 print(f"{name}, {c} clients: {row['tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
         for name, (_, url) in servers.items():  # measured tokens/s per batch size, trees and plain (round_costs.py)
-            report["configs"][name]["batched_rounds"] = httpx.get(url + "/health", timeout=10).json().get("batched_rounds")
+            report["configs"][name]["batched_rounds"] = _health(url).get("batched_rounds")
     finally:
         for proc, _ in servers.values():
             proc.terminate()
