@@ -50,7 +50,10 @@ def test_append_rows_views_hold_the_prefix_then_the_path(name):
     cache.append(1, *prefix)
     keys, values = (torch.randn(1, 2, tree.size, 4, generator=g) for _ in range(2))
     seen = set()
-    for row, node, k, v in cache.append_rows(1, keys, values, {0: tuple(tree.parent)}):
+    all_keys, all_values, views = cache.append_rows(1, keys, values, {0: tuple(tree.parent)})
+    assert torch.equal(all_keys, torch.cat([prefix[0], keys], 2))  # every node at its own column first
+    assert torch.equal(all_values, torch.cat([prefix[1], values], 2))
+    for row, node, k, v in views:
         assert row == 0
         path = tree.path_to(node)
         assert torch.equal(k, torch.cat([prefix[0], keys[:, :, path]], 2))
@@ -60,6 +63,55 @@ def test_append_rows_views_hold_the_prefix_then_the_path(name):
     # Afterwards the layer holds the nodes in their own order, as `append` leaves them (for `keep`).
     assert cache.layers[1].length == L + tree.size
     assert torch.equal(cache.kv[1, 0, :, :, L:], keys) and torch.equal(cache.kv[1, 1, :, :, L:], values)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_rows_attention_call_over_several_sequences_gives_each_row_what_it_gets_alone(dtype):
+    """What lets a batched bf16 pass attend in one call per layer: chain nodes of sequences with other
+    lengths (masked keys after their own, other rows in the call) change no row's bits. Checked here on
+    other shapes than the runtime probe's, which decides whether the forward relies on it."""
+    from draftheads.row_attention import batched_rows_are_exact, chain_visibility, rows_attention
+
+    if not batched_rows_are_exact(dtype, torch.get_num_threads()):
+        pytest.skip("this CPU's kernels are not row-exact across calls: the forward attends row by row")
+    g = torch.Generator().manual_seed(4)
+    kv_heads, group, d, q = 2, 4, 32, 5
+    starts = torch.tensor([0, 17, 63, 130, 515, 9])
+    n = int(starts.max()) + q
+    keys, values = (torch.randn(6, kv_heads, n, d, generator=g).to(dtype) for _ in range(2))
+    qs = (3 * torch.randn(6, kv_heads * group, q, d, generator=g)).to(dtype)
+    together = rows_attention(qs, keys, values, chain_visibility(starts, q, n, group), 0.17)  # [6, heads, q, d]
+    for r in range(6):
+        for j in range(q):
+            m = int(starts[r]) + j + 1
+            alone = rows_attention(qs[r:r + 1, :, j:j + 1], keys[r:r + 1, :, :m], values[r:r + 1, :, :m], None, 0.17)
+            assert torch.equal(alone[0, :, 0], together[r, :, j]), (r, j)
+            ref = torch.nn.functional.scaled_dot_product_attention(  # and it is attention
+                qs[r:r + 1, :, j:j + 1].float(), keys[r:r + 1, :, :m].float(), values[r:r + 1, :, :m].float(),
+                scale=0.17, enable_gqa=True)
+            torch.testing.assert_close(alone.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_chain_visibility_shows_each_node_the_prefix_and_its_ancestors():
+    from draftheads.row_attention import chain_visibility
+
+    v = chain_visibility(torch.tensor([2, 0]), q=2, n=4, g=2)  # [2, 1, 4, 4]
+    assert v.shape == (2, 1, 4, 4)
+    assert v[0, 0].int().tolist() == [[1, 1, 1, 0]] * 2 + [[1, 1, 1, 1]] * 2
+    assert v[1, 0].int().tolist() == [[1, 0, 0, 0]] * 2 + [[1, 1, 0, 0]] * 2
+
+
+def test_the_forward_attends_row_by_row_where_batched_rows_are_not_exact(monkeypatch):
+    """If the probe finds this CPU's kernels shape-dependent, every node attends alone, and bf16 tree
+    rows still equal plain steps."""
+    import draftheads.llama_forward as lf
+
+    monkeypatch.setattr(lf, "batched_rows_are_exact", lambda dtype, threads: False)
+    calls = []
+    real = lf.rows_attention
+    monkeypatch.setattr(lf, "rows_attention", lambda q, *a: calls.append(q.shape[2]) or real(q, *a))
+    test_bf16_tree_rows_equal_plain_steps_bit_for_bit("llama", "chain", torch.bfloat16)
+    assert calls and set(calls) == {1}  # one node per call
 
 
 def test_one_row_bf16_products_are_two_row_products():

@@ -67,6 +67,11 @@ def path_plan(parent: tuple[int, ...]) -> tuple[tuple[tuple[int, int, bool], ...
     return tuple(order), any(copy for _, _, copy in order)
 
 
+def is_chain(parent: tuple[int, ...]) -> bool:
+    """Whether a tree (parents, parent[0] = -1) is a chain: each node at its own column sits on its path."""
+    return all(p == i - 1 for i, p in enumerate(parent))
+
+
 def _path_views(kv: torch.Tensor, row: int, L: int, keys: torch.Tensor, values: torch.Tensor, parent: tuple[int, ...]):
     """The views of append_rows for batch row `row` of one layer's kv [2, rows, kv_heads, capacity, head_dim],
     whose tree nodes keys/values [rows, kv_heads, q, head_dim] were written at [L, L + q)."""
@@ -161,18 +166,24 @@ class TreeKVCache:
         ones; returns views of all of that layer's entries [batch, kv_heads, cached + q, head_dim]."""
         return self.layers[layer].update(keys, values)
 
-    def append_rows(self, layer: int, keys: torch.Tensor, values: torch.Tensor, trees: dict[int, tuple[int, ...]]):
-        """`append` for the q nodes of a tree, trees = {0: its parents} (parent[i] < i, parent[0] = -1), then
-        yield, node by node in depth-first order, (0, node, keys, values) with keys/values [1, kv_heads,
-        L + depth + 1, head_dim]: views that hold exactly what that node sees, the prefix then its path
-        from the root, contiguous and in order, so the node's attention can run as the plain step at its
-        position runs it (row-exact attention, for reduced precision: LlamaForward). A node whose slot
-        holds another is copied in; the nodes' own order is restored after the last view. Consume the
-        generator to the end."""
-        assert list(trees) == [0], "one sequence: its tree is row 0's"
+    def row_starts(self) -> torch.Tensor:
+        """Before a row-exact step: the column where its nodes will be written, per batch row [1]."""
+        return torch.tensor([self.length], device=self.device)
+
+    def append_rows(self, layer: int, keys: torch.Tensor, values: torch.Tensor, branching: dict[int, tuple[int, ...]]):
+        """`append` for the q nodes of a step (row-exact attention, for reduced precision: LlamaForward).
+        Returns what `append` returns, with every node at its own column, which is its path's for a chain,
+        and an iterator over the nodes of a branching tree, branching = {0: its parents} (parent[i] < i,
+        parent[0] = -1) or {}: node by node in depth-first order, (0, node, keys, values) with keys/values
+        [1, kv_heads, L + depth + 1, head_dim], views that hold exactly what that node sees, the prefix
+        then its path from the root, contiguous and in order, as the plain step at its position sees
+        them. A node whose slot holds another is copied in; the nodes' own order is restored after the
+        last view. Use the returned entries before iterating, and consume the iterator to the end."""
+        assert set(branching) <= {0}, "one sequence: its tree is row 0's"
         L = self.layers[layer].length
-        self.append(layer, keys, values)
-        yield from _path_views(self.kv[layer], 0, L, keys, values, trees[0])
+        all_keys, all_values = self.append(layer, keys, values)
+        views = (v for row, parent in branching.items() for v in _path_views(self.kv[layer], row, L, keys, values, parent))
+        return all_keys, all_values, views
 
     @property
     def length(self) -> int:
@@ -279,14 +290,18 @@ class SlotKVCache:
         assert n <= self._rows.numel() and max(starts) + q <= self.capacity, "KV cache overflow"
         self._n, self._end, self._starts = n, max(starts) + q, starts
 
-    def append_rows(self, layer: int, keys: torch.Tensor, values: torch.Tensor, trees: dict[int, tuple[int, ...]]):
-        """TreeKVCache.append_rows for a batch step (after begin_step): `append`, then per slot in `trees`
-        ({slot: its tree's parents}; other slots are padding) the views (slot, node, keys, values) [1, kv_heads,
-        lengths[slot] + depth + 1, head_dim] of exactly what each of its nodes sees. Consume to the end."""
-        self.append(layer, keys, values)
+    def row_starts(self) -> torch.Tensor:
+        """After begin_step: the column where each slot's nodes will be written [n]."""
+        return self.lengths[:self._n].clone()
+
+    def append_rows(self, layer: int, keys: torch.Tensor, values: torch.Tensor, branching: dict[int, tuple[int, ...]]):
+        """TreeKVCache.append_rows for a batch step (after begin_step): `append`'s entries of every slot,
+        and the views (slot, node, keys, values) [1, kv_heads, lengths[slot] + depth + 1, head_dim] of
+        exactly what each node of the slots in `branching` ({slot: its tree's parents}) sees."""
+        all_keys, all_values = self.append(layer, keys, values)
         kv = self.kv[layer]  # [2, slots, kv_heads, capacity, head_dim]
-        for slot, parent in trees.items():
-            yield from _path_views(kv, slot, self._starts[slot], keys, values, parent)
+        views = (v for slot, parent in branching.items() for v in _path_views(kv, slot, self._starts[slot], keys, values, parent))
+        return all_keys, all_values, views
 
     def tree_mask(self, tree_bias: torch.Tensor) -> torch.Tensor:
         """Additive mask [n, 1, q, max(lengths) + q] for a step of q nodes in each of the first n slots

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .cpu_matmul import linear
-from .kvcache import TreeKVCache
+from .kvcache import TreeKVCache, is_chain
+from .row_attention import batched_rows_are_exact, chain_visibility, rows_attention
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
@@ -68,6 +69,9 @@ class LlamaForward:
         self.embed, self.rotary, self.norm, self.layers = body.embed_tokens, body.rotary_emb, body.norm, body.layers
         attn = self.layers[0].self_attn
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
+        cfg = model.config
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
 
     def prefill_slot(self, cache, slot: int, ids: torch.Tensor) -> torch.Tensor:
         """Prefill one sequence, ids [P], into slot `slot` of a SlotKVCache while the other slots keep
@@ -87,10 +91,10 @@ class LlamaForward:
         """ids, positions [q] (one sequence) or [batch, q] -> final-norm hidden states [q, hidden_size] or
         [batch, q, hidden_size]; the cache (TreeKVCache, or SlotKVCache for a batch) takes the new keys and
         values. mask: additive [batch or 1, 1, q, keys], or None when every cached entry is visible (q = 1).
-        trees ({batch row: its tree's parents}) instead of a mask, for row-exact attention: each node attends
-        alone over exactly the keys it sees, the call a plain step at its position makes, so its result
-        does not depend on the other rows (needed in bf16; docs/verify_profile.md). Rows of other batch
-        rows and past a tree's size are padding: their attention output is 0."""
+        trees ({batch row: its tree's parents}) instead of a mask, for row-exact attention: each node's
+        attention computes exactly what a plain step at its position computes, so its result does not
+        depend on the other rows (needed in bf16; row_attention.py). Rows of other batch rows and past a
+        tree's size are padding: their outputs are finite and meaningless."""
         one = ids.dim() == 1
         if one:
             ids, positions = ids[None], positions[None]
@@ -105,6 +109,15 @@ class LlamaForward:
         hidden states as its inputs) -> final-norm hidden states [b, q, hidden]."""
         (b, q, _), d = x.shape, self.head_dim
         cos, sin = self.rotary(x, positions)  # [b, q, head_dim]
+        visible, per_node = None, {}
+        if trees is not None:
+            # Chains (plain rows among them) attend in one call per layer where that is exact on this CPU;
+            # a branching tree's nodes, whose paths are not their columns, attend one by one.
+            batched = batched_rows_are_exact(x.dtype, torch.get_num_threads())
+            per_node = {r: p for r, p in trees.items() if not (batched and is_chain(p))}
+            if len(per_node) < b:
+                starts, g = cache.row_starts(), self.heads // self.kv_heads
+                visible = chain_visibility(starts, q, int(starts.max()) + q, g)  # [b, 1, q * g, keys]
         for i, layer in enumerate(self.layers):
             at, mlp = layer.self_attn, layer.mlp
             h = rms_norm(x, layer.input_layernorm)
@@ -117,13 +130,10 @@ class LlamaForward:
                 o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=self.scaling,
                                                    enable_gqa=True)  # [b, heads, q, d]
             else:
-                o = torch.zeros_like(qs)  # [b, heads, q, d]
-                g = qs.shape[1] // ks.shape[1]  # query heads per kv head
-                for r, node, keys, values in cache.append_rows(i, ks, vs, trees):  # [1, kv_heads, its keys, d]
-                    # The row's query heads as g queries of their kv head (what enable_gqa computes): in
-                    # bf16 this call costs 41 us where a one-query GQA call costs 191 us (CPU, 2 threads).
-                    row = qs[r, :, node].reshape(1, -1, g, d)  # [1, kv_heads, g, d]
-                    o[r, :, node] = F.scaled_dot_product_attention(row, keys, values, scale=self.scaling).reshape(-1, d)
+                keys, values, paths = cache.append_rows(i, ks, vs, per_node)  # [b, kv_heads, keys, d]
+                o = rows_attention(qs, keys, values, visible, self.scaling) if visible is not None else qs.new_zeros(qs.shape)
+                for r, node, k1, v1 in paths:  # [1, kv_heads, its keys, d]: the path a branching tree's node sees
+                    o[r, :, node] = rows_attention(qs[r:r + 1, :, node:node + 1], k1, v1, None, self.scaling)[0, :, 0]
             x = x + linear(o.transpose(1, 2).reshape(b, q, -1), at.o_proj.weight, at.o_proj.bias)
             h = rms_norm(x, layer.post_attention_layernorm)
             gate = linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
