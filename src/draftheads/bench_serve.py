@@ -3,7 +3,9 @@
 For each server configuration (heads batched `--max-batch N`, plain batched `--heads none --max-batch
 N`, heads serial `--max-batch 1`) a `draftheads serve` process is started and warmed with one request;
 all of them run at once, and at each concurrency c they take turns: c client threads send their share
-of the prompts (streamed, greedy) to one server, then to the next.
+of the prompts (streamed, greedy) to one server, then to the next; half of the prompts in one order of
+the servers, the other half in the reverse order, so that a drift in the machine's speed during a level
+weighs on all servers alike (this machine is shared).
 Measured per level: aggregate tokens/s, time to first token (p50/p95), time per output token after
 the first (p50/p95), and how many replies differ from the serial server's reply at 1 client (each
 request decoded alone). Writes report.json, report.md and concurrency.png to --out.
@@ -81,8 +83,8 @@ def _quantile(xs: list[float], p: int) -> float:
     return statistics.quantiles(xs, n=100)[p - 1] if len(xs) > 1 else xs[0]
 
 
-def load_level(url: str, prompts: list[tuple[int, str]], clients: int, max_tokens: int) -> tuple[dict, list[dict]]:
-    """`clients` threads, each sending its share of `prompts` one after another."""
+def load_level(url: str, prompts: list[tuple[int, str]], clients: int, max_tokens: int) -> tuple[float, list[dict]]:
+    """`clients` threads, each sending its share of `prompts` one after another: (wall seconds, results)."""
     results: list[dict] = []
     lock = threading.Lock()
 
@@ -101,12 +103,17 @@ def load_level(url: str, prompts: list[tuple[int, str]], clients: int, max_token
     wall = time.perf_counter() - t0
     if len(results) < len(prompts):
         raise UserError(f"{len(prompts) - len(results)} requests failed at {clients} clients")
+    return wall, results
+
+
+def level_row(clients: int, wall: float, results: list[dict]) -> dict:
+    """Aggregate tokens/s over `wall` seconds of serving, and the requests' latency percentiles."""
     tpot = [(r["seconds"] - r["ttft"]) / max(r["tokens"] - 1, 1) for r in results]
     ttft = [r["ttft"] for r in results]
     return {"clients": clients, "requests": len(results), "wall_s": wall,
             "tokens_per_s": sum(r["tokens"] for r in results) / wall,
             "ttft_p50": _quantile(ttft, 50), "ttft_p95": _quantile(ttft, 95),
-            "tpot_p50": _quantile(tpot, 50), "tpot_p95": _quantile(tpot, 95)}, results
+            "tpot_p50": _quantile(tpot, 50), "tpot_p95": _quantile(tpot, 95)}
 
 
 def _health(url: str) -> dict:
@@ -143,13 +150,25 @@ def run_concurrency(args) -> dict:
             servers[name] = start_server(model_args, extra)
             ask(servers[name][1], "Say hi.", 8)  # warm-up
             report["configs"][name] = {"args": extra, "levels": [], "texts": {}}
+        # Each level runs in two halves, the servers in one order and then in the reverse (A B C, C B A), so
+        # that a machine slowing down or speeding up during the level weighs on every server alike.
+        cut = len(prompts) // 2 if len(prompts) // 2 >= max(levels) else len(prompts)
+        halves = [h for h in (prompts[:cut], prompts[cut:]) if h]
         for c in levels:
-            for name, (_, url) in servers.items():
-                before = _health(url).get("batched_phases") or {}
-                row, results = load_level(url, prompts, c, args.max_new_tokens)
-                # the batched worker's time per phase during this level (server.Worker.phases)
-                after = _health(url).get("batched_phases")
-                row["phases"] = {k: after[k] - before.get(k, 0) for k in after} if after else None
+            served = {name: [0.0, [], {}] for name in servers}  # wall, results, phases
+            for k, half in enumerate(halves):
+                for name, (_, url) in (list(servers.items()) if k % 2 == 0 else list(servers.items())[::-1]):
+                    before = _health(url).get("batched_phases") or {}
+                    wall, results = load_level(url, half, c, args.max_new_tokens)
+                    # the batched worker's time per phase during this level (server.Worker.phases)
+                    after = _health(url).get("batched_phases") or {}
+                    acc = served[name]
+                    acc[0] += wall
+                    acc[1] += results
+                    acc[2] = {key: acc[2].get(key, 0) + after[key] - before.get(key, 0) for key in after}
+            for name, (wall, results, phases) in served.items():
+                row = level_row(c, wall, results)
+                row["phases"] = phases or None
                 report["configs"][name]["texts"][c] = {r["index"]: r["text"] for r in results}
                 report["configs"][name]["levels"].append(row)
                 print(f"{name}, {c} clients: {row['tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)

@@ -255,6 +255,7 @@ class SlotKVCache:
         self._end = 1  # keys a step attends over: max(lengths) + q
         self._n = slots  # a step covers slots [0, _n): the batch keeps its running sequences in the low slots
         self._starts: list[int] = []  # lengths[:_n] at begin_step
+        self._rows_at: torch.Tensor | None = None  # where this step's entries go (append), set by its first layer
 
     @classmethod
     def for_model(cls, model, slots: int, capacity: int) -> "SlotKVCache":
@@ -278,7 +279,7 @@ class SlotKVCache:
         """Additive mask [slots, 1, 1, max(lengths) + 1] for a one-token step: slot s sees its own
         lengths[s] cached entries and the entry the step writes, nothing beyond."""
         assert int(self.lengths.max()) < self.capacity, "KV cache overflow: a slot outgrew its capacity"
-        self._n, self._end = self._rows.numel(), int(self.lengths.max()) + 1
+        self._n, self._end, self._rows_at = self._rows.numel(), int(self.lengths.max()) + 1, None
         visible = self._cols[:self._end] <= self.lengths[:, None]  # [slots, end]
         mask = self.kv.new_zeros(visible.shape)
         return mask.masked_fill_(~visible, torch.finfo(self.dtype).min)[:, None, None]
@@ -288,7 +289,7 @@ class SlotKVCache:
         check that every slot has room for them and fix the step's extent."""
         starts = self.lengths[:n].tolist()  # once per step, not per layer
         assert n <= self._rows.numel() and max(starts) + q <= self.capacity, "KV cache overflow"
-        self._n, self._end, self._starts = n, max(starts) + q, starts
+        self._n, self._end, self._starts, self._rows_at = n, max(starts) + q, starts, None
 
     def row_starts(self) -> torch.Tensor:
         """After begin_step: the column where each slot's nodes will be written [n]."""
@@ -321,12 +322,16 @@ class SlotKVCache:
         """Write q entries per slot (keys, values [slots, kv_heads, q, head_dim]) after each slot's own
         length; returns every slot's entries [slots, kv_heads, max(lengths) + q, head_dim]. The entries
         join their sequences at `advance()` (q = 1) or `keep()` (a tree step), after the forward."""
-        n = self._n
+        n, (_, heads, q, d) = self._n, keys.shape
         assert keys.shape[0] == n, (keys.shape, n)
-        cols = self.lengths[:n, None] + self._cols[:keys.shape[2]]  # [n, q]
+        if self._rows_at is None:  # once per step: every layer writes the same places
+            cols = self.lengths[:n, None] + self._cols[:q]  # [n, q]
+            at = (self._rows[:n, None, None] * heads + torch.arange(heads, device=cols.device)[:, None]) * self.capacity + cols[:, None, :]
+            self._rows_at = at.reshape(-1)  # [n * kv_heads * q] rows of a layer's keys viewed as [-1, head_dim]
         kv = self.kv[layer]  # [2, slots, kv_heads, capacity, head_dim]
-        kv[0, self._rows[:n, None], :, cols] = keys.transpose(1, 2)  # indexed as [n, q, kv_heads, head_dim]
-        kv[1, self._rows[:n, None], :, cols] = values.transpose(1, 2)
+        # index_copy_ over flat rows: a third of the time of the equivalent indexed assignment
+        kv[0].view(-1, d).index_copy_(0, self._rows_at, keys.reshape(-1, d))
+        kv[1].view(-1, d).index_copy_(0, self._rows_at, values.reshape(-1, d))
         return kv[0, :n, :, :self._end], kv[1, :n, :, :self._end]
 
     def keep(self, slot: int, nodes: list[int]) -> None:
