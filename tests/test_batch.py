@@ -383,3 +383,32 @@ def test_a_named_tree_runs_exactly_while_every_slot_has_room_for_it():
         next(a), next(b)
     assert 17 in rooms and 16 in rooms, rooms  # both sides of the bound were stepped
     a.close(), b.close()
+
+
+def test_draft_many_gives_each_row_what_draft_gives_it():
+    model = tiny_model()
+    heads = tiny_heads(model, num_heads=3)
+    tree = load_tree("medusa16", 3)
+    g = torch.Generator().manual_seed(5)
+    hidden, roots = torch.randn(5, model.config.hidden_size, generator=g), torch.arange(5)
+    many = heads.draft_many(hidden, roots, tree)  # [5, nodes]
+    assert many.shape == (5, tree.size) and many[:, 0].tolist() == list(range(5))
+    for i in range(5):
+        assert torch.equal(many[i], heads.draft(hidden[i], roots[i], tree))
+
+
+def test_sequences_on_the_same_tree_draft_in_one_heads_call(monkeypatch):
+    """The table's followers draft together (one product per head for all of them); a sequence with a
+    tree of its own drafts apart; output is unchanged."""
+    model = tiny_model()
+    heads = tiny_heads(model, num_heads=3)
+    calls = []
+    real = heads.draft_many
+    monkeypatch.setattr(heads, "draft_many", lambda h, r, t: calls.append((h.shape[0], t.size)) or real(h, r, t))
+    batch = BatchDecoder(Decoder(model, heads, load_tree("medusa16", 3)), slots=4, capacity=128)
+    prompts = [list(range(10, 20)), list(range(40, 47)), list(range(90, 102)), list(range(60, 66))]
+    trees = [None, None, None, load_tree("chain3")]
+    got = drive(batch, [(p, SamplingConfig(), t) for p, t in zip(prompts, trees)], 24)
+    assert got == [hf_greedy(model, p, 24) for p in prompts]
+    table, own = load_tree("medusa16", 3).size, load_tree("chain3").size
+    assert (3, table) in calls and (1, own) in calls and all(n <= 3 for n, size in calls if size == table)

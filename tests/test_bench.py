@@ -38,6 +38,22 @@ def test_bench_writes_report_json_md_and_plots(tiny_dirs, tmp_path):
     assert next(line for line in md.splitlines() if line.startswith("| overall |")).endswith(own)
 
 
+def test_in_bf16_the_heads_are_checked_against_our_own_loop(tiny_dirs, tmp_path):
+    """bf16 on a CPU: transformers' stock kernels round otherwise than the row-exact loop, so exactness is
+    checked against the loop (0 differ), and transformers' differences are reported apart."""
+    bb, heads, questions = tiny_dirs
+    out = tmp_path / "report"
+    assert main(["bench", str(questions), "--backbone", str(bb), "--heads", str(heads), "--limit", "3",
+                 "--max-new-tokens", "12", "--out", str(out), "--tree", "medusa8", "--latency-sizes", "1",
+                 "--latency-steps", "1", "--threads", "1", "--dtype", "bfloat16",
+                 "--methods", "transformers,loop,speculative"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["config"]["exactness_reference"] == "loop" and rep["config"]["baseline"] == "transformers"
+    assert rep["greedy_mismatches"]["count"] == 0, rep["greedy_mismatches"]["items"]
+    assert "count" in rep["baseline_rounding_differences"]
+    assert "Greedy outputs that differ from our loop, no heads: 0" in (out / "report.md").read_text()
+
+
 def test_bench_user_errors(tiny_dirs, tmp_path, capsys):
     bb, heads, questions = tiny_dirs
     base = ["--backbone", str(bb), "--heads", str(heads), "--out", str(tmp_path / "r")]

@@ -193,13 +193,14 @@ class BatchDecoder:
         with_table = self.costs.use_trees(B) if choice else True
         tree = {s.slot: (table if with_table else ROOT_ONLY) if s.by_batch else s.tree for s in seqs}
         trees = self.max_rows is None or sum(t.size + self.lookup_nodes for t in tree.values()) <= self.max_rows
+        drafting = []
         for s in seqs:
             L = int(self.cache.lengths[s.slot])
-            root = torch.tensor(s.root, device=dev)
-            step_tree, cands = ROOT_ONLY, root.view(1)
+            plans[s.slot] = (L, ROOT_ONLY, torch.tensor([s.root], device=dev))
             if trees and s.drafter is not None and L + s.reserve <= s.end and (with_table or not s.by_batch):
-                step_tree, cands = s.drafter.propose(s.hidden, root, tree[s.slot])
-            plans[s.slot] = (L, step_tree, cands)
+                drafting.append(s)
+        for slot, (step_tree, cands) in propose_all(drafting, tree, dev).items():
+            plans[slot] = (plans[slot][0], step_tree, cands)
         # The pass writes q rows after every slot's length, its padding included: a tree that would push a
         # slot near its end past the capacity (another's, larger than that slot's own reserve) waits a pass.
         room = self.capacity - int(self.cache.lengths[:S].max())
@@ -247,6 +248,26 @@ class BatchDecoder:
         if choice:  # what actually ran: a row budget may have sent the round plain
             self.costs.record(B, with_table and trees, sum(len(s.emitted) for s in seqs), t3 - t0)
         return B
+
+
+def propose_all(seqs: list[_Sequence], tree: dict[int, Tree], dev) -> dict[int, tuple[Tree, torch.Tensor]]:
+    """{slot: its step tree and candidate ids [its size]} of each sequence, as Hybrid.propose gives them;
+    tree: {slot: its ranked tree}. Sequences whose drafter is the same stateless heads (Medusa:
+    `draft_many`) without prompt lookup, on the same tree, draft in one call: at 8 sequences one product
+    per head instead of eight (~1.5 ms of a ~30 ms bf16 round)."""
+    out, groups = {}, {}
+    for s in seqs:
+        d, t = s.drafter, tree[s.slot]
+        if d.lookup is None and t.size > 1 and hasattr(d.heads, "draft_many"):
+            groups.setdefault((id(d.heads), id(t)), []).append(s)
+        else:
+            out[s.slot] = d.propose(s.hidden, torch.tensor(s.root, device=dev), t)
+    for group in groups.values():
+        t = tree[group[0].slot]
+        ids = group[0].drafter.heads.draft_many(torch.stack([s.hidden for s in group]),
+                                                torch.tensor([s.root for s in group], device=dev), t)  # [B, nodes]
+        out.update((s.slot, (t, row)) for s, row in zip(group, ids))
+    return out
 
 
 def run_all(batch: BatchDecoder, replies: list) -> list:

@@ -175,12 +175,19 @@ class MedusaHeads(DraftHeads):
         """Candidate token per tree node: hidden [hidden_size] at the last verified position, root 0-d
         token id of node 0. Returns ids [nodes]."""
         assert hidden.dim() == 1
+        return self.draft_many(hidden[None], root.view(1), tree)[0]
+
+    @torch.no_grad()
+    def draft_many(self, hidden: torch.Tensor, roots: torch.Tensor, tree: Tree) -> torch.Tensor:
+        """`draft` for B sequences on the same tree in one call (a batched step: one product per head
+        instead of B). hidden [B, hidden_size], roots [B] -> ids [B, nodes]."""
+        assert hidden.dim() == 2 and roots.shape == hidden.shape[:1]
         tt = tree.tensors(hidden.device, hidden.dtype)
         # Only the heads the tree reaches: a depth-2 tree on 4 heads pays for 2 (on CPU each full head
         # costs ~1 ms of a ~65 ms step).
-        logits = self.forward(hidden.to(self.blocks[0][0].linear.weight.dtype), max(tree.depth, 1))  # [used, out]
-        top = self.to_full_ids(logits.topk(tree.topk, dim=-1).indices)  # [used, topk]
-        return torch.cat([root.view(1), top[tt.head_of, tt.rank_of]])
+        logits = self.forward(hidden.to(self.blocks[0][0].linear.weight.dtype), max(tree.depth, 1))  # [used, B, out]
+        top = self.to_full_ids(logits.topk(tree.topk, dim=-1).indices)  # [used, B, topk]
+        return torch.cat([roots[:, None], top[tt.head_of, :, tt.rank_of].T], 1)  # [B, nodes]
 
     @torch.no_grad()
     def teacher_topk(self, hidden: torch.Tensor, ids: torch.Tensor, n: int = MAX_RANK, chunk: int = 256) -> torch.Tensor:

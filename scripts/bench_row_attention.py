@@ -1,0 +1,66 @@
+"""A bf16 row-exact verify pass of B sequences' chains: one attention call per layer (row_attention.py)
+against one call per node per layer (what the lean forward did before, and still does where the probe
+finds batched rows inexact). Default model, lean forward, LM head on every row; the two variants
+alternate within each cell, medians in ms.
+
+    .venv/bin/python scripts/bench_row_attention.py --threads 2 --repeats 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import draftheads
+import draftheads.llama_forward as lf
+from draftheads.kvcache import SlotKVCache
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=12)
+    ap.add_argument("--context", type=int, default=200, help="cached tokens per sequence (each adds 7 x its index)")
+    ap.add_argument("--batches", default="1,4,8")
+    ap.add_argument("--nodes", default="1,2,3,4")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    m = draftheads.load(heads=None, dtype=torch.bfloat16)
+    engine = m.decoder.engine
+    exact = lf.batched_rows_are_exact
+    print(f"batched rows exact on this CPU: {exact(torch.bfloat16, args.threads)}")
+
+    def one_pass(B: int, q: int, per_node: bool) -> float:
+        lf.batched_rows_are_exact = (lambda dtype, threads: False) if per_node else exact
+        cache = SlotKVCache.for_model(engine.model, B, args.context + 8 * B + q)
+        cache.lengths[:B] = torch.arange(B) * 7 + args.context
+        ids = torch.randint(0, 40000, (B, q))
+        positions = cache.lengths[:B, None] + torch.arange(q)
+        chain = tuple(range(-1, q - 1))
+        t = time.perf_counter()
+        with torch.inference_mode():
+            cache.begin_step(B, q)
+            h = engine.lean.hidden(cache, ids, positions, None, {s: chain for s in range(B)})  # [B, q, H]
+            engine.logits(h.reshape(B * q, -1))
+        return time.perf_counter() - t
+
+    print("| sequences | chain nodes | rows | one call per layer (ms) | one call per node (ms) | per node / one call |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    try:
+        for B in map(int, args.batches.split(",")):
+            for q in map(int, args.nodes.split(",")):
+                times = {False: [], True: []}
+                for r in range(args.repeats + 2):
+                    for per_node in (False, True) if r % 2 == 0 else (True, False):
+                        times[per_node].append(one_pass(B, q, per_node))
+                one, each = (1e3 * statistics.median(times[k][2:]) for k in (False, True))
+                print(f"| {B} | {q} | {B * q} | {one:.1f} | {each:.1f} | {each / one:.2f} |", flush=True)
+    finally:
+        lf.batched_rows_are_exact = exact
+
+
+if __name__ == "__main__":
+    main()
