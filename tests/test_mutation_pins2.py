@@ -464,9 +464,14 @@ def test_vllm_layout_errors_name_the_file_and_the_key(tmp_path):
 
 
 def _recording(heads):
-    """heads whose draft() calls are logged as (root, hidden [H]): what each sequence's drafter was given."""
-    log, draft = [], heads.draft
-    heads.draft = lambda hidden, root, tree: (log.append((int(root), hidden.clone())), draft(hidden, root, tree))[1]
+    """heads whose drafts are logged as (root, hidden [H]) per sequence: what each sequence's drafter was
+    given (draft() of one sequence and a batched step's draft_many() both go through draft_many)."""
+    log, draft_many = [], heads.draft_many
+
+    def logged(hidden, roots, tree):
+        log.extend((int(r), h.clone()) for r, h in zip(roots, hidden))
+        return draft_many(hidden, roots, tree)
+    heads.draft_many = logged
     return heads, log
 
 
