@@ -23,7 +23,7 @@ def test_it_alternates_until_both_kinds_have_their_warm_up_rounds():
 @pytest.mark.parametrize("faster", [True, False])
 def test_then_it_takes_the_faster_kind_and_explores_the_other_once_in_explore_every(faster):
     costs = RoundCosts(warmup=2, explore_every=5)
-    rate = {faster: 40, not faster: 20}
+    rate = {faster: 40, not faster: 36}  # within wide_margin: explored every explore_every rounds
     choices = serve(costs, 8, rate, 4 + 20)[4:]  # after the warm-up, rounds 5..24 of this batch size
     # round n (1-based) explores when n % 5 == 0
     assert choices == [(faster if (n % 5) else not faster) for n in range(5, 25)]
@@ -75,3 +75,13 @@ def test_equal_rates_keep_the_trees():
     costs.record(4, True, 10, 1.0)
     costs.record(4, False, 10, 1.0)
     assert costs.use_trees(4)  # a tie goes to the heads' trees (what the table was calibrated to take)
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_a_kind_that_loses_widely_is_explored_four_times_less_often(faster):
+    costs = RoundCosts(warmup=2, explore_every=5, wide_margin=1.2)
+    rate = {faster: 40, not faster: 20}
+    choices = serve(costs, 1, rate, 4 + 40)[4:]  # rounds 5..44
+    assert choices == [(faster if (n % 20) else not faster) for n in range(5, 45)]
+    with pytest.raises(AssertionError):
+        RoundCosts(wide_margin=1.0)

@@ -6,7 +6,8 @@ the machine. On this project's CPU its table chose 2-node chains at 8 sequences 
 heads-batched runs came out at 0.81x plain-batched (README, batching). So the batched step asks this
 model, per round, whether the sequences that follow the table take its tree or decode plainly: it keeps,
 per batch size, the tokens per second of the rounds served each way, takes the better, and spends one
-round in `explore_every` on the other to follow a changing load. Batch sizes are pooled up to the next
+round in `explore_every` on the other to follow a changing load (one in 4 x `explore_every` when
+the other loses by `wide_margin` or more). Batch sizes are pooled up to the next
 power of two (3 with 4, 5-8 with 8): the few-row kernels pad rows to a power of two, so those rounds
 cost alike, and a short burst of traffic does not have to warm up every size on its own.
 
@@ -43,11 +44,14 @@ class RoundCosts:
     warmup: int = 4  # rounds of each kind before the faster one is preferred
     explore_every: int = 16  # then one round in this many takes the other kind
     decay: float = 0.95  # per round of the same kind: the estimate follows the last ~20 of them
+    # A kind that loses by this factor or more is tried 4x less often: it needs a large change of load to
+    # win, and each try costs (plain rounds at one sequence: ~1.4 tokens a round lost to 1)
+    wide_margin: float = 1.2
     rates: dict[tuple[int, bool], _Rate] = field(default_factory=dict)  # (pooled batch size, trees) -> rate
     rounds: dict[int, int] = field(default_factory=dict)  # pooled batch size -> rounds served
 
     def __post_init__(self):
-        assert self.warmup >= 1 and self.explore_every >= 2 and 0 < self.decay <= 1
+        assert self.warmup >= 1 and self.explore_every >= 2 and 0 < self.decay <= 1 and self.wide_margin > 1
 
     def use_trees(self, batch: int) -> bool:
         """Whether the next round of `batch` sequences should take the table's trees."""
@@ -56,7 +60,9 @@ class RoundCosts:
         if min(trees.rounds, plain.rounds) < self.warmup:
             return trees.rounds <= plain.rounds  # alternate until both kinds have their warm-up rounds
         best = trees.per_second >= plain.per_second
-        explore = self.rounds.get(batch, 0) % self.explore_every == self.explore_every - 1
+        hi, lo = max(trees.per_second, plain.per_second), min(trees.per_second, plain.per_second)
+        every = self.explore_every * (4 if hi >= self.wide_margin * lo else 1)
+        explore = self.rounds.get(batch, 0) % every == every - 1
         return best != explore
 
     def record(self, batch: int, trees: bool, tokens: int, seconds: float) -> None:
