@@ -72,7 +72,7 @@ def test_one_rows_attention_call_over_several_sequences_gives_each_row_what_it_g
     other shapes than the runtime probe's, which decides whether the forward relies on it."""
     from draftheads.row_attention import batched_rows_are_exact, chain_visibility, rows_attention
 
-    if not batched_rows_are_exact(dtype, torch.get_num_threads()):
+    if not batched_rows_are_exact(dtype, torch.get_num_threads(), 2, 4, 32):
         pytest.skip("this CPU's kernels are not row-exact across calls: the forward attends row by row")
     g = torch.Generator().manual_seed(4)
     kv_heads, group, d, q = 2, 4, 32, 5
@@ -106,7 +106,7 @@ def test_the_forward_attends_row_by_row_where_batched_rows_are_not_exact(monkeyp
     rows still equal plain steps."""
     import draftheads.llama_forward as lf
 
-    monkeypatch.setattr(lf, "batched_rows_are_exact", lambda dtype, threads: False)
+    monkeypatch.setattr(lf, "batched_rows_are_exact", lambda *shape: False)
     calls = []
     real = lf.rows_attention
     monkeypatch.setattr(lf, "rows_attention", lambda q, *a: calls.append(q.shape[2]) or real(q, *a))
@@ -260,3 +260,12 @@ def test_a_row_exact_batch_step_refuses_to_write_past_a_slot():
     for n, q in ((2, 4), (3, 1)):  # one column past a slot; a slot the cache does not have
         with pytest.raises(AssertionError, match="KV cache overflow"):
             cache.begin_step(n, q)
+
+
+def test_the_probe_notices_rows_that_depend_on_the_call(monkeypatch):
+    """The probe is a real check: attention whose rows change with the batch makes it answer False."""
+    import draftheads.row_attention as ra
+
+    real = ra.rows_attention
+    monkeypatch.setattr(ra, "rows_attention", lambda q, k, v, vis, scale: real(q, k, v, vis, scale) * (1.5 if q.shape[0] > 1 else 1))
+    assert ra.batched_rows_are_exact(torch.bfloat16, 1, 1, 2, 16) is False  # a shape no other test probes

@@ -113,10 +113,11 @@ class LlamaForward:
         if trees is not None:
             # Chains (plain rows among them) attend in one call per layer where that is exact on this CPU;
             # a branching tree's nodes, whose paths are not their columns, attend one by one.
-            batched = batched_rows_are_exact(x.dtype, torch.get_num_threads())
+            g = self.heads // self.kv_heads
+            batched = batched_rows_are_exact(x.dtype, torch.get_num_threads(), self.kv_heads, g, d)
             per_node = {r: p for r, p in trees.items() if not (batched and is_chain(p))}
             if len(per_node) < b:
-                starts, g = cache.row_starts(), self.heads // self.kv_heads
+                starts = cache.row_starts()
                 visible = chain_visibility(starts, q, int(starts.max()) + q, g)  # [b, 1, q * g, keys]
         for i, layer in enumerate(self.layers):
             at, mlp = layer.self_attn, layer.mlp

@@ -13,7 +13,7 @@ product gives each output element the same value for any row count from two up (
 cpu_matmul relies on too). Measured on this project's AMD EPYC (AVX512-BF16): 0 of 1,728 rows differ
 between one call over 1-16 sequences of 1-8 chain nodes, 5-2,048 cached keys, and each row alone.
 That holds per CPU and BLAS, not by any documented contract, so `batched_rows_are_exact()` checks it
-once per process and dtype; where it fails, each row gets a call of its own as before.
+once per process, dtype and attention shape; where it fails, each row gets a call of its own as before.
 """
 
 from __future__ import annotations
@@ -62,12 +62,12 @@ def chain_visibility(starts: torch.Tensor, q: int, n: int, g: int) -> torch.Tens
 
 
 @functools.lru_cache(maxsize=None)
-def batched_rows_are_exact(dtype: torch.dtype, threads: int) -> bool:
+def batched_rows_are_exact(dtype: torch.dtype, threads: int, kv_heads: int = 3, g: int = 3, d: int = 64) -> bool:
     """Whether one rows_attention call over several sequences' chains gives each row what it gets alone
-    on this CPU (checked on random data shaped like the default model's attention: 3 kv heads of 3
-    queries, head size 64; ~10 ms)."""
+    on this CPU, checked on random data of the model's attention shape (kv_heads kv heads of g queries,
+    head size d; the default model's by default; ~10 ms)."""
     gen = torch.Generator().manual_seed(0)
-    b, q, kv_heads, g, d = 4, 3, 3, 3, 64
+    b, q = 4, 3
     starts = torch.tensor([5, 40, 9, 700])
     n = int(starts.max()) + q
     keys, values = (torch.randn(b, kv_heads, n, d, generator=gen).to(dtype) for _ in range(2))
