@@ -269,3 +269,31 @@ def test_the_probe_notices_rows_that_depend_on_the_call(monkeypatch):
     real = ra.rows_attention
     monkeypatch.setattr(ra, "rows_attention", lambda q, k, v, vis, scale: real(q, k, v, vis, scale) * (1.5 if q.shape[0] > 1 else 1))
     assert ra.batched_rows_are_exact(torch.bfloat16, 1, 1, 2, 16) is False  # a shape no other test probes
+
+
+def test_is_chain():
+    from draftheads.kvcache import is_chain
+
+    assert is_chain((-1,)) and is_chain((-1, 0, 1, 2))
+    assert not is_chain((-1, 0, 0)) and not is_chain((-1, 0, 1, 1)) and not is_chain(tuple(TREES["medusa16"].parent))
+
+
+def test_a_chain_attends_in_one_call_per_layer_and_a_branching_tree_node_by_node(monkeypatch):
+    """What makes bf16 trees cheap: where the probe allows it, a chain's nodes (and a plain step) share
+    one attention call per layer; a branching tree's nodes get one each."""
+    import draftheads.llama_forward as lf
+
+    monkeypatch.setattr(lf, "batched_rows_are_exact", lambda *shape: True)
+    calls = []
+    real = lf.rows_attention
+    monkeypatch.setattr(lf, "rows_attention", lambda q, *a: calls.append(q.shape[2]) or real(q, *a))
+    model = tiny_model("llama", hidden=128, layers=3).to(torch.bfloat16)
+    engine = TorchEngine(model)
+    prompt = torch.arange(5, 28)
+    for name, per_layer in (("chain", [TREES["chain"].size]), ("with_given", [1] * TREES["with_given"].size)):
+        tree = TREES[name]
+        cache = engine.new_cache(prompt.numel() + tree.size)
+        engine.prefill(cache, prompt)
+        calls.clear()
+        engine.verify(cache, torch.arange(1, tree.size + 1), tree)
+        assert calls == per_layer * 3, name  # 3 layers
