@@ -412,3 +412,15 @@ def test_sequences_on_the_same_tree_draft_in_one_heads_call(monkeypatch):
     assert got == [hf_greedy(model, p, 24) for p in prompts]
     table, own = load_tree("medusa16", 3).size, load_tree("chain3").size
     assert (3, table) in calls and (1, own) in calls and all(n <= 3 for n, size in calls if size == table)
+
+
+def test_a_two_node_table_tree_drafts_in_one_heads_call_too(monkeypatch):
+    model = tiny_model()
+    heads = tiny_heads(model, num_heads=3)
+    calls = []
+    real = heads.draft_many
+    monkeypatch.setattr(heads, "draft_many", lambda h, r, t: calls.append((h.shape[0], t.size)) or real(h, r, t))
+    batch = BatchDecoder(Decoder(model, heads, Tree([[0]])), slots=3, capacity=128)
+    prompts = [list(range(10, 20)), list(range(40, 47)), list(range(90, 102))]
+    assert drive(batch, [(p, SamplingConfig(), None) for p in prompts], 12) == [hf_greedy(model, p, 12) for p in prompts]
+    assert (3, 2) in calls
