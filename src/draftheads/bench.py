@@ -105,8 +105,9 @@ def run_bench(args) -> dict:
     run, tok = Runner(dm, plain, lookup), plain.tokenizer
     records, mismatches, rounding = [], [], []
     # Exactness is checked against the reference: transformers' generate in fp32, where every path rounds
-    # alike to within ties; in reduced precision on a CPU our own loop, whose row-exact kernels round
-    # otherwise than transformers' stock ones (another rounding of the model, not an error: reported apart).
+    # alike to within ties; in reduced precision (any device) our own loop, whose kernels round otherwise
+    # than transformers' stock ones (on a CPU its row-exact ones: another rounding of the model, not an
+    # error, reported apart).
     dtype = dm.backbone.dtype
     reference = "loop" if dtype != torch.float32 and dm.engine is None and "loop" in methods else baseline
     tie = max(1e-3, 4 * torch.finfo(dtype).eps * 32)  # a few units in the last place of a logit of ~32
