@@ -41,7 +41,7 @@ def test_batched_greedy_equals_each_sequence_alone(arch):
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 200, (n,), generator=g).tolist() for n in (5, 17, 9, 30, 12)]
     trees = [load_tree("medusa16", 3), Tree([]), load_tree("chain3"), Tree([[0], [1], [0, 0]]), None]
-    batch = BatchDecoder(Decoder(model, heads, load_tree("medusa16", 3)), slots=3, capacity=128)
+    batch = BatchDecoder(Decoder(model, heads, load_tree("medusa16", 3)), slots=3, capacity=128, draft_confidence=0.0)
     got = drive(batch, [(p, SamplingConfig(), t) for p, t in zip(prompts, trees)], 40)
     assert got == [hf_greedy(model, p, 40) for p in prompts]
     assert sorted(batch.free) == [0, 1, 2] and not batch.seqs and int(batch.cache.lengths.sum()) == 0
@@ -49,7 +49,7 @@ def test_batched_greedy_equals_each_sequence_alone(arch):
 
 def test_slots_are_reused_without_leaks():
     model = tiny_model()
-    batch = BatchDecoder(Decoder(model, tiny_heads(model)), slots=4, capacity=64)
+    batch = BatchDecoder(Decoder(model, tiny_heads(model)), slots=4, capacity=64, draft_confidence=0.0)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 200, (int(torch.randint(2, 20, (1,), generator=g)),), generator=g).tolist()
                for _ in range(100)]
@@ -62,7 +62,7 @@ def test_a_sequence_leaving_mid_batch_leaves_the_others_unchanged():
     model = tiny_model()
     heads = tiny_heads(model)
     prompts = [list(range(10, 20)), list(range(40, 47)), list(range(90, 102))]
-    batch = BatchDecoder(Decoder(model, heads, load_tree("medusa16", 3)), slots=3, capacity=128)
+    batch = BatchDecoder(Decoder(model, heads, load_tree("medusa16", 3)), slots=3, capacity=128, draft_confidence=0.0)
     gens = [batch.steps(p, 40, SamplingConfig(), Stats()) for p in prompts]
     out = [list(next(g)) for g in gens]
     for step in range(60):
@@ -91,7 +91,7 @@ def test_exact_sampling_in_a_batch_keeps_the_backbones_distribution():
     probs = logits.softmax(-1)
     top = probs.topk(6).indices
     counts = torch.zeros(7)
-    batch = BatchDecoder(Decoder(model, heads, load_tree("medusa16", 3)), slots=2, capacity=64)
+    batch = BatchDecoder(Decoder(model, heads, load_tree("medusa16", 3)), slots=2, capacity=64, draft_confidence=0.0)
     for seed in range(1500):
         other = batch.steps(list(range(5, 15)), 4, SamplingConfig(), Stats())
         next(other)
@@ -106,7 +106,7 @@ def test_exact_sampling_in_a_batch_keeps_the_backbones_distribution():
 
 def test_long_prompts_are_refused_clearly():
     model = tiny_model()
-    batch = BatchDecoder(Decoder(model, tiny_heads(model)), slots=2, capacity=32)
+    batch = BatchDecoder(Decoder(model, tiny_heads(model)), slots=2, capacity=32, draft_confidence=0.0)
     with pytest.raises(UserError, match="batch slot holds 32"):
         next(batch.steps(list(range(40)), 4, SamplingConfig(), Stats()))
     assert sorted(batch.free) == [0, 1]
@@ -124,7 +124,7 @@ def test_hydra_heads_batch_each_sequence_drafting_as_it_would_alone(head_type):
     tree = load_tree("medusa16", 3)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 200, (n,), generator=g).tolist() for n in (12, 7, 20)]
-    batch = BatchDecoder(Decoder(model, heads, tree), slots=3, capacity=128)
+    batch = BatchDecoder(Decoder(model, heads, tree), slots=3, capacity=128, draft_confidence=0.0)
     stats = [Stats() for _ in prompts]
     gens = [batch.steps(p, 30, SamplingConfig(), s) for p, s in zip(prompts, stats)]
     out = [list(next(g)) for g in gens]
@@ -158,7 +158,7 @@ def test_a_row_budget_decodes_plainly_past_it_and_stays_exact():
     heads = tiny_heads(model, num_heads=3)
     prompts = [list(range(10, 20)), list(range(40, 47)), list(range(90, 102))]
     reqs = [(p, SamplingConfig(), None) for p in prompts]
-    plain = BatchDecoder(Decoder(model, heads, load_tree("medusa16", 3)), slots=3, capacity=128, max_rows=20)
+    plain = BatchDecoder(Decoder(model, heads, load_tree("medusa16", 3)), slots=3, capacity=128, max_rows=20, draft_confidence=0.0)
     stats = [Stats() for _ in prompts]
     gens = [plain.steps(p, 30, SamplingConfig(), st) for p, st in zip(prompts, stats)]
     for g in gens:
@@ -167,7 +167,7 @@ def test_a_row_budget_decodes_plainly_past_it_and_stays_exact():
     assert all(len(next(g)) == 1 for g in gens) and all(st.nodes == 1 for st in stats)
     for g in gens:
         g.close()
-    roomy = BatchDecoder(Decoder(model, heads, load_tree("medusa16", 3)), slots=3, capacity=128, max_rows=20)
+    roomy = BatchDecoder(Decoder(model, heads, load_tree("medusa16", 3)), slots=3, capacity=128, max_rows=20, draft_confidence=0.0)
     assert drive(roomy, reqs[:1], 30) == [hf_greedy(model, prompts[0], 30)]  # one tree fits: 16 rows
     assert drive(plain, reqs, 30) == [hf_greedy(model, p, 30) for p in prompts]
 
@@ -176,7 +176,7 @@ def test_the_tree_follows_the_batch_size_table_and_a_named_tree_does_not():
     model = tiny_model()
     heads = tiny_heads(model, num_heads=3)
     table = {1: load_tree("medusa16", 3), 3: Tree([[0]])}  # 2 sequences take the entry of 1, 3 the entry of 3
-    batch = BatchDecoder(Decoder(model, heads, load_tree("chain2")), slots=3, capacity=128, batch_trees=table)
+    batch = BatchDecoder(Decoder(model, heads, load_tree("chain2")), slots=3, capacity=128, batch_trees=table, draft_confidence=0.0)
     prompts = [list(range(10, 20)), list(range(40, 47)), list(range(90, 102))]
     stats = [Stats() for _ in prompts]
     gens = [batch.steps(prompts[0], 30, SamplingConfig(), stats[0])]
@@ -197,7 +197,7 @@ def test_the_tree_follows_the_batch_size_table_and_a_named_tree_does_not():
     assert (stats[0].nodes, stats[1].nodes, stats[2].nodes) == (36, 19, 4)
     for g in gens:
         g.close()
-    fresh = BatchDecoder(Decoder(model, heads, load_tree("chain2")), slots=3, capacity=128, batch_trees=table)
+    fresh = BatchDecoder(Decoder(model, heads, load_tree("chain2")), slots=3, capacity=128, batch_trees=table, draft_confidence=0.0)
     reqs = [(p, SamplingConfig(), None) for p in prompts]
     assert drive(fresh, reqs, 30) == [hf_greedy(model, p, 30) for p in prompts]
 
@@ -206,7 +206,7 @@ def test_the_tree_follows_the_batch_size_table_and_a_named_tree_does_not():
 def test_chunked_prefill_interleaves_with_running_sequences_and_stays_exact(chunk):
     model = tiny_model("qwen2")
     heads = tiny_heads(model, num_heads=3)
-    batch = BatchDecoder(Decoder(model, heads, load_tree("medusa16", 3)), slots=2, capacity=128, prefill_chunk=chunk)
+    batch = BatchDecoder(Decoder(model, heads, load_tree("medusa16", 3)), slots=2, capacity=128, prefill_chunk=chunk, draft_confidence=0.0)
     short, long = list(range(10, 14)), list(range(30, 53))  # 23 tokens: 23, 6 or 1 chunks
     running = batch.steps(short, 30, SamplingConfig(), Stats())
     out_short = []
@@ -252,7 +252,7 @@ def test_served_round_costs_switch_table_followers_to_plain_rounds_and_stay_exac
     heads = tiny_heads(model, num_heads=3)
     prompts = [list(range(10, 20)), list(range(40, 47)), list(range(90, 102))]
     costs = RoundCosts(warmup=2, explore_every=3)
-    batch = BatchDecoder(Decoder(model, heads, load_tree("medusa8", 3)), slots=3, capacity=128, costs=costs)
+    batch = BatchDecoder(Decoder(model, heads, load_tree("medusa8", 3)), slots=3, capacity=128, costs=costs, draft_confidence=0.0)
     stats = [Stats() for _ in prompts]
     gens = [batch.steps(p, 30, SamplingConfig(), st, tree) for p, st, tree in
             zip(prompts, stats, [None, None, load_tree("chain3")])]
@@ -268,7 +268,7 @@ def test_served_round_costs_switch_table_followers_to_plain_rounds_and_stay_exac
     for g in gens:
         g.close()
     fresh = BatchDecoder(Decoder(model, heads, load_tree("medusa8", 3)), slots=3, capacity=128,
-                         costs=RoundCosts(warmup=1, explore_every=2))  # switches often
+                         costs=RoundCosts(warmup=1, explore_every=2), draft_confidence=0.0)  # switches often
     reqs = [(p, SamplingConfig(), None) for p in prompts]
     assert drive(fresh, reqs, 30) == [hf_greedy(model, p, 30) for p in prompts]
     assert any(not trees for _, trees in fresh.costs.rates) and any(trees for _, trees in fresh.costs.rates)
@@ -279,7 +279,7 @@ def test_without_heads_or_with_a_one_node_table_there_is_nothing_to_decide():
 
     model = tiny_model()
     for dec in (Decoder(model, None), Decoder(model, tiny_heads(model), Tree([]))):
-        batch = BatchDecoder(dec, slots=2, capacity=64, costs=RoundCosts())
+        batch = BatchDecoder(dec, slots=2, capacity=64, costs=RoundCosts(), draft_confidence=0.0)
         drive(batch, [(list(range(5, 12)), SamplingConfig(), None)] * 2, 5)
         assert batch.costs.rounds == {}
 
@@ -295,11 +295,11 @@ def test_a_slot_keeps_room_for_its_largest_step_and_the_server_limit_says_the_sa
     heads = tiny_heads(model, num_heads=3)
     table = {1: load_tree("medusa16", 3), 4: Tree([[0]])}
     dec = Decoder(model, heads, load_tree("chain2"))
-    assert slot_context(dec, 128, table) == BatchDecoder(dec, 2, 128, batch_trees=table).context == 128 - 17
+    assert slot_context(dec, 128, table) == BatchDecoder(dec, 2, 128, batch_trees=table, draft_confidence=0.0).context == 128 - 17
     assert slot_context(dec, 128) == 128 - 3 and slot_context(Decoder(model, None), 128, table) == 127
     looked = Decoder(model, heads, load_tree("chain2"), PromptLookup(LookupConfig(branches=2, tokens=5)))
     assert isinstance(looked.drafter, Hybrid)
-    assert slot_context(looked, 128, table) == BatchDecoder(looked, 2, 128, batch_trees=table).context == 128 - 17 - 10
+    assert slot_context(looked, 128, table) == BatchDecoder(looked, 2, 128, batch_trees=table, draft_confidence=0.0).context == 128 - 17 - 10
     assert refusal(dec) is None
     dec.lean = None
     assert "lean forward" in refusal(dec)
@@ -316,13 +316,13 @@ def test_round_costs_decide_for_a_two_node_table_and_only_for_table_followers():
     model = tiny_model()
     heads = tiny_heads(model, num_heads=3)
     reqs = [(list(range(10, 20)), SamplingConfig(), None), (list(range(40, 47)), SamplingConfig(), None)]
-    two = BatchDecoder(Decoder(model, heads, Tree([[0]])), slots=2, capacity=64, costs=RoundCosts(warmup=1))
+    two = BatchDecoder(Decoder(model, heads, Tree([[0]])), slots=2, capacity=64, costs=RoundCosts(warmup=1), draft_confidence=0.0)
     start = time.perf_counter()
     drive(two, reqs, 12)
     wall = time.perf_counter() - start
     assert set(two.costs.rates) == {(2, True), (2, False)}
     assert all(0 < r.seconds <= wall for r in two.costs.rates.values())  # each round's own time, not t3 + t0
-    named = BatchDecoder(Decoder(model, heads, Tree([[0]])), slots=2, capacity=64, costs=RoundCosts())
+    named = BatchDecoder(Decoder(model, heads, Tree([[0]])), slots=2, capacity=64, costs=RoundCosts(), draft_confidence=0.0)
     drive(named, [(p, sp, load_tree("chain2")) for p, sp, _ in reqs], 12)
     assert named.costs.rounds == {}
 
@@ -333,7 +333,7 @@ def test_a_large_named_tree_beside_a_slot_near_its_end_waits_instead_of_overflow
     exact. Before: the pass asserted a KV-cache overflow."""
     model = tiny_model()
     heads = tiny_heads(model, num_heads=3)
-    batch = BatchDecoder(Decoder(model, heads, load_tree("chain2")), slots=2, capacity=64)
+    batch = BatchDecoder(Decoder(model, heads, load_tree("chain2")), slots=2, capacity=64, draft_confidence=0.0)
     prompts = [list(range(10, 50)), list(range(60, 70))]
     reqs = [(prompts[0], SamplingConfig(), None), (prompts[1], SamplingConfig(), load_tree("medusa16", 3))]
     assert drive(batch, reqs, 21) == [hf_greedy(model, p, 21) for p in prompts]
@@ -344,7 +344,7 @@ def test_a_finished_sequence_not_yet_handed_out_does_not_block_the_others():
     still lies inside the pass: its slot is released at once, so the others step on and stay exact."""
     model = tiny_model()
     heads = tiny_heads(model, num_heads=3)
-    batch = BatchDecoder(Decoder(model, heads, load_tree("chain2")), slots=2, capacity=48)
+    batch = BatchDecoder(Decoder(model, heads, load_tree("chain2")), slots=2, capacity=48, draft_confidence=0.0)
     full = batch.steps(list(range(10, 50)), 100, SamplingConfig(), Stats())
     out = list(next(full))
     while True:
@@ -369,7 +369,7 @@ def test_a_named_tree_runs_exactly_while_every_slot_has_room_for_it():
     columns (room == 17 included) and waits otherwise."""
     model = tiny_model()
     heads = tiny_heads(model, num_heads=3)
-    batch = BatchDecoder(Decoder(model, heads, load_tree("chain2")), slots=2, capacity=64)
+    batch = BatchDecoder(Decoder(model, heads, load_tree("chain2")), slots=2, capacity=64, draft_confidence=0.0)
     a = batch.steps(list(range(10, 55)), 100, SamplingConfig(), Stats())  # 45 tokens: room 19 at the start
     b_stats = Stats()
     b = batch.steps(list(range(60, 64)), 100, SamplingConfig(), b_stats, load_tree("medusa16", 3))
@@ -405,7 +405,7 @@ def test_sequences_on_the_same_tree_draft_in_one_heads_call(monkeypatch):
     calls = []
     real = heads.draft_many
     monkeypatch.setattr(heads, "draft_many", lambda h, r, t: calls.append((h.shape[0], t.size)) or real(h, r, t))
-    batch = BatchDecoder(Decoder(model, heads, load_tree("medusa16", 3)), slots=4, capacity=128)
+    batch = BatchDecoder(Decoder(model, heads, load_tree("medusa16", 3)), slots=4, capacity=128, draft_confidence=0.0)
     prompts = [list(range(10, 20)), list(range(40, 47)), list(range(90, 102)), list(range(60, 66))]
     trees = [None, None, None, load_tree("chain3")]
     got = drive(batch, [(p, SamplingConfig(), t) for p, t in zip(prompts, trees)], 24)
@@ -420,7 +420,114 @@ def test_a_two_node_table_tree_drafts_in_one_heads_call_too(monkeypatch):
     calls = []
     real = heads.draft_many
     monkeypatch.setattr(heads, "draft_many", lambda h, r, t: calls.append((h.shape[0], t.size)) or real(h, r, t))
-    batch = BatchDecoder(Decoder(model, heads, Tree([[0]])), slots=3, capacity=128)
+    batch = BatchDecoder(Decoder(model, heads, Tree([[0]])), slots=3, capacity=128, draft_confidence=0.0)
     prompts = [list(range(10, 20)), list(range(40, 47)), list(range(90, 102))]
     assert drive(batch, [(p, SamplingConfig(), None) for p in prompts], 12) == [hf_greedy(model, p, 12) for p in prompts]
     assert (3, 2) in calls
+
+
+# ---------------------------------------------------------------- trees cut to the confident nodes, packed rows
+
+def test_a_cut_tree_keeps_the_chosen_nodes_in_order_and_is_built_once():
+    t = Tree([[0], [1], [0, 0], [0, 1], [1, 0]])  # nodes 1-5 in this order
+    keep = (True, True, False, True, False, False)  # the root, [0] and [0, 0]
+    cut = t.cut(keep)
+    assert cut.paths == [(0,), (0, 0)] and cut.parent == [-1, 0, 1]
+    assert t.cut(keep) is cut and t.cut((True,) * 6) is t
+    with pytest.raises(AssertionError):
+        t.cut((True, False, True, True, False, False))  # [0, 0] kept without its parent [0]
+
+
+def test_draft_confident_keeps_the_nodes_whose_path_probability_reaches_the_threshold():
+    model = tiny_model()
+    heads = tiny_heads(model, num_heads=3)
+    tree = load_tree("medusa16", 3)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, model.config.hidden_size, generator=g)
+    roots = torch.randint(0, 200, (6,), generator=g)
+    ids = heads.draft_many(hidden, roots, tree)  # [6, 17]
+    probs = heads(hidden, tree.depth).softmax(-1)  # [3, 6, vocab]: tiny heads keep the whole vocabulary
+    path = torch.ones(6, tree.size)
+    for node in range(1, tree.size):  # the product of the heads' probabilities from the root down
+        k = len(tree.paths[node - 1]) - 1
+        path[:, node] = path[:, tree.parent[node]] * probs[k, torch.arange(6), ids[:, node]]
+    threshold = float(path[:, 1:].median())
+    plans = heads.draft_confident(hidden, roots, tree, threshold)
+    sizes = []
+    for b, (cut, cands) in enumerate(plans):
+        keep = (path[b] >= threshold).tolist()
+        assert cut.paths == [p for p, k in zip(tree.paths, keep[1:]) if k]
+        assert cands.tolist() == [i for i, k in zip(ids[b].tolist(), keep) if k]
+        sizes.append(cut.size)
+    assert min(sizes) < max(sizes)  # the threshold cut some sequences more than others
+    assert all(cut is tree and torch.equal(c, i) for (cut, c), i in zip(heads.draft_confident(hidden, roots, tree, 0.0), ids))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_rows_compute_what_the_padded_pass_computes(dtype):
+    """The projections and MLP run on the real rows only: each real row's hidden state and the keys it
+    writes are what the padded pass gives it (bit for bit in bf16, whose products are row-count exact)."""
+    from draftheads.kvcache import SlotKVCache
+    from draftheads.llama_forward import LlamaForward
+
+    model = tiny_model().to(dtype)
+    fwd = LlamaForward(model)
+    g = torch.Generator().manual_seed(4)
+    caches = [SlotKVCache.for_model(model, 3, 64) for _ in range(2)]
+    for slot, n in enumerate((7, 12, 4)):
+        prompt = torch.randint(0, 200, (n,), generator=g)
+        for cache in caches:
+            fwd.prefill_slot(cache, slot, prompt)
+    q, sizes = 3, (3, 1, 2)  # a chain of 3, a plain row, a chain of 2: 6 real rows of 9
+    ids = torch.randint(0, 200, (3, q), generator=g)
+    positions = caches[0].lengths[:, None] + torch.arange(q)
+    rows = torch.cat([torch.arange(n) + s * q for s, n in enumerate(sizes)])
+    chains = {s: tuple(range(-1, n - 1)) for s, n in enumerate(sizes)}
+    out = []
+    for cache, packed in zip(caches, (None, rows)):
+        cache.begin_step(3, q)
+        if dtype == torch.float32:
+            bias = torch.full((3, q, q), torch.finfo(dtype).min, dtype=dtype)
+            bias.diagonal(dim1=1, dim2=2).zero_()
+            for s, n in enumerate(sizes):
+                bias[s, :n, :n] = Tree([[0] * d for d in range(1, n)]).tensors("cpu", dtype).tree_bias
+            h = fwd.hidden(cache, ids, positions, cache.tree_mask(bias), None, packed)
+        else:
+            h = fwd.hidden(cache, ids, positions, None, chains, packed)
+        out.append(h.view(3 * q, -1)[rows])
+    if dtype == torch.bfloat16:
+        assert torch.equal(out[0], out[1])
+        for s, n in enumerate(sizes):  # the kept keys too
+            assert torch.equal(caches[0].kv[:, :, s, :, :int(caches[0].lengths[s]) + n],
+                               caches[1].kv[:, :, s, :, :int(caches[1].lengths[s]) + n])
+    else:
+        torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_cuts_trees_to_their_confident_nodes_and_stays_exact():
+    """With draft_confidence, table followers in a pass of several sequences verify only their confident
+    nodes (fewer than their trees'), a sequence alone keeps its whole tree, and every output is still
+    plain greedy decoding's."""
+    model = tiny_model()
+    heads = tiny_heads(model, num_heads=3)
+    tree = load_tree("medusa16", 3)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 200, (n,), generator=g).tolist() for n in (6, 14, 9)]
+    batch = BatchDecoder(Decoder(model, heads, tree), slots=3, capacity=128, draft_confidence=0.05)
+    stats = [Stats() for _ in prompts]
+    gens = [batch.steps(p, 30, SamplingConfig(), s) for p, s in zip(prompts, stats)]
+    out = [list(next(gen)) for gen in gens]
+    for _ in range(6):
+        assert batch.step() == 3
+        for o, gen in zip(out, gens):
+            o += next(gen)
+    nodes = sum(s.nodes for s in stats)
+    assert 3 * 6 < nodes < 3 * 6 * tree.size  # some nodes kept, some cut
+    for o, p in zip(out, prompts):
+        assert o == hf_greedy(model, p, len(o))
+    for gen in gens[1:]:
+        gen.close()
+    before = stats[0].nodes
+    assert batch.step() == 1
+    assert stats[0].nodes - before == tree.size  # alone: the whole tree
+    gens[0].close()

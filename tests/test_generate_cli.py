@@ -223,7 +223,8 @@ def test_default_threads_step_aside_for_a_busy_machine(monkeypatch, capsys):
 
 @pytest.mark.parametrize("flag,message", [("--prefill-chunk", "--prefill-chunk must be 0 or more"),
                                           ("--max-tree-rows", "--max-tree-rows must be 0 or more"),
-                                          ("--max-batch", "--max-batch must be at least 1")])
+                                          ("--max-batch", "--max-batch must be at least 1"),
+                                          ("--draft-confidence", "--draft-confidence must be at least 0 and below 1")])
 def test_serve_limits_are_checked_before_loading(capsys, flag, message):
     code, _, err = run_cli(capsys, "serve", flag, "-1", "--backbone", "/no/such/model")
     assert code == 2 and message in err and "Traceback" not in err

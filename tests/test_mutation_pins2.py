@@ -512,7 +512,7 @@ def test_a_batched_sequence_drafts_accepts_and_samples_as_it_does_alone(sampled,
     alone = [_alone(Decoder(model, heads, tree, lookup()), p, 30, sp, st)
              for p, sp, st in zip(prompts, sps, alone_stats)]
     alone_log, log[:] = list(log), []
-    batch = BatchDecoder(Decoder(model, heads, tree, lookup()), slots=3, capacity=160)
+    batch = BatchDecoder(Decoder(model, heads, tree, lookup()), slots=3, capacity=160, draft_confidence=0.0)
     nodes = 12 if "lookup" in drafters else 0  # 3 branches of 4 tokens
     assert batch.lookup_nodes == nodes and batch.context == 160 - (tree.size if tree else 1) - nodes
     stats = [Stats() for _ in prompts]
@@ -554,17 +554,17 @@ def test_batch_decoder_messages_tables_and_prefill_time(monkeypatch):
     generic.lean = None
     with pytest.raises(UserError, match=r"^batched decoding runs on the lean forward \(Llama, Mistral, Qwen2\); "
                                         r"this model decodes one request at a time$"):
-        BatchDecoder(generic, slots=2, capacity=64)
+        BatchDecoder(generic, slots=2, capacity=64, draft_confidence=0.0)
     small, big = Tree([[0]]), load_tree("medusa16", 3)
     with pytest.raises(AssertionError, match="^batch sizes start at 1$"):
-        BatchDecoder(Decoder(model, tiny_heads(model), small), 2, 64, batch_trees={0: big})
-    batch = BatchDecoder(Decoder(model, tiny_heads(model), small), 2, 64, batch_trees={2: big, 4: small})
+        BatchDecoder(Decoder(model, tiny_heads(model), small), 2, 64, batch_trees={0: big}, draft_confidence=0.0)
+    batch = BatchDecoder(Decoder(model, tiny_heads(model), small), 2, 64, batch_trees={2: big, 4: small}, draft_confidence=0.0)
     assert batch.tree_at(1, small) is big and batch.tree_at(3, small) is big and batch.tree_at(9, big) is small
     assert batch.context == 64 - big.size  # a sequence following the table reserves its largest tree
     named = batch.steps(list(range(60)), 2, SamplingConfig(), Stats(), small)  # 60 + 2 < 64 < 60 + 17
     assert len(next(named)) == 1  # a named tree reserves its own size only
     named.close()
-    plain = BatchDecoder(Decoder(model, None), 2, 64, batch_trees={2: big})
+    plain = BatchDecoder(Decoder(model, None), 2, 64, batch_trees={2: big}, draft_confidence=0.0)
     assert plain.batch_trees == [] and plain.context == 63 and plain.tree_at(2, Tree([])).size == 1
     # The prefill's time is its forward and its first token's: one tick of a clock that ticks per reading, each.
     clock = itertools.count(100)
@@ -659,7 +659,7 @@ def test_batched_steps_bounds_messages_and_the_end_of_a_sequence(monkeypatch):
     chain = load_tree("chain3")
     # The default tree (chain2, 3 nodes) is smaller than the table's entry for one sequence (chain3, 4 nodes).
     batch = BatchDecoder(Decoder(model, heads, load_tree("chain2")), slots=1, capacity=32,
-                         batch_trees={1: chain, 2: Tree([[0]])})
+                         batch_trees={1: chain, 2: Tree([[0]])}, draft_confidence=0.0)
     sp = SamplingConfig()
     with pytest.raises(UserError, match="^the prompt is empty$"):
         next(batch.steps([], 4, sp, Stats()))
@@ -707,7 +707,7 @@ def test_batched_steps_bounds_messages_and_the_end_of_a_sequence(monkeypatch):
 
     # Time: a clock that ticks once per reading. Prefill in two chunks plus the first token: 3 ticks;
     # each step's draft, verify and accept phases: one tick each.
-    chunked = BatchDecoder(Decoder(model, heads, chain), slots=2, capacity=64, prefill_chunk=4)
+    chunked = BatchDecoder(Decoder(model, heads, chain), slots=2, capacity=64, prefill_chunk=4, draft_confidence=0.0)
     clock = itertools.count(100)
     monkeypatch.setattr(chunked.dec, "_sync", lambda: float(next(clock)))
     stats = Stats()
@@ -736,7 +736,7 @@ def test_the_row_budget_counts_lookup_nodes_and_holds_at_equality():
     for lookup, rows, tree_steps in ((None, 8, True), (None, 7, False), (LookupConfig(branches=1, tokens=2), 12, True),
                                      (LookupConfig(branches=1, tokens=2), 11, False)):
         batch = BatchDecoder(Decoder(model, heads, chain, PromptLookup(lookup) if lookup else None), slots=2,
-                             capacity=64, max_rows=rows)
+                             capacity=64, max_rows=rows, draft_confidence=0.0)
         stats = [Stats(), Stats()]
         gens = [batch.steps(list(range(10 + 9 * i, 19 + 9 * i)), 8, SamplingConfig(), st) for i, st in enumerate(stats)]
         for g in gens:

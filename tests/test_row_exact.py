@@ -187,11 +187,12 @@ def test_bf16_speculative_greedy_equals_plain_greedy(arch):
     assert max(accepted) > 1.0  # the heads' drafts were accepted: the tree rows were really used
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_bf16_batched_decoding_equals_each_sequence_alone(arch):
+@pytest.mark.parametrize("arch,confidence", [("llama", 0.0), ("qwen2", 0.0), ("llama", 0.05)])
+def test_bf16_batched_decoding_equals_each_sequence_alone(arch, confidence):
     """A batched pass in bf16 runs row-exact too (each slot's nodes over their own slot's keys): every
     sequence gets, token for token, what bf16 greedy decoding gives it alone, whatever else shares the
-    pass: other trees, other lengths, plain sequences, sequences joining and leaving."""
+    pass: other trees, other lengths, plain sequences, sequences joining and leaving, trees cut to their
+    confident nodes, and the padding that all of these leave, which the pass packs away."""
     from draftheads.batch import BatchDecoder
     from draftheads.generate import Decoder, Stats
     from test_batch import drive
@@ -202,7 +203,7 @@ def test_bf16_batched_decoding_equals_each_sequence_alone(arch):
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 250, (n,), generator=g).tolist() for n in (5, 17, 9, 30, 12, 3)]
     trees = [load_tree("medusa16", 3), Tree([]), load_tree("chain3"), Tree([[0], [1], [0, 0]]), None, load_tree("medusa16", 3)]
-    batch = BatchDecoder(dec, slots=3, capacity=128, prefill_chunk=4)  # chunking is off in row-exact mode
+    batch = BatchDecoder(dec, slots=3, capacity=128, prefill_chunk=4, draft_confidence=confidence)  # chunking is off in row-exact mode
     assert batch.row_exact and batch.prefill_chunk is None
     got = drive(batch, [(p, SamplingConfig(), t) for p, t in zip(prompts, trees)], 40)
     alone = []

@@ -257,17 +257,18 @@ def test_default_limits_and_what_the_worker_is_given(api):
     assert ok({"prompt": [1], "max_tokens": defaults.MAX_TOKENS_LIMIT}) == 200
     assert ok({"prompt": [1], "max_tokens": defaults.MAX_TOKENS_LIMIT + 1}) == 400
     w = client.app.state.worker
-    assert (w.queue_size, w.max_batch, w.max_seq_len, w.max_tree_rows, w.prefill_chunk) == \
-        (defaults.QUEUE_SIZE, 1, defaults.MAX_SEQ_LEN, None, None)
+    assert (w.queue_size, w.max_batch, w.max_seq_len, w.max_tree_rows, w.prefill_chunk, w.draft_confidence) == \
+        (defaults.QUEUE_SIZE, 1, defaults.MAX_SEQ_LEN, None, None, defaults.BATCH_DRAFT_CONFIDENCE)
     # One request at a time: the model's whole context, however short a batch slot would be.
     client, _ = api(Stub(context=500), max_batch=1, max_seq_len=80)
     assert client.post("/v1/completions", json={"model": "stub", "prompt": [1] * 400}).status_code == 200
     import threading
 
     before = set(threading.enumerate())  # workers of earlier apps may end meanwhile; none may start
-    client, _ = api(max_batch=3, max_seq_len=300, max_tree_rows=7, prefill_chunk=5, worker_thread=False)
+    client, _ = api(max_batch=3, max_seq_len=300, max_tree_rows=7, prefill_chunk=5, draft_confidence=0.25,
+                    worker_thread=False)
     w = client.app.state.worker
-    assert (w.max_batch, w.max_seq_len, w.max_tree_rows, w.prefill_chunk) == (3, 300, 7, 5)
+    assert (w.max_batch, w.max_seq_len, w.max_tree_rows, w.prefill_chunk, w.draft_confidence) == (3, 300, 7, 5, 0.25)
     started = [t for t in set(threading.enumerate()) - before if t.name == "draftheads-worker"]
     assert started == []  # worker_thread=False: the caller runs it
     for path in ("/docs", "/redoc", "/openapi.json"):  # no schema or docs pages on a server meant to be locked down

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .acceptance import SamplingConfig, accept, sample
+from .defaults import BATCH_DRAFT_CONFIDENCE
 from .errors import UserError
 from .generate import ROOT_ONLY, Decoder, Stats
 from .kvcache import SlotKVCache
@@ -78,7 +79,7 @@ class BatchDecoder:
 
     def __init__(self, decoder: Decoder, slots: int, capacity: int, max_rows: int | None = None,
                  batch_trees: dict[int, Tree] | None = None, prefill_chunk: int | None = None,
-                 costs: RoundCosts | None = None):
+                 costs: RoundCosts | None = None, draft_confidence: float = BATCH_DRAFT_CONFIDENCE):
         reason = refusal(decoder)
         if reason:
             raise UserError(reason)
@@ -102,6 +103,11 @@ class BatchDecoder:
         # Served rounds' tokens/s, which decide whether the table's trees pay at each batch size (None: they
         # always do; calibrate times fixed trees).
         self.costs = costs
+        # In a pass of two or more sequences, the table's followers verify only the nodes their heads give
+        # at least this probability (MedusaHeads.draft_confident; 0: every node). Alone, a sequence's extra
+        # rows cost little and it keeps its whole tree.
+        assert 0.0 <= draft_confidence < 1.0
+        self.draft_confidence = draft_confidence
         self.free = list(range(slots))
         self.seqs: dict[int, _Sequence] = {}
 
@@ -199,7 +205,8 @@ class BatchDecoder:
             plans[s.slot] = (L, ROOT_ONLY, torch.tensor([s.root], device=dev))
             if trees and s.drafter is not None and L + s.reserve <= s.end and (with_table or not s.by_batch):
                 drafting.append(s)
-        for slot, (step_tree, cands) in propose_all(drafting, tree, dev).items():
+        confidence = self.draft_confidence if B > 1 else 0.0
+        for slot, (step_tree, cands) in propose_all(drafting, tree, dev, confidence).items():
             plans[slot] = (plans[slot][0], step_tree, cands)
         # The pass writes q rows after every slot's length, its padding included: a tree that would push a
         # slot near its end past the capacity (another's, larger than that slot's own reserve) waits a pass.
@@ -213,18 +220,19 @@ class BatchDecoder:
         for slot, (L, t, cands) in plans.items():
             ids[slot, :t.size], positions[slot, :t.size] = cands, t.tensors(dev, dec.dtype).depths + L
             positions[slot, t.size:] = L
+        rows = torch.cat([torch.arange(t.size, device=dev) + slot * q for slot, (_, t, _) in plans.items()])  # real rows
         t1 = dec._sync()
         if self.row_exact:  # each node's attention alone over its own slot's keys (engine.row_exact)
             self.cache.begin_step(S, q)
-            h = dec.lean.hidden(self.cache, ids, positions, None, {slot: tuple(t.parent) for slot, (_, t, _) in plans.items()})
+            h = dec.lean.hidden(self.cache, ids, positions, None, {slot: tuple(t.parent) for slot, (_, t, _) in plans.items()},
+                                rows)
         else:
             # Padding nodes (and idle slots) see only themselves: no all -inf row, nothing real touched.
             bias = torch.full((S, q, q), torch.finfo(dec.dtype).min, dtype=dec.dtype, device=dev)
             bias.diagonal(dim1=1, dim2=2).zero_()
             for slot, (_, t, _) in plans.items():
                 bias[slot, :t.size, :t.size] = t.tensors(dev, dec.dtype).tree_bias
-            h = dec.lean.hidden(self.cache, ids, positions, self.cache.tree_mask(bias))  # [S, q, H]
-        rows = torch.cat([torch.arange(t.size, device=dev) + slot * q for slot, (_, t, _) in plans.items()])
+            h = dec.lean.hidden(self.cache, ids, positions, self.cache.tree_mask(bias), None, rows)  # [S, q, H]
         logits = dec.logits(h.view(S * q, -1)[rows])  # [real nodes, vocab]
         t2 = dec._sync()
         off, accepted = 0, {}
@@ -250,11 +258,12 @@ class BatchDecoder:
         return B
 
 
-def propose_all(seqs: list[_Sequence], tree: dict[int, Tree], dev) -> dict[int, tuple[Tree, torch.Tensor]]:
+def propose_all(seqs: list[_Sequence], tree: dict[int, Tree], dev, confidence: float = 0.0) -> dict[int, tuple[Tree, torch.Tensor]]:
     """{slot: its step tree and candidate ids [its size]} of each sequence, as Hybrid.propose gives them;
     tree: {slot: its ranked tree}. Sequences whose drafter is the same stateless heads (Medusa:
     `draft_many`) without prompt lookup, on the same tree, draft in one call: at 8 sequences one product
-    per head instead of eight (~1.5 ms of a ~30 ms bf16 round)."""
+    per head instead of eight (~1.5 ms of a ~30 ms bf16 round). With `confidence` > 0 those sequences keep
+    only the nodes their heads give at least that probability (MedusaHeads.draft_confident)."""
     out, groups = {}, {}
     for s in seqs:
         d, t = s.drafter, tree[s.slot]
@@ -263,10 +272,12 @@ def propose_all(seqs: list[_Sequence], tree: dict[int, Tree], dev) -> dict[int, 
         else:
             out[s.slot] = d.propose(s.hidden, torch.tensor(s.root, device=dev), t)
     for group in groups.values():
-        t = tree[group[0].slot]
-        ids = group[0].drafter.heads.draft_many(torch.stack([s.hidden for s in group]),
-                                                torch.tensor([s.root for s in group], device=dev), t)  # [B, nodes]
-        out.update((s.slot, (t, row)) for s, row in zip(group, ids))
+        t, heads = tree[group[0].slot], group[0].drafter.heads
+        hidden, roots = torch.stack([s.hidden for s in group]), torch.tensor([s.root for s in group], device=dev)
+        if confidence > 0:
+            out.update((s.slot, plan) for s, plan in zip(group, heads.draft_confident(hidden, roots, t, confidence)))
+        else:
+            out.update((s.slot, (t, row)) for s, row in zip(group, heads.draft_many(hidden, roots, t)))  # ids [nodes]
     return out
 
 

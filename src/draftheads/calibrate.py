@@ -187,7 +187,7 @@ def batch_round_latency(dm: DraftModel, prompt_ids: list[int], batch: int, sizes
     for _ in range(2):  # sizes interleaved over rounds, as in step_latency
         for n in sizes:
             tree, new = trees[n], (steps // 2 + 3) * (trees[n].depth + 1)
-            bd = BatchDecoder(decoder, batch, len(prompt_ids) + new + tree.size + 1)
+            bd = BatchDecoder(decoder, batch, len(prompt_ids) + new + tree.size + 1, draft_confidence=0.0)  # whole trees
             seqs = [bd.steps(prompt_ids, new, SamplingConfig(), Stats(), tree) for _ in range(batch)]
             for s in seqs:
                 next(s)  # prefill

@@ -36,6 +36,9 @@ MAX_SEQ_LEN = 2048
 # Tree nodes one batched pass verifies when the heads carry no tree per batch size (--max-tree-rows):
 # a CPU's matmuls turn compute-bound at a few rows, so past it the running requests decode plainly.
 MAX_TREE_ROWS = 16
+# In a batched pass of two or more sequences, tree nodes whose path the heads give less than this
+# probability are not verified (batch.py: MedusaHeads.draft_confident): each costs a row of the pass.
+BATCH_DRAFT_CONFIDENCE = 0.5
 # The server's batched rounds take the heads' trees or decode plainly at each batch size, whichever its own
 # served rounds measured faster (--adapt-trees; round_costs.py): calibrate's table predicted a gain at 8
 # sequences that served runs did not show.

@@ -87,28 +87,41 @@ class LlamaForward:
         return PrefillChunks(self, cache, slot, ids, chunk)
 
     def hidden(self, cache, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-               trees: dict[int, tuple[int, ...]] | None = None) -> torch.Tensor:
+               trees: dict[int, tuple[int, ...]] | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """ids, positions [q] (one sequence) or [batch, q] -> final-norm hidden states [q, hidden_size] or
         [batch, q, hidden_size]; the cache (TreeKVCache, or SlotKVCache for a batch) takes the new keys and
         values. mask: additive [batch or 1, 1, q, keys], or None when every cached entry is visible (q = 1).
         trees ({batch row: its tree's parents}) instead of a mask, for row-exact attention: each node's
         attention computes exactly what a plain step at its position computes, so its result does not
         depend on the other rows (needed in bf16; row_attention.py). Rows of other batch rows and past a
-        tree's size are padding: their outputs are finite and meaningless."""
+        tree's size are padding: their outputs are finite and meaningless. rows: the flat indices (into
+        batch x q) of the real rows, when there is padding: the projections and the MLP then run on those
+        alone, and the padding's outputs are zeros."""
         one = ids.dim() == 1
         if one:
             ids, positions = ids[None], positions[None]
         assert ids.dim() == 2 and positions.shape == ids.shape
         assert trees is None or (mask is None and all(len(t) <= ids.shape[1] for t in trees.values()))
-        x = self.from_embeddings(cache, self.embed(ids), positions, mask, trees)  # [b, q, hidden]
+        x = self.from_embeddings(cache, self.embed(ids), positions, mask, trees, rows)  # [b, q, hidden]
         return x[0] if one else x
 
     def from_embeddings(self, cache, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-                        trees: dict[int, tuple[int, ...]] | None = None) -> torch.Tensor:
+                        trees: dict[int, tuple[int, ...]] | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """`hidden` from input embeddings x [b, q, hidden] (Hydra++'s prefix layer takes the backbone's
         hidden states as its inputs) -> final-norm hidden states [b, q, hidden]."""
-        (b, q, _), d = x.shape, self.head_dim
-        cos, sin = self.rotary(x, positions)  # [b, q, head_dim]
+        (b, q, width), d = x.shape, self.head_dim
+        if rows is not None and rows.numel() == b * q:
+            rows = None  # no padding: nothing to pack
+        if rows is not None:
+            # Batched trees of different sizes pad to the largest: the products, most of a pass's cost, run
+            # on the real rows [R, hidden] only; attention, per slot, takes them scattered back.
+            assert rows.dim() == 1 and 0 < rows.numel() < b * q
+            x, (cos, sin) = x.view(b * q, width)[rows], self.rotary(x, positions.view(1, -1)[:, rows])  # [R, hidden], [1, R, head_dim]
+            unpack = lambda t: t.new_zeros(b * q, t.shape[-1]).index_copy_(0, rows, t).view(b, q, -1)  # [R, n] -> [b, q, n]
+        else:
+            x = x.view(b * q, width)
+            cos, sin = self.rotary(x, positions)  # [b, q, head_dim]
+            unpack = lambda t: t.view(b, q, -1)
         visible, per_node = None, {}
         if trees is not None:
             # Chains (plain rows among them) attend in one call per layer where that is exact on this CPU;
@@ -121,11 +134,17 @@ class LlamaForward:
                 visible = chain_visibility(starts, q, int(starts.max()) + q, g)  # [b, 1, q * g, keys]
         for i, layer in enumerate(self.layers):
             at, mlp = layer.self_attn, layer.mlp
-            h = rms_norm(x, layer.input_layernorm)
-            qs = linear(h, at.q_proj.weight, at.q_proj.bias).view(b, q, -1, d).transpose(1, 2)  # [b, heads, q, d]
-            ks = linear(h, at.k_proj.weight, at.k_proj.bias).view(b, q, -1, d).transpose(1, 2)  # [b, kv_heads, q, d]
-            vs = linear(h, at.v_proj.weight, at.v_proj.bias).view(b, q, -1, d).transpose(1, 2)
-            qs, ks = apply_rotary_pos_emb(qs, ks, cos, sin)
+            h = rms_norm(x, layer.input_layernorm)  # [rows, hidden]
+            qs = linear(h, at.q_proj.weight, at.q_proj.bias)  # [rows, heads * d]
+            ks = linear(h, at.k_proj.weight, at.k_proj.bias)  # [rows, kv_heads * d]
+            vs = linear(h, at.v_proj.weight, at.v_proj.bias)
+            if rows is not None:  # rotate the packed rows, then give each slot its q places
+                qs, ks = apply_rotary_pos_emb(qs.view(1, -1, self.heads, d).transpose(1, 2),
+                                              ks.view(1, -1, self.kv_heads, d).transpose(1, 2), cos, sin)
+                qs, ks = (t.transpose(1, 2).reshape(rows.numel(), -1) for t in (qs, ks))
+            qs, ks, vs = (unpack(t).view(b, q, -1, d).transpose(1, 2) for t in (qs, ks, vs))  # [b, heads or kv_heads, q, d]
+            if rows is None:
+                qs, ks = apply_rotary_pos_emb(qs, ks, cos, sin)
             if trees is None:
                 keys, values = cache.append(i, ks, vs)  # [b, kv_heads, keys, d]
                 o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=self.scaling,
@@ -135,12 +154,13 @@ class LlamaForward:
                 o = rows_attention(qs, keys, values, visible, self.scaling) if visible is not None else qs.new_zeros(qs.shape)
                 for r, node, k1, v1 in paths:  # [1, kv_heads, its keys, d]: the path a branching tree's node sees
                     o[r, :, node] = rows_attention(qs[r:r + 1, :, node:node + 1], k1, v1, None, self.scaling)[0, :, 0]
-            x = x + linear(o.transpose(1, 2).reshape(b, q, -1), at.o_proj.weight, at.o_proj.bias)
+            o = o.transpose(1, 2).reshape(b * q, -1)  # [b * q, heads * d]
+            x = x + linear(o[rows] if rows is not None else o, at.o_proj.weight, at.o_proj.bias)
             h = rms_norm(x, layer.post_attention_layernorm)
             gate = linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
             x = x + linear(mlp.act_fn(gate) * linear(h, mlp.up_proj.weight, mlp.up_proj.bias),
                            mlp.down_proj.weight, mlp.down_proj.bias)
-        return rms_norm(x, self.norm)
+        return unpack(rms_norm(x, self.norm))  # [b, q, hidden]
 
 
 class PrefillChunks:

@@ -25,7 +25,7 @@ def cmd_serve(args) -> None:
           max_tokens_limit=args.max_tokens_limit, queue_size=args.queue_size,
           parse_special_tokens=args.parse_special_tokens, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
           max_tree_rows=_tree_rows(args, model), prefill_chunk=args.prefill_chunk or None,
-          adapt_trees=args.adapt_trees)
+          adapt_trees=args.adapt_trees, draft_confidence=args.draft_confidence)
 
 
 def _tree_rows(args, model) -> int | None:
@@ -105,6 +105,9 @@ def register(sub) -> None:
     s.add_argument("--adapt-trees", action=argparse.BooleanOptionalAction, default=defaults.ADAPT_TREES,
                    help="per batch size, decode with the heads' trees or plainly, whichever the server's own rounds "
                         "measured faster (tokens/s on /health); --no-adapt-trees always takes the trees")
+    s.add_argument("--draft-confidence", type=float, default=defaults.BATCH_DRAFT_CONFIDENCE,
+                   help="in a batched pass of two or more requests, verify only the tree nodes whose path the heads "
+                        "give at least this probability (each node costs a row of the pass; 0: every node)")
     s.add_argument("--prefill-chunk", type=int, default=defaults.PREFILL_CHUNK,
                    help="prompt tokens prefilled between two batched passes, so that a long prompt does not stall "
                         "the running streams (0: whole prompts at once)")
@@ -145,3 +148,5 @@ def _check_limits(args) -> None:
     for name in ("max_tree_rows", "prefill_chunk"):
         if (getattr(args, name, 0) or 0) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be 0 or more")
+    if not 0 <= getattr(args, "draft_confidence", 0.0) < 1:
+        raise UserError("--draft-confidence must be at least 0 and below 1")

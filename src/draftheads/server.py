@@ -118,8 +118,9 @@ class Worker:
 
     def __init__(self, model, queue_size: int, max_batch: int = 1, max_seq_len: int = defaults.MAX_SEQ_LEN,
                  own_thread: bool = True, max_tree_rows: int | None = None, prefill_chunk: int | None = None,
-                 adapt_trees: bool = defaults.ADAPT_TREES):
+                 adapt_trees: bool = defaults.ADAPT_TREES, draft_confidence: float = defaults.BATCH_DRAFT_CONFIDENCE):
         self.model, self.queue_size = model, queue_size
+        self.draft_confidence = draft_confidence
         self.max_batch, self.max_seq_len, self.max_tree_rows = max_batch, max_seq_len, max_tree_rows
         self.prefill_chunk = prefill_chunk
         # Served rounds decide whether the heads' trees pay at each batch size (round_costs.py); None: off.
@@ -167,7 +168,7 @@ class Worker:
 
             try:  # made on this thread: it does all the torch work from here on
                 batch = BatchDecoder(self.model.decoder, self.max_batch, self.max_seq_len, self.max_tree_rows,
-                                     self.model.batch_trees, self.prefill_chunk, self.costs)
+                                     self.model.batch_trees, self.prefill_chunk, self.costs, self.draft_confidence)
             except UserError as e:
                 log.warning("serving one request at a time: %s", e)
             except Exception:  # a dead worker would leave every request waiting forever
@@ -274,7 +275,8 @@ def create_app(model, model_name: str | None = None, api_key: str | None = None,
                max_tokens_limit: int = defaults.MAX_TOKENS_LIMIT, default_max_tokens: int = defaults.DEFAULT_MAX_TOKENS,
                queue_size: int = defaults.QUEUE_SIZE, parse_special_tokens: bool = False, max_batch: int = 1,
                max_seq_len: int = defaults.MAX_SEQ_LEN, worker_thread: bool = True, max_tree_rows: int | None = None,
-               prefill_chunk: int | None = None, adapt_trees: bool = defaults.ADAPT_TREES) -> FastAPI:
+               prefill_chunk: int | None = None, adapt_trees: bool = defaults.ADAPT_TREES,
+               draft_confidence: float = defaults.BATCH_DRAFT_CONFIDENCE) -> FastAPI:
     """An app serving `model` (a DraftModel). The worker thread starts here, one per app.
     parse_special_tokens: whether a /v1/completions string prompt may spell control tokens
     ("<|im_start|>"); off, they are text like any other. Chat messages are always text.
@@ -282,7 +284,9 @@ def create_app(model, model_name: str | None = None, api_key: str | None = None,
     of max_seq_len tokens (prompt + reply); max_tree_rows: most tree nodes per batched pass (None: no limit);
     prefill_chunk: prompt tokens prefilled between two batched passes (None: a whole prompt at once, the
     running requests wait for it). adapt_trees: per batch size, the heads' trees or plain decoding,
-    whichever served rounds measured faster (round_costs.py); /health reports those rates. worker_thread: start the decoding thread here; False leaves
+    whichever served rounds measured faster (round_costs.py); /health reports those rates. draft_confidence: in a
+    batched pass of two or more requests, tree nodes the heads give a lower path probability are not verified
+    (0: all are). worker_thread: start the decoding thread here; False leaves
     `app.state.worker.run()` to the caller (serve() runs it on the thread that loaded the model)."""
     name = model_name or model.backbone_name
     # A batch slot holds prompt + reply + room for one step: its largest tree and lookup branches.
@@ -290,7 +294,7 @@ def create_app(model, model_name: str | None = None, api_key: str | None = None,
     context = (min(model.decoder.context, slot_context(model.decoder, max_seq_len, model.batch_trees)) if batched
                else model.decoder.context)
     worker = Worker(model, queue_size, max_batch, max_seq_len, own_thread=worker_thread, max_tree_rows=max_tree_rows,
-                    prefill_chunk=prefill_chunk, adapt_trees=adapt_trees)
+                    prefill_chunk=prefill_chunk, adapt_trees=adapt_trees, draft_confidence=draft_confidence)
     created = int(time.time())
     app = FastAPI(title="draftheads", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = worker

@@ -81,7 +81,7 @@ class Tree:
         self.paths: list[tuple[int, ...]] = sorted(paths, key=key) + sorted(given, key=key)
         self.index = {p: i + 1 for i, p in enumerate(self.paths)}  # path -> node index; root is 0
         self._tensors: dict[tuple, TreeTensors | list[Level]] = {}
-        self._shapes: dict[tuple, Tree] = {}  # with_given's trees, by their given paths
+        self._shapes: dict[tuple, Tree] = {}  # with_given's trees, by their given paths, and cut's
 
     @property
     def size(self) -> int:
@@ -118,6 +118,22 @@ class Tree:
             if len(self._shapes) >= MAX_SHAPES:
                 self._shapes.clear()
             tree = self._shapes[key] = Tree(self.paths, self.max_rank, key)
+        return tree
+
+    def cut(self, keep: tuple[bool, ...]) -> "Tree":
+        """The nodes with keep[node] true (the root and every kept node's parent among them), in their
+        order, built once per shape: what a drafter verifies of this ranked tree when it trusts only some
+        of its candidates. Keeping every node returns this tree itself."""
+        assert self.ranked_size == self.size and len(keep) == self.size and keep[0]
+        if all(keep):
+            return self
+        key = ("cut",) + tuple(keep)
+        tree = self._shapes.get(key)
+        if tree is None:
+            assert all(keep[self.parent[i]] for i in range(1, self.size) if keep[i]), "a kept node's parent was cut"
+            if len(self._shapes) >= MAX_SHAPES:
+                self._shapes.clear()
+            tree = self._shapes[key] = Tree([p for p, k in zip(self.paths, keep[1:]) if k], self.max_rank)
         return tree
 
     @cached_property

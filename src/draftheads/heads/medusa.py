@@ -181,13 +181,39 @@ class MedusaHeads(DraftHeads):
     def draft_many(self, hidden: torch.Tensor, roots: torch.Tensor, tree: Tree) -> torch.Tensor:
         """`draft` for B sequences on the same tree in one call (a batched step: one product per head
         instead of B). hidden [B, hidden_size], roots [B] -> ids [B, nodes]."""
+        return self._draft_many(hidden, roots, tree, False)[0]
+
+    @torch.no_grad()
+    def draft_confident(self, hidden: torch.Tensor, roots: torch.Tensor, tree: Tree, min_prob: float) -> list[tuple[Tree, torch.Tensor]]:
+        """`draft_many`, each sequence cut to the nodes whose path the heads give at least `min_prob`: the
+        product of the heads' softmax probabilities of the node's token and its ancestors' (the root: 1).
+        Where a node is unlikely, verifying it costs a row of the pass for little; in a batch those rows
+        add up (docs/serving.md). Returns per sequence (its tree, a cut of `tree`; ids [its nodes])."""
+        ids, prob = self._draft_many(hidden, roots, tree, True)  # [B, nodes], [B, nodes - 1]
+        path = [prob.new_ones(prob.shape[0])]  # per node, [B]; parents come before their children
+        for node in range(1, tree.size):
+            path.append(path[tree.parent[node]] * prob[:, node - 1])
+        keep = (torch.stack(path, 1) >= min_prob).tolist()  # [B][nodes]
+        out = []
+        for row, k in zip(ids, keep):
+            cut = tree.cut(tuple(k))
+            out.append((cut, row if cut is tree else row[torch.tensor(k, device=row.device)]))
+        return out
+
+    def _draft_many(self, hidden: torch.Tensor, roots: torch.Tensor, tree: Tree, probs: bool):
+        """ids [B, nodes] and, if `probs`, the heads' softmax probability of each non-root node's token
+        [B, nodes - 1] (float32), else None."""
         assert hidden.dim() == 2 and roots.shape == hidden.shape[:1]
         tt = tree.tensors(hidden.device, hidden.dtype)
         # Only the heads the tree reaches: a depth-2 tree on 4 heads pays for 2 (on CPU each full head
         # costs ~1 ms of a ~65 ms step).
         logits = self.forward(hidden.to(self.blocks[0][0].linear.weight.dtype), max(tree.depth, 1))  # [used, B, out]
-        top = self.to_full_ids(logits.topk(tree.topk, dim=-1).indices)  # [used, B, topk]
-        return torch.cat([roots[:, None], top[tt.head_of, :, tt.rank_of].T], 1)  # [B, nodes]
+        top = logits.topk(tree.topk, dim=-1)  # [used, B, topk]
+        ids = torch.cat([roots[:, None], self.to_full_ids(top.indices)[tt.head_of, :, tt.rank_of].T], 1)  # [B, nodes]
+        if not probs:
+            return ids, None
+        p = (top.values.float() - logits.float().logsumexp(-1, keepdim=True)).exp()  # [used, B, topk]
+        return ids, p[tt.head_of, :, tt.rank_of].T
 
     @torch.no_grad()
     def teacher_topk(self, hidden: torch.Tensor, ids: torch.Tensor, n: int = MAX_RANK, chunk: int = 256) -> torch.Tensor:
