@@ -4,6 +4,10 @@ finds batched rows inexact). Default model, lean forward, LM head on every row; 
 alternate within each cell, medians in ms.
 
     .venv/bin/python scripts/bench_row_attention.py --threads 2 --repeats 12
+
+--ragged adds a table of passes whose sequences have chains of different lengths (trees cut to their
+confident nodes, batch.py), their padding packed out of the products, against the same sequences at
+the longest chain: "3,2,2,3,2,1,2,2;2,1,2,1,2,1,2,1" (chain nodes per sequence; passes separated by ;).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=200, help="cached tokens per sequence (each adds 7 x its index)")
     ap.add_argument("--batches", default="1,4,8")
     ap.add_argument("--nodes", default="1,2,3,4")
+    ap.add_argument("--ragged", default="", help="chain nodes per sequence, passes separated by ';'")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     m = draftheads.load(heads=None, dtype=torch.bfloat16)
@@ -33,18 +38,21 @@ def main() -> None:
     exact = lf.batched_rows_are_exact
     print(f"batched rows exact on this CPU: {exact(torch.bfloat16, args.threads)}")
 
-    def one_pass(B: int, q: int, per_node: bool) -> float:
+    def one_pass(B: int, q: int, per_node: bool, sizes: list[int] | None = None) -> float:
+        """One pass of B sequences with q chain nodes each, or with sizes[s] nodes (packed)."""
         lf.batched_rows_are_exact = (lambda *shape: False) if per_node else exact
+        sizes = sizes or [q] * B
         cache = SlotKVCache.for_model(engine.model, B, args.context + 8 * B + q)
         cache.lengths[:B] = torch.arange(B) * 7 + args.context
         ids = torch.randint(0, 40000, (B, q))
         positions = cache.lengths[:B, None] + torch.arange(q)
-        chain = tuple(range(-1, q - 1))
+        rows = torch.cat([torch.arange(n) + s * q for s, n in enumerate(sizes)])  # the real rows
         t = time.perf_counter()
         with torch.inference_mode():
             cache.begin_step(B, q)
-            h = engine.lean.hidden(cache, ids, positions, None, {s: chain for s in range(B)})  # [B, q, H]
-            engine.logits(h.reshape(B * q, -1))
+            h = engine.lean.hidden(cache, ids, positions, None, {s: tuple(range(-1, n - 1)) for s, n in enumerate(sizes)},
+                                   rows)  # [B, q, H]
+            engine.logits(h.reshape(B * q, -1)[rows])
         return time.perf_counter() - t
 
     print("| sequences | chain nodes | rows | one call per layer (ms) | one call per node (ms) | per node / one call |")
@@ -58,6 +66,18 @@ def main() -> None:
                         times[per_node].append(one_pass(B, q, per_node))
                 one, each = (1e3 * statistics.median(times[k][2:]) for k in (False, True))
                 print(f"| {B} | {q} | {B * q} | {one:.1f} | {each:.1f} | {each / one:.2f} |", flush=True)
+        for spec in filter(None, args.ragged.split(";")):
+            sizes = [int(n) for n in spec.split(",")]
+            B, q = len(sizes), max(sizes)
+            if spec == args.ragged.split(";")[0]:
+                print("\n| sequences | chain nodes | real rows | packed (ms) | every sequence at the longest (ms) |")
+                print("|---:|---|---:|---:|---:|")
+            times = {False: [], True: []}
+            for r in range(args.repeats + 2):
+                for full in (False, True) if r % 2 == 0 else (True, False):
+                    times[full].append(one_pass(B, q, False, None if full else sizes))
+            cut, whole = (1e3 * statistics.median(times[k][2:]) for k in (False, True))
+            print(f"| {B} | {spec} | {sum(sizes)} | {cut:.1f} | {whole:.1f} |", flush=True)
     finally:
         lf.batched_rows_are_exact = exact
 

@@ -37,8 +37,10 @@ MAX_SEQ_LEN = 2048
 # a CPU's matmuls turn compute-bound at a few rows, so past it the running requests decode plainly.
 MAX_TREE_ROWS = 16
 # In a batched pass of two or more sequences, tree nodes whose path the heads give less than this
-# probability are not verified (batch.py: MedusaHeads.draft_confident): each costs a row of the pass.
-BATCH_DRAFT_CONFIDENCE = 0.5
+# probability are not verified (batch.py: MedusaHeads.draft_confident; --draft-confidence): each costs a
+# row of the pass. At 8 sequences a bf16 row costs ~0.7% of a round here (~0.06 tokens' worth), and nodes
+# under 0.2 bring ~0.05 tokens each (docs/serving.md, "Trees cut to the confident nodes").
+BATCH_DRAFT_CONFIDENCE = 0.2
 # The server's batched rounds take the heads' trees or decode plainly at each batch size, whichever its own
 # served rounds measured faster (--adapt-trees; round_costs.py): calibrate's table predicted a gain at 8
 # sequences that served runs did not show.
