@@ -531,3 +531,23 @@ def test_a_batch_cuts_trees_to_their_confident_nodes_and_stays_exact():
     assert batch.step() == 1
     assert stats[0].nodes - before == tree.size  # alone: the whole tree
     gens[0].close()
+
+
+def test_a_tree_the_request_names_is_not_cut():
+    model = tiny_model()
+    heads = tiny_heads(model, num_heads=3)
+    named = load_tree("medusa16", 3)
+    batch = BatchDecoder(Decoder(model, heads, load_tree("medusa16", 3)), slots=2, capacity=128, draft_confidence=0.9)
+    stats = [Stats(), Stats()]
+    gens = [batch.steps([5, 6, 7, 8], 20, SamplingConfig(), stats[0], named),
+            batch.steps([9, 10, 11], 20, SamplingConfig(), stats[1])]
+    for gen in gens:
+        next(gen)
+    for _ in range(3):
+        assert batch.step() == 2
+        for gen in gens:
+            next(gen)
+    assert stats[0].nodes == 3 * named.size  # named: whole every pass
+    assert stats[1].nodes < 3 * named.size  # the table's follower: cut at 0.9
+    for gen in gens:
+        gen.close()
