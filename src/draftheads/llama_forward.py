@@ -116,10 +116,10 @@ class LlamaForward:
             # Batched trees of different sizes pad to the largest: the products, most of a pass's cost, run
             # on the real rows [R, hidden] only; attention, per slot, takes them scattered back.
             assert rows.dim() == 1 and 0 < rows.numel() < b * q
-            x, (cos, sin) = x.view(b * q, width)[rows], self.rotary(x, positions.view(1, -1)[:, rows])  # [R, hidden], [1, R, head_dim]
+            x, (cos, sin) = x.reshape(b * q, width)[rows], self.rotary(x, positions.view(1, -1)[:, rows])  # [R, hidden], [1, R, head_dim]
             unpack = lambda t: t.new_zeros(b * q, t.shape[-1]).index_copy_(0, rows, t).view(b, q, -1)  # [R, n] -> [b, q, n]
         else:
-            x = x.view(b * q, width)
+            x = x.reshape(b * q, width)
             cos, sin = self.rotary(x, positions)  # [b, q, head_dim]
             unpack = lambda t: t.view(b, q, -1)
         visible, per_node = None, {}
