@@ -436,6 +436,8 @@ def test_a_cut_tree_keeps_the_chosen_nodes_in_order_and_is_built_once():
     assert t.cut(keep) is cut and t.cut((True,) * 6) is t
     with pytest.raises(AssertionError):
         t.cut((True, False, True, True, False, False))  # [0, 0] kept without its parent [0]
+    with pytest.raises(AssertionError):
+        t.cut((False,) + (True,) * 5)  # the root is always verified
 
 
 def test_draft_confident_keeps_the_nodes_whose_path_probability_reaches_the_threshold():
@@ -461,6 +463,16 @@ def test_draft_confident_keeps_the_nodes_whose_path_probability_reaches_the_thre
         sizes.append(cut.size)
     assert min(sizes) < max(sizes)  # the threshold cut some sequences more than others
     assert all(cut is tree and torch.equal(c, i) for (cut, c), i in zip(heads.draft_confident(hidden, roots, tree, 0.0), ids))
+
+
+def test_a_node_whose_path_probability_equals_the_threshold_is_kept():
+    model = tiny_model()
+    heads = tiny_heads(model, num_heads=3)
+    for lm in heads.lm_heads:  # logits hundreds apart: each head's top token gets probability exactly 1.0
+        lm.weight.data *= 1e4
+    tree = load_tree("chain3")
+    hidden, roots = torch.randn(2, model.config.hidden_size), torch.tensor([3, 4])
+    assert all(cut is tree for cut, _ in heads.draft_confident(hidden, roots, tree, 1.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
