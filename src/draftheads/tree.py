@@ -113,12 +113,7 @@ class Tree:
         key = tuple(sorted(tuple(p) for p in given))
         if not key:
             return self
-        tree = self._shapes.get(key)
-        if tree is None:
-            if len(self._shapes) >= MAX_SHAPES:
-                self._shapes.clear()
-            tree = self._shapes[key] = Tree(self.paths, self.max_rank, key)
-        return tree
+        return self._shape(key, lambda: Tree(self.paths, self.max_rank, key))
 
     def cut(self, keep: tuple[bool, ...]) -> "Tree":
         """The nodes with keep[node] true (the root and every kept node's parent among them), in their
@@ -127,13 +122,21 @@ class Tree:
         assert self.ranked_size == self.size and len(keep) == self.size and keep[0]
         if all(keep):
             return self
-        key = ("cut",) + tuple(keep)
+
+        def build() -> Tree:
+            assert all(keep[self.parent[i]] for i in range(1, self.size) if keep[i]), "a kept node's parent was cut"
+            return Tree([p for p, k in zip(self.paths, keep[1:]) if k], self.max_rank)
+
+        return self._shape(("cut",) + tuple(keep), build)
+
+    def _shape(self, key: tuple, build) -> "Tree":
+        """The tree `build()` makes, made once per key: with_given's and cut's shapes recur every few steps
+        and keep their built tensors (at most MAX_SHAPES kept)."""
         tree = self._shapes.get(key)
         if tree is None:
-            assert all(keep[self.parent[i]] for i in range(1, self.size) if keep[i]), "a kept node's parent was cut"
             if len(self._shapes) >= MAX_SHAPES:
                 self._shapes.clear()
-            tree = self._shapes[key] = Tree([p for p, k in zip(self.paths, keep[1:]) if k], self.max_rank)
+            tree = self._shapes[key] = build()
         return tree
 
     @cached_property
