@@ -465,6 +465,28 @@ def test_draft_confident_keeps_the_nodes_whose_path_probability_reaches_the_thre
     assert all(cut is tree and torch.equal(c, i) for (cut, c), i in zip(heads.draft_confident(hidden, roots, tree, 0.0), ids))
 
 
+def test_calibrate_predicts_the_rows_draft_confident_keeps():
+    """calibrate scores the batched step's cut from the heads' teacher probabilities (cut_rows_tokens);
+    on the same hidden states it counts the rows draft_confident keeps."""
+    from draftheads.calibrate import MISS, cut_rows_tokens
+
+    model = tiny_model()
+    heads = tiny_heads(model, num_heads=3)
+    tree = load_tree("medusa16", 3)
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(32, model.config.hidden_size, generator=g)
+    ids, probs = heads.teacher_top_probs(hidden)  # [3, 32, 10] each
+    assert torch.equal(ids, heads.teacher_topk(hidden, None))
+    probs = probs.transpose(0, 1)  # [32, 3, 10]
+    path = sorted({float(probs[:, torch.arange(len(q)), torch.tensor(q)].prod(-1)[t]) for q in tree.paths for t in range(32)})
+    threshold = (path[len(path) // 2] + path[len(path) // 2 + 1]) / 2  # between two path values: no rounding tie
+    plans = heads.draft_confident(hidden, torch.zeros(32, dtype=torch.long), tree, threshold)
+    ranks = torch.full((32, 3), MISS)
+    rows, tokens = cut_rows_tokens(ranks, probs, tree.paths, threshold)
+    assert rows == pytest.approx(sum(cut.size for cut, _ in plans) / 32) and tokens == 1.0
+    assert 1 < rows < tree.size
+
+
 def test_a_node_whose_path_probability_equals_the_threshold_is_kept():
     model = tiny_model()
     heads = tiny_heads(model, num_heads=3)

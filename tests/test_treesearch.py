@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
+from draftheads import defaults
 from draftheads.calibrate import MISS, PAST_END, accuracies, empirical_accepted
 from draftheads.cli import main
 from draftheads.tree import load_tree
@@ -110,6 +111,9 @@ def test_calibrate_on_a_tiny_model_writes_a_valid_tree(tiny_dirs, tmp_path):
     table = data["batch_trees"]  # a tree per batch size, from whole batched rounds
     assert set(table) == {"1", "3"} and all(1 <= row["size"] <= 8 for row in table.values())
     assert [x["size"] for x in table["3"]["latency"]] == [1, 4, 8] and table["3"]["latency"][0]["step_s"] > 0
+    # chosen for the serve default cut where the batched step cuts (2+ sequences), whole trees alone
+    assert table["3"]["draft_confidence"] == defaults.BATCH_DRAFT_CONFIDENCE and "draft_confidence" not in table["1"]
+    assert 1 <= table["3"]["predicted_rows"] <= table["3"]["size"]
     assert json.loads((heads / "config.json").read_text())["batch_trees"] == {b: r["tree"] for b, r in table.items()}
     tree = load_tree(str(out), 3)
     assert tree.size == data["size"] <= 8
@@ -127,6 +131,43 @@ def test_batch_table_shrinks_the_tree_as_rounds_get_dearer():
     table = batch_table(p, {1: flat, 8: steep}, max_nodes=8, max_depth=2)
     assert table["1"]["size"] > 1 and table["8"]["size"] == 1 and table["8"]["tree"] == []
     assert table["8"]["predicted_tokens_per_s"] == pytest.approx(8 / 0.05) == table["8"]["plain_tokens_per_s"]
+
+
+def _confident_half(n: int = 8):
+    """ranks [n, 3] and probs [n, 3, 10]: the first half of the positions right at rank 0 of every head, each
+    head giving it 0.9; the second half wrong everywhere, each head giving its rank 0 only 0.1."""
+    ranks = torch.cat([torch.zeros(n // 2, 3, dtype=torch.long), torch.full((n // 2, 3), MISS)])
+    probs = torch.full((n, 3, 10), 0.01)
+    probs[: n // 2, :, 0], probs[n // 2:, :, 0] = 0.9, 0.1
+    return ranks, probs
+
+
+def test_a_cut_keeps_the_confident_nodes_and_accepts_only_kept_ones():
+    from draftheads.calibrate import cut_rows_tokens
+
+    ranks, probs = _confident_half()
+    paths = [(0,), (1,), (0, 0), (0, 0, 0)]
+    assert cut_rows_tokens(ranks, probs, paths, 0.0) == (5.0, pytest.approx(empirical_accepted(ranks, paths)))
+    assert cut_rows_tokens(ranks, probs, paths, 0.5) == (pytest.approx((4 + 1) / 2), pytest.approx((4 + 1) / 2))
+    # 0.9 x 0.9 = 0.81 >= 0.8 keeps [0, 0] and cuts [0, 0, 0] (0.729): the accepted chain stops at depth 2
+    assert cut_rows_tokens(ranks, probs, paths, 0.8) == (pytest.approx((3 + 1) / 2), pytest.approx((3 + 1) / 2))
+    assert cut_rows_tokens(ranks, probs, paths, 0.95) == (1.0, 1.0)
+
+
+def test_batch_table_chooses_for_the_cut_where_the_batched_step_cuts():
+    from draftheads.calibrate import batch_table
+
+    ranks, probs = _confident_half()
+    p, _ = accuracies(ranks)
+    lat = [{"size": n, "step_s": 0.05 * (1 + 0.8 * (n - 1))} for n in (1, 2, 4)]  # each row 80% of a plain round
+    whole = batch_table(p, {8: lat}, max_nodes=4, max_depth=3)["8"]
+    assert whole["tree"] == [] and "draft_confidence" not in whole  # whole trees: every node costs more than it gives
+    cut = batch_table(p, {1: lat, 8: lat}, max_nodes=4, max_depth=3, cut=(ranks, probs, 0.2))
+    # cut, the 3-deep chain verifies 2.5 rows a sequence for 2.5 tokens: 2.5 / 0.11 s against plain's 1 / 0.05 s
+    assert cut["8"]["tree"] == [[0], [0, 0], [0, 0, 0]] and cut["8"]["draft_confidence"] == 0.2
+    assert cut["8"]["predicted_rows"] == pytest.approx(2.5) and cut["8"]["predicted_mean_accepted"] == pytest.approx(2.5)
+    assert cut["8"]["predicted_tokens_per_s"] == pytest.approx(8 * 2.5 / 0.11)
+    assert cut["1"] == batch_table(p, {1: lat}, max_nodes=4, max_depth=3)["1"]  # alone, trees are verified whole
 
 
 def test_searches_respect_ranks_and_depth_bounds():

@@ -87,6 +87,9 @@ def register(sub) -> None:
     c.add_argument("--batch-sizes", type=sizes, default="",
                    help="also time whole rounds of the batched step (the server's --max-batch) at these batch sizes, "
                         "e.g. 1,2,4,8, and choose a tree for each ('' to skip)")
+    c.add_argument("--draft-confidence", type=float, default=defaults.BATCH_DRAFT_CONFIDENCE,
+                   help="with --batch-sizes: the serve setting the trees per batch size are chosen for (batched passes "
+                        "of two or more sequences verify only the nodes the heads give at least this probability)")
     c.add_argument("--write-to-heads", action="store_true", help="also store the tree (and the trees per batch size) in "
                                                                   "the heads' config.json")
     c.set_defaults(func=cmd_calibrate)

@@ -22,28 +22,37 @@ from .treesearch import greedy_trees
 MISS, PAST_END = -1, -2
 
 
-@torch.inference_mode()
 def head_ranks(dm: DraftModel, prompt_ids: list[int], continuation: list[int]) -> torch.Tensor:
+    """ranks [positions, heads] of head_measures."""
+    return head_measures(dm, prompt_ids, continuation)[0]
+
+
+@torch.inference_mode()
+def head_measures(dm: DraftModel, prompt_ids: list[int], continuation: list[int],
+                  probs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rank of the true token in each head's top-10 at each position of a greedy continuation.
 
     Hidden state at position t (input token seq[t]) gives the backbone's next token seq[t+1] (the root)
     and head k's guess for seq[t+2+k], given the true path seq[t+1..t+1+k] (what a drafter that sees
     its path, Hydra, conditions on; on an accepted path the drafted tokens are the true ones). Returns
-    ranks [positions, heads]: 0..9, MISS, or PAST_END where the continuation ends first. One batched
-    forward over prompt + continuation (the loop's hidden states differ only in float rounding)."""
+    ranks [positions, heads]: 0..9, MISS, or PAST_END where the continuation ends first. With `probs`
+    (heads that cut their trees by confidence, MedusaHeads.draft_confident), also each head's softmax
+    probability of its rank-r candidate [positions, heads, 10], else None. One batched forward over
+    prompt + continuation (the loop's hidden states differ only in float rounding)."""
     model, heads = dm.backbone, dm.heads
     seq = prompt_ids + continuation
     ids = torch.tensor(seq, device=model.device)
     hidden = dm.decoder.engine.hidden_states(ids)  # [T, hidden]
     first, T, K = len(prompt_ids) - 1, len(seq), heads.cfg.num_heads
-    top = heads.teacher_topk(hidden, ids, MAX_RANK)[:, first:T - 1]  # [K, c, 10]
+    top, top_p = heads.teacher_top_probs(hidden, MAX_RANK) if probs else (heads.teacher_topk(hidden, ids, MAX_RANK), None)
+    top = top[:, first:T - 1]  # [K, c, 10]
     target = torch.tensor(seq + [-1] * (K + 2), device=model.device)
     pos = torch.arange(first, T - 1, device=model.device)
     want = target[pos[None, :] + 2 + torch.arange(K, device=model.device)[:, None]]  # [K, c]
     hit = top == want[..., None]  # [K, c, 10]
     rank = torch.where(hit.any(-1), hit.float().argmax(-1), torch.full_like(want, MISS))
     rank = torch.where(want < 0, torch.full_like(want, PAST_END), rank)
-    return rank.T  # [c, K]
+    return rank.T, None if top_p is None else top_p[:, first:T - 1].transpose(0, 1)  # [c, K], [c, K, 10]
 
 
 def accuracies(ranks: torch.Tensor) -> tuple[list[list[float]], list[int]]:
@@ -78,6 +87,24 @@ def empirical_accepted(ranks: torch.Tensor, paths) -> float:
     assumption): the root plus tree_depths."""
     depths = tree_depths(ranks, paths)
     return sum(1 + d for d in depths) / max(len(depths), 1)
+
+
+def cut_rows_tokens(ranks: torch.Tensor, probs: torch.Tensor, paths, min_prob: float) -> tuple[float, float]:
+    """Mean rows verified and tokens emitted per sequence and round with a tree cut to its confident nodes
+    (MedusaHeads.draft_confident, what the batched step does in a pass of two or more sequences), at the
+    positions head_measures recorded: ranks [positions, heads], probs [positions, heads, 10]. A node is
+    kept where the product of its path's probabilities reaches `min_prob`, and accepted where its ranks
+    are the recorded ones (no independence assumption). The root counts as a row and a token."""
+    assert ranks.dim() == 2 and probs.shape[:2] == ranks.shape and 0 <= min_prob < 1
+    rows = torch.ones(ranks.shape[0])
+    depth = torch.zeros(ranks.shape[0])
+    for path in paths:
+        k, r = len(path), torch.tensor(path)
+        kept = probs[:, torch.arange(k), r].prod(-1) >= min_prob  # [positions]; a child never above its parent
+        hit = (ranks[:, :k] == r).all(-1)
+        rows += kept
+        depth = torch.where(kept & hit, depth.clamp(min=k), depth)
+    return float(rows.mean()), float(1 + depth.mean())
 
 
 def lookup_depths(lookup: PromptLookup, prompt_ids: list[int], continuation: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,20 +230,37 @@ def batch_round_latency(dm: DraftModel, prompt_ids: list[int], batch: int, sizes
     return [{"size": trees[n].size, "step_s": statistics.median(samples[n])} for n in sizes]
 
 
-def batch_table(p, latency: dict[int, list[dict]], max_nodes: int, max_depth: int) -> dict[str, dict]:
+def batch_table(p, latency: dict[int, list[dict]], max_nodes: int, max_depth: int, cut=None) -> dict[str, dict]:
     """Per batch size, the tree with the most tokens/s under its measured round latency: {"8": {"tree",
     "size", "predicted_mean_accepted", "predicted_tokens_per_s" (all sequences together),
-    "plain_tokens_per_s" (the same batch without trees), "latency"}}. A size-1 tree means no tree pays."""
+    "plain_tokens_per_s" (the same batch without trees), "latency"}}. A size-1 tree means no tree pays.
+
+    cut: (ranks, probs, min_prob) where the batched step cuts trees at batch sizes >= 2 (cut_rows_tokens).
+    There each candidate (the searches' tree per size and the chains) is scored by its recorded tokens over
+    the round latency at its mean kept rows, and the entry adds "draft_confidence" and "predicted_rows".
+    Latency is timed with whole trees: a pass's cost follows its rows (projections run on the real rows
+    only, batch.py), so rows stand in for size."""
     from .treesearch import choose, interpolate
 
     table = {}
     for b, lat in sorted(latency.items()):
         xs, ys = [x["size"] for x in lat], [x["step_s"] for x in lat]
-        found = choose(p, lambda n: interpolate(xs, ys, n), min(max_nodes, max(xs)), max_depth)
+        step = lambda n: interpolate(xs, ys, n)  # noqa: E731
+        found = choose(p, step, min(max_nodes, max(xs)), max_depth)
         best, plain = found["best"], found["curve"][0]
-        table[str(b)] = {"tree": Tree(best["tree"]).to_json(), "size": best["size"],
-                         "predicted_mean_accepted": best["expected_accepted"],
-                         "predicted_tokens_per_s": b * best["tokens_per_s"],
+        entry = {"tree": best["tree"], "size": best["size"], "predicted_mean_accepted": best["expected_accepted"],
+                 "predicted_tokens_per_s": b * best["tokens_per_s"]}
+        if cut is not None and b >= 2:
+            ranks, probs, min_prob = cut
+            chains = [[(0,) * d for d in range(1, k + 1)] for k in range(1, min(max_depth, max_nodes - 1) + 1)]
+            scored = []
+            for paths in [c["tree"] for c in found["curve"]] + chains:
+                rows, tokens = cut_rows_tokens(ranks, probs, paths, min_prob)
+                scored.append((tokens / step(rows), -len(paths), paths, rows, tokens))
+            tps, _, paths, rows, tokens = max(scored, key=lambda x: x[:2])  # ties: the smaller tree
+            entry = {"tree": paths, "size": len(paths) + 1, "predicted_mean_accepted": tokens,
+                     "predicted_tokens_per_s": b * tps, "draft_confidence": min_prob, "predicted_rows": rows}
+        table[str(b)] = {**entry, "tree": Tree(entry["tree"]).to_json(),
                          "plain_tokens_per_s": b * plain["tokens_per_s"], "latency": lat}
     return table
 
@@ -291,17 +335,23 @@ def run_calibrate(args) -> dict:
 
     if args.max_nodes < 1 or args.max_new_tokens < 2:
         raise UserError("--max-nodes must be >= 1 and --max-new-tokens >= 2")
+    if not 0 <= args.draft_confidence < 1:
+        raise UserError("--draft-confidence must be at least 0 and below 1")
     questions = load_questions(args.prompts, args.limit)
     dm, plain = load_parts(args)
     K = dm.heads.cfg.num_heads
     prompts = [plain.prompt_ids(q.turns[0]) for q in questions]
     lookup = PromptLookup(dm.lookup) if dm.lookup else None
-    ranks, lk = [], []
+    ranks, probs, lk = [], [], []
+    # Where the batched step will cut the heads' trees (draft_confident), the table is chosen for the cut
+    cut = args.batch_sizes and args.draft_confidence > 0 and hasattr(dm.heads, "draft_confident")
     with progress() as bar:
         task = bar.add_task("accuracies", total=len(prompts))
         for ids in prompts:
             cont = plain.generate(torch.tensor(ids), max_new_tokens=args.max_new_tokens).token_ids
-            ranks.append(head_ranks(dm, ids, cont))
+            r, pr = head_measures(dm, ids, cont, probs=cut)
+            ranks.append(r)
+            probs.append(pr)
             if lookup is not None:
                 lk.append(lookup_depths(lookup, ids, cont))
             bar.advance(task)
@@ -340,7 +390,8 @@ def run_calibrate(args) -> dict:
             "calibrated_for": trees_key(dm.decoder.device, dm.decoder.dtype),
         }
         if by_batch:
-            result["batch_trees"] = batch_table(p, by_batch, args.max_nodes, K)
+            result["batch_trees"] = batch_table(p, by_batch, args.max_nodes, K,
+                                                (ranks, torch.cat(probs), args.draft_confidence) if cut else None)
         if lookup is not None:
             result["lookup"] = {**lookup_summary(lookup, ranks, lk_depth, lk_nodes, chosen.paths),
                                 "predicted_tokens_per_s": best["tokens_per_s_hybrid"]}

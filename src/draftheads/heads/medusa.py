@@ -219,6 +219,17 @@ class MedusaHeads(DraftHeads):
     def teacher_topk(self, hidden: torch.Tensor, ids: torch.Tensor, n: int = MAX_RANK, chunk: int = 256) -> torch.Tensor:
         """hidden [T, H] of a whole sequence -> each head's top-n full ids [K, T, n] at each position
         (Medusa heads ignore the path ids [T]). What `calibrate` measures."""
+        return self.teacher_top_probs(hidden, n, chunk)[0]
+
+    @torch.no_grad()
+    def teacher_top_probs(self, hidden: torch.Tensor, n: int = MAX_RANK, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [T, H] -> each head's top-n full ids [K, T, n] and their softmax probabilities [K, T, n]
+        (float32, as `draft_confident` computes them): what `calibrate` needs to predict that cut."""
         w = self.blocks[0][0].linear.weight
-        return torch.cat([self.to_full_ids(self(hidden[s:s + chunk].to(w.dtype)).topk(n, dim=-1).indices)
-                          for s in range(0, hidden.shape[0], chunk)], 1)
+        ids, probs = [], []
+        for s in range(0, hidden.shape[0], chunk):
+            logits = self(hidden[s:s + chunk].to(w.dtype))  # [K, c, out]
+            top = logits.topk(n, dim=-1)
+            ids.append(self.to_full_ids(top.indices))
+            probs.append((top.values.float() - logits.float().logsumexp(-1, keepdim=True)).exp())
+        return torch.cat(ids, 1), torch.cat(probs, 1)
