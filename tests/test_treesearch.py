@@ -114,6 +114,7 @@ def test_calibrate_on_a_tiny_model_writes_a_valid_tree(tiny_dirs, tmp_path):
     # chosen for the serve default cut where the batched step cuts (2+ sequences), whole trees alone
     assert table["3"]["draft_confidence"] == defaults.BATCH_DRAFT_CONFIDENCE and "draft_confidence" not in table["1"]
     assert 1 <= table["3"]["predicted_rows"] <= table["3"]["size"]
+    assert [x["size"] for x in table["3"]["chain_latency"]] == [1, 2, 3, 4] and table["3"]["tree"] in ([], [[0]], [[0], [0, 0]], [[0], [0, 0], [0, 0, 0]])
     assert json.loads((heads / "config.json").read_text())["batch_trees"] == {b: r["tree"] for b, r in table.items()}
     tree = load_tree(str(out), 3)
     assert tree.size == data["size"] <= 8
@@ -162,11 +163,13 @@ def test_batch_table_chooses_for_the_cut_where_the_batched_step_cuts():
     lat = [{"size": n, "step_s": 0.05 * (1 + 0.8 * (n - 1))} for n in (1, 2, 4)]  # each row 80% of a plain round
     whole = batch_table(p, {8: lat}, max_nodes=4, max_depth=3)["8"]
     assert whole["tree"] == [] and "draft_confidence" not in whole  # whole trees: every node costs more than it gives
-    cut = batch_table(p, {1: lat, 8: lat}, max_nodes=4, max_depth=3, cut=(ranks, probs, 0.2))
+    branching = [{"size": n, "step_s": 0.05 * (1 + 0.8 * (n - 1) + 4 * (n == 4))} for n in (1, 2, 4)]
+    cut = batch_table(p, {1: lat, 8: branching}, max_nodes=4, max_depth=3, cut=(ranks, probs, 0.2, {8: lat}))
     # cut, the 3-deep chain verifies 2.5 rows a sequence for 2.5 tokens: 2.5 / 0.11 s against plain's 1 / 0.05 s
     assert cut["8"]["tree"] == [[0], [0, 0], [0, 0, 0]] and cut["8"]["draft_confidence"] == 0.2
     assert cut["8"]["predicted_rows"] == pytest.approx(2.5) and cut["8"]["predicted_mean_accepted"] == pytest.approx(2.5)
-    assert cut["8"]["predicted_tokens_per_s"] == pytest.approx(8 * 2.5 / 0.11)
+    assert cut["8"]["predicted_tokens_per_s"] == pytest.approx(8 * 2.5 / 0.11)  # costed as chains, not branching trees
+    assert cut["8"]["chain_latency"] == lat and cut["8"]["latency"] == branching
     assert cut["1"] == batch_table(p, {1: lat}, max_nodes=4, max_depth=3)["1"]  # alone, trees are verified whole
 
 

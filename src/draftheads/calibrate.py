@@ -199,17 +199,27 @@ def step_latency(dm: DraftModel, prompt_ids: list[int], sizes: list[int], steps:
 
 
 @torch.inference_mode()
+def chains(depth: int) -> list[Tree]:
+    """The chains of 0..depth drafted nodes (size 1..depth+1): each the top candidate of the heads in turn."""
+    return [Tree([(0,) * d for d in range(1, n + 1)]) for n in range(depth + 1)]
+
+
+@torch.inference_mode()
 def batch_round_latency(dm: DraftModel, prompt_ids: list[int], batch: int, sizes: list[int], steps: int = 8,
-                        p=None) -> list[dict]:
+                        p=None, trees: list[Tree] | None = None) -> list[dict]:
     """Median seconds of one whole round of the batched step (batch.BatchDecoder: every sequence's
     draft, one verify pass over all their nodes, acceptance and compaction) with `batch` sequences of
-    the same prompt, each with a tree of each size, after 2 warm-up rounds. Whole rounds, not isolated
-    forwards: those flatter large batches, whose drafting and bookkeeping grow with the batch too."""
+    the same prompt, each with a tree of each size (or each of `trees`, one per size), after 2 warm-up
+    rounds. Whole rounds, not isolated forwards: those flatter large batches, whose drafting and
+    bookkeeping grow with the batch too."""
     from .batch import BatchDecoder
 
     assert dm.heads is not None and batch >= 1
     decoder = Decoder(dm.backbone, dm.heads, None, engine=dm.engine)
-    trees = {n: tree_of_size(n, dm.heads.cfg.num_heads, p) for n in sizes}
+    if trees is not None:
+        sizes = [t.size for t in trees]
+        assert len(set(sizes)) == len(sizes), "one tree per size"
+    trees = {t.size: t for t in trees} if trees else {n: tree_of_size(n, dm.heads.cfg.num_heads, p) for n in sizes}
     samples: dict[int, list[float]] = {n: [] for n in sizes}
     for _ in range(2):  # sizes interleaved over rounds, as in step_latency
         for n in sizes:
@@ -235,11 +245,14 @@ def batch_table(p, latency: dict[int, list[dict]], max_nodes: int, max_depth: in
     "size", "predicted_mean_accepted", "predicted_tokens_per_s" (all sequences together),
     "plain_tokens_per_s" (the same batch without trees), "latency"}}. A size-1 tree means no tree pays.
 
-    cut: (ranks, probs, min_prob) where the batched step cuts trees at batch sizes >= 2 (cut_rows_tokens).
-    There each candidate (the searches' tree per size and the chains) is scored by its recorded tokens over
-    the round latency at its mean kept rows, and the entry adds "draft_confidence" and "predicted_rows".
-    Latency is timed with whole trees: a pass's cost follows its rows (projections run on the real rows
-    only, batch.py), so rows stand in for size."""
+    cut: (ranks, probs, min_prob, chain_latency {batch: [{"size", "step_s"}] of whole chains}) where the
+    batched step cuts trees, at batch sizes >= 2 (cut_rows_tokens). There the candidates are the chains:
+    a cut chain is a chain, and a batched pass verifies every sequence's chain in one attention call per
+    layer, so its cost follows its rows (projections run on the real rows only; LlamaForward.hidden), and
+    a chain cut to r rows costs what a whole chain of r nodes does. A branching tree's nodes attend one
+    call each; what its cuts cost depends on how many of them still branch, which no timed point gives.
+    Each chain is scored by its recorded tokens over the chain latency at its mean kept rows, and the
+    entry adds "draft_confidence", "predicted_rows" and "chain_latency"."""
     from .treesearch import choose, interpolate
 
     table = {}
@@ -251,15 +264,16 @@ def batch_table(p, latency: dict[int, list[dict]], max_nodes: int, max_depth: in
         entry = {"tree": best["tree"], "size": best["size"], "predicted_mean_accepted": best["expected_accepted"],
                  "predicted_tokens_per_s": b * best["tokens_per_s"]}
         if cut is not None and b >= 2:
-            ranks, probs, min_prob = cut
-            chains = [[(0,) * d for d in range(1, k + 1)] for k in range(1, min(max_depth, max_nodes - 1) + 1)]
+            ranks, probs, min_prob, chain_latency = cut
+            cx, cy = [x["size"] for x in chain_latency[b]], [x["step_s"] for x in chain_latency[b]]
             scored = []
-            for paths in [c["tree"] for c in found["curve"]] + chains:
-                rows, tokens = cut_rows_tokens(ranks, probs, paths, min_prob)
-                scored.append((tokens / step(rows), -len(paths), paths, rows, tokens))
-            tps, _, paths, rows, tokens = max(scored, key=lambda x: x[:2])  # ties: the smaller tree
+            for chain in chains(min(max_depth, max_nodes - 1, max(cx) - 1)):
+                rows, tokens = cut_rows_tokens(ranks, probs, chain.paths, min_prob)
+                scored.append((tokens / interpolate(cx, cy, rows), -chain.size, chain.paths, rows, tokens))
+            tps, _, paths, rows, tokens = max(scored, key=lambda x: x[:2])  # ties: the shorter chain
             entry = {"tree": paths, "size": len(paths) + 1, "predicted_mean_accepted": tokens,
-                     "predicted_tokens_per_s": b * tps, "draft_confidence": min_prob, "predicted_rows": rows}
+                     "predicted_tokens_per_s": b * tps, "draft_confidence": min_prob, "predicted_rows": rows,
+                     "chain_latency": chain_latency[b]}
         table[str(b)] = {**entry, "tree": Tree(entry["tree"]).to_json(),
                          "plain_tokens_per_s": b * plain["tokens_per_s"], "latency": lat}
     return table
@@ -362,11 +376,15 @@ def run_calibrate(args) -> dict:
         latency = step_latency(dm, max(prompts, key=len), sizes, steps=args.latency_steps, p=p)
         bar.update(task, total=1, completed=1)
         xs, ys = [x["size"] for x in latency], [x["step_s"] for x in latency]
-        by_batch = {}
+        by_batch, chain_latency = {}, {}
         if args.batch_sizes:
             task = bar.add_task("batched rounds", total=len(args.batch_sizes))
             for b in args.batch_sizes:
-                by_batch[b] = batch_round_latency(dm, max(prompts, key=len), b, sizes, steps=args.latency_steps, p=p)
+                longest = max(prompts, key=len)
+                by_batch[b] = batch_round_latency(dm, longest, b, sizes, steps=args.latency_steps, p=p)
+                if cut and b >= 2:  # what the cut chains cost (batch_table)
+                    chain_latency[b] = batch_round_latency(dm, longest, b, [], steps=args.latency_steps,
+                                                           trees=chains(min(K, args.max_nodes - 1)))
                 bar.advance(task)
         found = choose(p, lambda n: interpolate(xs, ys, n), args.max_nodes, K)
         best = found["best"]
@@ -391,7 +409,7 @@ def run_calibrate(args) -> dict:
         }
         if by_batch:
             result["batch_trees"] = batch_table(p, by_batch, args.max_nodes, K,
-                                                (ranks, torch.cat(probs), args.draft_confidence) if cut else None)
+                                                (ranks, torch.cat(probs), args.draft_confidence, chain_latency) if cut else None)
         if lookup is not None:
             result["lookup"] = {**lookup_summary(lookup, ranks, lk_depth, lk_nodes, chosen.paths),
                                 "predicted_tokens_per_s": best["tokens_per_s_hybrid"]}
