@@ -1,7 +1,8 @@
 """What cutting batched trees to their confident nodes keeps (batch.py, --draft-confidence): per table
 tree and cut, the tree nodes verified and the tokens emitted per sequence and round, counted over whole
-replies decoded `--batch` at a time in one process (counts, not timings: they hold on a noisy machine),
-and whether every reply equals the plain batched one.
+replies decoded `--batch` at a time in one process (counts: they hold on a noisy machine), and whether
+every reply equals the plain batched one. Tokens/s (wall time of each configuration, run one after the
+other, so machine drift falls on them unevenly) is printed beside them as a rough guide.
 
     python scripts/batch_cut_counts.py --prompts runs/batch_tune_prompts.jsonl --batch 8 --max-new-tokens 64 \
         --trees '[[[0]], [[0],[0,0]], [[0],[0,0],[0,0,0]]]' --cuts 0,0.2,0.3,0.5 --dtype bfloat16
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 
@@ -38,19 +40,22 @@ def main() -> None:
     heads = draftheads.load(heads=a.heads, dtype=a.dtype)
     plain = draftheads.load(heads=None, dtype=a.dtype)
     configs = [(None, 0.0)] + [(Tree(t), float(c)) for t in json.loads(a.trees) for c in a.cuts.split(",")]
-    print("| table tree | cut | nodes / sequence-round | tokens / sequence-round | replies that differ from plain |")
-    print("|---|---|---|---|---|")
+    print("| table tree | cut | nodes / sequence-round | tokens / sequence-round | replies that differ from plain | tokens/s |")
+    print("|---|---|---|---|---|---|")
     reference = None
     for tree, cut in configs:
         m = plain if tree is None else heads
         batch = BatchDecoder(m.decoder, a.batch, 1024, None, {1: tree} if tree else None, None, None, cut)
+        t0 = time.perf_counter()
         out = run_all(batch, [m.iter_generate(p, batch=batch, max_new_tokens=a.max_new_tokens) for p in prompts])
+        seconds = time.perf_counter() - t0
         ids = [r.token_ids for r in out]
         reference = reference or ids
         steps = sum(r.stats.steps for r in out)
         nodes, tokens = sum(r.stats.nodes for r in out) / steps, sum(len(r.token_ids) - 1 for r in out) / steps
         name = "plain" if tree is None else f"`{tree.to_json()}`"
-        print(f"| {name} | {cut if tree else '-'} | {nodes:.3f} | {tokens:.3f} | {sum(x != y for x, y in zip(ids, reference))} |",
+        print(f"| {name} | {cut if tree else '-'} | {nodes:.3f} | {tokens:.3f} | {sum(x != y for x, y in zip(ids, reference))} | "
+              f"{sum(len(i) for i in ids) / seconds:.1f} |",
               flush=True)
 
 

@@ -198,7 +198,6 @@ def step_latency(dm: DraftModel, prompt_ids: list[int], sizes: list[int], steps:
     return out
 
 
-@torch.inference_mode()
 def chains(depth: int) -> list[Tree]:
     """The chains of 0..depth drafted nodes (size 1..depth+1): each the top candidate of the heads in turn."""
     return [Tree([(0,) * d for d in range(1, n + 1)]) for n in range(depth + 1)]
@@ -358,7 +357,7 @@ def run_calibrate(args) -> dict:
     lookup = PromptLookup(dm.lookup) if dm.lookup else None
     ranks, probs, lk = [], [], []
     # Where the batched step will cut the heads' trees (draft_confident), the table is chosen for the cut
-    cut = args.batch_sizes and args.draft_confidence > 0 and hasattr(dm.heads, "draft_confident")
+    cut = bool(args.batch_sizes) and args.draft_confidence > 0 and hasattr(dm.heads, "draft_confident")
     with progress() as bar:
         task = bar.add_task("accuracies", total=len(prompts))
         for ids in prompts:
