@@ -170,6 +170,12 @@ def test_batch_table_chooses_for_the_cut_where_the_batched_step_cuts():
     assert cut["8"]["predicted_rows"] == pytest.approx(2.5) and cut["8"]["predicted_mean_accepted"] == pytest.approx(2.5)
     assert cut["8"]["predicted_tokens_per_s"] == pytest.approx(8 * 2.5 / 0.11)  # costed as chains, not branching trees
     assert cut["8"]["chain_latency"] == lat and cut["8"]["latency"] == branching
+    assert [c["depth"] for c in cut["8"]["candidates"]] == [0, 1, 2, 3]  # plain (depth 0) is a candidate too
+    assert max(c["tokens_per_s"] for c in cut["8"]["candidates"]) == cut["8"]["predicted_tokens_per_s"]
+    # A cut chain still drafts with every head it reaches: at 20 ms a head, the 3-deep chain cut to 2.5 rows
+    # costs 0.11 - 0.03 + 0.06 s, and no chain beats plain any more.
+    drafty = [{**x, "draft_s": 0.02 * (x["size"] - 1)} for x in lat]
+    assert batch_table(p, {8: lat}, max_nodes=4, max_depth=3, cut=(ranks, probs, 0.2, {8: drafty}))["8"]["tree"] == []
     assert cut["1"] == batch_table(p, {1: lat}, max_nodes=4, max_depth=3)["1"]  # alone, trees are verified whole
 
 

@@ -399,7 +399,9 @@ def cmd_calibrate(args) -> None:
                   f"{lk['mean_accepted_lookup_only']:.3f}, both {lk['mean_accepted_hybrid']:.3f} (the tree was chosen "
                   f"for both: predicted {lk['predicted_tokens_per_s']:.1f} tok/s)")
     for b, row in result.get("batch_trees", {}).items():
-        con.print(f"batch of {b}: tree of {row['size']} nodes, predicted {row['predicted_tokens_per_s']:.1f} tok/s "
+        cut = (f" (cut at {row['draft_confidence']}: {row['predicted_rows']:.2f} rows a sequence)"
+               if "draft_confidence" in row else "")
+        con.print(f"batch of {b}: tree of {row['size']} nodes{cut}, predicted {row['predicted_tokens_per_s']:.1f} tok/s "
                   f"for all {b} (without trees {row['plain_tokens_per_s']:.1f})")
     con.print(f"wrote {out}" + (f" and the tree into {heads_dir(args.heads)}/config.json" if args.write_to_heads else ""))
 

@@ -220,23 +220,27 @@ def batch_round_latency(dm: DraftModel, prompt_ids: list[int], batch: int, sizes
         assert len(set(sizes)) == len(sizes), "one tree per size"
     trees = {t.size: t for t in trees} if trees else {n: tree_of_size(n, dm.heads.cfg.num_heads, p) for n in sizes}
     samples: dict[int, list[float]] = {n: [] for n in sizes}
+    drafts: dict[int, list[float]] = {n: [] for n in sizes}
     for _ in range(2):  # sizes interleaved over rounds, as in step_latency
         for n in sizes:
             tree, new = trees[n], (steps // 2 + 3) * (trees[n].depth + 1)
             bd = BatchDecoder(decoder, batch, len(prompt_ids) + new + tree.size + 1, draft_confidence=0.0)  # whole trees
-            seqs = [bd.steps(prompt_ids, new, SamplingConfig(), Stats(), tree) for _ in range(batch)]
+            stats = [Stats() for _ in range(batch)]
+            seqs = [bd.steps(prompt_ids, new, SamplingConfig(), st, tree) for st in stats]
             for s in seqs:
                 next(s)  # prefill
             for i in range(steps // 2 + 2):
-                t0 = time.perf_counter()
+                t0, d0 = time.perf_counter(), stats[0].draft_s
                 bd.step()
                 for s in seqs:
                     next(s)
                 if i >= 2:
                     samples[n].append(time.perf_counter() - t0)
+                    drafts[n].append(stats[0].draft_s - d0)  # every sequence records the round's draft phase
             for s in seqs:
                 s.close()
-    return [{"size": trees[n].size, "step_s": statistics.median(samples[n])} for n in sizes]
+    return [{"size": trees[n].size, "step_s": statistics.median(samples[n]), "draft_s": statistics.median(drafts[n])}
+            for n in sizes]
 
 
 def batch_table(p, latency: dict[int, list[dict]], max_nodes: int, max_depth: int, cut=None) -> dict[str, dict]:
@@ -248,10 +252,12 @@ def batch_table(p, latency: dict[int, list[dict]], max_nodes: int, max_depth: in
     batched step cuts trees, at batch sizes >= 2 (cut_rows_tokens). There the candidates are the chains:
     a cut chain is a chain, and a batched pass verifies every sequence's chain in one attention call per
     layer, so its cost follows its rows (projections run on the real rows only; LlamaForward.hidden), and
-    a chain cut to r rows costs what a whole chain of r nodes does. A branching tree's nodes attend one
-    call each; what its cuts cost depends on how many of them still branch, which no timed point gives.
-    Each chain is scored by its recorded tokens over the chain latency at its mean kept rows, and the
-    entry adds "draft_confidence", "predicted_rows" and "chain_latency"."""
+    a chain cut to r rows verifies what a whole chain of r nodes does; its draft phase still runs every
+    head the whole chain reaches. A branching tree's nodes attend one call each; what its cuts cost
+    depends on how many of them still branch, which no timed point gives. Each chain is scored by its
+    recorded tokens over that cost (the chain latency at its mean kept rows, with its own draft phase in
+    place of theirs), and the entry adds "draft_confidence", "predicted_rows", "chain_latency" and every
+    chain's figures ("candidates": depth, rows and tokens per sequence-round, round_s, tokens_per_s)."""
     from .treesearch import choose, interpolate
 
     table = {}
@@ -264,15 +270,19 @@ def batch_table(p, latency: dict[int, list[dict]], max_nodes: int, max_depth: in
                  "predicted_tokens_per_s": b * best["tokens_per_s"]}
         if cut is not None and b >= 2:
             ranks, probs, min_prob, chain_latency = cut
-            cx, cy = [x["size"] for x in chain_latency[b]], [x["step_s"] for x in chain_latency[b]]
+            cl = chain_latency[b]
+            cx, cy, cd = [x["size"] for x in cl], [x["step_s"] for x in cl], [x.get("draft_s", 0.0) for x in cl]
             scored = []
             for chain in chains(min(max_depth, max_nodes - 1, max(cx) - 1)):
                 rows, tokens = cut_rows_tokens(ranks, probs, chain.paths, min_prob)
-                scored.append((tokens / interpolate(cx, cy, rows), -chain.size, chain.paths, rows, tokens))
-            tps, _, paths, rows, tokens = max(scored, key=lambda x: x[:2])  # ties: the shorter chain
+                seconds = interpolate(cx, cy, rows) - interpolate(cx, cd, rows) + interpolate(cx, cd, chain.size)
+                scored.append((tokens / seconds, -chain.size, chain.paths, rows, tokens, seconds))
+            tps, _, paths, rows, tokens, _ = max(scored, key=lambda x: x[:2])  # ties: the shorter chain
             entry = {"tree": paths, "size": len(paths) + 1, "predicted_mean_accepted": tokens,
                      "predicted_tokens_per_s": b * tps, "draft_confidence": min_prob, "predicted_rows": rows,
-                     "chain_latency": chain_latency[b]}
+                     "chain_latency": chain_latency[b],
+                     "candidates": [{"depth": len(c[2]), "rows": c[3], "tokens": c[4], "round_s": c[5],
+                                     "tokens_per_s": b * c[0]} for c in scored]}
         table[str(b)] = {**entry, "tree": Tree(entry["tree"]).to_json(),
                          "plain_tokens_per_s": b * plain["tokens_per_s"], "latency": lat}
     return table
