@@ -172,11 +172,24 @@ def test_batch_table_chooses_for_the_cut_where_the_batched_step_cuts():
     assert cut["8"]["chain_latency"] == lat and cut["8"]["latency"] == branching
     assert [c["depth"] for c in cut["8"]["candidates"]] == [0, 1, 2, 3]  # plain (depth 0) is a candidate too
     assert max(c["tokens_per_s"] for c in cut["8"]["candidates"]) == cut["8"]["predicted_tokens_per_s"]
+    assert cut["1"] == batch_table(p, {1: lat}, max_nodes=4, max_depth=3)["1"]  # alone, trees are verified whole
     # A cut chain still drafts with every head it reaches: at 20 ms a head, the 3-deep chain cut to 2.5 rows
     # costs 0.11 - 0.03 + 0.06 s, and no chain beats plain any more.
     drafty = [{**x, "draft_s": 0.02 * (x["size"] - 1)} for x in lat]
     assert batch_table(p, {8: lat}, max_nodes=4, max_depth=3, cut=(ranks, probs, 0.2, {8: drafty}))["8"]["tree"] == []
-    assert cut["1"] == batch_table(p, {1: lat}, max_nodes=4, max_depth=3)["1"]  # alone, trees are verified whole
+
+
+def test_a_deeper_chain_takes_over_only_when_it_is_clearly_faster():
+    from draftheads.calibrate import DEEPER_CHAIN_MARGIN, pick_chain
+
+    assert DEEPER_CHAIN_MARGIN == 0.05
+    # calibrate's figures at 4 sequences on this CPU (tokens/s for chains of depth 0-4): the 2-deep chain is
+    # 7.8% over [[0]], the 3- and 4-deep only 1.9% and 3.7% over the 2-deep
+    tps = [153.4, 182.6, 196.9, 200.7, 204.1]
+    assert pick_chain([{"depth": d, "tokens_per_s": t} for d, t in enumerate(tps)])["depth"] == 2
+    # each step under the margin, but two add up past it against the pick: the 2-deep takes over
+    assert pick_chain([{"depth": d, "tokens_per_s": t} for d, t in enumerate([100, 104, 108, 112])])["depth"] == 2
+    assert pick_chain([{"depth": 0, "tokens_per_s": 100}, {"depth": 1, "tokens_per_s": 105}])["depth"] == 0  # a tie at 5%
 
 
 def test_searches_respect_ranks_and_depth_bounds():
