@@ -264,7 +264,7 @@ def test_served_round_costs_switch_table_followers_to_plain_rounds_and_stay_exac
         next(g)
     batch.step()  # warm-up round 2: plain for the table followers, chain3 still for the named one
     assert [st.nodes for st in stats] == [10, 10, 8]
-    assert {k: r.rounds for k, r in costs.rates.items()} == {(4, 1): 1, (4, 0): 1}  # 3 pooled with 4; a branching table: plain or it
+    assert {k: r.rounds for k, r in costs.rates.items()} == {(4, True): 1, (4, False): 1}  # 3 pooled with 4
     for g in gens:
         g.close()
     fresh = BatchDecoder(Decoder(model, heads, load_tree("medusa8", 3)), slots=3, capacity=128,
@@ -272,42 +272,6 @@ def test_served_round_costs_switch_table_followers_to_plain_rounds_and_stay_exac
     reqs = [(p, SamplingConfig(), None) for p in prompts]
     assert drive(fresh, reqs, 30) == [hf_greedy(model, p, 30) for p in prompts]
     assert any(not trees for _, trees in fresh.costs.rates) and any(trees for _, trees in fresh.costs.rates)
-
-
-def test_a_chain_table_lets_served_rounds_take_its_shorter_chains_and_stays_exact():
-    """With a chain in the table, RoundCosts also weighs its shorter chains (round_kinds): warm-up takes the
-    chain, then each shorter one, then plain; whatever runs, the outputs stay greedy."""
-    from draftheads.batch import round_kinds
-    from draftheads.round_costs import RoundCosts
-
-    chain3 = load_tree("chain3")
-    kinds = round_kinds(chain3)
-    assert [t.paths for t in kinds] == [[], [(0,)], [(0,), (0, 0)], [(0,), (0, 0), (0, 0, 0)]] and kinds[-1] is chain3
-    assert round_kinds(chain3)[1] is kinds[1]  # built once: the shorter chains keep their tensors
-    medusa = load_tree("medusa8", 3)
-    assert [t.size for t in round_kinds(medusa)] == [1, medusa.size] and round_kinds(Tree([])) == [kinds[0]]
-    model = tiny_model()
-    heads = tiny_heads(model, num_heads=3)
-    prompts = [list(range(10, 20)), list(range(40, 47))]
-    batch = BatchDecoder(Decoder(model, heads, chain3), slots=2, capacity=128, batch_trees={1: chain3},
-                         costs=RoundCosts(warmup=1, explore_every=2), draft_confidence=0.0)
-    stats = [Stats() for _ in prompts]
-    gens = [batch.steps(p, 30, SamplingConfig(), st, None) for p, st in zip(prompts, stats)]
-    for g in gens:
-        next(g)
-    nodes = []
-    for _ in range(4):
-        batch.step()
-        nodes.append(stats[0].nodes - sum(nodes))
-        for g in gens:
-            next(g)
-    assert nodes == [4, 3, 2, 1]  # one warm-up round of each kind, the table's chain first
-    for g in gens:
-        g.close()
-    fresh = BatchDecoder(Decoder(model, heads, chain3), slots=2, capacity=128, batch_trees={1: chain3},
-                         costs=RoundCosts(warmup=1, explore_every=2), draft_confidence=0.0)  # switches often
-    assert drive(fresh, [(p, SamplingConfig(), None) for p in prompts], 30) == [hf_greedy(model, p, 30) for p in prompts]
-    assert {kind for _, kind in fresh.costs.rates} == {0, 1, 2, 3}
 
 
 def test_without_heads_or_with_a_one_node_table_there_is_nothing_to_decide():

@@ -1,5 +1,4 @@
-"""The served-round cost model that decides, per batch size, between the table's trees and plain rounds
-(kinds 1 and 0 where the table's tree is not a chain), and between a chain table's shorter chains."""
+"""The served-round cost model that decides, per batch size, between the table's trees and plain rounds."""
 
 import pytest
 
@@ -7,19 +6,13 @@ from draftheads.round_costs import RoundCosts, pooled
 
 
 def serve(costs, batch, rate, rounds):
-    """Run `rounds` rounds of `batch` sequences at tokens/s rate[kind] (a dict {True: trees, False: plain}, or a
-    list by kind); returns the choices made (as True / False for the dict)."""
-    kinds = [rate[False], rate[True]] if isinstance(rate, dict) else rate
+    """Run `rounds` rounds of `batch` sequences at tokens/s rate[trees]; returns the choices made."""
     choices = []
     for _ in range(rounds):
-        kind = costs.choose(batch, len(kinds))
-        costs.record(batch, kind, tokens=int(kinds[kind] * 2), seconds=2.0)
-        choices.append(bool(kind) if isinstance(rate, dict) else kind)
+        trees = costs.use_trees(batch)
+        costs.record(batch, trees, tokens=int(rate[trees] * 2), seconds=2.0)
+        choices.append(trees)
     return choices
-
-
-def use_trees(costs, batch):
-    return costs.choose(batch, 2) == 1
 
 
 def test_it_alternates_until_both_kinds_have_their_warm_up_rounds():
@@ -40,13 +33,11 @@ def test_batch_sizes_are_measured_apart():
     costs = RoundCosts(warmup=1, explore_every=1000)
     serve(costs, 1, {True: 30, False: 20}, 4)
     serve(costs, 8, {True: 20, False: 60}, 4)
-    assert use_trees(costs, 1) and not use_trees(costs, 8)
-    assert use_trees(costs, 2)  # never served: warm-up starts with the trees
-    assert not use_trees(costs, 5) and [pooled(b) for b in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
+    assert costs.use_trees(1) and not costs.use_trees(8)
+    assert costs.use_trees(2)  # never served: warm-up starts with the trees
+    assert not costs.use_trees(5) and [pooled(b) for b in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
     s = costs.summary()
-    assert {k: s[1][k] for k in ("trees", "plain", "rounds")} == pytest.approx({"trees": 30.0, "plain": 20.0, "rounds": 4})
-    assert s[1]["kinds"] == pytest.approx({0: 20.0, 1: 30.0})
-    assert s[8]["plain"] == pytest.approx(60.0)
+    assert s[1] == pytest.approx({"trees": 30.0, "plain": 20.0, "rounds": 4}) and s[8]["plain"] == pytest.approx(60.0)
 
 
 def test_recent_rounds_count_most_so_it_follows_a_changing_load():
@@ -60,8 +51,8 @@ def test_recent_rounds_count_most_so_it_follows_a_changing_load():
 
 def test_the_rate_is_decayed_tokens_over_decayed_seconds():
     costs = RoundCosts(decay=0.5)
-    costs.record(2, 1, tokens=10, seconds=1.0)
-    costs.record(2, 1, tokens=30, seconds=1.0)
+    costs.record(2, True, tokens=10, seconds=1.0)
+    costs.record(2, True, tokens=30, seconds=1.0)
     assert costs.summary()[2]["trees"] == pytest.approx((10 * 0.5 + 30) / (1 * 0.5 + 1))
     with pytest.raises(AssertionError):
         RoundCosts(explore_every=1)
@@ -73,19 +64,17 @@ def test_settings_and_records_are_checked_at_their_bounds():
         with pytest.raises(AssertionError):
             RoundCosts(**bad)
     costs = RoundCosts()
-    costs.record(1, 1, 0, 0.0)  # a round may emit nothing measurable in no measurable time
-    for kind, tokens, seconds in ((1, -1, 1.0), (1, 1, -1.0), (-1, 1, 1.0)):
+    costs.record(1, True, 0, 0.0)  # a round may emit nothing measurable in no measurable time
+    for tokens, seconds in ((-1, 1.0), (1, -1.0)):
         with pytest.raises(AssertionError):
-            costs.record(1, kind, tokens, seconds)
-    with pytest.raises(AssertionError):
-        costs.choose(1, 1)  # one kind leaves nothing to choose
+            costs.record(1, True, tokens, seconds)
 
 
 def test_equal_rates_keep_the_trees():
     costs = RoundCosts(warmup=1, explore_every=100)
-    costs.record(4, 1, 10, 1.0)
-    costs.record(4, 0, 10, 1.0)
-    assert use_trees(costs, 4)  # a tie goes to the heads' trees (what the table was calibrated to take)
+    costs.record(4, True, 10, 1.0)
+    costs.record(4, False, 10, 1.0)
+    assert costs.use_trees(4)  # a tie goes to the heads' trees (what the table was calibrated to take)
 
 
 @pytest.mark.parametrize("faster", [True, False])
@@ -96,15 +85,3 @@ def test_a_kind_that_loses_widely_is_explored_four_times_less_often(faster):
     assert choices == [(faster if (n % 20) else not faster) for n in range(5, 45)]
     with pytest.raises(AssertionError):
         RoundCosts(wide_margin=1.0)
-
-
-def test_a_chain_table_also_tries_its_shorter_chains_and_keeps_the_fastest():
-    costs = RoundCosts(warmup=2, explore_every=5)
-    rate = [40, 45, 42, 41]  # plain, [[0]], 2-deep, 3-deep (the table's): the 1-deep is fastest on this traffic
-    warm = serve(costs, 8, rate, 8)
-    assert warm == [3, 2, 1, 0, 3, 2, 1, 0]  # turns, deepest first, until each kind has its warm-up rounds
-    choices = serve(costs, 8, rate, 30)  # rounds 9..38: one in 5 explores, the least tried kind (ties: deepest)
-    assert [c for n, c in zip(range(9, 39), choices) if n % 5 == 0] == [3, 2, 0, 3, 2, 0]
-    assert all(c == 1 for n, c in zip(range(9, 39), choices) if n % 5)
-    s = costs.summary()[8]
-    assert s["kinds"] == pytest.approx({0: 40.0, 1: 45.0, 2: 42.0, 3: 41.0}) and s["trees"] == pytest.approx(45.0)

@@ -23,7 +23,7 @@ from .acceptance import SamplingConfig, accept, sample
 from .defaults import BATCH_DRAFT_CONFIDENCE
 from .errors import UserError
 from .generate import ROOT_ONLY, Decoder, Stats
-from .kvcache import SlotKVCache, is_chain
+from .kvcache import SlotKVCache
 from .lookup import Hybrid, PromptLookup
 from .round_costs import RoundCosts
 from .tree import Tree
@@ -194,11 +194,10 @@ class BatchDecoder:
         S = 1 + max(self.seqs)  # the pass covers slots [0, S); idle ones below S are padding
         t0 = dec._sync()
         plans, B = {}, len(seqs)
-        kinds = round_kinds(self.tree_at(B, self.dec.tree))  # what the sequences that follow the table may take
-        choice = self.costs is not None and len(kinds) > 1 and any(s.by_batch and s.drafter is not None for s in seqs)
-        kind = self.costs.choose(B, len(kinds)) if choice else len(kinds) - 1
-        with_table = kind > 0
-        tree = {s.slot: kinds[kind] if s.by_batch else s.tree for s in seqs}
+        table = self.tree_at(B, self.dec.tree)  # what the sequences that follow the table take
+        choice = self.costs is not None and table.size > 1 and any(s.by_batch and s.drafter is not None for s in seqs)
+        with_table = self.costs.use_trees(B) if choice else True
+        tree = {s.slot: (table if with_table else ROOT_ONLY) if s.by_batch else s.tree for s in seqs}
         trees = self.max_rows is None or sum(t.size + self.lookup_nodes for t in tree.values()) <= self.max_rows
         drafting = []
         for s in seqs:
@@ -255,18 +254,8 @@ class BatchDecoder:
         for s in seqs:  # the pass's time is every sequence's: each waited for all of it
             s.stats.record(plans[s.slot][1], accepted[s.slot], t1 - t0, t2 - t1, t3 - t2)
         if choice:  # what actually ran: a row budget may have sent the round plain
-            self.costs.record(B, kind if trees else 0, sum(len(s.emitted) for s in seqs), t3 - t0)
+            self.costs.record(B, with_table and trees, sum(len(s.emitted) for s in seqs), t3 - t0)
         return B
-
-
-def round_kinds(table: Tree) -> list[Tree]:
-    """The trees a round of the table's followers may take, as RoundCosts numbers its kinds: plain, then for
-    a chain its shorter chains (its first 1, 2, ... nodes), then the table's tree itself."""
-    if table.size == 1:
-        return [ROOT_ONLY]
-    if not is_chain(tuple(table.parent)):
-        return [ROOT_ONLY, table]
-    return [ROOT_ONLY] + [table.cut(tuple(i <= d for i in range(table.size))) for d in range(1, table.size)]
 
 
 def propose_all(seqs: list[_Sequence], tree: dict[int, Tree], dev, confidence: float = 0.0) -> dict[int, tuple[Tree, torch.Tensor]]:

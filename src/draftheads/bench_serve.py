@@ -200,12 +200,9 @@ def write_report(report: dict, out: Path) -> list[str]:
                          f"{row['ttft_p95']:.2f} | {1000 * row['tpot_p50']:.0f} / {1000 * row['tpot_p95']:.0f} | {d} |")
     for name, cfg in report["configs"].items():
         if cfg.get("batched_rounds"):
-            lines += ["", f"{name}, the rounds it served (the tree decision per batch size, round_costs.py; by kind: "
-                          "0 plain, k the table's first k nodes where it is a chain, else 1 the table's tree):", "",
-                      "| sequences | rounds | tokens/s with trees (best kind) | tokens/s plain | tokens/s by kind |",
-                      "|---|---|---|---|---|"]
-            lines += [f"| {b} | {r['rounds']} | {r['trees']:.1f} | {r['plain']:.1f} | "
-                      f"{', '.join(f'{k}: {v:.1f}' for k, v in r.get('kinds', {}).items())} |"
+            lines += ["", f"{name}, the rounds it served (the tree decision per batch size, round_costs.py):", "",
+                      "| sequences | rounds | tokens/s with trees | tokens/s plain |", "|---|---|---|---|"]
+            lines += [f"| {b} | {r['rounds']} | {r['trees']:.1f} | {r['plain']:.1f} |"
                       for b, r in cfg["batched_rounds"].items()]
     phased = [(name, row) for name, cfg in report["configs"].items() for row in cfg["levels"] if row.get("phases")]
     if phased:

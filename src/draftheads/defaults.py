@@ -41,9 +41,9 @@ MAX_TREE_ROWS = 16
 # row of the pass. At 8 sequences a bf16 row costs ~0.7% of a round here (~0.06 tokens' worth), and nodes
 # under 0.2 bring ~0.05 tokens each (docs/serving.md, "Trees cut to the confident nodes").
 BATCH_DRAFT_CONFIDENCE = 0.2
-# The server's batched rounds take the table's tree, a shorter chain of it, or decode plainly at each batch
-# size, whichever its own served rounds measured faster (--adapt-trees; round_costs.py): calibrate's tables,
-# chosen on its own prompts, predicted gains that served runs did not show.
+# The server's batched rounds take the heads' trees or decode plainly at each batch size, whichever its own
+# served rounds measured faster (--adapt-trees; round_costs.py): calibrate's table predicted a gain at 8
+# sequences that served runs did not show.
 ADAPT_TREES = True
 
 

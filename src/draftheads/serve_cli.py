@@ -103,9 +103,8 @@ def register(sub) -> None:
                         f"`calibrate --batch-sizes`, else {defaults.MAX_TREE_ROWS}: a CPU's matmuls turn compute-bound "
                         "at a few rows)")
     s.add_argument("--adapt-trees", action=argparse.BooleanOptionalAction, default=defaults.ADAPT_TREES,
-                   help="per batch size, decode with the heads' tree (or, for a chain, a shorter one) or plainly, "
-                        "whichever the server's own rounds measured faster (tokens/s on /health); --no-adapt-trees "
-                        "always takes the table's tree")
+                   help="per batch size, decode with the heads' trees or plainly, whichever the server's own rounds "
+                        "measured faster (tokens/s on /health); --no-adapt-trees always takes the trees")
     s.add_argument("--draft-confidence", type=float, default=defaults.BATCH_DRAFT_CONFIDENCE,
                    help="in a batched pass of two or more requests, verify only the tree nodes whose path the heads "
                         "give at least this probability (each node costs a row of the pass; 0: every node)")
