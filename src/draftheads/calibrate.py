@@ -261,8 +261,9 @@ def batch_table(p, latency: dict[int, list[dict]], max_nodes: int, max_depth: in
     head the whole chain reaches. A branching tree's nodes attend one call each; what its cuts cost
     depends on how many of them still branch, which no timed point gives. Each chain is scored by its
     recorded tokens over that cost (the chain latency at its mean kept rows, with its own draft phase in
-    place of theirs); the shallowest wins unless a deeper one beats it by DEEPER_CHAIN_MARGIN. The entry adds "draft_confidence", "predicted_rows", "chain_latency" and every
-    chain's figures ("candidates": depth, rows and tokens per sequence-round, round_s, tokens_per_s)."""
+    place of theirs); a deeper one takes over only when DEEPER_CHAIN_MARGIN faster (pick_chain). The entry
+    adds "draft_confidence", "predicted_rows", "chain_latency" and every chain's figures ("candidates":
+    depth, rows and tokens per sequence-round, round_s, tokens_per_s)."""
     from .treesearch import choose, interpolate
 
     table = {}
