@@ -228,3 +228,10 @@ def test_default_threads_step_aside_for_a_busy_machine(monkeypatch, capsys):
 def test_serve_limits_are_checked_before_loading(capsys, flag, message):
     code, _, err = run_cli(capsys, "serve", flag, "-1", "--backbone", "/no/such/model")
     assert code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1"])
+def test_calibrate_checks_draft_confidence_before_loading(capsys, value):
+    code, _, err = run_cli(capsys, "calibrate", "--prompts", "/no/such/prompts.jsonl", "--draft-confidence", value,
+                           "--backbone", "/no/such/model")
+    assert code == 2 and "--draft-confidence must be at least 0 and below 1" in err and "Traceback" not in err
