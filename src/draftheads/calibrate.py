@@ -16,7 +16,7 @@ from .draftmodel import DraftModel, trees_key
 from .errors import UserError
 from .generate import Decoder, Stats
 from .lookup import PromptLookup
-from .tree import MAX_RANK, Tree
+from .tree import MAX_RANK, Tree, chain
 from .treesearch import greedy_trees
 
 MISS, PAST_END = -1, -2
@@ -203,11 +203,6 @@ def step_latency(dm: DraftModel, prompt_ids: list[int], sizes: list[int], steps:
     return out
 
 
-def chains(depth: int) -> list[Tree]:
-    """The chains of 0..depth drafted nodes (size 1..depth+1): each the top candidate of the heads in turn."""
-    return [Tree([(0,) * d for d in range(1, n + 1)]) for n in range(depth + 1)]
-
-
 @torch.inference_mode()
 def batch_round_latency(dm: DraftModel, prompt_ids: list[int], batch: int, sizes: list[int], steps: int = 8,
                         p=None, trees: list[Tree] | None = None) -> list[dict]:
@@ -220,10 +215,12 @@ def batch_round_latency(dm: DraftModel, prompt_ids: list[int], batch: int, sizes
 
     assert dm.heads is not None and batch >= 1
     decoder = Decoder(dm.backbone, dm.heads, None, engine=dm.engine)
-    if trees is not None:
-        sizes = [t.size for t in trees]
-        assert len(set(sizes)) == len(sizes), "one tree per size"
-    trees = {t.size: t for t in trees} if trees else {n: tree_of_size(n, dm.heads.cfg.num_heads, p) for n in sizes}
+    if trees is None:
+        trees = {n: tree_of_size(n, dm.heads.cfg.num_heads, p) for n in sizes}
+    else:
+        assert len({t.size for t in trees}) == len(trees), "one tree per size"
+        trees = {t.size: t for t in trees}
+    sizes = list(trees)
     samples: dict[int, list[float]] = {n: [] for n in sizes}
     drafts: dict[int, list[float]] = {n: [] for n in sizes}
     for _ in range(2):  # sizes interleaved over rounds, as in step_latency
@@ -269,8 +266,7 @@ def batch_table(p, latency: dict[int, list[dict]], max_nodes: int, max_depth: in
     table = {}
     for b, lat in sorted(latency.items()):
         xs, ys = [x["size"] for x in lat], [x["step_s"] for x in lat]
-        step = lambda n: interpolate(xs, ys, n)  # noqa: E731
-        found = choose(p, step, min(max_nodes, max(xs)), max_depth)
+        found = choose(p, lambda n: interpolate(xs, ys, n), min(max_nodes, max(xs)), max_depth)
         best, plain = found["best"], found["curve"][0]
         entry = {"tree": best["tree"], "size": best["size"], "predicted_mean_accepted": best["expected_accepted"],
                  "predicted_tokens_per_s": b * best["tokens_per_s"]}
@@ -279,13 +275,13 @@ def batch_table(p, latency: dict[int, list[dict]], max_nodes: int, max_depth: in
             cl = chain_latency[b]
             cx, cy, cd = [x["size"] for x in cl], [x["step_s"] for x in cl], [x.get("draft_s", 0.0) for x in cl]
             candidates = []
-            for chain in chains(min(max_depth, max_nodes - 1, max(cx) - 1)):
-                rows, tokens = cut_rows_tokens(ranks, probs, chain.paths, min_prob)
-                seconds = interpolate(cx, cy, rows) - interpolate(cx, cd, rows) + interpolate(cx, cd, chain.size)
-                candidates.append({"depth": chain.depth, "rows": rows, "tokens": tokens, "round_s": seconds,
+            for t in map(chain, range(min(max_depth, max_nodes - 1, max(cx) - 1) + 1)):
+                rows, tokens = cut_rows_tokens(ranks, probs, t.paths, min_prob)
+                seconds = interpolate(cx, cy, rows) - interpolate(cx, cd, rows) + interpolate(cx, cd, t.size)
+                candidates.append({"depth": t.depth, "rows": rows, "tokens": tokens, "round_s": seconds,
                                    "tokens_per_s": b * tokens / seconds})
             best = pick_chain(candidates)
-            entry = {"tree": [(0,) * d for d in range(1, best["depth"] + 1)], "size": best["depth"] + 1,
+            entry = {"tree": chain(best["depth"]).paths, "size": best["depth"] + 1,
                      "predicted_mean_accepted": best["tokens"], "predicted_tokens_per_s": best["tokens_per_s"],
                      "draft_confidence": min_prob, "predicted_rows": best["rows"], "chain_latency": cl,
                      "candidates": candidates}
@@ -404,12 +400,12 @@ def run_calibrate(args) -> dict:
         by_batch, chain_latency = {}, {}
         if args.batch_sizes:
             task = bar.add_task("batched rounds", total=len(args.batch_sizes))
+            longest = max(prompts, key=len)
             for b in args.batch_sizes:
-                longest = max(prompts, key=len)
                 by_batch[b] = batch_round_latency(dm, longest, b, sizes, steps=args.latency_steps, p=p)
                 if cut and b >= 2:  # what the cut chains cost (batch_table)
                     chain_latency[b] = batch_round_latency(dm, longest, b, [], steps=args.latency_steps,
-                                                           trees=chains(min(K, args.max_nodes - 1)))
+                                                           trees=[chain(d) for d in range(min(K, args.max_nodes - 1) + 1)])
                 bar.advance(task)
         found = choose(p, lambda n: interpolate(xs, ys, n), args.max_nodes, K)
         best = found["best"]

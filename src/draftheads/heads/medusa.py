@@ -151,6 +151,12 @@ class DraftHeads(nn.Module):
         return self
 
 
+def top_probs(values: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Softmax probabilities (float32) of the top-k `values` [..., k] taken from `logits` [..., vocab]: what
+    draft_confident cuts by, and what calibrate replays."""
+    return (values.float() - logits.float().logsumexp(-1, keepdim=True)).exp()
+
+
 class MedusaHeads(DraftHeads):
     def __init__(self, cfg: HeadsConfig):
         super().__init__(cfg)
@@ -212,24 +218,28 @@ class MedusaHeads(DraftHeads):
         ids = torch.cat([roots[:, None], self.to_full_ids(top.indices)[tt.head_of, :, tt.rank_of].T], 1)  # [B, nodes]
         if not probs:
             return ids, None
-        p = (top.values.float() - logits.float().logsumexp(-1, keepdim=True)).exp()  # [used, B, topk]
+        p = top_probs(top.values, logits)  # [used, B, topk]
         return ids, p[tt.head_of, :, tt.rank_of].T
 
     @torch.no_grad()
     def teacher_topk(self, hidden: torch.Tensor, ids: torch.Tensor, n: int = MAX_RANK, chunk: int = 256) -> torch.Tensor:
         """hidden [T, H] of a whole sequence -> each head's top-n full ids [K, T, n] at each position
         (Medusa heads ignore the path ids [T]). What `calibrate` measures."""
-        return self.teacher_top_probs(hidden, n, chunk)[0]
+        return self._teacher_top(hidden, n, chunk, False)[0]
 
-    @torch.no_grad()
     def teacher_top_probs(self, hidden: torch.Tensor, n: int = MAX_RANK, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [T, H] -> each head's top-n full ids [K, T, n] and their softmax probabilities [K, T, n]
         (float32, as `draft_confident` computes them): what `calibrate` needs to predict that cut."""
+        return self._teacher_top(hidden, n, chunk, True)
+
+    @torch.no_grad()
+    def _teacher_top(self, hidden: torch.Tensor, n: int, chunk: int, probs: bool):
         w = self.blocks[0][0].linear.weight
-        ids, probs = [], []
+        ids, ps = [], []
         for s in range(0, hidden.shape[0], chunk):
             logits = self(hidden[s:s + chunk].to(w.dtype))  # [K, c, out]
             top = logits.topk(n, dim=-1)
             ids.append(self.to_full_ids(top.indices))
-            probs.append((top.values.float() - logits.float().logsumexp(-1, keepdim=True)).exp())
-        return torch.cat(ids, 1), torch.cat(probs, 1)
+            if probs:
+                ps.append(top_probs(top.values, logits))
+        return torch.cat(ids, 1), torch.cat(ps, 1) if probs else None
