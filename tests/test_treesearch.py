@@ -153,6 +153,8 @@ def test_a_cut_keeps_the_confident_nodes_and_accepts_only_kept_ones():
     # 0.9 x 0.9 = 0.81 >= 0.8 keeps [0, 0] and cuts [0, 0, 0] (0.729): the accepted chain stops at depth 2
     assert cut_rows_tokens(ranks, probs, paths, 0.8) == (pytest.approx((3 + 1) / 2), pytest.approx((3 + 1) / 2))
     assert cut_rows_tokens(ranks, probs, paths, 0.95) == (1.0, 1.0)
+    probs[: 4, :, 0] = 0.5  # exact in float32: [0] scores 0.5, [0, 0] 0.25; a path at the threshold is kept
+    assert cut_rows_tokens(ranks, probs, paths, 0.5) == (pytest.approx((2 + 1) / 2), pytest.approx((2 + 1) / 2))
 
 
 def test_batch_table_chooses_for_the_cut_where_the_batched_step_cuts():
