@@ -9,6 +9,7 @@ from tiny import tiny_heads, tiny_model
 
 from draftheads.acceptance import SamplingConfig
 from draftheads.batch import BatchDecoder
+from draftheads.defaults import BATCH_DRAFT_CONFIDENCE
 from draftheads.errors import UserError
 from draftheads.generate import Decoder, Stats
 from draftheads.tree import Tree, load_tree
@@ -240,6 +241,30 @@ def test_heads_config_batch_trees_are_checked_and_loaded(tiny_dirs):
     dm = load(heads=str(heads), backbone=str(bb))
     assert {b: t.size for b, t in dm.batch_trees.items()} == {1: 3, 4: 1}
     assert load(heads=str(heads), backbone=str(bb), tree="chain2").batch_trees == {}  # a named tree holds at every size
+
+
+def test_heads_config_batch_cuts_are_checked_and_loaded(tiny_dirs):
+    import json
+
+    from draftheads import load
+    from draftheads.heads.medusa import HeadsConfig
+
+    base = {"num_heads": 2, "hidden_size": 8, "vocab_size": 10}
+    for bad in ({"eight": 0.3}, {"8": 1.0}, {"8": -0.1}, {"8": "0.3"}, {"8": True}, [0.3]):
+        with pytest.raises(UserError, match="batch_draft_confidence must map batch sizes"):
+            HeadsConfig.from_dict({**base, "batch_draft_confidence": bad})
+        with pytest.raises(UserError, match="device_trees must map"):
+            HeadsConfig.from_dict({**base, "device_trees": {"cpu bfloat16": {"batch_draft_confidence": bad}}})
+    bb, heads, _ = tiny_dirs
+    cfg = json.loads((heads / "config.json").read_text())
+    (heads / "config.json").write_text(json.dumps({**cfg, "tree": [[0]], "batch_trees": {"1": [[0]], "4": [[0]]},
+                                                   "batch_draft_confidence": {"4": 0.4}}))
+    assert load(heads=str(heads), backbone=str(bb)).batch_cuts == {4: 0.4}
+    assert load(heads=str(heads), backbone=str(bb), tree="chain2").batch_cuts == {}  # a named tree is not cut
+    (heads / "config.json").write_text(json.dumps({**cfg, "device_trees": {"cpu bfloat16": {
+        "tree": [[0]], "batch_trees": {"8": [[0]]}, "batch_draft_confidence": {"8": 0.5}}}}))
+    assert load(heads=str(heads), backbone=str(bb), dtype=torch.bfloat16).batch_cuts == {8: 0.5}
+    assert load(heads=str(heads), backbone=str(bb)).batch_cuts == {}  # fp32: the bf16 table's cuts do not apply
 
 
 def test_served_round_costs_switch_table_followers_to_plain_rounds_and_stay_exact():
@@ -565,6 +590,31 @@ def test_a_batch_cuts_trees_to_their_confident_nodes_and_stays_exact():
     assert batch.step() == 1
     assert stats[0].nodes - before == tree.size  # alone: the whole tree
     gens[0].close()
+
+
+def test_the_cut_follows_the_batch_size():
+    model = tiny_model()
+    heads = tiny_heads(model, num_heads=3)
+    tree = load_tree("medusa16", 3)
+    batch = BatchDecoder(Decoder(model, heads, tree), slots=3, capacity=128, draft_confidence={2: 0.0, 3: 0.99})
+    assert [batch.confidence_at(b) for b in (1, 2, 3, 8)] == [0.0, 0.0, 0.99, 0.99]
+    assert BatchDecoder(Decoder(model, heads, tree), 2, 64, draft_confidence={4: 0.3}).confidence_at(2) == BATCH_DRAFT_CONFIDENCE
+    assert BatchDecoder(Decoder(model, heads, tree), 2, 64, draft_confidence=0.3).confidence_at(8) == 0.3
+    stats = [Stats() for _ in range(3)]
+    gens = [batch.steps([5 + i, 6, 7, 8], 40, SamplingConfig(), s) for i, s in enumerate(stats)]
+    for gen in gens:
+        next(gen)
+    for _ in range(2):
+        assert batch.step() == 3
+        for gen in gens:
+            next(gen)
+    assert all(s.nodes < 2 * tree.size for s in stats)  # 3 sequences: cut at 0.99 (the tiny heads are never that sure)
+    gens[2].close()
+    before = [s.nodes for s in stats[:2]]
+    assert batch.step() == 2
+    assert [s.nodes - b for s, b in zip(stats, before)] == [tree.size, tree.size]  # 2 sequences: whole trees
+    for gen in gens[:2]:
+        gen.close()
 
 
 def test_a_tree_the_request_names_is_not_cut():

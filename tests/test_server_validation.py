@@ -22,7 +22,7 @@ class Stub:
 
     def __init__(self, context=100, vocab=50, fail=None, finish="length"):
         self.decoder = SimpleNamespace(context=context, lean=None)  # lean None: no batched decoding
-        self.batch_trees = {}
+        self.batch_trees, self.batch_cuts = {}, {}
         self.backbone = SimpleNamespace(config=SimpleNamespace(vocab_size=vocab))
         self.fail, self.finish, self.calls, self.messages, self.split = fail, finish, [], [], []
 
@@ -258,7 +258,8 @@ def test_default_limits_and_what_the_worker_is_given(api):
     assert ok({"prompt": [1], "max_tokens": defaults.MAX_TOKENS_LIMIT + 1}) == 400
     w = client.app.state.worker
     assert (w.queue_size, w.max_batch, w.max_seq_len, w.max_tree_rows, w.prefill_chunk, w.draft_confidence) == \
-        (defaults.QUEUE_SIZE, 1, defaults.MAX_SEQ_LEN, None, None, defaults.BATCH_DRAFT_CONFIDENCE)
+        (defaults.QUEUE_SIZE, 1, defaults.MAX_SEQ_LEN, None, None, {})
+    assert w.draft_confidence is model.batch_cuts  # the cuts calibrated with the heads' batch trees (none: the default)
     # One request at a time: the model's whole context, however short a batch slot would be.
     client, _ = api(Stub(context=500), max_batch=1, max_seq_len=80)
     assert client.post("/v1/completions", json={"model": "stub", "prompt": [1] * 400}).status_code == 200

@@ -9,6 +9,7 @@ import torch
 
 from draftheads import defaults
 from draftheads.calibrate import MISS, PAST_END, accuracies, empirical_accepted
+from draftheads.draftmodel import load
 from draftheads.cli import main
 from draftheads.tree import load_tree
 from draftheads.treesearch import choose, dp_trees, expected_accepted, greedy_trees, interpolate
@@ -111,9 +112,16 @@ def test_calibrate_on_a_tiny_model_writes_a_valid_tree(tiny_dirs, tmp_path):
     table = data["batch_trees"]  # a tree per batch size, from whole batched rounds
     assert set(table) == {"1", "3"} and all(1 <= row["size"] <= 8 for row in table.values())
     assert [x["size"] for x in table["3"]["latency"]] == [1, 4, 8] and table["3"]["latency"][0]["step_s"] > 0
-    # chosen for the serve default cut where the batched step cuts (2+ sequences), whole trees alone
-    assert table["3"]["draft_confidence"] == defaults.BATCH_DRAFT_CONFIDENCE and "draft_confidence" not in table["1"]
-    assert 1 <= table["3"]["predicted_rows"] <= table["3"]["size"]
+    # a cut chosen from the grid where the batched step cuts (2+ sequences; the root alone: none), whole trees alone
+    row = table["3"]
+    assert row["draft_confidence"] in (0.0, *defaults.BATCH_DRAFT_CONFIDENCES) and "draft_confidence" not in table["1"]
+    assert (row["draft_confidence"] == 0.0) == (row["size"] == 1)
+    assert 1 <= row["predicted_rows"] <= row["size"]
+    assert sorted((c["depth"], c["draft_confidence"]) for c in row["candidates"]) == [(0, 0.0)] + [
+        (d, c) for d in (1, 2, 3) for c in defaults.BATCH_DRAFT_CONFIDENCES]
+    written = json.loads((heads / "config.json").read_text())
+    assert written["batch_draft_confidence"] == {"3": row["draft_confidence"]}
+    assert load(heads=str(heads), backbone=str(bb)).batch_cuts == {3: row["draft_confidence"]}
     assert [x["size"] for x in table["3"]["chain_latency"]] == [1, 2, 3, 4] and table["3"]["tree"] in ([], [[0]], [[0], [0, 0]], [[0], [0, 0], [0, 0, 0]])
     assert json.loads((heads / "config.json").read_text())["batch_trees"] == {b: r["tree"] for b, r in table.items()}
     tree = load_tree(str(out), 3)
@@ -164,9 +172,10 @@ def test_batch_table_chooses_for_the_cut_where_the_batched_step_cuts():
     p, _ = accuracies(ranks)
     lat = [{"size": n, "step_s": 0.05 * (1 + 0.8 * (n - 1))} for n in (1, 2, 4)]  # each row 80% of a plain round
     whole = batch_table(p, {8: lat}, max_nodes=4, max_depth=3)["8"]
-    assert whole["tree"] == [] and "draft_confidence" not in whole  # whole trees: every node costs more than it gives
+    # whole trees: every node costs more than it gives; chosen for whole trees, served whole
+    assert whole["tree"] == [] and whole["draft_confidence"] == 0.0
     branching = [{"size": n, "step_s": 0.05 * (1 + 0.8 * (n - 1) + 4 * (n == 4))} for n in (1, 2, 4)]
-    cut = batch_table(p, {1: lat, 8: branching}, max_nodes=4, max_depth=3, cut=(ranks, probs, 0.2, {8: lat}))
+    cut = batch_table(p, {1: lat, 8: branching}, max_nodes=4, max_depth=3, cut=(ranks, probs, [0.2], {8: lat}))
     # cut, the 3-deep chain verifies 2.5 rows a sequence for 2.5 tokens: 2.5 / 0.11 s against plain's 1 / 0.05 s
     assert cut["8"]["tree"] == [[0], [0, 0], [0, 0, 0]] and cut["8"]["draft_confidence"] == 0.2
     assert cut["8"]["predicted_rows"] == pytest.approx(2.5) and cut["8"]["predicted_mean_accepted"] == pytest.approx(2.5)
@@ -178,7 +187,36 @@ def test_batch_table_chooses_for_the_cut_where_the_batched_step_cuts():
     # A cut chain still drafts with every head it reaches: at 20 ms a head, the 3-deep chain cut to 2.5 rows
     # costs 0.11 - 0.03 + 0.06 s, and no chain beats plain any more.
     drafty = [{**x, "draft_s": 0.02 * (x["size"] - 1)} for x in lat]
-    assert batch_table(p, {8: lat}, max_nodes=4, max_depth=3, cut=(ranks, probs, 0.2, {8: drafty}))["8"]["tree"] == []
+    assert batch_table(p, {8: lat}, max_nodes=4, max_depth=3, cut=(ranks, probs, [0.2], {8: drafty}))["8"]["tree"] == []
+
+
+def test_batch_table_chooses_the_cut_with_the_tree():
+    from draftheads.calibrate import batch_table
+
+    ranks, probs = _confident_half()
+    p, _ = accuracies(ranks)
+    lat = [{"size": n, "step_s": 0.05 * (1 + 0.8 * (n - 1))} for n in (1, 2, 4)]
+    row = batch_table(p, {8: lat}, max_nodes=4, max_depth=3, cut=(ranks, probs, [0.05, 0.2, 0.95], {8: lat}))["8"]
+    # 3-deep chain: at 0.05 the unsure half keeps [0] (0.1) too, 3 rows for 2.5 tokens (2.5 / 0.13 s); at 0.2
+    # only the sure half's nodes, 2.5 rows for 2.5 tokens (2.5 / 0.11 s); at 0.95 none (1 / 0.05 s)
+    assert row["tree"] == [[0], [0, 0], [0, 0, 0]] and row["draft_confidence"] == 0.2
+    assert row["predicted_tokens_per_s"] == pytest.approx(8 * 2.5 / 0.11)
+    by = {(c["depth"], c["draft_confidence"]): c for c in row["candidates"]}
+    assert sorted(by) == [(0, 0.0)] + [(d, c) for d in (1, 2, 3) for c in (0.05, 0.2, 0.95)]  # plain is never cut
+    assert by[3, 0.05]["rows"] == pytest.approx(3.0) and by[3, 0.05]["tokens_per_s"] == pytest.approx(8 * 2.5 / 0.13)
+    assert by[3, 0.95]["rows"] == 1.0 and by[3, 0.95]["tokens_per_s"] == pytest.approx(8 / 0.05)
+    # A row worth less than its cost at every cut: plain (0.05 s a row on top of a 0.05 s round)
+    dear = [{"size": n, "step_s": 0.05 * n} for n in (1, 2, 4)]
+    assert batch_table(p, {8: dear}, max_nodes=4, max_depth=3, cut=(ranks, probs, [0.2], {8: dear}))["8"]["tree"] == []
+
+
+def test_line_fit_is_least_squares():
+    from draftheads.calibrate import line_fit
+
+    assert line_fit([1, 2, 4], [1.0, 2.0, 4.0])(3) == pytest.approx(3.0)
+    # a noisy middle point moves the line by a third of its error, not the whole of it as interpolation would
+    assert line_fit([1, 2, 3], [1.0, 2.6, 3.0])(2) == pytest.approx(2.2)
+    assert line_fit([2, 2], [1.0, 3.0])(5) == 2.0  # one size: its mean
 
 
 def test_a_deeper_chain_takes_over_only_when_it_is_clearly_faster():

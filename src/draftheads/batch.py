@@ -79,7 +79,7 @@ class BatchDecoder:
 
     def __init__(self, decoder: Decoder, slots: int, capacity: int, max_rows: int | None = None,
                  batch_trees: dict[int, Tree] | None = None, prefill_chunk: int | None = None,
-                 costs: RoundCosts | None = None, draft_confidence: float = BATCH_DRAFT_CONFIDENCE):
+                 costs: RoundCosts | None = None, draft_confidence: float | dict[int, float] = BATCH_DRAFT_CONFIDENCE):
         reason = refusal(decoder)
         if reason:
             raise UserError(reason)
@@ -104,10 +104,12 @@ class BatchDecoder:
         # always do; calibrate times fixed trees).
         self.costs = costs
         # In a pass of two or more sequences, the table's followers verify only the nodes their heads give
-        # at least this probability (MedusaHeads.draft_confident; 0: every node). Alone, a sequence's extra
-        # rows cost little and it keeps its whole tree.
-        assert 0.0 <= draft_confidence < 1.0
-        self.draft_confidence = draft_confidence
+        # at least this probability (MedusaHeads.draft_confident; 0: every node): one for every batch size,
+        # or per batch size as calibrate chose it with the table (the entry of the largest size <= B; the
+        # default below the smallest). Alone, a sequence's extra rows cost little and it keeps its whole tree.
+        cuts = draft_confidence if isinstance(draft_confidence, dict) else {1: draft_confidence}
+        assert all(b >= 1 and 0.0 <= c < 1.0 for b, c in cuts.items())
+        self.draft_confidence = sorted(cuts.items())
         self.free = list(range(slots))
         self.seqs: dict[int, _Sequence] = {}
 
@@ -126,6 +128,15 @@ class BatchDecoder:
             if b <= batch:
                 return t
         return self.batch_trees[0][1] if self.batch_trees else tree
+
+    def confidence_at(self, batch: int) -> float:
+        """The path probability a table follower's node needs to be verified in a pass of `batch` sequences."""
+        if batch < 2:
+            return 0.0
+        for b, c in reversed(self.draft_confidence):
+            if b <= batch:
+                return c
+        return BATCH_DRAFT_CONFIDENCE
 
     @torch.inference_mode()
     def steps(self, prompt_ids: list[int], max_new_tokens: int, sp: SamplingConfig, stats: Stats,
@@ -205,8 +216,7 @@ class BatchDecoder:
             plans[s.slot] = (L, ROOT_ONLY, torch.tensor([s.root], device=dev))
             if trees and s.drafter is not None and L + s.reserve <= s.end and (with_table or not s.by_batch):
                 drafting.append(s)
-        confidence = self.draft_confidence if B > 1 else 0.0
-        for slot, (step_tree, cands) in propose_all(drafting, tree, dev, confidence).items():
+        for slot, (step_tree, cands) in propose_all(drafting, tree, dev, self.confidence_at(B)).items():
             plans[slot] = (plans[slot][0], step_tree, cands)
         # The pass writes q rows after every slot's length, its padding included: a tree that would push a
         # slot near its end past the capacity (another's, larger than that slot's own reserve) waits a pass.

@@ -400,7 +400,7 @@ def cmd_calibrate(args) -> None:
                   f"for both: predicted {lk['predicted_tokens_per_s']:.1f} tok/s)")
     for b, row in result.get("batch_trees", {}).items():
         cut = (f" (cut at {row['draft_confidence']}: {row['predicted_rows']:.2f} rows a sequence)"
-               if "draft_confidence" in row else "")
+               if "predicted_rows" in row else "")
         con.print(f"batch of {b}: tree of {row['size']} nodes{cut}, predicted {row['predicted_tokens_per_s']:.1f} tok/s "
                   f"for all {b} (without trees {row['plain_tokens_per_s']:.1f})")
     con.print(f"wrote {out}" + (f" and the tree into {heads_dir(args.heads)}/config.json" if args.write_to_heads else ""))
@@ -422,4 +422,9 @@ def _write_tree_to_heads(directory: Path, tree: list[list[int]], batch_trees: di
     entry["tree"] = tree
     if batch_trees:
         entry["batch_trees"] = {b: row["tree"] for b, row in batch_trees.items()}
+        cuts = {b: row["draft_confidence"] for b, row in batch_trees.items() if "draft_confidence" in row}
+        if cuts:
+            entry["batch_draft_confidence"] = cuts
+        else:  # a table of batch size 1 alone: no cut left over from an earlier calibration
+            entry.pop("batch_draft_confidence", None)
     _atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=1) + "\n"))

@@ -40,6 +40,16 @@ def sizes(text: str) -> list[int]:
     return out
 
 
+def probabilities(text: str) -> list[float]:
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated probabilities, not {text!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one probability")
+    return out
+
+
 def register(sub) -> None:
     from .cli import _add_model_args
 
@@ -87,9 +97,11 @@ def register(sub) -> None:
     c.add_argument("--batch-sizes", type=sizes, default="",
                    help="also time whole rounds of the batched step (the server's --max-batch) at these batch sizes, "
                         "e.g. 1,2,4,8, and choose a tree for each ('' to skip)")
-    c.add_argument("--draft-confidence", type=float, default=defaults.BATCH_DRAFT_CONFIDENCE,
-                   help="with --batch-sizes: the serve setting the trees per batch size are chosen for (batched passes "
-                        "of two or more sequences verify only the nodes the heads give at least this probability)")
+    c.add_argument("--draft-confidence", type=probabilities, default=defaults.BATCH_DRAFT_CONFIDENCES,
+                   help="with --batch-sizes: the cuts to choose from with each batch size's tree (batched passes of two "
+                        "or more sequences verify only the nodes the heads give at least this path probability; "
+                        "serve takes the chosen one unless told another), comma-separated (default: "
+                        f"{','.join(map(str, defaults.BATCH_DRAFT_CONFIDENCES))}; 0: whole trees)")
     c.add_argument("--write-to-heads", action="store_true", help="also store the tree (and the trees per batch size) in "
                                                                   "the heads' config.json")
     c.set_defaults(func=cmd_calibrate)

@@ -250,17 +250,21 @@ def batch_table(p, latency: dict[int, list[dict]], max_nodes: int, max_depth: in
     "size", "predicted_mean_accepted", "predicted_tokens_per_s" (all sequences together),
     "plain_tokens_per_s" (the same batch without trees), "latency"}}. A size-1 tree means no tree pays.
 
-    cut: (ranks, probs, min_prob, chain_latency {batch: [{"size", "step_s"}] of whole chains}) where the
-    batched step cuts trees, at batch sizes >= 2 (cut_rows_tokens). There the candidates are the chains:
-    a cut chain is a chain, and a batched pass verifies every sequence's chain in one attention call per
-    layer, so its cost follows its rows (projections run on the real rows only; LlamaForward.hidden), and
-    a chain cut to r rows verifies what a whole chain of r nodes does; its draft phase still runs every
-    head the whole chain reaches. A branching tree's nodes attend one call each; what its cuts cost
-    depends on how many of them still branch, which no timed point gives. Each chain is scored by its
-    recorded tokens over that cost (the chain latency at its mean kept rows, with its own draft phase in
-    place of theirs); a deeper one takes over only when DEEPER_CHAIN_MARGIN faster (pick_chain). The entry
-    adds "draft_confidence", "predicted_rows", "chain_latency" and every chain's figures ("candidates":
-    depth, rows and tokens per sequence-round, round_s, tokens_per_s)."""
+    cut: (ranks, probs, min_probs, chain_latency {batch: [{"size", "step_s", "draft_s"}] of whole chains})
+    where the batched step cuts trees, at batch sizes >= 2 (cut_rows_tokens). There the candidates are
+    the chains, each cut at each of `min_probs` (without `cut`, entries of 2 or more get draft_confidence 0:
+    whole trees, as chosen): a cut chain is a chain, and a batched pass verifies every
+    sequence's chain in one attention call per layer, so its cost follows its rows (projections run on
+    the real rows only; LlamaForward.hidden), and a chain cut to r rows verifies what a whole chain of r
+    nodes does; its draft phase still runs every head the whole chain reaches. A branching tree's nodes
+    attend one call each; what its cuts cost depends on how many of them still branch, which no timed
+    point gives. Each candidate is scored by its recorded tokens over that cost: a line fitted to the
+    timed chains' rounds without their draft phase, at its mean kept rows (a fit, not an interpolation:
+    single timed rounds here move by 10-30%, and a row costs alike at 1-5 rows a sequence), plus the
+    draft phase of its whole depth. Each depth takes its best cut; a deeper chain takes over only when
+    DEEPER_CHAIN_MARGIN faster (pick_chain). The entry adds "draft_confidence" (the chosen cut),
+    "predicted_rows", "chain_latency" and every candidate's figures ("candidates": depth,
+    draft_confidence, rows and tokens per sequence-round, round_s, tokens_per_s)."""
     from .treesearch import choose, interpolate
 
     table = {}
@@ -271,23 +275,39 @@ def batch_table(p, latency: dict[int, list[dict]], max_nodes: int, max_depth: in
         entry = {"tree": best["tree"], "size": best["size"], "predicted_mean_accepted": best["expected_accepted"],
                  "predicted_tokens_per_s": b * best["tokens_per_s"]}
         if cut is not None and b >= 2:
-            ranks, probs, min_prob, chain_latency = cut
+            ranks, probs, min_probs, chain_latency = cut
             cl = chain_latency[b]
-            cx, cy, cd = [x["size"] for x in cl], [x["step_s"] for x in cl], [x.get("draft_s", 0.0) for x in cl]
-            candidates = []
+            cx, cd = [x["size"] for x in cl], [x.get("draft_s", 0.0) for x in cl]
+            verify = line_fit(cx, [x["step_s"] - d for x, d in zip(cl, cd)])
+            candidates, by_depth = [], []
             for t in map(chain, range(min(max_depth, max_nodes - 1, max(cx) - 1) + 1)):
-                rows, tokens = cut_rows_tokens(ranks, probs, t.paths, min_prob)
-                seconds = interpolate(cx, cy, rows) - interpolate(cx, cd, rows) + interpolate(cx, cd, t.size)
-                candidates.append({"depth": t.depth, "rows": rows, "tokens": tokens, "round_s": seconds,
-                                   "tokens_per_s": b * tokens / seconds})
-            best = pick_chain(candidates)
+                cuts = []
+                for min_prob in min_probs if t.size > 1 else [0.0]:  # the root alone is never cut
+                    rows, tokens = cut_rows_tokens(ranks, probs, t.paths, min_prob)
+                    seconds = verify(rows) + interpolate(cx, cd, t.size)
+                    cuts.append({"depth": t.depth, "draft_confidence": min_prob, "rows": rows, "tokens": tokens,
+                                 "round_s": seconds, "tokens_per_s": b * tokens / seconds})
+                candidates += cuts
+                by_depth.append(max(cuts, key=lambda c: c["tokens_per_s"]))
+            best = pick_chain(by_depth)
             entry = {"tree": chain(best["depth"]).paths, "size": best["depth"] + 1,
                      "predicted_mean_accepted": best["tokens"], "predicted_tokens_per_s": best["tokens_per_s"],
-                     "draft_confidence": min_prob, "predicted_rows": best["rows"], "chain_latency": cl,
-                     "candidates": candidates}
+                     "draft_confidence": best["draft_confidence"], "predicted_rows": best["rows"],
+                     "chain_latency": cl, "candidates": candidates}
+        elif b >= 2:  # chosen for whole trees: serve must verify them whole there
+            entry["draft_confidence"] = 0.0
         table[str(b)] = {**entry, "tree": Tree(entry["tree"]).to_json(),
                          "plain_tokens_per_s": b * plain["tokens_per_s"], "latency": lat}
     return table
+
+
+def line_fit(xs: list[float], ys: list[float]):
+    """The least-squares line through the points (xs, ys), as a function of x; flat where xs are all equal."""
+    assert len(xs) == len(ys) >= 1
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var > 0 else 0.0
+    return lambda x: my + slope * (x - mx)
 
 
 def pick_chain(candidates: list[dict]) -> dict:
@@ -370,7 +390,7 @@ def run_calibrate(args) -> dict:
 
     if args.max_nodes < 1 or args.max_new_tokens < 2:
         raise UserError("--max-nodes must be >= 1 and --max-new-tokens >= 2")
-    if not 0 <= args.draft_confidence < 1:
+    if not all(0 <= c < 1 for c in args.draft_confidence):
         raise UserError("--draft-confidence must be at least 0 and below 1")
     questions = load_questions(args.prompts, args.limit)
     dm, plain = load_parts(args)
@@ -379,7 +399,7 @@ def run_calibrate(args) -> dict:
     lookup = PromptLookup(dm.lookup) if dm.lookup else None
     ranks, probs, lk = [], [], []
     # Where the batched step will cut the heads' trees (draft_confident), the table is chosen for the cut
-    cut = bool(args.batch_sizes) and args.draft_confidence > 0 and hasattr(dm.heads, "draft_confident")
+    cut = bool(args.batch_sizes) and max(args.draft_confidence) > 0 and hasattr(dm.heads, "draft_confident")
     with progress() as bar:
         task = bar.add_task("accuracies", total=len(prompts))
         for ids in prompts:

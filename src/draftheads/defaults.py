@@ -38,9 +38,12 @@ MAX_SEQ_LEN = 2048
 MAX_TREE_ROWS = 16
 # In a batched pass of two or more sequences, tree nodes whose path the heads give less than this
 # probability are not verified (batch.py: MedusaHeads.draft_confident; --draft-confidence): each costs a
-# row of the pass. At 8 sequences a bf16 row costs ~0.7% of a round here (~0.06 tokens' worth), and nodes
-# under 0.2 bring ~0.05 tokens each (docs/serving.md, "Trees cut to the confident nodes").
+# row of the pass. The cut where the heads carry none calibrated per batch size (next).
 BATCH_DRAFT_CONFIDENCE = 0.2
+# The cuts `calibrate --batch-sizes` chooses from, per batch size, with that size's tree; serve takes the
+# chosen one. What a row is worth depends on the batch: in calibrate's bf16 rounds here a row cost ~2 ms
+# of a 42 ms plain round of 8 sequences (0.38 tokens' worth), ~1 ms of a 28 ms round of 2 (0.07).
+BATCH_DRAFT_CONFIDENCES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 # The server's batched rounds take the heads' trees or decode plainly at each batch size, whichever its own
 # served rounds measured faster (--adapt-trees; round_costs.py): calibrate's table predicted a gain at 8
 # sequences that served runs did not show.

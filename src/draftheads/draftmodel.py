@@ -49,12 +49,14 @@ class Chunk:
 
 class DraftModel:
     def __init__(self, backbone: Backbone, heads=None, tree: Tree | None = None, lookup=None,
-                 batch_trees: dict[int, Tree] | None = None):
+                 batch_trees: dict[int, Tree] | None = None, batch_cuts: dict[int, float] | None = None):
         self.backbone, self.tokenizer, self.heads = backbone.model, backbone.tokenizer, heads
         self.backbone_name, self.engine = backbone.name, backbone.engine  # engine None: a TorchEngine on the model
         self.tree = tree
         # calibrate --batch-sizes: the tree for each batch size of the batched step (batch.BatchDecoder)
         self.batch_trees: dict[int, Tree] = batch_trees or {}
+        # ... and the path probability their nodes need in a pass of that many sequences (empty: the default)
+        self.batch_cuts: dict[int, float] = batch_cuts or {}
         self.lookup = lookup_config(lookup)  # prompt lookup's LookupConfig, or None (off)
         self.decoder = Decoder(self.backbone, heads, tree, PromptLookup(self.lookup) if self.lookup else None,
                                engine=backbone.engine)
@@ -130,7 +132,8 @@ class DraftModel:
         from .batch import BatchDecoder, run_all
 
         try:
-            batch = BatchDecoder(self.decoder, max_batch, max_seq_len, batch_trees=self.batch_trees)
+            batch = BatchDecoder(self.decoder, max_batch, max_seq_len, batch_trees=self.batch_trees,
+                                 draft_confidence=self.batch_cuts)
         except UserError:
             return [self.generate(p, **kwargs) for p in prompts]
         return run_all(batch, [self.iter_generate(p, batch=batch, **kwargs) for p in prompts])
@@ -215,12 +218,12 @@ def trees_key(device, dtype) -> str:
 DEFAULT_TREES_KEY = "cpu float32"  # what a heads config's own `tree` and `batch_trees` were calibrated for
 
 
-def calibrated_trees(cfg, device, dtype) -> tuple[list | None, dict | None]:
-    """The heads' calibrated tree and trees per batch size for a backbone on `device` in `dtype`."""
+def calibrated_trees(cfg, device, dtype) -> tuple[list | None, dict | None, dict | None]:
+    """The heads' calibrated tree, trees per batch size and their cuts for a backbone on `device` in `dtype`."""
     entry = (cfg.device_trees or {}).get(trees_key(device, dtype))
     if entry is not None:
-        return entry.get("tree"), entry.get("batch_trees")
-    return cfg.tree, cfg.batch_trees
+        return entry.get("tree"), entry.get("batch_trees"), entry.get("batch_draft_confidence")
+    return cfg.tree, cfg.batch_trees, cfg.batch_draft_confidence
 
 
 def _tree_for(heads, head_module, device, tree, calibrated) -> Tree:
@@ -256,15 +259,17 @@ def load(heads="default", backbone: str | None = None, device: str = "cpu", dtyp
         from .adapter import prepare_backbone
 
         bb = prepare_backbone(bb, heads, raw)
-    head_module, batch_trees = None, None
+    head_module, batch_trees, batch_cuts = None, None, None
     if heads is not None:
         head_module = load_heads(heads, bb.model).to(device=bb.model.device, dtype=bb.model.dtype)
         head_module.attach(bb.model).eval()
-        calibrated, by_batch = calibrated_trees(head_module.cfg, bb.model.device, bb.model.dtype)
+        calibrated, by_batch, cuts = calibrated_trees(head_module.cfg, bb.model.device, bb.model.dtype)
         if tree is None:  # an explicit tree holds at every batch size
             batch_trees = {int(b): load_tree(t, head_module.cfg.num_heads) for b, t in (by_batch or {}).items()}
+            batch_cuts = {int(b): float(c) for b, c in (cuts or {}).items()}
         tree = _tree_for(heads, head_module, device, tree, calibrated)
-    return DraftModel(bb, head_module, tree, lookup=LOOKUP if lookup is None else lookup, batch_trees=batch_trees)
+    return DraftModel(bb, head_module, tree, lookup=LOOKUP if lookup is None else lookup, batch_trees=batch_trees,
+                      batch_cuts=batch_cuts)
 
 
 ENGINES = ("torch", "llama.cpp")

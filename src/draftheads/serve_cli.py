@@ -105,9 +105,11 @@ def register(sub) -> None:
     s.add_argument("--adapt-trees", action=argparse.BooleanOptionalAction, default=defaults.ADAPT_TREES,
                    help="per batch size, decode with the heads' trees or plainly, whichever the server's own rounds "
                         "measured faster (tokens/s on /health); --no-adapt-trees always takes the trees")
-    s.add_argument("--draft-confidence", type=float, default=defaults.BATCH_DRAFT_CONFIDENCE,
+    s.add_argument("--draft-confidence", type=float, default=None,
                    help="in a batched pass of two or more requests, verify only the tree nodes whose path the heads "
-                        "give at least this probability (each node costs a row of the pass; 0: every node)")
+                        "give at least this probability (each node costs a row of the pass; 0: every node; default: "
+                        "the one `calibrate --batch-sizes` chose per batch size with the heads' trees, else "
+                        f"{defaults.BATCH_DRAFT_CONFIDENCE})")
     s.add_argument("--prefill-chunk", type=int, default=defaults.PREFILL_CHUNK,
                    help="prompt tokens prefilled between two batched passes, so that a long prompt does not stall "
                         "the running streams (0: whole prompts at once)")
@@ -148,5 +150,5 @@ def _check_limits(args) -> None:
     for name in ("max_tree_rows", "prefill_chunk"):
         if (getattr(args, name, 0) or 0) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be 0 or more")
-    if not 0 <= getattr(args, "draft_confidence", 0.0) < 1:
+    if not 0 <= (getattr(args, "draft_confidence", None) or 0.0) < 1:
         raise UserError("--draft-confidence must be at least 0 and below 1")

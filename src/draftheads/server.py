@@ -118,9 +118,10 @@ class Worker:
 
     def __init__(self, model, queue_size: int, max_batch: int = 1, max_seq_len: int = defaults.MAX_SEQ_LEN,
                  own_thread: bool = True, max_tree_rows: int | None = None, prefill_chunk: int | None = None,
-                 adapt_trees: bool = defaults.ADAPT_TREES, draft_confidence: float = defaults.BATCH_DRAFT_CONFIDENCE):
+                 adapt_trees: bool = defaults.ADAPT_TREES, draft_confidence: float | None = None):
         self.model, self.queue_size = model, queue_size
-        self.draft_confidence = draft_confidence
+        # None: the cut calibrated with the heads' trees per batch size (model.batch_cuts), else the default
+        self.draft_confidence = model.batch_cuts if draft_confidence is None else draft_confidence
         self.max_batch, self.max_seq_len, self.max_tree_rows = max_batch, max_seq_len, max_tree_rows
         self.prefill_chunk = prefill_chunk
         # Served rounds decide whether the heads' trees pay at each batch size (round_costs.py); None: off.
@@ -276,7 +277,7 @@ def create_app(model, model_name: str | None = None, api_key: str | None = None,
                queue_size: int = defaults.QUEUE_SIZE, parse_special_tokens: bool = False, max_batch: int = 1,
                max_seq_len: int = defaults.MAX_SEQ_LEN, worker_thread: bool = True, max_tree_rows: int | None = None,
                prefill_chunk: int | None = None, adapt_trees: bool = defaults.ADAPT_TREES,
-               draft_confidence: float = defaults.BATCH_DRAFT_CONFIDENCE) -> FastAPI:
+               draft_confidence: float | None = None) -> FastAPI:
     """An app serving `model` (a DraftModel). The worker thread starts here, one per app.
     parse_special_tokens: whether a /v1/completions string prompt may spell control tokens
     ("<|im_start|>"); off, they are text like any other. Chat messages are always text.
@@ -286,7 +287,8 @@ def create_app(model, model_name: str | None = None, api_key: str | None = None,
     running requests wait for it). adapt_trees: per batch size, the heads' trees or plain decoding,
     whichever served rounds measured faster (round_costs.py); /health reports those rates. draft_confidence: in a
     batched pass of two or more requests, tree nodes the heads give a lower path probability are not verified
-    (0: all are). worker_thread: start the decoding thread here; False leaves
+    (0: all are; None: the probability calibrated with the heads' trees per batch size, else
+    defaults.BATCH_DRAFT_CONFIDENCE). worker_thread: start the decoding thread here; False leaves
     `app.state.worker.run()` to the caller (serve() runs it on the thread that loaded the model)."""
     name = model_name or model.backbone_name
     # A batch slot holds prompt + reply + room for one step: its largest tree and lookup branches.

@@ -22,6 +22,16 @@ from ..tree import MAX_RANK, Tree
 HEAD_TYPES = ("medusa", "hydra", "hydra++")
 
 
+def _batch_size(key) -> bool:
+    return isinstance(key, str) and key.isdigit() and int(key) >= 1
+
+
+def _cuts(d) -> bool:
+    """Whether `d` maps batch sizes to probabilities a node needs (batch_draft_confidence)."""
+    return isinstance(d, dict) and all(_batch_size(b) and isinstance(c, (int, float)) and not isinstance(c, bool)
+                                       and 0 <= c < 1 for b, c in d.items())
+
+
 @dataclass
 class HeadsConfig:
     """What `config.json` of a native heads directory holds. Unknown keys are an error."""
@@ -39,9 +49,13 @@ class HeadsConfig:
     # `calibrate --batch-sizes`: {"8": tree} the tree of the batched step at 8 running sequences (used
     # from that batch size up to the next entry's)
     batch_trees: dict[str, list[list[int]]] | None = None
-    # Trees calibrated where the backbone runs other than on a CPU in float32 (what `tree` and
-    # `batch_trees` are for): {"cpu bfloat16": {"tree": ..., "batch_trees": ...}}, taken there instead
-    # (a bf16 verify costs another curve: docs/verify_profile.md).
+    # ... and {"8": 0.4}: the path probability a node of those trees needs to be verified in a pass of 8
+    # or more sequences (batch.BatchDecoder's draft_confidence, chosen with the tree)
+    batch_draft_confidence: dict[str, float] | None = None
+    # Trees calibrated where the backbone runs other than on a CPU in float32 (what `tree`, `batch_trees`
+    # and `batch_draft_confidence` are for): {"cpu bfloat16": {"tree": ..., "batch_trees": ...,
+    # "batch_draft_confidence": ...}}, taken there instead (a bf16 verify costs another curve:
+    # docs/verify_profile.md).
     device_trees: dict[str, dict] | None = None
     dropout: float = 0.0  # Hydra++ trains with dropout before every block and the LM head
     # Hydra heads' first block: the residual path is a learned projection of [h, E(path)] ("projection",
@@ -64,15 +78,18 @@ class HeadsConfig:
         if missing:
             raise UserError(f"heads config lacks {', '.join(missing)}")
         cfg = cls(**d)
-        if cfg.batch_trees is not None and not (isinstance(cfg.batch_trees, dict) and all(
-                isinstance(b, str) and b.isdigit() and int(b) >= 1 for b in cfg.batch_trees)):
+        if cfg.batch_trees is not None and not (isinstance(cfg.batch_trees, dict) and all(map(_batch_size, cfg.batch_trees))):
             raise UserError("heads config: batch_trees must map batch sizes (\"1\", \"8\", ...) to trees")
+        if cfg.batch_draft_confidence is not None and not _cuts(cfg.batch_draft_confidence):
+            raise UserError("heads config: batch_draft_confidence must map batch sizes (\"2\", \"8\", ...) to "
+                            "probabilities in [0, 1)")
         if cfg.device_trees is not None and not (isinstance(cfg.device_trees, dict) and all(
-                isinstance(k, str) and len(k.split()) == 2 and isinstance(v, dict) and set(v) <= {"tree", "batch_trees"}
-                and all(isinstance(b, str) and b.isdigit() and int(b) >= 1 for b in v.get("batch_trees") or {})
+                isinstance(k, str) and len(k.split()) == 2 and isinstance(v, dict)
+                and set(v) <= {"tree", "batch_trees", "batch_draft_confidence"}
+                and all(map(_batch_size, v.get("batch_trees") or {})) and _cuts(v.get("batch_draft_confidence") or {})
                 for k, v in cfg.device_trees.items())):
             raise UserError("heads config: device_trees must map \"DEVICE DTYPE\" (\"cpu bfloat16\") to "
-                            "{\"tree\": ..., \"batch_trees\": ...}")
+                            "{\"tree\": ..., \"batch_trees\": ..., \"batch_draft_confidence\": ...}")
         if cfg.lm_head not in ("own", "shared"):
             raise UserError(f"heads config: lm_head must be 'own' or 'shared', not {cfg.lm_head!r}")
         if cfg.grounded_residual not in GROUNDED_RESIDUALS:
