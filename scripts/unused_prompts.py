@@ -3,6 +3,9 @@ line): a calibration set that is neither training data nor evaluation data.
 
     python scripts/unused_prompts.py data/distilled FILE [FILE ...] --num 40 -o calib.jsonl
 
+--max-chars, --ascii and --exclude narrow the pool (scripts/train_default_heads.sh: the chat-like set
+the bf16 batch table is calibrated on).
+
 A distilled directory counts every prompt its run PLANS (rebuilt from the manifest's command), also
 those its unfinished shards will hold; a conversations JSONL file counts the prompts it holds.
 """
@@ -37,10 +40,15 @@ def main() -> None:
     ap.add_argument("--num", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-o", "--output", required=True)
+    ap.add_argument("--max-chars", type=int, default=1499, help="the longest prompt kept, in characters")
+    ap.add_argument("--ascii", action="store_true", help="skip prompts with non-ASCII characters (most non-English ones)")
+    ap.add_argument("--exclude", default="", help="comma-separated prompt ids (draftheads.train.distill.prompt_id) to skip")
     a = ap.parse_args()
     used = planned_ids(a.conversations) if Path(a.conversations).is_dir() else {
         json.loads(line)["id"] for line in open(a.conversations) if line.strip()}
-    pools = [[p for p in load_prompts(f) if prompt_id(p) not in used and len(p) < 1500] for f in a.files]
+    skip = used | set(filter(None, a.exclude.split(",")))
+    pools = [[p for p in load_prompts(f) if prompt_id(p) not in skip and len(p) <= a.max_chars
+              and (p.isascii() or not a.ascii)] for f in a.files]
     rng = random.Random(a.seed)
     for pool in pools:
         rng.shuffle(pool)

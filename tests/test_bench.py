@@ -116,6 +116,23 @@ def test_plots_keep_bars_visible_and_count_in_integers(tmp_path, monkeypatch):
         assert all(float(t).is_integer() for t in ticks)
 
 
+def test_full_load_counts_only_while_every_client_is_sending():
+    from draftheads.bench_serve import full_load
+
+    def req(client, start, ttft, end, tokens):
+        return {"client": client, "start": start, "ttft": ttft, "end": end, "tokens": tokens}
+
+    # client 0: two requests over [0, 4]; client 1: one over [1, 10]. Full load: [1, 4].
+    results = [req(0, 0.0, 1.0, 2.0, 11), req(0, 2.0, 0.0, 4.0, 21), req(1, 1.0, 1.0, 10.0, 9)]
+    tokens, seconds = full_load(results)
+    assert seconds == 3.0
+    # the first: its first token at 1 (in), 10 more over [1, 2], all in; the second: 1 + 20 over [2, 4];
+    # the third: first token at 2 (in), 8 more over [2, 10], of which [2, 4] is in: 2
+    assert tokens == pytest.approx(11 + 21 + 1 + 2)
+    assert full_load([req(0, 0.0, 1.0, 2.0, 5), req(1, 3.0, 1.0, 5.0, 5)]) == (0.0, 0.0)  # never both at once
+    assert full_load([req(0, 0.0, 1.0, 3.0, 5)]) == (pytest.approx(5.0), 3.0)  # one client: the whole level
+
+
 def test_bench_concurrency_loads_real_servers_on_loopback(tiny_dirs, tmp_path):
     """--concurrency starts `draftheads serve` processes (heads batched, plain batched, heads serial) and
     streams to each from concurrent clients; replies at 2 clients equal those decoded alone."""
@@ -142,5 +159,6 @@ def test_bench_concurrency_loads_real_servers_on_loopback(tiny_dirs, tmp_path):
             assert ph["passes"] >= 2 and ph["passes"] <= ph["sequences"] <= lv["clients"] * ph["passes"], (name, ph)
             assert 0 < ph["passes_s"] and ph["admit_s"] + ph["passes_s"] + ph["advance_s"] <= lv["wall_s"], (name, ph)
     assert all(lv["phases"] is None for lv in rep["configs"]["heads, serial"]["levels"])
+    assert all(lv["full_load_tokens_per_s"] > 0 for cfg in rep["configs"].values() for lv in cfg["levels"])
     assert "| plain, batched | 2 |" in (out / "report.md").read_text().split("Where the batched")[1]
     assert (out / "concurrency.png").read_bytes()[:4] == b"\x89PNG" and "| heads, batched | 2 |" in (out / "report.md").read_text()

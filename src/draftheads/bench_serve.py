@@ -76,7 +76,8 @@ def ask(url: str, prompt: str, max_tokens: int) -> dict:
                 if piece and first is None:
                     first = time.perf_counter() - t0
                 text += piece
-    return {"text": text, "ttft": first or 0.0, "seconds": time.perf_counter() - t0, "tokens": tokens}
+    end = time.perf_counter()
+    return {"text": text, "ttft": first or 0.0, "seconds": end - t0, "tokens": tokens, "start": t0, "end": end}
 
 
 def _quantile(xs: list[float], p: int) -> float:
@@ -88,13 +89,13 @@ def load_level(url: str, prompts: list[tuple[int, str]], clients: int, max_token
     results: list[dict] = []
     lock = threading.Lock()
 
-    def client(mine):
+    def client(k, mine):
         for i, p in mine:
             r = ask(url, p, max_tokens)
-            r["index"] = i
+            r["index"], r["client"] = i, k
             with lock:
                 results.append(r)
-    threads = [threading.Thread(target=client, args=(prompts[i::clients],)) for i in range(clients)]
+    threads = [threading.Thread(target=client, args=(i, prompts[i::clients])) for i in range(clients)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -104,6 +105,27 @@ def load_level(url: str, prompts: list[tuple[int, str]], clients: int, max_token
     if len(results) < len(prompts):
         raise UserError(f"{len(prompts) - len(results)} requests failed at {clients} clients")
     return wall, results
+
+
+def full_load(results: list[dict]) -> tuple[float, float]:
+    """(tokens, seconds) of the stretch of one load_level run when every client still had requests to send:
+    from the last client's first request to the first client's last reply. A level's total also holds its
+    drain, when the clients that finished early leave the others a smaller batch (greedy replies of the
+    same length keep a plain server in lockstep, so its drain is short; speculative ones drift apart).
+    Tokens after a request's first arrive evenly over the rest of it (an approximation: the stream does
+    not say how many tokens each chunk holds)."""
+    starts, ends = {}, {}
+    for r in results:
+        k = r["client"]
+        starts[k], ends[k] = min(starts.get(k, r["start"]), r["start"]), max(ends.get(k, r["end"]), r["end"])
+    lo, hi = max(starts.values()), min(ends.values())
+    tokens = 0.0
+    for r in results:
+        first = r["start"] + r["ttft"]
+        tokens += lo <= first <= hi and r["tokens"] > 0
+        if r["tokens"] > 1 and r["end"] > first:
+            tokens += (r["tokens"] - 1) * max(0.0, min(r["end"], hi) - max(first, lo)) / (r["end"] - first)
+    return tokens, max(hi - lo, 0.0)
 
 
 def level_row(clients: int, wall: float, results: list[dict]) -> dict:
@@ -155,7 +177,7 @@ def run_concurrency(args) -> dict:
         cut = len(prompts) // 2 if len(prompts) // 2 >= max(levels) else len(prompts)
         halves = [h for h in (prompts[:cut], prompts[cut:]) if h]
         for c in levels:
-            served = {name: [0.0, [], {}] for name in servers}  # wall, results, phases
+            served = {name: [0.0, [], {}, [0.0, 0.0]] for name in servers}  # wall, results, phases, full load
             for k, half in enumerate(halves):
                 for name, (_, url) in (list(servers.items()) if k % 2 == 0 else list(servers.items())[::-1]):
                     before = _health(url).get("batched_phases") or {}
@@ -166,9 +188,12 @@ def run_concurrency(args) -> dict:
                     acc[0] += wall
                     acc[1] += results
                     acc[2] = {key: acc[2].get(key, 0) + after[key] - before.get(key, 0) for key in after}
-            for name, (wall, results, phases) in served.items():
+                    acc[3] = [x + y for x, y in zip(acc[3], full_load(results))]
+            for name, (wall, results, phases, (full_tokens, full_s)) in served.items():
                 row = level_row(c, wall, results)
                 row["phases"] = phases or None
+                # tokens/s while every client was still sending (full_load): the level without its drain
+                row["full_load_tokens_per_s"] = full_tokens / full_s if full_s > 0 else None
                 report["configs"][name]["texts"][c] = {r["index"]: r["text"] for r in results}
                 report["configs"][name]["levels"].append(row)
                 print(f"{name}, {c} clients: {row['tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
@@ -191,12 +216,14 @@ def run_concurrency(args) -> dict:
 def write_report(report: dict, out: Path) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    lines = ["| config | clients | tokens/s | TTFT p50 / p95 s | per-token p50 / p95 ms | differ from alone |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| config | clients | tokens/s | at full load | TTFT p50 / p95 s | per-token p50 / p95 ms | differ from alone |",
+             "|---|---|---|---|---|---|---|"]
     for name, cfg in report["configs"].items():
         for row in cfg["levels"]:
             d = (cfg["differ_from_alone"] or {}).get(row["clients"], "n/a")
-            lines.append(f"| {name} | {row['clients']} | {row['tokens_per_s']:.1f} | {row['ttft_p50']:.2f} / "
+            full = row.get("full_load_tokens_per_s")
+            lines.append(f"| {name} | {row['clients']} | {row['tokens_per_s']:.1f} | "
+                         f"{'n/a' if full is None else f'{full:.1f}'} | {row['ttft_p50']:.2f} / "
                          f"{row['ttft_p95']:.2f} | {1000 * row['tpot_p50']:.0f} / {1000 * row['tpot_p95']:.0f} | {d} |")
     for name, cfg in report["configs"].items():
         if cfg.get("batched_rounds"):
