@@ -41,8 +41,8 @@ MAX_TREE_ROWS = 16
 # row of the pass. The cut where the heads carry none calibrated per batch size (next).
 BATCH_DRAFT_CONFIDENCE = 0.2
 # The cuts `calibrate --batch-sizes` chooses from, per batch size, with that size's tree; serve takes the
-# chosen one. What a row is worth depends on the batch: in calibrate's bf16 rounds here a row cost ~2 ms
-# of a 42 ms plain round of 8 sequences (0.38 tokens' worth), ~1 ms of a 28 ms round of 2 (0.07).
+# chosen one. What a row is worth depends on the batch: in calibrate's bf16 rounds here a row cost 0.6-2 ms
+# of a 34-42 ms plain round of 8 sequences (0.15-0.38 tokens' worth), ~1 ms of a 28 ms round of 2 (0.07).
 BATCH_DRAFT_CONFIDENCES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 # The server's batched rounds take the heads' trees or decode plainly at each batch size, whichever its own
 # served rounds measured faster (--adapt-trees; round_costs.py): calibrate's table predicted a gain at 8
