@@ -37,7 +37,8 @@ def test_batch_sizes_are_measured_apart():
     assert costs.use_trees(2)  # never served: warm-up starts with the trees
     assert not costs.use_trees(5) and [pooled(b) for b in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
     s = costs.summary()
-    assert s[1] == pytest.approx({"trees": 30.0, "plain": 20.0, "rounds": 4}) and s[8]["plain"] == pytest.approx(60.0)
+    assert s[1] == pytest.approx({"trees": 30.0, "plain": 20.0, "trees_overall": 30.0, "plain_overall": 20.0,
+                                  "trees_rounds": 3, "rounds": 4}) and s[8]["plain"] == pytest.approx(60.0)
 
 
 def test_recent_rounds_count_most_so_it_follows_a_changing_load():
@@ -54,6 +55,10 @@ def test_the_rate_is_decayed_tokens_over_decayed_seconds():
     costs.record(2, True, tokens=10, seconds=1.0)
     costs.record(2, True, tokens=30, seconds=1.0)
     assert costs.summary()[2]["trees"] == pytest.approx((10 * 0.5 + 30) / (1 * 0.5 + 1))
+    # reports also get the undecayed rate over every round of each kind
+    costs.record(2, False, tokens=6, seconds=3.0)
+    s = costs.summary()[2]
+    assert (s["trees_overall"], s["plain_overall"], s["trees_rounds"], s["rounds"]) == (pytest.approx(20.0), 2.0, 2, 3)
     with pytest.raises(AssertionError):
         RoundCosts(explore_every=1)
 

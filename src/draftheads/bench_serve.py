@@ -228,8 +228,10 @@ def write_report(report: dict, out: Path) -> list[str]:
     for name, cfg in report["configs"].items():
         if cfg.get("batched_rounds"):
             lines += ["", f"{name}, the rounds it served (the tree decision per batch size, round_costs.py):", "",
-                      "| sequences | rounds | tokens/s with trees | tokens/s plain |", "|---|---|---|---|"]
-            lines += [f"| {b} | {r['rounds']} | {r['trees']:.1f} | {r['plain']:.1f} |"
+                      "| sequences | rounds (with trees) | tokens/s with trees / plain: recent (the decision) | "
+                      "over all rounds |", "|---|---|---|---|"]
+            lines += [f"| {b} | {r['rounds']} ({r['trees_rounds']}) | {r['trees']:.1f} / {r['plain']:.1f} | "
+                      f"{r['trees_overall']:.1f} / {r['plain_overall']:.1f} |"
                       for b, r in cfg["batched_rounds"].items()]
     phased = [(name, row) for name, cfg in report["configs"].items() for row in cfg["levels"] if row.get("phases")]
     if phased:

@@ -31,10 +31,18 @@ class _Rate:
     tokens: float = 0.0  # decayed sums: recent rounds count most
     seconds: float = 0.0
     rounds: int = 0
+    # Undecayed sums over every round, for reports only: the decayed rates of a kind explored one round in
+    # 16 or 64 span minutes where the other's span seconds, so they compare different moments of the load
+    all_tokens: float = 0.0
+    all_seconds: float = 0.0
 
     @property
     def per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def overall(self) -> float:
+        return self.all_tokens / self.all_seconds if self.all_seconds > 0 else 0.0
 
 
 @dataclass
@@ -73,12 +81,20 @@ class RoundCosts:
         r.tokens = r.tokens * self.decay + tokens
         r.seconds = r.seconds * self.decay + seconds
         r.rounds += 1
+        r.all_tokens += tokens
+        r.all_seconds += seconds
         self.rounds[batch] = self.rounds.get(batch, 0) + 1
 
     def _rate(self, batch: int, trees: bool) -> _Rate:
         return self.rates.get((batch, trees), _Rate())
 
     def summary(self) -> dict[int, dict[str, float]]:
-        """{pooled batch size: {"trees": tokens/s, "plain": tokens/s, "rounds": n}} of what was measured."""
-        return {b: {"trees": self._rate(b, True).per_second, "plain": self._rate(b, False).per_second,
-                    "rounds": n} for b, n in sorted(dict(self.rounds).items())}  # a copy: /health reads it while the worker writes
+        """{pooled batch size: {"trees": tokens/s, "plain": tokens/s (the decayed rates the decision uses),
+        "trees_overall", "plain_overall" (tokens/s over every round of each kind), "trees_rounds", "rounds"}}
+        of what was measured."""
+        out = {}
+        for b, n in sorted(dict(self.rounds).items()):  # a copy: /health reads it while the worker writes
+            trees, plain = self._rate(b, True), self._rate(b, False)
+            out[b] = {"trees": trees.per_second, "plain": plain.per_second, "trees_overall": trees.overall,
+                      "plain_overall": plain.overall, "trees_rounds": trees.rounds, "rounds": n}
+        return out
