@@ -592,6 +592,16 @@ def test_a_batch_cuts_trees_to_their_confident_nodes_and_stays_exact():
     gens[0].close()
 
 
+def passes(batch: BatchDecoder, gens, n: int) -> None:
+    """Prefill every sequence of `gens` (BatchDecoder.steps generators), then run `n` passes over all of them."""
+    for gen in gens:
+        next(gen)
+    for _ in range(n):
+        assert batch.step() == len(gens)
+        for gen in gens:
+            next(gen)
+
+
 def test_the_cut_follows_the_batch_size():
     model = tiny_model()
     heads = tiny_heads(model, num_heads=3)
@@ -602,12 +612,7 @@ def test_the_cut_follows_the_batch_size():
     assert BatchDecoder(Decoder(model, heads, tree), 2, 64, draft_confidence=0.3).confidence_at(8) == 0.3
     stats = [Stats() for _ in range(3)]
     gens = [batch.steps([5 + i, 6, 7, 8], 40, SamplingConfig(), s) for i, s in enumerate(stats)]
-    for gen in gens:
-        next(gen)
-    for _ in range(2):
-        assert batch.step() == 3
-        for gen in gens:
-            next(gen)
+    passes(batch, gens, 2)
     assert all(s.nodes < 2 * tree.size for s in stats)  # 3 sequences: cut at 0.99 (the tiny heads are never that sure)
     gens[2].close()
     before = [s.nodes for s in stats[:2]]
@@ -625,12 +630,7 @@ def test_a_tree_the_request_names_is_not_cut():
     stats = [Stats(), Stats()]
     gens = [batch.steps([5, 6, 7, 8], 20, SamplingConfig(), stats[0], named),
             batch.steps([9, 10, 11], 20, SamplingConfig(), stats[1])]
-    for gen in gens:
-        next(gen)
-    for _ in range(3):
-        assert batch.step() == 2
-        for gen in gens:
-            next(gen)
+    passes(batch, gens, 3)
     assert stats[0].nodes == 3 * named.size  # named: whole every pass
     assert stats[1].nodes < 3 * named.size  # the table's follower: cut at 0.9
     for gen in gens:

@@ -57,6 +57,14 @@ def slot_context(decoder: Decoder, capacity: int, batch_trees: dict[int, Tree] |
     return capacity - step_room(decoder, decoder.tree, table)
 
 
+def _at(table: list[tuple[int, object]], batch: int):
+    """The entry of the largest batch size <= `batch` in `table` ([(batch size, entry)], sorted), or None."""
+    for b, entry in reversed(table):
+        if b <= batch:
+            return entry
+    return None
+
+
 @dataclass
 class _Sequence:
     slot: int
@@ -124,19 +132,15 @@ class BatchDecoder:
     def tree_at(self, batch: int, tree: Tree) -> Tree:
         """The tree of a sequence that follows the table, in a pass of `batch` sequences (`tree` when the
         table is empty; the smallest batch size's entry below it)."""
-        for b, t in reversed(self.batch_trees):
-            if b <= batch:
-                return t
-        return self.batch_trees[0][1] if self.batch_trees else tree
+        found = _at(self.batch_trees, batch)
+        return found if found is not None else self.batch_trees[0][1] if self.batch_trees else tree
 
     def confidence_at(self, batch: int) -> float:
         """The path probability a table follower's node needs to be verified in a pass of `batch` sequences."""
         if batch < 2:
             return 0.0
-        for b, c in reversed(self.draft_confidence):
-            if b <= batch:
-                return c
-        return BATCH_DRAFT_CONFIDENCE
+        found = _at(self.draft_confidence, batch)
+        return BATCH_DRAFT_CONFIDENCE if found is None else found
 
     @torch.inference_mode()
     def steps(self, prompt_ids: list[int], max_new_tokens: int, sp: SamplingConfig, stats: Stats,
