@@ -4,6 +4,8 @@ over the same prompts. Used to look for what makes the batched worker at one cli
 serial one (README, results of 2026-12-04, late night).
 
     python scripts/serve_one_client.py --prompts runs/batch_tune_prompts.jsonl --num 24 --max-tokens 64
+    python scripts/serve_one_client.py --prompts runs/batch_tune_prompts.jsonl --num 12 --max-tokens 64 \
+        --only batched,serial --profile runs/serve_prof   # each server under cProfile: DIR/<config>.prof
 
 Tune and diagnose on prompts that are neither training nor evaluation data (scripts/unused_prompts.py).
 """
@@ -11,13 +13,38 @@ Tune and diagnose on prompts that are neither training nor evaluation data (scri
 from __future__ import annotations
 
 import argparse
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-from draftheads.bench_serve import ask, start_server
+import httpx
+
+from draftheads.bench_serve import _free_port, ask, start_server
 from draftheads.questions import load_questions
 
 CONFIGS = {"batched": ["--max-batch", "8"], "serial": ["--max-batch", "1"],
-           "batched, no adapt, 1024-token slots": ["--max-batch", "8", "--no-adapt-trees", "--max-seq-len", "1024"],
-           "batched, 2 slots, no adapt": ["--max-batch", "2", "--no-adapt-trees"]}
+           "batched-no-adapt-1024": ["--max-batch", "8", "--no-adapt-trees", "--max-seq-len", "1024"],
+           "batched-2-slots-no-adapt": ["--max-batch", "2", "--no-adapt-trees"]}
+
+
+def start_profiled(args: list[str], out: Path) -> tuple[subprocess.Popen, str]:
+    """`draftheads serve` under cProfile (main thread: the decoding worker), writing `out` when interrupted."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cProfile", "-o", str(out), "-m", "draftheads.cli", "serve",
+                             "--port", str(port), "--model-name", "x", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"{out.stem}: the server did not answer /health")
 
 
 def main() -> None:
@@ -27,13 +54,20 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--heads", default="default")
+    ap.add_argument("--only", default=",".join(CONFIGS), help="comma-separated configurations to run")
+    ap.add_argument("--profile", default=None, help="run each server under cProfile, writing DIR/<config>.prof")
     a = ap.parse_args()
+    configs = {name: CONFIGS[name] for name in a.only.split(",")}
     prompts = [q.turns[0] for q in load_questions(a.prompts, a.num)]
     base = ["--threads", "2", "--dtype", a.dtype, "--heads", a.heads]
     servers = {}
     try:
-        for name, extra in CONFIGS.items():
-            servers[name] = start_server(base, extra)
+        for name, extra in configs.items():
+            if a.profile:
+                Path(a.profile).mkdir(parents=True, exist_ok=True)
+                servers[name] = start_profiled(base + extra, Path(a.profile) / f"{name}.prof")
+            else:
+                servers[name] = start_server(base, extra)
             ask(servers[name][1], "Say hi.", 8)  # warm-up
         totals = {name: [0, 0.0] for name in servers}
         for p in prompts:
@@ -45,7 +79,12 @@ def main() -> None:
             print(f"{name}: {tokens / seconds:.1f} tokens/s")
     finally:
         for proc, _ in servers.values():
-            proc.terminate()
+            if a.profile:  # an interrupted serve returns normally, so cProfile writes its file
+                proc.send_signal(signal.SIGINT)
+            else:
+                proc.terminate()
+        for proc, _ in servers.values():
+            proc.wait(60)
 
 
 if __name__ == "__main__":
