@@ -13,6 +13,7 @@ Tune and diagnose on prompts that are neither training nor evaluation data (scri
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from draftheads.bench_serve import _free_port, ask, start_server
 from draftheads.questions import load_questions
 
 CONFIGS = {"batched": ["--max-batch", "8"], "serial": ["--max-batch", "1"],
+           # a second identical process: how far two servers of one configuration drift apart
+           "serial-again": ["--max-batch", "1"], "batched-again": ["--max-batch", "8"],
            "batched-no-adapt-1024": ["--max-batch", "8", "--no-adapt-trees", "--max-seq-len", "1024"],
            "batched-2-slots-no-adapt": ["--max-batch", "2", "--no-adapt-trees"]}
 
@@ -45,6 +48,13 @@ def start_profiled(args: list[str], out: Path) -> tuple[subprocess.Popen, str]:
         time.sleep(0.5)
     proc.kill()
     raise SystemExit(f"{out.stem}: the server did not answer /health")
+
+
+def proc_stat(pid: int) -> dict:
+    """CPU seconds (user, system) and minor page faults of process `pid` so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return {"user_s": int(fields[11]) / tick, "system_s": int(fields[12]) / tick, "minor_faults": int(fields[7])}
 
 
 def main() -> None:
@@ -70,13 +80,17 @@ def main() -> None:
                 servers[name] = start_server(base, extra)
             ask(servers[name][1], "Say hi.", 8)  # warm-up
         totals = {name: [0, 0.0] for name in servers}
+        before = {name: proc_stat(proc.pid) for name, (proc, _) in servers.items()}
         for p in prompts:
             for name, (_, url) in servers.items():
                 r = ask(url, p, a.max_tokens)
                 totals[name][0] += r["tokens"]
                 totals[name][1] += r["seconds"]
         for name, (tokens, seconds) in totals.items():
-            print(f"{name}: {tokens / seconds:.1f} tokens/s")
+            after = proc_stat(servers[name][0].pid)
+            d = {k: after[k] - before[name][k] for k in after}
+            print(f"{name}: {tokens / seconds:.1f} tokens/s; per token: {1e3 * d['user_s'] / tokens:.2f} ms user, "
+                  f"{1e3 * d['system_s'] / tokens:.2f} ms system, {d['minor_faults'] / tokens:.1f} minor page faults")
     finally:
         for proc, _ in servers.values():
             if a.profile:  # an interrupted serve returns normally, so cProfile writes its file

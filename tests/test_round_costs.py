@@ -38,7 +38,8 @@ def test_batch_sizes_are_measured_apart():
     assert not costs.use_trees(5) and [pooled(b) for b in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
     s = costs.summary()
     assert s[1] == pytest.approx({"trees": 30.0, "plain": 20.0, "trees_overall": 30.0, "plain_overall": 20.0,
-                                  "trees_rounds": 3, "rounds": 4}) and s[8]["plain"] == pytest.approx(60.0)
+                                  "trees_rounds": 3, "rounds": 4})
+    assert s[8]["plain"] == pytest.approx(60.0 / 8) and s[8]["plain_overall"] == pytest.approx(60.0)  # a sequence; all
 
 
 def test_recent_rounds_count_most_so_it_follows_a_changing_load():
@@ -50,15 +51,30 @@ def test_recent_rounds_count_most_so_it_follows_a_changing_load():
     assert late.count(False) >= 6  # plain, but for the exploring rounds
 
 
-def test_the_rate_is_decayed_tokens_over_decayed_seconds():
+def test_the_rate_is_decayed_tokens_a_sequence_over_decayed_seconds():
     costs = RoundCosts(decay=0.5)
     costs.record(2, True, tokens=10, seconds=1.0)
     costs.record(2, True, tokens=30, seconds=1.0)
-    assert costs.summary()[2]["trees"] == pytest.approx((10 * 0.5 + 30) / (1 * 0.5 + 1))
-    # reports also get the undecayed rate over every round of each kind
+    assert costs.summary()[2]["trees"] == pytest.approx((10 / 2 * 0.5 + 30 / 2) / (1 * 0.5 + 1))
+    # reports also get the undecayed tokens/s of all the sequences over every round of each kind
     costs.record(2, False, tokens=6, seconds=3.0)
     s = costs.summary()[2]
     assert (s["trees_overall"], s["plain_overall"], s["trees_rounds"], s["rounds"]) == (pytest.approx(20.0), 2.0, 2, 3)
+
+
+def test_a_pool_compares_kinds_not_the_batch_sizes_they_happened_to_run_at():
+    """Rounds of 5 and of 8 sequences cost alike (one pool). Plain was explored while 5 sequences ran: 5
+    tokens in 30 ms; the trees served 8: 10 tokens in 40 ms. Per round the trees' 250 tokens/s beat plain's
+    167, but a sequence gets 33.3 tokens/s plain and 31.2 with trees: at 8 sequences plain gives 267."""
+    costs = RoundCosts(warmup=1, explore_every=100)
+    costs.record(5, False, tokens=5, seconds=0.030)
+    costs.record(8, True, tokens=10, seconds=0.040)
+    assert not costs.use_trees(8)
+    s = costs.summary()[8]
+    assert s["plain"] == pytest.approx(1 / 0.030) and s["trees"] == pytest.approx(1.25 / 0.040)
+    assert s["trees_overall"] == pytest.approx(250.0)  # reports: what all the sequences got
+    with pytest.raises(AssertionError):
+        costs.record(0, True, 1, 1.0)
     with pytest.raises(AssertionError):
         RoundCosts(explore_every=1)
 

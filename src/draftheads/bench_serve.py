@@ -173,12 +173,14 @@ def run_concurrency(args) -> dict:
             ask(servers[name][1], "Say hi.", 8)  # warm-up
             report["configs"][name] = {"args": extra, "levels": [], "texts": {}}
         # Each level runs in two halves, the servers in one order and then in the reverse (A B C, C B A), so
-        # that a machine slowing down or speeding up during the level weighs on every server alike.
+        # that a machine slowing down or speeding up during the level weighs on every server alike. One
+        # client takes turns per request: its requests run one after another anyway (no batch fills or
+        # drains between them), and a half of it spans ~40 s, long enough for this machine to drift.
         cut = len(prompts) // 2 if len(prompts) // 2 >= max(levels) else len(prompts)
         halves = [h for h in (prompts[:cut], prompts[cut:]) if h]
         for c in levels:
             served = {name: [0.0, [], {}, [0.0, 0.0]] for name in servers}  # wall, results, phases, full load
-            for k, half in enumerate(halves):
+            for k, half in enumerate([[p] for p in prompts] if c == 1 else halves):
                 for name, (_, url) in (list(servers.items()) if k % 2 == 0 else list(servers.items())[::-1]):
                     before = _health(url).get("batched_phases") or {}
                     wall, results = load_level(url, half, c, args.max_new_tokens)
@@ -228,8 +230,8 @@ def write_report(report: dict, out: Path) -> list[str]:
     for name, cfg in report["configs"].items():
         if cfg.get("batched_rounds"):
             lines += ["", f"{name}, the rounds it served (the tree decision per batch size, round_costs.py):", "",
-                      "| sequences | rounds (with trees) | tokens/s with trees / plain: recent (the decision) | "
-                      "over all rounds |", "|---|---|---|---|"]
+                      "| sequences | rounds (with trees) | tokens/s a sequence with trees / plain: recent (the decision) | "
+                      "tokens/s over all rounds |", "|---|---|---|---|"]
             lines += [f"| {b} | {r['rounds']} ({r['trees_rounds']}) | {r['trees']:.1f} / {r['plain']:.1f} | "
                       f"{r['trees_overall']:.1f} / {r['plain_overall']:.1f} |"
                       for b, r in cfg["batched_rounds"].items()]

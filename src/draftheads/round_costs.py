@@ -9,7 +9,11 @@ per batch size, the tokens per second of the rounds served each way, takes the b
 round in `explore_every` on the other to follow a changing load (one in 4 x `explore_every` when
 the other loses by `wide_margin` or more). Batch sizes are pooled up to the next
 power of two (3 with 4, 5-8 with 8): the few-row kernels pad rows to a power of two, so those rounds
-cost alike, and a short burst of traffic does not have to warm up every size on its own.
+cost alike, and a short burst of traffic does not have to warm up every size on its own. Since they cost
+alike, a pool compares tokens per second a sequence: the kind explored while 5 sequences ran and the kind
+served while 8 ran would otherwise compare batches, not kinds (a served run at 8 clients rated trees
+275 tokens/s and plain 158, the plain rounds having been seen mostly as the batch filled, when its plain
+passes gave 8% more tokens a second than its tree passes).
 
 Switching changes which tokens are drafted, never which are emitted under greedy or exact acceptance
 (both are exact per step); typical acceptance already depends on the tree.
@@ -28,11 +32,12 @@ def pooled(batch: int) -> int:
 
 @dataclass
 class _Rate:
-    tokens: float = 0.0  # decayed sums: recent rounds count most
+    tokens: float = 0.0  # decayed sums of tokens a sequence (a round's tokens / its sequences): recent rounds count most
     seconds: float = 0.0
     rounds: int = 0
-    # Undecayed sums over every round, for reports only: the decayed rates of a kind explored one round in
-    # 16 or 64 span minutes where the other's span seconds, so they compare different moments of the load
+    # Undecayed sums over every round (all the sequences' tokens), for reports only: the decayed rates of a
+    # kind explored one round in 16 or 64 span minutes where the other's span seconds, so they compare
+    # different moments of the load
     all_tokens: float = 0.0
     all_seconds: float = 0.0
 
@@ -47,7 +52,7 @@ class _Rate:
 
 @dataclass
 class RoundCosts:
-    """Per batch size, the measured tokens/s of rounds with the table's trees and of plain rounds."""
+    """Per batch size, the measured tokens/s a sequence of rounds with the table's trees and of plain rounds."""
 
     warmup: int = 4  # rounds of each kind before the faster one is preferred
     explore_every: int = 16  # then one round in this many takes the other kind
@@ -74,11 +79,11 @@ class RoundCosts:
         return best != explore
 
     def record(self, batch: int, trees: bool, tokens: int, seconds: float) -> None:
-        """A served round of `batch` sequences emitted `tokens` in `seconds` (draft + verify + accept)."""
-        assert tokens >= 0 and seconds >= 0
-        batch = pooled(batch)
+        """A served round of `batch` sequences emitted `tokens` in all in `seconds` (draft + verify + accept)."""
+        assert tokens >= 0 and seconds >= 0 and batch >= 1
+        per_sequence, batch = tokens / batch, pooled(batch)
         r = self.rates.setdefault((batch, trees), _Rate())
-        r.tokens = r.tokens * self.decay + tokens
+        r.tokens = r.tokens * self.decay + per_sequence
         r.seconds = r.seconds * self.decay + seconds
         r.rounds += 1
         r.all_tokens += tokens
@@ -89,9 +94,9 @@ class RoundCosts:
         return self.rates.get((batch, trees), _Rate())
 
     def summary(self) -> dict[int, dict[str, float]]:
-        """{pooled batch size: {"trees": tokens/s, "plain": tokens/s (the decayed rates the decision uses),
-        "trees_overall", "plain_overall" (tokens/s over every round of each kind), "trees_rounds", "rounds"}}
-        of what was measured."""
+        """{pooled batch size: {"trees", "plain": tokens/s a sequence (the decayed rates the decision uses),
+        "trees_overall", "plain_overall" (tokens/s of all the sequences over every round of each kind),
+        "trees_rounds", "rounds"}} of what was measured."""
         out = {}
         for b, n in sorted(dict(self.rounds).items()):  # a copy: /health reads it while the worker writes
             trees, plain = self._rate(b, True), self._rate(b, False)
