@@ -1,7 +1,8 @@
 """What cutting batched trees to their confident nodes keeps (batch.py, --draft-confidence): per table
 tree and cut, the tree nodes verified and the tokens emitted per sequence and round, counted over whole
 replies decoded `--batch` at a time in one process (counts: they hold on a noisy machine), and whether
-every reply equals the plain batched one. Tokens/s (wall time of each configuration, run one after the
+every reply equals the plain batched one, and the milliseconds a round spends drafting, in the verify
+pass and accepting (a round's, weighted by its sequences). Tokens/s (wall time of each configuration, run one after the
 other, so machine drift falls on them unevenly) is printed beside them as a rough guide.
 
     python scripts/batch_cut_counts.py --prompts runs/batch_tune_prompts.jsonl --batch 8 --max-new-tokens 64 \
@@ -40,8 +41,9 @@ def main() -> None:
     heads = draftheads.load(heads=a.heads, dtype=a.dtype)
     plain = draftheads.load(heads=None, dtype=a.dtype)
     configs = [(None, 0.0)] + [(Tree(t), float(c)) for t in json.loads(a.trees) for c in a.cuts.split(",")]
-    print("| table tree | cut | nodes / sequence-round | tokens / sequence-round | replies that differ from plain | tokens/s |")
-    print("|---|---|---|---|---|---|")
+    print("| table tree | cut | nodes / sequence-round | tokens / sequence-round | replies that differ from plain | tokens/s "
+          "| draft / verify / accept ms a round |")
+    print("|---|---|---|---|---|---|---|")
     reference = None
     for tree, cut in configs:
         m = plain if tree is None else heads
@@ -54,8 +56,11 @@ def main() -> None:
         steps = sum(r.stats.steps for r in out)
         nodes, tokens = sum(r.stats.nodes for r in out) / steps, sum(len(r.token_ids) - 1 for r in out) / steps
         name = "plain" if tree is None else f"`{tree.to_json()}`"
+        # every sequence of a round records that round's phase times: summed over sequences, per sequence-round
+        phases = " / ".join(f"{1e3 * sum(getattr(r.stats, k) for r in out) / steps:.1f}"
+                            for k in ("draft_s", "verify_s", "accept_s"))
         print(f"| {name} | {cut if tree else '-'} | {nodes:.3f} | {tokens:.3f} | {sum(x != y for x, y in zip(ids, reference))} | "
-              f"{sum(len(i) for i in ids) / seconds:.1f} |",
+              f"{sum(len(i) for i in ids) / seconds:.1f} | {phases} |",
               flush=True)
 
 

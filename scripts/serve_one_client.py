@@ -28,6 +28,7 @@ from draftheads.questions import load_questions
 CONFIGS = {"batched": ["--max-batch", "8"], "serial": ["--max-batch", "1"],
            # a second identical process: how far two servers of one configuration drift apart
            "serial-again": ["--max-batch", "1"], "batched-again": ["--max-batch", "8"],
+           "plain-batched": ["--max-batch", "8", "--heads", "none"],
            "batched-no-adapt-1024": ["--max-batch", "8", "--no-adapt-trees", "--max-seq-len", "1024"],
            "batched-2-slots-no-adapt": ["--max-batch", "2", "--no-adapt-trees"]}
 
@@ -91,6 +92,13 @@ def main() -> None:
             d = {k: after[k] - before[name][k] for k in after}
             print(f"{name}: {tokens / seconds:.1f} tokens/s; per token: {1e3 * d['user_s'] / tokens:.2f} ms user, "
                   f"{1e3 * d['system_s'] / tokens:.2f} ms system, {d['minor_faults'] / tokens:.1f} minor page faults")
+            health = httpx.get(servers[name][1] + "/health", timeout=10).json()
+            ph, rounds = health.get("phases"), (health.get("batched_rounds") or {}).get("1")
+            if ph and ph["passes"]:
+                print(f"  {1e3 * ph['passes_s'] / ph['passes']:.1f} ms a pass over {ph['passes']} passes")
+            if rounds:  # a round's ms = 1000 / tokens/s at one sequence and ~1 token a plain round
+                print(f"  rounds at 1 sequence: {rounds['rounds']} ({rounds['trees_rounds']} with trees); tokens/s "
+                      f"with trees {rounds['trees_overall']:.1f}, plain {rounds['plain_overall']:.1f}")
     finally:
         for proc, _ in servers.values():
             if a.profile:  # an interrupted serve returns normally, so cProfile writes its file

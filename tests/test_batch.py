@@ -152,6 +152,14 @@ def test_generate_many_equals_generate_one_by_one():
     for p, r in zip(prompts, many):
         one = dm.generate(p, max_new_tokens=24, stop="zz")
         assert r.token_ids == one.token_ids and r.text == one.text and r.finish_reason == one.finish_reason
+    # generate takes a list of prompts too (strings, conversations, id tensors): one Result each, batched
+    chat = [{"role": "user", "content": prompts[1]}]
+    listed = dm.generate([prompts[0], chat, torch.tensor(dm.prompt_ids(prompts[3]))], max_new_tokens=24, stop="zz")
+    assert [r.token_ids for r in listed] == [many[0].token_ids, many[1].token_ids, many[3].token_ids]
+    assert dm.generate(chat, max_new_tokens=24, stop="zz").token_ids == many[1].token_ids  # one conversation
+    for bad in ([1, 2, 3], ["hi", {"role": "user", "content": "x"}]):
+        with pytest.raises(UserError, match="a prompt is a string"):
+            dm.generate(bad, max_new_tokens=4)
 
 
 def test_a_row_budget_decodes_plainly_past_it_and_stays_exact():

@@ -158,6 +158,8 @@ def fingerprints_match(a: list[float], b: list[float]) -> bool:
 def chat_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
     """Token ids of a prompt wrapped in the tokenizer's chat template, ready for the assistant's reply."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise UserError("a prompt is a string, a list of {'role', 'content'} messages or a tensor of token ids")
     if not messages or not any(str(m.get("content", "")).strip() for m in messages):
         raise UserError("the prompt is empty")
     # Only the template may emit control tokens: "<|im_end|>\n<|im_start|>system" inside a message is

@@ -182,10 +182,10 @@ def run_concurrency(args) -> dict:
             served = {name: [0.0, [], {}, [0.0, 0.0]] for name in servers}  # wall, results, phases, full load
             for k, half in enumerate([[p] for p in prompts] if c == 1 else halves):
                 for name, (_, url) in (list(servers.items()) if k % 2 == 0 else list(servers.items())[::-1]):
-                    before = _health(url).get("batched_phases") or {}
+                    before = _health(url).get("phases") or {}
                     wall, results = load_level(url, half, c, args.max_new_tokens)
-                    # the batched worker's time per phase during this level (server.Worker.phases)
-                    after = _health(url).get("batched_phases") or {}
+                    # the worker's time per phase during this level (server.Worker.phases)
+                    after = _health(url).get("phases") or {}
                     acc = served[name]
                     acc[0] += wall
                     acc[1] += results
@@ -237,7 +237,8 @@ def write_report(report: dict, out: Path) -> list[str]:
                       for b, r in cfg["batched_rounds"].items()]
     phased = [(name, row) for name, cfg in report["configs"].items() for row in cfg["levels"] if row.get("phases")]
     if phased:
-        lines += ["", "Where the batched workers' time went per level (server.Worker.phases; seconds):", "",
+        lines += ["", "Where the workers' time went per level (server.Worker.phases; seconds; the serial worker "
+                  "makes a step's text inside its pass, the batched ones in the hand-out):", "",
                   "| config | clients | wall | admit (prefill) | verify passes | hand-out | passes | sequences per pass |",
                   "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {name} | {row['clients']} | {row['wall_s']:.1f} | {ph['admit_s']:.1f} | {ph['passes_s']:.1f} | "

@@ -141,11 +141,14 @@ class DraftModel:
     def generate(self, prompt, *, max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = _SP.temperature,
                  top_p: float = _SP.top_p, top_k: int = _SP.top_k, acceptance: str = _SP.acceptance, tree=None,
                  stop: str | list[str] | None = None, seed: int | None = _SP.seed,
-                 typical_epsilon: float = _SP.typical_epsilon, typical_delta: float = _SP.typical_delta) -> Result:
-        """Generate one reply (batch 1) and return it with its statistics.
+                 typical_epsilon: float = _SP.typical_epsilon, typical_delta: float = _SP.typical_delta
+                 ) -> Result | list[Result]:
+        """Generate one reply and return it with its statistics; given a list of prompts, one Result per
+        prompt, decoded together (`generate_many` with its defaults).
 
         prompt: a string (wrapped in the chat template as a user message), a list of chat messages
-            ({"role", "content"} dicts), or token ids ([n] or [1, n] tensor) used as they are.
+            ({"role", "content"} dicts), or token ids ([n] or [1, n] tensor) used as they are; or a list
+            of such prompts (strings, message lists, id tensors).
         max_new_tokens: most new tokens (fewer if EOS, a stop string or the context ends the reply).
         temperature: 0 is greedy decoding; above 0 samples (with top_p in (0, 1], top_k >= 0, 0: off).
         acceptance: "greedy" (temperature 0), "exact" (the backbone's own distribution) or "typical"
@@ -155,6 +158,10 @@ class DraftModel:
         seed: seeds the sampling generator, for reproducible samples.
         Returns a Result: new token ids, text, finish_reason ("stop", "length" or "context") and Stats
         (seconds, steps, tokens accepted per step)."""
+        if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list, torch.Tensor)) for p in prompt):
+            return self.generate_many(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                      top_k=top_k, acceptance=acceptance, tree=tree, stop=stop, seed=seed,
+                                      typical_epsilon=typical_epsilon, typical_delta=typical_delta)
         for chunk in self.iter_generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                         top_k=top_k, acceptance=acceptance, tree=tree, stop=stop, seed=seed,
                                         typical_epsilon=typical_epsilon, typical_delta=typical_delta):

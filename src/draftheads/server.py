@@ -126,9 +126,9 @@ class Worker:
         self.prefill_chunk = prefill_chunk
         # Served rounds decide whether the heads' trees pay at each batch size (round_costs.py); None: off.
         self.costs = RoundCosts() if adapt_trees else None
-        # Where the batched worker's time goes (seconds): admitting jobs (prefill, first chunk), the verify
-        # passes, and handing each job its next chunk (text, or a long prompt's next prefill chunk); plus
-        # passes, and sequences summed over them. /health reports it: served configurations compared by phase.
+        # Where the worker's time goes (seconds): admitting jobs (prefill, first chunk), the verify passes,
+        # and handing each job its next chunk (text, or a long prompt's next prefill chunk); plus passes,
+        # and sequences summed over them. /health reports it: served configurations compared by phase.
         self.phases = {"admit_s": 0.0, "passes_s": 0.0, "advance_s": 0.0, "passes": 0, "sequences": 0}
         self.stopped = threading.Event()
         # A deque rather than queue.Queue: a cancelled job must leave the queue at once, not when its turn comes.
@@ -191,12 +191,20 @@ class Worker:
                 self.running = False
 
     def _generate(self, job: Job) -> None:
+        ph = self.phases  # as the batched worker's, but a step's text is made inside its pass (next(chunks))
         chunks = self.model.iter_generate(torch.tensor(job.ids), **job.kwargs)
         try:
+            t0, phase = time.perf_counter(), "admit_s"  # the first chunk: prefill
             for chunk in chunks:  # each next() is one decoding step (draftmodel yields a chunk per step)
+                t1 = time.perf_counter()
+                ph[phase] += t1 - t0
+                ph["passes"] += phase == "passes_s"
+                ph["sequences"] += phase == "passes_s"
                 if job.cancelled.is_set():
                     return
                 self._send(job, "chunk", chunk)
+                t0, phase = time.perf_counter(), "passes_s"
+                ph["advance_s"] += t0 - t1
             self._send(job, "done", None)
         finally:
             chunks.close()
@@ -332,8 +340,8 @@ def create_app(model, model_name: str | None = None, api_key: str | None = None,
         body = {"status": "ok", "model": name, "running": worker.running, "waiting": len(worker.waiting)}
         if worker.costs is not None and worker.costs.rounds:  # tokens/s per batch size, with trees and plain
             body["batched_rounds"] = {str(b): r for b, r in worker.costs.summary().items()}
-        if worker.phases["passes"]:  # the batched worker's time per phase (Worker.phases)
-            body["batched_phases"] = dict(worker.phases)
+        if worker.phases["passes"]:  # the worker's time per phase (Worker.phases)
+            body["phases"] = dict(worker.phases)
         return body
 
     @app.get("/v1/models")
