@@ -154,6 +154,37 @@ def test_bf16_tree_rows_equal_plain_steps_bit_for_bit(arch, name, dtype):
         assert torch.equal(logits[node], engine.logits(plain))
 
 
+def test_a_row_exact_step_attends_whole_key_blocks_and_the_columns_past_the_sequence_change_nothing(monkeypatch):
+    """The keys a chain step attends run to a multiple of KEY_BLOCK (a bf16 product per key count costs
+    oneDNN a new kernel); the columns past the sequence are masked, whatever they hold."""
+    import draftheads.llama_forward as lf
+    from draftheads.kvcache import KEY_BLOCK
+
+    model = tiny_model("llama", hidden=128, layers=3).to(torch.bfloat16)
+    engine = TorchEngine(model)
+    fwd = engine.lean
+    if not lf.batched_rows_are_exact(torch.bfloat16, torch.get_num_threads(), fwd.kv_heads, fwd.heads // fwd.kv_heads,
+                                     fwd.head_dim):
+        pytest.skip("this CPU's kernels are not row-exact across calls: every node attends alone, unpadded")
+    tree = TREES["chain"]
+    g = torch.Generator().manual_seed(3)
+    prompt, cands = torch.randint(0, 250, (70,), generator=g), torch.randint(0, 250, (tree.size,), generator=g)
+    seen = []
+    real = lf.rows_attention
+    monkeypatch.setattr(lf, "rows_attention", lambda q, k, *a: seen.append(k.shape[2]) or real(q, k, *a))
+    out = []
+    for capacity, junk in ((70 + tree.size, False), (300, False), (300, True)):
+        cache = engine.new_cache(capacity)
+        engine.prefill(cache, prompt)
+        if junk:  # what a longer sequence left behind
+            cache.kv[..., 70:, :] = (100 * torch.randn(cache.kv[..., 70:, :].shape, generator=g)).bfloat16()
+        seen.clear()
+        out.append(engine.verify(cache, cands, tree))  # logits [nodes, vocab], hidden [nodes, H]
+        assert set(seen) == {min(2 * KEY_BLOCK, capacity)}, seen  # 74 keys: up to 128, or the whole cache
+    for logits, hidden in out[1:]:
+        assert torch.equal(logits, out[0][0]) and torch.equal(hidden, out[0][1])
+
+
 def test_fp32_row_exact_pass_matches_the_masked_pass():
     model = tiny_model("llama")
     engine = TorchEngine(model)

@@ -23,6 +23,17 @@ from .errors import UserError
 
 FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' names for the layer types we mask
 
+# Row-exact steps (append_rows) attend over the keys up to a multiple of this many columns, the columns
+# past each row's own masked (row_attention.chain_visibility): oneDNN builds a bf16 product for each new
+# shape, ~0.6 ms a product on this project's AMD EPYC against ~30 us for one it has built (its cache
+# keeps 1,024), and a key count that grows by every step's tokens made every step's attention new.
+KEY_BLOCK = 64
+
+
+def attended(end: int, capacity: int) -> int:
+    """The key columns a row-exact step over columns [0, end) attends: `end` up to a multiple of KEY_BLOCK."""
+    return min(-(-end // KEY_BLOCK) * KEY_BLOCK, capacity)
+
 
 def cache_keyword(model: torch.nn.Module) -> str:
     """The keyword `model.forward` takes its cache by. transformers 5.2x renamed `past_key_values` to
@@ -181,9 +192,10 @@ class TreeKVCache:
         last view. Use the returned entries before iterating, and consume the iterator to the end."""
         assert set(branching) <= {0}, "one sequence: its tree is row 0's"
         L = self.layers[layer].length
-        all_keys, all_values = self.append(layer, keys, values)
+        self.append(layer, keys, values)
+        end = attended(L + keys.shape[2], self.capacity)  # columns past L + q: masked (KEY_BLOCK)
         views = (v for row, parent in branching.items() for v in _path_views(self.kv[layer], row, L, keys, values, parent))
-        return all_keys, all_values, views
+        return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end], views
 
     @property
     def length(self) -> int:
@@ -297,12 +309,14 @@ class SlotKVCache:
 
     def append_rows(self, layer: int, keys: torch.Tensor, values: torch.Tensor, branching: dict[int, tuple[int, ...]]):
         """TreeKVCache.append_rows for a batch step (after begin_step): `append`'s entries of every slot,
-        and the views (slot, node, keys, values) [1, kv_heads, lengths[slot] + depth + 1, head_dim] of
-        exactly what each node of the slots in `branching` ({slot: its tree's parents}) sees."""
-        all_keys, all_values = self.append(layer, keys, values)
+        up to a multiple of KEY_BLOCK columns, and the views (slot, node, keys, values) [1, kv_heads,
+        lengths[slot] + depth + 1, head_dim] of exactly what each node of the slots in `branching`
+        ({slot: its tree's parents}) sees."""
+        self.append(layer, keys, values)
         kv = self.kv[layer]  # [2, slots, kv_heads, capacity, head_dim]
+        end = attended(self._end, self.capacity)
         views = (v for slot, parent in branching.items() for v in _path_views(kv, slot, self._starts[slot], keys, values, parent))
-        return all_keys, all_values, views
+        return kv[0, :self._n, :, :end], kv[1, :self._n, :, :end], views
 
     def tree_mask(self, tree_bias: torch.Tensor) -> torch.Tensor:
         """Additive mask [n, 1, q, max(lengths) + q] for a step of q nodes in each of the first n slots

@@ -129,9 +129,7 @@ class LlamaForward:
             g = self.heads // self.kv_heads
             batched = batched_rows_are_exact(x.dtype, torch.get_num_threads(), self.kv_heads, g, d)
             per_node = {r: p for r, p in trees.items() if not (batched and is_chain(p))}
-            if len(per_node) < b:
-                starts = cache.row_starts()
-                visible = chain_visibility(starts, q, int(starts.max()) + q, g)  # [b, 1, q * g, keys]
+            starts = cache.row_starts() if len(per_node) < b else None
         for i, layer in enumerate(self.layers):
             at, mlp = layer.self_attn, layer.mlp
             h = rms_norm(x, layer.input_layernorm)  # [rows, hidden]
@@ -151,6 +149,8 @@ class LlamaForward:
                                                    enable_gqa=True)  # [b, heads, q, d]
             else:
                 keys, values, paths = cache.append_rows(i, ks, vs, per_node)  # [b, kv_heads, keys, d]
+                if starts is not None and visible is None:  # every layer attends over the same columns
+                    visible = chain_visibility(starts, q, keys.shape[2], g)  # [b, 1, q * g, keys]
                 o = rows_attention(qs, keys, values, visible, self.scaling) if visible is not None else qs.new_zeros(qs.shape)
                 for r, node, k1, v1 in paths:  # [1, kv_heads, its keys, d]: the path a branching tree's node sees
                     o[r, :, node] = rows_attention(qs[r:r + 1, :, node:node + 1], k1, v1, None, self.scaling)[0, :, 0]
