@@ -8,6 +8,10 @@ alternate within each cell, medians in ms.
 --ragged adds a table of passes whose sequences have chains of different lengths (trees cut to their
 confident nodes, batch.py), their padding packed out of the products, against the same sequences at
 the longest chain: "3,2,2,3,2,1,2,2;2,1,2,1,2,1,2,1" (chain nodes per sequence; passes separated by ;).
+
+--new-shapes times one rows_attention call (two bf16 products) over cached keys whose count grows by one a
+call, as a row-exact step's did before kvcache.KEY_BLOCK, against the same calls over a count already seen:
+oneDNN builds a product for each new shape.
 """
 
 from __future__ import annotations
@@ -23,6 +27,23 @@ import draftheads.llama_forward as lf
 from draftheads.kvcache import SlotKVCache
 
 
+def new_shapes(calls: int = 400, rows: int = 3, kv_heads: int = 3, g: int = 3, d: int = 64) -> None:
+    """us per rows_attention call of `rows` chain nodes (the default model's attention shape) over a cache
+    view of n keys: n new every call (600, 601, ...), then n seen before (600 each time)."""
+    from draftheads.row_attention import chain_visibility, rows_attention
+
+    cache = torch.randn(1, kv_heads, 600 + calls + rows, d).bfloat16()
+    q = torch.randn(1, kv_heads * g, rows, d).bfloat16()
+
+    def per_call(counts: list[int]) -> float:
+        t = time.perf_counter()
+        for n in counts:
+            rows_attention(q, cache[:, :, :n + rows], cache[:, :, :n + rows], chain_visibility(torch.tensor([n]), rows, n + rows, g), 0.125)
+        return (time.perf_counter() - t) / len(counts) * 1e6
+    grown, seen = per_call(list(range(600, 600 + calls))), per_call([600] * calls)
+    print(f"rows_attention over a new key count: {grown:.0f} us a call; over one seen before: {seen:.0f} us")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -31,8 +52,11 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,8")
     ap.add_argument("--nodes", default="1,2,3,4")
     ap.add_argument("--ragged", default="", help="chain nodes per sequence, passes separated by ';'")
+    ap.add_argument("--new-shapes", action="store_true", help="only: attention over a new key count vs a built one")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.new_shapes:
+        return new_shapes()
     m = draftheads.load(heads=None, dtype=torch.bfloat16)
     engine = m.decoder.engine
     exact = lf.batched_rows_are_exact

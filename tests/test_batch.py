@@ -297,7 +297,7 @@ def test_served_round_costs_switch_table_followers_to_plain_rounds_and_stay_exac
         next(g)
     batch.step()  # warm-up round 2: plain for the table followers, chain3 still for the named one
     assert [st.nodes for st in stats] == [10, 10, 8]
-    assert {k: r.rounds for k, r in costs.rates.items()} == {(4, True): 1, (4, False): 1}  # 3 pooled with 4
+    assert {k: r.rounds for k, r in costs.rates.items()} == {(3, True): 1, (3, False): 1}
     for g in gens:
         g.close()
     fresh = BatchDecoder(Decoder(model, heads, load_tree("medusa8", 3)), slots=3, capacity=128,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from draftheads.round_costs import RoundCosts, pooled
+from draftheads.round_costs import RoundCosts
 
 
 def serve(costs, batch, rate, rounds):
@@ -34,15 +34,13 @@ def test_batch_sizes_are_measured_apart():
     serve(costs, 1, {True: 30, False: 20}, 4)
     serve(costs, 8, {True: 20, False: 60}, 4)
     assert costs.use_trees(1) and not costs.use_trees(8)
-    assert costs.use_trees(2)  # never served: warm-up starts with the trees
-    assert not costs.use_trees(5) and [pooled(b) for b in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
+    assert costs.use_trees(2) and costs.use_trees(7)  # never served: warm-up starts with the trees
     s = costs.summary()
-    assert s[1] == pytest.approx({"trees": 30.0, "plain": 20.0, "trees_overall": 30.0, "plain_overall": 20.0,
-                                  "trees_rounds": 3, "rounds": 4})
-    assert s[8]["plain"] == pytest.approx(60.0 / 8) and s[8]["plain_overall"] == pytest.approx(60.0)  # a sequence; all
+    assert s[1] == pytest.approx({"trees_over_plain": 1.5, "pairs": 2, "trees": 30.0, "plain": 20.0,
+                                  "trees_rounds": 3, "rounds": 4}) and s[8]["plain"] == pytest.approx(60.0)
 
 
-def test_recent_rounds_count_most_so_it_follows_a_changing_load():
+def test_recent_pairs_count_most_so_it_follows_a_changing_load():
     costs = RoundCosts(warmup=1, explore_every=4, decay=0.5)
     early = serve(costs, 4, {True: 50, False: 30}, 10)
     assert early[2:].count(True) >= 6  # the trees, but for the exploring rounds
@@ -51,32 +49,48 @@ def test_recent_rounds_count_most_so_it_follows_a_changing_load():
     assert late.count(False) >= 6  # plain, but for the exploring rounds
 
 
-def test_the_rate_is_decayed_tokens_a_sequence_over_decayed_seconds():
+def test_a_pair_is_two_adjacent_rounds_of_both_kinds_at_one_batch_size():
     costs = RoundCosts(decay=0.5)
     costs.record(2, True, tokens=10, seconds=1.0)
-    costs.record(2, True, tokens=30, seconds=1.0)
-    assert costs.summary()[2]["trees"] == pytest.approx((10 / 2 * 0.5 + 30 / 2) / (1 * 0.5 + 1))
-    # reports also get the undecayed tokens/s of all the sequences over every round of each kind
-    costs.record(2, False, tokens=6, seconds=3.0)
-    s = costs.summary()[2]
-    assert (s["trees_overall"], s["plain_overall"], s["trees_rounds"], s["rounds"]) == (pytest.approx(20.0), 2.0, 2, 3)
-
-
-def test_a_pool_compares_kinds_not_the_batch_sizes_they_happened_to_run_at():
-    """Rounds of 5 and of 8 sequences cost alike (one pool). Plain was explored while 5 sequences ran: 5
-    tokens in 30 ms; the trees served 8: 10 tokens in 40 ms. Per round the trees' 250 tokens/s beat plain's
-    167, but a sequence gets 33.3 tokens/s plain and 31.2 with trees: at 8 sequences plain gives 267."""
-    costs = RoundCosts(warmup=1, explore_every=100)
-    costs.record(5, False, tokens=5, seconds=0.030)
-    costs.record(8, True, tokens=10, seconds=0.040)
-    assert not costs.use_trees(8)
-    s = costs.summary()[8]
-    assert s["plain"] == pytest.approx(1 / 0.030) and s["trees"] == pytest.approx(1.25 / 0.040)
-    assert s["trees_overall"] == pytest.approx(250.0)  # reports: what all the sequences got
-    with pytest.raises(AssertionError):
-        costs.record(0, True, 1, 1.0)
+    costs.record(2, False, tokens=6, seconds=2.0)  # a pair over 3 s: trees 10/s, plain 3/s
+    assert (costs.pairs[2].trees, costs.pairs[2].plain) == (30.0, 9.0)
+    costs.record(2, False, tokens=4, seconds=1.0)  # same kind: no pair
+    costs.record(2, True, tokens=20, seconds=1.0)  # a pair over 2 s with the round before: 20/s, 4/s
+    assert (costs.pairs[2].trees, costs.pairs[2].plain, costs.pairs[2].count) == (30 * 0.5 + 40, 9 * 0.5 + 8, 2)
+    costs.record(3, False, tokens=3, seconds=1.0)
+    costs.record(2, False, tokens=9, seconds=1.0)  # the round before was another batch size's: no pair
+    assert costs.pairs[2].count == 2 and 3 not in costs.pairs
+    s = costs.summary()[2]  # reports: every round of each kind
+    assert (s["trees"], s["plain"], s["trees_rounds"], s["rounds"]) == (15.0, pytest.approx(19 / 4), 2, 5)
+    assert s["trees_over_plain"] == pytest.approx(55 / 12.5)
     with pytest.raises(AssertionError):
         RoundCosts(explore_every=1)
+
+
+def test_a_kind_is_compared_with_the_other_at_the_same_moment():
+    """The trees served fast minutes ago; then the machine slows to half speed, where plain is 10% faster.
+    Rates kept per kind would compare the trees' fast past with plain's slow present and keep the trees."""
+    costs = RoundCosts(warmup=1, explore_every=1000)
+    for _ in range(10):
+        costs.record(4, True, tokens=10, seconds=1.0)
+    costs.record(4, True, tokens=5, seconds=1.0)  # half speed from here on
+    costs.record(4, False, tokens=5.5, seconds=1.0)
+    assert not costs.use_trees(4)
+
+
+def test_each_batch_size_is_measured_apart():
+    """A pass of 5 sequences costs less than one of 8: trees served in a drain at 5 (260 tokens/s) do not
+    count at 8, where plain (267 tokens/s) beats the trees (250) in their pair."""
+    costs = RoundCosts(warmup=1, explore_every=100)
+    costs.record(8, True, tokens=10, seconds=0.040)
+    costs.record(8, False, tokens=8, seconds=0.030)
+    for _ in range(5):
+        costs.record(5, True, tokens=6.5, seconds=0.025)
+    assert not costs.use_trees(8)
+    assert not costs.use_trees(5)  # 5 has no plain round of its own yet: its warm-up takes one
+    assert set(costs.summary()) == {5, 8} and costs.summary()[8]["plain"] == pytest.approx(8 / 0.030)
+    with pytest.raises(AssertionError):
+        costs.record(0, True, 1, 1.0)
 
 
 def test_settings_and_records_are_checked_at_their_bounds():

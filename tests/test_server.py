@@ -612,5 +612,6 @@ def test_health_reports_the_batched_rounds_the_tree_decision_rests_on(adapt):
         srv.stop()
     if adapt:
         assert list(rounds) == ["1"] and rounds["1"]["rounds"] >= 2 and rounds["1"]["trees"] > 0 < rounds["1"]["plain"]
+        assert rounds["1"]["pairs"] >= 1 and rounds["1"]["trees_over_plain"] > 0  # adjacent rounds of both kinds
     else:
         assert rounds is None

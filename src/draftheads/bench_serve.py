@@ -230,11 +230,10 @@ def write_report(report: dict, out: Path) -> list[str]:
     for name, cfg in report["configs"].items():
         if cfg.get("batched_rounds"):
             lines += ["", f"{name}, the rounds it served (the tree decision per batch size, round_costs.py):", "",
-                      "| sequences | rounds (with trees) | tokens/s a sequence with trees / plain: recent (the decision) | "
-                      "tokens/s over all rounds |", "|---|---|---|---|"]
-            lines += [f"| {b} | {r['rounds']} ({r['trees_rounds']}) | {r['trees']:.1f} / {r['plain']:.1f} | "
-                      f"{r['trees_overall']:.1f} / {r['plain_overall']:.1f} |"
-                      for b, r in cfg["batched_rounds"].items()]
+                      "| sequences | rounds (with trees) | pairs | trees over plain, recent pairs (the decision) | "
+                      "tokens/s with trees / plain, all rounds |", "|---|---|---|---|---|"]
+            lines += [f"| {b} | {r['rounds']} ({r['trees_rounds']}) | {r['pairs']} | {r['trees_over_plain']:.2f} | "
+                      f"{r['trees']:.1f} / {r['plain']:.1f} |" for b, r in cfg["batched_rounds"].items()]
     phased = [(name, row) for name, cfg in report["configs"].items() for row in cfg["levels"] if row.get("phases")]
     if phased:
         lines += ["", "Where the workers' time went per level (server.Worker.phases; seconds; the serial worker "
