@@ -98,7 +98,7 @@ def main() -> None:
                 print(f"  {1e3 * ph['passes_s'] / ph['passes']:.1f} ms a pass over {ph['passes']} passes")
             if rounds:  # a round's ms = 1000 / tokens/s at one sequence and ~1 token a plain round
                 print(f"  rounds at 1 sequence: {rounds['rounds']} ({rounds['trees_rounds']} with trees); tokens/s "
-                      f"with trees {rounds['trees_overall']:.1f}, plain {rounds['plain_overall']:.1f}")
+                      f"with trees {rounds['trees']:.1f}, plain {rounds['plain']:.1f}")
     finally:
         for proc, _ in servers.values():
             if a.profile:  # an interrupted serve returns normally, so cProfile writes its file

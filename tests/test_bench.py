@@ -148,9 +148,10 @@ def test_bench_concurrency_loads_real_servers_on_loopback(tiny_dirs, tmp_path):
         assert [lv["clients"] for lv in cfg["levels"]] == [1, 2] and all(lv["requests"] == 2 for lv in cfg["levels"])
         assert all(lv["tokens_per_s"] > 0 and lv["ttft_p95"] >= lv["ttft_p50"] > 0 for lv in cfg["levels"]), name
     assert rep["configs"]["heads, batched"]["differ_from_alone"] == {"1": 0, "2": 0}
-    # the batched heads server measured its rounds per batch size (round_costs.py); without heads, nothing to decide
+    # the batched heads server measures its rounds of 2+ sequences (round_costs.py; whether the two requests
+    # overlapped is up to timing); alone a request takes its tree unasked; without heads, nothing to decide
     rounds = rep["configs"]["heads, batched"]["batched_rounds"]
-    assert sum(r["rounds"] for r in rounds.values()) > 0 and set(rounds) <= {"1", "2"}
+    assert rounds is None or set(rounds) == {"2"}
     assert rep["configs"]["plain, batched"]["batched_rounds"] is None
     # each level's time per phase of every worker (server.Worker.phases); the serial one runs a sequence a pass
     for name, cfg in rep["configs"].items():

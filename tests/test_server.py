@@ -601,17 +601,21 @@ def test_ctrl_c_while_a_request_decodes_fails_it_and_stops_the_worker(model, max
 @pytest.mark.parametrize("adapt", [True, False])
 def test_health_reports_the_batched_rounds_the_tree_decision_rests_on(adapt):
     """--adapt-trees (the default): the batched worker measures its rounds per batch size, with the heads'
-    trees and plain, and /health shows those tokens/s; --no-adapt-trees measures nothing."""
-    srv = Server(create_app(tiny_draftmodel(tree="medusa16"), max_batch=2, adapt_trees=adapt))
+    trees and plain, and /health shows those tokens/s; --no-adapt-trees measures nothing. A request
+    alone takes its tree unasked, as the serial worker does."""
+    gated = Gated(tiny_draftmodel(tree="medusa16"), delay=0.01)  # slow steps: the two requests overlap
+    srv = Server(create_app(gated, max_batch=2, adapt_trees=adapt))
     client = OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
     try:
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=12,
-                                       temperature=0)
+        ask = lambda p: client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": p}],
+                                                       max_tokens=24, temperature=0)
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(ask, ["hi", "hello there"]))
         rounds = httpx.get(srv.url + "/health").json().get("batched_rounds")
     finally:
         srv.stop()
     if adapt:
-        assert list(rounds) == ["1"] and rounds["1"]["rounds"] >= 2 and rounds["1"]["trees"] > 0 < rounds["1"]["plain"]
-        assert rounds["1"]["pairs"] >= 1 and rounds["1"]["trees_over_plain"] > 0  # adjacent rounds of both kinds
+        assert list(rounds) == ["2"] and rounds["2"]["rounds"] >= 2 and rounds["2"]["trees"] > 0 < rounds["2"]["plain"]
+        assert rounds["2"]["pairs"] >= 1 and rounds["2"]["trees_over_plain"] > 0  # adjacent rounds of both kinds
     else:
         assert rounds is None

@@ -210,7 +210,10 @@ class BatchDecoder:
         t0 = dec._sync()
         plans, B = {}, len(seqs)
         table = self.tree_at(B, self.dec.tree)  # what the sequences that follow the table take
-        choice = self.costs is not None and table.size > 1 and any(s.by_batch and s.drafter is not None for s in seqs)
+        # Alone, a sequence takes its tree as the serial decoder does, unasked: a pass of 1-4 rows costs what
+        # one row costs (docs/verify_profile.md), and exploring plain rounds there cost ~3% of the steps.
+        choice = (self.costs is not None and B > 1 and table.size > 1
+                  and any(s.by_batch and s.drafter is not None for s in seqs))
         with_table = self.costs.use_trees(B) if choice else True
         tree = {s.slot: (table if with_table else ROOT_ONLY) if s.by_batch else s.tree for s in seqs}
         trees = self.max_rows is None or sum(t.size + self.lookup_nodes for t in tree.values()) <= self.max_rows

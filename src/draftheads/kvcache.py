@@ -25,8 +25,9 @@ FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' names for
 
 # Row-exact steps (append_rows) attend over the keys up to a multiple of this many columns, the columns
 # past each row's own masked (row_attention.chain_visibility): oneDNN builds a bf16 product for each new
-# shape, ~0.6 ms a product on this project's AMD EPYC against ~30 us for one it has built (its cache
-# keeps 1,024), and a key count that grows by every step's tokens made every step's attention new.
+# shape (its cache keeps 1,024), and a key count that grows by every step's tokens made every step's
+# attention new. On this project's AMD EPYC a rows_attention call took 1,245 us over a new key count and
+# 145 us over one seen before (scripts/bench_row_attention.py --new-shapes).
 KEY_BLOCK = 64
 
 
@@ -312,11 +313,10 @@ class SlotKVCache:
         up to a multiple of KEY_BLOCK columns, and the views (slot, node, keys, values) [1, kv_heads,
         lengths[slot] + depth + 1, head_dim] of exactly what each node of the slots in `branching`
         ({slot: its tree's parents}) sees."""
-        self.append(layer, keys, values)
+        all_keys, all_values = self.append(layer, keys, values, attended(self._end, self.capacity))
         kv = self.kv[layer]  # [2, slots, kv_heads, capacity, head_dim]
-        end = attended(self._end, self.capacity)
         views = (v for slot, parent in branching.items() for v in _path_views(kv, slot, self._starts[slot], keys, values, parent))
-        return kv[0, :self._n, :, :end], kv[1, :self._n, :, :end], views
+        return all_keys, all_values, views
 
     def tree_mask(self, tree_bias: torch.Tensor) -> torch.Tensor:
         """Additive mask [n, 1, q, max(lengths) + q] for a step of q nodes in each of the first n slots
@@ -332,10 +332,11 @@ class SlotKVCache:
         cols = (lengths[:, None] + self._cols[:q])[:, None, :].expand(S, q, q)  # [n, q, q]
         return mask.scatter_(2, cols, tree_bias.to(self.dtype))[:, None]
 
-    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor, end: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write q entries per slot (keys, values [slots, kv_heads, q, head_dim]) after each slot's own
-        length; returns every slot's entries [slots, kv_heads, max(lengths) + q, head_dim]. The entries
-        join their sequences at `advance()` (q = 1) or `keep()` (a tree step), after the forward."""
+        length; returns every slot's entries [slots, kv_heads, end (default max(lengths) + q), head_dim].
+        The entries join their sequences at `advance()` (q = 1) or `keep()` (a tree step), after the forward."""
         n, (_, heads, q, d) = self._n, keys.shape
         assert keys.shape[0] == n, (keys.shape, n)
         if self._rows_at is None:  # once per step: every layer writes the same places
@@ -346,7 +347,8 @@ class SlotKVCache:
         # index_copy_ over flat rows: a third of the time of the equivalent indexed assignment
         kv[0].view(-1, d).index_copy_(0, self._rows_at, keys.reshape(-1, d))
         kv[1].view(-1, d).index_copy_(0, self._rows_at, values.reshape(-1, d))
-        return kv[0, :n, :, :self._end], kv[1, :n, :, :self._end]
+        end = self._end if end is None else end
+        return kv[0, :n, :, :end], kv[1, :n, :, :end]
 
     def keep(self, slot: int, nodes: list[int]) -> None:
         """After a tree step wrote slot `slot`'s nodes after its length L: keep `nodes` (root first, each
