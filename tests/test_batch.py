@@ -152,6 +152,11 @@ def test_generate_many_equals_generate_one_by_one():
     for p, r in zip(prompts, many):
         one = dm.generate(p, max_new_tokens=24, stop="zz")
         assert r.token_ids == one.token_ids and r.text == one.text and r.finish_reason == one.finish_reason
+    # one slot: the same tree as alone, in as many verify passes (a reply complete at a step frees its slot
+    # before the owner's next pass, which would otherwise verify a row for it)
+    for p, r in zip(prompts, dm.generate_many(prompts, max_batch=1, max_new_tokens=24)):
+        one = dm.generate(p, max_new_tokens=24)
+        assert (r.token_ids, r.stats.steps, r.stats.accepted) == (one.token_ids, one.stats.steps, one.stats.accepted)
     # generate takes a list of prompts too (strings, conversations, id tensors): one Result each, batched
     chat = [{"role": "user", "content": prompts[1]}]
     listed = dm.generate([prompts[0], chat, torch.tensor(dm.prompt_ids(prompts[3]))], max_new_tokens=24, stop="zz")
