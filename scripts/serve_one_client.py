@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--heads", default="default")
     ap.add_argument("--only", default=",".join(CONFIGS), help="comma-separated configurations to run")
     ap.add_argument("--profile", default=None, help="run each server under cProfile, writing DIR/<config>.prof")
+    ap.add_argument("--no-stream", action="store_true", help="whole replies instead of streamed ones")
     a = ap.parse_args()
     configs = {name: CONFIGS[name] for name in a.only.split(",")}
     prompts = [q.turns[0] for q in load_questions(a.prompts, a.num)]
@@ -84,7 +85,7 @@ def main() -> None:
         before = {name: proc_stat(proc.pid) for name, (proc, _) in servers.items()}
         for p in prompts:
             for name, (_, url) in servers.items():
-                r = ask(url, p, a.max_tokens)
+                r = ask(url, p, a.max_tokens, stream=not a.no_stream)
                 totals[name][0] += r["tokens"]
                 totals[name][1] += r["seconds"]
         for name, (tokens, seconds) in totals.items():

@@ -619,3 +619,15 @@ def test_health_reports_the_batched_rounds_the_tree_decision_rests_on(adapt):
         assert rounds["2"]["pairs"] >= 1 and rounds["2"]["trees_over_plain"] > 0  # adjacent rounds of both kinds
     else:
         assert rounds is None
+
+
+def test_the_bench_client_reads_streamed_and_whole_replies_alike():
+    from draftheads.bench_serve import ask
+
+    srv = Server(create_app(tiny_draftmodel(tree="medusa16"), model_name="x"))  # the name the bench asks for
+    try:
+        streamed, whole = (ask(srv.url, "hello there", 12, stream=s) for s in (True, False))
+    finally:
+        srv.stop()
+    assert (streamed["text"], streamed["tokens"]) == (whole["text"], whole["tokens"]) and whole["tokens"] > 0
+    assert 0 < streamed["ttft"] <= streamed["seconds"] and whole["ttft"] == whole["seconds"] > 0

@@ -57,12 +57,20 @@ def start_server(model_args: list[str], extra: list[str]) -> tuple[subprocess.Po
         time.sleep(0.5)
 
 
-def ask(url: str, prompt: str, max_tokens: int) -> dict:
-    """One streamed greedy chat request: its text, time to first token and seconds (wall), tokens."""
+def ask(url: str, prompt: str, max_tokens: int, stream: bool = True) -> dict:
+    """One greedy chat request, streamed unless `stream` is False: its text, time to first token (the whole
+    reply's when not streamed) and seconds (wall), tokens."""
     t0 = time.perf_counter()
     first, text, tokens = None, "", 0
     body = {"model": "x", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+            "temperature": 0, "stream": stream}
+    if not stream:
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=600)
+        r.raise_for_status()
+        reply, end = r.json(), time.perf_counter()
+        return {"text": reply["choices"][0]["message"]["content"], "ttft": end - t0, "seconds": end - t0,
+                "tokens": reply["usage"]["completion_tokens"], "start": t0, "end": end}
+    body["stream_options"] = {"include_usage": True}
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
