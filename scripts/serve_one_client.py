@@ -7,6 +7,9 @@ serial one (README, results of 2026-12-04, late night).
     python scripts/serve_one_client.py --prompts runs/batch_tune_prompts.jsonl --num 12 --max-tokens 64 \
         --only batched,serial --profile runs/serve_prof   # each server under cProfile: DIR/<config>.prof
 
+--no-stream asks for whole replies. `serial-again` and `batched-again` are second servers of the same
+configuration: how far two identical processes drift apart.
+
 Tune and diagnose on prompts that are neither training nor evaluation data (scripts/unused_prompts.py).
 """
 
@@ -94,12 +97,9 @@ def main() -> None:
             print(f"{name}: {tokens / seconds:.1f} tokens/s; per token: {1e3 * d['user_s'] / tokens:.2f} ms user, "
                   f"{1e3 * d['system_s'] / tokens:.2f} ms system, {d['minor_faults'] / tokens:.1f} minor page faults")
             health = httpx.get(servers[name][1] + "/health", timeout=10).json()
-            ph, rounds = health.get("phases"), (health.get("batched_rounds") or {}).get("1")
+            ph = health.get("phases")  # the serial worker's passes include making the text
             if ph and ph["passes"]:
                 print(f"  {1e3 * ph['passes_s'] / ph['passes']:.1f} ms a pass over {ph['passes']} passes")
-            if rounds:  # a round's ms = 1000 / tokens/s at one sequence and ~1 token a plain round
-                print(f"  rounds at 1 sequence: {rounds['rounds']} ({rounds['trees_rounds']} with trees); tokens/s "
-                      f"with trees {rounds['trees']:.1f}, plain {rounds['plain']:.1f}")
     finally:
         for proc, _ in servers.values():
             if a.profile:  # an interrupted serve returns normally, so cProfile writes its file
