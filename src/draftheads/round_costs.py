@@ -61,8 +61,7 @@ class RoundCosts:
     rates: dict[tuple[int, bool], _Rate] = field(default_factory=dict)  # (batch size, trees) -> every round
     pairs: dict[int, _Pairs] = field(default_factory=dict)  # batch size -> paired rounds
     rounds: dict[int, int] = field(default_factory=dict)  # batch size -> rounds served
-    served: int = 0  # rounds recorded, all batch sizes
-    last: tuple | None = None  # the last round: (its number, batch size, trees, tokens, seconds)
+    last: tuple | None = None  # the round recorded last, whatever its batch size: (batch size, trees, tokens, seconds)
 
     def __post_init__(self):
         assert self.warmup >= 1 and self.explore_every >= 2 and 0 < self.decay <= 1 and self.wide_margin > 1
@@ -72,8 +71,8 @@ class RoundCosts:
         assert batch >= 1
         trees, plain, pairs = self._rate(batch, True), self._rate(batch, False), self.pairs.get(batch, _Pairs())
         if min(trees.rounds, plain.rounds, pairs.count) < self.warmup:  # warm-up: alternate, each round a pair
-            if self.last is not None and self.last[1] == batch:
-                return not self.last[2]
+            if self.last is not None and self.last[0] == batch:
+                return not self.last[1]
             return trees.rounds <= plain.rounds
         best = pairs.trees >= pairs.plain
         hi, lo = max(pairs.trees, pairs.plain), min(pairs.trees, pairs.plain)
@@ -89,16 +88,15 @@ class RoundCosts:
         r.seconds += seconds
         r.rounds += 1
         self.rounds[batch] = self.rounds.get(batch, 0) + 1
-        last = self.last
-        if last and last[0] == self.served - 1 and last[1] == batch and last[2] != trees and seconds > 0 < last[4]:
-            this, other = (tokens, seconds), (last[3], last[4])
+        last = self.last  # the round just before this one: a pair if it ran the other kind at this batch size
+        if last and last[0] == batch and last[1] != trees and seconds > 0 < last[3]:
+            this, other = (tokens, seconds), last[2:]
             (tt, ts), (pt, ps) = (this, other) if trees else (other, this)
-            span, p = seconds + last[4], self.pairs.setdefault(batch, _Pairs())
+            span, p = seconds + last[3], self.pairs.setdefault(batch, _Pairs())
             p.trees = p.trees * self.decay + tt / ts * span
             p.plain = p.plain * self.decay + pt / ps * span
             p.count += 1
-        self.last = (self.served, batch, trees, tokens, seconds)
-        self.served += 1
+        self.last = (batch, trees, tokens, seconds)
 
     def _rate(self, batch: int, trees: bool) -> _Rate:
         return self.rates.get((batch, trees), _Rate())
