@@ -242,6 +242,20 @@ def test_load_picks_sdpa_or_eager_per_model(tmp_path, name, attention):
     Decoder(bb.model)  # and the loop accepts it
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_load_warns_of_bf16_the_cpu_emulates(tmp_path, monkeypatch, caplog, native):
+    family_model("llama").save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with caplog.at_level("WARNING", logger="draftheads"):
+        load_backbone(str(tmp_path), dtype="bfloat16")
+        load_backbone(str(tmp_path))  # float32: nothing to say
+    said = [r.getMessage() for r in caplog.records if r.name == "draftheads"]
+    assert said == ([] if native else ["warning: this CPU has no bfloat16 instructions, so torch emulates "
+                                       "them: several times slower than float32 (the CPU default)"])
+
+
 def test_cache_keyword_is_the_one_the_forward_names():
     from draftheads.kvcache import cache_keyword
 

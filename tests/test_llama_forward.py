@@ -44,3 +44,40 @@ def test_other_models_take_the_generic_path():
     assert Decoder(sliding).lean is None
     gpt2 = type("M", (), {"config": type("C", (), {"model_type": "gpt2"})()})()
     assert "gpt2" in unsupported_reason(gpt2)
+
+
+def test_fused_projections_follow_the_model_weights(tmp_path):
+    """On a CPU in fp32 q/k/v and gate/up run as one product each over views of the modules' weights: no copy,
+    in-place updates reach the forward, replaced weights are fused again, and the model still saves."""
+    model = tiny_model("qwen2")  # q/k/v with biases
+    decoder = Decoder(model)
+    lean = decoder.lean
+    assert lean.fuse
+    ids, pos = torch.arange(5, 12), torch.arange(7)
+
+    def lean_and_generic():
+        out = []
+        for path in (lean, None):
+            decoder.lean = path
+            out.append(decoder.engine._forward(TreeKVCache.for_model(model, 16), ids, pos,
+                                               torch.full((7, 7), torch.finfo(torch.float32).min).triu(1), verify=False))
+        decoder.lean = lean
+        return out
+
+    lean_and_generic()
+    attn = model.model.layers[1].self_attn
+    (w, b), _ = lean._fused[1]
+    assert attn.k_proj.weight.data_ptr() == w[attn.q_proj.weight.shape[0]:].data_ptr()  # a view, not a copy
+    with torch.no_grad():
+        attn.k_proj.weight.mul_(3.0)  # in place: the fused product sees it
+        attn.v_proj.bias.add_(1.0)
+    torch.testing.assert_close(*lean_and_generic(), rtol=1e-4, atol=1e-4)
+    state = {k: v.clone() * 0.5 for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)  # new parameter tensors: fused again on the next forward
+    fused, generic = lean_and_generic()
+    torch.testing.assert_close(fused, generic, rtol=1e-4, atol=1e-4)
+    assert lean._fused[1][0][0].data_ptr() == model.model.layers[1].self_attn.q_proj.weight.data_ptr()
+    model.save_pretrained(tmp_path)  # disjoint views of one tensor save as separate tensors
+    again = type(model).from_pretrained(tmp_path)
+    for (k, v), (_, u) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(v, u), k

@@ -8,6 +8,7 @@ about a second. The cache lives in `$DRAFTHEADS_CACHE` (default `~/.cache/drafth
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -23,6 +24,20 @@ _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def emulated_on_cpu(dtype: torch.dtype) -> bool:
+    """Whether this CPU lacks the instructions for `dtype` products (bf16: AVX512-BF16 or AMX; fp16: AMX-FP16),
+    so that torch emulates them: on an AVX2 AMD EPYC a batched bf16 step of the default model took 3-5x
+    the fp32 one (README). False where torch cannot tell."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    try:
+        if dtype == torch.bfloat16:
+            return not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        return not torch.cpu._is_amx_fp16_supported()
+    except AttributeError:  # a torch without these probes
+        return False
 
 
 def cache_dir() -> Path:
@@ -105,6 +120,10 @@ def load_backbone(name_or_path: str | None = None, device: str = "cpu", dtype: s
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is available")
+    if device == "cpu" and emulated_on_cpu(dtype):
+        logging.getLogger("draftheads").warning(
+            f"warning: this CPU has no {str(dtype).removeprefix('torch.')} instructions, so torch emulates them: several times slower than "
+            "float32 (the CPU default)")
     try:
         tok = AutoTokenizer.from_pretrained(where, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=True,
