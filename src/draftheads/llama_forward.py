@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .cpu_matmul import linear
+from .cpu_matmul import MAX_ROWS, linear
 from .kvcache import TreeKVCache, is_chain
 from .row_attention import batched_rows_are_exact, chain_visibility, rows_attention
 
@@ -86,8 +86,9 @@ class LlamaForward:
     def __init__(self, model, fuse: bool = False):
         """fuse: run q/k/v and gate/up as one product each (their weights become views of one tensor:
         `fuse_linears`). On a CPU in fp32 one-row products stream the weights faster that way (AVX2 AMD
-        EPYC, 30 layers of the default model's q/k/v/gate/up: 19.4 -> 14.5 ms at 1 row, 28.8 -> 24.8 at 8,
-        no change at 40; docs/verify_profile.md)."""
+        EPYC, 30 layers of the default model's q/k/v/gate/up: 19.0 -> 14.3 ms at 1 row, 27.9 -> 24.6 at 8,
+        but 69.1 -> 72.5 at 40: more than cpu_matmul.MAX_ROWS rows take the products apart;
+        scripts/compare_fused.py)."""
         reason = unsupported_reason(model)
         assert reason is None, reason
         body = model.base_model
@@ -169,7 +170,9 @@ class LlamaForward:
             x = x.reshape(b * q, width)
             cos, sin = self.rotary(x, positions)  # [b, q, head_dim]
             unpack = lambda t: t.view(b, q, -1)
-        fused = self._fused_layers()
+        # Fused products pay for few rows, which stream the weights; a prefill's many rows are compute-bound
+        # and ran 5% slower fused (40 rows), so they take the modules' weights (views) apart.
+        fused = self._fused_layers() if x.shape[0] <= MAX_ROWS else None
         nq, nkv = self.heads * d, self.kv_heads * d
         visible, per_node = None, {}
         if trees is not None:
