@@ -101,6 +101,7 @@ class LlamaForward:
         self.fuse = fuse
         self._fused: list | None = None  # per layer ((qkv weight, bias), (gate/up weight, bias)), or None: apart
         self._fused_at: tuple[int, ...] = ()  # the weights' addresses when fused: another means they were replaced
+        self._projections = [m for layer in self.layers for group in self._groups(layer) for m in group]
 
     def _groups(self, layer) -> tuple[list, list]:
         at, mlp = layer.self_attn, layer.mlp
@@ -111,15 +112,19 @@ class LlamaForward:
         gives every parameter storage of its own); None where fusing is off or does not apply."""
         if not self.fuse:
             return None
-        at = tuple(m.weight.data_ptr() for layer in self.layers for group in self._groups(layer) for m in group)
-        if at != self._fused_at:
+        if self._addresses() != self._fused_at:
             groups = [self._groups(layer) for layer in self.layers]
             if not all(_fusable(g) for pair in groups for g in pair):
                 self.fuse = False
                 return None
             self._fused = [tuple(fuse_linears(g) for g in pair) for pair in groups]
-            self._fused_at = tuple(m.weight.data_ptr() for pair in groups for g in pair for m in g)
+            self._fused_at = self._addresses()
         return self._fused
+
+    def _addresses(self) -> tuple[int, ...]:
+        # Every forward asks: the modules' _parameters directly, as `module.weight` goes through nn.Module's
+        # __getattr__ (150 lookups: 440 us a forward with the module walk, against 27 us this way).
+        return tuple(m._parameters["weight"].data_ptr() for m in self._projections)
 
     def prefill_slot(self, cache, slot: int, ids: torch.Tensor) -> torch.Tensor:
         """Prefill one sequence, ids [P], into slot `slot` of a SlotKVCache while the other slots keep
