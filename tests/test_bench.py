@@ -161,6 +161,9 @@ def test_bench_concurrency_loads_real_servers_on_loopback(tiny_dirs, tmp_path):
             assert 0 < ph["passes_s"] and ph["admit_s"] + ph["passes_s"] + ph["advance_s"] <= lv["wall_s"], (name, ph)
             assert 0 < ph["admit_s"] and (ph["passes"] == ph["sequences"]) >= (name == "heads, serial"), (name, ph)
     assert all(lv["full_load_tokens_per_s"] > 0 for cfg in rep["configs"].values() for lv in cfg["levels"])
+    # every server keeps recent prompts (kvcache.PromptCache): the warm-up and 2 requests at each of 2 levels
+    assert all(cfg["prompt_cache"]["prompts"] == 5 for cfg in rep["configs"].values())
+    assert "- heads, serial: " in (out / "report.md").read_text().split("Prompts that started as a recent one")[1]
     phases = (out / "report.md").read_text().split("Where the workers")[1]
     assert "| plain, batched | 2 |" in phases and "| heads, serial | 1 |" in phases
     assert (out / "concurrency.png").read_bytes()[:4] == b"\x89PNG" and "| heads, batched | 2 |" in (out / "report.md").read_text()

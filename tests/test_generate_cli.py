@@ -223,6 +223,7 @@ def test_default_threads_step_aside_for_a_busy_machine(monkeypatch, capsys):
 
 @pytest.mark.parametrize("flag,message", [("--prefill-chunk", "--prefill-chunk must be 0 or more"),
                                           ("--max-tree-rows", "--max-tree-rows must be 0 or more"),
+                                          ("--prompt-cache-tokens", "--prompt-cache-tokens must be 0 or more"),
                                           ("--max-batch", "--max-batch must be at least 1"),
                                           ("--draft-confidence", "--draft-confidence must be at least 0 and below 1")])
 def test_serve_limits_are_checked_before_loading(capsys, flag, message):

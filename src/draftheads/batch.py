@@ -162,7 +162,8 @@ class BatchDecoder:
             stats.prompt_tokens, stats.tree_size = P, tree.size
             dev = self.dec.device
             ids = torch.tensor(prompt_ids, device=dev)
-            prefill = self.dec.lean.prefill_slot_chunks(self.cache, slot, ids, self.prefill_chunk or P)
+            prefill = self.dec.lean.prefill_slot_chunks(self.cache, slot, ids, self.prefill_chunk or P,
+                                                        self.dec.engine.prompt_cache)
             t0 = self.dec._sync()
             for done in prefill:
                 stats.prefill_s += self.dec._sync() - t0

@@ -208,7 +208,9 @@ def run_concurrency(args) -> dict:
                 report["configs"][name]["levels"].append(row)
                 print(f"{name}, {c} clients: {row['tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
         for name, (_, url) in servers.items():  # measured tokens/s per batch size, trees and plain (round_costs.py)
-            report["configs"][name]["batched_rounds"] = _health(url).get("batched_rounds")
+            health = _health(url)
+            report["configs"][name]["batched_rounds"] = health.get("batched_rounds")
+            report["configs"][name]["prompt_cache"] = health.get("prompt_cache")  # kvcache.PromptCache's counts
     finally:
         for proc, _ in servers.values():
             proc.terminate()
@@ -242,6 +244,11 @@ def write_report(report: dict, out: Path) -> list[str]:
                       "tokens/s with trees / plain, all rounds |", "|---|---|---|---|---|"]
             lines += [f"| {b} | {r['rounds']} ({r['trees_rounds']}) | {r['pairs']} | {r['trees_over_plain']:.2f} | "
                       f"{r['trees']:.1f} / {r['plain']:.1f} |" for b, r in cfg["batched_rounds"].items()]
+    cached = [(name, cfg["prompt_cache"]) for name, cfg in report["configs"].items() if cfg.get("prompt_cache")]
+    if cached:
+        lines += ["", "Prompts that started as a recent one (kvcache.PromptCache; every request, the warm-up's included):", ""]
+        lines += [f"- {name}: {c['hits']} of {c['prompts']} prompts, {c['tokens_reused']} of {c['tokens']} prompt tokens "
+                  "from the cache" for name, c in cached]
     phased = [(name, row) for name, cfg in report["configs"].items() for row in cfg["levels"] if row.get("phases")]
     if phased:
         lines += ["", "Where the workers' time went per level (server.Worker.phases; seconds; the serial worker "

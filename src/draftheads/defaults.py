@@ -21,6 +21,10 @@ MAX_BATCH = 8
 # Prompt tokens the server prefills between two batched passes (--prefill-chunk): a 2,000-token prompt
 # prefilled at once would stall the running streams for seconds on a CPU.
 PREFILL_CHUNK = 256
+# Tokens of recent prompts whose keys the server keeps (--prompt-cache-tokens; kvcache.PromptCache), so that a
+# request that starts as an earlier one did (its chat template's system prompt) prefills only the rest. The
+# default model holds 48 KB a token in fp32: 2,048 tokens are ~100 MB.
+PROMPT_CACHE_TOKENS = 2048
 # Hydra heads' first block (--grounded-residual): its residual path is a learned projection of [h, E(path)]
 # (Hydra's) or h itself (half the parameters). Here, not in heads/, because the CLI must not import torch.
 GROUNDED_RESIDUALS = ("projection", "hidden")

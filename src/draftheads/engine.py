@@ -24,7 +24,7 @@ import torch
 from .cpu_matmul import ROW_EXACT_DTYPES, few_row_linear, linear
 from .errors import UserError
 from .families import context_length, logits_transform, probe, refusal
-from .kvcache import TreeKVCache, cache_keyword
+from .kvcache import PromptCache, TreeKVCache, cache_keyword
 from .llama_forward import LlamaForward, unsupported_reason
 from .tree import Tree
 
@@ -78,6 +78,9 @@ class TorchEngine:
         # Reduced precision on a CPU: a tree pass's rows must each compute what a plain step computes, bit for
         # bit, or output changes (bf16 logits tie often): each node's attention runs alone (LlamaForward).
         self.row_exact = self.device.type == "cpu" and self.dtype in ROW_EXACT_DTYPES
+        # Recent prompts' keys, so that a prompt sharing their start prefills only the rest (use_prompt_cache;
+        # the server's --prompt-cache-tokens). None: every prompt prefilled whole.
+        self.prompt_cache: PromptCache | None = None
         self._refuse_inexact()
 
     def _refuse_inexact(self) -> None:
@@ -134,11 +137,26 @@ class TorchEngine:
     def new_cache(self, capacity: int) -> TreeKVCache:
         return TreeKVCache.for_model(self.model, capacity)
 
+    def use_prompt_cache(self, max_tokens: int) -> str | None:
+        """Keep up to `max_tokens` tokens of recent prompts (PromptCache; 0: off). Returns why it stays off
+        (a row-exact engine, whose prompts must prefill whole as a lone request's do), or None."""
+        if max_tokens and self.row_exact:
+            return (f"{str(self.dtype).removeprefix('torch.')} on a CPU prefills every prompt whole, so that a reply "
+                    "equals the same request alone")
+        self.prompt_cache = PromptCache(max_tokens) if max_tokens else None
+        return None
+
     def prefill(self, cache: TreeKVCache, ids: torch.Tensor, hidden: str = "all"):
         # Every row's hidden state is computed on the way anyway: all of them are returned, whatever `hidden` says.
-        P = ids.numel()
-        causal = torch.full((P, P), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device).triu(1)
-        hidden = self._forward(cache, ids, torch.arange(P, device=self.device), causal, verify=False)  # [P, H]
+        P, prompts = ids.numel(), self.prompt_cache
+        done = prompts.restore(cache, ids.tolist()) if prompts is not None else None  # [m, H]: a cached start
+        m = 0 if done is None else done.shape[0]
+        causal = torch.full((P - m, P - m), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device).triu(1)
+        hidden = self._forward(cache, ids[m:], torch.arange(m, P, device=self.device), causal, verify=False)  # [P - m, H]
+        if done is not None:
+            hidden = torch.cat([done, hidden])  # [P, H]
+        if prompts is not None:
+            prompts.store(ids.tolist(), cache, hidden)
         return hidden, self.logits(hidden[-1])
 
     def verify(self, cache: TreeKVCache, ids: torch.Tensor, tree: Tree):

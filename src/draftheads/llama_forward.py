@@ -134,10 +134,11 @@ class LlamaForward:
             pass
         return chunks.hidden
 
-    def prefill_slot_chunks(self, cache, slot: int, ids: torch.Tensor, chunk: int) -> "PrefillChunks":
+    def prefill_slot_chunks(self, cache, slot: int, ids: torch.Tensor, chunk: int, prompts=None) -> "PrefillChunks":
         """prefill_slot a chunk of at most `chunk` tokens per next(), so that a batch owner can run other
-        sequences' steps in between (a long prompt does not freeze their streams)."""
-        return PrefillChunks(self, cache, slot, ids, chunk)
+        sequences' steps in between (a long prompt does not freeze their streams). prompts: a
+        kvcache.PromptCache that gives the prompt's cached start and keeps the prompt."""
+        return PrefillChunks(self, cache, slot, ids, chunk, prompts)
 
     def hidden(self, cache, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                trees: dict[int, tuple[int, ...]] | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -230,21 +231,24 @@ class PrefillChunks:
     `hidden` [P, hidden_size] holds the prompt's final-norm hidden states and the slot its keys and values
     (not before: until then the batch's passes may write the idle slot's column 0)."""
 
-    def __init__(self, fwd: LlamaForward, cache, slot: int, ids: torch.Tensor, chunk: int):
+    def __init__(self, fwd: LlamaForward, cache, slot: int, ids: torch.Tensor, chunk: int, prompts=None):
         assert ids.dim() == 1 and ids.numel() > 0 and chunk > 0
-        self.fwd, self.cache, self.slot, self.ids, self.chunk = fwd, cache, slot, ids, chunk
+        self.fwd, self.cache, self.slot, self.ids, self.chunk, self.prompts = fwd, cache, slot, ids, chunk, prompts
         self.hidden: torch.Tensor | None = None
 
     def __iter__(self):
         P, w = self.ids.numel(), self.fwd.embed.weight
         tmp = TreeKVCache(len(self.fwd.layers), P, w.dtype, w.device)
         causal = torch.full((self.chunk, self.chunk), torch.finfo(w.dtype).min, dtype=w.dtype, device=w.device).triu(1)
-        pieces = []
-        for a in range(0, P, self.chunk):
+        done = self.prompts.restore(tmp, self.ids.tolist()) if self.prompts is not None else None  # [m, H]
+        pieces = [] if done is None else [done]
+        for a in range(tmp.length, P, self.chunk):
             b = min(a + self.chunk, P)
-            mask = tmp.attention_mask(causal[:b - a, :b - a])  # the cached chunks whole, this one causal
+            mask = tmp.attention_mask(causal[:b - a, :b - a]) if b - a > 1 else None  # the cached chunks whole, this one causal
             pieces.append(self.fwd.hidden(tmp, self.ids[a:b], torch.arange(a, b, device=w.device), mask))  # [b-a, H]
             if b == P:
                 self.cache.load(self.slot, tmp)
                 self.hidden = torch.cat(pieces)
+                if self.prompts is not None:
+                    self.prompts.store(self.ids.tolist(), tmp, self.hidden)
             yield b  # tokens prefilled so far

@@ -25,7 +25,8 @@ def cmd_serve(args) -> None:
           max_tokens_limit=args.max_tokens_limit, queue_size=args.queue_size,
           parse_special_tokens=args.parse_special_tokens, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
           max_tree_rows=_tree_rows(args, model), prefill_chunk=args.prefill_chunk or None,
-          adapt_trees=args.adapt_trees, draft_confidence=args.draft_confidence)
+          adapt_trees=args.adapt_trees, draft_confidence=args.draft_confidence,
+          prompt_cache_tokens=args.prompt_cache_tokens)
 
 
 def _tree_rows(args, model) -> int | None:
@@ -113,6 +114,10 @@ def register(sub) -> None:
     s.add_argument("--prefill-chunk", type=int, default=defaults.PREFILL_CHUNK,
                    help="prompt tokens prefilled between two batched passes, so that a long prompt does not stall "
                         "the running streams (0: whole prompts at once)")
+    s.add_argument("--prompt-cache-tokens", type=int, default=defaults.PROMPT_CACHE_TOKENS,
+                   help="tokens of recent prompts whose keys are kept, so that a request starting as an earlier one "
+                        "did (a chat's system prompt) prefills only the rest (prefix caching; 0: off; not in bf16 "
+                        "or fp16 on a CPU, where every prompt is prefilled whole)")
     s.add_argument("--max-seq-len", type=int, default=defaults.MAX_SEQ_LEN,
                    help="tokens per batched request (prompt + reply); its KV cache slot is preallocated")
     s.add_argument("--parse-special-tokens", action="store_true",
@@ -147,7 +152,7 @@ def _check_limits(args) -> None:
     for name in ("max_body_bytes", "max_prompt_tokens", "max_tokens_limit", "queue_size", "max_batch", "max_seq_len"):
         if getattr(args, name, 1) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("max_tree_rows", "prefill_chunk"):
+    for name in ("max_tree_rows", "prefill_chunk", "prompt_cache_tokens"):
         if (getattr(args, name, 0) or 0) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be 0 or more")
     if not 0 <= (getattr(args, "draft_confidence", None) or 0.0) < 1:

@@ -285,7 +285,7 @@ def create_app(model, model_name: str | None = None, api_key: str | None = None,
                queue_size: int = defaults.QUEUE_SIZE, parse_special_tokens: bool = False, max_batch: int = 1,
                max_seq_len: int = defaults.MAX_SEQ_LEN, worker_thread: bool = True, max_tree_rows: int | None = None,
                prefill_chunk: int | None = None, adapt_trees: bool = defaults.ADAPT_TREES,
-               draft_confidence: float | None = None) -> FastAPI:
+               draft_confidence: float | None = None, prompt_cache_tokens: int = defaults.PROMPT_CACHE_TOKENS) -> FastAPI:
     """An app serving `model` (a DraftModel). The worker thread starts here, one per app.
     parse_special_tokens: whether a /v1/completions string prompt may spell control tokens
     ("<|im_start|>"); off, they are text like any other. Chat messages are always text.
@@ -296,13 +296,20 @@ def create_app(model, model_name: str | None = None, api_key: str | None = None,
     whichever served rounds measured faster (round_costs.py); /health reports those rates. draft_confidence: in a
     batched pass of two or more requests, tree nodes the heads give a lower path probability are not verified
     (0: all are; None: the probability calibrated with the heads' trees per batch size, else
-    defaults.BATCH_DRAFT_CONFIDENCE). worker_thread: start the decoding thread here; False leaves
+    defaults.BATCH_DRAFT_CONFIDENCE). prompt_cache_tokens: tokens of recent prompts whose keys the model's engine
+    keeps from now on (kvcache.PromptCache; 0: none), so that a prompt starting as one of them prefills only the
+    rest; /health counts the hits. worker_thread: start the decoding thread here; False leaves
     `app.state.worker.run()` to the caller (serve() runs it on the thread that loaded the model)."""
     name = model_name or model.backbone_name
     # A batch slot holds prompt + reply + room for one step: its largest tree and lookup branches.
     batched = max_batch > 1 and refusal(model.decoder) is None
     context = (min(model.decoder.context, slot_context(model.decoder, max_seq_len, model.batch_trees)) if batched
                else model.decoder.context)
+    engine = getattr(model.decoder, "engine", None)
+    if hasattr(engine, "use_prompt_cache"):  # llama.cpp keeps no prompts of ours
+        off = engine.use_prompt_cache(prompt_cache_tokens)
+        if off:
+            log.info("no prompt cache: %s", off)
     worker = Worker(model, queue_size, max_batch, max_seq_len, own_thread=worker_thread, max_tree_rows=max_tree_rows,
                     prefill_chunk=prefill_chunk, adapt_trees=adapt_trees, draft_confidence=draft_confidence)
     created = int(time.time())
@@ -342,6 +349,9 @@ def create_app(model, model_name: str | None = None, api_key: str | None = None,
             body["batched_rounds"] = {str(b): r for b, r in worker.costs.summary().items()}
         if worker.phases["passes"]:  # the worker's time per phase (Worker.phases)
             body["phases"] = dict(worker.phases)
+        prompts = getattr(engine, "prompt_cache", None)
+        if prompts is not None:  # prompts prefilled, how many started as a cached one, their tokens and those reused
+            body["prompt_cache"] = dict(prompts.counts)
         return body
 
     @app.get("/v1/models")
