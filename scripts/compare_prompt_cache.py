@@ -4,7 +4,8 @@ the cache and without it in one process (the order alternating per question). Th
 warm-up request, as a served run's does, and then keeps what each question leaves.
 
 Prints the mean prefill milliseconds (Stats.prefill_s: the prompt's forward and its first token) both
-ways, the prompt tokens the cache gave, and how many replies differ.
+ways, the prompt tokens the cache gave, how many prompts' hidden states differ in any bit from a whole
+prefill (after the timed pair, untimed), and how many replies differ.
 
     python scripts/compare_prompt_cache.py --questions vicuna --max-new-tokens 64
 """
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from collections import OrderedDict
 
 import torch
 
 import draftheads
+from draftheads.kvcache import PromptCache
 from draftheads.questions import load_questions, question_file
 
 
@@ -39,10 +42,12 @@ def main() -> None:
     cache = engine.prompt_cache
     m.generate([{"role": "user", "content": "Say hi."}], max_new_tokens=8)  # the bench's warm-up request
     prefill = {False: [], True: []}
-    differ, tokens = 0, []
+    differ, bits, tokens = 0, 0, []
     for k, q in enumerate(load_questions(question_file(a.questions), a.limit)):
         chat = [{"role": "user", "content": q.turns[0]}]
         out = {}
+        probe = PromptCache(cache.max_tokens)  # what the cache holds before this question, for the bit check
+        probe.entries, probe.held = OrderedDict(cache.entries), cache.held
         for on in (True, False) if k % 2 == 0 else (False, True):
             engine.prompt_cache = cache if on else None
             r = m.generate(chat, max_new_tokens=a.max_new_tokens)
@@ -51,6 +56,12 @@ def main() -> None:
             if on:
                 tokens.append(r.stats.prompt_tokens)
         differ += out[True] != out[False]
+        ids = torch.tensor(m.prompt_ids(chat))
+        hidden = {}
+        for on in (False, True):  # the prompt's hidden states, whole and from the start the timed run found
+            engine.prompt_cache = probe if on else None
+            hidden[on] = engine.prefill(engine.new_cache(len(ids)), ids)[0]
+        bits += not torch.equal(hidden[True], hidden[False])
     n = len(tokens)
     print(f"{n} questions, {statistics.mean(tokens):.1f} prompt tokens on average; the cache gave "
           f"{cache.counts['tokens_reused'] / max(cache.counts['prompts'] - 1, 1):.1f} a question "
@@ -59,7 +70,7 @@ def main() -> None:
     for on in (False, True):
         print(f"| {'cached start' if on else 'whole prompt'} | {1e3 * statistics.mean(prefill[on]):.1f} | "
               f"{1e3 * statistics.median(prefill[on]):.1f} |")
-    print(f"replies that differ: {differ} of {n}")
+    print(f"prompts whose hidden states differ in any bit: {bits} of {n}; replies that differ: {differ} of {n}")
 
 
 if __name__ == "__main__":
