@@ -63,6 +63,7 @@ def test_the_longest_start_wins_and_short_matches_prefill_whole():
     few = PromptCache(1000, min_tokens=8)
     few.store(SYSTEM[:7] + [1], c, done[:8])
     assert few.restore(cache(), SYSTEM[:7] + [2, 3]) is None  # 7 < min_tokens
+    assert few.restore(cache(), SYSTEM[:7] + [1, 9]).shape[0] == 8  # exactly min_tokens: a hit
 
 
 def test_least_recently_used_prompts_go_first_and_a_prompt_too_long_is_not_kept():
@@ -76,6 +77,12 @@ def test_least_recently_used_prompts_go_first_and_a_prompt_too_long_is_not_kept(
     assert list(prompts_held) == [tuple(one), tuple(three)] and engine.prompt_cache.held == 40
     engine.prefill(engine.new_cache(64), torch.tensor([4] * 51))
     assert list(prompts_held) == [tuple(one), tuple(three)]
+    engine.prefill(engine.new_cache(64), torch.tensor([5] * 50))  # exactly the budget: kept, alone
+    assert list(prompts_held) == [(5,) * 50] and engine.prompt_cache.held == 50
+    engine.use_prompt_cache(60)
+    for ids in (one, two, three):  # exactly the budget: all three kept
+        engine.prefill(engine.new_cache(64), torch.tensor(ids))
+    assert len(engine.prompt_cache.entries) == 3 and engine.prompt_cache.held == 60
 
 
 @pytest.mark.parametrize("path", ["lean", "generic"])

@@ -149,14 +149,15 @@ class TorchEngine:
     def prefill(self, cache: TreeKVCache, ids: torch.Tensor, hidden: str = "all"):
         # Every row's hidden state is computed on the way anyway: all of them are returned, whatever `hidden` says.
         P, prompts = ids.numel(), self.prompt_cache
-        done = prompts.restore(cache, ids.tolist()) if prompts is not None else None  # [m, H]: a cached start
+        key = ids.tolist() if prompts is not None else None  # the cache's key (a device sync on a GPU: once)
+        done = prompts.restore(cache, key) if prompts is not None else None  # [m, H]: a cached start
         m = 0 if done is None else done.shape[0]
         causal = torch.full((P - m, P - m), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device).triu(1)
         hidden = self._forward(cache, ids[m:], torch.arange(m, P, device=self.device), causal, verify=False)  # [P - m, H]
         if done is not None:
             hidden = torch.cat([done, hidden])  # [P, H]
         if prompts is not None:
-            prompts.store(ids.tolist(), cache, hidden)
+            prompts.store(key, cache, hidden)
         return hidden, self.logits(hidden[-1])
 
     def verify(self, cache: TreeKVCache, ids: torch.Tensor, tree: Tree):

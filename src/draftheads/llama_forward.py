@@ -240,7 +240,8 @@ class PrefillChunks:
         P, w = self.ids.numel(), self.fwd.embed.weight
         tmp = TreeKVCache(len(self.fwd.layers), P, w.dtype, w.device)
         causal = torch.full((self.chunk, self.chunk), torch.finfo(w.dtype).min, dtype=w.dtype, device=w.device).triu(1)
-        done = self.prompts.restore(tmp, self.ids.tolist()) if self.prompts is not None else None  # [m, H]
+        key = self.ids.tolist() if self.prompts is not None else None  # the prompt cache's key, made once
+        done = self.prompts.restore(tmp, key) if self.prompts is not None else None  # [m, H]
         pieces = [] if done is None else [done]
         for a in range(tmp.length, P, self.chunk):
             b = min(a + self.chunk, P)
@@ -250,5 +251,5 @@ class PrefillChunks:
                 self.cache.load(self.slot, tmp)
                 self.hidden = torch.cat(pieces)
                 if self.prompts is not None:
-                    self.prompts.store(self.ids.tolist(), tmp, self.hidden)
+                    self.prompts.store(key, tmp, self.hidden)
             yield b  # tokens prefilled so far
