@@ -1,0 +1,78 @@
+"""Plain batched passes of `--batch` sequences (BatchDecoder, the tree the heads' table gives at that size),
+per model loaded in one process, in the order `--models` names them, timed in blocks of 5 passes that
+alternate between the models (the first block of each untimed). Prints the median and mean ms per pass
+per model, and how much of the process's memory sits in transparent huge pages.
+
+Two uses: whether the heads server's plain passes cost more than the plain server's (load both, in
+either order), and whether huge pages for torch's allocations change a pass
+(`THP_MEM_ALLOC_ENABLE=1` against none, one model per process).
+
+    python scripts/time_batched_passes.py --prompts runs/batch_tune_prompts.jsonl --models default,none
+    python scripts/time_batched_passes.py --prompts runs/batch_tune_prompts.jsonl --models none,default
+    THP_MEM_ALLOC_ENABLE=1 python scripts/time_batched_passes.py --prompts runs/batch_tune_prompts.jsonl --models none
+
+Use prompts that are neither training nor evaluation data (scripts/unused_prompts.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+import draftheads
+from draftheads.acceptance import SamplingConfig
+from draftheads.batch import BatchDecoder
+from draftheads.generate import Stats
+from draftheads.train.prompts import load_prompts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", required=True)
+    ap.add_argument("--models", default="default,none", help="heads per model, in load order (none: no heads)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--blocks", type=int, default=24)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    prompts = load_prompts(a.prompts)[:a.batch]
+    runs = {}
+    for heads in a.models.split(","):
+        m = draftheads.load(heads=None if heads == "none" else heads, dtype=a.dtype)
+        batch = BatchDecoder(m.decoder, a.batch, 2048, None, m.batch_trees, None, None, m.batch_cuts)
+        gens = []
+        for p in prompts:
+            g = batch.steps(m.prompt_ids([{"role": "user", "content": p}]), 1000, SamplingConfig(), Stats())
+            next(g)  # the prefill
+            gens.append(g)
+        print(f"{heads}: the tree at {a.batch} sequences has {batch.tree_at(a.batch, m.decoder.tree).size} node(s)")
+        runs[heads] = (batch, gens, [])
+
+    def block(name: str) -> float:
+        batch, gens, _ = runs[name]
+        t = time.perf_counter()
+        for _ in range(5):
+            batch.step()
+            for g in gens:
+                next(g)
+        return (time.perf_counter() - t) / 5
+
+    for name in runs:
+        block(name)  # warm-up
+    names = list(runs)
+    for k in range(a.blocks):
+        for name in names if k % 2 == 0 else names[::-1]:
+            runs[name][2].append(block(name))
+    for name, (_, _, times) in runs.items():
+        print(f"{name}: {1e3 * statistics.median(times):.1f} ms a pass (median), {1e3 * statistics.mean(times):.1f} mean")
+    huge = [line.split()[1] for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages")]
+    print(f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}, anonymous huge pages: {huge[0] if huge else '?'} kB")
+
+
+if __name__ == "__main__":
+    main()
