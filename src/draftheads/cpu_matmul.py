@@ -8,12 +8,15 @@ thread. Measured over 30 layers of SmolLM2-135M-shaped fp32 weights on 2 cores
 (scripts/bench_linear.py; docs/verify_profile.md): 1 row 34 -> 25 ms, 2 rows 45 -> 24 ms,
 4 rows 55 -> 24 ms, 16 rows 59 -> 47 ms. Results differ from F.linear only by float rounding order.
 
+A third kernel, few_rows.py (C++, AVX2, compiled on first use), reads each weight row once for every
+row of x and beats both on that machine: 1 row 13.0 ms, 8 rows 21.2 ms (padded: 22.1 and 37.7).
+
 Which kernel streams faster depends on the CPU and its BLAS: on an Intel Xeon (AVX-512, 2 threads)
 MKL's F.linear beat the padded product at every row count up to 12 (1 row 14.9 vs 37.7 ms over 30
 layers), the opposite of the AMD EPYC figures above. So the rule is measured, not assumed: on first
-use per (CPU model, torch version, thread count) `routes()` times both kernels at 1-32 rows on
-SmolLM2-shaped weights (~3 s) and caches the row counts where the padded product wins in
-`$DRAFTHEADS_CACHE/cpu_matmul.json`. `DRAFTHEADS_FEW_ROW_KERNEL=padded|stock` forces one kernel.
+use per (CPU model, torch version, thread count) `routes()` times the kernels at 1-32 rows on
+SmolLM2-shaped weights (~5 s) and caches, per row count, the kernel that beats F.linear by 5% or more
+in `$DRAFTHEADS_CACHE/cpu_matmul.json`. `DRAFTHEADS_FEW_ROW_KERNEL=padded|rows|stock` forces one kernel.
 
 `linear()` is the routing rule. The Llama-family forward (llama_forward.py) calls it directly;
 for other models `few_row_linear()` is a torch function mode that routes their `F.linear` calls to
@@ -34,15 +37,18 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from . import few_rows
+
 MAX_ROWS = 32  # above this the GEMM is compute-bound and F.linear's layout is as good
 GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # row counts timed; others take the next one up
-_ROUTES: dict[int, frozenset[int]] = {}  # threads -> row counts where the padded product wins
+KERNELS = ("padded", "rows")  # besides F.linear ("stock"): padded_linear and few_rows.linear
+_ROUTES: dict[int, dict[int, str]] = {}  # threads -> {row count: the kernel that beats F.linear there}
 ROW_EXACT_DTYPES = (torch.bfloat16, torch.float16)  # one-row products padded to two: see two_rows
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, w, b) with few-row CPU fp32 products routed to `(w @ x.T).T`, and one-row CPU bf16/fp16
-    products run as two rows (`two_rows`). x [..., in] -> [..., out]."""
+    """F.linear(x, w, b) with few-row CPU fp32 products routed to the kernel `routes()` measured fastest
+    for their row count, and one-row CPU bf16/fp16 products run as two rows (`two_rows`). x [..., in] -> [..., out]."""
     rows = x.numel() // x.shape[-1]
     if torch.compiler.is_compiling():
         return F.linear(x, w, b)  # Inductor picks its own GEMM for a plain linear
@@ -50,11 +56,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
         return two_rows(x, w, b)
     if not (rows <= MAX_ROWS and x.device.type == "cpu" and w.dtype == x.dtype == torch.float32):
         return F.linear(x, w, b)
-    if rows == 1 and torch.get_num_threads() == 1:
-        return F.linear(x, w, b)  # on one thread the GEMV beats a two-row GEMM doing twice the work
-    if rows not in routes():
-        return F.linear(x, w, b)
-    return padded_linear(x, w, b)
+    kernel = routes().get(rows)
+    if kernel == "rows" and w.is_contiguous() and not _needs_grad(x, w, b):  # the C++ kernel has no backward
+        return few_rows.linear(x, w, b)
+    if kernel == "padded":
+        return padded_linear(x, w, b)
+    return F.linear(x, w, b)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def two_rows(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -89,15 +100,15 @@ def padded_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
-def routes() -> frozenset[int]:
-    """Row counts (1..MAX_ROWS) for which the padded product beats F.linear on this machine."""
+def routes() -> dict[int, str]:
+    """{row count (1..MAX_ROWS): the kernel of KERNELS that beats F.linear there on this machine}."""
     threads = torch.get_num_threads()
     if threads not in _ROUTES:
         forced = os.environ.get("DRAFTHEADS_FEW_ROW_KERNEL", "auto")
-        if forced == "padded":
-            _ROUTES[threads] = frozenset(range(1, MAX_ROWS + 1))
+        if forced in KERNELS and (forced != "rows" or few_rows.load() is not None):
+            _ROUTES[threads] = dict.fromkeys(range(1, MAX_ROWS + 1), forced)
         elif forced == "stock":
-            _ROUTES[threads] = frozenset()
+            _ROUTES[threads] = {}
         else:
             _ROUTES[threads] = _cached_or_measured(threads)
     return _ROUTES[threads]
@@ -116,14 +127,14 @@ def _cpu_model() -> str:
 def _cached_or_measured(threads: int) -> frozenset[int]:
     from .backbone import cache_dir  # the converted model's cache, one place for both
 
-    key = f"{_cpu_model()} | torch {torch.__version__} | {threads} threads"
+    key = f"{_cpu_model()} | torch {torch.__version__} | {threads} threads | kernels {', '.join(KERNELS)}"
     path = cache_dir() / "cpu_matmul.json"
     try:
         table = json.loads(path.read_text())
     except (OSError, ValueError):
         table = {}
     if key not in table:
-        table[key] = sorted(measure(threads))
+        table[key] = {str(r): k for r, k in sorted(measure(threads).items())}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}")
@@ -131,16 +142,19 @@ def _cached_or_measured(threads: int) -> frozenset[int]:
             os.replace(tmp, path)
         except OSError:
             pass  # a read-only cache: measure again next time
-    return frozenset(table[key])
+    return {int(r): k for r, k in table[key].items()}
 
 
 @torch.inference_mode()
-def measure(threads: int, layers: int = 12, repeats: int = 3) -> set[int]:
-    """Time F.linear against the padded product on `layers` layers of SmolLM2-135M-shaped fp32 weights
-    (larger than the CPU's caches, as real weights are), at each GRID row count; returns the row counts
-    1..MAX_ROWS whose grid point the padded product won by 5% or more."""
+def measure(threads: int, layers: int = 12, repeats: int = 3) -> dict[int, str]:
+    """Time F.linear, the padded product and the C++ kernel (where it builds) on `layers` layers of
+    SmolLM2-135M-shaped fp32 weights (larger than the CPU's caches, as real weights are), at each GRID row
+    count; returns {row count 1..MAX_ROWS: the fastest kernel} where it beat F.linear at its grid point by 5%."""
     shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
     weights = [torch.randn(o, i) for _ in range(layers) for o, i in shapes]
+    kernels = {"padded": padded_linear}
+    if few_rows.load() is not None:
+        kernels["rows"] = few_rows.linear
 
     def ms(rows: int, fn) -> float:
         xs = {i: torch.randn(rows, i) for i in (576, 1536)}
@@ -155,10 +169,15 @@ def measure(threads: int, layers: int = 12, repeats: int = 3) -> set[int]:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        wins = {g for g in GRID if ms(g, padded_linear) < 0.95 * ms(g, F.linear)}
+        wins = {}
+        for g in GRID:
+            stock = ms(g, F.linear)
+            best, t = min(((k, ms(g, fn)) for k, fn in kernels.items()), key=lambda kt: kt[1])
+            if t < 0.95 * stock:
+                wins[g] = best
     finally:
         torch.set_num_threads(before)
-    return {r for r in range(1, MAX_ROWS + 1) if min(g for g in GRID if g >= r) in wins}
+    return {r: wins[g] for r in range(1, MAX_ROWS + 1) if (g := min(g for g in GRID if g >= r)) in wins}
 
 
 class _FewRowLinear(TorchFunctionMode):
