@@ -146,15 +146,16 @@ def _cached_or_measured(threads: int) -> frozenset[int]:
 
 
 @torch.inference_mode()
-def measure(threads: int, layers: int = 12, repeats: int = 3) -> dict[int, str]:
-    """Time F.linear, the padded product and the C++ kernel (where it builds) on `layers` layers of
-    SmolLM2-135M-shaped fp32 weights (larger than the CPU's caches, as real weights are), at each GRID row
-    count; returns {row count 1..MAX_ROWS: the fastest kernel} where it beat F.linear at its grid point by 5%."""
+def measure(threads: int, layers: int = 12, repeats: int = 3, kernels: tuple[str, ...] = KERNELS) -> dict[int, str]:
+    """Time F.linear against `kernels` (the padded product; the C++ kernel where it builds) on `layers`
+    layers of SmolLM2-135M-shaped fp32 weights (larger than the CPU's caches, as real weights are), at each
+    GRID row count; returns {row count 1..MAX_ROWS: the fastest kernel} where it beat F.linear at its grid
+    point by 5%."""
     shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
     weights = [torch.randn(o, i) for _ in range(layers) for o, i in shapes]
-    kernels = {"padded": padded_linear}
-    if few_rows.load() is not None:
-        kernels["rows"] = few_rows.linear
+    assert set(kernels) <= set(KERNELS), kernels
+    kernels = {k: fn for k, fn in (("padded", padded_linear), ("rows", few_rows.linear))
+               if k in kernels and (k != "rows" or few_rows.load() is not None)}
 
     def ms(rows: int, fn) -> float:
         xs = {i: torch.randn(rows, i) for i in (576, 1536)}

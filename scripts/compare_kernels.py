@@ -1,0 +1,66 @@
+"""The few-row C++ kernel (few_rows.py) against the kernels before it (F.linear and the padded product, as
+cpu_matmul.routes() chose between them), on whole decodes: chat-formatted questions decoded greedily one
+at a time, our loop without heads and with the default heads, under each kernel routing in one process
+(the routings alternate per question; both routings are measured at start-up, as routes() measures).
+
+Prints tokens/s and mean prefill ms per (routing, method), replies that differ between the routings (fp32
+rounding moves with the kernel) and, per routing, replies where the heads differ from the loop (must be 0).
+
+    python scripts/compare_kernels.py --questions vicuna --limit 20 --max-new-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+import draftheads
+from draftheads import cpu_matmul
+from draftheads.questions import load_questions, question_file
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--questions", default="vicuna")
+    ap.add_argument("--limit", type=int, default=20)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    routings = {"before (F.linear, padded)": cpu_matmul.measure(a.threads, kernels=("padded",)),
+                "with the C++ kernel": cpu_matmul.measure(a.threads)}
+    for name, r in routings.items():
+        print(f"{name}: " + ", ".join(f"{k} {sorted(n for n, v in r.items() if v == k)}" for k in cpu_matmul.KERNELS))
+    models = {"loop": draftheads.load(heads=None), "heads": draftheads.load(heads="default")}
+    tokens = {(r, m): 0 for r in routings for m in models}
+    seconds, prefill = dict.fromkeys(tokens, 0.0), {k: [] for k in tokens}
+    replies = {k: [] for k in tokens}
+    for k, q in enumerate(load_questions(question_file(a.questions), a.limit)):
+        chat = [{"role": "user", "content": q.turns[0]}]
+        for name in (list(routings) if k % 2 == 0 else list(reversed(routings))):
+            cpu_matmul._ROUTES[a.threads] = routings[name]
+            for method, m in models.items():
+                res = m.generate(chat, max_new_tokens=a.max_new_tokens)
+                tokens[name, method] += res.stats.new_tokens
+                seconds[name, method] += res.stats.total_s
+                prefill[name, method].append(res.stats.prefill_s * 1e3)
+                replies[name, method].append(res.token_ids)
+        print(f"question {k + 1} done", flush=True)
+    first, second = routings
+    print("\n| kernels | method | tokens/s | prefill ms (mean) |\n|---|---|---:|---:|")
+    for (name, method), n in tokens.items():
+        print(f"| {name} | {method} | {n / seconds[name, method]:.1f} | {statistics.mean(prefill[name, method]):.1f} |")
+    for method in models:
+        print(f"{method}: tokens/s with the C++ kernel over before: "
+              f"{tokens[second, method] / seconds[second, method] / (tokens[first, method] / seconds[first, method]):.3f}x; "
+              f"replies that differ between the routings: {sum(x != y for x, y in zip(replies[first, method], replies[second, method]))}")
+    for name in routings:
+        diff = sum(x != y for x, y in zip(replies[name, "loop"], replies[name, "heads"]))
+        ratio = tokens[name, "heads"] / seconds[name, "heads"] / (tokens[name, "loop"] / seconds[name, "loop"])
+        print(f"{name}: heads over loop {ratio:.3f}x; replies where the heads differ from the loop: {diff}")
+
+
+if __name__ == "__main__":
+    main()
