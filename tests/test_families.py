@@ -265,3 +265,21 @@ def test_cache_keyword_is_the_one_the_forward_names():
 
     assert cache_keyword(Before()) == "past_key_values"
     assert cache_keyword(tiny_model().base_model) == "cache"
+
+
+def test_generic_path_routes_one_row_forwards_only_where_the_cpp_kernel_serves_one_row(monkeypatch):
+    """transformers' forward reaches cpu_matmul only through a torch function mode, whose dispatch costs ~2 ms
+    a forward: a one-row forward takes it where the C++ kernel (~45% off a one-row product) serves one row."""
+    from torch.overrides import TorchFunctionMode
+
+    from draftheads import cpu_matmul
+    from draftheads.engine import TorchEngine
+
+    engine = TorchEngine(tiny_model())
+    threads = torch.get_num_threads()
+    for route, one_row in [({1: "rows", 2: "rows"}, True), ({1: "padded", 2: "padded"}, False), ({}, False)]:
+        monkeypatch.setattr(cpu_matmul, "_ROUTES", {threads: route})
+        assert isinstance(engine._kernels(1), TorchFunctionMode) == one_row, route
+        assert isinstance(engine._kernels(2), TorchFunctionMode), route  # 2+ rows always: the routes decide per product
+    engine.fast_linear = False
+    assert not isinstance(engine._kernels(2), TorchFunctionMode)

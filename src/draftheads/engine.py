@@ -21,7 +21,7 @@ from typing import Protocol
 
 import torch
 
-from .cpu_matmul import ROW_EXACT_DTYPES, few_row_linear, linear
+from .cpu_matmul import ROW_EXACT_DTYPES, few_row_linear, linear, routes
 from .errors import UserError
 from .families import context_length, logits_transform, probe, refusal
 from .kvcache import PromptCache, TreeKVCache, cache_keyword
@@ -102,8 +102,10 @@ class TorchEngine:
 
     def _kernels(self, rows: int):
         # Entered per forward, never across a yield: a torch function mode is global to the thread.
-        # One-row forwards skip it: nothing to gain, and the mode's per-op dispatch costs ~2 ms.
-        mode = few_row_linear(self.device) if self.fast_linear and rows > 1 else None
+        # One-row forwards take it only where the C++ kernel serves one row: the mode's per-op dispatch
+        # costs ~2 ms a forward, about what the padded product saves over MKL's one-row GEMV.
+        one_row = self.device.type == "cpu" and self.dtype == torch.float32 and routes().get(1) == "rows"
+        mode = few_row_linear(self.device) if self.fast_linear and (rows > 1 or one_row) else None
         return mode if mode is not None else contextlib.nullcontext()
 
     def _forward(self, cache: TreeKVCache, ids: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor,
