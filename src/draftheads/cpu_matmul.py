@@ -8,8 +8,9 @@ thread. Measured over 30 layers of SmolLM2-135M-shaped fp32 weights on 2 cores
 (scripts/bench_linear.py; docs/verify_profile.md): 1 row 34 -> 25 ms, 2 rows 45 -> 24 ms,
 4 rows 55 -> 24 ms, 16 rows 59 -> 47 ms. Results differ from F.linear only by float rounding order.
 
-A third kernel, few_rows.py (C++, AVX2, compiled on first use), reads each weight row once for every
-row of x and beats both on that machine: 1 row 13.0 ms, 8 rows 21.2 ms (padded: 22.1 and 37.7).
+A third kernel, few_rows.py (C++, AVX2, compiled on first use), reads each weight row once for up to 8
+rows of x and beat both on another AVX2 AMD EPYC (2026-12-05): 1 row 14.5 ms, 8 rows 22.6 ms, where the
+padded product took 25.7 and 40.3.
 
 Which kernel streams faster depends on the CPU and its BLAS: on an Intel Xeon (AVX-512, 2 threads)
 MKL's F.linear beat the padded product at every row count up to 12 (1 row 14.9 vs 37.7 ms over 30
@@ -124,7 +125,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cached_or_measured(threads: int) -> frozenset[int]:
+def _cached_or_measured(threads: int) -> dict[int, str]:
     from .backbone import cache_dir  # the converted model's cache, one place for both
 
     key = f"{_cpu_model()} | torch {torch.__version__} | {threads} threads | kernels {', '.join(KERNELS)}"

@@ -1,11 +1,12 @@
 """The few-row fp32 product in C++ (csrc/few_rows.cpp), compiled for this machine on first use.
 
-On this project's 2-core AMD EPYC (AVX2), 30 layers of the default model's fused products, fp32, 2 threads
-(scripts/bench_linear.py): 1 row 22.1 -> 13.0 ms, 4 rows 22.8 -> 15.7, 8 rows 37.7 -> 21.2, 16 rows
-44.6 -> 35.1 against cpu_matmul's padded MKL product. MKL's GEMM packs the weights before multiplying
-once x has more than a few rows, which reads them twice; the kernel reads each weight row once for up to
-8 rows of x (groups of 8 beyond that, over blocks of weights that stay in L2). cpu_matmul.routes()
-measures it beside the other kernels and takes it only where it wins on the machine at hand.
+On this project's 2-core AMD EPYC (AVX2), 30 layers of the default model's fp32 weights, 2 threads
+(scripts/bench_linear.py; docs/verify_profile.md): 1 row 25.7 -> 14.5 ms, 4 rows 24.7 -> 16.6, 8 rows
+40.3 -> 22.6, 16 rows 46.1 -> 35.9 against cpu_matmul's padded MKL product. MKL's GEMM packs the weights
+before multiplying once x has more than a few rows, which reads them twice; the kernel reads each weight
+row once for up to 8 rows of x (groups of 8 beyond that, over blocks of weights that stay in L2).
+cpu_matmul.routes() measures it beside the other kernels and takes it only where it wins on the machine
+at hand. It has no backward: cpu_matmul keeps products that need gradients off it.
 
 It is built with torch.utils.cpp_extension (a C++ compiler and ninja; ~25 s on 2 cores, once) with
 -march=native, into torch's extension folder under a name that carries this CPU's model and flags, so
@@ -67,13 +68,13 @@ def load():
         model, flags = _cpu_flags()
         key = "|".join([SOURCE.read_text(), model, " ".join(sorted(flags)), torch.__version__])
         name = "draftheads_few_rows_" + hashlib.sha256(key.encode()).hexdigest()[:16]
-        path = os.environ.get("PATH", "")
+        path = os.environ.get("PATH")
         try:
             # torch runs `ninja` from PATH; the pip-installed one sits beside this interpreter, which an
             # unactivated virtual environment does not put on PATH
             here = str(Path(sys.executable).parent)
             if shutil.which("ninja") is None and shutil.which("ninja", path=here):
-                os.environ["PATH"] = here + os.pathsep + path
+                os.environ["PATH"] = os.pathsep.join(p for p in (here, path) if p)
             build = Path(cpp_extension.get_default_build_root()) / name
             build.mkdir(parents=True, exist_ok=True)
             _drop_stale_lock(build / "lock")
@@ -83,7 +84,10 @@ def load():
             lines = str(e).strip().splitlines()
             reason = f"its build failed ({lines[-1] if lines else type(e).__name__})"
         finally:
-            os.environ["PATH"] = path
+            if path is None:
+                os.environ.pop("PATH", None)
+            else:
+                os.environ["PATH"] = path
     log.warning("the few-row C++ kernel is not used: %s", reason)
     return None
 
