@@ -9,7 +9,7 @@ cpu_matmul.routes() measures it beside the other kernels and takes it only where
 at hand. It has no backward: cpu_matmul keeps products that need gradients off it.
 
 It is built with torch.utils.cpp_extension (a C++ compiler and ninja; ~25 s on 2 cores, once) with
--march=native, into torch's extension folder under a name that carries this CPU's model and flags, so
+-march=native, into torch's extension folder ($TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions) under a name that carries this CPU's model and flags, so
 that a build for another CPU is never loaded. Without AVX2 and FMA, a compiler or ninja, `load()` gives
 None and the reason, and cpu_matmul keeps its other kernels.
 """
@@ -69,21 +69,25 @@ def load():
         key = "|".join([SOURCE.read_text(), model, " ".join(sorted(flags)), torch.__version__])
         name = "draftheads_few_rows_" + hashlib.sha256(key.encode()).hexdigest()[:16]
         path = os.environ.get("PATH")
+        torch_log = logging.getLogger(cpp_extension.__name__)
+        level = torch_log.level
         try:
             # torch runs `ninja` from PATH; the pip-installed one sits beside this interpreter, which an
             # unactivated virtual environment does not put on PATH
             here = str(Path(sys.executable).parent)
             if shutil.which("ninja") is None and shutil.which("ninja", path=here):
                 os.environ["PATH"] = os.pathsep.join(p for p in (here, path) if p)
-            build = Path(cpp_extension.get_default_build_root()) / name
+            build = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
             build.mkdir(parents=True, exist_ok=True)
             _drop_stale_lock(build / "lock")
+            torch_log.setLevel(logging.ERROR)  # its multi-line compiler warnings; a failure is said below in one line
             return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                                       extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
         except Exception as e:  # no compiler, no ninja, a failed build: the other kernels remain
             lines = str(e).strip().splitlines()
             reason = f"its build failed ({lines[-1] if lines else type(e).__name__})"
         finally:
+            torch_log.setLevel(level)
             if path is None:
                 os.environ.pop("PATH", None)
             else:
