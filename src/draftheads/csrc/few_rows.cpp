@@ -1,5 +1,5 @@
-// y = x @ w.T (+ b) for a few rows of x on a CPU with AVX2 and FMA, each weight row read once for every
-// row of x. Used by cpu_matmul.linear for decode-time products (1 to ~32 rows), which are bound by
+// y = x @ w.T (+ b) for a few rows of x on a CPU with AVX2 and FMA, each weight row read once for up to 8
+// rows of x. Used by cpu_matmul.linear for decode-time products (1 to ~32 rows), which are bound by
 // reading the weights: BLAS GEMMs pack the weights first when x has more than a few rows, which reads them
 // twice (docs/verify_profile.md). Each output element is one dot product summed in the same order
 // whatever the row count, so a row's result does not depend on the rows beside it.
@@ -73,7 +73,7 @@ torch::Tensor few_rows_linear(const torch::Tensor& x, const torch::Tensor& w, co
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   // Blocks of weight rows (~96 KB) stay in the core's L2 while each group of 8 rows of x passes over them.
-  const int64_t block = std::max<int64_t>(16, (96 * 1024) / (K * 4));
+  const int64_t block = std::max<int64_t>(16, (96 * 1024) / std::max<int64_t>(1, K * 4));
   at::parallel_for(0, (O + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t o0 = blk * block, o1 = std::min(O, o0 + block);
