@@ -70,6 +70,13 @@ def test_routes_are_measured_per_machine_and_can_be_forced(tmp_path, monkeypatch
     monkeypatch.setattr(cpu_matmul, "_ROUTES", {})
     monkeypatch.setenv("DRAFTHEADS_FEW_ROW_KERNEL", "padded")
     assert cpu_matmul.routes() == dict.fromkeys(range(1, MAX_ROWS + 1), "padded")
+    monkeypatch.setattr(cpu_matmul, "_ROUTES", {})
+    monkeypatch.setenv("DRAFTHEADS_FEW_ROW_KERNEL", "rows")
+    monkeypatch.setattr(few_rows, "load", lambda: object())
+    assert cpu_matmul.routes() == dict.fromkeys(range(1, MAX_ROWS + 1), "rows")
+    monkeypatch.setattr(cpu_matmul, "_ROUTES", {})
+    monkeypatch.setattr(few_rows, "load", lambda: None)  # forced but not built: the measured table instead
+    assert cpu_matmul.routes() == {2: "padded", 3: "rows"} and len(calls) == 1
 
 
 def test_measure_returns_row_counts_in_range():

@@ -32,7 +32,6 @@ import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +105,7 @@ def routes() -> dict[int, str]:
     threads = torch.get_num_threads()
     if threads not in _ROUTES:
         forced = os.environ.get("DRAFTHEADS_FEW_ROW_KERNEL", "auto")
-        if forced in KERNELS and (forced != "rows" or few_rows.load() is not None):
+        if forced in KERNELS and _usable(forced):
             _ROUTES[threads] = dict.fromkeys(range(1, MAX_ROWS + 1), forced)
         elif forced == "stock":
             _ROUTES[threads] = {}
@@ -115,20 +114,16 @@ def routes() -> dict[int, str]:
     return _ROUTES[threads]
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def _usable(kernel: str) -> bool:
+    """The padded product always; the C++ kernel where it built."""
+    return kernel == "padded" or (kernel == "rows" and few_rows.load() is not None)
 
 
 def _cached_or_measured(threads: int) -> dict[int, str]:
     from .backbone import cache_dir  # the converted model's cache, one place for both
 
-    key = f"{_cpu_model()} | torch {torch.__version__} | {threads} threads | kernels {', '.join(KERNELS)}"
+    model = few_rows.cpu_info()[0] or platform.processor() or platform.machine()
+    key = f"{model} | torch {torch.__version__} | {threads} threads | kernels {', '.join(KERNELS)}"
     path = cache_dir() / "cpu_matmul.json"
     try:
         table = json.loads(path.read_text())
@@ -155,8 +150,7 @@ def measure(threads: int, layers: int = 12, repeats: int = 3, kernels: tuple[str
     shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
     weights = [torch.randn(o, i) for _ in range(layers) for o, i in shapes]
     assert set(kernels) <= set(KERNELS), kernels
-    kernels = {k: fn for k, fn in (("padded", padded_linear), ("rows", few_rows.linear))
-               if k in kernels and (k != "rows" or few_rows.load() is not None)}
+    kernels = {k: fn for k, fn in (("padded", padded_linear), ("rows", few_rows.linear)) if k in kernels and _usable(k)}
 
     def ms(rows: int, fn) -> float:
         xs = {i: torch.randn(rows, i) for i in (576, 1536)}

@@ -32,8 +32,8 @@ SOURCE = Path(__file__).with_name("csrc") / "few_rows.cpp"
 log = logging.getLogger(__name__)
 
 
-def _cpu_flags() -> tuple[str, set[str]]:
-    """(model name, flags) from /proc/cpuinfo; ("", empty) where there is none."""
+def cpu_info() -> tuple[str, set[str]]:
+    """(model name, flags) of the first CPU in /proc/cpuinfo; ("", empty) where there is none."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -52,7 +52,7 @@ def unavailable_reason() -> str | None:
     """Why the kernel cannot be built here (before trying), or None."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"it is written for x86-64 with AVX2, not {platform.machine()}"
-    model, flags = _cpu_flags()
+    model, flags = cpu_info()
     if not {"avx2", "fma"} <= flags:
         return "this CPU lacks AVX2 or FMA"
     return None
@@ -65,7 +65,7 @@ def load():
     if reason is None:
         from torch.utils import cpp_extension
 
-        model, flags = _cpu_flags()
+        model, flags = cpu_info()
         key = "|".join([SOURCE.read_text(), model, " ".join(sorted(flags)), torch.__version__])
         name = "draftheads_few_rows_" + hashlib.sha256(key.encode()).hexdigest()[:16]
         path = os.environ.get("PATH")
