@@ -2,11 +2,14 @@
 cpu_matmul.routes() chose between them), on whole decodes: chat-formatted questions decoded greedily one
 at a time, our loop without heads and with the default heads, under each kernel routing in one process
 (the routings alternate per question; both routings are measured at start-up, as routes() measures).
+With --packed: the C++ kernel on float32 weights against the same kernel taking the weights from their
+GGUF blocks (few_rows.packed_linear, as routes() takes it where it measured it faster).
 
 Prints tokens/s and mean prefill ms per (routing, method), replies that differ between the routings (fp32
-rounding moves with the kernel) and, per routing, replies where the heads differ from the loop (must be 0).
+rounding moves with the kernel) and, per routing, replies where the heads differ
+from the loop (must be 0).
 
-    python scripts/compare_kernels.py --questions vicuna --limit 20 --max-new-tokens 128
+    python scripts/compare_kernels.py --questions vicuna --limit 20 --max-new-tokens 128 [--packed]
 """
 
 from __future__ import annotations
@@ -27,12 +30,18 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--packed", action="store_true", help="float32 weights against their GGUF blocks, both on the C++ kernel")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    routings = {"before (F.linear, padded)": cpu_matmul.measure(a.threads, kernels=("padded",)),
-                "with the C++ kernel": cpu_matmul.measure(a.threads)}
-    for name, r in routings.items():
-        print(f"{name}: " + ", ".join(f"{k} {sorted(n for n, v in r.items() if v == k)}" for k in cpu_matmul.KERNELS))
+    table = cpu_matmul.measure(a.threads)
+    if a.packed:
+        routings = {"float32 weights": (table, False), "GGUF blocks": (table, True)}
+    else:
+        routings = {"before (F.linear, padded)": (cpu_matmul.measure(a.threads, kernels=("padded",)), False),
+                    "with the C++ kernel": (table, False)}
+    for name, (r, packed) in routings.items():
+        print(f"{name}: " + ", ".join(f"{k} {sorted(n for n, v in r.items() if v == k)}" for k in cpu_matmul.KERNELS)
+              + ("; GGUF blocks where the weights are" if packed else ""))
     models = {"loop": draftheads.load(heads=None), "heads": draftheads.load(heads="default")}
     tokens = {(r, m): 0 for r in routings for m in models}
     seconds, prefill = dict.fromkeys(tokens, 0.0), {k: [] for k in tokens}
@@ -40,7 +49,7 @@ def main() -> None:
     for k, q in enumerate(load_questions(question_file(a.questions), a.limit)):
         chat = [{"role": "user", "content": q.turns[0]}]
         for name in (list(routings) if k % 2 == 0 else list(reversed(routings))):
-            cpu_matmul._ROUTES[a.threads] = routings[name]
+            cpu_matmul._ROUTES[a.threads], cpu_matmul._PACKED[a.threads] = routings[name]
             for method, m in models.items():
                 res = m.generate(chat, max_new_tokens=a.max_new_tokens)
                 tokens[name, method] += res.stats.new_tokens
@@ -53,7 +62,7 @@ def main() -> None:
     for (name, method), n in tokens.items():
         print(f"| {name} | {method} | {n / seconds[name, method]:.1f} | {statistics.mean(prefill[name, method]):.1f} |")
     for method in models:
-        print(f"{method}: tokens/s with the C++ kernel over before: "
+        print(f"{method}: tokens/s {second} over {first}: "
               f"{tokens[second, method] / seconds[second, method] / (tokens[first, method] / seconds[first, method]):.3f}x; "
               f"replies that differ between the routings: {sum(x != y for x, y in zip(replies[first, method], replies[second, method]))}")
     for name in routings:

@@ -61,9 +61,13 @@ def test_routes_are_measured_per_machine_and_can_be_forced(tmp_path, monkeypatch
     monkeypatch.setattr(cpu_matmul, "_ROUTES", {})
     calls = []
     monkeypatch.setattr(cpu_matmul, "measure", lambda threads: calls.append(threads) or {2: "padded", 3: "rows"})
-    assert cpu_matmul.routes() == {2: "padded", 3: "rows"} and calls == [torch.get_num_threads()]
+    monkeypatch.setattr(cpu_matmul, "measure_packed", lambda threads, table: calls.append("packed") or "rows" in table.values())
+    assert cpu_matmul.routes() == {2: "padded", 3: "rows"} and calls == [torch.get_num_threads(), "packed"]
+    assert cpu_matmul.use_packed()
     monkeypatch.setattr(cpu_matmul, "_ROUTES", {})
-    assert cpu_matmul.routes() == {2: "padded", 3: "rows"} and len(calls) == 1  # the second process reads the cached table
+    monkeypatch.setattr(cpu_matmul, "_PACKED", {})
+    assert cpu_matmul.routes() == {2: "padded", 3: "rows"} and len(calls) == 2  # the second process reads the cached table
+    assert cpu_matmul.use_packed()
     monkeypatch.setattr(cpu_matmul, "_ROUTES", {})
     monkeypatch.setenv("DRAFTHEADS_FEW_ROW_KERNEL", "stock")
     assert cpu_matmul.routes() == {}
@@ -73,10 +77,13 @@ def test_routes_are_measured_per_machine_and_can_be_forced(tmp_path, monkeypatch
     monkeypatch.setattr(cpu_matmul, "_ROUTES", {})
     monkeypatch.setenv("DRAFTHEADS_FEW_ROW_KERNEL", "rows")
     monkeypatch.setattr(few_rows, "load", lambda: object())
-    assert cpu_matmul.routes() == dict.fromkeys(range(1, MAX_ROWS + 1), "rows")
+    assert cpu_matmul.routes() == dict.fromkeys(range(1, MAX_ROWS + 1), "rows") and not cpu_matmul.use_packed()
+    monkeypatch.setattr(cpu_matmul, "_ROUTES", {})
+    monkeypatch.setenv("DRAFTHEADS_FEW_ROW_KERNEL", "packed")
+    assert cpu_matmul.routes() == dict.fromkeys(range(1, MAX_ROWS + 1), "rows") and cpu_matmul.use_packed()
     monkeypatch.setattr(cpu_matmul, "_ROUTES", {})
     monkeypatch.setattr(few_rows, "load", lambda: None)  # forced but not built: the measured table instead
-    assert cpu_matmul.routes() == {2: "padded", 3: "rows"} and len(calls) == 1
+    assert cpu_matmul.routes() == {2: "padded", 3: "rows"} and len(calls) == 2
 
 
 def test_measure_returns_row_counts_in_range():
@@ -169,3 +176,144 @@ def test_few_rows_kernel_absent_leaves_the_other_kernels(monkeypatch, caplog):
         assert few_rows.load() is None
     finally:
         few_rows.load.cache_clear()
+
+
+def _q8_0_values(out: int, width: int, g: torch.Generator) -> torch.Tensor:
+    d = (torch.rand(out, width // 32, 1, generator=g) * 0.01).half().float()
+    q = torch.randint(-127, 128, (out, width // 32, 32), generator=g)
+    q[..., 0] = 127  # a block's largest magnitude is 127 d
+    return (d * q).reshape(out, width)
+
+
+def test_pack_holds_gguf_block_values_exactly_and_nothing_else():
+    g = torch.Generator().manual_seed(5)
+    w4, w8 = few_rows.q4_1_values(40, 96, g), _q8_0_values(40, 96, g)
+    p4, p8 = few_rows.pack(w4), few_rows.pack(w8)
+    assert p4.kind == "q4_1" and p4.q.shape == (3, 96, 8) and p4.q.dtype == torch.uint8  # 40 outputs: 3 tiles of 16
+    assert p8.kind == "q8_0" and p8.q.shape == (3, 96, 16) and p8.q.dtype == torch.int8
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # [tiles, n, 16] -> [48, n]: a tile's outputs back to rows
+        return t.transpose(1, 2).reshape(48, -1)
+
+    def per_input(t: torch.Tensor) -> torch.Tensor:  # a block's scale for each of its 32 inputs
+        return rows(t).repeat_interleave(32, dim=1)
+
+    values = torch.cat([p4.q & 15, p4.q >> 4], -1).float()  # byte i of an input: output i low, i + 8 high
+    assert torch.equal((rows(values) * per_input(p4.d) + per_input(p4.m))[:40], w4)
+    assert torch.equal((rows(p8.q.float()) * per_input(p8.d))[:40], w8)
+    assert not rows(values)[40:].any()  # padding rows are zeros
+    assert few_rows.pack(torch.randn(40, 96, generator=g)) is None  # ordinary float32 weights
+    w_off = w4.clone()
+    w_off[7, 50] = torch.nextafter(w_off[7, 50], torch.tensor(1.0))  # one float off its block's grid
+    assert few_rows.pack(w_off) is None
+    assert few_rows.pack(w4[:, :80]) is None  # not whole blocks
+    assert few_rows.pack(w4.double()) is None and few_rows.pack(w4.bfloat16()) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("out", [301, 320])  # 301: a last tile padded, and an odd number of tiles
+def test_packed_kernel_gives_each_row_what_it_gets_alone(fmt, out):
+    """Every row count takes its own path through the kernel (two tiles decoded in registers for 1-2 rows,
+    one for 3-4, a shared buffer past 4); each row's result is the same bit for bit, near F.linear's."""
+    g = torch.Generator().manual_seed(out)
+    w = (few_rows.q4_1_values if fmt == "q4_1" else _q8_0_values)(out, 96, g)
+    x, b = torch.randn(MAX_ROWS, 96, generator=g), torch.randn(out, generator=g)
+    p = few_rows.pack(w)
+    assert p.kind == fmt
+    together = few_rows.packed_linear(x, p, b)
+    torch.testing.assert_close(together, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9, 13):
+                assert torch.equal(few_rows.packed_linear(x[:rows], p, b), together[:rows]), rows
+                assert torch.equal(few_rows.packed_linear(x[rows:rows + 1], p, b), together[rows:rows + 1]), rows
+            assert torch.equal(few_rows.packed_linear(x[None, 3:7], p, b), together[None, 3:7])  # [1, rows, in]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_packed_weights_are_kept_while_the_weight_is_unchanged():
+    g = torch.Generator().manual_seed(6)
+    w, other = few_rows.q4_1_values(8, 64, g), torch.randn(8, 64, generator=g)
+    first = few_rows.packed(w)
+    assert first is not None and few_rows.packed(w) is first  # packed once
+    assert few_rows.packed(other) is None and few_rows.packed(other) is None
+    w.mul_(3.0)  # written in place: a packing of the old values must not be used
+    again = few_rows.packed(w)
+    assert again is not first
+    if again is not None and few_rows.load() is not None:
+        torch.testing.assert_close(few_rows.packed_linear(torch.ones(1, 64), again), F.linear(torch.ones(1, 64), w))
+    key = id(w)
+    del w
+    assert key not in few_rows._PACKED  # freed with its weight
+
+
+def test_the_packed_route_runs_where_measured(monkeypatch):
+    from draftheads import cpu_matmul
+
+    g = torch.Generator().manual_seed(7)
+    w = few_rows.q4_1_values(40, 64, g)
+    ran = []
+    monkeypatch.setattr(few_rows, "linear", lambda *a: ran.append("rows") or F.linear(*a))
+    monkeypatch.setattr(few_rows, "packed_linear", lambda x, p, b=None: ran.append("packed") or F.linear(x, w, b))
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(cpu_matmul, "_ROUTES", {threads: {1: "rows", 3: "rows", 4: "padded"}})
+    for use, rows, weight, expect in [(True, 1, w, "packed"), (True, 3, w, "packed"), (False, 3, w, "rows"),
+                                      (True, 1, torch.randn(40, 64, generator=g), "rows"), (True, 4, w, None)]:
+        monkeypatch.setattr(cpu_matmul, "_PACKED", {threads: use})
+        ran.clear()
+        cpu_matmul.linear(torch.randn(rows, 64, generator=g), weight)
+        assert ran == ([expect] if expect else []), (use, rows, expect)
+    ran.clear()
+    cpu_matmul.linear(torch.randn(1, 64, generator=g), w.requires_grad_(True))  # gradients: never a C++ kernel
+    assert ran == []
+
+
+@needs_kernel
+def test_a_model_of_gguf_block_weights_decodes_the_same_from_its_blocks(monkeypatch):
+    """The default model's weights are Q4_1 (layers) and Q8_0 (output embedding) values: decoded from the
+    blocks, greedy speculative output equals plain greedy output, and the logits are the float32 weights'
+    up to rounding."""
+    from tiny import tiny_heads, tiny_model
+
+    from draftheads import cpu_matmul
+    from draftheads.acceptance import SamplingConfig
+    from draftheads.generate import Decoder, Stats
+    from draftheads.tree import load_tree
+
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("proj.weight"):
+                p.copy_(few_rows.q4_1_values(*p.shape, g, scale=0.05))
+            elif name == "lm_head.weight":
+                p.copy_(_q8_0_values(*p.shape, g) * 20)
+    heads = tiny_heads(model, num_heads=3)
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(cpu_matmul, "_ROUTES", {threads: dict.fromkeys(range(1, MAX_ROWS + 1), "rows")})
+    calls = []
+    real = few_rows.packed_linear
+    monkeypatch.setattr(few_rows, "packed_linear", lambda *a: calls.append(a[1].kind) or real(*a))
+    prompt = torch.randint(0, 200, (12,), generator=g).tolist()
+
+    def decode(packed: bool, speculative: bool) -> tuple[list[int], torch.Tensor]:
+        monkeypatch.setattr(cpu_matmul, "_PACKED", {threads: packed})
+        dec = Decoder(model, heads if speculative else None, load_tree("medusa16", 3) if speculative else None)
+        out = []
+        for step in dec.steps(prompt, 32, SamplingConfig(), Stats()):
+            out += step
+            if len(out) >= 32:
+                break
+        x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+        return out[:32], dec.logits(x)
+
+    _, logits = decode(packed=False, speculative=False)
+    assert not calls
+    plain, packed_logits = decode(packed=True, speculative=False)
+    assert {"q4_1", "q8_0"} <= set(calls)
+    torch.testing.assert_close(packed_logits, logits, rtol=1e-5, atol=1e-5)
+    assert decode(packed=True, speculative=True)[0] == plain

@@ -43,6 +43,8 @@ MAX_ROWS = 32  # above this the GEMM is compute-bound and F.linear's layout is a
 GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # row counts timed; others take the next one up
 KERNELS = ("padded", "rows")  # besides F.linear ("stock"): padded_linear and few_rows.linear
 _ROUTES: dict[int, dict[int, str]] = {}  # threads -> {row count: the kernel that beats F.linear there}
+_PACKED: dict[int, bool] = {}  # threads -> whether few_rows.packed_linear beats few_rows.linear
+SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # SmolLM2-135M's q k v o gate up down
 ROW_EXACT_DTYPES = (torch.bfloat16, torch.float16)  # one-row products padded to two: see two_rows
 
 
@@ -58,7 +60,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
         return F.linear(x, w, b)
     kernel = routes().get(rows)
     if kernel == "rows" and w.is_contiguous() and not _needs_grad(x, w, b):  # the C++ kernel has no backward
-        return few_rows.linear(x, w, b)
+        # From the weights' GGUF blocks where they hold them exactly (the default model's do): 4-6x fewer
+        # bytes. At every row count or none, so that a row's result never depends on the pass it is in.
+        p = few_rows.packed(w) if _PACKED.get(torch.get_num_threads()) else None
+        return few_rows.packed_linear(x, p, b) if p is not None else few_rows.linear(x, w, b)
     if kernel == "padded":
         return padded_linear(x, w, b)
     return F.linear(x, w, b)
@@ -105,13 +110,24 @@ def routes() -> dict[int, str]:
     threads = torch.get_num_threads()
     if threads not in _ROUTES:
         forced = os.environ.get("DRAFTHEADS_FEW_ROW_KERNEL", "auto")
-        if forced in KERNELS and _usable(forced):
-            _ROUTES[threads] = dict.fromkeys(range(1, MAX_ROWS + 1), forced)
+        packed = False
+        if forced == "packed" and _usable("rows"):
+            table, packed = dict.fromkeys(range(1, MAX_ROWS + 1), "rows"), True
+        elif forced in KERNELS and _usable(forced):
+            table = dict.fromkeys(range(1, MAX_ROWS + 1), forced)
         elif forced == "stock":
-            _ROUTES[threads] = {}
+            table = {}
         else:
-            _ROUTES[threads] = _cached_or_measured(threads)
+            table, packed = _cached_or_measured(threads)
+        _ROUTES[threads], _PACKED[threads] = table, packed
     return _ROUTES[threads]
+
+
+def use_packed() -> bool:
+    """Whether weights held exactly in GGUF blocks take few_rows.packed_linear wherever routes() takes the C++
+    kernel (measured with routes(): where it beats few_rows.linear by 5% over the row counts)."""
+    routes()
+    return _PACKED.get(torch.get_num_threads(), False)
 
 
 def _usable(kernel: str) -> bool:
@@ -119,18 +135,19 @@ def _usable(kernel: str) -> bool:
     return kernel == "padded" or (kernel == "rows" and few_rows.load() is not None)
 
 
-def _cached_or_measured(threads: int) -> dict[int, str]:
+def _cached_or_measured(threads: int) -> tuple[dict[int, str], bool]:
     from .backbone import cache_dir  # the converted model's cache, one place for both
 
     model = few_rows.cpu_info()[0] or platform.processor() or platform.machine()
-    key = f"{model} | torch {torch.__version__} | {threads} threads | kernels {', '.join(KERNELS)}"
+    key = f"{model} | torch {torch.__version__} | {threads} threads | kernels {', '.join(KERNELS)}, packed"
     path = cache_dir() / "cpu_matmul.json"
     try:
         table = json.loads(path.read_text())
     except (OSError, ValueError):
         table = {}
     if key not in table:
-        table[key] = {str(r): k for r, k in sorted(measure(threads).items())}
+        routed = measure(threads)
+        table[key] = {"routes": {str(r): k for r, k in sorted(routed.items())}, "packed": measure_packed(threads, routed)}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}")
@@ -138,7 +155,7 @@ def _cached_or_measured(threads: int) -> dict[int, str]:
             os.replace(tmp, path)
         except OSError:
             pass  # a read-only cache: measure again next time
-    return {int(r): k for r, k in table[key].items()}
+    return {int(r): k for r, k in table[key]["routes"].items()}, bool(table[key]["packed"])
 
 
 @torch.inference_mode()
@@ -147,33 +164,56 @@ def measure(threads: int, layers: int = 12, repeats: int = 3, kernels: tuple[str
     layers of SmolLM2-135M-shaped fp32 weights (larger than the CPU's caches, as real weights are), at each
     GRID row count; returns {row count 1..MAX_ROWS: the fastest kernel} where it beat F.linear at its grid
     point by 5%."""
-    shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
-    weights = [torch.randn(o, i) for _ in range(layers) for o, i in shapes]
+    weights = [torch.randn(o, i) for _ in range(layers) for o, i in SHAPES]
     assert set(kernels) <= set(KERNELS), kernels
     kernels = {k: fn for k, fn in (("padded", padded_linear), ("rows", few_rows.linear)) if k in kernels and _usable(k)}
-
-    def ms(rows: int, fn) -> float:
-        xs = {i: torch.randn(rows, i) for i in (576, 1536)}
-        times = []
-        for _ in range(repeats + 1):  # the first pass warms up
-            t = time.perf_counter()
-            for w in weights:
-                fn(xs[w.shape[1]], w)
-            times.append(time.perf_counter() - t)
-        return statistics.median(times[1:])
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         wins = {}
         for g in GRID:
-            stock = ms(g, F.linear)
-            best, t = min(((k, ms(g, fn)) for k, fn in kernels.items()), key=lambda kt: kt[1])
+            stock = _ms(g, F.linear, weights, repeats)
+            best, t = min(((k, _ms(g, fn, weights, repeats)) for k, fn in kernels.items()), key=lambda kt: kt[1])
             if t < 0.95 * stock:
                 wins[g] = best
     finally:
         torch.set_num_threads(before)
     return {r: wins[g] for r in range(1, MAX_ROWS + 1) if (g := min(g for g in GRID if g >= r)) in wins}
+
+
+@torch.inference_mode()
+def measure_packed(threads: int, table: dict[int, str], layers: int = 30, repeats: int = 3) -> bool:
+    """Whether few_rows.packed_linear, on weights held as Q4_1 blocks, beats few_rows.linear on them by 5%,
+    summed over the GRID row counts `table` routes to the C++ kernel (over 30 layers, not `measure`'s 12:
+    12 layers' blocks, 26 MB, would sit in this EPYC's 32 MB L3, where the whole model's 66 MB do not)."""
+    grid = [g for g in GRID if table.get(g) == "rows"]
+    if few_rows.load() is None or not grid:
+        return False
+    g = torch.Generator().manual_seed(0)
+    weights = [few_rows.q4_1_values(o, i, g) for _ in range(layers) for o, i in SHAPES]
+    packs = {id(w): few_rows.pack(w) for w in weights}
+    assert all(p is not None for p in packs.values())
+    kernels = (lambda x, w: few_rows.packed_linear(x, packs[id(w)]), few_rows.linear)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        packed, plain = (sum(t) for t in zip(*[[_ms(r, fn, weights, repeats) for fn in kernels] for r in grid]))
+    finally:
+        torch.set_num_threads(before)
+    return packed < 0.95 * plain
+
+
+def _ms(rows: int, fn, weights: list[torch.Tensor], repeats: int) -> float:
+    """Median seconds of `repeats` passes of fn(x, w) over `weights`, x [rows, in], after one warm-up pass."""
+    xs = {i: torch.randn(rows, i) for i in {w.shape[1] for w in weights}}
+    times = []
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        for w in weights:
+            fn(xs[w.shape[1]], w)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
 
 
 class _FewRowLinear(TorchFunctionMode):

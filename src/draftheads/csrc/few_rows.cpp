@@ -3,9 +3,14 @@
 // reading the weights: BLAS GEMMs pack the weights first when x has more than a few rows, which reads them
 // twice (docs/verify_profile.md). Each output element is one dot product summed in the same order
 // whatever the row count, so a row's result does not depend on the rows beside it.
+//
+// packed_linear takes the weights in a block format (few_rows.pack: Q4_1 or Q8_0 blocks of 32 inputs, as
+// the GGUF files the default model comes from store them), decodes them into exactly the float32 values
+// they were packed from and multiplies: 6 (Q4_1) or 4 (Q8_0) times fewer bytes read.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <cstdint>
 #include <immintrin.h>
 
 #if !defined(__AVX2__) || !defined(__FMA__)
@@ -85,6 +90,202 @@ torch::Tensor few_rows_linear(const torch::Tensor& x, const torch::Tensor& w, co
   return y;
 }
 
+// packed_linear: weights in tiles of 16 output rows, one Q4_1 or Q8_0 scale (and offset) per 32 inputs, the
+// 16 rows' values for one input side by side (few_rows.pack lays them out). A k-step decodes 16 weights
+// into two vectors and multiplies them by x[r, k] broadcast: each output is one lane summing its products
+// in input order, whatever the row count or tiling, so a row's result never depends on the rows beside it
+// (the order differs from few_rows_linear's, so the packed and float32 kernels differ by float rounding).
+// Decoded weights pass through a 2 KB buffer per block of 32 inputs, reused by every group of rows of x.
+constexpr int TILE = 16, BK = 32, GROUP = 6;  // outputs per tile, inputs per scale, rows of x per pass
+
+// One input's 16 weights of a tile, decoded: Q4_1 w = d * q + m (byte i: output i in its low nibble, i + 8
+// in its high), Q8_0 w = d * q. d * q is exact in float32 (an fp16 scale times 4 or 8 bits), so the fused
+// multiply-add rounds once, as GGUF's dequantisation (d * q + m in float32) does: the same floats.
+template <bool Q4>
+static inline void decode_step(const uint8_t* q, int k, __m256 d0, __m256 d1, __m256 m0, __m256 m1, __m256& w0, __m256& w1) {
+  if constexpr (Q4) {
+    const __m128i low = _mm_set1_epi8(0x0F);
+    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * k));
+    w0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(v, low))), m0);
+    w1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), low))), m1);
+  } else {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + TILE * k));
+    w0 = _mm256_mul_ps(d0, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)));
+    w1 = _mm256_mul_ps(d1, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))));
+  }
+}
+
+// A tile's block of 32 inputs: q its values, d (and m) its 16 scales (and offsets).
+struct Block {
+  const uint8_t* q;
+  const float* d;
+  const float* m;
+};
+
+template <bool Q4>
+static inline void scales(const Block& b, __m256& d0, __m256& d1, __m256& m0, __m256& m1) {
+  d0 = _mm256_loadu_ps(b.d), d1 = _mm256_loadu_ps(b.d + 8);
+  m0 = Q4 ? _mm256_loadu_ps(b.m) : d0, m1 = Q4 ? _mm256_loadu_ps(b.m + 8) : d1;
+}
+
+// The block decoded into buf [32][16], for groups of rows of x to share.
+template <bool Q4>
+static inline void decode_block(const Block& b, float* buf) {
+  __m256 d0, d1, m0, m1, w0, w1;
+  scales<Q4>(b, d0, d1, m0, m1);
+  for (int k = 0; k < BK; ++k) {
+    decode_step<Q4>(b.q, k, d0, d1, m0, m1, w0, w1);
+    _mm256_storeu_ps(buf + TILE * k, w0);
+    _mm256_storeu_ps(buf + TILE * k + 8, w1);
+  }
+}
+
+// For one or two rows of x, two tiles' blocks decoded in registers and multiplied at once (acc [G][2 tiles]
+// [16]): a buffer's stores would bound the pass (one 32-byte store a cycle), and four chains per row keep
+// the multiply-adds from waiting on each other. The same sums in the same order as block_dots.
+template <bool Q4, int G>
+static inline void fused_dots(const Block& b0, const Block& b1, const float* x, int64_t K, float* acc) {
+  __m256 d0, d1, m0, m1, e0, e1, n0, n1;
+  scales<Q4>(b0, d0, d1, m0, m1);
+  scales<Q4>(b1, e0, e1, n0, n1);
+  __m256 a[G][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < G; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) a[r][c] = _mm256_loadu_ps(acc + 32 * r + 8 * c);
+  for (int k = 0; k < BK; ++k) {
+    __m256 w0, w1, w2, w3;
+    decode_step<Q4>(b0.q, k, d0, d1, m0, m1, w0, w1);
+    decode_step<Q4>(b1.q, k, e0, e1, n0, n1, w2, w3);
+#pragma GCC unroll 8
+    for (int r = 0; r < G; ++r) {
+      const __m256 xb = _mm256_broadcast_ss(x + r * K + k);
+      a[r][0] = _mm256_fmadd_ps(w0, xb, a[r][0]);
+      a[r][1] = _mm256_fmadd_ps(w1, xb, a[r][1]);
+      a[r][2] = _mm256_fmadd_ps(w2, xb, a[r][2]);
+      a[r][3] = _mm256_fmadd_ps(w3, xb, a[r][3]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < G; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) _mm256_storeu_ps(acc + 32 * r + 8 * c, a[r][c]);
+}
+
+// acc [G][32] (its first or last 16) (+)= x[r, k0 .. k0 + 32] times the decoded block, G <= GROUP rows of x.
+template <int G>
+static inline void block_dots(const float* x, int64_t K, const float* buf, float* acc) {
+  __m256 a[G][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < G; ++r) a[r][0] = _mm256_loadu_ps(acc + 32 * r), a[r][1] = _mm256_loadu_ps(acc + 32 * r + 8);
+  for (int k = 0; k < BK; ++k) {
+    const __m256 w0 = _mm256_loadu_ps(buf + TILE * k), w1 = _mm256_loadu_ps(buf + TILE * k + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < G; ++r) {
+      const __m256 xb = _mm256_broadcast_ss(x + r * K + k);
+      a[r][0] = _mm256_fmadd_ps(w0, xb, a[r][0]);
+      a[r][1] = _mm256_fmadd_ps(w1, xb, a[r][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < G; ++r) _mm256_storeu_ps(acc + 32 * r, a[r][0]), _mm256_storeu_ps(acc + 32 * r + 8, a[r][1]);
+}
+
+static void group_dots(int64_t G, const float* x, int64_t K, const float* buf, float* acc) {
+  switch (G) {
+    case 1: return block_dots<1>(x, K, buf, acc);
+    case 2: return block_dots<2>(x, K, buf, acc);
+    case 3: return block_dots<3>(x, K, buf, acc);
+    case 4: return block_dots<4>(x, K, buf, acc);
+    case 5: return block_dots<5>(x, K, buf, acc);
+    default: return block_dots<6>(x, K, buf, acc);
+  }
+}
+
+// One tile's block decoded in registers for three or four rows of x (two chains a row), acc [G][32] (its
+// first or last 16): no buffer, as fused_dots.
+template <bool Q4, int G>
+static inline void fused_dots1(const Block& b, const float* x, int64_t K, float* acc) {
+  __m256 d0, d1, m0, m1;
+  scales<Q4>(b, d0, d1, m0, m1);
+  __m256 a[G][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < G; ++r) a[r][0] = _mm256_loadu_ps(acc + 32 * r), a[r][1] = _mm256_loadu_ps(acc + 32 * r + 8);
+  for (int k = 0; k < BK; ++k) {
+    __m256 w0, w1;
+    decode_step<Q4>(b.q, k, d0, d1, m0, m1, w0, w1);
+#pragma GCC unroll 8
+    for (int r = 0; r < G; ++r) {
+      const __m256 xb = _mm256_broadcast_ss(x + r * K + k);
+      a[r][0] = _mm256_fmadd_ps(w0, xb, a[r][0]);
+      a[r][1] = _mm256_fmadd_ps(w1, xb, a[r][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < G; ++r) _mm256_storeu_ps(acc + 32 * r, a[r][0]), _mm256_storeu_ps(acc + 32 * r + 8, a[r][1]);
+}
+
+// y [R, T * 16] for all tiles, two at a time (the last alone where T is odd): acc [R][2 tiles][16].
+template <bool Q4>
+static void tiles_pass(const float* xp, const uint8_t* qp, const float* dp, const float* mp, float* yp, int64_t R, int64_t K, int64_t T) {
+  const int64_t qstep = Q4 ? TILE / 2 : TILE, KB = K / BK, YO = T * TILE;
+  at::parallel_for(0, (T + 1) / 2, 1, [&](int64_t p0, int64_t p1) {
+    alignas(32) float buf[2][BK * TILE];
+    std::vector<float> acc(R * 2 * TILE);
+    for (int64_t t = 2 * p0; t < std::min(T, 2 * p1); t += 2) {
+      const int64_t n = std::min<int64_t>(2, T - t);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t j = 0; j < KB; ++j) {
+        Block b[2];
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t dm = ((t + i) * KB + j) * TILE;
+          b[i] = {qp + ((t + i) * K + j * BK) * qstep, dp + dm, Q4 ? mp + dm : nullptr};
+        }
+        const float* xj = xp + j * BK;
+        if (n == 2 && R == 1) fused_dots<Q4, 1>(b[0], b[1], xj, K, acc.data());
+        else if (n == 2 && R == 2) fused_dots<Q4, 2>(b[0], b[1], xj, K, acc.data());
+        else if (R == 3 || R == 4)
+          for (int64_t i = 0; i < n; ++i) {
+            if (R == 3) fused_dots1<Q4, 3>(b[i], xj, K, acc.data() + i * TILE);
+            else fused_dots1<Q4, 4>(b[i], xj, K, acc.data() + i * TILE);
+          }
+        else
+          for (int64_t i = 0; i < n; ++i) {
+            decode_block<Q4>(b[i], buf[i]);
+            for (int64_t r0 = 0; r0 < R; r0 += GROUP)  // tile i's outputs at 16 * i of each acc row
+              group_dots(std::min<int64_t>(GROUP, R - r0), xj + r0 * K, K, buf[i], acc.data() + r0 * 2 * TILE + i * TILE);
+          }
+      }
+      for (int64_t r = 0; r < R; ++r) std::copy_n(acc.data() + r * 2 * TILE, n * TILE, yp + r * YO + t * TILE);
+    }
+  });
+}
+
+// x [R, K] float32; q uint8 [T, K, 8] (Q4_1) or int8 [T, K, 16] (Q8_0); d, m float32 [T, K / 32, 16] (m:
+// Q4_1 only, else empty); T = ceil(out / 16) tiles -> y [R, T * 16] = x @ w.T for the w they decode to.
+torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d, const torch::Tensor& m) {
+  const bool q4 = q.scalar_type() == torch::kByte;
+  TORCH_CHECK(q4 || q.scalar_type() == torch::kChar, "q: uint8 (Q4_1) or int8 (Q8_0)");
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 3 && d.dim() == 3 && x.scalar_type() == torch::kFloat && d.scalar_type() == torch::kFloat,
+              "x [rows, in] float32, q [tiles, in, 8 or 16], d [tiles, in / 32, 16] float32");
+  const int64_t R = x.size(0), K = x.size(1), T = q.size(0);
+  TORCH_CHECK(K % BK == 0 && q.size(1) == K && q.size(2) == (q4 ? TILE / 2 : TILE) && d.size(0) == T && d.size(1) == K / BK
+              && d.size(2) == TILE, "shapes disagree");
+  TORCH_CHECK(!q4 || (m.scalar_type() == torch::kFloat && m.sizes() == d.sizes()), "Q4_1 needs m like d");
+  TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && d.is_contiguous() && (!q4 || m.is_contiguous()) && x.device().is_cpu(),
+              "contiguous CPU tensors only");
+  auto y = torch::empty({R, T * TILE}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* dp = d.data_ptr<float>();
+  const float* mp = q4 ? m.data_ptr<float>() : nullptr;
+  const uint8_t* qp = static_cast<const uint8_t*>(q.data_ptr());
+  float* yp = y.data_ptr<float>();
+  if (q4) tiles_pass<true>(xp, qp, dp, mp, yp, R, K, T);
+  else tiles_pass<false>(xp, qp, dp, mp, yp, R, K, T);
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("few_rows_linear", &few_rows_linear, "x @ w.T (+ b) for few rows of x (float32, CPU, AVX2)");
+  m.def("packed_linear", &packed_linear, "x @ w.T for few rows of x and w in tiles of Q4_1 or Q8_0 blocks (float32)");
 }
