@@ -19,6 +19,12 @@ use per (CPU model, torch version, thread count) `routes()` times the kernels at
 SmolLM2-shaped weights (~5 s) and caches, per row count, the kernel that beats F.linear by 5% or more
 in `$DRAFTHEADS_CACHE/cpu_matmul.json`. `DRAFTHEADS_FEW_ROW_KERNEL=padded|rows|stock` forces one kernel.
 
+Where the C++ kernel is the route and a weight is exactly the values of GGUF Q4_1 or Q8_0 blocks (the
+default model's are: it is a dequantised GGUF file), `few_rows.packed_linear` multiplies by the blocks
+instead, 4-6x fewer bytes (1 row over 30 layers 14.4 -> 8.6 ms). Its rounding is not the float32
+kernel's, so it is taken at every row count or at none: `use_packed()`, measured with the routes and
+cached beside them (`DRAFTHEADS_FEW_ROW_KERNEL=packed` forces it).
+
 `linear()` is the routing rule. The Llama-family forward (llama_forward.py) calls it directly;
 for other models `few_row_linear()` is a torch function mode that routes their `F.linear` calls to
 it, entered by the decoding loop around its own forwards of 2+ rows only, because the mode's per-op
