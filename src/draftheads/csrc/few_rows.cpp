@@ -95,7 +95,7 @@ torch::Tensor few_rows_linear(const torch::Tensor& x, const torch::Tensor& w, co
 // into two vectors and multiplies them by x[r, k] broadcast: each output is one lane summing its products
 // in input order, whatever the row count or tiling, so a row's result never depends on the rows beside it
 // (the order differs from few_rows_linear's, so the packed and float32 kernels differ by float rounding).
-// Decoded weights pass through a 2 KB buffer per block of 32 inputs, reused by every group of rows of x.
+// 1-4 rows of x take the weights decoded in registers; more share a 2 KB buffer per block of 32 inputs.
 constexpr int TILE = 16, BK = 32, GROUP = 6;  // outputs per tile, inputs per scale, rows of x per pass
 
 // One input's 16 weights of a tile, decoded: Q4_1 w = d * q + m (byte i: output i in its low nibble, i + 8
