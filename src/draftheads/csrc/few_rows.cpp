@@ -172,14 +172,17 @@ static inline void fused_dots(const Block& b0, const Block& b1, const float* x, 
     for (int c = 0; c < 4; ++c) _mm256_storeu_ps(acc + 32 * r + 8 * c, a[r][c]);
 }
 
-// acc [G][32] (its first or last 16) (+)= x[r, k0 .. k0 + 32] times the decoded block, G <= GROUP rows of x.
-template <int G>
-static inline void block_dots(const float* x, int64_t K, const float* buf, float* acc) {
+// acc [G][32] (its first or last 16) (+)= x[r, k0 .. k0 + 32] times one tile's block of 32 inputs, G rows
+// of x, two accumulator chains a row; weights(k, w0, w1) gives input k's 16 weights (from a decoded buffer
+// or decoded in registers: the same floats, so the same sums).
+template <int G, class Weights>
+static inline void tile_dots(const float* x, int64_t K, float* acc, Weights weights) {
   __m256 a[G][2];
 #pragma GCC unroll 8
   for (int r = 0; r < G; ++r) a[r][0] = _mm256_loadu_ps(acc + 32 * r), a[r][1] = _mm256_loadu_ps(acc + 32 * r + 8);
   for (int k = 0; k < BK; ++k) {
-    const __m256 w0 = _mm256_loadu_ps(buf + TILE * k), w1 = _mm256_loadu_ps(buf + TILE * k + 8);
+    __m256 w0, w1;
+    weights(k, w0, w1);
 #pragma GCC unroll 8
     for (int r = 0; r < G; ++r) {
       const __m256 xb = _mm256_broadcast_ss(x + r * K + k);
@@ -189,6 +192,14 @@ static inline void block_dots(const float* x, int64_t K, const float* buf, float
   }
 #pragma GCC unroll 8
   for (int r = 0; r < G; ++r) _mm256_storeu_ps(acc + 32 * r, a[r][0]), _mm256_storeu_ps(acc + 32 * r + 8, a[r][1]);
+}
+
+// tile_dots over a decoded block buf [32][16], for G <= GROUP rows of x.
+template <int G>
+static inline void block_dots(const float* x, int64_t K, const float* buf, float* acc) {
+  tile_dots<G>(x, K, acc, [buf](int k, __m256& w0, __m256& w1) {
+    w0 = _mm256_loadu_ps(buf + TILE * k), w1 = _mm256_loadu_ps(buf + TILE * k + 8);
+  });
 }
 
 static void group_dots(int64_t G, const float* x, int64_t K, const float* buf, float* acc) {
@@ -202,27 +213,12 @@ static void group_dots(int64_t G, const float* x, int64_t K, const float* buf, f
   }
 }
 
-// One tile's block decoded in registers for three or four rows of x (two chains a row), acc [G][32] (its
-// first or last 16): no buffer, as fused_dots.
+// One tile's block decoded in registers for three or four rows of x: no buffer, as fused_dots.
 template <bool Q4, int G>
 static inline void fused_dots1(const Block& b, const float* x, int64_t K, float* acc) {
   __m256 d0, d1, m0, m1;
   scales<Q4>(b, d0, d1, m0, m1);
-  __m256 a[G][2];
-#pragma GCC unroll 8
-  for (int r = 0; r < G; ++r) a[r][0] = _mm256_loadu_ps(acc + 32 * r), a[r][1] = _mm256_loadu_ps(acc + 32 * r + 8);
-  for (int k = 0; k < BK; ++k) {
-    __m256 w0, w1;
-    decode_step<Q4>(b.q, k, d0, d1, m0, m1, w0, w1);
-#pragma GCC unroll 8
-    for (int r = 0; r < G; ++r) {
-      const __m256 xb = _mm256_broadcast_ss(x + r * K + k);
-      a[r][0] = _mm256_fmadd_ps(w0, xb, a[r][0]);
-      a[r][1] = _mm256_fmadd_ps(w1, xb, a[r][1]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < G; ++r) _mm256_storeu_ps(acc + 32 * r, a[r][0]), _mm256_storeu_ps(acc + 32 * r + 8, a[r][1]);
+  tile_dots<G>(x, K, acc, [&](int k, __m256& w0, __m256& w1) { decode_step<Q4>(b.q, k, d0, d1, m0, m1, w0, w1); });
 }
 
 // y [R, T * 16] for all tiles, two at a time (the last alone where T is odd): acc [R][2 tiles][16].
