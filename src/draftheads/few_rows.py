@@ -72,13 +72,19 @@ def unavailable_reason() -> str | None:
 @cache
 def load():
     """The compiled module (its `few_rows_linear(x, w, b)`), or None where it cannot be built (logged once)."""
+    return build(SOURCE, "the few-row C++ kernel")
+
+
+def build(source: Path, what: str):
+    """`source` (a C++ file of csrc/) compiled for this CPU, or None where it cannot be built; `what` names
+    it in the one-line warning that says why."""
     reason = unavailable_reason()
     if reason is None:
         from torch.utils import cpp_extension
 
         model, flags = cpu_info()
-        key = "|".join([SOURCE.read_text(), model, " ".join(sorted(flags)), torch.__version__])
-        name = "draftheads_few_rows_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+        key = "|".join([source.read_text(), model, " ".join(sorted(flags)), torch.__version__])
+        name = f"draftheads_{source.stem}_" + hashlib.sha256(key.encode()).hexdigest()[:16]
         path = os.environ.get("PATH")
         torch_log = logging.getLogger(cpp_extension.__name__)
         level = torch_log.level
@@ -92,7 +98,7 @@ def load():
             build.mkdir(parents=True, exist_ok=True)
             _drop_stale_lock(build / "lock")
             torch_log.setLevel(logging.ERROR)  # its multi-line compiler warnings; a failure is said below in one line
-            return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                                       extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
         except Exception as e:  # no compiler, no ninja, a failed build: the other kernels remain
             lines = str(e).strip().splitlines()
@@ -103,7 +109,7 @@ def load():
                 os.environ.pop("PATH", None)
             else:
                 os.environ["PATH"] = path
-    log.warning("the few-row C++ kernel is not used: %s", reason)
+    log.warning("%s is not used: %s", what, reason)
     return None
 
 

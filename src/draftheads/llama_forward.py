@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from . import layer_ops
 from .cpu_matmul import MAX_ROWS, linear
 from .kvcache import TreeKVCache, is_chain
 from .row_attention import batched_rows_are_exact, chain_visibility, rows_attention
@@ -99,6 +100,7 @@ class LlamaForward:
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.fuse = fuse
+        self.silu = cfg.hidden_act == "silu"  # what layer_ops.silu_mul computes
         self._fused: list | None = None  # per layer ((qkv weight, bias), (gate/up weight, bias)), or None: apart
         self._fused_at: tuple[int, ...] = ()  # the weights' addresses when fused: another means they were replaced
         self._projections = [m for layer in self.layers for group in self._groups(layer) for m in group]
@@ -178,7 +180,13 @@ class LlamaForward:
             unpack = lambda t: t.view(b, q, -1)
         # Fused products pay for few rows, which stream the weights; a prefill's many rows are compute-bound
         # and ran 5% slower fused (40 rows), so they take the modules' weights (views) apart.
-        fused = self._fused_layers() if x.shape[0] <= MAX_ROWS else None
+        few = x.shape[0] <= MAX_ROWS
+        fused = self._fused_layers() if few else None
+        # The C++ layer ops (float32 CPU, few rows): one call each instead of torch's dispatch chains
+        cpp = few and trees is None and self.silu and d % 8 == 0 and layer_ops.applies(x)
+        if cpp:
+            x = x.clone()  # updated in place below; a caller's tensor (Hydra++'s inputs) stays as it was
+            cos, sin = cos.reshape(-1, d).contiguous(), sin.reshape(-1, d).contiguous()  # [rows, d]
         nq, nkv = self.heads * d, self.kv_heads * d
         visible, per_node = None, {}
         if trees is not None:
@@ -188,42 +196,63 @@ class LlamaForward:
             batched = batched_rows_are_exact(x.dtype, torch.get_num_threads(), self.kv_heads, g, d)
             per_node = {r: p for r, p in trees.items() if not (batched and is_chain(p))}
             starts = cache.row_starts() if len(per_node) < b else None
+        delta = None  # the last product, added to x by the next norm
         for i, layer in enumerate(self.layers):
             at, mlp = layer.self_attn, layer.mlp
-            h = rms_norm(x, layer.input_layernorm)  # [rows, hidden]
+            x, h = _add_norm(x, delta, layer.input_layernorm, cpp)  # [rows, hidden]
             if fused is not None:
-                qs, ks, vs = linear(h, *fused[i][0]).split([nq, nkv, nkv], -1)  # [rows, heads * d], [rows, kv_heads * d] x 2
+                qkv = linear(h, *fused[i][0])  # [rows, (heads + 2 kv_heads) * d]
+                qs, ks, vs = qkv.split([nq, nkv, nkv], -1)  # [rows, heads * d], [rows, kv_heads * d] x 2
             else:
+                qkv = None
                 qs = linear(h, at.q_proj.weight, at.q_proj.bias)  # [rows, heads * d]
                 ks = linear(h, at.k_proj.weight, at.k_proj.bias)  # [rows, kv_heads * d]
                 vs = linear(h, at.v_proj.weight, at.v_proj.bias)
-            if rows is not None:  # rotate the packed rows, then give each slot its q places
-                qs, ks = apply_rotary_pos_emb(qs.view(1, -1, self.heads, d).transpose(1, 2),
-                                              ks.view(1, -1, self.kv_heads, d).transpose(1, 2), cos, sin)
-                qs, ks = (t.transpose(1, 2).reshape(rows.numel(), -1) for t in (qs, ks))
-            qs, ks, vs = (unpack(t).view(b, q, -1, d).transpose(1, 2) for t in (qs, ks, vs))  # [b, heads or kv_heads, q, d]
-            if rows is None:
-                qs, ks = apply_rotary_pos_emb(qs, ks, cos, sin)
-            if trees is None:
+            if cpp:  # rotate in place, attend with queries as [b, q, heads, d]
+                for t, n in ((qkv, self.heads + self.kv_heads),) if qkv is not None else ((qs, self.heads), (ks, self.kv_heads)):
+                    layer_ops.rope_(t, cos, sin, n)
+                ks, vs = (unpack(t).view(b, q, -1, d).transpose(1, 2) for t in (ks, vs))  # [b, kv_heads, q, d]
                 keys, values = cache.append(i, ks, vs)  # [b, kv_heads, keys, d]
-                o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=self.scaling,
-                                                   enable_gqa=True)  # [b, heads, q, d]
+                o = layer_ops.attention(unpack(qs).view(b, q, -1, d), keys, values, mask, self.scaling)  # [b, q, heads * d]
+                o = o.view(b * q, -1)
             else:
-                keys, values, paths = cache.append_rows(i, ks, vs, per_node)  # [b, kv_heads, keys, d]
-                if starts is not None and visible is None:  # every layer attends over the same columns
-                    visible = chain_visibility(starts, q, keys.shape[2], g)  # [b, 1, q * g, keys]
-                o = rows_attention(qs, keys, values, visible, self.scaling) if visible is not None else qs.new_zeros(qs.shape)
-                for r, node, k1, v1 in paths:  # [1, kv_heads, its keys, d]: the path a branching tree's node sees
-                    o[r, :, node] = rows_attention(qs[r:r + 1, :, node:node + 1], k1, v1, None, self.scaling)[0, :, 0]
-            o = o.transpose(1, 2).reshape(b * q, -1)  # [b * q, heads * d]
-            x = x + linear(o[rows] if rows is not None else o, at.o_proj.weight, at.o_proj.bias)
-            h = rms_norm(x, layer.post_attention_layernorm)
+                if rows is not None:  # rotate the packed rows, then give each slot its q places
+                    qs, ks = apply_rotary_pos_emb(qs.view(1, -1, self.heads, d).transpose(1, 2),
+                                                  ks.view(1, -1, self.kv_heads, d).transpose(1, 2), cos, sin)
+                    qs, ks = (t.transpose(1, 2).reshape(rows.numel(), -1) for t in (qs, ks))
+                qs, ks, vs = (unpack(t).view(b, q, -1, d).transpose(1, 2) for t in (qs, ks, vs))  # [b, heads or kv_heads, q, d]
+                if rows is None:
+                    qs, ks = apply_rotary_pos_emb(qs, ks, cos, sin)
+                if trees is None:
+                    keys, values = cache.append(i, ks, vs)  # [b, kv_heads, keys, d]
+                    o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=self.scaling,
+                                                       enable_gqa=True)  # [b, heads, q, d]
+                else:
+                    keys, values, paths = cache.append_rows(i, ks, vs, per_node)  # [b, kv_heads, keys, d]
+                    if starts is not None and visible is None:  # every layer attends over the same columns
+                        visible = chain_visibility(starts, q, keys.shape[2], g)  # [b, 1, q * g, keys]
+                    o = rows_attention(qs, keys, values, visible, self.scaling) if visible is not None else qs.new_zeros(qs.shape)
+                    for r, node, k1, v1 in paths:  # [1, kv_heads, its keys, d]: the path a branching tree's node sees
+                        o[r, :, node] = rows_attention(qs[r:r + 1, :, node:node + 1], k1, v1, None, self.scaling)[0, :, 0]
+                o = o.transpose(1, 2).reshape(b * q, -1)  # [b * q, heads * d]
+            x, h = _add_norm(x, linear(o[rows] if rows is not None else o, at.o_proj.weight, at.o_proj.bias),
+                             layer.post_attention_layernorm, cpp)
             if fused is not None:
                 gate, up = linear(h, *fused[i][1]).chunk(2, -1)  # [rows, intermediate] each
             else:
                 gate, up = (linear(h, m.weight, m.bias) for m in (mlp.gate_proj, mlp.up_proj))
-            x = x + linear(mlp.act_fn(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
-        return unpack(rms_norm(x, self.norm))  # [b, q, hidden]
+            delta = linear(layer_ops.silu_mul(gate, up) if cpp else mlp.act_fn(gate) * up, mlp.down_proj.weight,
+                           mlp.down_proj.bias)
+        return unpack(_add_norm(x, delta, self.norm, cpp)[1])  # [b, q, hidden]
+
+
+def _add_norm(x: torch.Tensor, delta: torch.Tensor | None, norm: torch.nn.Module, cpp: bool):
+    """(x + delta, the RMSNorm module `norm` of it); delta None: nothing to add. cpp: the C++ op, which adds
+    in place."""
+    if cpp:
+        return x, layer_ops.add_rms_norm(x, delta, norm)
+    x = x if delta is None else x + delta
+    return x, rms_norm(x, norm)
 
 
 class PrefillChunks:

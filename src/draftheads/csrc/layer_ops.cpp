@@ -1,0 +1,234 @@
+// The small ops of a decoder layer between its products, for the few rows of a decoding pass (float32,
+// CPU, AVX2): RMSNorm (with the residual add before it), rotary embedding in place, attention over the
+// cache with an additive mask and grouped kv heads, and SiLU(gate) * up. At one row each torch op costs
+// 15-90 us of dispatch for ~1 us of arithmetic (docs/verify_profile.md); here each is one call.
+//
+// Every row is computed alone, in an order that depends on nothing but that row: its keys' columns, never
+// the row count or the columns masked out. So a tree node's hidden state equals, bit for bit, what a plain
+// step at its position computes (with products that are row-independent too: few_rows.cpp).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <immintrin.h>
+#include <vector>
+
+#if !defined(__AVX2__) || !defined(__FMA__)
+#error "layer_ops.cpp needs AVX2 and FMA (compiled with -march=native)"
+#endif
+
+static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+// e^x, 8 lanes (Cephes' expf: a degree-6 polynomial on x - n ln 2, times 2^n; ~1 ulp). Exactly 0 below
+// -87 (masked keys: their weight must be 0, not a denormal, for a row to sum what it sums unmasked).
+static inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), lo);
+  __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), keep);
+}
+
+static void check_rows(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32, name, ": float32 CPU tensor expected");
+  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, ": [rows, width] with contiguous rows expected");
+}
+
+// y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, as transformers' LlamaRMSNorm in float32.
+static void norm_row(const float* x, const float* w, float* y, int64_t H, float eps) {
+  __m256 a = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= H; k += 8) {
+    const __m256 v = _mm256_loadu_ps(x + k);
+    a = _mm256_fmadd_ps(v, v, a);
+  }
+  float s = hsum(a);
+  for (; k < H; ++k) s += x[k] * x[k];
+  const float inv = 1.0f / std::sqrt(s / static_cast<float>(H) + eps);
+  for (k = 0; k < H; ++k) y[k] = w[k] * (x[k] * inv);
+}
+
+// x [rows, H] += d [rows, H] in place (unless d is empty), then returns RMSNorm(x) [rows, H].
+torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor d, torch::Tensor w, double eps) {
+  check_rows(x, "x");
+  const int64_t R = x.size(0), H = x.size(1);
+  TORCH_CHECK(w.is_contiguous() && w.numel() == H && w.scalar_type() == torch::kFloat32, "w: [H] float32");
+  const bool add = d.numel() > 0;
+  if (add) {
+    check_rows(d, "d");
+    TORCH_CHECK(d.size(0) == R && d.size(1) == H, "d: the shape of x");
+  }
+  auto y = torch::empty({R, H}, x.options());
+  float* xp = x.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r) {
+    float* xr = xp + r * x.stride(0);
+    if (add) {
+      const float* dr = d.data_ptr<float>() + r * d.stride(0);
+      for (int64_t k = 0; k < H; ++k) xr[k] += dr[k];
+    }
+    norm_row(xr, w.data_ptr<float>(), y.data_ptr<float>() + r * H, H, static_cast<float>(eps));
+  }
+  return y;
+}
+
+// Rotary embedding in place on heads [0, heads) of each row of t [rows, >= heads * D], as transformers'
+// apply_rotary_pos_emb: x * cos + rotate_half(x) * sin, cos and sin [rows, D] per row's position.
+void rope_(torch::Tensor t, torch::Tensor cos, torch::Tensor sin, int64_t heads) {
+  check_rows(t, "t");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.sizes() == sin.sizes() && cos.dim() == 2 &&
+              cos.size(0) == t.size(0) && cos.scalar_type() == torch::kFloat32, "cos, sin: [rows, D] float32");
+  const int64_t R = t.size(0), D = cos.size(1), half = D / 2;
+  TORCH_CHECK(D % 2 == 0 && heads * D <= t.size(1), "heads * D exceeds a row");
+  for (int64_t r = 0; r < R; ++r) {
+    const float* c = cos.data_ptr<float>() + r * D;
+    const float* s = sin.data_ptr<float>() + r * D;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* x = t.data_ptr<float>() + r * t.stride(0) + h * D;
+      for (int64_t i = 0; i < half; ++i) {
+        const float x1 = x[i], x2 = x[i + half];
+        x[i] = x1 * c[i] - x2 * s[i];
+        x[i + half] = x2 * c[i + half] + x1 * s[i + half];
+      }
+    }
+  }
+}
+
+// SiLU(gate) * up, gate and up [rows, I] (views of one product's halves allowed) -> [rows, I].
+torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
+  check_rows(gate, "gate");
+  check_rows(up, "up");
+  TORCH_CHECK(gate.sizes() == up.sizes(), "gate and up: the same shape");
+  const int64_t R = gate.size(0), I = gate.size(1);
+  auto y = torch::empty({R, I}, gate.options());
+  for (int64_t r = 0; r < R; ++r) {
+    const float* g = gate.data_ptr<float>() + r * gate.stride(0);
+    const float* u = up.data_ptr<float>() + r * up.stride(0);
+    float* o = y.data_ptr<float>() + r * I;
+    int64_t k = 0;
+    for (; k + 8 <= I; k += 8) {
+      const __m256 gv = _mm256_loadu_ps(g + k);
+      const __m256 sig = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+      _mm256_storeu_ps(o + k, _mm256_mul_ps(sig, _mm256_loadu_ps(u + k)));
+    }
+    for (; k < I; ++k) o[k] = g[k] / (1.0f + std::exp(-g[k])) * u[k];
+  }
+  return y;
+}
+
+// One query head against D floats of key: 8 lanes over the dims in order, then hsum.
+template <int N>
+static inline void dots(const float* q, const float* const* k, float* out, int64_t D) {
+  __m256 a[N];
+  for (int n = 0; n < N; ++n) a[n] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + d);
+    for (int n = 0; n < N; ++n) a[n] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[n] + d), a[n]);
+  }
+  for (int n = 0; n < N; ++n) out[n] = hsum(a[n]);
+}
+
+// o[0, 8C) = sum_j p[j] v[j][0, 8C) / sum_j p[j], v's rows `stride` apart: 8C independent chains, so that
+// no FMA waits on the one before it, and the sum of p along them in column order, which costs no time
+// beside them. In column order, not in lanes: a tree node's masked columns (exact zeros) then leave its
+// sums as a plain step's, whatever columns its path's keys sit at.
+template <int C>
+static inline void weighted_sum(const float* p, const float* v, int64_t stride, int64_t L, float* o) {
+  __m256 a[C];
+  for (int c = 0; c < C; ++c) a[c] = _mm256_setzero_ps();
+  float total = 0.0f;
+  for (int64_t j = 0; j < L; ++j) {
+    const __m256 pj = _mm256_set1_ps(p[j]);
+    total += p[j];
+    const float* vr = v + j * stride;
+    for (int c = 0; c < C; ++c) a[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 8 * c), a[c]);
+  }
+  const __m256 inv = _mm256_set1_ps(1.0f / total);
+  for (int c = 0; c < C; ++c) _mm256_storeu_ps(o + 8 * c, _mm256_mul_ps(a[c], inv));
+}
+
+// softmax(q k^T * scale + mask) v for q [B, Q, H, D], k, v [B, KVH, L, D] (query head h reads kv head
+// h / (H / KVH)), mask [1 or B, 1, Q, L] additive or empty; every last dim contiguous. -> [B, Q, H * D].
+torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(), "q [B, Q, H, D], k and v [B, KVH, L, D]");
+  for (const auto* t : {&q, &k, &v})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 && t->stride(3) == 1,
+                "q, k, v: float32 CPU tensors with contiguous last dims");
+  const int64_t B = q.size(0), Q = q.size(1), H = q.size(2), D = q.size(3), KVH = k.size(1), L = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && KVH > 0 && H % KVH == 0 && D % 8 == 0 && L > 0, "shapes");
+  const bool masked = mask.numel() > 0;
+  if (masked)
+    TORCH_CHECK(mask.dim() == 4 && (mask.size(0) == 1 || mask.size(0) == B) && mask.size(2) == Q && mask.size(3) == L &&
+                mask.stride(3) == 1 && mask.scalar_type() == torch::kFloat32, "mask: [1 or B, 1, Q, L] float32");
+  const int64_t G = H / KVH, Lp = (L + 7) / 8 * 8;
+  auto out = torch::empty({B, Q, H * D}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float* mp = masked ? mask.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  // one task: a (batch row, query, head); short passes run on one thread
+  const int64_t grain = std::max<int64_t>(1, 512 / L);
+  at::parallel_for(0, B * Q * H, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> s(Lp);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / (Q * H), i = (t / H) % Q, h = t % H, kh = h / G;
+      const float* kb = kp + b * k.stride(0) + kh * k.stride(1);
+      const float* vb = vp + b * v.stride(0) + kh * v.stride(1);
+      const float* m = masked ? mp + (mask.size(0) == 1 ? 0 : b) * mask.stride(0) + i * mask.stride(2) : nullptr;
+      const float* qh = qp + b * q.stride(0) + i * q.stride(1) + h * q.stride(2);
+      int64_t j = 0;
+      for (; j + 4 <= L; j += 4) {
+        const float* ks[4] = {kb + j * k.stride(2), kb + (j + 1) * k.stride(2), kb + (j + 2) * k.stride(2), kb + (j + 3) * k.stride(2)};
+        dots<4>(qh, ks, s.data() + j, D);
+      }
+      for (; j < L; ++j) {
+        const float* ks[1] = {kb + j * k.stride(2)};
+        dots<1>(qh, ks, s.data() + j, D);
+      }
+      float mx = -INFINITY;
+      for (j = 0; j < L; ++j) {
+        s[j] = s[j] * sc + (m ? m[j] : 0.0f);
+        mx = std::max(mx, s[j]);
+      }
+      for (j = L; j < Lp; ++j) s[j] = -INFINITY;  // padding to whole vectors: weight 0
+      const __m256 mv = _mm256_set1_ps(mx);
+      for (j = 0; j < Lp; j += 8) _mm256_storeu_ps(s.data() + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(s.data() + j), mv)));
+      float* o = op + ((b * Q + i) * H + h) * D;
+      for (int64_t d = 0; d < D; d += 64) {
+        switch (std::min<int64_t>(8, (D - d) / 8)) {
+          case 1: weighted_sum<1>(s.data(), vb + d, v.stride(2), L, o + d); break;
+          case 2: weighted_sum<2>(s.data(), vb + d, v.stride(2), L, o + d); break;
+          case 3: weighted_sum<3>(s.data(), vb + d, v.stride(2), L, o + d); break;
+          case 4: weighted_sum<4>(s.data(), vb + d, v.stride(2), L, o + d); break;
+          case 5: weighted_sum<5>(s.data(), vb + d, v.stride(2), L, o + d); break;
+          case 6: weighted_sum<6>(s.data(), vb + d, v.stride(2), L, o + d); break;
+          case 7: weighted_sum<7>(s.data(), vb + d, v.stride(2), L, o + d); break;
+          default: weighted_sum<8>(s.data(), vb + d, v.stride(2), L, o + d);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("add_rms_norm", &add_rms_norm, "x += d in place (d may be empty), then RMSNorm(x) (float32 rows)");
+  m.def("rope_", &rope_, "rotary embedding in place on a row's first heads (float32)");
+  m.def("silu_mul", &silu_mul, "SiLU(gate) * up (float32 rows)");
+  m.def("attention", &attention, "attention over a cache with an additive mask, one row at a time (float32)");
+}
