@@ -3,13 +3,15 @@ cpu_matmul.routes() chose between them), on whole decodes: chat-formatted questi
 at a time, our loop without heads and with the default heads, under each kernel routing in one process
 (the routings alternate per question; both routings are measured at start-up, as routes() measures).
 With --packed: the C++ kernel on float32 weights against the same kernel taking the weights from their
-GGUF blocks (few_rows.packed_linear, as routes() takes it where it measured it faster).
+GGUF blocks (few_rows.packed_linear, as routes() takes it where it measured it faster). With --layer-ops:
+the routing routes() chose, with torch's small ops between the products against the C++ layer ops
+(layer_ops.py).
 
 Prints tokens/s and mean prefill ms per (routing, method), replies that differ between the routings (fp32
 rounding moves with the kernel) and, per routing, replies where the heads differ
 from the loop (must be 0).
 
-    python scripts/compare_kernels.py --questions vicuna --limit 20 --max-new-tokens 128 [--packed]
+    python scripts/compare_kernels.py --questions vicuna --limit 20 --max-new-tokens 128 [--packed | --layer-ops]
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import statistics
 import torch
 
 import draftheads
-from draftheads import cpu_matmul
+from draftheads import cpu_matmul, layer_ops
 from draftheads.questions import load_questions, question_file
 
 
@@ -31,15 +33,20 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--packed", action="store_true", help="float32 weights against their GGUF blocks, both on the C++ kernel")
+    ap.add_argument("--layer-ops", action="store_true", help="torch's small ops against the C++ layer ops, same kernels")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     table = cpu_matmul.measure(a.threads)
-    if a.packed:
-        routings = {"float32 weights": (table, False), "GGUF blocks": (table, True)}
+    if a.layer_ops:
+        table, packed = cpu_matmul.routes(), cpu_matmul.use_packed()
+        routings = {"torch's ops": (table, packed, False), "C++ layer ops": (table, packed, True)}
+    elif a.packed:
+        routings = {"float32 weights": (table, False, True), "GGUF blocks": (table, True, True)}
     else:
-        routings = {"before (F.linear, padded)": (cpu_matmul.measure(a.threads, kernels=("padded",)), False),
-                    "with the C++ kernel": (table, False)}
-    for name, (r, packed) in routings.items():
+        routings = {"before (F.linear, padded)": (cpu_matmul.measure(a.threads, kernels=("padded",)), False, True),
+                    "with the C++ kernel": (table, False, True)}
+    applies = layer_ops.applies
+    for name, (r, packed, _) in routings.items():
         print(f"{name}: " + ", ".join(f"{k} {sorted(n for n, v in r.items() if v == k)}" for k in cpu_matmul.KERNELS)
               + ("; GGUF blocks where the weights are" if packed else ""))
     models = {"loop": draftheads.load(heads=None), "heads": draftheads.load(heads="default")}
@@ -49,7 +56,8 @@ def main() -> None:
     for k, q in enumerate(load_questions(question_file(a.questions), a.limit)):
         chat = [{"role": "user", "content": q.turns[0]}]
         for name in (list(routings) if k % 2 == 0 else list(reversed(routings))):
-            cpu_matmul._ROUTES[a.threads], cpu_matmul._PACKED[a.threads] = routings[name]
+            cpu_matmul._ROUTES[a.threads], cpu_matmul._PACKED[a.threads], ops = routings[name]
+            layer_ops.applies = applies if ops else (lambda x: False)
             for method, m in models.items():
                 res = m.generate(chat, max_new_tokens=a.max_new_tokens)
                 tokens[name, method] += res.stats.new_tokens

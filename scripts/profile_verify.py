@@ -1,8 +1,9 @@
 """Profile one verify pass of the default backbone: time per forward over N new tokens after a
 200-token context, in plain transformers (DynamicCache, built-in causal mask) and in our loop's
-machinery (preallocated cache, tree mask, LM head on the new rows only) three ways: transformers'
-forward with stock F.linear, the same with cpu_matmul's few-row kernels, and the lean Llama-family
-forward the loop runs; then a torch.profiler breakdown of the lean forward at 1, 16 and 64 nodes.
+machinery (preallocated cache, tree mask, LM head on the new rows only) four ways: transformers'
+forward with stock F.linear, the same with cpu_matmul's few-row kernels, the lean Llama-family forward
+with torch's small ops between the products, and the lean forward the loop runs (with the C++ layer ops,
+layer_ops.py, where they apply); then a torch.profiler breakdown of the lean forward at 1, 16 and 64 nodes.
 
     .venv/bin/python scripts/profile_verify.py [--threads 2] [--repeats 10] [--profile-sizes 1,16,64]
         [--device cuda] [--dtype bfloat16]
@@ -20,6 +21,7 @@ import time
 import torch
 from transformers import DynamicCache
 
+from draftheads import layer_ops
 from draftheads.backbone import load_backbone
 from draftheads.generate import Decoder
 from draftheads.kvcache import cache_keyword
@@ -78,10 +80,14 @@ def main():
     decoder.engine._forward(cache, ctx, torch.arange(args.context, device=dev), causal)
     lean = decoder.lean
 
+    applies = layer_ops.applies
+
     def our_forward(n, variant="lean"):
         # "generic, stock": transformers' forward on our cache, stock F.linear; "generic": the same
-        # with cpu_matmul's few-row kernels; "lean": llama_forward (what the loop runs for this model).
-        decoder.lean, decoder.fast_linear = (lean if variant == "lean" else None), variant != "generic, stock"
+        # with cpu_matmul's few-row kernels; "lean": llama_forward (what the loop runs for this model),
+        # "lean, torch's ops" without the C++ layer ops.
+        decoder.lean, decoder.fast_linear = (lean if variant.startswith("lean") else None), variant != "generic, stock"
+        layer_ops.applies = (lambda x: False) if variant == "lean, torch's ops" else applies
         tt = tree_of_size(n).tensors(dev, dtype)
         ids = torch.randint(100, 20000, (n,), device=dev)
         h = decoder.engine._forward(cache, ids, tt.depths + args.context, tt.tree_bias)
@@ -91,7 +97,7 @@ def main():
             layer.length = args.context
         decoder.lean, decoder.fast_linear = lean, True
 
-    variants = ["generic, stock", "generic", "lean"]
+    variants = ["generic, stock", "generic", "lean, torch's ops", "lean"]
     rows = []
     for n in SIZES:  # the variants interleaved per size, so drift hits all alike
         rows.append([median_ms(lambda: hf_forward(n), args.repeats)] +

@@ -222,7 +222,10 @@ class BatchDecoder:
         for s in seqs:
             L = int(self.cache.lengths[s.slot])
             plans[s.slot] = (L, ROOT_ONLY, torch.tensor([s.root], device=dev))
-            if trees and s.drafter is not None and L + s.reserve <= s.end and (with_table or not s.by_batch):
+            # A one-node tree drafts nothing unless prompt lookup hangs branches on it (at 8 sequences the
+            # table's entry is plain: the heads' server then runs the plain server's pass, nothing more)
+            if (trees and s.drafter is not None and L + s.reserve <= s.end and (with_table or not s.by_batch)
+                    and (tree[s.slot].size > 1 or s.drafter.lookup is not None)):
                 drafting.append(s)
         for slot, (step_tree, cands) in propose_all(drafting, tree, dev, self.confidence_at(B)).items():
             plans[slot] = (plans[slot][0], step_tree, cands)
