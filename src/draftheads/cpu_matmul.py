@@ -57,18 +57,22 @@ ROW_EXACT_DTYPES = (torch.bfloat16, torch.float16)  # one-row products padded to
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, w, b) with few-row CPU fp32 products routed to the kernel `routes()` measured fastest
     for their row count, and one-row CPU bf16/fp16 products run as two rows (`two_rows`). x [..., in] -> [..., out]."""
+    # ~120 calls a pass of the default model, so the common case asks as little as it can (x.is_cpu, not
+    # x.device.type; the routing table directly once measured)
     rows = x.numel() // x.shape[-1]
     if torch.compiler.is_compiling():
         return F.linear(x, w, b)  # Inductor picks its own GEMM for a plain linear
-    if x.device.type == "cpu" and rows == 1 and x.dtype in ROW_EXACT_DTYPES:
+    if x.is_cpu and rows == 1 and x.dtype in ROW_EXACT_DTYPES:
         return two_rows(x, w, b)
-    if not (rows <= MAX_ROWS and x.device.type == "cpu" and w.dtype == x.dtype == torch.float32):
+    if not (rows <= MAX_ROWS and x.is_cpu and w.dtype == x.dtype == torch.float32):
         return F.linear(x, w, b)
-    kernel = routes().get(rows)
+    threads = torch.get_num_threads()
+    table = _ROUTES.get(threads)
+    kernel = (table if table is not None else routes()).get(rows)
     if kernel == "rows" and w.is_contiguous() and not _needs_grad(x, w, b):  # the C++ kernel has no backward
         # From the weights' GGUF blocks where they hold them exactly (the default model's do): 4-6x fewer
         # bytes. At every row count or none, so that a row's result never depends on the pass it is in.
-        p = few_rows.packed(w) if _PACKED.get(torch.get_num_threads()) else None
+        p = few_rows.packed(w) if _PACKED.get(threads) else None
         return few_rows.packed_linear(x, p, b) if p is not None else few_rows.linear(x, w, b)
     if kernel == "padded":
         return padded_linear(x, w, b)

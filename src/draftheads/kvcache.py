@@ -119,15 +119,15 @@ class _PreallocatedLayer(CacheLayerMixin):
         q = key_states.shape[-2]
         end = self.length + q
         assert end <= self.owner.capacity, "KV cache overflow: the loop must keep within capacity"
-        kv = self.owner.kv[self.index]  # [2, batch, kv_heads, capacity, head_dim]
+        keys, values = self.owner.kv[self.index, :, :, :, :end].unbind()  # [batch, kv_heads, end, head_dim] each
         # Layers with fewer kv heads than the first would broadcast into the slice silently.
-        assert key_states.shape == value_states.shape == kv[0, :, :, :q].shape, \
+        assert key_states.shape == value_states.shape == (*keys.shape[:2], q, keys.shape[3]), \
             f"layer {self.index} keys {tuple(key_states.shape)} / values {tuple(value_states.shape)} do not fit the " \
-            f"cache slots {tuple(kv[0, :, :, :q].shape)}"
-        kv[0, :, :, self.length:end] = key_states
-        kv[1, :, :, self.length:end] = value_states
+            f"cache slots {(*keys.shape[:2], q, keys.shape[3])}"
+        keys[:, :, self.length:].copy_(key_states)
+        values[:, :, self.length:].copy_(value_states)
         self.length = end
-        return kv[0, :, :, :end], kv[1, :, :, :end]
+        return keys, values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -354,12 +354,12 @@ class SlotKVCache:
             cols = self.lengths[:n, None] + self._cols[:q]  # [n, q]
             at = (self._rows[:n, None, None] * heads + torch.arange(heads, device=cols.device)[:, None]) * self.capacity + cols[:, None, :]
             self._rows_at = at.reshape(-1)  # [n * kv_heads * q] rows of a layer's keys viewed as [-1, head_dim]
-        kv = self.kv[layer]  # [2, slots, kv_heads, capacity, head_dim]
-        # index_copy_ over flat rows: a third of the time of the equivalent indexed assignment
-        kv[0].view(-1, d).index_copy_(0, self._rows_at, keys.reshape(-1, d))
-        kv[1].view(-1, d).index_copy_(0, self._rows_at, values.reshape(-1, d))
+        # index_copy_ over flat rows: a third of the time of the equivalent indexed assignment; keys and
+        # values in one call (this runs for every layer of every pass)
+        self.kv[layer].view(2, -1, d).index_copy_(1, self._rows_at, torch.stack((keys, values)).view(2, -1, d))
         end = self._end if end is None else end
-        return kv[0, :n, :, :end], kv[1, :n, :, :end]
+        all_keys, all_values = self.kv[layer, :, :n, :, :end].unbind()  # [n, kv_heads, end, head_dim] each
+        return all_keys, all_values
 
     def keep(self, slot: int, nodes: list[int]) -> None:
         """After a tree step wrote slot `slot`'s nodes after its length L: keep `nodes` (root first, each
