@@ -83,7 +83,8 @@ def build(source: Path, what: str):
         from torch.utils import cpp_extension
 
         model, flags = cpu_info()
-        key = "|".join([source.read_text(), model, " ".join(sorted(flags)), torch.__version__])
+        headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]  # a changed header is another build
+        key = "|".join([source.read_text(), *headers, model, " ".join(sorted(flags)), torch.__version__])
         name = f"draftheads_{source.stem}_" + hashlib.sha256(key.encode()).hexdigest()[:16]
         path = os.environ.get("PATH")
         torch_log = logging.getLogger(cpp_extension.__name__)

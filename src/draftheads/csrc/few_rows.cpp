@@ -11,18 +11,8 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cstdint>
-#include <immintrin.h>
 
-#if !defined(__AVX2__) || !defined(__FMA__)
-#error "few_rows.cpp needs AVX2 and FMA (compiled with -march=native)"
-#endif
-
-static inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
+#include "avx2.h"
 
 // y[r, o] = x[r] . w[o] for r < R <= 8 and o in [o0, o1). Accumulators are named registers, not an array:
 // GCC kept an array on the stack and stored it every iteration (2.6x slower).

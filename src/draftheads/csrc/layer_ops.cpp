@@ -11,19 +11,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <immintrin.h>
 #include <vector>
 
-#if !defined(__AVX2__) || !defined(__FMA__)
-#error "layer_ops.cpp needs AVX2 and FMA (compiled with -march=native)"
-#endif
-
-static inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
+#include "avx2.h"
 
 // e^x, 8 lanes (Cephes' expf: a degree-6 polynomial on x - n ln 2, times 2^n; ~1 ulp). Exactly 0 below
 // -87 (masked keys: their weight must be 0, not a denormal, for a row to sum what it sums unmasked).
