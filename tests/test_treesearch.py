@@ -263,3 +263,21 @@ def test_interpolate_extrapolates_from_one_or_two_points():
     assert interpolate([4], [0.1], 10) == 0.1
     assert interpolate([1, 3], [1.0, 2.0], 5) == pytest.approx(3.0)
     assert interpolate([1, 2, 4], [1.0, 2.0, 3.0], 6) == pytest.approx(4.0)  # the last segment's slope
+
+
+def test_batch_table_fits_chain_costs_within_the_few_row_regime():
+    """At 16 sequences a 3-node chain is 48 rows, past the few-row kernels' 32: its round costs a step more,
+    which a line through every timed chain spreads over all of them. With max_rows those rounds leave the
+    fit (and the candidates), and a plain round is costed as measured."""
+    from draftheads.calibrate import batch_table
+
+    ranks, probs = _confident_half()
+    p, _ = accuracies(ranks)
+    chains = [{"size": n, "step_s": s} for n, s in ((1, 0.05), (2, 0.08), (3, 0.25), (4, 0.30))]
+    cut = (ranks, probs, [0.05, 0.2, 0.95], {16: chains})
+    plain = {16: [{"size": 1, "step_s": 0.05}, {"size": 2, "step_s": 0.08}]}
+    skewed = batch_table(p, plain, max_nodes=4, max_depth=3, cut=cut)["16"]["candidates"]
+    fitted = batch_table(p, plain, max_nodes=4, max_depth=3, cut=cut, max_rows=32)["16"]["candidates"]
+    assert skewed[0]["depth"] == 0 and skewed[0]["round_s"] < 0.04  # the 48- and 64-row rounds drag the line
+    assert fitted[0]["depth"] == 0 and fitted[0]["round_s"] == pytest.approx(0.05)
+    assert all(16 * c["rows"] <= 32 for c in fitted) and any(16 * c["rows"] > 32 for c in skewed)

@@ -14,6 +14,7 @@ import torch
 from .acceptance import SamplingConfig
 from .draftmodel import DraftModel, trees_key
 from .errors import UserError
+from .cpu_matmul import MAX_ROWS
 from .generate import Decoder, Stats
 from .lookup import PromptLookup
 from .tree import MAX_RANK, Tree, chain
@@ -245,7 +246,8 @@ def batch_round_latency(dm: DraftModel, prompt_ids: list[int], batch: int, sizes
             for n in sizes]
 
 
-def batch_table(p, latency: dict[int, list[dict]], max_nodes: int, max_depth: int, cut=None) -> dict[str, dict]:
+def batch_table(p, latency: dict[int, list[dict]], max_nodes: int, max_depth: int, cut=None,
+                max_rows: int | None = None) -> dict[str, dict]:
     """Per batch size, the tree with the most tokens/s under its measured round latency: {"8": {"tree",
     "size", "predicted_mean_accepted", "predicted_tokens_per_s" (all sequences together),
     "plain_tokens_per_s" (the same batch without trees), "latency"}}. A size-1 tree means no tree pays.
@@ -264,7 +266,12 @@ def batch_table(p, latency: dict[int, list[dict]], max_nodes: int, max_depth: in
     draft phase of its whole depth. Each depth takes its best cut; a deeper chain takes over only when
     DEEPER_CHAIN_MARGIN faster (pick_chain). The entry adds "draft_confidence" (the chosen cut),
     "predicted_rows", "chain_latency" and every candidate's figures ("candidates": depth,
-    draft_confidence, rows and tokens per sequence-round, round_s, tokens_per_s)."""
+    draft_confidence, rows and tokens per sequence-round, round_s, tokens_per_s).
+
+    max_rows: where a pass of more rows takes other kernels (the lean forward on a CPU past
+    cpu_matmul.MAX_ROWS: a step up in cost, 86 -> 180 ms from 32 to 40 rows at 8 sequences), the timed
+    chains of more rows than that leave the fit (it then put a plain round of 8 at 18 ms against 34
+    measured), and so do candidates whose mean rows exceed it; None: every one."""
     from .treesearch import choose, interpolate
 
     table = {}
@@ -278,17 +285,22 @@ def batch_table(p, latency: dict[int, list[dict]], max_nodes: int, max_depth: in
             ranks, probs, min_probs, chain_latency = cut
             cl = chain_latency[b]
             cx, cd = [x["size"] for x in cl], [x.get("draft_s", 0.0) for x in cl]
-            verify = line_fit(cx, [x["step_s"] - d for x, d in zip(cl, cd)])
+            fitted = [i for i, n in enumerate(cx) if max_rows is None or b * n <= max_rows]
+            fitted = fitted if len(fitted) >= 2 else list(range(len(cx)))
+            verify = line_fit([cx[i] for i in fitted], [cl[i]["step_s"] - cd[i] for i in fitted])
             candidates, by_depth = [], []
             for t in map(chain, range(min(max_depth, max_nodes - 1, max(cx) - 1) + 1)):
                 cuts = []
                 for min_prob in min_probs if t.size > 1 else [0.0]:  # the root alone is never cut
                     rows, tokens = cut_rows_tokens(ranks, probs, t.paths, min_prob)
+                    if max_rows is not None and b * rows > max_rows and t.size > 1:
+                        continue
                     seconds = verify(rows) + interpolate(cx, cd, t.size)
                     cuts.append({"depth": t.depth, "draft_confidence": min_prob, "rows": rows, "tokens": tokens,
                                  "round_s": seconds, "tokens_per_s": b * tokens / seconds})
                 candidates += cuts
-                by_depth.append(max(cuts, key=lambda c: c["tokens_per_s"]))
+                if cuts:  # the root is always one
+                    by_depth.append(max(cuts, key=lambda c: c["tokens_per_s"]))
             best = pick_chain(by_depth)
             entry = {"tree": chain(best["depth"]).paths, "size": best["depth"] + 1,
                      "predicted_mean_accepted": best["tokens"], "predicted_tokens_per_s": best["tokens_per_s"],
@@ -449,8 +461,10 @@ def run_calibrate(args) -> dict:
             "calibrated_for": trees_key(dm.decoder.device, dm.decoder.dtype),
         }
         if by_batch:
+            few_rows_regime = dm.decoder.device.type == "cpu" and dm.decoder.lean is not None  # cpu_matmul's routes
             result["batch_trees"] = batch_table(p, by_batch, args.max_nodes, K,
-                                                (ranks, torch.cat(probs), args.draft_confidence, chain_latency) if cut else None)
+                                                (ranks, torch.cat(probs), args.draft_confidence, chain_latency) if cut else None,
+                                                max_rows=MAX_ROWS if few_rows_regime else None)
         if lookup is not None:
             result["lookup"] = {**lookup_summary(lookup, ranks, lk_depth, lk_nodes, chosen.paths),
                                 "predicted_tokens_per_s": best["tokens_per_s_hybrid"]}
