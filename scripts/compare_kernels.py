@@ -36,16 +36,15 @@ def main() -> None:
     ap.add_argument("--layer-ops", action="store_true", help="torch's small ops against the C++ layer ops, same kernels")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    table = cpu_matmul.measure(a.threads)
     if a.layer_ops:
         table, packed = cpu_matmul.routes(), cpu_matmul.use_packed()
         routings = {"torch's ops": (table, packed, False), "C++ layer ops": (table, packed, True)}
     elif a.packed:
+        table = cpu_matmul.measure(a.threads)
         routings = {"float32 weights": (table, False, True), "GGUF blocks": (table, True, True)}
     else:
         routings = {"before (F.linear, padded)": (cpu_matmul.measure(a.threads, kernels=("padded",)), False, True),
-                    "with the C++ kernel": (table, False, True)}
-    applies = layer_ops.applies
+                    "with the C++ kernel": (cpu_matmul.measure(a.threads), False, True)}
     for name, (r, packed, _) in routings.items():
         print(f"{name}: " + ", ".join(f"{k} {sorted(n for n, v in r.items() if v == k)}" for k in cpu_matmul.KERNELS)
               + ("; GGUF blocks where the weights are" if packed else ""))
@@ -56,8 +55,7 @@ def main() -> None:
     for k, q in enumerate(load_questions(question_file(a.questions), a.limit)):
         chat = [{"role": "user", "content": q.turns[0]}]
         for name in (list(routings) if k % 2 == 0 else list(reversed(routings))):
-            cpu_matmul._ROUTES[a.threads], cpu_matmul._PACKED[a.threads], ops = routings[name]
-            layer_ops.applies = applies if ops else (lambda x: False)
+            cpu_matmul._ROUTES[a.threads], cpu_matmul._PACKED[a.threads], layer_ops.ENABLED = routings[name]
             for method, m in models.items():
                 res = m.generate(chat, max_new_tokens=a.max_new_tokens)
                 tokens[name, method] += res.stats.new_tokens

@@ -80,14 +80,12 @@ def main():
     decoder.engine._forward(cache, ctx, torch.arange(args.context, device=dev), causal)
     lean = decoder.lean
 
-    applies = layer_ops.applies
-
     def our_forward(n, variant="lean"):
         # "generic, stock": transformers' forward on our cache, stock F.linear; "generic": the same
         # with cpu_matmul's few-row kernels; "lean": llama_forward (what the loop runs for this model),
         # "lean, torch's ops" without the C++ layer ops.
         decoder.lean, decoder.fast_linear = (lean if variant.startswith("lean") else None), variant != "generic, stock"
-        layer_ops.applies = (lambda x: False) if variant == "lean, torch's ops" else applies
+        layer_ops.ENABLED = variant != "lean, torch's ops"
         tt = tree_of_size(n).tensors(dev, dtype)
         ids = torch.randint(100, 20000, (n,), device=dev)
         h = decoder.engine._forward(cache, ids, tt.depths + args.context, tt.tree_bias)

@@ -651,3 +651,23 @@ def test_a_tree_the_request_names_is_not_cut():
     assert stats[1].nodes < 3 * named.size  # the table's follower: cut at 0.9
     for gen in gens:
         gen.close()
+
+
+def test_a_plain_table_entry_drafts_nothing_unless_prompt_lookup_may_branch(monkeypatch):
+    """Where the table says plain (a one-node tree), the heads are not asked for drafts; prompt lookup still
+    is, as it hangs branches on the root alone. Both stay exact."""
+    from draftheads.lookup import Hybrid, LookupConfig, PromptLookup
+
+    model = tiny_model()
+    heads = tiny_heads(model, num_heads=3)
+    table = {1: load_tree("medusa16", 3), 2: Tree([])}
+    calls = []
+    real = Hybrid.propose
+    monkeypatch.setattr(Hybrid, "propose", lambda self, h, r, t: calls.append((self.lookup is not None, t.size)) or real(self, h, r, t))
+    prompts = [list(range(10, 20)) * 2, list(range(40, 47)) * 3]  # repeats: lookup finds matches
+    reqs = [(p, SamplingConfig(), None) for p in prompts]
+    for lookup in (None, PromptLookup(LookupConfig(branches=2, tokens=3))):
+        dec = Decoder(model, heads, load_tree("chain2"), lookup)
+        batch = BatchDecoder(dec, slots=2, capacity=128, batch_trees=table, draft_confidence=0.0)
+        assert drive(batch, reqs, 20) == [hf_greedy(model, p, 20) for p in prompts]
+    assert (True, 1) in calls and (False, 1) not in calls  # plain passes: only lookup is asked

@@ -121,7 +121,7 @@ def test_lean_forward_with_the_ops_equals_it_with_torchs(arch, monkeypatch):
     monkeypatch.setattr(layer_ops, "attention", lambda *a: calls.append(1) or attention(*a))
     outputs = {}
     for ops in (True, False):
-        monkeypatch.setattr(layer_ops, "applies", lambda x, ops=ops: ops)
+        monkeypatch.setattr(layer_ops, "ENABLED", ops)
         cache = TreeKVCache.for_model(model, 64)
         with torch.inference_mode():
             prefill = decoder.engine._forward(cache, prompt, torch.arange(20), causal)

@@ -12,9 +12,9 @@ import time
 import torch
 
 from .acceptance import SamplingConfig
+from .cpu_matmul import MAX_ROWS
 from .draftmodel import DraftModel, trees_key
 from .errors import UserError
-from .cpu_matmul import MAX_ROWS
 from .generate import Decoder, Stats
 from .lookup import PromptLookup
 from .tree import MAX_RANK, Tree, chain

@@ -10,7 +10,8 @@ columns add exact zeros), and so do the other ops: with row-independent products
 node's hidden state is bit for bit what a plain step at its position computes.
 
 Built like few_rows (torch.utils.cpp_extension, -march=native, once per CPU); None where it cannot be,
-and the lean forward keeps torch's ops. `DRAFTHEADS_LAYER_OPS=0` keeps them too (comparisons).
+and the lean forward keeps torch's ops. `DRAFTHEADS_LAYER_OPS=0` (or `ENABLED = False`, which the
+comparison scripts switch per run) keeps them too.
 """
 
 from __future__ import annotations
@@ -25,20 +26,20 @@ from . import few_rows
 
 SOURCE = Path(__file__).with_name("csrc") / "layer_ops.cpp"
 EMPTY = torch.empty(0)  # "no residual to add" / "no mask" for the C++ calls
+ENABLED = os.environ.get("DRAFTHEADS_LAYER_OPS", "1") != "0"  # False: torch's ops everywhere
 
 
 @cache
 def load():
-    """The compiled module, or None where it cannot be built or DRAFTHEADS_LAYER_OPS=0 (said once)."""
-    if os.environ.get("DRAFTHEADS_LAYER_OPS", "1") == "0":
-        return None
+    """The compiled module, or None where it cannot be built (said once)."""
     return few_rows.build(SOURCE, "the C++ layer ops")
 
 
 def applies(x: torch.Tensor) -> bool:
-    """Whether a pass over x [rows, hidden] takes the C++ ops: float32 on a CPU, no gradients (they have
-    no backward), the module built."""
-    return x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled() and load() is not None
+    """Whether a pass over x [rows, hidden] takes the C++ ops: ENABLED, float32 on a CPU, no gradients (they
+    have no backward), the module built."""
+    return (ENABLED and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and load() is not None)
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, norm: torch.nn.Module) -> torch.Tensor:
