@@ -198,7 +198,10 @@ def test_pack_holds_gguf_block_values_exactly_and_nothing_else():
     def per_input(t: torch.Tensor) -> torch.Tensor:  # a block's scale for each of its 32 inputs
         return rows(t).repeat_interleave(32, dim=1)
 
-    values = torch.cat([p4.q & 15, p4.q >> 4], -1).float()  # byte i of an input: output i low, i + 8 high
+    # each 8 inputs: 16 little-endian uint32 (one an output), nibble s holding input 8 g + s
+    b = p4.q.reshape(3, 12, 16, 4).long()  # [tiles, in / 8, outputs, bytes]
+    words = b[..., 0] | b[..., 1] << 8 | b[..., 2] << 16 | b[..., 3] << 24  # [tiles, in / 8, 16]
+    values = torch.stack([(words >> 4 * s) & 15 for s in range(8)], 2).reshape(3, 96, 16).float()  # [tiles, in, 16]
     assert torch.equal((rows(values) * per_input(p4.d) + per_input(p4.m))[:40], w4)
     assert torch.equal((rows(p8.q.float()) * per_input(p8.d))[:40], w8)
     assert not rows(values)[40:].any()  # padding rows are zeros

@@ -140,9 +140,10 @@ TILE = 16  # output rows per tile of a packed weight (csrc/few_rows.cpp)
 @dataclass(frozen=True)
 class Packed:
     """A float32 weight [out, in] held in a GGUF block format it is exactly representable in, as tiles of
-    16 output rows: q uint8 [tiles, in, 8] (Q4_1, w = d * q + m: byte i of an input holds output i in its
-    low nibble, i + 8 in its high) or int8 [tiles, in, 16] (Q8_0, w = d * q); d, m float32 [tiles, in / 32,
-    16] (m None for Q8_0). `packed_linear` decodes it to the very same floats."""
+    16 output rows: q uint8 [tiles, in, 8] (Q4_1, w = d * q + m: each 8 inputs are 16 little-endian uint32,
+    one per output, nibble s holding input 8 g + s) or int8 [tiles, in, 16]
+    (Q8_0, w = d * q); d, m float32 [tiles, in / 32, 16] (m None for Q8_0). `packed_linear` decodes it to the
+    very same floats."""
 
     q: torch.Tensor
     d: torch.Tensor
@@ -210,8 +211,10 @@ def _tiled(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, out: int) -
     if m is None:
         return Packed(q.to(torch.int8).contiguous(), d, None, out)
     m = torch.nn.functional.pad(m, (0, 0, 0, pad)).view(T, TILE, -1).transpose(1, 2).contiguous()
-    q = q.to(torch.uint8)
-    return Packed((q[..., :8] | (q[..., 8:] << 4)).contiguous(), d, m, out)
+    shifts = (4 * torch.arange(8)).view(1, 1, 8, 1)
+    words = (q.to(torch.int64).reshape(T, K // 8, 8, TILE) << shifts).sum(2)  # [tiles, in / 8, 16]: nibble s, input 8 g + s
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the same 32 bits, as int32
+    return Packed(words.view(torch.uint8).view(T, K, 8), d, m, out)
 
 
 def q4_1_values(out: int, width: int, generator: torch.Generator, scale: float = 0.01) -> torch.Tensor:

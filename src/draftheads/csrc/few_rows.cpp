@@ -88,16 +88,22 @@ torch::Tensor few_rows_linear(const torch::Tensor& x, const torch::Tensor& w, co
 // 1-4 rows of x take the weights decoded in registers; more share a 2 KB buffer per block of 32 inputs.
 constexpr int TILE = 16, BK = 32, GROUP = 6;  // outputs per tile, inputs per scale, rows of x per pass
 
-// One input's 16 weights of a tile, decoded: Q4_1 w = d * q + m (byte i: output i in its low nibble, i + 8
-// in its high), Q8_0 w = d * q. d * q is exact in float32 (an fp16 scale times 4 or 8 bits), so the fused
-// multiply-add rounds once, as GGUF's dequantisation (d * q + m in float32) does: the same floats.
+// One input's 16 weights of a tile, decoded: Q4_1 w = d * q + m, Q8_0 w = d * q. d * q is exact in float32 (an
+// fp16 scale times 4 or 8 bits), so the fused multiply-add rounds once, as GGUF's dequantisation (d * q + m in
+// float32) does: the same floats. Q4_1 holds a block's 32 inputs as 4 groups of 8, each 16 dwords (one an
+// output) of 8 nibbles (nibble s: input 8 g + s), so an input's 16 values are two shifts (of loads) and two
+// masks away: ~8 instructions per 16 weights where a byte per output pair, widened by vpmovzxbd, took 10.
+// The callers unroll their k-loops, so k is a constant and each shift an immediate.
 template <bool Q4>
 static inline void decode_step(const uint8_t* q, int k, __m256 d0, __m256 d1, __m256 m0, __m256 m1, __m256& w0, __m256& w1) {
   if constexpr (Q4) {
-    const __m128i low = _mm_set1_epi8(0x0F);
-    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * k));
-    w0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(v, low))), m0);
-    w1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), low))), m1);
+    const __m256i* g = reinterpret_cast<const __m256i*>(q + 64 * (k / 8));
+    asm("" : "+r"(g));  // loaded again for each input, into its shift: kept in registers, they spilled others
+    const __m256i low = _mm256_set1_epi32(0x0F);
+    const int s = 4 * (k % 8);
+    const __m256i v0 = _mm256_srli_epi32(_mm256_loadu_si256(g), s), v1 = _mm256_srli_epi32(_mm256_loadu_si256(g + 1), s);
+    w0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(s == 28 ? v0 : _mm256_and_si256(v0, low)), m0);
+    w1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(s == 28 ? v1 : _mm256_and_si256(v1, low)), m1);
   } else {
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + TILE * k));
     w0 = _mm256_mul_ps(d0, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)));
@@ -123,43 +129,12 @@ template <bool Q4>
 static inline void decode_block(const Block& b, float* buf) {
   __m256 d0, d1, m0, m1, w0, w1;
   scales<Q4>(b, d0, d1, m0, m1);
+#pragma GCC unroll 32
   for (int k = 0; k < BK; ++k) {
     decode_step<Q4>(b.q, k, d0, d1, m0, m1, w0, w1);
     _mm256_storeu_ps(buf + TILE * k, w0);
     _mm256_storeu_ps(buf + TILE * k + 8, w1);
   }
-}
-
-// For one or two rows of x, two tiles' blocks decoded in registers and multiplied at once (acc [G][2 tiles]
-// [16]): a buffer's stores would bound the pass (one 32-byte store a cycle), and four chains per row keep
-// the multiply-adds from waiting on each other. The same sums in the same order as block_dots.
-template <bool Q4, int G>
-static inline void fused_dots(const Block& b0, const Block& b1, const float* x, int64_t K, float* acc) {
-  __m256 d0, d1, m0, m1, e0, e1, n0, n1;
-  scales<Q4>(b0, d0, d1, m0, m1);
-  scales<Q4>(b1, e0, e1, n0, n1);
-  __m256 a[G][4];
-#pragma GCC unroll 8
-  for (int r = 0; r < G; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) a[r][c] = _mm256_loadu_ps(acc + 32 * r + 8 * c);
-  for (int k = 0; k < BK; ++k) {
-    __m256 w0, w1, w2, w3;
-    decode_step<Q4>(b0.q, k, d0, d1, m0, m1, w0, w1);
-    decode_step<Q4>(b1.q, k, e0, e1, n0, n1, w2, w3);
-#pragma GCC unroll 8
-    for (int r = 0; r < G; ++r) {
-      const __m256 xb = _mm256_broadcast_ss(x + r * K + k);
-      a[r][0] = _mm256_fmadd_ps(w0, xb, a[r][0]);
-      a[r][1] = _mm256_fmadd_ps(w1, xb, a[r][1]);
-      a[r][2] = _mm256_fmadd_ps(w2, xb, a[r][2]);
-      a[r][3] = _mm256_fmadd_ps(w3, xb, a[r][3]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < G; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) _mm256_storeu_ps(acc + 32 * r + 8 * c, a[r][c]);
 }
 
 // acc [G][32] (its first or last 16) (+)= x[r, k0 .. k0 + 32] times one tile's block of 32 inputs, G rows
@@ -170,6 +145,7 @@ static inline void tile_dots(const float* x, int64_t K, float* acc, Weights weig
   __m256 a[G][2];
 #pragma GCC unroll 8
   for (int r = 0; r < G; ++r) a[r][0] = _mm256_loadu_ps(acc + 32 * r), a[r][1] = _mm256_loadu_ps(acc + 32 * r + 8);
+#pragma GCC unroll 32
   for (int k = 0; k < BK; ++k) {
     __m256 w0, w1;
     weights(k, w0, w1);
@@ -189,6 +165,9 @@ template <int G>
 static inline void block_dots(const float* x, int64_t K, const float* buf, float* acc) {
   tile_dots<G>(x, K, acc, [buf](int k, __m256& w0, __m256& w1) {
     w0 = _mm256_loadu_ps(buf + TILE * k), w1 = _mm256_loadu_ps(buf + TILE * k + 8);
+    // Held in registers: below 5 rows GCC folded the loads into every multiply-add (3 loads per 2 FMAs,
+    // bound by the load ports: 4 + 4 rows then ran slower than 6 + 2)
+    if constexpr (G < 5) asm("" : "+x"(w0), "+x"(w1));
   });
 }
 
@@ -203,9 +182,11 @@ static void group_dots(int64_t G, const float* x, int64_t K, const float* buf, f
   }
 }
 
-// One tile's block decoded in registers for three or four rows of x: no buffer, as fused_dots.
+// One tile's block decoded in registers for one to four rows of x: no buffer. One tile at a time, two chains a
+// row: two tiles at once (four chains) ran out of registers (30 layers, 2 threads: 1 row 7.1 -> 6.1 ms, 2 rows
+// 8.4 -> 6.6 with the layout above).
 template <bool Q4, int G>
-static inline void fused_dots1(const Block& b, const float* x, int64_t K, float* acc) {
+static inline void fused_dots(const Block& b, const float* x, int64_t K, float* acc) {
   __m256 d0, d1, m0, m1;
   scales<Q4>(b, d0, d1, m0, m1);
   tile_dots<G>(x, K, acc, [&](int k, __m256& w0, __m256& w1) { decode_step<Q4>(b.q, k, d0, d1, m0, m1, w0, w1); });
@@ -215,6 +196,8 @@ static inline void fused_dots1(const Block& b, const float* x, int64_t K, float*
 template <bool Q4>
 static void tiles_pass(const float* xp, const uint8_t* qp, const float* dp, const float* mp, float* yp, int64_t R, int64_t K, int64_t T) {
   const int64_t qstep = Q4 ? TILE / 2 : TILE, KB = K / BK, YO = T * TILE;
+  // Past 4 rows, groups of rows as even as GROUP allows: 8 = 4 + 4, not 6 + 2 (30 layers: 17.7 -> 17.1 ms).
+  const int64_t groups = (R + GROUP - 1) / GROUP;
   at::parallel_for(0, (T + 1) / 2, 1, [&](int64_t p0, int64_t p1) {
     alignas(32) float buf[2][BK * TILE];
     std::vector<float> acc(R * 2 * TILE);
@@ -228,18 +211,20 @@ static void tiles_pass(const float* xp, const uint8_t* qp, const float* dp, cons
           b[i] = {qp + ((t + i) * K + j * BK) * qstep, dp + dm, Q4 ? mp + dm : nullptr};
         }
         const float* xj = xp + j * BK;
-        if (n == 2 && R == 1) fused_dots<Q4, 1>(b[0], b[1], xj, K, acc.data());
-        else if (n == 2 && R == 2) fused_dots<Q4, 2>(b[0], b[1], xj, K, acc.data());
-        else if (R == 3 || R == 4)
+        if (R <= 4)
           for (int64_t i = 0; i < n; ++i) {
-            if (R == 3) fused_dots1<Q4, 3>(b[i], xj, K, acc.data() + i * TILE);
-            else fused_dots1<Q4, 4>(b[i], xj, K, acc.data() + i * TILE);
+            if (R == 1) fused_dots<Q4, 1>(b[i], xj, K, acc.data() + i * TILE);
+            else if (R == 2) fused_dots<Q4, 2>(b[i], xj, K, acc.data() + i * TILE);
+            else if (R == 3) fused_dots<Q4, 3>(b[i], xj, K, acc.data() + i * TILE);
+            else fused_dots<Q4, 4>(b[i], xj, K, acc.data() + i * TILE);
           }
         else
           for (int64_t i = 0; i < n; ++i) {
             decode_block<Q4>(b[i], buf[i]);
-            for (int64_t r0 = 0; r0 < R; r0 += GROUP)  // tile i's outputs at 16 * i of each acc row
-              group_dots(std::min<int64_t>(GROUP, R - r0), xj + r0 * K, K, buf[i], acc.data() + r0 * 2 * TILE + i * TILE);
+            for (int64_t g = 0; g < groups; ++g) {  // tile i's outputs at 16 * i of each acc row
+              const int64_t r0 = g * R / groups, r1 = (g + 1) * R / groups;
+              group_dots(r1 - r0, xj + r0 * K, K, buf[i], acc.data() + r0 * 2 * TILE + i * TILE);
+            }
           }
       }
       for (int64_t r = 0; r < R; ++r) std::copy_n(acc.data() + r * 2 * TILE, n * TILE, yp + r * YO + t * TILE);
@@ -247,7 +232,7 @@ static void tiles_pass(const float* xp, const uint8_t* qp, const float* dp, cons
   });
 }
 
-// x [R, K] float32; q uint8 [T, K, 8] (Q4_1) or int8 [T, K, 16] (Q8_0); d, m float32 [T, K / 32, 16] (m:
+// x [R, K] float32; q uint8 [T, K, 8] (Q4_1, as decode_step reads it) or int8 [T, K, 16] (Q8_0); d, m float32 [T, K / 32, 16] (m:
 // Q4_1 only, else empty); T = ceil(out / 16) tiles -> y [R, T * 16] = x @ w.T for the w they decode to.
 torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d, const torch::Tensor& m) {
   const bool q4 = q.scalar_type() == torch::kByte;
