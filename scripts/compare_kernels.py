@@ -37,14 +37,14 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.layer_ops:
-        table, packed = cpu_matmul.routes(), cpu_matmul.use_packed()
+        table, packed = cpu_matmul.routes(), cpu_matmul.packed_rows()
         routings = {"torch's ops": (table, packed, False), "C++ layer ops": (table, packed, True)}
     elif a.packed:
         table = cpu_matmul.measure(a.threads)
-        routings = {"float32 weights": (table, False, True), "GGUF blocks": (table, True, True)}
+        routings = {"float32 weights": (table, 0, True), "GGUF blocks": (table, cpu_matmul.MAX_ROWS, True)}
     else:
-        routings = {"before (F.linear, padded)": (cpu_matmul.measure(a.threads, kernels=("padded",)), False, True),
-                    "with the C++ kernel": (cpu_matmul.measure(a.threads), False, True)}
+        routings = {"before (F.linear, padded)": (cpu_matmul.measure(a.threads, kernels=("padded",)), 0, True),
+                    "with the C++ kernel": (cpu_matmul.measure(a.threads), 0, True)}
     for name, (r, packed, _) in routings.items():
         print(f"{name}: " + ", ".join(f"{k} {sorted(n for n, v in r.items() if v == k)}" for k in cpu_matmul.KERNELS)
               + ("; GGUF blocks where the weights are" if packed else ""))
@@ -55,7 +55,7 @@ def main() -> None:
     for k, q in enumerate(load_questions(question_file(a.questions), a.limit)):
         chat = [{"role": "user", "content": q.turns[0]}]
         for name in (list(routings) if k % 2 == 0 else list(reversed(routings))):
-            cpu_matmul._ROUTES[a.threads], cpu_matmul._PACKED[a.threads], layer_ops.ENABLED = routings[name]
+            cpu_matmul._ROUTES[a.threads], cpu_matmul._PACKED_ROWS[a.threads], layer_ops.ENABLED = routings[name]
             for method, m in models.items():
                 res = m.generate(chat, max_new_tokens=a.max_new_tokens)
                 tokens[name, method] += res.stats.new_tokens

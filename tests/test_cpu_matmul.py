@@ -61,13 +61,13 @@ def test_routes_are_measured_per_machine_and_can_be_forced(tmp_path, monkeypatch
     monkeypatch.setattr(cpu_matmul, "_ROUTES", {})
     calls = []
     monkeypatch.setattr(cpu_matmul, "measure", lambda threads: calls.append(threads) or {2: "padded", 3: "rows"})
-    monkeypatch.setattr(cpu_matmul, "measure_packed", lambda threads, table: calls.append("packed") or "rows" in table.values())
+    monkeypatch.setattr(cpu_matmul, "measure_packed", lambda threads, table: calls.append("packed") or 64)
     assert cpu_matmul.routes() == {2: "padded", 3: "rows"} and calls == [torch.get_num_threads(), "packed"]
-    assert cpu_matmul.use_packed()
+    assert cpu_matmul.packed_rows() == 64
     monkeypatch.setattr(cpu_matmul, "_ROUTES", {})
-    monkeypatch.setattr(cpu_matmul, "_PACKED", {})
+    monkeypatch.setattr(cpu_matmul, "_PACKED_ROWS", {})
     assert cpu_matmul.routes() == {2: "padded", 3: "rows"} and len(calls) == 2  # the second process reads the cached table
-    assert cpu_matmul.use_packed()
+    assert cpu_matmul.packed_rows() == 64
     monkeypatch.setattr(cpu_matmul, "_ROUTES", {})
     monkeypatch.setenv("DRAFTHEADS_FEW_ROW_KERNEL", "stock")
     assert cpu_matmul.routes() == {}
@@ -77,10 +77,10 @@ def test_routes_are_measured_per_machine_and_can_be_forced(tmp_path, monkeypatch
     monkeypatch.setattr(cpu_matmul, "_ROUTES", {})
     monkeypatch.setenv("DRAFTHEADS_FEW_ROW_KERNEL", "rows")
     monkeypatch.setattr(few_rows, "load", lambda: object())
-    assert cpu_matmul.routes() == dict.fromkeys(range(1, MAX_ROWS + 1), "rows") and not cpu_matmul.use_packed()
+    assert cpu_matmul.routes() == dict.fromkeys(range(1, MAX_ROWS + 1), "rows") and cpu_matmul.packed_rows() == 0
     monkeypatch.setattr(cpu_matmul, "_ROUTES", {})
     monkeypatch.setenv("DRAFTHEADS_FEW_ROW_KERNEL", "packed")
-    assert cpu_matmul.routes() == dict.fromkeys(range(1, MAX_ROWS + 1), "rows") and cpu_matmul.use_packed()
+    assert cpu_matmul.routes() == dict.fromkeys(range(1, MAX_ROWS + 1), "rows") and cpu_matmul.packed_rows() == MAX_ROWS
     monkeypatch.setattr(cpu_matmul, "_ROUTES", {})
     monkeypatch.setattr(few_rows, "load", lambda: None)  # forced but not built: the measured table instead
     assert cpu_matmul.routes() == {2: "padded", 3: "rows"} and len(calls) == 2
@@ -264,9 +264,13 @@ def test_the_packed_route_runs_where_measured(monkeypatch):
     monkeypatch.setattr(few_rows, "packed_linear", lambda x, p, b=None: ran.append("packed") or F.linear(x, w, b))
     threads = torch.get_num_threads()
     monkeypatch.setattr(cpu_matmul, "_ROUTES", {threads: {1: "rows", 3: "rows", 4: "padded"}})
-    for use, rows, weight, expect in [(True, 1, w, "packed"), (True, 3, w, "packed"), (False, 3, w, "rows"),
-                                      (True, 1, torch.randn(40, 64, generator=g), "rows"), (True, 4, w, None)]:
-        monkeypatch.setattr(cpu_matmul, "_PACKED", {threads: use})
+    # (most rows packed, rows, weight, kernel): the blocks' kernel at every row count up to its limit, whatever
+    # the float32 route there (4: padded), prefills included; past it, or for float32 weights, the routes
+    cases = [(MAX_ROWS, 1, w, "packed"), (MAX_ROWS, 3, w, "packed"), (0, 3, w, "rows"), (MAX_ROWS, 4, w, "packed"),
+             (0, 4, w, None), (MAX_ROWS, 1, torch.randn(40, 64, generator=g), "rows"), (64, MAX_ROWS + 5, w, "packed"),
+             (64, 64, w, "packed"), (64, 65, w, None), (MAX_ROWS, MAX_ROWS + 5, w, None)]
+    for use, rows, weight, expect in cases:
+        monkeypatch.setattr(cpu_matmul, "_PACKED_ROWS", {threads: use})
         ran.clear()
         cpu_matmul.linear(torch.randn(rows, 64, generator=g), weight)
         assert ran == ([expect] if expect else []), (use, rows, expect)
@@ -304,7 +308,7 @@ def test_a_model_of_gguf_block_weights_decodes_the_same_from_its_blocks(monkeypa
     prompt = torch.randint(0, 200, (12,), generator=g).tolist()
 
     def decode(packed: bool, speculative: bool) -> tuple[list[int], torch.Tensor]:
-        monkeypatch.setattr(cpu_matmul, "_PACKED", {threads: packed})
+        monkeypatch.setattr(cpu_matmul, "_PACKED_ROWS", {threads: MAX_ROWS if packed else 0})
         dec = Decoder(model, heads if speculative else None, load_tree("medusa16", 3) if speculative else None)
         out = []
         for step in dec.steps(prompt, 32, SamplingConfig(), Stats()):

@@ -139,7 +139,7 @@ def test_tree_rows_equal_plain_steps_bit_for_bit(arch, monkeypatch):
     gets exactly the hidden state plain decoding computes at it: greedy speculation cannot differ."""
     threads = torch.get_num_threads()
     monkeypatch.setattr(cpu_matmul, "_ROUTES", {threads: dict.fromkeys(range(1, MAX_ROWS + 1), "rows")})
-    monkeypatch.setattr(cpu_matmul, "_PACKED", {threads: False})
+    monkeypatch.setattr(cpu_matmul, "_PACKED_ROWS", {threads: 0})
     model = tiny_model(arch)
     decoder = Decoder(model)
     tree = load_tree("medusa16", 3)

@@ -19,11 +19,12 @@ use per (CPU model, torch version, thread count) `routes()` times the kernels at
 SmolLM2-shaped weights (~2.5 s; the packed kernel ~3.5 s more, below) and caches, per row count, the
 kernel that beats F.linear by 5% or more in `$DRAFTHEADS_CACHE/cpu_matmul.json`. `DRAFTHEADS_FEW_ROW_KERNEL=padded|rows|stock` forces one kernel.
 
-Where the C++ kernel is the route and a weight is exactly the values of GGUF Q4_1 or Q8_0 blocks (the
-default model's are: it is a dequantised GGUF file), `few_rows.packed_linear` multiplies by the blocks
-instead, 4-6x fewer bytes (1 row over 30 layers 14.4 -> 8.6 ms). Its rounding is not the float32
-kernel's, so it is taken at every row count or at none: `use_packed()`, measured with the routes and
-cached beside them (`DRAFTHEADS_FEW_ROW_KERNEL=packed` forces it).
+Where a weight is exactly the values of GGUF Q4_1 or Q8_0 blocks (the default model's are: it is a
+dequantised GGUF file), `few_rows.packed_linear` multiplies by the blocks instead, 4-6x fewer bytes (1 row
+over 30 layers 14.4 -> 8.6 ms, 6.9 since). Its rounding is not the other kernels', so it is taken at every
+row count up to `packed_rows()` or at none: measured with the routes and cached beside them (1 to MAX_ROWS
+rows, and prefills up to 64 or 128 rows where it beats MKL there too; `DRAFTHEADS_FEW_ROW_KERNEL=packed`
+forces it to MAX_ROWS).
 
 `linear()` is the routing rule. The Llama-family forward (llama_forward.py) calls it directly;
 for other models `few_row_linear()` is a torch function mode that routes their `F.linear` calls to
@@ -49,7 +50,12 @@ MAX_ROWS = 32  # above this the GEMM is compute-bound and F.linear's layout is a
 GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # row counts timed; others take the next one up
 KERNELS = ("padded", "rows")  # besides F.linear ("stock"): padded_linear and few_rows.linear
 _ROUTES: dict[int, dict[int, str]] = {}  # threads -> {row count: the kernel that beats F.linear there}
-_PACKED: dict[int, bool] = {}  # threads -> whether few_rows.packed_linear beats few_rows.linear
+# threads -> the most rows of a product that take few_rows.packed_linear where the weight is GGUF blocks (0: none)
+_PACKED_ROWS: dict[int, int] = {}
+# Past MAX_ROWS (a prefill) the packed kernel still reads 6x fewer bytes and its groups of 6 rows run near the
+# FMA peak, where MKL's GEMM on the float32 weights does not: 30 layers at 64 rows 137 -> 94 ms, 128 rows 228 ->
+# 187 (AVX2 EPYC, 2 threads). Row counts measured there:
+PREFILL_GRID = (64, 128)
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # SmolLM2-135M's q k v o gate up down
 ROW_EXACT_DTYPES = (torch.bfloat16, torch.float16)  # one-row products padded to two: see two_rows
 
@@ -64,16 +70,22 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
         return F.linear(x, w, b)  # Inductor picks its own GEMM for a plain linear
     if x.is_cpu and rows == 1 and x.dtype in ROW_EXACT_DTYPES:
         return two_rows(x, w, b)
-    if not (rows <= MAX_ROWS and x.is_cpu and w.dtype == x.dtype == torch.float32):
+    if not (x.is_cpu and w.dtype == x.dtype == torch.float32):
         return F.linear(x, w, b)
     threads = torch.get_num_threads()
     table = _ROUTES.get(threads)
-    kernel = (table if table is not None else routes()).get(rows)
+    table = table if table is not None else routes()
+    if rows <= _PACKED_ROWS.get(threads, 0) and w.is_contiguous() and not _needs_grad(x, w, b):
+        # From the weights' GGUF blocks where they hold them exactly (the default model's do): 4-6x fewer bytes.
+        # At every row count up to packed_rows(), so that a row's result never depends on the pass it is in.
+        p = few_rows.packed(w)
+        if p is not None:
+            return few_rows.packed_linear(x, p, b)
+    if rows > MAX_ROWS:
+        return F.linear(x, w, b)
+    kernel = table.get(rows)
     if kernel == "rows" and w.is_contiguous() and not _needs_grad(x, w, b):  # the C++ kernel has no backward
-        # From the weights' GGUF blocks where they hold them exactly (the default model's do): 4-6x fewer
-        # bytes. At every row count or none, so that a row's result never depends on the pass it is in.
-        p = few_rows.packed(w) if _PACKED.get(threads) else None
-        return few_rows.packed_linear(x, p, b) if p is not None else few_rows.linear(x, w, b)
+        return few_rows.linear(x, w, b)
     if kernel == "padded":
         return padded_linear(x, w, b)
     return F.linear(x, w, b)
@@ -120,24 +132,24 @@ def routes() -> dict[int, str]:
     threads = torch.get_num_threads()
     if threads not in _ROUTES:
         forced = os.environ.get("DRAFTHEADS_FEW_ROW_KERNEL", "auto")
-        packed = False
+        packed = 0
         if forced == "packed" and _usable("rows"):
-            table, packed = dict.fromkeys(range(1, MAX_ROWS + 1), "rows"), True
+            table, packed = dict.fromkeys(range(1, MAX_ROWS + 1), "rows"), MAX_ROWS
         elif forced in KERNELS and _usable(forced):
             table = dict.fromkeys(range(1, MAX_ROWS + 1), forced)
         elif forced == "stock":
             table = {}
         else:
             table, packed = _cached_or_measured(threads)
-        _ROUTES[threads], _PACKED[threads] = table, packed
+        _ROUTES[threads], _PACKED_ROWS[threads] = table, packed
     return _ROUTES[threads]
 
 
-def use_packed() -> bool:
-    """Whether weights held exactly in GGUF blocks take few_rows.packed_linear wherever routes() takes the C++
-    kernel (measured with routes(): where it beats few_rows.linear by 5% over the row counts)."""
+def packed_rows() -> int:
+    """The most rows of a product that take few_rows.packed_linear where its weight is GGUF blocks (0: none;
+    measured with routes(): MAX_ROWS or more where it beats the routed kernels by 5% over their row counts)."""
     routes()
-    return _PACKED.get(torch.get_num_threads(), False)
+    return _PACKED_ROWS.get(torch.get_num_threads(), 0)
 
 
 def _usable(kernel: str) -> bool:
@@ -145,11 +157,11 @@ def _usable(kernel: str) -> bool:
     return kernel == "padded" or (kernel == "rows" and few_rows.load() is not None)
 
 
-def _cached_or_measured(threads: int) -> tuple[dict[int, str], bool]:
+def _cached_or_measured(threads: int) -> tuple[dict[int, str], int]:
     from .backbone import cache_dir  # the converted model's cache, one place for both
 
     model = few_rows.cpu_info()[0] or platform.processor() or platform.machine()
-    key = f"{model} | torch {torch.__version__} | {threads} threads | kernels {', '.join(KERNELS)}, packed"
+    key = f"{model} | torch {torch.__version__} | {threads} threads | kernels {', '.join(KERNELS)}, packed rows {PREFILL_GRID}"
     path = cache_dir() / "cpu_matmul.json"
     try:
         table = json.loads(path.read_text())
@@ -157,7 +169,7 @@ def _cached_or_measured(threads: int) -> tuple[dict[int, str], bool]:
         table = {}
     if key not in table:
         routed = measure(threads)
-        table[key] = {"routes": {str(r): k for r, k in sorted(routed.items())}, "packed": measure_packed(threads, routed)}
+        table[key] = {"routes": {str(r): k for r, k in sorted(routed.items())}, "packed_rows": measure_packed(threads, routed)}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}")
@@ -165,7 +177,7 @@ def _cached_or_measured(threads: int) -> tuple[dict[int, str], bool]:
             os.replace(tmp, path)
         except OSError:
             pass  # a read-only cache: measure again next time
-    return {int(r): k for r, k in table[key]["routes"].items()}, bool(table[key]["packed"])
+    return {int(r): k for r, k in table[key]["routes"].items()}, int(table[key]["packed_rows"])
 
 
 @torch.inference_mode()
@@ -193,25 +205,35 @@ def measure(threads: int, layers: int = 12, repeats: int = 3, kernels: tuple[str
 
 
 @torch.inference_mode()
-def measure_packed(threads: int, table: dict[int, str], layers: int = 30, repeats: int = 3) -> bool:
-    """Whether few_rows.packed_linear, on weights held as Q4_1 blocks, beats few_rows.linear on them by 5%,
-    summed over the GRID row counts `table` routes to the C++ kernel (over 30 layers, not `measure`'s 12:
-    12 layers' blocks, 26 MB, would sit in this EPYC's 32 MB L3, where the whole model's 66 MB do not)."""
-    grid = [g for g in GRID if table.get(g) == "rows"]
-    if few_rows.load() is None or not grid:
-        return False
+def measure_packed(threads: int, table: dict[int, str], layers: int = 30, repeats: int = 3) -> int:
+    """The most rows few_rows.packed_linear should take (0: none). On weights held as Q4_1 blocks, summed over
+    the GRID row counts, it must beat what `table` routes them to (F.linear where it names no kernel) by 5%
+    (over 30 layers, not `measure`'s 12: 12 layers' blocks, 26 MB, would sit in this EPYC's 32 MB L3, where
+    the whole model's 66 MB do not); then it takes MAX_ROWS rows, and each PREFILL_GRID count in turn where it
+    beats F.linear by 5% (12 layers: compute-bound there)."""
+    if few_rows.load() is None:
+        return 0
     g = torch.Generator().manual_seed(0)
     weights = [few_rows.q4_1_values(o, i, g) for _ in range(layers) for o, i in SHAPES]
     packs = {id(w): few_rows.pack(w) for w in weights}
     assert all(p is not None for p in packs.values())
-    kernels = (lambda x, w: few_rows.packed_linear(x, packs[id(w)]), few_rows.linear)
+    packed = lambda x, w: few_rows.packed_linear(x, packs[id(w)])  # noqa: E731
+    routed = {"rows": few_rows.linear, "padded": padded_linear}
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        packed, plain = (sum(t) for t in zip(*[[_ms(r, fn, weights, repeats) for fn in kernels] for r in grid]))
+        ours, theirs = (sum(t) for t in zip(*[[_ms(r, fn, weights, repeats) for fn in (packed, routed.get(table.get(r), F.linear))]
+                                              for r in GRID]))
+        if ours >= 0.95 * theirs:
+            return 0
+        most, weights = MAX_ROWS, weights[:12 * len(SHAPES)]
+        for rows in PREFILL_GRID:
+            if _ms(rows, packed, weights, 2) >= 0.95 * _ms(rows, F.linear, weights, 2):
+                break
+            most = rows
     finally:
         torch.set_num_threads(before)
-    return packed < 0.95 * plain
+    return most
 
 
 def _ms(rows: int, fn, weights: list[torch.Tensor], repeats: int) -> float:

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from . import layer_ops
-from .cpu_matmul import MAX_ROWS, linear
+from . import few_rows, layer_ops
+from .cpu_matmul import MAX_ROWS, linear, packed_rows
 from .kvcache import TreeKVCache, is_chain
 from .row_attention import batched_rows_are_exact, chain_visibility, rows_attention
 
@@ -92,8 +92,8 @@ class LlamaForward:
         """fuse: run q/k/v and gate/up as one product each (their weights become views of one tensor:
         `fuse_linears`). On a CPU in fp32 one-row products stream the weights faster that way (AVX2 AMD
         EPYC, 30 layers of the default model's q/k/v/gate/up: 19.0 -> 14.3 ms at 1 row, 27.9 -> 24.6 at 8,
-        but 69.1 -> 72.5 at 40: more than cpu_matmul.MAX_ROWS rows take the products apart;
-        scripts/compare_fused.py)."""
+        but 69.1 -> 72.5 at 40 on MKL: more than cpu_matmul.MAX_ROWS rows take the products apart, unless
+        the packed kernel takes them; scripts/compare_fused.py)."""
         reason = unsupported_reason(model)
         assert reason is None, reason
         body = model.base_model
@@ -126,6 +126,12 @@ class LlamaForward:
             self._fused = [tuple(fuse_linears(g) for g in pair) for pair in groups]
             self._fused_at = self._addresses()
         return self._fused
+
+    def _packed_prefill(self, x: torch.Tensor) -> bool:
+        """Whether a prefill's rows x [rows, hidden] take the packed kernel: its weights are GGUF blocks."""
+        if not (x.is_cpu and x.dtype == torch.float32 and x.shape[0] <= packed_rows()):
+            return False
+        return few_rows.packed(self.layers[0].mlp.down_proj.weight) is not None  # never fused: packed as it is
 
     def _addresses(self) -> tuple[int, ...]:
         # Every forward asks: the modules' _parameters directly, as `module.weight` goes through nn.Module's
@@ -183,8 +189,9 @@ class LlamaForward:
             cos, sin = self.rotary(x, positions)  # [b, q, head_dim]
             unpack = lambda t: t.view(b, q, -1)
         # Fused products pay for few rows, which stream the weights; a prefill's many rows are compute-bound
-        # and ran 5% slower fused (40 rows), so they take the modules' weights (views) apart.
-        few = x.shape[0] <= MAX_ROWS
+        # and ran 5% slower fused on MKL (40 rows), so they take the modules' weights (views) apart, unless
+        # the packed kernel takes them (cpu_matmul.packed_rows): then they are few rows here too.
+        few = x.shape[0] <= MAX_ROWS or self._packed_prefill(x)
         fused = self._fused_layers() if few else None
         # The C++ layer ops (float32 CPU, few rows): one call each instead of torch's dispatch chains
         cpp = few and trees is None and self.silu and d % 8 == 0 and layer_ops.applies(x)
