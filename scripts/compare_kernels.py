@@ -5,13 +5,14 @@ at a time, our loop without heads and with the default heads, under each kernel 
 With --packed: the C++ kernel on float32 weights against the same kernel taking the weights from their
 GGUF blocks (few_rows.packed_linear, as routes() takes it where it measured it faster). With --layer-ops:
 the routing routes() chose, with torch's small ops between the products against the C++ layer ops
-(layer_ops.py).
+(layer_ops.py). With --prefill: the packed kernel up to MAX_ROWS rows (prompts of more new tokens prefilled on
+MKL, as before stop 43) against up to cpu_matmul.packed_rows() (as measured here).
 
 Prints tokens/s and mean prefill ms per (routing, method), replies that differ between the routings (fp32
 rounding moves with the kernel) and, per routing, replies where the heads differ
 from the loop (must be 0).
 
-    python scripts/compare_kernels.py --questions vicuna --limit 20 --max-new-tokens 128 [--packed | --layer-ops]
+    python scripts/compare_kernels.py --questions vicuna --limit 20 --max-new-tokens 128 [--packed | --layer-ops | --prefill]
 """
 
 from __future__ import annotations
@@ -34,9 +35,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--packed", action="store_true", help="float32 weights against their GGUF blocks, both on the C++ kernel")
     ap.add_argument("--layer-ops", action="store_true", help="torch's small ops against the C++ layer ops, same kernels")
+    ap.add_argument("--prefill", action="store_true", help="prefills over MAX_ROWS rows on MKL against the packed kernel")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    if a.layer_ops:
+    if a.prefill:
+        table, most = cpu_matmul.routes(), cpu_matmul.packed_rows()
+        assert most > cpu_matmul.MAX_ROWS, f"the packed kernel takes no prefill here (packed_rows() = {most})"
+        routings = {"prefill on MKL": (table, cpu_matmul.MAX_ROWS, True), f"prefill packed (<= {most} rows)": (table, most, True)}
+    elif a.layer_ops:
         table, packed = cpu_matmul.routes(), cpu_matmul.packed_rows()
         routings = {"torch's ops": (table, packed, False), "C++ layer ops": (table, packed, True)}
     elif a.packed:
