@@ -324,3 +324,48 @@ def test_a_model_of_gguf_block_weights_decodes_the_same_from_its_blocks(monkeypa
     assert {"q4_1", "q8_0"} <= set(calls)
     torch.testing.assert_close(packed_logits, logits, rtol=1e-5, atol=1e-5)
     assert decode(packed=True, speculative=True)[0] == plain
+
+
+@needs_kernel
+def test_a_prefill_past_max_rows_takes_the_packed_kernel_where_measured(monkeypatch):
+    """A prompt of more than MAX_ROWS tokens on weights of GGUF blocks: with packed_rows() above its length the
+    lean forward prefills it on the packed kernel (fused products, C++ layer ops) and its hidden states are the
+    MKL prefill's up to rounding; at MAX_ROWS it stays on MKL; greedy decoding after either prefill agrees."""
+    from tiny import tiny_model
+
+    from draftheads import cpu_matmul
+    from draftheads.acceptance import SamplingConfig
+    from draftheads.generate import Decoder, Stats
+    from draftheads.kvcache import TreeKVCache
+
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("proj.weight"):
+                p.copy_(few_rows.q4_1_values(*p.shape, g, scale=0.05))
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(cpu_matmul, "_ROUTES", {threads: dict.fromkeys(range(1, MAX_ROWS + 1), "rows")})
+    rows_seen = []
+    real = few_rows.packed_linear
+    monkeypatch.setattr(few_rows, "packed_linear", lambda x, p, b=None: rows_seen.append(x.shape[0]) or real(x, p, b))
+    prompt = torch.randint(0, 200, (MAX_ROWS + 8,), generator=g)
+    dec = Decoder(model)
+
+    def prefill(most: int) -> tuple[torch.Tensor, list[int]]:
+        monkeypatch.setattr(cpu_matmul, "_PACKED_ROWS", {threads: most})
+        rows_seen.clear()
+        cache = TreeKVCache.for_model(model, prompt.numel())
+        h = dec.lean.hidden(cache, prompt, torch.arange(prompt.numel()), cache.attention_mask(
+            torch.full((prompt.numel(),) * 2, torch.finfo(torch.float32).min).triu(1)))
+        tokens = []
+        for step in dec.steps(prompt.tolist(), 8, SamplingConfig(), Stats()):
+            tokens += step
+        return h, tokens
+
+    on_mkl, mkl_tokens = prefill(MAX_ROWS)
+    assert MAX_ROWS + 8 not in rows_seen
+    packed, packed_tokens = prefill(64)
+    assert MAX_ROWS + 8 in rows_seen  # the prompt's rows in one packed product
+    torch.testing.assert_close(packed, on_mkl, rtol=1e-4, atol=1e-4)
+    assert packed_tokens == mkl_tokens

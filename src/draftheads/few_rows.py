@@ -12,10 +12,11 @@ at hand. It has no backward: cpu_matmul keeps products that need gradients off i
 where `pack` finds that they hold a float32 weight exactly: the default model comes from a Q4_1 GGUF
 file (its output embedding Q8_0), so its float32 weights are such blocks' values, bit for bit. The kernel
 decodes them to those floats in registers and reads 6x (Q4_1) or 4x (Q8_0) fewer bytes: 30 layers at one
-row 14.4 -> 8.6 ms, 8 rows 22.5 -> 18.8 (scripts/bench_linear.py), the LM head 3.1 -> 1.6. Each output
-sums its products in input order, whatever the row count, so a row's result never depends on the rows
-beside it; the order is not few_rows_linear's, so cpu_matmul takes the packed kernel at every row count
-or at none.
+row 14.4 -> 8.6 ms, 8 rows 22.5 -> 18.8 (scripts/bench_linear.py), the LM head 3.1 -> 1.6; with Q4_1 laid
+out as 8 nibbles per output dword (stop 43) 6.9 and 17.0 ms (scripts/compare_packed_revisions.py). Each
+output sums its products in input order, whatever the row count, so a row's result never depends on the
+rows beside it; the order is not few_rows_linear's, so cpu_matmul takes the packed kernel at every row
+count up to cpu_matmul.packed_rows() (prefills included) or at none.
 
 It is built with torch.utils.cpp_extension (a C++ compiler and ninja; ~25 s on 2 cores, once) with
 -march=native, into torch's extension folder ($TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions) under a name that carries this CPU's model and flags, so
