@@ -279,26 +279,35 @@ def test_the_packed_route_runs_where_measured(monkeypatch):
     assert ran == []
 
 
-@needs_kernel
-def test_a_model_of_gguf_block_weights_decodes_the_same_from_its_blocks(monkeypatch):
-    """The default model's weights are Q4_1 (layers) and Q8_0 (output embedding) values: decoded from the
-    blocks, greedy speculative output equals plain greedy output, and the logits are the float32 weights'
-    up to rounding."""
-    from tiny import tiny_heads, tiny_model
-
-    from draftheads import cpu_matmul
-    from draftheads.acceptance import SamplingConfig
-    from draftheads.generate import Decoder, Stats
-    from draftheads.tree import load_tree
+def _block_model(seed: int):
+    """(a tiny Llama whose projections hold Q4_1 block values and its LM head Q8_0 ones, as the default model's
+    do; the generator that made them, for the test to go on with)."""
+    from tiny import tiny_model
 
     model = tiny_model("llama")
-    g = torch.Generator().manual_seed(8)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("proj.weight"):
                 p.copy_(few_rows.q4_1_values(*p.shape, g, scale=0.05))
             elif name == "lm_head.weight":
                 p.copy_(_q8_0_values(*p.shape, g) * 20)
+    return model, g
+
+
+@needs_kernel
+def test_a_model_of_gguf_block_weights_decodes_the_same_from_its_blocks(monkeypatch):
+    """The default model's weights are Q4_1 (layers) and Q8_0 (output embedding) values: decoded from the
+    blocks, greedy speculative output equals plain greedy output, and the logits are the float32 weights'
+    up to rounding."""
+    from tiny import tiny_heads
+
+    from draftheads import cpu_matmul
+    from draftheads.acceptance import SamplingConfig
+    from draftheads.generate import Decoder, Stats
+    from draftheads.tree import load_tree
+
+    model, g = _block_model(8)
     heads = tiny_heads(model, num_heads=3)
     threads = torch.get_num_threads()
     monkeypatch.setattr(cpu_matmul, "_ROUTES", {threads: dict.fromkeys(range(1, MAX_ROWS + 1), "rows")})
@@ -331,30 +340,25 @@ def test_a_prefill_past_max_rows_takes_the_packed_kernel_where_measured(monkeypa
     """A prompt of more than MAX_ROWS tokens on weights of GGUF blocks: with packed_rows() above its length the
     lean forward prefills it on the packed kernel (fused products, C++ layer ops) and its hidden states are the
     MKL prefill's up to rounding; at MAX_ROWS it stays on MKL; greedy decoding after either prefill agrees."""
-    from tiny import tiny_model
-
-    from draftheads import cpu_matmul
+    from draftheads import cpu_matmul, layer_ops
     from draftheads.acceptance import SamplingConfig
     from draftheads.generate import Decoder, Stats
     from draftheads.kvcache import TreeKVCache
 
-    model = tiny_model("llama")
-    g = torch.Generator().manual_seed(9)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("proj.weight"):
-                p.copy_(few_rows.q4_1_values(*p.shape, g, scale=0.05))
+    model, g = _block_model(9)
     threads = torch.get_num_threads()
     monkeypatch.setattr(cpu_matmul, "_ROUTES", {threads: dict.fromkeys(range(1, MAX_ROWS + 1), "rows")})
-    rows_seen = []
-    real = few_rows.packed_linear
+    rows_seen, attended = [], []
+    real, real_attention = few_rows.packed_linear, layer_ops.attention
     monkeypatch.setattr(few_rows, "packed_linear", lambda x, p, b=None: rows_seen.append(x.shape[0]) or real(x, p, b))
+    monkeypatch.setattr(layer_ops, "attention", lambda q, *a: attended.append(q.shape[1]) or real_attention(q, *a))
     prompt = torch.randint(0, 200, (MAX_ROWS + 8,), generator=g)
     dec = Decoder(model)
 
     def prefill(most: int) -> tuple[torch.Tensor, list[int]]:
         monkeypatch.setattr(cpu_matmul, "_PACKED_ROWS", {threads: most})
         rows_seen.clear()
+        attended.clear()
         cache = TreeKVCache.for_model(model, prompt.numel())
         h = dec.lean.hidden(cache, prompt, torch.arange(prompt.numel()), cache.attention_mask(
             torch.full((prompt.numel(),) * 2, torch.finfo(torch.float32).min).triu(1)))
@@ -364,8 +368,8 @@ def test_a_prefill_past_max_rows_takes_the_packed_kernel_where_measured(monkeypa
         return h, tokens
 
     on_mkl, mkl_tokens = prefill(MAX_ROWS)
-    assert MAX_ROWS + 8 not in rows_seen
+    assert MAX_ROWS + 8 not in rows_seen and MAX_ROWS + 8 not in attended
     packed, packed_tokens = prefill(64)
-    assert MAX_ROWS + 8 in rows_seen  # the prompt's rows in one packed product
+    assert MAX_ROWS + 8 in rows_seen and MAX_ROWS + 8 in attended  # one packed product, the C++ attention
     torch.testing.assert_close(packed, on_mkl, rtol=1e-4, atol=1e-4)
     assert packed_tokens == mkl_tokens
