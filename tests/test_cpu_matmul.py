@@ -178,6 +178,27 @@ def test_few_rows_kernel_absent_leaves_the_other_kernels(monkeypatch, caplog):
         few_rows.load.cache_clear()
 
 
+@needs_kernel
+@pytest.mark.parametrize("packed_at, expect", [
+    ({}, 128),  # packed 2x faster everywhere: up to the last prefill count
+    ({128: 0.96}, 64),  # at 128 within 5% of MKL: stops at 64
+    ({64: 0.96}, MAX_ROWS),  # not even at 64: the few-row counts only
+    ({r: 0.96 for r in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)}, 0),  # within 5% of the routes summed: none
+])
+def test_measure_packed_takes_the_row_counts_where_it_wins(monkeypatch, packed_at, expect):
+    """measure_packed's rule, on timings given: beat the routed kernels by 5% summed over GRID, then each
+    PREFILL_GRID count in turn against F.linear by 5%."""
+    from draftheads import cpu_matmul
+
+    def fake_ms(rows, fn, weights, repeats):  # F.linear and the routed kernels 1 ms a row; packed as given
+        ours = fn not in (F.linear, few_rows.linear, cpu_matmul.padded_linear)
+        return rows * (packed_at.get(rows, 0.5) if ours else 1.0)
+
+    monkeypatch.setattr(cpu_matmul, "_ms", fake_ms)
+    table = dict.fromkeys(range(1, 17), "rows") | dict.fromkeys(range(17, MAX_ROWS + 1), "padded")
+    assert cpu_matmul.measure_packed(1, table, layers=1) == expect
+
+
 def _q8_0_values(out: int, width: int, g: torch.Generator) -> torch.Tensor:
     d = (torch.rand(out, width // 32, 1, generator=g) * 0.01).half().float()
     q = torch.randint(-127, 128, (out, width // 32, 32), generator=g)

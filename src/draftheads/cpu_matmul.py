@@ -16,7 +16,7 @@ Which kernel streams faster depends on the CPU and its BLAS: on an Intel Xeon (A
 MKL's F.linear beat the padded product at every row count up to 12 (1 row 14.9 vs 37.7 ms over 30
 layers), the opposite of the AMD EPYC figures above. So the rule is measured, not assumed: on first
 use per (CPU model, torch version, thread count) `routes()` times the kernels at 1-32 rows on
-SmolLM2-shaped weights (~2.5 s; the packed kernel ~3.5 s more, below) and caches, per row count, the
+SmolLM2-shaped weights (~2.5 s; the packed kernel ~4.7 s more, below) and caches, per row count, the
 kernel that beats F.linear by 5% or more in `$DRAFTHEADS_CACHE/cpu_matmul.json`. `DRAFTHEADS_FEW_ROW_KERNEL=padded|rows|stock` forces one kernel.
 
 Where a weight is exactly the values of GGUF Q4_1 or Q8_0 blocks (the default model's are: it is a
