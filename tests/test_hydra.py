@@ -6,18 +6,19 @@ import torch
 from test_loop import decoder_on, hf_greedy, run
 from tiny import tiny_heads, tiny_hydra_heads, tiny_model
 
+from draftheads.acceptance import SamplingConfig
 from draftheads.generate import Stats
 from draftheads.heads import HydraHeads, load_heads, save_heads
 from draftheads.tree import load_tree
 
 
-@pytest.mark.parametrize("head_type,residual", [("hydra", "projection"), ("hydra++", "projection"),
-                                                 ("hydra++", "hidden")])
+@pytest.mark.parametrize("head_type,residual,token", [("hydra", "projection", False), ("hydra++", "projection", False),
+                                                       ("hydra++", "hidden", False), ("hydra++", "hidden", True)])
 @pytest.mark.parametrize("arch,path", [("llama", "lean"), ("qwen2", "lean"), ("mistral", "generic")])
 @pytest.mark.filterwarnings("error::FutureWarning")  # the cache goes by the keyword the model's forward names
-def test_greedy_with_hydra_equals_plain_greedy(head_type, residual, arch, path):
+def test_greedy_with_hydra_equals_plain_greedy(head_type, residual, token, arch, path):
     model = tiny_model(arch)
-    heads = tiny_hydra_heads(model, head_type, grounded_residual=residual)
+    heads = tiny_hydra_heads(model, head_type, grounded_residual=residual, prefix_token=token)
     prompt = torch.randint(0, 200, (12,), generator=torch.Generator().manual_seed(3)).tolist()
     stats = Stats()
     assert run(decoder_on(path, model, heads, load_tree("medusa16", 3)), prompt, stats=stats) == hf_greedy(model, prompt)
@@ -80,18 +81,83 @@ def test_prefix_layer_cache_after_acceptance_equals_recomputation():
     torch.testing.assert_close(heads._last, fresh, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("head_type", ["hydra", "hydra++"])
-def test_native_round_trip_keeps_the_head_type(tmp_path, head_type):
+def test_token_prefix_cache_after_acceptance_equals_recomputation():
+    """prefix_token: each position's input pairs its hidden state with the next token; the last accepted
+    position waits for the root, which draft adds. After decoding (steps with and without a tree), the
+    prefix layer's cache and its output at the last position equal the layer over the whole sequence."""
+    from draftheads.lookup import Hybrid
+
     model = tiny_model()
-    heads = tiny_hydra_heads(model, head_type, noise=0.3)
+    heads = tiny_hydra_heads(model, "hydra++", grounded_residual="hidden", prefix_token=True, noise=0.3)
+    prompt = torch.randint(0, 200, (12,), generator=torch.Generator().manual_seed(5)).tolist()
+    dec = decoder_on("lean", model, heads, load_tree("medusa16", 3))
+    out = []
+    for step in dec.steps(prompt, 30, SamplingConfig(), Stats(), None):
+        out += step  # whole steps: the last root is the token after the waiting position
+    seq = torch.tensor(prompt + out)
+    seen = heads._cache.length  # the accepted positions but the last, which waits for its root
+    assert seen == len(seq) - 2 and heads._last is None and seen >= len(prompt) + 20
+    hidden = model.base_model(input_ids=seq[None]).last_hidden_state  # [1, T, H]
+    with torch.inference_mode():  # the decoder made the cache in inference mode
+        heads.draft(hidden[0, seen], seq[seen + 1], load_tree("chain3"))
+    fresh = heads.prefix_states(hidden[:, :seen + 1], None, seq[None, 1:seen + 2])[0, -1]
+    torch.testing.assert_close(heads._last, fresh, atol=1e-4, rtol=1e-4)
+    # A step without a tree (no draft): observe adds the waiting position with the ids it is given.
+    drafter = Hybrid(heads)
+    drafter.reset()
+    drafter.observe(hidden[0, :5], seq[:5])
+    drafter.observe(hidden[0, 5:7], seq[5:7])  # no draft in between: position 4 takes seq[5] here
+    assert heads._cache.length == 6 and heads._last is None
+    ids = heads.draft(hidden[0, 6], seq[7], load_tree("chain3"))
+    torch.testing.assert_close(heads._last, heads.prefix_states(hidden[:, :7], None, seq[None, 1:8])[0, -1],
+                               atol=1e-4, rtol=1e-4)
+    assert ids[0] == seq[7] and heads._cache.length == 7
+
+
+def test_token_prefix_drafts_see_the_root_through_the_prefix_layer():
+    """With prefix_token the first head's input changes with the root twice (the path and the prefix
+    layer's last position); teacher_topk agrees with drafting along the true path."""
+    model = tiny_model()
+    heads = tiny_hydra_heads(model, "hydra++", num_heads=3, grounded_residual="hidden", prefix_token=True, noise=0.3)
+    ids = torch.randint(0, 200, (20,), generator=torch.Generator().manual_seed(0))
+    hidden = model.base_model(input_ids=ids[None]).last_hidden_state[0]  # [T, H]
+    top = heads.teacher_topk(hidden, ids, 10)  # [K, T, 10]
+    t = 9
+    heads.reset()
+    heads.observe(hidden[:t + 1], ids[:t + 1])
+    d = heads.draft(hidden[t], ids[t + 1], load_tree("chain3"))
+    assert d[1] == top[0, t, 0]
+    for k in range(3):
+        logits = heads.head(k, heads._last[None], ids[t + 1:t + 2 + k][None])
+        assert torch.equal(logits.topk(10, dim=-1).indices[0], top[k, t])
+    last = heads._last.clone()
+    heads.reset()
+    heads.observe(hidden[:t + 1], ids[:t + 1])
+    heads.draft(hidden[t], (ids[t + 1] + 1) % 200, load_tree("chain3"))
+    assert not torch.allclose(heads._last, last)  # another root, another prefix state
+
+
+def test_token_prefix_is_for_hydra_plus_plus_only():
+    from draftheads.errors import UserError
+    from draftheads.heads import HeadsConfig
+
+    with pytest.raises(UserError, match="^heads config: prefix_token applies to hydra\\+\\+ heads only$"):
+        HeadsConfig.from_dict({"num_heads": 2, "hidden_size": 8, "vocab_size": 16, "head_type": "hydra",
+                               "prefix_token": True})
+
+
+@pytest.mark.parametrize("head_type,token", [("hydra", False), ("hydra++", False), ("hydra++", True)])
+def test_native_round_trip_keeps_the_head_type(tmp_path, head_type, token):
+    model = tiny_model()
+    heads = tiny_hydra_heads(model, head_type, noise=0.3, prefix_token=token)
     save_heads(heads, tmp_path / "h")
     back = load_heads(tmp_path / "h", model)
-    assert isinstance(back, HydraHeads) and back.cfg.head_type == head_type
+    assert isinstance(back, HydraHeads) and back.cfg.head_type == head_type and back.cfg.prefix_token == token
     h, tree = torch.randn(64), load_tree("medusa16", 3)
     if head_type == "hydra++":
-        x = torch.randn(7, 64)
+        x, ids = torch.randn(7, 64), torch.arange(7)
         heads.reset(), back.reset()
-        heads.observe(x), back.observe(x)
+        heads.observe(x, ids), back.observe(x, ids)
     assert torch.equal(heads.draft(h, torch.tensor(4), tree), back.eval().draft(h, torch.tensor(4), tree))
 
 

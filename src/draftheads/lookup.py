@@ -175,7 +175,7 @@ class Hybrid:
     def observe(self, hidden: torch.Tensor, ids: torch.Tensor) -> None:
         """hidden [a, H] and ids [a] of the newly accepted positions."""
         if self.heads is not None:
-            self.heads.observe(hidden)
+            self.heads.observe(hidden, ids)
         if self.lookup is not None:
             self.lookup.observe(hidden, ids)
 

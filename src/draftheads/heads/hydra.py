@@ -11,6 +11,11 @@ Hydra++ (`prefix_layer=True`) adds one Llama decoder layer over the sequence of 
 states; its output at the last verified position replaces h. It keeps a KV cache of its own that only
 ever holds accepted positions (`observe`), so it needs no tree mask and no rollback. Hydra++ is
 trained against the backbone's own distributions (teacher loss) with dropout.
+
+With `prefix_token` the prefix layer reads fc([h_t, E(x_{t+1})]) at each position t, the hidden state with the
+token it produced (EAGLE's pairing), so its attention can look back with the root in hand. The last verified
+position's token is the root, known only when drafting: that position waits (`_pending`) and `draft` adds it to
+the cache with the root, which the next `observe` then finds there (node 0, the root, is always accepted).
 """
 
 from __future__ import annotations
@@ -71,6 +76,13 @@ class HydraHeads(DraftHeads):
                           *[ResBlock(H) for _ in range(cfg.num_layers - 1)])
             for k in range(cfg.num_heads))
         self.prefix = LlamaModel(prefix_layer_config(cfg)) if cfg.head_type == "hydra++" else None
+        self.fuse = None  # [h, E(next token)] -> the prefix layer's input
+        if cfg.prefix_token:
+            self.fuse = nn.Linear(2 * H, H)
+            with torch.no_grad():  # starts as h alone: an untrained fuse leaves Hydra++ as it was
+                self.fuse.weight.zero_()
+                self.fuse.weight[:, :H].copy_(torch.eye(H))
+                self.fuse.bias.zero_()
         self.dropout = nn.Dropout(cfg.dropout)
         self.embed_weight: torch.Tensor | None = None  # [vocab, H] the backbone's input embedding (frozen)
         # The prefix layer at decode time: LlamaForward's code on its weights (observing 2 positions after
@@ -80,6 +92,10 @@ class HydraHeads(DraftHeads):
         assert self.prefix is None or len(self.prefix.layers) == 1, "observe relies on a one-layer prefix"
         self._cache: TreeKVCache | None = None
         self._last: torch.Tensor | None = None  # [H] the prefix layer's output at the last accepted position
+        # prefix_token: the last accepted position's hidden state [H], waiting for its next token (the root), and
+        # the root `draft` added it with (None: not added yet)
+        self._pending: torch.Tensor | None = None
+        self._pending_root: int | None = None
 
     def attach(self, backbone: nn.Module) -> "HydraHeads":
         """Give the heads the backbone's input embedding (and output rows for a shared LM head)."""
@@ -107,20 +123,31 @@ class HydraHeads(DraftHeads):
         runs over the sequences first; causal, so padding at the end changes nothing before it).
         Returns logits [K, N, out_vocab]."""
         if hidden.dim() == 3:
-            hidden, path = self.prefix_states(hidden)[select], path[select]  # [N, H], [N, K]
+            hidden, path = self.prefix_states(hidden, None, path[..., 0])[select], path[select]  # [N, H], [N, K]
         return torch.stack([self.head(k, hidden, path[:, :k + 1]) for k in range(self.cfg.num_heads)])
 
-    def prefix_states(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The prefix layer over whole sequences: hidden [B, T, H] -> [B, T, H] (identity for plain Hydra)."""
+    def prefix_states(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      next_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The prefix layer over whole sequences: hidden [B, T, H] -> [B, T, H] (identity for plain Hydra).
+        next_ids [B, T]: the token after each position (what `prefix_token` heads pair each state with)."""
         if self.prefix is None:
             return hidden
-        return self.prefix(inputs_embeds=hidden, attention_mask=attention_mask).last_hidden_state
+        return self.prefix(inputs_embeds=self.prefix_input(hidden, next_ids),
+                           attention_mask=attention_mask).last_hidden_state
+
+    def prefix_input(self, hidden: torch.Tensor, next_ids: torch.Tensor | None) -> torch.Tensor:
+        """hidden [..., H], next_ids [...] -> the prefix layer's input [..., H]: fc([h, E(next)]) or h."""
+        if self.fuse is None:
+            return hidden
+        assert next_ids is not None and next_ids.shape == hidden.shape[:-1], "prefix_token heads need the next ids"
+        emb = self.embed_weight[next_ids].to(hidden.dtype)  # [..., H]
+        return linear(torch.cat([hidden, emb], -1), self.fuse.weight, self.fuse.bias)
 
     # ---------------------------------------------------------------- the drafter contract
 
     def reset(self) -> None:
         """A new sequence: forget the prefix layer's cache."""
-        self._cache, self._last = None, None
+        self._cache, self._last, self._pending, self._pending_root = None, None, None, None
 
     def for_sequence(self) -> "HydraHeads":
         """Hydra++: these heads' weights with a prefix-layer cache of their own, for one of several
@@ -128,16 +155,33 @@ class HydraHeads(DraftHeads):
         if self.prefix is None:
             return self
         twin = copy.copy(self)
-        twin._cache, twin._last = None, None
+        twin._cache, twin._last, twin._pending, twin._pending_root = None, None, None, None
         return twin
 
     @torch.no_grad()
-    def observe(self, hidden: torch.Tensor) -> None:
-        """The backbone's hidden states [a, H] of newly accepted positions, in order (the prompt's after
-        prefill, then each step's accepted path). Hydra++ runs its prefix layer over them."""
+    def observe(self, hidden: torch.Tensor, ids: torch.Tensor | None = None) -> None:
+        """The backbone's hidden states [a, H] of newly accepted positions and their ids [a], in order (the
+        prompt's after prefill, then each step's accepted path, the root first). Hydra++ runs its prefix layer
+        over them; with `prefix_token` over all but the last, each with the next id (ids[0] follows the last
+        position of the previous call, unless `draft` added that one with the root already)."""
         if self.prefix is None:
             return
-        a, dev = hidden.shape[0], hidden.device
+        if self.fuse is None:
+            self._last = self._extend(hidden.to(self.dtype))
+            return
+        assert ids is not None and ids.shape == hidden.shape[:1], "prefix_token heads observe ids too"
+        rows, nxt = hidden.to(self.dtype)[:-1], ids[1:]
+        if self._pending is not None and self._pending_root is None:  # no draft took it (a step without a tree)
+            rows, nxt = torch.cat([self._pending[None], rows]), torch.cat([ids[:1], nxt])
+        assert self._pending_root is None or self._pending_root == int(ids[0]), "observe after another root"
+        if rows.shape[0]:
+            self._extend(self.prefix_input(rows, nxt))
+        self._pending, self._pending_root, self._last = hidden[-1].to(self.dtype), None, None
+
+    def _extend(self, x: torch.Tensor) -> torch.Tensor:
+        """The prefix layer over the next positions' inputs x [a, H], appended to its cache -> the output at
+        the last of them [H]."""
+        a, dev = x.shape[0], x.device
         if self._cache is None:
             self._cache = TreeKVCache(1, 0, self.dtype, dev)
         L = self._cache.length
@@ -145,15 +189,18 @@ class HydraHeads(DraftHeads):
             self._cache.reserve(max(2 * self._cache.capacity, L + a, 256))  # doubling: amortised copies
         # No causal mask for several positions: the layer's keys and values come from its inputs alone (one
         # layer), and only the last position's output is kept, which sees every position anyway.
-        out = self._lean.from_embeddings(self._cache, hidden.to(self.dtype)[None],
-                                         torch.arange(L, L + a, device=dev)[None], None)  # [1, a, H]
-        self._last = out[0, -1]  # [H]
+        out = self._lean.from_embeddings(self._cache, x[None], torch.arange(L, L + a, device=dev)[None], None)  # [1, a, H]
+        return out[0, -1]  # [H]
 
     @torch.no_grad()
     def draft(self, hidden: torch.Tensor, root: torch.Tensor, tree: Tree) -> torch.Tensor:
         """Candidate token per tree node, depth by depth. hidden [H] at the last verified position (Hydra++
         uses its prefix layer's output there instead), root 0-d token id. Returns ids [nodes]."""
         assert hidden.dim() == 1
+        if self.fuse is not None and self._pending_root is None:  # the last position, with its next token now
+            assert self._pending is not None, "Hydra++: observe() the prompt's hidden states before drafting"
+            self._last = self._extend(self.prefix_input(self._pending[None], root.view(1)))
+            self._pending_root = int(root)
         h = self._last if self.prefix is not None else hidden.to(self.dtype)
         assert h is not None, "Hydra++: observe() the prompt's hidden states before drafting"
         ids = torch.empty(tree.size, dtype=torch.long, device=hidden.device)
@@ -171,9 +218,9 @@ class HydraHeads(DraftHeads):
         at each position t, given the true path ids[t+1..t+1+k] (past the end: token 0, whose targets
         the caller ignores anyway). What `calibrate` measures."""
         K, T = self.cfg.num_heads, ids.shape[0]
-        h = self.prefix_states(hidden.to(self.dtype)[None])[0]  # [T, H]
         padded = torch.cat([ids, ids.new_zeros(K + 1)])
         path = torch.stack([padded[1 + j:1 + j + T] for j in range(K)], -1)  # [T, K]: ids[t+1 .. t+K]
+        h = self.prefix_states(hidden.to(self.dtype)[None], None, path[None, :, 0])[0]  # [T, H]
         out = []
         for s in range(0, T, chunk):
             logits = self.forward(h[s:s + chunk], path[s:s + chunk])  # [K, c, out]

@@ -61,6 +61,9 @@ class HeadsConfig:
     # Hydra heads' first block: the residual path is a learned projection of [h, E(path)] ("projection",
     # Hydra's) or h itself ("hidden": half the parameters, what fits the shipped Hydra++ heads in 40 MB)
     grounded_residual: str = "projection"
+    # Hydra++: the prefix layer's input at position t is fc([h_t, E(x_t+1)]) (EAGLE's pairing of a hidden state
+    # with the token it produced) instead of h_t; at the last verified position x_t+1 is the root
+    prefix_token: bool = False
     # Medusa-2: the LoRA adapter trained with the heads (a path relative to the heads directory), which
     # `draftheads.load` merges into the backbone, and the weights it changed most, so that the heads refuse
     # the untuned backbone (adapter.py). Empty for Medusa-1 and Hydra heads.
@@ -97,6 +100,8 @@ class HeadsConfig:
                             f"not {cfg.grounded_residual!r}")
         if cfg.head_type not in HEAD_TYPES:
             raise UserError(f"heads of type {cfg.head_type!r} are not supported (known: {', '.join(HEAD_TYPES)})")
+        if cfg.prefix_token and cfg.head_type != "hydra++":
+            raise UserError("heads config: prefix_token applies to hydra++ heads only")
         return cfg
 
     def to_dict(self) -> dict:
@@ -190,7 +195,7 @@ class MedusaHeads(DraftHeads):
     def reset(self) -> None:
         """Medusa heads keep no state between steps."""
 
-    def observe(self, hidden: torch.Tensor) -> None:
+    def observe(self, hidden: torch.Tensor, ids: torch.Tensor | None = None) -> None:
         """Medusa heads keep no state between steps."""
 
     @torch.no_grad()

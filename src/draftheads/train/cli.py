@@ -150,6 +150,9 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--grounded-residual", default=M.grounded_residual, choices=defaults.GROUNDED_RESIDUALS,
                    help="Hydra heads' first block: a learned residual projection of [h, path embeddings] (Hydra's) "
                         "or h itself (half the parameters)")
+    t.add_argument("--prefix-token", action="store_true", default=M.prefix_token,
+                   help="Hydra++: the prefix layer reads each position's hidden state with the token that followed "
+                        "it (EAGLE's pairing), so the heads see the root through attention too")
     t.add_argument("--lm-head", default=M.lm_head, choices=["own", "shared"],
                    help="own: each head has its own LM head; shared: the backbone's, frozen")
     t.add_argument("--trim-vocab", type=int, default=M.trim_vocab, metavar="N",

@@ -18,6 +18,9 @@ class ModelConfig:
     head_type: str = "medusa"  # "medusa" (--method medusa1), "hydra" or "hydra++"
     dropout: float = 0.0  # Hydra heads: dropout before every block and the LM head while training
     grounded_residual: str = "projection"  # Hydra heads' first block: "projection" (Hydra's) or "hidden" (smaller)
+    # Hydra++: the prefix layer reads fc([h_t, E(x_t+1)]) at each position, the hidden state with the token it
+    # produced (EAGLE's pairing), instead of h_t alone
+    prefix_token: bool = False
     lm_head: str = "own"  # "own" or "shared" (the backbone's output embedding, frozen)
     # VocabTrim: the heads predict the N most frequent output tokens (0 or None: the full vocabulary).
     # Full-vocabulary LM heads cost ~9x the drafting time and ~10x the file for SmolLM2 (README, VocabTrim).
@@ -122,6 +125,8 @@ class TrainConfig:
                             f"not {m.grounded_residual!r}")
         if m.head_type == "medusa" and m.grounded_residual != "projection":
             raise UserError("grounded_residual applies to Hydra heads (--method hydra or hydra++) only")
+        if m.prefix_token and m.head_type != "hydra++":
+            raise UserError("prefix_token applies to Hydra++ heads (--method hydra++) only")
         if not 0 <= m.dropout < 1:
             raise UserError("dropout must be in [0, 1)")
         if m.num_heads < 1 or m.num_layers < 1:

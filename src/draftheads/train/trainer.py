@@ -34,7 +34,8 @@ def config_from_args(args) -> TrainConfig:
     cfg = TrainConfig(
         model=ModelConfig(backbone=args.backbone, dtype=args.dtype, num_heads=args.num_heads, num_layers=args.num_layers,
                           lm_head=args.lm_head, trim_vocab=args.trim_vocab, head_type=head_type,
-                          dropout=args.dropout, grounded_residual=args.grounded_residual),
+                          dropout=args.dropout, grounded_residual=args.grounded_residual,
+                          prefix_token=args.prefix_token),
         data=DataConfig(paths=list(args.data), max_length=args.max_length, eval_fraction=args.eval_fraction,
                         train_tokens=args.train_tokens, shards=args.shards,
                         precompute_features=args.precompute_features, features_dir=args.features_dir,
@@ -287,7 +288,7 @@ def train(cfg: TrainConfig, backbone=None) -> Path:
         print(f"train: trim_vocab {m.trim_vocab} >= the vocabulary ({V}): the heads keep the full vocabulary")
     hcfg = HeadsConfig(num_heads=m.num_heads, hidden_size=H, vocab_size=V, num_layers=m.num_layers,
                        lm_head=m.lm_head, trimmed_vocab=trim, backbone=bb.name, head_type=m.head_type,
-                       dropout=m.dropout, grounded_residual=m.grounded_residual,
+                       dropout=m.dropout, grounded_residual=m.grounded_residual, prefix_token=m.prefix_token,
                        backbone_fingerprint=output_embedding_fingerprint(model))
     heads = build_heads(hcfg)
     table = None
