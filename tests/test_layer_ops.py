@@ -82,6 +82,28 @@ def test_attention_equals_sdpa(heads, kv_heads, d, q, keys, shared_mask):
     torch.testing.assert_close(out, ref.transpose(1, 2).reshape(b, q, heads * d), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_attention_computes_each_row_as_it_would_alone(threads):
+    """Tasks share a kv head's key and value reads among the queries of a batch row (and split them where
+    the batch gives the threads too few): whatever the batch, the rows, the threads and the value blocks
+    (150 keys: three), a row's output is the same floats as that row computed alone."""
+    b, q, heads, kv_heads, d, keys = 3, 4, 9, 3, 64, 150
+    g = torch.Generator().manual_seed(7)
+    queries = torch.randn(b, q, heads, d, generator=g)
+    k, v = torch.randn(2, b, kv_heads, keys, d, generator=g)
+    mask = torch.where(torch.rand(b, 1, q, keys, generator=g) < 0.3, MIN, 0.0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = layer_ops.attention(queries, k, v, mask, 0.125)  # [b, q, heads * d]
+        for r in range(b):
+            for i in range(q):
+                alone = layer_ops.attention(queries[r:r + 1, i:i + 1], k[r:r + 1], v[r:r + 1], mask[r:r + 1, :, i:i + 1], 0.125)
+                assert torch.equal(out[r, i], alone[0, 0]), (r, i)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("prefix", [29, 32])
 def test_attention_gives_a_tree_node_what_a_plain_step_over_its_path_computes(prefix):
     """A branching tree's node sees its ancestors at their own columns with masked siblings between; a plain

@@ -133,24 +133,44 @@ static inline void dots(const float* q, const float* const* k, float* out, int64
   for (int n = 0; n < N; ++n) out[n] = hsum(a[n]);
 }
 
-// o[0, 8C) = sum_j p[j] v[j][0, 8C) / sum_j p[j], v's rows `stride` apart: 8C independent chains, so that
-// no FMA waits on the one before it, and the sum of p along them in column order, which costs no time
-// beside them. In column order, not in lanes: a tree node's masked columns (exact zeros) then leave its
-// sums as a plain step's, whatever columns its path's keys sit at.
+// acc[0, 8C) += sum_j p[j] v[j][0, 8C) and total += sum_j p[j] over keys j0 <= j < j1, v's rows `stride` apart:
+// 8C independent chains, so that no FMA waits on the one before it, and the sum of p along them in column
+// order, which costs no time beside them. In column order, not in lanes: a tree node's masked columns (exact
+// zeros) then leave its sums as a plain step's, whatever columns its path's keys sit at. Blocks of keys in
+// order, the sums carried in acc and total: the same additions in the same order as one pass over all keys.
 template <int C>
-static inline void weighted_sum(const float* p, const float* v, int64_t stride, int64_t L, float* o) {
+static inline void weighted_sum(const float* p, const float* v, int64_t stride, int64_t j0, int64_t j1, float* acc,
+                                float& total) {
   __m256 a[C];
-  for (int c = 0; c < C; ++c) a[c] = _mm256_setzero_ps();
-  float total = 0.0f;
-  for (int64_t j = 0; j < L; ++j) {
+  for (int c = 0; c < C; ++c) a[c] = _mm256_loadu_ps(acc + 8 * c);
+  float t = total;
+  for (int64_t j = j0; j < j1; ++j) {
     const __m256 pj = _mm256_set1_ps(p[j]);
-    total += p[j];
+    t += p[j];
     const float* vr = v + j * stride;
     for (int c = 0; c < C; ++c) a[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 8 * c), a[c]);
   }
-  const __m256 inv = _mm256_set1_ps(1.0f / total);
-  for (int c = 0; c < C; ++c) _mm256_storeu_ps(o + 8 * c, _mm256_mul_ps(a[c], inv));
+  for (int c = 0; c < C; ++c) _mm256_storeu_ps(acc + 8 * c, a[c]);
+  total = t;
 }
+
+static void weighted_sum(int C, const float* p, const float* v, int64_t stride, int64_t j0, int64_t j1, float* acc,
+                         float& total) {
+  switch (C) {
+    case 1: weighted_sum<1>(p, v, stride, j0, j1, acc, total); break;
+    case 2: weighted_sum<2>(p, v, stride, j0, j1, acc, total); break;
+    case 3: weighted_sum<3>(p, v, stride, j0, j1, acc, total); break;
+    case 4: weighted_sum<4>(p, v, stride, j0, j1, acc, total); break;
+    case 5: weighted_sum<5>(p, v, stride, j0, j1, acc, total); break;
+    case 6: weighted_sum<6>(p, v, stride, j0, j1, acc, total); break;
+    case 7: weighted_sum<7>(p, v, stride, j0, j1, acc, total); break;
+    default: weighted_sum<8>(p, v, stride, j0, j1, acc, total);
+  }
+}
+
+// Value rows a block of the weighted sums reads while every query of a task uses them: 64 rows of 64 floats
+// are 16 KB, which stay in L1 between the queries.
+constexpr int64_t VALUE_BLOCK = 64;
 
 // softmax(q k^T * scale + mask) v for q [B, Q, H, D], k, v [B, KVH, L, D] (query head h reads kv head
 // h / (H / KVH)), mask [1 or B, 1, Q, L] additive or empty; every last dim contiguous. -> [B, Q, H * D].
@@ -171,44 +191,62 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch
   const float* mp = masked ? mask.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  // one task: a (batch row, query, head); short passes run on one thread
-  const int64_t grain = std::max<int64_t>(1, 512 / L);
-  at::parallel_for(0, B * Q * H, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<float> s(Lp);
+  // One task: a batch row's kv head and the queries that read it (its G query heads at each of the Q rows),
+  // so that each key and value row is read once a task, not once a query head and row (at one row, 9 query
+  // heads on 3 kv heads, the reads bounded it). Each kv head's queries are split in parts where the batch
+  // alone gives the threads too few tasks; short passes run on one thread.
+  const int64_t S = Q * G, units = B * KVH;
+  const int64_t parts = std::min<int64_t>(S, std::max<int64_t>(1, (2 * at::get_num_threads() + units - 1) / units));
+  const int64_t per = (S + parts - 1) / parts;
+  const int64_t grain = std::max<int64_t>(1, 512 / (L * per));
+  at::parallel_for(0, units * parts, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> s(per * Lp), acc(per * 64), total(per);
+    std::vector<const float*> qs(per), ms(per);
+    std::vector<float*> os(per);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / (Q * H), i = (t / H) % Q, h = t % H, kh = h / G;
+      const int64_t b = t / (KVH * parts), kh = (t / parts) % KVH, s0 = t % parts * per;
+      const int64_t n = std::min(S, s0 + per) - s0;
+      if (n <= 0) continue;
       const float* kb = kp + b * k.stride(0) + kh * k.stride(1);
       const float* vb = vp + b * v.stride(0) + kh * v.stride(1);
-      const float* m = masked ? mp + (mask.size(0) == 1 ? 0 : b) * mask.stride(0) + i * mask.stride(2) : nullptr;
-      const float* qh = qp + b * q.stride(0) + i * q.stride(1) + h * q.stride(2);
+      for (int64_t x = 0; x < n; ++x) {
+        const int64_t i = (s0 + x) / G, h = kh * G + (s0 + x) % G;
+        qs[x] = qp + b * q.stride(0) + i * q.stride(1) + h * q.stride(2);
+        ms[x] = masked ? mp + (mask.size(0) == 1 ? 0 : b) * mask.stride(0) + i * mask.stride(2) : nullptr;
+        os[x] = op + ((b * Q + i) * H + h) * D;
+      }
       int64_t j = 0;
       for (; j + 4 <= L; j += 4) {
         const float* ks[4] = {kb + j * k.stride(2), kb + (j + 1) * k.stride(2), kb + (j + 2) * k.stride(2), kb + (j + 3) * k.stride(2)};
-        dots<4>(qh, ks, s.data() + j, D);
+        for (int64_t x = 0; x < n; ++x) dots<4>(qs[x], ks, s.data() + x * Lp + j, D);
       }
       for (; j < L; ++j) {
         const float* ks[1] = {kb + j * k.stride(2)};
-        dots<1>(qh, ks, s.data() + j, D);
+        for (int64_t x = 0; x < n; ++x) dots<1>(qs[x], ks, s.data() + x * Lp + j, D);
       }
-      float mx = -INFINITY;
-      for (j = 0; j < L; ++j) {
-        s[j] = s[j] * sc + (m ? m[j] : 0.0f);
-        mx = std::max(mx, s[j]);
+      for (int64_t x = 0; x < n; ++x) {
+        float* sx = s.data() + x * Lp;
+        const float* m = ms[x];
+        float mx = -INFINITY;
+        for (j = 0; j < L; ++j) {
+          sx[j] = sx[j] * sc + (m ? m[j] : 0.0f);
+          mx = std::max(mx, sx[j]);
+        }
+        for (j = L; j < Lp; ++j) sx[j] = -INFINITY;  // padding to whole vectors: weight 0
+        const __m256 mv = _mm256_set1_ps(mx);
+        for (j = 0; j < Lp; j += 8) _mm256_storeu_ps(sx + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(sx + j), mv)));
       }
-      for (j = L; j < Lp; ++j) s[j] = -INFINITY;  // padding to whole vectors: weight 0
-      const __m256 mv = _mm256_set1_ps(mx);
-      for (j = 0; j < Lp; j += 8) _mm256_storeu_ps(s.data() + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(s.data() + j), mv)));
-      float* o = op + ((b * Q + i) * H + h) * D;
       for (int64_t d = 0; d < D; d += 64) {
-        switch (std::min<int64_t>(8, (D - d) / 8)) {
-          case 1: weighted_sum<1>(s.data(), vb + d, v.stride(2), L, o + d); break;
-          case 2: weighted_sum<2>(s.data(), vb + d, v.stride(2), L, o + d); break;
-          case 3: weighted_sum<3>(s.data(), vb + d, v.stride(2), L, o + d); break;
-          case 4: weighted_sum<4>(s.data(), vb + d, v.stride(2), L, o + d); break;
-          case 5: weighted_sum<5>(s.data(), vb + d, v.stride(2), L, o + d); break;
-          case 6: weighted_sum<6>(s.data(), vb + d, v.stride(2), L, o + d); break;
-          case 7: weighted_sum<7>(s.data(), vb + d, v.stride(2), L, o + d); break;
-          default: weighted_sum<8>(s.data(), vb + d, v.stride(2), L, o + d);
+        const int C = static_cast<int>(std::min<int64_t>(8, (D - d) / 8));
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        std::fill(total.begin(), total.end(), 0.0f);
+        for (int64_t j0 = 0; j0 < L; j0 += VALUE_BLOCK)
+          for (int64_t x = 0; x < n; ++x)
+            weighted_sum(C, s.data() + x * Lp, vb + d, v.stride(2), j0, std::min(L, j0 + VALUE_BLOCK), acc.data() + x * 64, total[x]);
+        for (int64_t x = 0; x < n; ++x) {
+          const __m256 inv = _mm256_set1_ps(1.0f / total[x]);
+          for (int c = 0; c < C; ++c)
+            _mm256_storeu_ps(os[x] + d + 8 * c, _mm256_mul_ps(_mm256_loadu_ps(acc.data() + x * 64 + 8 * c), inv));
         }
       }
     }
