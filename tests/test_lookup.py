@@ -111,7 +111,7 @@ class FixedHeads:
     def reset(self):
         pass
 
-    def observe(self, hidden):
+    def observe(self, hidden, ids=None):
         pass
 
     def draft(self, hidden, root, tree):

@@ -62,7 +62,7 @@ class OracleHeads:
     def reset(self):
         pass
 
-    def observe(self, hidden):
+    def observe(self, hidden, ids=None):
         pass
 
     def draft(self, hidden, root, tree):
