@@ -137,6 +137,30 @@ def test_token_prefix_drafts_see_the_root_through_the_prefix_layer():
     assert not torch.allclose(heads._last, last)  # another root, another prefix state
 
 
+def test_token_prefix_input_is_the_fuse_of_the_state_and_the_next_tokens_embedding():
+    """prefix_input = fc([h, E(next)]) with fc's weight and bias; the training forward over whole sequences pairs
+    each position with path[..., 0] (the next token) and scores like teacher_topk; observe wants the ids."""
+    import torch.nn.functional as F
+
+    model = tiny_model()
+    heads = tiny_hydra_heads(model, "hydra++", num_heads=2, grounded_residual="hidden", prefix_token=True, noise=0.3)
+    assert heads.fuse.bias.abs().max() > 0
+    h, nxt = torch.randn(3, 5, 64), torch.randint(0, 200, (3, 5))
+    want = F.linear(torch.cat([h, model.get_input_embeddings().weight[nxt]], -1), heads.fuse.weight, heads.fuse.bias)
+    torch.testing.assert_close(heads.prefix_input(h, nxt), want)
+    ids = torch.randint(0, 200, (12,), generator=torch.Generator().manual_seed(2))
+    hidden = model.base_model(input_ids=ids[None]).last_hidden_state  # [1, T, H]
+    path = torch.stack([torch.cat([ids[1 + j:], ids.new_zeros(1 + j)]) for j in range(2)], -1)[None]  # [1, T, 2]
+    select = torch.zeros(1, 12, dtype=torch.bool)
+    select[0, :8] = True
+    logits = heads(hidden, path, select)  # [K, 8, vocab]
+    top = heads.teacher_topk(hidden[0], ids, 1)[:, :8, 0]  # [K, 8]
+    assert torch.equal(heads.to_full_ids(logits.argmax(-1)), top)
+    heads.reset()
+    with pytest.raises(AssertionError, match="prefix_token heads observe ids too"):
+        heads.observe(hidden[0])
+
+
 def test_token_prefix_is_for_hydra_plus_plus_only():
     from draftheads.errors import UserError
     from draftheads.heads import HeadsConfig

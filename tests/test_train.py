@@ -289,19 +289,23 @@ def test_train_tokens_takes_a_subset_of_the_training_split_and_keeps_the_held_ou
     assert held_few == held and few == 1 < full  # every answer holds more than 10 assistant tokens
 
 
-@pytest.mark.parametrize("head_type,precompute", [("hydra", True), ("hydra", False), ("hydra++", True),
-                                                  ("hydra++", False)])
-def test_hydra_training_learns_and_resumes(tmp_path, head_type, precompute):
+@pytest.mark.parametrize("head_type,precompute,token", [("hydra", True, False), ("hydra", False, False),
+                                                        ("hydra++", True, False), ("hydra++", False, False),
+                                                        ("hydra++", True, True)])
+def test_hydra_training_learns_and_resumes(tmp_path, head_type, precompute, token):
     from draftheads.heads import HydraHeads
 
     def cfg(out):
         c = _cfg(tmp_path, out)
         c.model.head_type, c.model.dropout = head_type, 0.1 if head_type == "hydra++" else 0.0
+        c.model.prefix_token = token
         c.data.precompute_features = precompute
         c.optim.epochs, c.optim.batch_size = 3, 4
         return c
     heads = load_heads(trainer.train(cfg(tmp_path / "a"), _bb()))
-    assert isinstance(heads, HydraHeads) and heads.cfg.head_type == head_type
+    assert isinstance(heads, HydraHeads) and heads.cfg.head_type == head_type and heads.cfg.prefix_token == token
+    if token:  # the fuse trained away from its start (h alone): the token half carries weight now
+        assert heads.fuse.weight[:, heads.cfg.hidden_size:].abs().max() > 0
     assert (heads.prefix is not None) == (head_type == "hydra++")
     hist = json.loads((tmp_path / "a" / "eval.json").read_text())
     assert hist[-1]["top1"][0] > hist[0]["top1"][0] or hist[-1]["top1"][0] > 0.9, hist
