@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -19,18 +18,16 @@ from pathlib import Path
 
 import torch
 
+from compare_packed_revisions import files_at  # scripts/ is on sys.path when a script in it runs
 from draftheads import kvcache
 
-ROOT = Path(__file__).resolve().parent.parent
 LAYERS, HEADS, DIM, CAPACITY, SLOTS, CACHED, Q = 30, 3, 64, 2048, 8, 200, 2
 
 
 def kvcache_at(rev: str, into: Path):
     """kvcache.py of git revision `rev`, imported inside the draftheads package (for its relative imports)."""
-    path = into / "kvcache.py"
-    path.write_bytes(subprocess.run(["git", "show", f"{rev}:src/draftheads/kvcache.py"], cwd=ROOT, check=True,
-                                    capture_output=True).stdout)
-    spec = importlib.util.spec_from_file_location("draftheads._kvcache_at_rev", path)
+    files_at(rev, ["kvcache.py"], into)
+    spec = importlib.util.spec_from_file_location("draftheads._kvcache_at_rev", into / "kvcache.py")
     module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

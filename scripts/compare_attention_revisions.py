@@ -13,29 +13,23 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from compare_packed_revisions import files_at  # scripts/ is on sys.path when a script in it runs
 from draftheads import few_rows, layer_ops
 
-ROOT = Path(__file__).resolve().parent.parent
-CSRC = "src/draftheads/csrc"
 SHAPES = [(1, 1, 200), (1, 1, 400), (1, 2, 300), (1, 3, 300), (1, 4, 300), (2, 1, 300), (2, 2, 300), (4, 1, 300),
           (8, 1, 300), (8, 2, 300)]
 
 
 def attention_at(rev: str, into: Path):
     """The layer ops of git revision `rev`, built from a copy of its csrc/ in `into`."""
-    names = subprocess.run(["git", "ls-tree", "--name-only", rev, f"{CSRC}/"], cwd=ROOT, check=True,
-                           capture_output=True, text=True).stdout.split()
-    for name in names:
-        text = subprocess.run(["git", "show", f"{rev}:{name}"], cwd=ROOT, check=True, capture_output=True).stdout
-        (into / Path(name).name).write_bytes(text)
-    module = few_rows.build(into / "layer_ops.cpp", f"the layer ops of {rev}")
+    files_at(rev, ["csrc/"], into)
+    module = few_rows.build(into / "csrc" / "layer_ops.cpp", f"the layer ops of {rev}")
     assert module is not None, f"the layer ops of {rev} did not build here"
     return module.attention
 

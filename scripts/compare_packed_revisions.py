@@ -27,14 +27,24 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "src/draftheads"
 
 
+def files_at(rev: str, names: list[str], into: Path) -> None:
+    """The files `names` (paths under src/draftheads, or folders ending in /: their files) of git revision
+    `rev`, written under `into` at the same relative paths."""
+    for name in names:
+        if name.endswith("/"):
+            inside = subprocess.run(["git", "ls-tree", "--name-only", rev, f"{PACKAGE}/{name}"], cwd=ROOT, check=True,
+                                    capture_output=True, text=True).stdout.split()
+            files_at(rev, [f.removeprefix(f"{PACKAGE}/") for f in inside], into)
+            continue
+        path = into / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(subprocess.run(["git", "show", f"{rev}:{PACKAGE}/{name}"], cwd=ROOT, check=True,
+                                        capture_output=True).stdout)
+
+
 def module_at(rev: str, into: Path):
     """few_rows.py of git revision `rev`, imported from a copy in `into` beside its csrc/ (so it builds its own)."""
-    (into / "csrc").mkdir(parents=True)
-    names = subprocess.run(["git", "ls-tree", "--name-only", rev, f"{PACKAGE}/csrc/"], cwd=ROOT, check=True,
-                           capture_output=True, text=True).stdout.split()
-    for name in [f"{PACKAGE}/few_rows.py", *names]:
-        text = subprocess.run(["git", "show", f"{rev}:{name}"], cwd=ROOT, check=True, capture_output=True).stdout
-        (into / name.removeprefix(f"{PACKAGE}/")).write_bytes(text)
+    files_at(rev, ["few_rows.py", "csrc/"], into)
     spec = importlib.util.spec_from_file_location(f"few_rows_{rev.replace('~', '_')}", into / "few_rows.py")
     module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up there
     spec.loader.exec_module(module)
