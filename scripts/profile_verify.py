@@ -2,8 +2,9 @@
 200-token context, in plain transformers (DynamicCache, built-in causal mask) and in our loop's
 machinery (preallocated cache, tree mask, LM head on the new rows only) four ways: transformers'
 forward with stock F.linear, the same with cpu_matmul's few-row kernels, the lean Llama-family forward
-with torch's small ops between the products, and the lean forward the loop runs (with the C++ layer ops,
-layer_ops.py, where they apply); then a torch.profiler breakdown of the lean forward at 1, 16 and 64 nodes.
+with torch's small ops between the products, the same with the C++ layer ops (layer_ops.py) called one by
+one, and the lean forward the loop runs (the whole stack in one C++ call where it applies, decoder_stack.py,
+else the ops one by one); then a torch.profiler breakdown of the lean forward at 1, 16 and 64 nodes.
 
     .venv/bin/python scripts/profile_verify.py [--threads 2] [--repeats 10] [--profile-sizes 1,16,64]
         [--device cuda] [--dtype bfloat16]
@@ -21,7 +22,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-from draftheads import layer_ops
+from draftheads import decoder_stack, layer_ops
 from draftheads.backbone import load_backbone
 from draftheads.generate import Decoder
 from draftheads.kvcache import cache_keyword
@@ -83,9 +84,10 @@ def main():
     def our_forward(n, variant="lean"):
         # "generic, stock": transformers' forward on our cache, stock F.linear; "generic": the same
         # with cpu_matmul's few-row kernels; "lean": llama_forward (what the loop runs for this model),
-        # "lean, torch's ops" without the C++ layer ops.
+        # "lean, torch's ops" without the C++ layer ops, "lean, op by op" with them but not the decoder stack.
         decoder.lean, decoder.fast_linear = (lean if variant.startswith("lean") else None), variant != "generic, stock"
         layer_ops.ENABLED = variant != "lean, torch's ops"
+        decoder_stack.ENABLED = variant == "lean"
         tt = tree_of_size(n).tensors(dev, dtype)
         ids = torch.randint(100, 20000, (n,), device=dev)
         h = decoder.engine._forward(cache, ids, tt.depths + args.context, tt.tree_bias)
@@ -95,7 +97,7 @@ def main():
             layer.length = args.context
         decoder.lean, decoder.fast_linear = lean, True
 
-    variants = ["generic, stock", "generic", "lean, torch's ops", "lean"]
+    variants = ["generic, stock", "generic", "lean, torch's ops", "lean, op by op", "lean"]
     rows = []
     for n in SIZES:  # the variants interleaved per size, so drift hits all alike
         rows.append([median_ms(lambda: hf_forward(n), args.repeats)] +

@@ -323,7 +323,7 @@ def test_a_model_of_gguf_block_weights_decodes_the_same_from_its_blocks(monkeypa
     up to rounding."""
     from tiny import tiny_heads
 
-    from draftheads import cpu_matmul
+    from draftheads import cpu_matmul, decoder_stack
     from draftheads.acceptance import SamplingConfig
     from draftheads.generate import Decoder, Stats
     from draftheads.tree import load_tree
@@ -335,6 +335,9 @@ def test_a_model_of_gguf_block_weights_decodes_the_same_from_its_blocks(monkeypa
     calls = []
     real = few_rows.packed_linear
     monkeypatch.setattr(few_rows, "packed_linear", lambda *a: calls.append(a[1].kind) or real(*a))
+    # op by op, so that every product passes through cpu_matmul (the decoder stack computes the same floats:
+    # tests/test_decoder_stack.py)
+    monkeypatch.setattr(decoder_stack, "ENABLED", False)
     prompt = torch.randint(0, 200, (12,), generator=g).tolist()
 
     def decode(packed: bool, speculative: bool) -> tuple[list[int], torch.Tensor]:
@@ -361,7 +364,7 @@ def test_a_prefill_past_max_rows_takes_the_packed_kernel_where_measured(monkeypa
     """A prompt of more than MAX_ROWS tokens on weights of GGUF blocks: with packed_rows() above its length the
     lean forward prefills it on the packed kernel (fused products, C++ layer ops) and its hidden states are the
     MKL prefill's up to rounding; at MAX_ROWS it stays on MKL; greedy decoding after either prefill agrees."""
-    from draftheads import cpu_matmul, layer_ops
+    from draftheads import cpu_matmul, decoder_stack, layer_ops
     from draftheads.acceptance import SamplingConfig
     from draftheads.generate import Decoder, Stats
     from draftheads.kvcache import TreeKVCache
@@ -369,6 +372,7 @@ def test_a_prefill_past_max_rows_takes_the_packed_kernel_where_measured(monkeypa
     model, g = _block_model(9)
     threads = torch.get_num_threads()
     monkeypatch.setattr(cpu_matmul, "_ROUTES", {threads: dict.fromkeys(range(1, MAX_ROWS + 1), "rows")})
+    monkeypatch.setattr(decoder_stack, "ENABLED", False)  # op by op, so that the calls are seen here
     rows_seen, attended = [], []
     real, real_attention = few_rows.packed_linear, layer_ops.attention
     monkeypatch.setattr(few_rows, "packed_linear", lambda x, p, b=None: rows_seen.append(x.shape[0]) or real(x, p, b))

@@ -84,8 +84,9 @@ def build(source: Path, what: str):
         from torch.utils import cpp_extension
 
         model, flags = cpu_info()
-        headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]  # a changed header is another build
-        key = "|".join([source.read_text(), *headers, model, " ".join(sorted(flags)), torch.__version__])
+        # A changed header, or a source that another includes (decoder_stack.cpp), is another build
+        others = [p.read_text() for p in sorted(source.parent.iterdir()) if p.suffix in (".h", ".cpp") and p != source]
+        key = "|".join([source.read_text(), *others, model, " ".join(sorted(flags)), torch.__version__])
         name = f"draftheads_{source.stem}_" + hashlib.sha256(key.encode()).hexdigest()[:16]
         path = os.environ.get("PATH")
         torch_log = logging.getLogger(cpp_extension.__name__)

@@ -151,6 +151,7 @@ class TreeKVCache:
         self.hf = Cache(layers=self.layers)  # what the backbone's forward takes as its cache (cache_keyword)
         self._mask: torch.Tensor | None = None  # [1, 1, max_query, capacity] additive bias
         self._mask_zeroed = 0  # columns [0, _mask_zeroed) of _mask are already 0 in every row
+        self._views: tuple | None = None  # (kv, per-layer keys, per-layer values): write_views'
 
     @classmethod
     def for_model(cls, model, capacity: int) -> "TreeKVCache":
@@ -178,6 +179,23 @@ class TreeKVCache:
         """Write q new entries of one layer (keys, values [batch, kv_heads, q, head_dim]) after the cached
         ones; returns views of all of that layer's entries [batch, kv_heads, cached + q, head_dim]."""
         return self.layers[layer].update(keys, values)
+
+    def write_views(self, b: int, q: int, kv_heads: int, head_dim: int) -> tuple[list, list, list[int], int]:
+        """For a pass that writes its q new entries itself (decoder_stack.py, every layer in one call): each
+        layer's keys and values [1, kv_heads, capacity, head_dim] (views of the cache), the column where the
+        entries go ([one]) and the columns the pass attends. They count as appended on return, as after
+        `append` on every layer."""
+        assert b == 1, "one sequence"
+        if self.kv is None:
+            self._allocate(torch.empty(1, kv_heads, 0, head_dim, dtype=self.dtype, device=self.device))
+        start = self.layers[0].length
+        assert all(layer.length == start for layer in self.layers), "every layer holds the same entries"
+        assert start + q <= self.capacity, "KV cache overflow: the loop must keep within capacity"
+        if self._views is None or self._views[0] is not self.kv:  # made once per allocation (reserve replaces kv)
+            self._views = self.kv, [self.kv[i, 0] for i in range(len(self.layers))], [self.kv[i, 1] for i in range(len(self.layers))]
+        for layer in self.layers:
+            layer.length, layer.is_initialized = start + q, True
+        return self._views[1], self._views[2], [start], start + q
 
     def row_starts(self) -> torch.Tensor:
         """Before a row-exact step: the column where its nodes will be written, per batch row [1]."""
@@ -284,6 +302,7 @@ class SlotKVCache:
         self._rows_at: torch.Tensor | None = None  # flat rows of a layer's keys, or one slot's view [layers, 2, kv_heads, q, head_dim]
         self._read: tuple[int, torch.Tensor] | None = None  # (end, [layers, 2, n, kv_heads, end, head_dim])
         self._flat = self.kv.view(num_layers, 2, -1, head_dim)
+        self._views: dict[int, tuple[list, list]] = {}  # write_views' per-layer keys and values, by batch size
 
     @classmethod
     def for_model(cls, model, slots: int, capacity: int) -> "SlotKVCache":
@@ -311,6 +330,18 @@ class SlotKVCache:
         visible = self._cols[:self._end] <= self.lengths[:, None]  # [slots, end]
         mask = self.kv.new_zeros(visible.shape)
         return mask.masked_fill_(~visible, torch.finfo(self.dtype).min)[:, None, None]
+
+    def write_views(self, b: int, q: int, kv_heads: int, head_dim: int) -> tuple[list, list, list[int], int]:
+        """TreeKVCache.write_views for a step of the first b slots (after step_mask or tree_mask): each layer's
+        keys and values [b, kv_heads, capacity, head_dim], where each slot's entries go (its length) and the
+        columns the step attends. The entries join their sequences at `advance()` or `keep()`."""
+        assert b == self._n and self.kv.shape[3:] == (kv_heads, self.capacity, head_dim), (b, self._n)
+        starts = self.lengths[:b].tolist()
+        assert max(starts) + q <= self._end <= self.capacity, "KV cache overflow"
+        if b not in self._views:  # slicing 60 views costs ~0.1 ms: once per batch size
+            layers = range(self.kv.shape[0])
+            self._views[b] = [self.kv[i, 0, :b] for i in layers], [self.kv[i, 1, :b] for i in layers]
+        return *self._views[b], starts, self._end
 
     def begin_step(self, n: int, q: int) -> None:
         """A step of q nodes in each of the first n slots (tree_mask's, or a row-exact one's: append_rows):

@@ -256,7 +256,9 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& q, cons
   return y;
 }
 
+#ifndef DRAFTHEADS_NO_MODULE  // decoder_stack.cpp includes this file and calls its functions
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("few_rows_linear", &few_rows_linear, "x @ w.T (+ b) for few rows of x (float32, CPU, AVX2)");
   m.def("packed_linear", &packed_linear, "x @ w.T for few rows of x and w in tiles of Q4_1 or Q8_0 blocks (float32)");
 }
+#endif

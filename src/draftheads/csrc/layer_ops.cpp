@@ -254,9 +254,11 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch
   return out;
 }
 
+#ifndef DRAFTHEADS_NO_MODULE  // decoder_stack.cpp includes this file and calls its functions
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "x += d in place (d may be empty), then RMSNorm(x) (float32 rows)");
   m.def("rope_", &rope_, "rotary embedding in place on a row's first heads (float32)");
   m.def("silu_mul", &silu_mul, "SiLU(gate) * up (float32 rows)");
   m.def("attention", &attention, "attention over a cache with an additive mask, one row at a time (float32)");
 }
+#endif

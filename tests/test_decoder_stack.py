@@ -1,0 +1,158 @@
+"""The C++ decoder stack (decoder_stack.py) computes what the lean forward computes op by op, bit for bit,
+on models whose weights are GGUF blocks (as the default model's are); it is rebuilt when a weight changes,
+and steps aside where a weight does not pack or a batch step covers several sequences."""
+
+import pytest
+import torch
+from test_batch import drive
+from tiny import tiny_heads, tiny_model
+
+from draftheads import cpu_matmul, decoder_stack, few_rows
+from draftheads.acceptance import SamplingConfig
+from draftheads.batch import BatchDecoder
+from draftheads.cpu_matmul import MAX_ROWS
+from draftheads.generate import Decoder, Stats
+from draftheads.kvcache import SlotKVCache, TreeKVCache
+from draftheads.tree import Tree, load_tree
+
+pytestmark = pytest.mark.skipif(few_rows.unavailable_reason() is not None, reason="no AVX2/FMA on this CPU")
+MIN = torch.finfo(torch.float32).min
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class Counting:
+    """A DecoderStack that counts its passes."""
+
+    def __init__(self, inner):
+        self.inner, self.calls, self.padded = inner, 0, 0
+
+    def forward(self, *args):
+        self.calls += 1
+        self.padded += args[3].numel() > 0  # rows: the real rows' places, where some are padding
+        return self.inner.forward(*args)
+
+
+@pytest.fixture
+def stacks(monkeypatch):
+    """Every product of up to 64 rows on the packed kernel (what measure_packed finds on this project's CPU);
+    the stacks built, each counting its passes."""
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(cpu_matmul, "_ROUTES", {threads: dict.fromkeys(range(1, MAX_ROWS + 1), "rows")})
+    monkeypatch.setattr(cpu_matmul, "_PACKED_ROWS", {threads: 64})
+    built, build = [], decoder_stack.build
+
+    def counting(fwd, fused):
+        inner = build(fwd, fused)
+        built.append(Counting(inner) if inner is not None else None)
+        return built[-1]
+
+    monkeypatch.setattr(decoder_stack, "build", counting)
+    return built
+
+
+def packed_model(arch: str, seed: int = 0):
+    """A tiny model whose projections hold Q4_1 block values, as a GGUF file's dequantised weights do."""
+    model = tiny_model(arch)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 2)[-2] in PROJECTIONS and p.dim() == 2:
+                p.copy_(few_rows.q4_1_values(*p.shape, g))
+    return model
+
+
+def passes(decoder: Decoder, stack: bool, monkeypatch) -> list[torch.Tensor]:
+    """A 20-token prefill, a medusa16 tree pass and three one-token steps: their hidden states and the cache."""
+    monkeypatch.setattr(decoder_stack, "ENABLED", stack)
+    g = torch.Generator().manual_seed(1)
+    prompt, tt = torch.randint(0, 200, (20,), generator=g), load_tree("medusa16", 3).tensors("cpu", torch.float32)
+    cands = torch.randint(0, 200, (tt.depths.numel(),), generator=g)
+    cache, fwd = TreeKVCache.for_model(decoder.model, 64), decoder.engine._forward
+    with torch.inference_mode():
+        out = [fwd(cache, prompt, torch.arange(20), torch.full((20, 20), MIN).triu(1)),
+               fwd(cache, cands, tt.depths + 20, tt.tree_bias)]
+        cache.keep([0, 1], 20)
+        out += [fwd(cache, torch.tensor([7 + i]), torch.tensor([22 + i]), tt.tree_bias[:1, :1]) for i in range(3)]
+    return out + [cache.kv[..., :cache.length, :].clone()]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_the_stack_computes_what_the_ops_one_by_one_compute(arch, stacks, monkeypatch):
+    decoder = Decoder(packed_model(arch))
+    appends = []
+    append = TreeKVCache.append
+    monkeypatch.setattr(TreeKVCache, "append", lambda self, *a: appends.append(1) or append(self, *a))
+    with_stack = passes(decoder, True, monkeypatch)
+    assert len(stacks) == 1 and stacks[0].calls == 5 and not appends  # every pass in one call, no layer by layer
+    by_ops = passes(decoder, False, monkeypatch)
+    assert stacks[0].calls == 5 and appends
+    for a, b in zip(with_stack, by_ops, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_changed_weight_rebuilds_the_stack_and_one_that_does_not_pack_sets_it_aside(stacks, monkeypatch):
+    model = packed_model("llama")
+    decoder = Decoder(model)
+    passes(decoder, True, monkeypatch)
+    o = model.model.layers[1].self_attn.o_proj.weight
+    with torch.no_grad():
+        o.copy_(few_rows.q4_1_values(*o.shape, torch.Generator().manual_seed(5)))  # in place: the same storage
+    with_stack = passes(decoder, True, monkeypatch)
+    assert len(stacks) == 2 and stacks[1].calls == 5
+    assert all(torch.equal(a, b) for a, b in zip(with_stack, passes(decoder, False, monkeypatch), strict=True))
+    with torch.no_grad():
+        o.add_(1e-3 * torch.randn(o.shape, generator=torch.Generator().manual_seed(6)))  # no block format holds it
+    with_stack = passes(decoder, True, monkeypatch)
+    assert len(stacks) == 3 and stacks[2] is None
+    assert all(torch.equal(a, b) for a, b in zip(with_stack, passes(decoder, False, monkeypatch), strict=True))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tree_rows_through_the_stack_equal_plain_steps_bit_for_bit(arch, stacks):
+    """Greedy speculation on the stack cannot differ from plain decoding on it: each node of a branching
+    tree gets exactly the hidden state a plain step at its position computes."""
+    decoder = Decoder(packed_model(arch))
+    tree = load_tree("medusa16", 3)
+    tt = tree.tensors("cpu", torch.float32)
+    g = torch.Generator().manual_seed(2)
+    prompt, cands = torch.randint(0, 200, (13,), generator=g), torch.randint(0, 200, (tree.size,), generator=g)
+
+    def prefilled() -> TreeKVCache:
+        cache = TreeKVCache.for_model(decoder.model, 64)
+        decoder.engine._forward(cache, prompt, torch.arange(13), torch.full((13, 13), MIN).triu(1))
+        return cache
+
+    with torch.inference_mode():
+        verified = decoder.engine._forward(prefilled(), cands, tt.depths + 13, tt.tree_bias)  # [nodes, hidden]
+        for leaf in set(range(tree.size)) - set(tree.parent):
+            cache = prefilled()
+            for depth, node in enumerate(tree.path_to(leaf)):
+                step = decoder.engine._forward(cache, cands[node:node + 1], torch.tensor([13 + depth]), tt.tree_bias[:1, :1])
+                assert torch.equal(step[0], verified[node]), (leaf, node)
+    assert stacks[0].calls > 0
+
+
+def test_speculative_and_batched_decoding_on_the_stack_equal_plain_decoding(stacks, monkeypatch):
+    """The loop with heads, and batch steps (SlotKVCache) of one sequence or of two of different lengths,
+    padded to the larger tree, give the plain loop's tokens."""
+    model = packed_model("qwen2")
+    heads = tiny_heads(model, num_heads=3)
+    prompts = [torch.randint(0, 200, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 21)]
+
+    def alone(decoder: Decoder, prompt: list[int]) -> list[int]:
+        out = []
+        for step in decoder.steps(prompt, 30, SamplingConfig(), Stats()):
+            out += step
+        return out[:30]
+
+    plain = [alone(Decoder(model), p) for p in prompts]
+    assert [alone(Decoder(model, heads, load_tree("medusa16", 3)), p) for p in prompts] == plain
+    appends, append = [], SlotKVCache.append
+    monkeypatch.setattr(SlotKVCache, "append", lambda self, *a: appends.append(1) or append(self, *a))
+    for slots in (1, 2):  # one slot: each sequence alone in its steps; two: both in one pass
+        used = sum(s.calls for s in stacks)
+        batch = BatchDecoder(Decoder(model, heads, load_tree("medusa16", 3)), slots=slots, capacity=128, draft_confidence=0.0)
+        trees = [load_tree("medusa16", 3), Tree([[0], [1], [0, 0]])]  # of 16 and 4 nodes: padded rows
+        assert drive(batch, [(p, SamplingConfig(), t) for p, t in zip(prompts, trees)], 30) == plain
+        assert sum(s.calls for s in stacks) > used + 2 and not appends  # the steps too, none layer by layer
+    assert sum(s.padded for s in stacks) > 0
