@@ -81,3 +81,22 @@ def test_fused_projections_follow_the_model_weights(tmp_path):
     again = type(model).from_pretrained(tmp_path)
     for (k, v), (_, u) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(v, u), k
+
+
+def test_engines_on_one_model_share_its_lean_forward(monkeypatch):
+    """Two decoders on one backbone (bench's loop and heads) share one LlamaForward: fusing re-points the
+    modules' weights, so two instances taking turns re-fused every weight at each turn (0.4-0.7 s a switch)."""
+    from draftheads import llama_forward
+
+    fused = []
+    fuse = llama_forward.fuse_linears
+    monkeypatch.setattr(llama_forward, "fuse_linears", lambda modules: fused.append(1) or fuse(modules))
+    model = tiny_model("llama")
+    first, second = Decoder(model), Decoder(model)
+    assert first.lean is second.lean and Decoder(tiny_model("llama")).lean is not first.lean
+    prompt = torch.randint(0, 200, (6,), generator=torch.Generator().manual_seed(0))
+    causal = torch.full((6, 6), torch.finfo(torch.float32).min).triu(1)
+    with torch.inference_mode():
+        for decoder in (first, second, first, second):
+            decoder.engine._forward(TreeKVCache.for_model(model, 16), prompt, torch.arange(6), causal)
+    assert len(fused) == 2 * len(model.model.layers)  # q/k/v and gate/up of each layer, once

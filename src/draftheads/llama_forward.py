@@ -19,6 +19,8 @@ same kernels and ops (decoder_stack.py): one row 12.8 -> 9.5 ms here, the same f
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -90,6 +92,17 @@ def _fusable(modules: list[torch.nn.Linear]) -> bool:
 
 class LlamaForward:
     """The decoder stack of one supported backbone: ids -> final-norm hidden states."""
+
+    @classmethod
+    def shared(cls, model, fuse: bool) -> "LlamaForward":
+        """The one LlamaForward of `model` (per `fuse`) that every engine on it uses. Fusing re-points the
+        modules' weights to views of the instance's own fused tensors, so two instances that took turns (bench's
+        loop and heads, two DraftModels on one backbone) re-fused and re-packed every weight at each turn:
+        0.4-0.7 s added to the first pass after each switch."""
+        per_fuse = _SHARED.setdefault(model, {})
+        if fuse not in per_fuse:
+            per_fuse[fuse] = cls(model, fuse)
+        return per_fuse[fuse]
 
     def __init__(self, model, fuse: bool = False):
         """fuse: run q/k/v and gate/up as one product each (their weights become views of one tensor:
@@ -278,6 +291,9 @@ class LlamaForward:
             delta = linear(layer_ops.silu_mul(gate, up) if cpp else mlp.act_fn(gate) * up, mlp.down_proj.weight,
                            mlp.down_proj.bias)
         return unpack(_add_norm(x, delta, self.norm, cpp)[1])  # [b, q, hidden]
+
+
+_SHARED: "weakref.WeakKeyDictionary[torch.nn.Module, dict[bool, LlamaForward]]" = weakref.WeakKeyDictionary()
 
 
 def _add_norm(x: torch.Tensor, delta: torch.Tensor | None, norm: torch.nn.Module, cpp: bool):
