@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -70,6 +71,7 @@ def main() -> None:
         v["tok_s_vs_first"] = v["tok_s"] / first["tok_s"]
     print(json.dumps(report, indent=1))
     if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         with open(a.out, "w") as f:
             json.dump(report, f, indent=1)
 
