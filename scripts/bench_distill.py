@@ -3,7 +3,7 @@ batched engine (train/batch_generate.py), and end to end with the hidden states 
 (generate + a feature pass over the conversations, against the engine that keeps them as it goes).
 
     .venv/bin/python scripts/bench_distill.py ../shared/data/gpteacher_codegen_instruct.json --num 96 \
-        --batch-size 48 --slots 128 --max-new-tokens 192 --threads 2 [--op-by-op]
+        --batch-size 48 --slots 128 --max-new-tokens 192 --threads 2
 
 Tokens/s counts generated tokens (the end token included). Run it on a quiet machine: each method
 holds every core it is given.
@@ -17,7 +17,6 @@ import time
 
 import torch
 
-from draftheads import decoder_stack
 from draftheads.acceptance import SamplingConfig
 from draftheads.backbone import load_backbone
 from draftheads.train.batch_generate import BatchGenerator, Request
@@ -36,8 +35,6 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=192)
     ap.add_argument("--max-prompt-tokens", type=int, default=192)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--op-by-op", action="store_true",
-                    help="also run the engine without the C++ decoder stack (decoder_stack.py), after each run with it")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -72,21 +69,19 @@ def main() -> None:
            "max_new_tokens": args.max_new_tokens,
            "generate": {"tokens": gen_tokens, "seconds": gen_s, "tokens_per_s": gen_tokens / gen_s},
            "generate_plus_features": {"seconds": gen_s + feat_s, "tokens_per_s": gen_tokens / (gen_s + feat_s)},
-           "engine_with_hidden": {}, "engine_op_by_op": {}}
+           "engine_with_hidden": {}}
     # the batched engine, hidden states kept
     for slots in [int(x) for x in args.slots.split(",")]:
-        for stack in (True, False) if args.op_by_op else (True,):
-            decoder_stack.ENABLED = stack
-            queue = [Request(x, args.max_new_tokens, SamplingConfig(), keep_hidden=True) for x in ids]
-            engine = BatchGenerator(model, slots, args.max_prompt_tokens + args.max_new_tokens, eos)
-            t0 = time.perf_counter()
-            eng_tokens = sum(len(f.new_ids) for f in engine.run(lambda: queue.pop(0) if queue else None))
-            eng_s = time.perf_counter() - t0
-            tps = eng_tokens / eng_s
-            res["engine_with_hidden" if stack else "engine_op_by_op"].setdefault(slots, {}).update({
-                "tokens": eng_tokens, "seconds": eng_s, "tokens_per_s": tps,
-                "speedup_generation": tps / res["generate"]["tokens_per_s"],
-                "speedup_end_to_end": tps / res["generate_plus_features"]["tokens_per_s"]})
+        queue = [Request(x, args.max_new_tokens, SamplingConfig(), keep_hidden=True) for x in ids]
+        engine = BatchGenerator(model, slots, args.max_prompt_tokens + args.max_new_tokens, eos)
+        t0 = time.perf_counter()
+        eng_tokens = sum(len(f.new_ids) for f in engine.run(lambda: queue.pop(0) if queue else None))
+        eng_s = time.perf_counter() - t0
+        tps = eng_tokens / eng_s
+        res["engine_with_hidden"][slots] = {
+            "tokens": eng_tokens, "seconds": eng_s, "tokens_per_s": tps,
+            "speedup_generation": tps / res["generate"]["tokens_per_s"],
+            "speedup_end_to_end": tps / res["generate_plus_features"]["tokens_per_s"]}
     print(json.dumps(res, indent=1))
     if args.out:
         with open(args.out, "w") as f:

@@ -34,7 +34,7 @@ server_fns="x_create_app* x__unicode* x__param* x__from_worker* x__finish* x__us
 modules=(
   "acceptance|acceptance.py|test_acceptance.py test_properties.py test_mutation_pins.py|$slow_k"
   "tree|tree.py|test_tree_and_heads.py test_properties.py test_mutation_pins.py test_batch.py|$batch_chi2"
-  "kvcache|kvcache.py|test_loop.py test_llama_forward.py test_families.py test_lookup.py test_batch.py test_properties.py test_mutation_pins.py test_mutation_pins2.py test_row_exact.py test_hydra.py test_prompt_cache.py|$batch_chi2"
+  "kvcache|kvcache.py|test_loop.py test_llama_forward.py test_families.py test_lookup.py test_batch.py test_properties.py test_mutation_pins.py test_mutation_pins2.py test_row_exact.py test_hydra.py test_prompt_cache.py test_decoder_stack.py|$batch_chi2"
   "data|train/data.py|test_train.py test_medusa2.py test_properties.py test_mutation_pins.py"
   "vocab|heads/vocab.py|test_properties.py test_mutation_pins.py test_train.py test_hydra.py"
   "trainer|train/trainer.py|test_train.py test_mutation_pins.py||$trainer_fns"
@@ -46,6 +46,7 @@ modules=(
   "round_costs|round_costs.py|test_round_costs.py test_batch.py|$batch_chi2"
   "server|server.py|test_server.py test_server_validation.py test_mutation_pins2.py||$server_fns"
   "generate|generate.py|test_loop.py test_families.py test_lookup.py test_mutation_pins2.py"
+  "decoder_stack|decoder_stack.py|test_decoder_stack.py test_llama_forward.py test_cpu_matmul.py"
 )
 
 want=("$@")

@@ -15,7 +15,7 @@ pip=(.venv/bin/pip install -q --disable-pip-version-check)
 CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
 CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=ON -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
     "${pip[@]}" "llama-cpp-python==0.3.36"
-# The few-row C++ kernel and the C++ layer ops (src/draftheads/few_rows.py, layer_ops.py), compiled for this
-# CPU now (~25 s each) rather than at the first decode; where they cannot be built this says why in one
-# line and torch's kernels and ops are used.
-.venv/bin/python -c "from draftheads import few_rows, layer_ops; few_rows.load(); layer_ops.load()"
+# The few-row C++ kernel, the C++ layer ops and the decoder stack that calls both (src/draftheads/few_rows.py,
+# layer_ops.py, decoder_stack.py), compiled for this CPU now (~25-40 s each) rather than at the first decode;
+# where they cannot be built this says why in one line and torch's kernels and ops are used.
+.venv/bin/python -c "from draftheads import decoder_stack, few_rows, layer_ops; few_rows.load(); layer_ops.load(); decoder_stack.load()"
