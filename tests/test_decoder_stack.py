@@ -5,6 +5,7 @@ and steps aside where a weight does not pack or a batch step covers several sequ
 import pytest
 import torch
 from test_batch import drive
+from test_cpu_matmul import _q8_0_values
 from tiny import tiny_heads, tiny_model
 
 from draftheads import cpu_matmul, decoder_stack, few_rows
@@ -51,12 +52,20 @@ def stacks(monkeypatch):
 
 
 def packed_model(arch: str, seed: int = 0):
-    """A tiny model whose projections hold Q4_1 block values, as a GGUF file's dequantised weights do."""
+    """A tiny model whose projections hold Q4_1 block values, as a GGUF file's dequantised weights do, but
+    the last layer's down_proj Q8_0 (the format of the default model's output embedding); biases (Qwen2's
+    q/k/v) nonzero."""
     model = tiny_model(arch)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.rsplit(".", 2)[-2] in PROJECTIONS and p.dim() == 2:
+            if name.rsplit(".", 2)[-2] not in PROJECTIONS:
+                continue
+            if p.dim() == 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif name.endswith(f"layers.{len(model.model.layers) - 1}.mlp.down_proj.weight"):
+                p.copy_(_q8_0_values(*p.shape, g))
+            else:
                 p.copy_(few_rows.q4_1_values(*p.shape, g))
     return model
 
@@ -78,7 +87,12 @@ def passes(decoder: Decoder, stack: bool, monkeypatch) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_the_stack_computes_what_the_ops_one_by_one_compute(arch, stacks, monkeypatch):
-    decoder = Decoder(packed_model(arch))
+    model = packed_model(arch)
+    assert {few_rows.packed(m.weight).kind for m in model.modules() if type(m).__name__ == "Linear" and m is not model.lm_head
+            } == {"q4_1", "q8_0"} and (arch != "qwen2" or model.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0)
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(cpu_matmul, "_PACKED_ROWS", {threads: 20})  # the prefill's rows: the stack's limit too
+    decoder = Decoder(model)
     appends = []
     append = TreeKVCache.append
     monkeypatch.setattr(TreeKVCache, "append", lambda self, *a: appends.append(1) or append(self, *a))
@@ -100,10 +114,15 @@ def test_a_changed_weight_rebuilds_the_stack_and_one_that_does_not_pack_sets_it_
     with_stack = passes(decoder, True, monkeypatch)
     assert len(stacks) == 2 and stacks[1].calls == 5
     assert all(torch.equal(a, b) for a, b in zip(with_stack, passes(decoder, False, monkeypatch), strict=True))
+    o.data = o.data.t().contiguous().t()  # the same values, not contiguous: cpu_matmul does not pack it
+    with_stack = passes(decoder, True, monkeypatch)
+    assert len(stacks) == 3 and stacks[2] is None
+    assert all(torch.equal(a, b) for a, b in zip(with_stack, passes(decoder, False, monkeypatch), strict=True))
+    o.data = o.data.contiguous()
     with torch.no_grad():
         o.add_(1e-3 * torch.randn(o.shape, generator=torch.Generator().manual_seed(6)))  # no block format holds it
     with_stack = passes(decoder, True, monkeypatch)
-    assert len(stacks) == 3 and stacks[2] is None
+    assert len(stacks) == 4 and stacks[3] is None
     assert all(torch.equal(a, b) for a, b in zip(with_stack, passes(decoder, False, monkeypatch), strict=True))
 
 
