@@ -55,7 +55,7 @@ def packed_model(arch: str, seed: int = 0):
     """A tiny model whose projections hold Q4_1 block values, as a GGUF file's dequantised weights do, but
     the last layer's down_proj Q8_0 (the format of the default model's output embedding); biases (Qwen2's
     q/k/v) nonzero."""
-    model = tiny_model(arch)
+    model = tiny_model(arch, layers=3)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -81,6 +81,7 @@ def passes(decoder: Decoder, stack: bool, monkeypatch) -> list[torch.Tensor]:
         out = [fwd(cache, prompt, torch.arange(20), torch.full((20, 20), MIN).triu(1)),
                fwd(cache, cands, tt.depths + 20, tt.tree_bias)]
         cache.keep([0, 1], 20)
+        cache.reserve(80)  # a new tensor: the stack must write into the new one's views
         out += [fwd(cache, torch.tensor([7 + i]), torch.tensor([22 + i]), tt.tree_bias[:1, :1]) for i in range(3)]
     return out + [cache.kv[..., :cache.length, :].clone()]
 
