@@ -155,7 +155,7 @@ class HydraHeads(DraftHeads):
         if self.prefix is None:
             return self
         twin = copy.copy(self)
-        twin._cache, twin._last, twin._pending, twin._pending_root = None, None, None, None
+        twin.reset()  # its own sequence state; the original's stays as it is
         return twin
 
     @torch.no_grad()
