@@ -257,12 +257,8 @@ def packed_linear(x: torch.Tensor, p: Packed, b: torch.Tensor | None = None) -> 
     beside it; it differs from `linear(x, w, b)` by float rounding."""
     flat = x.dim() == 2 and x.is_contiguous()  # the lean forward's rows: no reshape either way (~1 us each)
     x2 = x if flat else x.reshape(-1, x.shape[-1]).contiguous()  # [rows, in]
-    y = load().packed_linear(x2, p.q, p.d, p.m if p.m is not None else _NO_OFFSETS)  # [rows, whole tiles]
-    if y.shape[1] != p.out:
-        y = y[:, :p.out].contiguous()
-    if b is not None:
-        y.add_(b)
+    y = load().packed_linear(x2, p.q, p.d, _EMPTY if p.m is None else p.m, p.out, _EMPTY if b is None else b)  # [rows, out]
     return y if flat else y.reshape(*x.shape[:-1], p.out)
 
 
-_NO_OFFSETS = torch.empty(0)  # Q8_0's m
+_EMPTY = torch.empty(0)  # Q8_0's m, no bias

@@ -22,12 +22,7 @@ struct Product {
   int64_t out;
 
   // x [rows, in] -> [rows, out], as few_rows.packed_linear computes it.
-  torch::Tensor operator()(const torch::Tensor& x) const {
-    torch::Tensor y = packed_linear(x, q, d, m);  // [rows, whole tiles]
-    if (y.size(1) != out) y = y.narrow(1, 0, out).contiguous();
-    if (bias.numel() > 0) y.add_(bias);
-    return y;
-  }
+  torch::Tensor operator()(const torch::Tensor& x) const { return packed_linear(x, q, d, m, out, bias); }
 };
 
 Product product(const std::vector<torch::Tensor>& t, size_t at, int64_t out) {

@@ -233,8 +233,10 @@ static void tiles_pass(const float* xp, const uint8_t* qp, const float* dp, cons
 }
 
 // x [R, K] float32; q uint8 [T, K, 8] (Q4_1, as decode_step reads it) or int8 [T, K, 16] (Q8_0); d, m float32 [T, K / 32, 16] (m:
-// Q4_1 only, else empty); T = ceil(out / 16) tiles -> y [R, T * 16] = x @ w.T for the w they decode to.
-torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d, const torch::Tensor& m) {
+// Q4_1 only, else empty); T = ceil(out / 16) tiles; bias [out] or empty -> y [R, out] = x @ w.T (+ bias) for the w
+// they decode to.
+torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d, const torch::Tensor& m,
+                            int64_t out, const torch::Tensor& bias) {
   const bool q4 = q.scalar_type() == torch::kByte;
   TORCH_CHECK(q4 || q.scalar_type() == torch::kChar, "q: uint8 (Q4_1) or int8 (Q8_0)");
   TORCH_CHECK(x.dim() == 2 && q.dim() == 3 && d.dim() == 3 && x.scalar_type() == torch::kFloat && d.scalar_type() == torch::kFloat,
@@ -243,6 +245,7 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& q, cons
   TORCH_CHECK(K % BK == 0 && q.size(1) == K && q.size(2) == (q4 ? TILE / 2 : TILE) && d.size(0) == T && d.size(1) == K / BK
               && d.size(2) == TILE, "shapes disagree");
   TORCH_CHECK(!q4 || (m.scalar_type() == torch::kFloat && m.sizes() == d.sizes()), "Q4_1 needs m like d");
+  TORCH_CHECK(0 < out && out <= T * TILE && (bias.numel() == 0 || bias.numel() == out), "out: within the tiles; bias: [out]");
   TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && d.is_contiguous() && (!q4 || m.is_contiguous()) && x.device().is_cpu(),
               "contiguous CPU tensors only");
   auto y = torch::empty({R, T * TILE}, x.options());
@@ -253,6 +256,8 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& q, cons
   float* yp = y.data_ptr<float>();
   if (q4) tiles_pass<true>(xp, qp, dp, mp, yp, R, K, T);
   else tiles_pass<false>(xp, qp, dp, mp, yp, R, K, T);
+  if (y.size(1) != out) y = y.narrow(1, 0, out).contiguous();  // the last tile's padding rows
+  if (bias.numel() > 0) y.add_(bias);
   return y;
 }
 
