@@ -81,33 +81,36 @@ torch::Tensor few_rows_linear(const torch::Tensor& x, const torch::Tensor& w, co
 }
 
 // packed_linear: weights in tiles of 16 output rows, one Q4_1 or Q8_0 scale (and offset) per 32 inputs, the
-// 16 rows' values for one input side by side (few_rows.pack lays them out). A k-step decodes 16 weights
-// into two vectors and multiplies them by x[r, k] broadcast: each output is one lane summing its products
-// in input order, whatever the row count or tiling, so a row's result never depends on the rows beside it
-// (the order differs from few_rows_linear's, so the packed and float32 kernels differ by float rounding).
-// 1-4 rows of x take the weights decoded in registers; more share a 2 KB buffer per block of 32 inputs.
+// 16 rows' values for one input side by side (few_rows.pack lays them out). Per block of 32 inputs it sums
+// x[r, k] * q (the integer values, exact in float32) in input order, one lane per output, then folds the block
+// into the output as GGUF's dot products do: y += d * sum (Q8_0), then y += m * sum_k x[r, k] (Q4_1, w = d * q + m).
+// The scales then cost a multiply-add per block instead of one per weight, and the block sums round less than
+// one running sum did (within 6e-8 of the sum of |x w| against float64, F.linear 1.1e-7, the per-weight
+// decoding 2.8e-7). Each output's result is one lane's sequence of the same operations whatever the row count
+// or tiling, so a row's result never depends on the rows beside it (the order differs from few_rows_linear's,
+// so the two differ by float rounding). 30 layers of the default model's shapes, 2 threads, AVX2 EPYC
+// (scripts/compare_packed_revisions.py, stop 46): 1 row 6.3 -> 5.2 ms, 2 rows 8.0 -> 6.9, 4 rows 9.9 -> 8.8,
+// 8 rows 16.3 -> 15.9; the LM head (Q8_0) at 1 row 1.64 -> 1.38.
+// 1-4 rows of x take the values decoded in registers; more share a 2 KB buffer per block of 32 inputs.
 constexpr int TILE = 16, BK = 32, GROUP = 6;  // outputs per tile, inputs per scale, rows of x per pass
 
-// One input's 16 weights of a tile, decoded: Q4_1 w = d * q + m, Q8_0 w = d * q. d * q is exact in float32 (an
-// fp16 scale times 4 or 8 bits), so the fused multiply-add rounds once, as GGUF's dequantisation (d * q + m in
-// float32) does: the same floats. Q4_1 holds a block's 32 inputs as 4 groups of 8, each 16 dwords (one an
-// output) of 8 nibbles (nibble s: input 8 g + s), so an input's 16 values are two shifts (of loads) and two
-// masks away: ~8 instructions per 16 weights where a byte per output pair, widened by vpmovzxbd, took 10.
-// The callers unroll their k-loops, so k is a constant and each shift an immediate.
+// One input's 16 values of a tile, as floats. Q4_1 holds a block's 32 inputs as 4 groups of 8, each 16 dwords
+// (one an output) of 8 nibbles (nibble s: input 8 g + s), so an input's 16 values are two shifts (of loads) and
+// two masks away. The callers unroll their k-loops, so k is a constant and each shift an immediate.
 template <bool Q4>
-static inline void decode_step(const uint8_t* q, int k, __m256 d0, __m256 d1, __m256 m0, __m256 m1, __m256& w0, __m256& w1) {
+static inline void decode_step(const uint8_t* q, int k, __m256& w0, __m256& w1) {
   if constexpr (Q4) {
     const __m256i* g = reinterpret_cast<const __m256i*>(q + 64 * (k / 8));
     asm("" : "+r"(g));  // loaded again for each input, into its shift: kept in registers, they spilled others
     const __m256i low = _mm256_set1_epi32(0x0F);
     const int s = 4 * (k % 8);
     const __m256i v0 = _mm256_srli_epi32(_mm256_loadu_si256(g), s), v1 = _mm256_srli_epi32(_mm256_loadu_si256(g + 1), s);
-    w0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(s == 28 ? v0 : _mm256_and_si256(v0, low)), m0);
-    w1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(s == 28 ? v1 : _mm256_and_si256(v1, low)), m1);
+    w0 = _mm256_cvtepi32_ps(s == 28 ? v0 : _mm256_and_si256(v0, low));
+    w1 = _mm256_cvtepi32_ps(s == 28 ? v1 : _mm256_and_si256(v1, low));
   } else {
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + TILE * k));
-    w0 = _mm256_mul_ps(d0, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)));
-    w1 = _mm256_mul_ps(d1, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))));
+    w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+    w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
   }
 }
 
@@ -118,52 +121,65 @@ struct Block {
   const float* m;
 };
 
-template <bool Q4>
-static inline void scales(const Block& b, __m256& d0, __m256& d1, __m256& m0, __m256& m1) {
-  d0 = _mm256_loadu_ps(b.d), d1 = _mm256_loadu_ps(b.d + 8);
-  m0 = Q4 ? _mm256_loadu_ps(b.m) : d0, m1 = Q4 ? _mm256_loadu_ps(b.m + 8) : d1;
-}
-
-// The block decoded into buf [32][16], for groups of rows of x to share.
+// The block's values as floats into buf [32][16], for groups of rows of x to share.
 template <bool Q4>
 static inline void decode_block(const Block& b, float* buf) {
-  __m256 d0, d1, m0, m1, w0, w1;
-  scales<Q4>(b, d0, d1, m0, m1);
+  __m256 w0, w1;
 #pragma GCC unroll 32
   for (int k = 0; k < BK; ++k) {
-    decode_step<Q4>(b.q, k, d0, d1, m0, m1, w0, w1);
+    decode_step<Q4>(b.q, k, w0, w1);
     _mm256_storeu_ps(buf + TILE * k, w0);
     _mm256_storeu_ps(buf + TILE * k + 8, w1);
   }
 }
 
-// acc [G][32] (its first or last 16) (+)= x[r, k0 .. k0 + 32] times one tile's block of 32 inputs, G rows
-// of x, two accumulator chains a row; weights(k, w0, w1) gives input k's 16 weights (from a decoded buffer
-// or decoded in registers: the same floats, so the same sums).
-template <int G, class Weights>
-static inline void tile_dots(const float* x, int64_t K, float* acc, Weights weights) {
-  __m256 a[G][2];
+// acc [G][32] += the blocks of 32 inputs of N (1 or 2) tiles times x[r, k0 .. k0 + 32] for G rows of x (tile i's
+// outputs at 16 i of each row), two chains a row and tile; weights(i, k, w0, w1) gives tile i's input k's 16
+// values (from a decoded buffer or decoded in registers: the same floats, so the same sums); xs[r * KB]: the sum
+// of row r's 32 inputs (Q4_1's offsets). Each output lane: zero, a multiply-add per input in order, then d, then m.
+template <bool Q4, int N, int G, class Weights>
+static inline void tile_dots(const float* x, int64_t K, const float* xs, int64_t KB, const Block* b, float* acc, Weights weights) {
+  __m256 a[N][G][2];
+#pragma GCC unroll 2
+  for (int i = 0; i < N; ++i)
 #pragma GCC unroll 8
-  for (int r = 0; r < G; ++r) a[r][0] = _mm256_loadu_ps(acc + 32 * r), a[r][1] = _mm256_loadu_ps(acc + 32 * r + 8);
+    for (int r = 0; r < G; ++r) a[i][r][0] = a[i][r][1] = _mm256_setzero_ps();
 #pragma GCC unroll 32
   for (int k = 0; k < BK; ++k) {
-    __m256 w0, w1;
-    weights(k, w0, w1);
+#pragma GCC unroll 2
+    for (int i = 0; i < N; ++i) {
+      __m256 w0, w1;
+      weights(i, k, w0, w1);
 #pragma GCC unroll 8
-    for (int r = 0; r < G; ++r) {
-      const __m256 xb = _mm256_broadcast_ss(x + r * K + k);
-      a[r][0] = _mm256_fmadd_ps(w0, xb, a[r][0]);
-      a[r][1] = _mm256_fmadd_ps(w1, xb, a[r][1]);
+      for (int r = 0; r < G; ++r) {
+        const __m256 xb = _mm256_broadcast_ss(x + r * K + k);
+        a[i][r][0] = _mm256_fmadd_ps(w0, xb, a[i][r][0]);
+        a[i][r][1] = _mm256_fmadd_ps(w1, xb, a[i][r][1]);
+      }
     }
   }
+  asm volatile("" ::: "memory");  // the scales loaded only now: hoisted above the loop, they spilled accumulators
+#pragma GCC unroll 2
+  for (int i = 0; i < N; ++i) {
+    const __m256 d0 = _mm256_loadu_ps(b[i].d), d1 = _mm256_loadu_ps(b[i].d + 8);
 #pragma GCC unroll 8
-  for (int r = 0; r < G; ++r) _mm256_storeu_ps(acc + 32 * r, a[r][0]), _mm256_storeu_ps(acc + 32 * r + 8, a[r][1]);
+    for (int r = 0; r < G; ++r) {
+      float* y = acc + 32 * r + TILE * i;
+      __m256 y0 = _mm256_fmadd_ps(d0, a[i][r][0], _mm256_loadu_ps(y)), y1 = _mm256_fmadd_ps(d1, a[i][r][1], _mm256_loadu_ps(y + 8));
+      if constexpr (Q4) {
+        const __m256 s = _mm256_broadcast_ss(xs + r * KB);
+        y0 = _mm256_fmadd_ps(_mm256_loadu_ps(b[i].m), s, y0);
+        y1 = _mm256_fmadd_ps(_mm256_loadu_ps(b[i].m + 8), s, y1);
+      }
+      _mm256_storeu_ps(y, y0), _mm256_storeu_ps(y + 8, y1);
+    }
+  }
 }
 
-// tile_dots over a decoded block buf [32][16], for G <= GROUP rows of x.
-template <int G>
-static inline void block_dots(const float* x, int64_t K, const float* buf, float* acc) {
-  tile_dots<G>(x, K, acc, [buf](int k, __m256& w0, __m256& w1) {
+// tile_dots over a decoded block buf [32][16] of one tile, for G <= GROUP rows of x.
+template <bool Q4, int G>
+static inline void block_dots(const float* x, int64_t K, const float* xs, int64_t KB, const Block& b, const float* buf, float* acc) {
+  tile_dots<Q4, 1, G>(x, K, xs, KB, &b, acc, [buf](int, int k, __m256& w0, __m256& w1) {
     w0 = _mm256_loadu_ps(buf + TILE * k), w1 = _mm256_loadu_ps(buf + TILE * k + 8);
     // Held in registers: below 5 rows GCC folded the loads into every multiply-add (3 loads per 2 FMAs,
     // bound by the load ports: 4 + 4 rows then ran slower than 6 + 2)
@@ -171,30 +187,32 @@ static inline void block_dots(const float* x, int64_t K, const float* buf, float
   });
 }
 
-static void group_dots(int64_t G, const float* x, int64_t K, const float* buf, float* acc) {
+template <bool Q4>
+static void group_dots(int64_t G, const float* x, int64_t K, const float* xs, int64_t KB, const Block& b, const float* buf, float* acc) {
   switch (G) {
-    case 1: return block_dots<1>(x, K, buf, acc);
-    case 2: return block_dots<2>(x, K, buf, acc);
-    case 3: return block_dots<3>(x, K, buf, acc);
-    case 4: return block_dots<4>(x, K, buf, acc);
-    case 5: return block_dots<5>(x, K, buf, acc);
-    default: return block_dots<6>(x, K, buf, acc);
+    case 1: return block_dots<Q4, 1>(x, K, xs, KB, b, buf, acc);
+    case 2: return block_dots<Q4, 2>(x, K, xs, KB, b, buf, acc);
+    case 3: return block_dots<Q4, 3>(x, K, xs, KB, b, buf, acc);
+    case 4: return block_dots<Q4, 4>(x, K, xs, KB, b, buf, acc);
+    case 5: return block_dots<Q4, 5>(x, K, xs, KB, b, buf, acc);
+    default: return block_dots<Q4, 6>(x, K, xs, KB, b, buf, acc);
   }
 }
 
-// One tile's block decoded in registers for one to four rows of x: no buffer. One tile at a time, two chains a
-// row: two tiles at once (four chains) ran out of registers (30 layers, 2 threads: 1 row 7.1 -> 6.1 ms, 2 rows
-// 8.4 -> 6.6 with the layout above).
-template <bool Q4, int G>
-static inline void fused_dots(const Block& b, const float* x, int64_t K, float* acc) {
-  __m256 d0, d1, m0, m1;
-  scales<Q4>(b, d0, d1, m0, m1);
-  tile_dots<G>(x, K, acc, [&](int k, __m256& w0, __m256& w1) { decode_step<Q4>(b.q, k, d0, d1, m0, m1, w0, w1); });
+// N tiles' blocks decoded in registers for G (one to four) rows of x: no buffer. Two tiles at once for one or two
+// rows (four or eight chains hide the multiply-add's latency); one at a time past that (registers). Not inlined:
+// inlined into tiles_pass, two tiles of two rows spilled (30 layers, 2 rows: 6.1 -> 8.1 ms).
+template <bool Q4, int N, int G>
+__attribute__((noinline)) static void fused_dots(const Block* b, const float* x, int64_t K, const float* xs, int64_t KB, float* acc) {
+  tile_dots<Q4, N, G>(x, K, xs, KB, b, acc, [b](int i, int k, __m256& w0, __m256& w1) { decode_step<Q4>(b[i].q, k, w0, w1); });
 }
 
-// y [R, T * 16] for all tiles, two at a time (the last alone where T is odd): acc [R][2 tiles][16].
+// y [R, T * 16] for all tiles, two at a time (the last alone where T is odd): acc [R][2 tiles][16]. (Four tiles at
+// once for one row, eight chains, ran slower: 5.2 -> 6.6 ms.) xs [R, K / 32]: each row's sum per block of 32
+// inputs (Q4_1).
 template <bool Q4>
-static void tiles_pass(const float* xp, const uint8_t* qp, const float* dp, const float* mp, float* yp, int64_t R, int64_t K, int64_t T) {
+static void tiles_pass(const float* xp, const float* xs, const uint8_t* qp, const float* dp, const float* mp, float* yp,
+                       int64_t R, int64_t K, int64_t T) {
   const int64_t qstep = Q4 ? TILE / 2 : TILE, KB = K / BK, YO = T * TILE;
   // Past 4 rows, groups of rows as even as GROUP allows: 8 = 4 + 4, not 6 + 2 (30 layers: 17.7 -> 17.1 ms).
   const int64_t groups = (R + GROUP - 1) / GROUP;
@@ -211,19 +229,25 @@ static void tiles_pass(const float* xp, const uint8_t* qp, const float* dp, cons
           b[i] = {qp + ((t + i) * K + j * BK) * qstep, dp + dm, Q4 ? mp + dm : nullptr};
         }
         const float* xj = xp + j * BK;
-        if (R <= 4)
+        const float* sj = xs + j;
+        if (n == 2 && R == 1)
+          fused_dots<Q4, 2, 1>(b, xj, K, sj, KB, acc.data());
+        else if (n == 2 && R == 2)
+          fused_dots<Q4, 2, 2>(b, xj, K, sj, KB, acc.data());
+        else if (R <= 4)
           for (int64_t i = 0; i < n; ++i) {
-            if (R == 1) fused_dots<Q4, 1>(b[i], xj, K, acc.data() + i * TILE);
-            else if (R == 2) fused_dots<Q4, 2>(b[i], xj, K, acc.data() + i * TILE);
-            else if (R == 3) fused_dots<Q4, 3>(b[i], xj, K, acc.data() + i * TILE);
-            else fused_dots<Q4, 4>(b[i], xj, K, acc.data() + i * TILE);
+            float* a = acc.data() + i * TILE;
+            if (R == 1) fused_dots<Q4, 1, 1>(b + i, xj, K, sj, KB, a);
+            else if (R == 2) fused_dots<Q4, 1, 2>(b + i, xj, K, sj, KB, a);
+            else if (R == 3) fused_dots<Q4, 1, 3>(b + i, xj, K, sj, KB, a);
+            else fused_dots<Q4, 1, 4>(b + i, xj, K, sj, KB, a);
           }
         else
           for (int64_t i = 0; i < n; ++i) {
             decode_block<Q4>(b[i], buf[i]);
             for (int64_t g = 0; g < groups; ++g) {  // tile i's outputs at 16 * i of each acc row
               const int64_t r0 = g * R / groups, r1 = (g + 1) * R / groups;
-              group_dots(r1 - r0, xj + r0 * K, K, buf[i], acc.data() + r0 * 2 * TILE + i * TILE);
+              group_dots<Q4>(r1 - r0, xj + r0 * K, K, sj + r0 * KB, KB, b[i], buf[i], acc.data() + r0 * 2 * TILE + i * TILE);
             }
           }
       }
@@ -254,8 +278,14 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& q, cons
   const float* mp = q4 ? m.data_ptr<float>() : nullptr;
   const uint8_t* qp = static_cast<const uint8_t*>(q.data_ptr());
   float* yp = y.data_ptr<float>();
-  if (q4) tiles_pass<true>(xp, qp, dp, mp, yp, R, K, T);
-  else tiles_pass<false>(xp, qp, dp, mp, yp, R, K, T);
+  std::vector<float> xs(q4 ? R * (K / BK) : 0);  // each row's sum per block of 32 inputs, in one fixed order
+  for (int64_t i = 0; i < static_cast<int64_t>(xs.size()); ++i) {
+    const float* v = xp + i * BK;
+    xs[i] = hsum(_mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(v), _mm256_loadu_ps(v + 8)),
+                               _mm256_add_ps(_mm256_loadu_ps(v + 16), _mm256_loadu_ps(v + 24))));
+  }
+  if (q4) tiles_pass<true>(xp, xs.data(), qp, dp, mp, yp, R, K, T);
+  else tiles_pass<false>(xp, xs.data(), qp, dp, mp, yp, R, K, T);
   if (y.size(1) != out) y = y.narrow(1, 0, out).contiguous();  // the last tile's padding rows
   if (bias.numel() > 0) y.add_(bias);
   return y;
