@@ -21,7 +21,7 @@ kernel that beats F.linear by 5% or more in `$DRAFTHEADS_CACHE/cpu_matmul.json`.
 
 Where a weight is exactly the values of GGUF Q4_1 or Q8_0 blocks (the default model's are: it is a
 dequantised GGUF file), `few_rows.packed_linear` multiplies by the blocks instead, 4-6x fewer bytes (1 row
-over 30 layers 14.4 -> 8.6 ms, 6.9 since). Its rounding is not the other kernels', so it is taken at every
+over 30 layers 14.4 -> 8.6 ms, ~5.4 since). Its rounding is not the other kernels', so it is taken at every
 row count up to `packed_rows()` or at none: measured with the routes and cached beside them (1 to MAX_ROWS
 rows, and prefills up to 64 or 128 rows where it beats MKL there too; `DRAFTHEADS_FEW_ROW_KERNEL=packed`
 forces it to MAX_ROWS).

@@ -11,12 +11,13 @@ at hand. It has no backward: cpu_matmul keeps products that need gradients off i
 `packed_linear` multiplies by weights held in GGUF blocks instead (Q4_1 or Q8_0, 32 inputs a scale),
 where `pack` finds that they hold a float32 weight exactly: the default model comes from a Q4_1 GGUF
 file (its output embedding Q8_0), so its float32 weights are such blocks' values, bit for bit. The kernel
-decodes them to those floats in registers and reads 6x (Q4_1) or 4x (Q8_0) fewer bytes: 30 layers at one
-row 14.4 -> 8.6 ms, 8 rows 22.5 -> 18.8 (scripts/bench_linear.py), the LM head 3.1 -> 1.6; with Q4_1 laid
-out as 8 nibbles per output dword (stop 43) 6.9 and 17.0 ms (scripts/compare_packed_revisions.py). Each
-output sums its products in input order, whatever the row count, so a row's result never depends on the
-rows beside it; the order is not few_rows_linear's, so cpu_matmul takes the packed kernel at every row
-count up to cpu_matmul.packed_rows() (prefills included) or at none.
+multiplies x by the blocks' integer values and scales each block's sum once (d, then m times x's block sum,
+as GGUF's dot products do), reading 6x (Q4_1) or 4x (Q8_0) fewer bytes: 30 layers at one row 14.4 -> 8.6 ms,
+8 rows 22.5 -> 18.8 (scripts/bench_linear.py), the LM head 3.1 -> 1.6; with Q4_1 laid out as 8 nibbles per
+output dword (stop 43) 6.9 and 17.0 ms; scaled per block (stop 46) ~5.4 and ~15.6, the LM head ~1.4
+(scripts/compare_packed_revisions.py). Each output is one lane's sequence of the same operations whatever the
+row count, so a row's result never depends on the rows beside it; it is not few_rows_linear's, so cpu_matmul
+takes the packed kernel at every row count up to cpu_matmul.packed_rows() (prefills included) or at none.
 
 It is built with torch.utils.cpp_extension (a C++ compiler and ninja; ~25 s on 2 cores, once) with
 -march=native, into torch's extension folder ($TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions) under a name that carries this CPU's model and flags, so
@@ -144,8 +145,8 @@ class Packed:
     """A float32 weight [out, in] held in a GGUF block format it is exactly representable in, as tiles of
     16 output rows: q uint8 [tiles, in, 8] (Q4_1, w = d * q + m: each 8 inputs are 16 little-endian uint32,
     one per output, nibble s holding input 8 g + s) or int8 [tiles, in, 16]
-    (Q8_0, w = d * q); d, m float32 [tiles, in / 32, 16] (m None for Q8_0). `packed_linear` decodes it to the
-    very same floats."""
+    (Q8_0, w = d * q); d, m float32 [tiles, in / 32, 16] (m None for Q8_0). `packed_linear` computes x @ w.T
+    per block of 32 inputs as d * sum(x q) (+ m * sum(x)): within float32 rounding of x @ w.T."""
 
     q: torch.Tensor
     d: torch.Tensor
