@@ -15,7 +15,7 @@ padded product took 25.7 and 40.3.
 Which kernel streams faster depends on the CPU and its BLAS: on an Intel Xeon (AVX-512, 2 threads)
 MKL's F.linear beat the padded product at every row count up to 12 (1 row 14.9 vs 37.7 ms over 30
 layers), the opposite of the AMD EPYC figures above. So the rule is measured, not assumed: on first
-use per (CPU model, torch version, thread count) `routes()` times the kernels at 1-32 rows on
+use per (CPU model, torch version, thread count, C++ build) `routes()` times the kernels at 1-32 rows on
 SmolLM2-shaped weights (~2.5 s; the packed kernel ~4.7 s more, below) and caches, per row count, the
 kernel that beats F.linear by 5% or more in `$DRAFTHEADS_CACHE/cpu_matmul.json`. `DRAFTHEADS_FEW_ROW_KERNEL=padded|rows|stock` forces one kernel.
 
@@ -161,7 +161,11 @@ def _cached_or_measured(threads: int) -> tuple[dict[int, str], int]:
     from .backbone import cache_dir  # the converted model's cache, one place for both
 
     model = few_rows.cpu_info()[0] or platform.processor() or platform.machine()
-    key = f"{model} | torch {torch.__version__} | {threads} threads | kernels {', '.join(KERNELS)}, packed rows {PREFILL_GRID}"
+    # The C++ build's name carries a hash of its sources: a changed kernel is measured again (stop 46's per-block
+    # scaling made 64 rows 8% slower, which the cached prefill limit had not seen)
+    build = getattr(few_rows.load(), "__name__", "no C++ kernel")
+    key = (f"{model} | torch {torch.__version__} | {threads} threads | kernels {', '.join(KERNELS)}, packed rows {PREFILL_GRID}"
+           f" | {build}")
     path = cache_dir() / "cpu_matmul.json"
     try:
         table = json.loads(path.read_text())
