@@ -89,8 +89,9 @@ torch::Tensor few_rows_linear(const torch::Tensor& x, const torch::Tensor& w, co
 // decoding 2.8e-7). Each output's result is one lane's sequence of the same operations whatever the row count
 // or tiling, so a row's result never depends on the rows beside it (the order differs from few_rows_linear's,
 // so the two differ by float rounding). 30 layers of the default model's shapes, 2 threads, AVX2 EPYC
-// (scripts/compare_packed_revisions.py, stop 46): 1 row 6.3 -> 5.2 ms, 2 rows 8.0 -> 6.9, 4 rows 9.9 -> 8.8,
-// 8 rows 16.3 -> 15.9; the LM head (Q8_0) at 1 row 1.64 -> 1.38.
+// (scripts/compare_packed_revisions.py, stop 46): 1 row 6.24 -> 5.38 ms, 2 rows 7.31 -> 6.09, 4 rows 10.23 -> 8.73,
+// 8 rows 16.50 -> 15.60, but 64 rows 95.1 -> 102.8 (the fold is per row; the decoding it replaced was shared by
+// every row); the LM head (Q8_0) at 1 row 1.61 -> 1.38.
 // 1-4 rows of x take the values decoded in registers; more share a 2 KB buffer per block of 32 inputs.
 constexpr int TILE = 16, BK = 32, GROUP = 6;  // outputs per tile, inputs per scale, rows of x per pass
 
