@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -172,6 +173,9 @@ def _cached_or_measured(threads: int) -> tuple[dict[int, str], int]:
     except (OSError, ValueError):
         table = {}
     if key not in table:
+        if sys.stderr.isatty():  # a first run on this CPU, thread count or kernel build waits for it: say why
+            print(f"draftheads: timing this CPU's matmul kernels at {threads} thread(s), once (5-40 s; cached in {path})",
+                  file=sys.stderr, flush=True)
         routed = measure(threads)
         table[key] = {"routes": {str(r): k for r, k in sorted(routed.items())}, "packed_rows": measure_packed(threads, routed)}
         try:
