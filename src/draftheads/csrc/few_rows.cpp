@@ -279,8 +279,10 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& q, cons
   const float* mp = q4 ? m.data_ptr<float>() : nullptr;
   const uint8_t* qp = static_cast<const uint8_t*>(q.data_ptr());
   float* yp = y.data_ptr<float>();
-  std::vector<float> xs(q4 ? R * (K / BK) : 0);  // each row's sum per block of 32 inputs, in one fixed order
-  for (int64_t i = 0; i < static_cast<int64_t>(xs.size()); ++i) {
+  // each row's sum per block of 32 inputs, in one fixed order (read by Q4_1's offsets only; allocated either way,
+  // so that the pointers into it stay valid ones)
+  std::vector<float> xs(R * (K / BK));
+  for (int64_t i = 0; q4 && i < static_cast<int64_t>(xs.size()); ++i) {
     const float* v = xp + i * BK;
     xs[i] = hsum(_mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(v), _mm256_loadu_ps(v + 8)),
                                _mm256_add_ps(_mm256_loadu_ps(v + 16), _mm256_loadu_ps(v + 24))));
