@@ -33,10 +33,12 @@ class Counting:
         return self.inner.forward(*args)
 
 
-@pytest.fixture
-def stacks(monkeypatch):
-    """Every product of up to 64 rows on the packed kernel (what measure_packed finds on this project's CPU);
-    the stacks built, each counting its passes."""
+@pytest.fixture(params=["int8", "float32"])
+def stacks(request, monkeypatch):
+    """Every product of up to 64 rows on the packed kernel (what measure_packed finds on this project's CPU),
+    with each setting of the activations (int8 rounds x in the Q4_1 products); the stacks built, each counting
+    its passes."""
+    monkeypatch.setattr(few_rows, "_ACTIVATIONS", request.param)
     threads = torch.get_num_threads()
     monkeypatch.setattr(cpu_matmul, "_ROUTES", {threads: dict.fromkeys(range(1, MAX_ROWS + 1), "rows")})
     monkeypatch.setattr(cpu_matmul, "_PACKED_ROWS", {threads: 64})

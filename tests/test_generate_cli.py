@@ -2,6 +2,7 @@
 line on stderr and exit code 2."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -152,6 +153,31 @@ def test_threads_flag_on_every_command_that_runs_torch(tiny_dirs, capsys):
         torch.set_num_threads(before)
     assert main(["generate", "hi", "--backbone", str(bb), "--threads", "-1"]) == 2
     assert "--threads must be" in capsys.readouterr().err
+
+
+def test_activations_flag_sets_the_products_rounding_and_a_bad_setting_is_one_line(tiny_dirs, capsys, monkeypatch):
+    from draftheads import defaults, few_rows
+
+    commands = _subcommands()
+    for name in ("generate", "chat", "serve", "bench", "calibrate", "export", "distill", "train"):
+        assert any("--activations" in a.option_strings for a in commands[name]._actions), name
+    bb, heads, _ = tiny_dirs
+    monkeypatch.setattr(few_rows, "_ACTIVATIONS", defaults.ACTIVATIONS)
+    assert main(["generate", "hi", "--backbone", str(bb), "--heads", str(heads), "--max-new-tokens", "2", "--activations",
+                 "float32"]) == 0
+    assert few_rows.activations() == "float32"
+    few_rows.set_activations("int8")
+    assert few_rows.activations() == "int8"
+    with pytest.raises(SystemExit):
+        main(["generate", "hi", "--backbone", str(bb), "--activations", "int4"])
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
+    # the environment's setting is read when the kernels' module is imported: a bad one is a one-line error
+    env = dict(os.environ, DRAFTHEADS_ACTIVATIONS="int4")
+    run = subprocess.run([sys.executable, "-m", "draftheads.cli", "generate", "hi", "--backbone", str(bb), "--heads", str(heads),
+                          "--max-new-tokens", "1", "--threads", "1"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "draftheads: error: $DRAFTHEADS_ACTIVATIONS must be one of int8, float32, not 'int4'"], run.stderr
 
 
 def test_heads_without_a_tree_get_a_safe_tree_and_say_so(tiny_dirs, capsys, tmp_path):

@@ -33,6 +33,10 @@ def add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=defaults.THREADS,
                    help="torch CPU threads (0: torch's default, one per core). On a CPU shared with other jobs, "
                         "fewer threads avoid OpenMP threads spinning against them")
+    p.add_argument("--activations", choices=["int8", "float32"], default=None,
+                   help="what CPU products of GGUF Q4_1 weights (the default model's) multiply: x rounded to 8 bits "
+                        "per block of 32, as llama.cpp does (faster), or x as it is (exact float32 products). "
+                        f"Default: $DRAFTHEADS_ACTIVATIONS, else {defaults.ACTIVATIONS}")
 
 
 def _add_model_args(p: argparse.ArgumentParser, heads_default="default") -> None:
@@ -146,6 +150,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         defaults.set_threads(getattr(args, "threads", None))
+        if getattr(args, "activations", None):
+            from .few_rows import set_activations
+
+            set_activations(args.activations)
         args.func(args)
     except UserError as e:
         print(f"draftheads: error: {e}", file=sys.stderr)

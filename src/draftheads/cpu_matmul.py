@@ -146,6 +146,13 @@ def routes() -> dict[int, str]:
     return _ROUTES[threads]
 
 
+def forget_routes() -> None:
+    """Drop the routes and packed-row limits of this process, so that the next product reads (or measures) them
+    for the kernels now in use (few_rows.set_activations)."""
+    _ROUTES.clear()
+    _PACKED_ROWS.clear()
+
+
 def packed_rows() -> int:
     """The most rows of a product that take few_rows.packed_linear where its weight is GGUF blocks (0: none;
     measured with routes(): MAX_ROWS or more where it beats the routed kernels by 5% over their row counts)."""
@@ -166,7 +173,7 @@ def _cached_or_measured(threads: int) -> tuple[dict[int, str], int]:
     # scaling made 64 rows 8% slower, which the cached prefill limit had not seen)
     build = getattr(few_rows.load(), "__name__", "no C++ kernel")
     key = (f"{model} | torch {torch.__version__} | {threads} threads | kernels {', '.join(KERNELS)}, packed rows {PREFILL_GRID}"
-           f" | {build}")
+           f" | {build} | {few_rows.activations()} activations")
     path = cache_dir() / "cpu_matmul.json"
     try:
         table = json.loads(path.read_text())

@@ -41,8 +41,12 @@ from pathlib import Path
 
 import torch
 
+from . import defaults
+from .errors import UserError
+
 SOURCE = Path(__file__).with_name("csrc") / "few_rows.cpp"
 log = logging.getLogger(__name__)
+ACTIVATION_KINDS = ("int8", "float32")  # defaults.ACTIVATIONS
 
 
 def cpu_info() -> tuple[str, set[str]]:
@@ -252,14 +256,42 @@ def _version(w: torch.Tensor) -> int:
     return -1 if w.is_inference() else w._version
 
 
+def set_activations(kind: str | None) -> None:
+    """What products of Q4_1 blocks multiply from now on, process-wide: "int8" (x rounded to 8 bits per block
+    of 32 inputs, as llama.cpp does) or "float32" (x as it is); None leaves it (defaults.ACTIVATIONS, or
+    $DRAFTHEADS_ACTIVATIONS where set)."""
+    global _ACTIVATIONS
+    if kind is not None and _activation_kind(kind, "activations") != _ACTIVATIONS:
+        _ACTIVATIONS = kind
+        from . import cpu_matmul
+
+        cpu_matmul.forget_routes()  # the packed kernel's row limit was measured for the other kind
+
+
+def activations() -> str:
+    """The current setting of set_activations."""
+    return _ACTIVATIONS
+
+
+def _activation_kind(kind: str, source: str) -> str:
+    if kind not in ACTIVATION_KINDS:
+        raise UserError(f"{source} must be one of {', '.join(ACTIVATION_KINDS)}, not {kind!r}")
+    return kind
+
+
 def packed_linear(x: torch.Tensor, p: Packed, b: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] float32 @ w.T (+ b) -> [..., out] for the weight w that p holds (load() must have given the
-    kernel). Each output sums its products in input order, so a row's result does not depend on the rows
-    beside it; it differs from `linear(x, w, b)` by float rounding."""
+    kernel). For Q4_1 blocks under `activations()` "int8", each row of x is first rounded to 8 bits per block
+    of 32 inputs (csrc: packed_linear_q8); else x is taken as it is, within float32 rounding of
+    `linear(x, w, b)`. Either way a row's result does not depend on the rows beside it."""
     flat = x.dim() == 2 and x.is_contiguous()  # the lean forward's rows: no reshape either way (~1 us each)
     x2 = x if flat else x.reshape(-1, x.shape[-1]).contiguous()  # [rows, in]
-    y = load().packed_linear(x2, p.q, p.d, _EMPTY if p.m is None else p.m, p.out, _EMPTY if b is None else b)  # [rows, out]
+    if p.m is not None and _ACTIVATIONS == "int8":
+        y = load().packed_linear_q8(x2, p.q, p.d, p.m, p.out, _EMPTY if b is None else b)  # [rows, out]
+    else:
+        y = load().packed_linear(x2, p.q, p.d, _EMPTY if p.m is None else p.m, p.out, _EMPTY if b is None else b)
     return y if flat else y.reshape(*x.shape[:-1], p.out)
 
 
 _EMPTY = torch.empty(0)  # Q8_0's m, no bias
+_ACTIVATIONS = _activation_kind(os.environ.get("DRAFTHEADS_ACTIVATIONS") or defaults.ACTIVATIONS, "$DRAFTHEADS_ACTIVATIONS")

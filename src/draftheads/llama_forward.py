@@ -233,7 +233,8 @@ class LlamaForward:
             if stack is not None:  # the whole pass in one C++ call: the same ops, the same floats
                 keys, values, starts, end = cache.write_views(b, q, self.kv_heads, d)  # per layer [b, kv_heads, capacity, d]
                 return unpack(stack.forward(x, cos, sin, _NO_ROWS if rows is None else rows, b, q, keys, values, starts, end,
-                                            layer_ops.EMPTY if mask is None else mask))  # [b, q, hidden]
+                                            layer_ops.EMPTY if mask is None else mask,
+                                            few_rows.activations() == "int8"))  # [b, q, hidden]
         nq, nkv = self.heads * d, self.kv_heads * d
         visible, per_node = None, {}
         if trees is not None:

@@ -21,8 +21,10 @@ struct Product {
   torch::Tensor q, d, m, bias;
   int64_t out;
 
-  // x [rows, in] -> [rows, out], as few_rows.packed_linear computes it.
-  torch::Tensor operator()(const torch::Tensor& x) const { return packed_linear(x, q, d, m, out, bias); }
+  // x [rows, in] -> [rows, out], as few_rows.packed_linear computes it (int8: x rounded to 8 bits for Q4_1).
+  torch::Tensor operator()(const torch::Tensor& x, bool int8) const {
+    return int8 && m.numel() > 0 ? packed_linear_q8(x, q, d, m, out, bias) : packed_linear(x, q, d, m, out, bias);
+  }
 };
 
 Product product(const std::vector<torch::Tensor>& t, size_t at, int64_t out) {
@@ -59,11 +61,12 @@ class DecoderStack {
   // x [R, hidden]: the embeddings of a pass's real rows (updated in place); cos, sin [R, head_dim]; rows: their
   // places [R] in the pass's B x Q rows (int64), or empty where R = B * Q (no padding); keys/values per layer
   // [B, kv_heads, capacity, head_dim] (views of the cache: sequence b's Q entries are written at columns
-  // starts[b]..); end: the columns attended; mask additive [1 or B, 1, Q, end] or empty -> final-norm hidden
-  // states [R, hidden]. Padding rows enter attention as zeros and write zeros, as the lean forward's unpack.
+  // starts[b]..); end: the columns attended; mask additive [1 or B, 1, Q, end] or empty; int8: Q4_1 products round
+  // x to 8 bits (few_rows.activations()) -> final-norm hidden states [R, hidden]. Padding rows enter attention as
+  // zeros and write zeros, as the lean forward's unpack.
   torch::Tensor forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor rows, int64_t B, int64_t Q,
                         const std::vector<torch::Tensor>& keys, const std::vector<torch::Tensor>& values,
-                        const std::vector<int64_t>& starts, int64_t end, torch::Tensor mask) const {
+                        const std::vector<int64_t>& starts, int64_t end, torch::Tensor mask, bool int8) const {
     const int64_t R = x.size(0), H = heads_, KVH = kv_heads_, D = head_dim_, W = (H + 2 * KVH) * D;
     TORCH_CHECK(keys.size() == layers_.size() && values.size() == layers_.size(), "keys and values: one per layer");
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x: [rows, hidden], contiguous");
@@ -80,7 +83,7 @@ class DecoderStack {
       TORCH_CHECK(k.dim() == 4 && k.size(0) == B && k.size(1) == KVH && k.size(3) == D && v.sizes() == k.sizes() &&
                   end <= k.size(2), "layer ", i, ": keys/values [B, kv_heads, capacity >= end, head_dim]");
       torch::Tensor h = add_rms_norm(x, delta, l.in_norm, l.in_eps);  // [R, hidden]
-      torch::Tensor qkv = l.qkv(h);  // [R, (H + 2 KVH) D]
+      torch::Tensor qkv = l.qkv(h, int8);  // [R, (H + 2 KVH) D]
       rope_(qkv, cos, sin, H + KVH);
       if (padded) qkv = torch::zeros({B * Q, W}, qkv.options()).index_copy_(0, rows, qkv);  // [B * Q, W]
       const torch::Tensor all = qkv.view({B, Q, W});
@@ -91,10 +94,10 @@ class DecoderStack {
       torch::Tensor o = attention(all.narrow(2, 0, H * D).view({B, Q, H, D}), k.narrow(2, 0, end), v.narrow(2, 0, end),
                                   mask, scale_).view({B * Q, H * D});
       if (padded) o = o.index_select(0, rows);  // [R, H D]
-      h = add_rms_norm(x, l.o(o), l.post_norm, l.post_eps);
-      torch::Tensor gate_up = l.gate_up(h);  // [R, 2 I]
+      h = add_rms_norm(x, l.o(o, int8), l.post_norm, l.post_eps);
+      torch::Tensor gate_up = l.gate_up(h, int8);  // [R, 2 I]
       const int64_t I = gate_up.size(1) / 2;
-      delta = l.down(silu_mul(gate_up.narrow(1, 0, I), gate_up.narrow(1, I, I)));
+      delta = l.down(silu_mul(gate_up.narrow(1, 0, I), gate_up.narrow(1, I, I)), int8);
     }
     return add_rms_norm(x, delta, final_norm_, final_eps_);
   }
