@@ -233,7 +233,9 @@ def test_pack_holds_gguf_block_values_exactly_and_nothing_else():
     words = b[..., 0] | b[..., 1] << 8 | b[..., 2] << 16 | b[..., 3] << 24  # [tiles, in / 8, 16]
     values = torch.stack([(words >> 4 * s) & 15 for s in range(8)], 2).reshape(3, 96, 16).float()  # [tiles, in, 16]
     assert torch.equal((rows(values) * per_input(p4.d) + per_input(p4.m))[:40], w4)
-    assert torch.equal((rows(p8.q.float()) * per_input(p8.d))[:40], w8)
+    # each 4 inputs: 16 4-byte words (one an output), byte s holding input 4 g + s
+    values8 = p8.q.reshape(3, 24, 16, 4).transpose(2, 3).reshape(3, 96, 16).float()  # [tiles, in, 16]
+    assert torch.equal((rows(values8) * per_input(p8.d))[:40], w8)
     assert not rows(values)[40:].any()  # padding rows are zeros
     assert few_rows.pack(torch.randn(40, 96, generator=g)) is None  # ordinary float32 weights
     w_off = w4.clone()
@@ -253,15 +255,17 @@ def _rounded_rows(x: torch.Tensor) -> torch.Tensor:
     return (q * step).view_as(x)
 
 
-def _int8_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """What packed_linear computes for Q4_1 values w under int8 activations, in float64: the rounded x times the
-    blocks' d * q, plus each block's offset m times the float sum of x's 32 inputs."""
+def _int8_reference(x: torch.Tensor, w: torch.Tensor, fmt: str) -> torch.Tensor:
+    """What packed_linear computes for Q4_1 or Q8_0 values w under int8 activations, in float64: the rounded x
+    times the blocks' d * q, plus (Q4_1) each block's offset m times the float sum of x's 32 inputs."""
+    if fmt == "q8_0":
+        return _rounded_rows(x) @ w.double().T
     blocks = w.double().view(w.shape[0], -1, 32)
     m = blocks.amin(-1)  # [out, in / 32]: a Q4_1 block's q = 0 value
     return _rounded_rows(x) @ (blocks - m[..., None]).view_as(w).T + x.double().view(x.shape[0], -1, 32).sum(-1) @ m.T
 
 
-# (weight format, activations): Q8_0 blocks take x as it is in either setting
+# (weight format, activations)
 FORMATS = [("q4_1", "float32"), ("q4_1", "int8"), ("q8_0", "float32"), ("q8_0", "int8")]
 
 
@@ -279,8 +283,8 @@ def test_packed_kernel_gives_each_row_what_it_gets_alone(fmt, activations, out, 
     p = few_rows.pack(w)
     assert p.kind == fmt
     together = few_rows.packed_linear(x, p, b)
-    int8 = fmt == "q4_1" and activations == "int8"
-    expected = (_int8_reference(x, w) + b.double()).float() if int8 else F.linear(x, w, b)
+    int8 = activations == "int8"
+    expected = (_int8_reference(x, w, fmt) + b.double()).float() if int8 else F.linear(x, w, b)
     torch.testing.assert_close(together, expected, rtol=1e-5, atol=1e-5)
     if int8:  # the rounding is there: far from x's own products
         assert (together - F.linear(x, w, b)).abs().max() > 1e-3
@@ -297,7 +301,7 @@ def test_packed_kernel_gives_each_row_what_it_gets_alone(fmt, activations, out, 
 
 
 @needs_kernel
-@pytest.mark.parametrize("fmt, activations", FORMATS[:3])
+@pytest.mark.parametrize("fmt, activations", FORMATS)
 def test_packed_kernel_rounds_no_worse_than_float32_allows(fmt, activations, monkeypatch):
     """Against float64: each output within a few float32 roundings of the sum of its products' magnitudes
     (the kernel sums each block of 32 inputs, then scales it: an error in a scale or an offset is far above).
@@ -306,7 +310,7 @@ def test_packed_kernel_rounds_no_worse_than_float32_allows(fmt, activations, mon
     g = torch.Generator().manual_seed(3)
     w = (few_rows.q4_1_values if fmt == "q4_1" else _q8_0_values)(301, 576, g)
     x = torch.randn(7, 576, generator=g)
-    ref = _int8_reference(x, w) if activations == "int8" else F.linear(x.double(), w.double())  # [rows, out]
+    ref = _int8_reference(x, w, fmt) if activations == "int8" else F.linear(x.double(), w.double())  # [rows, out]
     magnitude = x.abs().double() @ w.abs().double().T  # [rows, out]
     err = (few_rows.packed_linear(x, few_rows.pack(w)).double() - ref).abs() / magnitude
     assert err.max() < 8 * torch.finfo(torch.float32).eps, err.max()

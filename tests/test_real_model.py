@@ -31,15 +31,23 @@ def models():
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_default_model_greedy_is_lossless(models, prompt):
+def test_default_model_greedy_is_lossless(models, prompt, monkeypatch):
+    """With the default int8 activations and with float32 ones: speculative = plain; with float32 ones (the
+    products of the weights' exact values) also = transformers' generate. Int8 activations round x, so their
+    output may part from transformers' at a near-tie: "Write a haiku about the sea." does at its 2nd token."""
+    from draftheads import few_rows
+
     spec, plain = models
-    a = spec.generate(prompt, max_new_tokens=48)
-    b = plain.generate(prompt, max_new_tokens=48)
     ids = torch.tensor([plain.prompt_ids(prompt)])
     hf = plain.backbone.generate(ids, max_new_tokens=48, do_sample=False)[0, ids.shape[1]:].tolist()
     eos = plain.tokenizer.eos_token_id
     hf = hf[:hf.index(eos)] if eos in hf else hf
-    assert a.token_ids == b.token_ids == hf
+    for kind in ("int8", "float32"):
+        monkeypatch.setattr(few_rows, "_ACTIVATIONS", kind)
+        a = spec.generate(prompt, max_new_tokens=48)
+        b = plain.generate(prompt, max_new_tokens=48)
+        assert a.token_ids == b.token_ids, kind
+    assert b.token_ids == hf
 
 
 def test_shipped_heads_accept_several_tokens_per_step(models):
@@ -51,8 +59,9 @@ def test_shipped_heads_accept_several_tokens_per_step(models):
         pytest.skip("no default heads are shipped")
     spec, _ = models
     r = spec.generate("Explain what a hash table is and when to use one.", max_new_tokens=96)
-    # Greedy, so deterministic: the shipped heads give 1.34 here (plain decoding: exactly 1.0).
-    assert r.stats.mean_accepted > 1.2, r.stats.to_dict()
+    # Greedy, so deterministic: the shipped heads give 1.17 here with int8 activations, 1.34 with float32 ones
+    # (another text: the two part at a near-tie); plain decoding gives exactly 1.0.
+    assert r.stats.mean_accepted > 1.1, r.stats.to_dict()
 
 
 def test_shipped_hydra_heads_are_lossless_and_draft(models):
@@ -68,4 +77,4 @@ def test_shipped_hydra_heads_are_lossless_and_draft(models):
     prompt = "Explain what a hash table is and when to use one."
     r = hydra.generate(prompt, max_new_tokens=96)
     assert r.token_ids == plain.generate(prompt, max_new_tokens=96).token_ids
-    assert r.stats.mean_accepted > 1.2, r.stats.to_dict()
+    assert r.stats.mean_accepted > 1.1, r.stats.to_dict()  # 1.19 with int8 activations (plain decoding: 1.0)

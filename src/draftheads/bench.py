@@ -22,6 +22,7 @@ from .backbone import chat_ids
 from .bench_cli import LLAMACPP_METHODS, METHODS
 from .calibrate import _console, load_parts, machine, progress, run_calibrate, step_latency
 from .errors import UserError
+from .few_rows import activations, rounds_activations
 from .lookup import LookupConfig
 from .questions import load_questions
 
@@ -105,11 +106,12 @@ def run_bench(args) -> dict:
     run, tok = Runner(dm, plain, lookup), plain.tokenizer
     records, mismatches, rounding = [], [], []
     # Exactness is checked against the reference: transformers' generate in fp32, where every path rounds
-    # alike to within ties; in reduced precision (any device) our own loop, whose kernels round otherwise
-    # than transformers' stock ones (on a CPU its row-exact ones: another rounding of the model, not an
-    # error, reported apart).
+    # alike to within ties; in reduced precision (any device), or with int8 activations on GGUF-block weights
+    # (few_rows), our own loop, whose kernels round otherwise than transformers' stock ones (on a CPU its
+    # row-exact ones: another rounding of the model, not an error, reported apart).
     dtype = dm.backbone.dtype
-    reference = "loop" if dtype != torch.float32 and dm.engine is None and "loop" in methods else baseline
+    ours_rounds = dtype != torch.float32 or rounds_activations(dm.backbone)
+    reference = "loop" if ours_rounds and dm.engine is None and "loop" in methods else baseline
     tie = max(1e-3, 4 * torch.finfo(dtype).eps * 32)  # a few units in the last place of a logit of ~32
     with progress() as bar:
         first = chat_ids(tok, questions[0].turns[0])
@@ -212,6 +214,7 @@ def _report(args, dm, methods, records, mismatches, latency, lookup, reference, 
                    "categories": cats, "heads": str(args.heads), "backbone": dm.backbone_name,
                    "tree": dm.tree.to_json() if dm.tree else None, "tree_size": dm.tree.size if dm.tree else 1,
                    "num_heads": dm.heads.cfg.num_heads, "device": args.device, "dtype": str(dm.backbone.dtype),
+                   "activations": activations() if rounds_activations(dm.backbone) else "as the dtype",
                    "engine": f"llama.cpp ({dm.engine.description})" if dm.engine is not None else "torch",
                    "baseline": baseline_of(methods), "exactness_reference": reference,
                    "lookup": asdict(lookup),
@@ -352,7 +355,8 @@ def print_summary(rep: dict) -> None:
     con.print(f"greedy outputs differing from {ref}: {mm}" + (" (see report.md)" if mm else ""))
     if c.get("exactness_reference", c["baseline"]) != c["baseline"]:
         con.print(f"{LABELS[rep['config']['baseline']].split(' (')[0]} against {ref}: "
-                  f"{rep['baseline_rounding_differences']['count']} differ (another rounding in {rep['config']['dtype']})")
+                  f"{rep['baseline_rounding_differences']['count']} differ (another rounding: {rep['config']['dtype']}"
+                  + (", int8 activations)" if rep["config"].get("activations") == "int8" else ")"))
 
 
 def cmd_bench(args) -> None:

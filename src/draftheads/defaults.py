@@ -53,7 +53,7 @@ BATCH_DRAFT_CONFIDENCES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 # sequences that served runs did not show.
 ADAPT_TREES = True
 
-# What the CPU products of weights held in GGUF Q4_1 blocks (the default model's layers: few_rows.py) multiply
+# What the CPU products of weights held in GGUF Q4_1 / Q8_0 blocks (the default model's: few_rows.py) multiply
 # (--activations): "int8" rounds each row of x to 8 bits per block of 32 inputs and sums integer products, as
 # llama.cpp's CPU dot products do (a one-row pass of the default model 8.0 -> 5.9 ms on this project's AVX2 EPYC, 8
 # rows 23.4 -> 15.5: README, stop 47); "float32" multiplies the blocks' exact float32 values by x as it is. Either

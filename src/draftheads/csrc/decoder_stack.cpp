@@ -21,9 +21,9 @@ struct Product {
   torch::Tensor q, d, m, bias;
   int64_t out;
 
-  // x [rows, in] -> [rows, out], as few_rows.packed_linear computes it (int8: x rounded to 8 bits for Q4_1).
+  // x [rows, in] -> [rows, out], as few_rows.packed_linear computes it (int8: x rounded to 8 bits per block of 32).
   torch::Tensor operator()(const torch::Tensor& x, bool int8) const {
-    return int8 && m.numel() > 0 ? packed_linear_q8(x, q, d, m, out, bias) : packed_linear(x, q, d, m, out, bias);
+    return int8 ? packed_linear_q8(x, q, d, m, out, bias) : packed_linear(x, q, d, m, out, bias);
   }
 };
 
@@ -61,7 +61,7 @@ class DecoderStack {
   // x [R, hidden]: the embeddings of a pass's real rows (updated in place); cos, sin [R, head_dim]; rows: their
   // places [R] in the pass's B x Q rows (int64), or empty where R = B * Q (no padding); keys/values per layer
   // [B, kv_heads, capacity, head_dim] (views of the cache: sequence b's Q entries are written at columns
-  // starts[b]..); end: the columns attended; mask additive [1 or B, 1, Q, end] or empty; int8: Q4_1 products round
+  // starts[b]..); end: the columns attended; mask additive [1 or B, 1, Q, end] or empty; int8: the products round
   // x to 8 bits (few_rows.activations()) -> final-norm hidden states [R, hidden]. Padding rows enter attention as
   // zeros and write zeros, as the lean forward's unpack.
   torch::Tensor forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor rows, int64_t B, int64_t Q,

@@ -98,7 +98,7 @@ constexpr int TILE = 16, BK = 32, GROUP = 6;  // outputs per tile, inputs per sc
 
 // One input's 16 values of a tile, as floats. Q4_1 holds a block's 32 inputs as 4 groups of 8, each 16 dwords
 // (one an output) of 8 nibbles (nibble s: input 8 g + s), so an input's 16 values are two shifts (of loads) and
-// two masks away. The callers unroll their k-loops, so k is a constant and each shift an immediate.
+// two masks away; Q8_0 as 8 groups of 4, 16 dwords of 4 bytes (the order packed_linear_q8's byte products take). The callers unroll their k-loops, so k is a constant and each shift an immediate.
 template <bool Q4>
 static inline void decode_step(const uint8_t* q, int k, __m256& w0, __m256& w1) {
   if constexpr (Q4) {
@@ -109,10 +109,11 @@ static inline void decode_step(const uint8_t* q, int k, __m256& w0, __m256& w1) 
     const __m256i v0 = _mm256_srli_epi32(_mm256_loadu_si256(g), s), v1 = _mm256_srli_epi32(_mm256_loadu_si256(g + 1), s);
     w0 = _mm256_cvtepi32_ps(s == 28 ? v0 : _mm256_and_si256(v0, low));
     w1 = _mm256_cvtepi32_ps(s == 28 ? v1 : _mm256_and_si256(v1, low));
-  } else {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + TILE * k));
-    w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-    w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
+  } else {  // Q8_0: per 4 inputs 16 dwords (one an output), byte s holding input 4 g + s: shifted up, then down with its sign
+    const __m256i* g = reinterpret_cast<const __m256i*>(q + 64 * (k / 4));
+    const int s = 8 * (3 - k % 4);
+    w0 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(_mm256_loadu_si256(g), s), 24));
+    w1 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(_mm256_loadu_si256(g + 1), s), 24));
   }
 }
 
@@ -303,8 +304,10 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& q, cons
 // operations in the same order whatever the row count, so rows stay independent of the rows beside them; the result
 // is not packed_linear's (x is rounded to ~2.5 significant digits), which is why it is a setting, not a route.
 
-// Row r's blocks of 32 inputs rounded: xq [K] int8 (per 8 inputs the even then the odd ones, 0 2 4 6 1 3 5 7, the
-// order of a Q4_1 dword's low then high nibbles), dx [K / 32] the scales, xs [K / 32] the float sums.
+// Row r's blocks of 32 inputs rounded: xq [K] int8 (for Q4_1, per 8 inputs the even then the odd ones, 0 2 4 6 1 3 5 7:
+// the order of a dword's low then high nibbles; for Q8_0 in input order), dx [K / 32] the scales, xs [K / 32] the
+// float sums (Q4_1's offsets).
+template <bool Q4>
 static void quantize_row(const float* x, int64_t K, int8_t* xq, float* dx, float* xs) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int64_t j = 0; j < K / BK; ++j) {
@@ -326,8 +329,8 @@ static void quantize_row(const float* x, int64_t K, int8_t* xq, float* dx, float
     int8_t* o = xq + j * BK;
     for (int g = 0; g < 4; ++g)
       for (int s = 0; s < 4; ++s) {
-        o[8 * g + s] = static_cast<int8_t>(qi[8 * g + 2 * s]);
-        o[8 * g + 4 + s] = static_cast<int8_t>(qi[8 * g + 2 * s + 1]);
+        o[8 * g + s] = static_cast<int8_t>(qi[8 * g + (Q4 ? 2 * s : s)]);
+        o[8 * g + 4 + s] = static_cast<int8_t>(qi[8 * g + (Q4 ? 2 * s + 1 : 4 + s)]);
       }
   }
 }
@@ -342,17 +345,41 @@ static inline __m256i broadcast4(const int8_t* p) {
 // One tile's 16 outputs over all K inputs for G (1 or 2) rounded rows, the outputs held in registers from block to block
 // (folded through memory instead, the load-add-store chain bound one row). q: the tile's first block; xq, dx, xs: row
 // 0's (row r's at r * K, r * KB); y: row 0's 16 outputs (row r's at r * ystride).
-template <int G>
+template <bool Q4, int G>
 static inline void q8_tile(const uint8_t* q, const int8_t* xq, int64_t K, const float* dx, const float* xs, int64_t KB,
                            const float* d, const float* m, float* y, int64_t ystride) {
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   __m256 a[G][2];
 #pragma GCC unroll 2
   for (int r = 0; r < G; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
-  for (int64_t j = 0; j < KB; ++j, q += BK * TILE / 2, d += TILE, m += TILE) {
+  for (int64_t j = 0; j < KB; ++j, q += BK * (Q4 ? TILE / 2 : TILE), d += TILE, m += Q4 ? TILE : 0) {
     __m256i s[G][2];
 #pragma GCC unroll 2
     for (int r = 0; r < G; ++r) s[r][0] = s[r][1] = _mm256_setzero_si256();
+    if constexpr (!Q4) {
+      // Q8_0: |w| times x with w's sign (vpmaddubsw multiplies unsigned by signed bytes); a pair of products reaches
+      // 2 * 127 * 127, so each goes to int32 at once (vpmaddwd)
+#pragma GCC unroll 8
+      for (int g = 0; g < 8; ++g) {
+        const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * g));
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * g + 32));
+        const __m256i u0 = _mm256_abs_epi8(v0), u1 = _mm256_abs_epi8(v1);
+#pragma GCC unroll 2
+        for (int r = 0; r < G; ++r) {
+          const __m256i xb = broadcast4(xq + r * K + j * BK + 4 * g);
+          s[r][0] = _mm256_add_epi32(s[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(xb, v0)), ones));
+          s[r][1] = _mm256_add_epi32(s[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(xb, v1)), ones));
+        }
+      }
+      const __m256 d0 = _mm256_loadu_ps(d), d1 = _mm256_loadu_ps(d + 8);
+#pragma GCC unroll 2
+      for (int r = 0; r < G; ++r) {
+        const __m256 sx = _mm256_broadcast_ss(dx + r * KB + j);
+        a[r][0] = _mm256_fmadd_ps(_mm256_mul_ps(d0, sx), _mm256_cvtepi32_ps(s[r][0]), a[r][0]);
+        a[r][1] = _mm256_fmadd_ps(_mm256_mul_ps(d1, sx), _mm256_cvtepi32_ps(s[r][1]), a[r][1]);
+      }
+      continue;
+    }
 #pragma GCC unroll 4
     for (int g = 0; g < 4; ++g) {
       const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * g));
@@ -382,41 +409,44 @@ static inline void q8_tile(const uint8_t* q, const int8_t* xq, int64_t K, const 
 
 // y [R, T * 16] from the rounded rows: each task's tiles one at a time, for one row or pairs of rows. (Half tiles for
 // four rows at a time, or the block sums folded through memory, ran slower: 30 layers at 8 rows 8.6 -> 10.3 / 11.3 ms.)
+template <bool Q4>
 static void tiles_pass_q8(const int8_t* xq, const float* dx, const float* xs, const uint8_t* qp, const float* dp,
                           const float* mp, float* yp, int64_t R, int64_t K, int64_t T) {
   const int64_t KB = K / BK, YO = T * TILE;
   at::parallel_for(0, (T + 1) / 2, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t t = 2 * p0; t < std::min(T, 2 * p1); ++t) {
-      const uint8_t* q = qp + t * K * (TILE / 2);
-      const float *d = dp + t * KB * TILE, *m = mp + t * KB * TILE;
+      const uint8_t* q = qp + t * K * (Q4 ? TILE / 2 : TILE);
+      const float *d = dp + t * KB * TILE, *m = Q4 ? mp + t * KB * TILE : nullptr;
       for (int64_t r = 0; r < R; r += 2) {
-        if (R - r == 1) q8_tile<1>(q, xq + r * K, K, dx + r * KB, xs + r * KB, KB, d, m, yp + r * YO + t * TILE, YO);
-        else q8_tile<2>(q, xq + r * K, K, dx + r * KB, xs + r * KB, KB, d, m, yp + r * YO + t * TILE, YO);
+        if (R - r == 1) q8_tile<Q4, 1>(q, xq + r * K, K, dx + r * KB, xs + r * KB, KB, d, m, yp + r * YO + t * TILE, YO);
+        else q8_tile<Q4, 2>(q, xq + r * K, K, dx + r * KB, xs + r * KB, KB, d, m, yp + r * YO + t * TILE, YO);
       }
     }
   });
 }
 
-// packed_linear's arguments (Q4_1 tiles only) -> y [R, out] with x rounded to 8 bits per block of 32 inputs.
+// packed_linear's arguments -> y [R, out] with x rounded to 8 bits per block of 32 inputs.
 torch::Tensor packed_linear_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d, const torch::Tensor& m,
                                int64_t out, const torch::Tensor& bias) {
-  TORCH_CHECK(q.scalar_type() == torch::kByte && q.dim() == 3 && m.scalar_type() == torch::kFloat && m.sizes() == d.sizes(),
-              "Q4_1 tiles only: q uint8 [tiles, in, 8], m like d");
-  TORCH_CHECK(x.dim() == 2 && d.dim() == 3 && x.scalar_type() == torch::kFloat && d.scalar_type() == torch::kFloat,
-              "x [rows, in] float32, d [tiles, in / 32, 16] float32");
+  const bool q4 = q.scalar_type() == torch::kByte;
+  TORCH_CHECK(q4 || q.scalar_type() == torch::kChar, "q: uint8 (Q4_1) or int8 (Q8_0)");
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 3 && d.dim() == 3 && x.scalar_type() == torch::kFloat && d.scalar_type() == torch::kFloat,
+              "x [rows, in] float32, q [tiles, in, 8 or 16], d [tiles, in / 32, 16] float32");
   const int64_t R = x.size(0), K = x.size(1), T = q.size(0);
-  TORCH_CHECK(K % BK == 0 && q.size(1) == K && q.size(2) == TILE / 2 && d.size(0) == T && d.size(1) == K / BK && d.size(2) == TILE,
-              "shapes disagree");
+  TORCH_CHECK(K % BK == 0 && q.size(1) == K && q.size(2) == (q4 ? TILE / 2 : TILE) && d.size(0) == T && d.size(1) == K / BK
+              && d.size(2) == TILE, "shapes disagree");
+  TORCH_CHECK(!q4 || (m.scalar_type() == torch::kFloat && m.sizes() == d.sizes() && m.is_contiguous()), "Q4_1 needs m like d");
   TORCH_CHECK(0 < out && out <= T * TILE && (bias.numel() == 0 || bias.numel() == out), "out: within the tiles; bias: [out]");
-  TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && d.is_contiguous() && m.is_contiguous() && x.device().is_cpu(),
-              "contiguous CPU tensors only");
+  TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && d.is_contiguous() && x.device().is_cpu(), "contiguous CPU tensors only");
   auto y = torch::empty({R, T * TILE}, x.options());
   std::vector<int8_t> xq(R * K);
   std::vector<float> dx(R * (K / BK)), xs(R * (K / BK));
   const float* xp = x.data_ptr<float>();
-  for (int64_t r = 0; r < R; ++r) quantize_row(xp + r * K, K, xq.data() + r * K, dx.data() + r * (K / BK), xs.data() + r * (K / BK));
-  tiles_pass_q8(xq.data(), dx.data(), xs.data(), static_cast<const uint8_t*>(q.data_ptr()), d.data_ptr<float>(),
-                m.data_ptr<float>(), y.data_ptr<float>(), R, K, T);
+  for (int64_t r = 0; r < R; ++r)
+    (q4 ? quantize_row<true> : quantize_row<false>)(xp + r * K, K, xq.data() + r * K, dx.data() + r * (K / BK), xs.data() + r * (K / BK));
+  const uint8_t* qp = static_cast<const uint8_t*>(q.data_ptr());
+  if (q4) tiles_pass_q8<true>(xq.data(), dx.data(), xs.data(), qp, d.data_ptr<float>(), m.data_ptr<float>(), y.data_ptr<float>(), R, K, T);
+  else tiles_pass_q8<false>(xq.data(), dx.data(), xs.data(), qp, d.data_ptr<float>(), nullptr, y.data_ptr<float>(), R, K, T);
   if (y.size(1) != out) y = y.narrow(1, 0, out).contiguous();
   if (bias.numel() > 0) y.add_(bias);
   return y;
@@ -426,6 +456,6 @@ torch::Tensor packed_linear_q8(const torch::Tensor& x, const torch::Tensor& q, c
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("few_rows_linear", &few_rows_linear, "x @ w.T (+ b) for few rows of x (float32, CPU, AVX2)");
   m.def("packed_linear", &packed_linear, "x @ w.T for few rows of x and w in tiles of Q4_1 or Q8_0 blocks (float32)");
-  m.def("packed_linear_q8", &packed_linear_q8, "packed_linear for Q4_1 tiles with x rounded to 8 bits per block of 32");
+  m.def("packed_linear_q8", &packed_linear_q8, "packed_linear with x rounded to 8 bits per block of 32 inputs");
 }
 #endif
