@@ -174,3 +174,23 @@ def test_distill_shards_resume_after_sigkill_with_hidden_states(tmp_path):
     for h, g in zip(hidden, refilled):
         torch.testing.assert_close(g.float(), h.float(), atol=2e-2, rtol=1e-2)
     assert fill_features(out, dies_in_second_shard, progress=False) == 0  # nothing left to compute
+
+
+def test_a_resumed_set_keeps_its_activations_and_an_older_manifest_means_float32(tmp_path):
+    """The answers' rounding (README, --activations) is a fixed setting of a distilled set; a manifest written
+    before the setting existed was made with x as it is (float32)."""
+    import torch
+
+    from draftheads.errors import UserError
+    from draftheads.train.shards import ShardWriter
+
+    d, old = tmp_path / "dist", {"backbone_fingerprint": "fp", "hidden_size": 3}
+    w = ShardWriter(d, 2, old)
+    w.append([{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}],
+               "ids": [1, 2, 3], "prompt_len": 1, "source": "t"} for i in range(2)], [torch.zeros(3, 3)] * 2)
+    w.close()
+    assert "activations" not in json.loads((d / "manifest.json").read_text())
+    ShardWriter(d, 2, {**old, "activations": "float32"}).close()
+    with pytest.raises(UserError, match=r"dist was distilled with activations='float32', this run has 'int8': use "
+                                        r"another output directory, or the same setting$"):
+        ShardWriter(d, 2, {**old, "activations": "int8"})

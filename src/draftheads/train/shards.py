@@ -29,7 +29,9 @@ from safetensors.torch import load_file, save_file
 from ..errors import UserError
 
 # Settings that change what the data is: a resumed run must use the same ones.
-FIXED_SETTINGS = ("backbone_fingerprint", "temperature", "top_p", "max_new_tokens", "max_prompt_tokens")
+FIXED_SETTINGS = ("backbone_fingerprint", "temperature", "top_p", "max_new_tokens", "max_prompt_tokens", "activations")
+# What a manifest without the key was made with: sets distilled before int8 activations existed took x as it is
+LEGACY_SETTINGS = {"activations": "float32"}
 
 
 def is_shard_dir(path: str | Path) -> bool:
@@ -64,9 +66,9 @@ class ShardWriter:
             return {**meta, "shards": []}
         man = json.loads(path.read_text())
         for key in FIXED_SETTINGS:
-            if man.get(key) != meta.get(key):
-                raise UserError(f"{self.dir} was distilled with {key}={man.get(key)!r}, this run has {meta.get(key)!r}: "
-                                "use another output directory")
+            if man.get(key, LEGACY_SETTINGS.get(key)) != meta.get(key):
+                raise UserError(f"{self.dir} was distilled with {key}={man.get(key, LEGACY_SETTINGS.get(key))!r}, this run "
+                                f"has {meta.get(key)!r}: use another output directory, or the same setting")
         man.update({k: v for k, v in meta.items() if k not in FIXED_SETTINGS})
         return man
 
