@@ -2,9 +2,12 @@
 backbone's own greedy replies (records of a distilled set, whose ids are prompt + the reply it produced with
 float32 activations), teacher-forced, the logits at every reply position with float32 and with int8 activations.
 Reports top-1 agreement, the mean KL(float32 || int8), the share of positions where the two top-1s differ while
-float32's top-2 margin exceeds 0.5, and each mode's agreement with the recorded reply token.
+float32's top-2 margin exceeds 0.5, and each mode's agreement with the recorded reply token. Then, as a measure
+of quality that favours neither mode, each mode's mean negative log-likelihood of human-written answers
+(`--human`: a JSONL of {"question", "answer"}, GSM8K's training split by default) after their question.
 
-    .venv/bin/python scripts/activation_agreement.py [--data data/distilled] [--records 40] [--threads 2]
+    .venv/bin/python scripts/activation_agreement.py [--data data/distilled] [--records 40]
+        [--human ../shared/data/gsm8k_train.jsonl] [--human-records 40] [--threads 2]
 
 Passes of up to 64 tokens, so every product runs on the packed kernel (cpu_matmul.packed_rows() is 64-128 here).
 """
@@ -17,7 +20,7 @@ import json
 import torch
 
 from draftheads import few_rows
-from draftheads.backbone import load_backbone
+from draftheads.backbone import chat_ids, load_backbone
 from draftheads.generate import Decoder
 from draftheads.kvcache import TreeKVCache
 from draftheads.train.shards import iter_shards
@@ -43,10 +46,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="data/distilled")
     ap.add_argument("--records", type=int, default=40)
+    ap.add_argument("--human", default="../shared/data/gsm8k_train.jsonl")
+    ap.add_argument("--human-records", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    dec = Decoder(load_backbone().model)
+    backbone = load_backbone()
+    dec = Decoder(backbone.model)
     records = next(iter(iter_shards(args.data, features=False)))[1][:args.records]
     n = agree = kl = confident_flips = 0
     matches = {"float32": 0, "int8": 0}
@@ -64,9 +70,22 @@ def main() -> None:
         agree += (~flip).sum().item()
         confident_flips += (flip & (top2[:, 0] - top2[:, 1] > 0.5)).sum().item()
         kl += torch.nn.functional.kl_div(q.log_softmax(-1), f.log_softmax(-1), log_target=True, reduction="sum").item()
+    nll, tokens = {"float32": 0.0, "int8": 0.0}, 0
+    with open(args.human) as f:
+        pairs = [json.loads(line) for _, line in zip(range(args.human_records), f)]
+    for pair in pairs:
+        prompt = chat_ids(backbone.tokenizer, pair["question"])
+        answer = backbone.tokenizer.encode(pair["answer"], add_special_tokens=False)
+        for kind in nll:
+            few_rows.set_activations(kind)
+            logits = reply_logits(dec, prompt + answer, len(prompt))  # [answer, vocab]
+            nll[kind] += torch.nn.functional.cross_entropy(logits, torch.tensor(answer), reduction="sum").item()
+        tokens += len(answer)
     print(json.dumps({"records": len(records), "positions": n, "top1_agreement": agree / n, "mean_kl_float32_int8": kl / n,
                       "flips_with_float32_margin_over_0.5": confident_flips / n,
-                      "reply_token_agreement": {k: v / n for k, v in matches.items()}}, indent=1))
+                      "reply_token_agreement": {k: v / n for k, v in matches.items()},
+                      "human_answers": {"file": args.human, "answers": len(pairs), "tokens": tokens,
+                                        "mean_nll": {k: v / tokens for k, v in nll.items()}}}, indent=1))
 
 
 if __name__ == "__main__":

@@ -462,3 +462,30 @@ def test_a_prefill_past_max_rows_takes_the_packed_kernel_where_measured(monkeypa
     assert MAX_ROWS + 8 in rows_seen and MAX_ROWS + 8 in attended  # one packed product, the C++ attention
     torch.testing.assert_close(packed, on_mkl, rtol=1e-4, atol=1e-4)
     assert packed_tokens == mkl_tokens
+
+
+def test_drafter_weights_round_to_q8_0_blocks_under_int8_activations_only(monkeypatch):
+    """Under int8 activations a drafter's linear weights become Q8_0 values (within 1/254 of their block's largest
+    magnitude) that pack() holds, so their products take the packed kernel; under float32 nothing changes; a
+    width that is not whole blocks of 32 stays as it is."""
+    from tiny import tiny_heads, tiny_model
+
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(40, 96, generator=g)
+    w[3, 32:64] = 0.0  # a block of zeros stays zeros
+    r = few_rows.q8_0_rounded(w)
+    assert r is not None and few_rows.pack(r).kind == "q8_0" and not r[3, 32:64].any()
+    step = w.view(40, 3, 32).abs().amax(-1, keepdim=True) / 127
+    assert ((r - w).view(40, 3, 32).abs() <= step / 2 * (1 + 1e-5)).all() and not torch.equal(r, w)
+    assert few_rows.q8_0_rounded(torch.randn(4, 80, generator=g)) is None  # not whole blocks
+    assert few_rows.q8_0_rounded(w.double()) is None
+
+    heads = tiny_heads(tiny_model("llama"), num_heads=2)
+    linears = [m for m in heads.modules() if isinstance(m, torch.nn.Linear)]
+    before = [m.weight.clone() for m in linears]
+    monkeypatch.setattr(few_rows, "_ACTIVATIONS", "float32")
+    assert few_rows.round_drafter_weights(heads) == 0
+    assert all(torch.equal(m.weight, b) for m, b in zip(linears, before))
+    monkeypatch.setattr(few_rows, "_ACTIVATIONS", "int8")
+    assert few_rows.round_drafter_weights(heads) == len(linears) > 0
+    assert all(few_rows.pack(m.weight) is not None and not torch.equal(m.weight, b) for m, b in zip(linears, before))

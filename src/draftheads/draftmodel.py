@@ -276,6 +276,10 @@ def load(heads="default", backbone: str | None = None, device: str = "cpu", dtyp
     if heads is not None:
         head_module = load_heads(heads, bb.model).to(device=bb.model.device, dtype=bb.model.dtype)
         head_module.attach(bb.model).eval()
+        if bb.model.device.type == "cpu" and bb.model.dtype == torch.float32:
+            from .few_rows import round_drafter_weights
+
+            round_drafter_weights(head_module)  # int8 activations: their products on the packed kernel too
         calibrated, by_batch, cuts = calibrated_trees(head_module.cfg, bb.model.device, bb.model.dtype)
         if tree is None:  # an explicit tree holds at every batch size
             batch_trees = {int(b): load_tree(t, head_module.cfg.num_heads) for b, t in (by_batch or {}).items()}

@@ -226,6 +226,38 @@ def _tiled(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, out: int) -
     return Packed(words.view(torch.uint8).view(T, K, 8), d, m, out)
 
 
+def q8_0_rounded(w: torch.Tensor) -> torch.Tensor | None:
+    """w [out, in] float32 rounded to Q8_0 values, per block of 32 inputs d * q with q in [-127, 127] and
+    d = max |w| / 127, such that `pack` holds them exactly; None where in is not whole blocks or some block's scale
+    does not survive the round trip (then w stays as it is). Relative error per weight <= 1/254 of its block's
+    largest magnitude."""
+    if w.dim() != 2 or w.dtype != torch.float32 or w.shape[1] % BLOCK or not torch.isfinite(w).all():
+        return None
+    b = _blocks(w.detach())
+    d = b.abs().amax(-1, keepdim=True) / 127
+    q = torch.round(b / torch.where(d > 0, d, 1.0)).clamp_(-127, 127)
+    rounded = (d * q).reshape(w.shape)
+    return rounded if _q8_0(rounded) is not None else None
+
+
+def round_drafter_weights(module: torch.nn.Module) -> int:
+    """Under int8 activations, every nn.Linear weight of a drafter (heads: CPU, float32) that Q8_0 blocks can hold
+    is rounded to them in place, so that its products run on the packed kernel like the backbone's (Medusa's draft
+    and Hydra++'s prefix-layer update cost ~8-17% of a step on the float path). Only the drafts can change, never the
+    output: verification decides. Returns how many weights were rounded (0 under float32 activations)."""
+    if _ACTIVATIONS != "int8":
+        return 0
+    done = 0
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.Linear) and m.weight.device.type == "cpu":
+                rounded = q8_0_rounded(m.weight)
+                if rounded is not None:
+                    m.weight.copy_(rounded)
+                    done += 1
+    return done
+
+
 def q4_1_values(out: int, width: int, generator: torch.Generator, scale: float = 0.01) -> torch.Tensor:
     """A float32 weight [out, width] of Q4_1 values, as a GGUF file's dequantised weights are: per block of
     32, an fp16 scale d and offset m and 4-bit q, the block spanning q = 0..15 as a quantiser's does."""
