@@ -18,6 +18,9 @@ output dword (stop 43) 6.9 and 17.0 ms; scaled per block (stop 46) ~5.4 and ~15.
 (scripts/compare_packed_revisions.py). Each output is one lane's sequence of the same operations whatever the
 row count, so a row's result never depends on the rows beside it; it is not few_rows_linear's, so cpu_matmul
 takes the packed kernel at every row count up to cpu_matmul.packed_rows() (prefills included) or at none.
+Under `activations()` "int8" (the default, defaults.ACTIVATIONS) the same blocks multiply x rounded to 8 bits
+per block of 32 inputs, in integers (`vpmaddubsw`), as llama.cpp's CPU kernels do: 30 layers at one row ~5.6
+-> ~3.3 ms, 8 rows ~17 -> ~9.3, the LM head ~1.1 -> ~0.4 (scripts/compare_activations.py, stop 47).
 
 It is built with torch.utils.cpp_extension (a C++ compiler and ninja; ~25 s on 2 cores, once) with
 -march=native, into torch's extension folder ($TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions) under a name that carries this CPU's model and flags, so

@@ -6,7 +6,8 @@
 //
 // packed_linear takes the weights in a block format (few_rows.pack: Q4_1 or Q8_0 blocks of 32 inputs, as
 // the GGUF files the default model comes from store them), decodes them into exactly the float32 values
-// they were packed from and multiplies: 6 (Q4_1) or 4 (Q8_0) times fewer bytes read.
+// they were packed from and multiplies: 6 (Q4_1) or 4 (Q8_0) times fewer bytes read. packed_linear_q8 (below)
+// multiplies the same blocks by x rounded to 8 bits per block of 32 inputs, in integers, as llama.cpp does.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -259,22 +260,30 @@ static void tiles_pass(const float* xp, const float* xs, const uint8_t* qp, cons
   });
 }
 
-// x [R, K] float32; q uint8 [T, K, 8] (Q4_1, as decode_step reads it) or int8 [T, K, 16] (Q8_0); d, m float32 [T, K / 32, 16] (m:
-// Q4_1 only, else empty); T = ceil(out / 16) tiles; bias [out] or empty -> y [R, out] = x @ w.T (+ bias) for the w
-// they decode to.
-torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d, const torch::Tensor& m,
-                            int64_t out, const torch::Tensor& bias) {
+// The arguments packed_linear and packed_linear_q8 share, checked; whether q is Q4_1 (else Q8_0).
+static bool check_packed(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d, const torch::Tensor& m,
+                         int64_t out, const torch::Tensor& bias) {
   const bool q4 = q.scalar_type() == torch::kByte;
   TORCH_CHECK(q4 || q.scalar_type() == torch::kChar, "q: uint8 (Q4_1) or int8 (Q8_0)");
   TORCH_CHECK(x.dim() == 2 && q.dim() == 3 && d.dim() == 3 && x.scalar_type() == torch::kFloat && d.scalar_type() == torch::kFloat,
               "x [rows, in] float32, q [tiles, in, 8 or 16], d [tiles, in / 32, 16] float32");
-  const int64_t R = x.size(0), K = x.size(1), T = q.size(0);
+  const int64_t K = x.size(1), T = q.size(0);
   TORCH_CHECK(K % BK == 0 && q.size(1) == K && q.size(2) == (q4 ? TILE / 2 : TILE) && d.size(0) == T && d.size(1) == K / BK
               && d.size(2) == TILE, "shapes disagree");
   TORCH_CHECK(!q4 || (m.scalar_type() == torch::kFloat && m.sizes() == d.sizes()), "Q4_1 needs m like d");
   TORCH_CHECK(0 < out && out <= T * TILE && (bias.numel() == 0 || bias.numel() == out), "out: within the tiles; bias: [out]");
   TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && d.is_contiguous() && (!q4 || m.is_contiguous()) && x.device().is_cpu(),
               "contiguous CPU tensors only");
+  return q4;
+}
+
+// x [R, K] float32; q uint8 [T, K, 8] (Q4_1, as decode_step reads it) or int8 [T, K, 16] (Q8_0); d, m float32 [T, K / 32, 16] (m:
+// Q4_1 only, else empty); T = ceil(out / 16) tiles; bias [out] or empty -> y [R, out] = x @ w.T (+ bias) for the w
+// they decode to.
+torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d, const torch::Tensor& m,
+                            int64_t out, const torch::Tensor& bias) {
+  const bool q4 = check_packed(x, q, d, m, out, bias);
+  const int64_t R = x.size(0), K = x.size(1), T = q.size(0);
   auto y = torch::empty({R, T * TILE}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* dp = d.data_ptr<float>();
@@ -428,16 +437,8 @@ static void tiles_pass_q8(const int8_t* xq, const float* dx, const float* xs, co
 // packed_linear's arguments -> y [R, out] with x rounded to 8 bits per block of 32 inputs.
 torch::Tensor packed_linear_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d, const torch::Tensor& m,
                                int64_t out, const torch::Tensor& bias) {
-  const bool q4 = q.scalar_type() == torch::kByte;
-  TORCH_CHECK(q4 || q.scalar_type() == torch::kChar, "q: uint8 (Q4_1) or int8 (Q8_0)");
-  TORCH_CHECK(x.dim() == 2 && q.dim() == 3 && d.dim() == 3 && x.scalar_type() == torch::kFloat && d.scalar_type() == torch::kFloat,
-              "x [rows, in] float32, q [tiles, in, 8 or 16], d [tiles, in / 32, 16] float32");
+  const bool q4 = check_packed(x, q, d, m, out, bias);
   const int64_t R = x.size(0), K = x.size(1), T = q.size(0);
-  TORCH_CHECK(K % BK == 0 && q.size(1) == K && q.size(2) == (q4 ? TILE / 2 : TILE) && d.size(0) == T && d.size(1) == K / BK
-              && d.size(2) == TILE, "shapes disagree");
-  TORCH_CHECK(!q4 || (m.scalar_type() == torch::kFloat && m.sizes() == d.sizes() && m.is_contiguous()), "Q4_1 needs m like d");
-  TORCH_CHECK(0 < out && out <= T * TILE && (bias.numel() == 0 || bias.numel() == out), "out: within the tiles; bias: [out]");
-  TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && d.is_contiguous() && x.device().is_cpu(), "contiguous CPU tensors only");
   auto y = torch::empty({R, T * TILE}, x.options());
   std::vector<int8_t> xq(R * K);
   std::vector<float> dx(R * (K / BK)), xs(R * (K / BK));
