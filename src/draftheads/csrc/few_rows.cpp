@@ -99,7 +99,8 @@ constexpr int TILE = 16, BK = 32, GROUP = 6;  // outputs per tile, inputs per sc
 
 // One input's 16 values of a tile, as floats. Q4_1 holds a block's 32 inputs as 4 groups of 8, each 16 dwords
 // (one an output) of 8 nibbles (nibble s: input 8 g + s), so an input's 16 values are two shifts (of loads) and
-// two masks away; Q8_0 as 8 groups of 4, 16 dwords of 4 bytes (the order packed_linear_q8's byte products take). The callers unroll their k-loops, so k is a constant and each shift an immediate.
+// two masks away; Q8_0 as 8 groups of 4, 16 dwords of 4 bytes (the order packed_linear_q8's byte products take).
+// The callers unroll their k-loops, so k is a constant and each shift an immediate.
 template <bool Q4>
 static inline void decode_step(const uint8_t* q, int k, __m256& w0, __m256& w1) {
   if constexpr (Q4) {
@@ -305,9 +306,9 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& q, cons
   return y;
 }
 
-// packed_linear_q8: the same Q4_1 tiles times x rounded to 8-bit integers per row and block of 32 inputs, as
-// llama.cpp's Q4_1 x Q8_1 dot products on AVX2 do: dx = max |x| / 127 and xq = round(x / dx). A block's 16 x 32
-// products are then exact integer sums (vpmaddubsw: 32 byte products a instruction, where the float path converts
+// packed_linear_q8: the same tiles (Q4_1 or Q8_0) times x rounded to 8-bit integers per row and block of 32 inputs,
+// as llama.cpp's dot products on AVX2 do (Q4_1 x Q8_1, Q8_0 x Q8_0): dx = max |x| / 127 and xq = round(x / dx). A
+// block's 16 x 32 products are then exact integer sums (vpmaddubsw: 32 byte products a instruction, where the float path converts
 // each weight to a float and multiplies 8 a instruction); the block folds in as y += (d dx) * sum (+ m * the block's
 // float sum of x, exact as in packed_linear). Each row's rounding of x is its own and each output lane runs the same
 // operations in the same order whatever the row count, so rows stay independent of the rows beside them; the result
