@@ -166,8 +166,11 @@ def test_activations_flag_sets_the_products_rounding_and_a_bad_setting_is_one_li
     assert main(["generate", "hi", "--backbone", str(bb), "--heads", str(heads), "--max-new-tokens", "2", "--activations",
                  "float32"]) == 0
     assert few_rows.activations() == "float32"
+    from draftheads import cpu_matmul
+
+    assert cpu_matmul._ROUTES  # read for float32 by the run
     few_rows.set_activations("int8")
-    assert few_rows.activations() == "int8"
+    assert few_rows.activations() == "int8" and not cpu_matmul._ROUTES  # the packed-row limit is the other kind's
     with pytest.raises(SystemExit):
         main(["generate", "hi", "--backbone", str(bb), "--activations", "int4"])
     assert "invalid choice: 'int4'" in capsys.readouterr().err

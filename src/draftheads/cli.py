@@ -33,7 +33,7 @@ def add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=defaults.THREADS,
                    help="torch CPU threads (0: torch's default, one per core). On a CPU shared with other jobs, "
                         "fewer threads avoid OpenMP threads spinning against them")
-    p.add_argument("--activations", choices=["int8", "float32"], default=None,
+    p.add_argument("--activations", choices=defaults.ACTIVATION_KINDS, default=None,
                    help="what CPU products of weights in GGUF blocks (the default model's) multiply: x rounded to 8 bits "
                         "per block of 32, as llama.cpp does (faster), or x as it is (exact float32 products). "
                         f"Default: $DRAFTHEADS_ACTIVATIONS, else {defaults.ACTIVATIONS}")

@@ -61,6 +61,7 @@ ADAPT_TREES = True
 # the rows beside it, so speculative output equals plain output; the two modes' outputs differ from each other by
 # that rounding. Process-wide, like the thread count.
 ACTIVATIONS = "int8"
+ACTIVATION_KINDS = ("int8", "float32")
 
 
 def set_threads(threads: int | None) -> None:

@@ -49,7 +49,6 @@ from .errors import UserError
 
 SOURCE = Path(__file__).with_name("csrc") / "few_rows.cpp"
 log = logging.getLogger(__name__)
-ACTIVATION_KINDS = ("int8", "float32")  # defaults.ACTIVATIONS
 
 
 def cpu_info() -> tuple[str, set[str]]:
@@ -205,11 +204,17 @@ def _q4_1(w: torch.Tensor) -> tuple | None:
 def _q8_0(w: torch.Tensor) -> tuple | None:
     """(q [out, in], d [out, in / 32], None) of w's Q8_0 blocks, or None."""
     b = _blocks(w)
-    d = b.abs().amax(-1) / 127  # the block's largest magnitude is 127 d
+    d, q = _q8_0_scales_values(b)
     if not torch.isfinite(d).all():
         return None
-    q = torch.round(b / torch.where(d > 0, d, 1.0)[..., None]).clamp_(-127, 127)
     return (q.reshape(w.shape), d, None) if _exact(b, d, q, None) else None
+
+
+def _q8_0_scales_values(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks b [out, n, 32] -> Q8_0 scales d [out, n] (the block's largest magnitude is 127 d) and the nearest
+    values q [out, n, 32] in [-127, 127]."""
+    d = b.abs().amax(-1) / 127
+    return d, torch.round(b / torch.where(d > 0, d, 1.0)[..., None]).clamp_(-127, 127)
 
 
 def _tiled(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, out: int) -> Packed:
@@ -236,10 +241,8 @@ def q8_0_rounded(w: torch.Tensor) -> torch.Tensor | None:
     largest magnitude."""
     if w.dim() != 2 or w.dtype != torch.float32 or w.shape[1] % BLOCK or not torch.isfinite(w).all():
         return None
-    b = _blocks(w.detach())
-    d = b.abs().amax(-1, keepdim=True) / 127
-    q = torch.round(b / torch.where(d > 0, d, 1.0)).clamp_(-127, 127)
-    rounded = (d * q).reshape(w.shape)
+    d, q = _q8_0_scales_values(_blocks(w.detach()))
+    rounded = (d[..., None] * q).reshape(w.shape)
     return rounded if _q8_0(rounded) is not None else None
 
 
@@ -318,8 +321,8 @@ def rounds_activations(model: torch.nn.Module) -> bool:
 
 
 def _activation_kind(kind: str, source: str) -> str:
-    if kind not in ACTIVATION_KINDS:
-        raise UserError(f"{source} must be one of {', '.join(ACTIVATION_KINDS)}, not {kind!r}")
+    if kind not in defaults.ACTIVATION_KINDS:
+        raise UserError(f"{source} must be one of {', '.join(defaults.ACTIVATION_KINDS)}, not {kind!r}")
     return kind
 
 
@@ -330,7 +333,8 @@ def packed_linear(x: torch.Tensor, p: Packed, b: torch.Tensor | None = None) -> 
     Either way a row's result does not depend on the rows beside it."""
     flat = x.dim() == 2 and x.is_contiguous()  # the lean forward's rows: no reshape either way (~1 us each)
     x2 = x if flat else x.reshape(-1, x.shape[-1]).contiguous()  # [rows, in]
-    kernel = load().packed_linear_q8 if _ACTIVATIONS == "int8" else load().packed_linear
+    module = load()
+    kernel = module.packed_linear_q8 if _ACTIVATIONS == "int8" else module.packed_linear
     y = kernel(x2, p.q, p.d, _EMPTY if p.m is None else p.m, p.out, _EMPTY if b is None else b)  # [rows, out]
     return y if flat else y.reshape(*x.shape[:-1], p.out)
 
