@@ -146,6 +146,10 @@ class LlamaCppEngine:
         lib.llama_backend_init()
         mp = lib.llama_model_default_params()
         mp.n_gpu_layers = 0  # the heads and the loop are on the CPU; so is this build of llama.cpp
+        # ggml's AMX weight buffers (llama.cpp of llama-cpp-python 0.3.36) crash in ggml_backend_amx_mul_mat on an
+        # AMX Xeon (Sapphire Rapids class, stop 48), the default model and tiny test models alike; setup.sh builds
+        # without them, and a build that has them keeps the weights in plain CPU buffers (its AVX-512 kernels)
+        mp.use_extra_bufts = b"AMX_INT8 = 1" not in lib.llama_print_system_info()
         self.model = lib.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
             raise UserError(f"llama.cpp cannot load {path} (is it a GGUF of a model llama.cpp supports?)")
