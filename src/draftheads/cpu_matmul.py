@@ -59,6 +59,7 @@ _PACKED_ROWS: dict[int, int] = {}
 PREFILL_GRID = (64, 128)
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # SmolLM2-135M's q k v o gate up down
 ROW_EXACT_DTYPES = (torch.bfloat16, torch.float16)  # one-row products padded to two: see two_rows
+ROW_EXACT_CHUNK = 32  # and products of more rows run this many at a time: see chunked_rows
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -69,8 +70,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     rows = x.numel() // x.shape[-1]
     if torch.compiler.is_compiling():
         return F.linear(x, w, b)  # Inductor picks its own GEMM for a plain linear
-    if x.is_cpu and rows == 1 and x.dtype in ROW_EXACT_DTYPES:
-        return two_rows(x, w, b)
+    if x.is_cpu and x.dtype in ROW_EXACT_DTYPES and (rows == 1 or rows > ROW_EXACT_CHUNK):
+        return two_rows(x, w, b) if rows == 1 else chunked_rows(x, w, b)
     if not (x.is_cpu and w.dtype == x.dtype == torch.float32):
         return F.linear(x, w, b)
     threads = torch.get_num_threads()
@@ -107,6 +108,18 @@ def two_rows(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) ->
     weights on every thread."""
     x2 = x.reshape(1, x.shape[-1])
     y = F.linear(torch.cat((x2, x2.new_zeros(1, x2.shape[1]))), w, b)[:1]
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def chunked_rows(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear of many rows [..., in] as products of ROW_EXACT_CHUNK rows at a time -> [..., out].
+
+    On a CPU with AMX (Sapphire Rapids class, stop 48) oneDNN's bf16 product switches to another kernel past 32
+    rows, which rounds differently from the 2-32-row one (every shape measured, from SmolLM2's to a 7B's; fp16
+    kept its kernel): a tree or batched pass of 33+ rows would then give rows other than plain steps do. Chunks
+    of 32 keep every row as its two-row product gives it."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.cat([F.linear(c, w, b) for c in x2.split(ROW_EXACT_CHUNK)])
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
