@@ -10,7 +10,7 @@ the same floats (they do when both decode the same weights and sum in the same o
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import statistics
 import subprocess
 import sys
@@ -43,11 +43,17 @@ def files_at(rev: str, names: list[str], into: Path) -> None:
 
 
 def module_at(rev: str, into: Path):
-    """few_rows.py of git revision `rev`, imported from a copy in `into` beside its csrc/ (so it builds its own)."""
-    files_at(rev, ["few_rows.py", "csrc/"], into)
-    spec = importlib.util.spec_from_file_location(f"few_rows_{rev.replace('~', '_')}", into / "few_rows.py")
-    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up there
-    spec.loader.exec_module(module)
+    """few_rows.py of git revision `rev`, imported from a copy in a package under `into`, beside the modules it
+    imports and its csrc/ (so it builds its own)."""
+    package = f"draftheads_{rev.replace('~', '_').replace('^', '_')}"
+    (into / package).mkdir()
+    (into / package / "__init__.py").write_text("")
+    files_at(rev, ["few_rows.py", "defaults.py", "errors.py", "csrc/"], into / package)
+    sys.path.insert(0, str(into))
+    try:
+        module = importlib.import_module(f"{package}.few_rows")
+    finally:
+        sys.path.remove(str(into))
     assert module.load() is not None, f"the kernel of {rev} did not build here"
     return module
 

@@ -357,6 +357,73 @@ static inline __m256i broadcast4(const int8_t* p) {
 // One tile's 16 outputs over all K inputs for G (1 or 2) rounded rows, the outputs held in registers from block to block
 // (folded through memory instead, the load-add-store chain bound one row). q: the tile's first block; xq, dx, xs: row
 // 0's (row r's at r * K, r * KB); y: row 0's 16 outputs (row r's at r * ystride).
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define DRAFTHEADS_VNNI512 1
+#define DRAFTHEADS_Q8_ROWS 4  // rows a tile is read for at once
+// q8_tile on a CPU with AVX-512 VNNI: vpdpbusd adds 4 byte products per int32 lane, 64 per instruction, so a tile's 16
+// outputs sit in one register and a row takes 1 (Q8_0) or 2 (Q4_1) instructions per 4 (8) inputs, where AVX2 takes 3;
+// with 32 registers four rows share each load of the tile. The block sums are the same integers, folded in the same
+// order lane by lane, so the outputs are q8_tile's, bit for bit. vpdpbusd multiplies unsigned by signed bytes: Q4_1's
+// nibbles are the unsigned ones; for Q8_0 x comes as x + 128 (xq ^ 0x80, tiles_pass_q8's caller) and 128 times each
+// output's block weight sum (one more vpdpbusd per 4 inputs, shared by the rows) is taken off.
+template <bool Q4, int G>
+static inline void q8_tile(const uint8_t* q, const int8_t* xq, int64_t K, const float* dx, const float* xs, int64_t KB,
+                           const float* d, const float* m, float* y, int64_t ystride) {
+  const __m512i low = _mm512_set1_epi8(0x0F), one = _mm512_set1_epi8(1);
+  __m512 a[G];
+#pragma GCC unroll 4
+  for (int r = 0; r < G; ++r) a[r] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < KB; ++j, q += BK * (Q4 ? TILE / 2 : TILE), d += TILE, m += Q4 ? TILE : 0) {
+    __m512i s[G];
+#pragma GCC unroll 4
+    for (int r = 0; r < G; ++r) s[r] = _mm512_setzero_si512();
+    const __m512 d0 = _mm512_loadu_ps(d);
+    if constexpr (!Q4) {
+      __m512i sw = _mm512_setzero_si512();
+#pragma GCC unroll 8
+      for (int g = 0; g < 8; ++g) {
+        const __m512i v = _mm512_loadu_si512(q + 64 * g);
+        sw = _mm512_dpbusd_epi32(sw, one, v);
+#pragma GCC unroll 4
+        for (int r = 0; r < G; ++r) {
+          int32_t x4;
+          std::memcpy(&x4, xq + r * K + j * BK + 4 * g, 4);
+          s[r] = _mm512_dpbusd_epi32(s[r], _mm512_set1_epi32(x4), v);
+        }
+      }
+      const __m512i off = _mm512_slli_epi32(sw, 7);
+#pragma GCC unroll 4
+      for (int r = 0; r < G; ++r) {
+        const __m512 sx = _mm512_set1_ps(dx[r * KB + j]);
+        a[r] = _mm512_fmadd_ps(_mm512_mul_ps(d0, sx), _mm512_cvtepi32_ps(_mm512_sub_epi32(s[r], off)), a[r]);
+      }
+    } else {
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {
+        const __m512i v = _mm512_loadu_si512(q + 64 * g);
+        const __m512i e = _mm512_and_si512(v, low), o = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+#pragma GCC unroll 4
+        for (int r = 0; r < G; ++r) {
+          int32_t xe, xo;
+          std::memcpy(&xe, xq + r * K + j * BK + 8 * g, 4);
+          std::memcpy(&xo, xq + r * K + j * BK + 8 * g + 4, 4);
+          s[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s[r], e, _mm512_set1_epi32(xe)), o, _mm512_set1_epi32(xo));
+        }
+      }
+      const __m512 m0 = _mm512_loadu_ps(m);
+#pragma GCC unroll 4
+      for (int r = 0; r < G; ++r) {
+        const __m512 sx = _mm512_set1_ps(dx[r * KB + j]), sm = _mm512_set1_ps(xs[r * KB + j]);
+        a[r] = _mm512_fmadd_ps(m0, sm, _mm512_fmadd_ps(_mm512_mul_ps(d0, sx), _mm512_cvtepi32_ps(s[r]), a[r]));
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < G; ++r) _mm512_storeu_ps(y + r * ystride, a[r]);
+}
+#else
+#define DRAFTHEADS_VNNI512 0
+#define DRAFTHEADS_Q8_ROWS 2
 template <bool Q4, int G>
 static inline void q8_tile(const uint8_t* q, const int8_t* xq, int64_t K, const float* dx, const float* xs, int64_t KB,
                            const float* d, const float* m, float* y, int64_t ystride) {
@@ -420,8 +487,11 @@ static inline void q8_tile(const uint8_t* q, const int8_t* xq, int64_t K, const 
   for (int r = 0; r < G; ++r) _mm256_storeu_ps(y + r * ystride, a[r][0]), _mm256_storeu_ps(y + r * ystride + 8, a[r][1]);
 }
 
-// y [R, T * 16] from the rounded rows: each task's tiles one at a time, for one row or pairs of rows. (Half tiles for
-// four rows at a time, or the block sums folded through memory, ran slower: 30 layers at 8 rows 8.6 -> 10.3 / 11.3 ms.)
+#endif
+
+// y [R, T * 16] from the rounded rows: each task's tiles one at a time, for DRAFTHEADS_Q8_ROWS rows at a time (AVX2:
+// pairs; half tiles for four rows at a time, or the block sums folded through memory, ran slower there: 30 layers at
+// 8 rows 8.6 -> 10.3 / 11.3 ms).
 template <bool Q4>
 static void tiles_pass_q8(const int8_t* xq, const float* dx, const float* xs, const uint8_t* qp, const float* dp,
                           const float* mp, float* yp, int64_t R, int64_t K, int64_t T) {
@@ -430,9 +500,18 @@ static void tiles_pass_q8(const int8_t* xq, const float* dx, const float* xs, co
     for (int64_t t = 2 * p0; t < std::min(T, 2 * p1); ++t) {
       const uint8_t* q = qp + t * K * (Q4 ? TILE / 2 : TILE);
       const float *d = dp + t * KB * TILE, *m = Q4 ? mp + t * KB * TILE : nullptr;
-      for (int64_t r = 0; r < R; r += 2) {
-        if (R - r == 1) q8_tile<Q4, 1>(q, xq + r * K, K, dx + r * KB, xs + r * KB, KB, d, m, yp + r * YO + t * TILE, YO);
-        else q8_tile<Q4, 2>(q, xq + r * K, K, dx + r * KB, xs + r * KB, KB, d, m, yp + r * YO + t * TILE, YO);
+      for (int64_t r = 0; r < R; r += DRAFTHEADS_Q8_ROWS) {
+        const int8_t* x = xq + r * K;
+        const float *sx = dx + r * KB, *sm = xs + r * KB;
+        float* o = yp + r * YO + t * TILE;
+        switch (std::min<int64_t>(R - r, DRAFTHEADS_Q8_ROWS)) {
+          case 1: q8_tile<Q4, 1>(q, x, K, sx, sm, KB, d, m, o, YO); break;
+#if DRAFTHEADS_Q8_ROWS > 2
+          case 2: q8_tile<Q4, 2>(q, x, K, sx, sm, KB, d, m, o, YO); break;
+          case 3: q8_tile<Q4, 3>(q, x, K, sx, sm, KB, d, m, o, YO); break;
+#endif
+          default: q8_tile<Q4, DRAFTHEADS_Q8_ROWS>(q, x, K, sx, sm, KB, d, m, o, YO);
+        }
       }
     }
   });
@@ -449,6 +528,10 @@ torch::Tensor packed_linear_q8(const torch::Tensor& x, const torch::Tensor& q, c
   const float* xp = x.data_ptr<float>();
   for (int64_t r = 0; r < R; ++r)
     (q4 ? quantize_row<true> : quantize_row<false>)(xp + r * K, K, xq.data() + r * K, dx.data() + r * (K / BK), xs.data() + r * (K / BK));
+#if DRAFTHEADS_VNNI512
+  if (!q4)  // x + 128 as unsigned bytes: q8_tile's Q8_0 on AVX-512 VNNI
+    for (auto& v : xq) v = static_cast<int8_t>(static_cast<uint8_t>(v) ^ 0x80);
+#endif
   const uint8_t* qp = static_cast<const uint8_t*>(q.data_ptr());
   if (q4) tiles_pass_q8<true>(xq.data(), dx.data(), xs.data(), qp, d.data_ptr<float>(), m.data_ptr<float>(), y.data_ptr<float>(), R, K, T);
   else tiles_pass_q8<false>(xq.data(), dx.data(), xs.data(), qp, d.data_ptr<float>(), nullptr, y.data_ptr<float>(), R, K, T);
