@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from draftheads.cli import main
 from draftheads.errors import UserError
@@ -52,6 +53,21 @@ def test_in_bf16_the_heads_are_checked_against_our_own_loop(tiny_dirs, tmp_path)
     assert rep["greedy_mismatches"]["count"] == 0, rep["greedy_mismatches"]["items"]
     assert "count" in rep["baseline_rounding_differences"]
     assert "Greedy outputs that differ from our loop, no heads: 0" in (out / "report.md").read_text()
+
+
+def test_a_difference_between_two_roundings_of_the_model_is_not_judged_as_a_tie():
+    """Exactness differences are judged by the top-2 gap against a float tie; transformers' outputs against our
+    int8 / bf16 loop are another rounding of the model, whose gaps are reported without a verdict."""
+    from types import SimpleNamespace
+
+    from draftheads.bench import _explain
+
+    q = SimpleNamespace(qid=1, category="writing")
+    logits = lambda ids: torch.tensor([2.0, 1.5, 0.0])  # noqa: E731  (a top-2 gap of 0.5)
+    judged = _explain(logits, [5], [1, 2], [1, 3], q, 0, "speculative", 1e-3)
+    assert judged["first_difference"] == 1 and judged["top2_logit_gap"] == 0.5
+    assert judged["explanation"] == "NOT a tie: the outputs should agree"
+    assert _explain(logits, [5], [1, 2], [1, 3], q, 0, "loop", None)["explanation"] == "another rounding of the model"
 
 
 def test_bench_user_errors(tiny_dirs, tmp_path, capsys):

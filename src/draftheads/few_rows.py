@@ -83,9 +83,9 @@ def load():
     return build(SOURCE, "the few-row C++ kernel")
 
 
-def build(source: Path, what: str):
-    """`source` (a C++ file of csrc/) compiled for this CPU, or None where it cannot be built; `what` names
-    it in the one-line warning that says why."""
+def build(source: Path, what: str, cflags: tuple[str, ...] = ()):
+    """`source` (a C++ file of csrc/) compiled for this CPU (with `cflags` after -march=native), or None where it
+    cannot be built; `what` names it in the one-line warning that says why."""
     reason = unavailable_reason()
     if reason is None:
         from torch.utils import cpp_extension
@@ -93,7 +93,7 @@ def build(source: Path, what: str):
         model, flags = cpu_info()
         # A changed header, or a source that another includes (decoder_stack.cpp), is another build
         others = [p.read_text() for p in sorted(source.parent.iterdir()) if p.suffix in (".h", ".cpp") and p != source]
-        key = "|".join([source.read_text(), *others, model, " ".join(sorted(flags)), torch.__version__])
+        key = "|".join([source.read_text(), *others, model, " ".join(sorted(flags)), torch.__version__, *cflags])
         name = f"draftheads_{source.stem}_" + hashlib.sha256(key.encode()).hexdigest()[:16]
         path = os.environ.get("PATH")
         torch_log = logging.getLogger(cpp_extension.__name__)
@@ -108,7 +108,7 @@ def build(source: Path, what: str):
             build.mkdir(parents=True, exist_ok=True)
             _drop_stale_lock(build / "lock")
             torch_log.setLevel(logging.ERROR)  # its multi-line compiler warnings; a failure is said below in one line
-            return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=["-O3", "-march=native", "-fopenmp", *cflags],
                                       extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
         except Exception as e:  # no compiler, no ninja, a failed build: the other kernels remain
             lines = str(e).strip().splitlines()

@@ -354,9 +354,9 @@ static inline __m256i broadcast4(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
-// One tile's 16 outputs over all K inputs for G (1 or 2) rounded rows, the outputs held in registers from block to block
-// (folded through memory instead, the load-add-store chain bound one row). q: the tile's first block; xq, dx, xs: row
-// 0's (row r's at r * K, r * KB); y: row 0's 16 outputs (row r's at r * ystride).
+// q8_tile<Q4, G>: one tile's 16 outputs over all K inputs for G rounded rows, the outputs held in registers from block
+// to block (folded through memory instead, the load-add-store chain bound one row). q: the tile's first block; xq, dx,
+// xs: row 0's (row r's at r * K, r * KB); y: row 0's 16 outputs (row r's at r * ystride). Two bodies, the same floats.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define DRAFTHEADS_VNNI512 1
 #define DRAFTHEADS_Q8_ROWS 4  // rows a tile is read for at once
@@ -424,6 +424,7 @@ static inline void q8_tile(const uint8_t* q, const int8_t* xq, int64_t K, const 
 #else
 #define DRAFTHEADS_VNNI512 0
 #define DRAFTHEADS_Q8_ROWS 2
+// q8_tile on AVX2: each output half (8 lanes) its own registers; G 1 or 2.
 template <bool Q4, int G>
 static inline void q8_tile(const uint8_t* q, const int8_t* xq, int64_t K, const float* dx, const float* xs, int64_t KB,
                            const float* d, const float* m, float* y, int64_t ystride) {
