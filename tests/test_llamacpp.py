@@ -139,6 +139,21 @@ def test_generate_cli_on_llamacpp(capsys):
     assert out.out.strip() and "tokens/step" in out.err
 
 
+@needs_engine
+def test_bench_on_llamacpp_checks_the_loop_against_llama_cpps_own_greedy(tmp_path):
+    """`bench --engine llama.cpp` (issue 14's measurement): llama.cpp's own greedy decoding is the baseline and
+    the exactness reference; our loop with and without heads on the same GGUF gives its outputs."""
+    import json
+
+    out = tmp_path / "report"
+    assert main(["bench", "vicuna", "--engine", "llama.cpp", "--limit", "2", "--max-new-tokens", "16", "--methods",
+                 "llamacpp,loop,speculative", "--latency-sizes", "1,2", "--latency-steps", "1", "--threads", "1",
+                 "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["config"]["exactness_reference"] == rep["config"]["baseline"] == "llamacpp"
+    assert rep["greedy_mismatches"]["count"] == 0, rep["greedy_mismatches"]["items"]
+
+
 def test_wrong_paths_and_missing_extra_are_one_line(capsys, monkeypatch, tmp_path):
     # --threads: without it a busy machine adds a one-line note on the thread count.
     assert main(["generate", "hi", "--engine", "llama.cpp", "--backbone", str(tmp_path / "x.gguf"), "--threads", "1"]) == 2

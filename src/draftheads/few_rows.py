@@ -313,9 +313,12 @@ def activations() -> str:
     return _ACTIVATIONS
 
 
-def rounds_activations(model: torch.nn.Module) -> bool:
+def rounds_activations(model) -> bool:
     """Whether our forward of `model` rounds x where transformers' own does not: int8 activations are set and the
-    model's CPU float32 linear weights are GGUF blocks (its first nn.Linear's weight packs)."""
+    model's CPU float32 linear weights are GGUF blocks (its first nn.Linear's weight packs). False for a backbone
+    that is no torch module (a GGUF on llama.cpp, which rounds as llama.cpp does whatever this setting)."""
+    if not isinstance(model, torch.nn.Module):
+        return False
     w = next((m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
     return _ACTIVATIONS == "int8" and w is not None and w.is_contiguous() and packed(w) is not None
 
