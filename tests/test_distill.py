@@ -194,3 +194,26 @@ def test_a_resumed_set_keeps_its_activations_and_an_older_manifest_means_float32
     with pytest.raises(UserError, match=r"dist was distilled with activations='float32', this run has 'int8': use "
                                         r"another output directory, or the same setting$"):
         ShardWriter(d, 2, {**old, "activations": "int8"})
+
+
+def test_requests_queued_after_the_plan_ran_out_are_decoded():
+    """A finished request may queue another (distill: a data-free question, then its answer) after next_request
+    has already returned None: the engine asks again whenever a slot is free, so no follow-up is dropped (they
+    were, and a resumed run dropped the same ones again: 2 of 12 data-free conversations were written)."""
+    from draftheads.acceptance import SamplingConfig
+    from draftheads.train.batch_generate import BatchGenerator, Request
+
+    engine = BatchGenerator(tiny_model(), 3, 32, [], 0)
+    # question 0 and its answer finish while the others are still being written
+    planned = [Request([1, 2, 3 + i], 2 if i == 0 else 12, SamplingConfig(), False, ("question", i)) for i in range(3)]
+    ready, done = [], []
+
+    def next_request():
+        return ready.pop() if ready else planned.pop(0) if planned else None
+
+    for f in engine.run(next_request):
+        kind, i = f.request.tag
+        done.append(f.request.tag)
+        if kind == "question":
+            ready.append(Request(f.request.ids + f.new_ids, 2, SamplingConfig(), False, ("answer", i)))
+    assert sorted(done) == [("answer", i) for i in range(3)] + [("question", i) for i in range(3)]

@@ -96,15 +96,14 @@ class BatchGenerator:
 
     @torch.inference_mode()
     def run(self, next_request: Callable[[], Request | None]) -> Iterator[Finished]:
-        """Decode until `next_request()` returns None and every slot has finished. It is called whenever
-        a slot is free, so the caller may queue new requests (e.g. from a finished one) between yields."""
-        exhausted = False
+        """Decode until every slot has finished and `next_request()` returns None. It is called whenever
+        a slot is free, also after it returned None, so the caller may queue new requests (e.g. from a
+        finished one) between yields."""
         while True:
             for s in range(len(self.slots)):
-                while self.slots[s] is None and not exhausted:
+                while self.slots[s] is None:
                     req = next_request()
                     if req is None:
-                        exhausted = True
                         break
                     self._prefill(s, req)
                     if self.slots[s].done and not self.slots[s].req.keep_hidden:
