@@ -316,11 +316,22 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& q, cons
 // operations in the same order whatever the row count, so rows stay independent of the rows beside them; the result
 // is not packed_linear's (x is rounded to ~2.5 significant digits), which is why it is a setting, not a route.
 
+// Which body of q8_tile (below) this CPU compiles: AVX-512 VNNI reads a tile for 4 rows at once, AVX2 for 2.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define DRAFTHEADS_VNNI512 1
+#define DRAFTHEADS_Q8_ROWS 4
+#else
+#define DRAFTHEADS_VNNI512 0
+#define DRAFTHEADS_Q8_ROWS 2
+#endif
+
 // Row r's blocks of 32 inputs rounded: xq [K] int8 (for Q4_1, per 8 inputs the even then the odd ones, 0 2 4 6 1 3 5 7:
-// the order of a dword's low then high nibbles; for Q8_0 in input order), dx [K / 32] the scales, xs [K / 32] the
-// float sums (Q4_1's offsets).
+// the order of a dword's low then high nibbles; for Q8_0 in input order, and on AVX-512 VNNI as x + 128 in unsigned
+// bytes, the top bit flipped: q8_tile's operand there), dx [K / 32] the scales, xs [K / 32] the float sums (Q4_1's
+// offsets).
 template <bool Q4>
 static void quantize_row(const float* x, int64_t K, int8_t* xq, float* dx, float* xs) {
+  constexpr int32_t flip = !Q4 && DRAFTHEADS_VNNI512 ? 0x80 : 0;
   const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int64_t j = 0; j < K / BK; ++j) {
     const float* v = x + j * BK;
@@ -341,8 +352,8 @@ static void quantize_row(const float* x, int64_t K, int8_t* xq, float* dx, float
     int8_t* o = xq + j * BK;
     for (int g = 0; g < 4; ++g)
       for (int s = 0; s < 4; ++s) {
-        o[8 * g + s] = static_cast<int8_t>(qi[8 * g + (Q4 ? 2 * s : s)]);
-        o[8 * g + 4 + s] = static_cast<int8_t>(qi[8 * g + (Q4 ? 2 * s + 1 : 4 + s)]);
+        o[8 * g + s] = static_cast<int8_t>(qi[8 * g + (Q4 ? 2 * s : s)] ^ flip);
+        o[8 * g + 4 + s] = static_cast<int8_t>(qi[8 * g + (Q4 ? 2 * s + 1 : 4 + s)] ^ flip);
       }
   }
 }
@@ -357,14 +368,12 @@ static inline __m256i broadcast4(const int8_t* p) {
 // q8_tile<Q4, G>: one tile's 16 outputs over all K inputs for G rounded rows, the outputs held in registers from block
 // to block (folded through memory instead, the load-add-store chain bound one row). q: the tile's first block; xq, dx,
 // xs: row 0's (row r's at r * K, r * KB); y: row 0's 16 outputs (row r's at r * ystride). Two bodies, the same floats.
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#define DRAFTHEADS_VNNI512 1
-#define DRAFTHEADS_Q8_ROWS 4  // rows a tile is read for at once
+#if DRAFTHEADS_VNNI512
 // q8_tile on a CPU with AVX-512 VNNI: vpdpbusd adds 4 byte products per int32 lane, 64 per instruction, so a tile's 16
 // outputs sit in one register and a row takes 1 (Q8_0) or 2 (Q4_1) instructions per 4 (8) inputs, where AVX2 takes 3;
 // with 32 registers four rows share each load of the tile. The block sums are the same integers, folded in the same
 // order lane by lane, so the outputs are q8_tile's, bit for bit. vpdpbusd multiplies unsigned by signed bytes: Q4_1's
-// nibbles are the unsigned ones; for Q8_0 x comes as x + 128 (xq ^ 0x80, tiles_pass_q8's caller) and 128 times each
+// nibbles are the unsigned ones; for Q8_0 x comes as x + 128 (quantize_row flips its top bit) and 128 times each
 // output's block weight sum (one more vpdpbusd per 4 inputs, shared by the rows) is taken off.
 template <bool Q4, int G>
 static inline void q8_tile(const uint8_t* q, const int8_t* xq, int64_t K, const float* dx, const float* xs, int64_t KB,
@@ -422,8 +431,6 @@ static inline void q8_tile(const uint8_t* q, const int8_t* xq, int64_t K, const 
   for (int r = 0; r < G; ++r) _mm512_storeu_ps(y + r * ystride, a[r]);
 }
 #else
-#define DRAFTHEADS_VNNI512 0
-#define DRAFTHEADS_Q8_ROWS 2
 // q8_tile on AVX2: each output half (8 lanes) its own registers; G 1 or 2.
 template <bool Q4, int G>
 static inline void q8_tile(const uint8_t* q, const int8_t* xq, int64_t K, const float* dx, const float* xs, int64_t KB,
@@ -529,10 +536,6 @@ torch::Tensor packed_linear_q8(const torch::Tensor& x, const torch::Tensor& q, c
   const float* xp = x.data_ptr<float>();
   for (int64_t r = 0; r < R; ++r)
     (q4 ? quantize_row<true> : quantize_row<false>)(xp + r * K, K, xq.data() + r * K, dx.data() + r * (K / BK), xs.data() + r * (K / BK));
-#if DRAFTHEADS_VNNI512
-  if (!q4)  // x + 128 as unsigned bytes: q8_tile's Q8_0 on AVX-512 VNNI
-    for (auto& v : xq) v = static_cast<int8_t>(static_cast<uint8_t>(v) ^ 0x80);
-#endif
   const uint8_t* qp = static_cast<const uint8_t*>(q.data_ptr());
   if (q4) tiles_pass_q8<true>(xq.data(), dx.data(), xs.data(), qp, d.data_ptr<float>(), m.data_ptr<float>(), y.data_ptr<float>(), R, K, T);
   else tiles_pass_q8<false>(xq.data(), dx.data(), xs.data(), qp, d.data_ptr<float>(), nullptr, y.data_ptr<float>(), R, K, T);
