@@ -334,6 +334,24 @@ def test_int8_products_are_the_same_floats_on_avx512_vnni_as_on_avx2():
             assert torch.equal(few_rows.load().packed_linear_q8(*args), avx2.packed_linear_q8(*args)), (fmt, rows)
 
 
+@needs_kernel
+@pytest.mark.skipif(not {"amx_int8", "amx_tile", "avx512_vnni"} <= few_rows.cpu_info()[1], reason="no AMX on this CPU")
+def test_int8_products_are_the_same_floats_on_amx_tiles_as_on_vnni():
+    """On a CPU with AMX, passes of 4+ rows take its tiles (csrc/few_rows.cpp, tiles_pass_amx): the same integer
+    block sums and fold as the VNNI body, so the same floats. Here the kernel is also built without AMX and both
+    run 1-40 rows (16-row tiles: full, partial, and a second and third tile), both formats."""
+    vnni = few_rows.build(few_rows.SOURCE, "the VNNI body", ("-mno-amx-int8", "-mno-amx-tile"))
+    assert vnni is not None
+    g = torch.Generator().manual_seed(9)
+    for fmt in ("q4_1", "q8_0"):
+        w = (few_rows.q4_1_values if fmt == "q4_1" else _q8_0_values)(301, 576, g)
+        p = few_rows.pack(w)
+        x, b = torch.randn(40, 576, generator=g), torch.randn(301, generator=g)
+        for rows in (*range(1, 19), 31, 32, 33, 40):
+            args = (x[:rows], p.q, p.d, few_rows._EMPTY if p.m is None else p.m, p.out, b)
+            assert torch.equal(few_rows.load().packed_linear_q8(*args), vnni.packed_linear_q8(*args)), (fmt, rows)
+
+
 def test_packed_weights_are_kept_while_the_weight_is_unchanged():
     g = torch.Generator().manual_seed(6)
     w, other = few_rows.q4_1_values(8, 64, g), torch.randn(8, 64, generator=g)

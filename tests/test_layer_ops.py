@@ -104,6 +104,27 @@ def test_attention_computes_each_row_as_it_would_alone(threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("q", [1, 3])
+def test_attention_reads_no_column_past_a_rows_limit(q):
+    """A batch of sequences of different lengths: row b's mask hides every column past its own, so with limits
+    attention neither reads them (NaN there stays out of the output) nor changes a float of the result."""
+    b, heads, kv_heads, d, keys = 4, 9, 3, 64, 150
+    lengths = [150, 7, 64, 93]  # columns each sequence owns, its q new ones included
+    g = torch.Generator().manual_seed(q)
+    queries = torch.randn(b, q, heads, d, generator=g)
+    k, v = torch.randn(2, b, kv_heads, keys, d, generator=g)
+    mask = torch.zeros(b, 1, q, keys)
+    for r, n in enumerate(lengths):
+        mask[r, :, :, n - q:n] = torch.full((q, q), MIN).triu(1)
+        mask[r, :, :, n:] = MIN
+    full = layer_ops.attention(queries, k, v, mask, 0.125)  # [b, q, heads * d]
+    for r, n in enumerate(lengths):
+        k[r, :, n:], v[r, :, n:] = float("nan"), float("nan")  # what a slot holds past its length is never read
+    limited = layer_ops.attention(queries, k, v, mask, 0.125, lengths)
+    assert torch.equal(limited, full)
+    assert layer_ops.attention(queries, k, v, mask, 0.125).isnan().any()  # without limits the NaN columns are read
+
+
 @pytest.mark.parametrize("prefix", [29, 32])
 def test_attention_gives_a_tree_node_what_a_plain_step_over_its_path_computes(prefix):
     """A branching tree's node sees its ancestors at their own columns with masked siblings between; a plain

@@ -58,7 +58,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-              scale: float) -> torch.Tensor:
+              scale: float, limits: list[int] | None = None) -> torch.Tensor:
     """q [b, q, heads, d], keys/values [b, kv_heads, keys, d], mask additive [1 or b, 1, q, keys] or None
-    -> [b, q, heads * d]: SDPA with enable_gqa, one query row at a time."""
-    return load().attention(q, keys, values, EMPTY if mask is None else mask, scale)
+    -> [b, q, heads * d]: SDPA with enable_gqa, one query row at a time. limits [b] (with a mask): batch row
+    r's mask hides every column from limits[r] on, which are then not read (the same floats)."""
+    return load().attention(q, keys, values, EMPTY if mask is None else mask, scale, limits or [])

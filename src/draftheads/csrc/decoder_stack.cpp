@@ -75,6 +75,10 @@ class DecoderStack {
     TORCH_CHECK(padded ? (rows.dim() == 1 && rows.numel() == R && rows.scalar_type() == torch::kLong && R <= B * Q) : R == B * Q,
                 "rows: [R] int64 places of x's rows among B x Q, or empty for all of them");
     for (int64_t b = 0; b < B; ++b) TORCH_CHECK(starts[b] >= 0 && starts[b] + Q <= end, "sequence ", b, ": its entries past end");
+    // sequence b sees its own columns only, [0, starts[b] + Q): attention skips the rest where a mask hides them
+    std::vector<int64_t> limits;
+    if (mask.numel() > 0)
+      for (int64_t b = 0; b < B; ++b) limits.push_back(starts[b] + Q);
     torch::Tensor delta = EMPTY_;
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer& l = layers_[i];
@@ -92,7 +96,7 @@ class DecoderStack {
         v[b].narrow(1, starts[b], Q).copy_(all[b].narrow(1, (H + KVH) * D, KVH * D).view({Q, KVH, D}).transpose(0, 1));
       }
       torch::Tensor o = attention(all.narrow(2, 0, H * D).view({B, Q, H, D}), k.narrow(2, 0, end), v.narrow(2, 0, end),
-                                  mask, scale_).view({B * Q, H * D});
+                                  mask, scale_, limits).view({B * Q, H * D});
       if (padded) o = o.index_select(0, rows);  // [R, H D]
       h = add_rms_norm(x, l.o(o, int8), l.post_norm, l.post_eps);
       torch::Tensor gate_up = l.gate_up(h, int8);  // [R, 2 I]

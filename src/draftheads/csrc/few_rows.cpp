@@ -324,14 +324,21 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& q, cons
 #define DRAFTHEADS_VNNI512 0
 #define DRAFTHEADS_Q8_ROWS 2
 #endif
+// And where the CPU has AMX tiles (Intel Xeon since Sapphire Rapids), passes of enough rows take them
+// (tiles_pass_amx, below): the same integer block sums, the same fold, so again the same floats.
+#if DRAFTHEADS_VNNI512 && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define DRAFTHEADS_AMX 1
+#else
+#define DRAFTHEADS_AMX 0
+#endif
 
 // Row r's blocks of 32 inputs rounded: xq [K] int8 (for Q4_1, per 8 inputs the even then the odd ones, 0 2 4 6 1 3 5 7:
 // the order of a dword's low then high nibbles; for Q8_0 in input order, and on AVX-512 VNNI as x + 128 in unsigned
-// bytes, the top bit flipped: q8_tile's operand there), dx [K / 32] the scales, xs [K / 32] the float sums (Q4_1's
-// offsets).
+// bytes, the top bit flipped where `unsigned_q8`: q8_tile's operand there), dx [K / 32] the scales, xs [K / 32] the float
+// sums (Q4_1's offsets).
 template <bool Q4>
-static void quantize_row(const float* x, int64_t K, int8_t* xq, float* dx, float* xs) {
-  constexpr int32_t flip = !Q4 && DRAFTHEADS_VNNI512 ? 0x80 : 0;
+static void quantize_row(const float* x, int64_t K, int8_t* xq, float* dx, float* xs, bool unsigned_q8) {
+  const int32_t flip = !Q4 && unsigned_q8 ? 0x80 : 0;
   const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int64_t j = 0; j < K / BK; ++j) {
     const float* v = x + j * BK;
@@ -525,20 +532,172 @@ static void tiles_pass_q8(const int8_t* xq, const float* dx, const float* xs, co
   });
 }
 
+#if DRAFTHEADS_AMX
+// tiles_pass_amx: tiles_pass_q8's products on AMX. One tdpbssd (Q8_0: signed x signed bytes) or tdpbsud (Q4_1: signed x
+// unsigned nibbles) gives a block of 32 inputs' int32 sums for 16 rows x 16 outputs at once, where the VNNI body takes 8
+// (16) vpdpbusd per row; the sums are the same integers, folded into the outputs with the same float operations in the
+// same order, so each output is q8_tile's, bit for bit. The fold (a load, a conversion and one or two multiply-adds per
+// row and block) is what remains per row. Tile state is requested from Linux once per process, configured per task and
+// released after it (oneDNN's AMX kernels configure their own).
+#include <sys/syscall.h>
+#include <unistd.h>
+
+constexpr int AMX_ROWS = 16;  // rows of x a tile holds
+// Fewer rows take the VNNI body: below them AMX did not beat it (docs/verify_profile.md, "AMX"); Q4_1's nibbles are
+// unpacked for the tiles first, which a few rows do not repay.
+constexpr int64_t AMX_MIN_ROWS_Q8_0 = 4, AMX_MIN_ROWS_Q4_1 = 16;
+
+// Whether Linux lets this process use AMX's tile data (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), asked once.
+static bool amx_permitted() {
+  static const bool permitted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return permitted;
+}
+
+// Palette 1: tmm0, tmm1 a block's int32 sums, 16 rows x 16 outputs (two blocks in flight); tmm2, tmm3 16 rows' 32 bytes
+// of x; tmm4, tmm5 the block's weights, 8 rows of 4 inputs x 16 outputs (the packed Q8_0 block's own layout).
+static void amx_configure() {
+  struct alignas(64) {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } config{};
+  config.palette = 1;
+  for (int t = 0; t < 6; ++t) config.rows[t] = t < 4 ? AMX_ROWS : BK / 4, config.colsb[t] = t == 2 || t == 3 ? BK : 64;
+  _tile_loadconfig(&config);
+}
+
+// Q4_1: a tile's nibbles as bytes in the B layout, per block 8 rows of 64 bytes: per 8 inputs the low nibbles (inputs
+// 0 2 4 6) then the high ones (1 3 5 7), the order quantize_row gives x. q [K / 8][64] -> out [K / 8][2][64].
+static inline void unpack_nibbles(const uint8_t* q, int64_t K, uint8_t* out) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int64_t i = 0; i < K / 8; ++i) {
+    const __m512i v = _mm512_loadu_si512(q + 64 * i);
+    _mm512_storeu_si512(out + 128 * i, _mm512_and_si512(v, low));
+    _mm512_storeu_si512(out + 128 * i + 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+  }
+}
+
+// Block j's sums for the 16 rows at x (row stride K) into tmm C (0 or 1), weights w [8][64]. Tile numbers are
+// immediates, hence a macro.
+#define DRAFTHEADS_AMX_BLOCK(C, A, B, Q4, x, K, w) \
+  do {                                             \
+    _tile_zero(C);                                 \
+    _tile_loadd(A, x, K);                          \
+    _tile_loadd(B, w, 64);                         \
+    if constexpr (Q4) _tile_dpbsud(C, A, B);       \
+    else _tile_dpbssd(C, A, B);                    \
+  } while (0)
+
+// Row r's fold of a block, q8_tile's operations: y += (d dx) * sum, then (Q4_1) y += m * the block's float sum of x.
+#define AMX_FOLD_ROW(r)                                                                                          \
+  if constexpr (G > r) {                                                                                         \
+    const __m512 sum = _mm512_cvtepi32_ps(_mm512_load_si512(s + r * TILE));                                     \
+    a##r = _mm512_fmadd_ps(_mm512_mul_ps(d0, _mm512_set1_ps(sxj[r])), sum, a##r);                               \
+    if constexpr (Q4) a##r = _mm512_fmadd_ps(m0, _mm512_set1_ps(smj[r]), a##r);                                 \
+  }
+#define AMX_STORE_ROW(r) \
+  if constexpr (G > r) if (r < rows) _mm512_storeu_ps(y + r * ystride, a##r);
+
+// One tile's 16 outputs for the G (of 16 loaded) rows at xq: w the tile's blocks in B layout (512 bytes each); sx, sm
+// [KB][16] the rows' scales and float sums per block (transposed, so one pointer walks them). Block j + 1's product
+// runs and block j's sums are stored while block j - 1 folds (read at once after the store, the loads waited for it).
+// The accumulators are named registers: in an array, the tile instructions' memory clobber kept them on the stack
+// (30 layers at 48 rows 23.0 -> 19.3 ms).
+template <bool Q4, int G>
+static inline void amx_tile(const uint8_t* w, const int8_t* xq, int64_t K, const float* sx, const float* sm, int64_t KB,
+                            const float* d, const float* m, float* y, int64_t ystride, int64_t rows) {
+  alignas(64) int32_t sums[2][AMX_ROWS * TILE];
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0,
+         a10 = a0, a11 = a0, a12 = a0, a13 = a0, a14 = a0, a15 = a0;
+  DRAFTHEADS_AMX_BLOCK(0, 2, 4, Q4, xq, K, w);
+  for (int64_t j = 0; j <= KB; ++j) {
+    if (j < KB) {
+      if (j % 2 == 0) {
+        if (j + 1 < KB) DRAFTHEADS_AMX_BLOCK(1, 3, 5, Q4, xq + (j + 1) * BK, K, w + (j + 1) * 512);
+        _tile_stored(0, sums[0], 64);
+      } else {
+        if (j + 1 < KB) DRAFTHEADS_AMX_BLOCK(0, 2, 4, Q4, xq + (j + 1) * BK, K, w + (j + 1) * 512);
+        _tile_stored(1, sums[1], 64);
+      }
+    }
+    if (j > 0) {  // block j - 1's fold
+      const int64_t i = j - 1;
+      const int32_t* s = sums[i % 2];
+      const float *sxj = sx + i * AMX_ROWS, *smj = sm + i * AMX_ROWS;
+      const __m512 d0 = _mm512_loadu_ps(d + i * TILE);
+      const __m512 m0 = Q4 ? _mm512_loadu_ps(m + i * TILE) : d0;
+      AMX_FOLD_ROW(0) AMX_FOLD_ROW(1) AMX_FOLD_ROW(2) AMX_FOLD_ROW(3) AMX_FOLD_ROW(4) AMX_FOLD_ROW(5)
+      AMX_FOLD_ROW(6) AMX_FOLD_ROW(7) AMX_FOLD_ROW(8) AMX_FOLD_ROW(9) AMX_FOLD_ROW(10) AMX_FOLD_ROW(11)
+      AMX_FOLD_ROW(12) AMX_FOLD_ROW(13) AMX_FOLD_ROW(14) AMX_FOLD_ROW(15)
+    }
+  }
+  AMX_STORE_ROW(0) AMX_STORE_ROW(1) AMX_STORE_ROW(2) AMX_STORE_ROW(3) AMX_STORE_ROW(4) AMX_STORE_ROW(5)
+  AMX_STORE_ROW(6) AMX_STORE_ROW(7) AMX_STORE_ROW(8) AMX_STORE_ROW(9) AMX_STORE_ROW(10) AMX_STORE_ROW(11)
+  AMX_STORE_ROW(12) AMX_STORE_ROW(13) AMX_STORE_ROW(14) AMX_STORE_ROW(15)
+}
+
+// tiles_pass_q8 on AMX: xq [ceil(R / 16) * 16, K] signed bytes (padding rows zero), per task a tile at a time for 16 rows
+// at a time.
+template <bool Q4>
+static void tiles_pass_amx(const int8_t* xq, const float* dx, const float* xs, const uint8_t* qp, const float* dp,
+                           const float* mp, float* yp, int64_t R, int64_t K, int64_t T) {
+  const int64_t KB = K / BK, YO = T * TILE, groups = (R + AMX_ROWS - 1) / AMX_ROWS;
+  // per group of 16 rows, per block: the 16 rows' scales (and sums) side by side
+  std::vector<float> sxt(groups * KB * AMX_ROWS, 0.0f), smt(groups * KB * AMX_ROWS, 0.0f);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < KB; ++j) {
+      const int64_t at = (r / AMX_ROWS * KB + j) * AMX_ROWS + r % AMX_ROWS;
+      sxt[at] = dx[r * KB + j], smt[at] = xs[r * KB + j];
+    }
+  at::parallel_for(0, (T + 1) / 2, 1, [&](int64_t p0, int64_t p1) {
+    amx_configure();
+    std::vector<uint8_t> nibbles(Q4 ? K * TILE : 0);
+    for (int64_t t = 2 * p0; t < std::min(T, 2 * p1); ++t) {
+      const uint8_t* q = qp + t * K * (Q4 ? TILE / 2 : TILE);
+      if constexpr (Q4) unpack_nibbles(q, K, nibbles.data()), q = nibbles.data();
+      const float *d = dp + t * KB * TILE, *m = Q4 ? mp + t * KB * TILE : nullptr;
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t rows = std::min<int64_t>(AMX_ROWS, R - g * AMX_ROWS);
+        const int8_t* x = xq + g * AMX_ROWS * K;
+        const float *sx = sxt.data() + g * KB * AMX_ROWS, *sm = smt.data() + g * KB * AMX_ROWS;
+        float* o = yp + g * AMX_ROWS * YO + t * TILE;
+        if (rows <= 4) amx_tile<Q4, 4>(q, x, K, sx, sm, KB, d, m, o, YO, rows);
+        else if (rows <= 8) amx_tile<Q4, 8>(q, x, K, sx, sm, KB, d, m, o, YO, rows);
+        else if (rows <= 12) amx_tile<Q4, 12>(q, x, K, sx, sm, KB, d, m, o, YO, rows);
+        else amx_tile<Q4, 16>(q, x, K, sx, sm, KB, d, m, o, YO, rows);
+      }
+    }
+    _tile_release();
+  });
+}
+#else
+constexpr int AMX_ROWS = 16;
+constexpr int64_t AMX_MIN_ROWS_Q8_0 = 0, AMX_MIN_ROWS_Q4_1 = 0;
+static bool amx_permitted() { return false; }
+template <bool Q4>
+static void tiles_pass_amx(const int8_t*, const float*, const float*, const uint8_t*, const float*, const float*, float*,
+                           int64_t, int64_t, int64_t) {}
+#endif
+
 // packed_linear's arguments -> y [R, out] with x rounded to 8 bits per block of 32 inputs.
 torch::Tensor packed_linear_q8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d, const torch::Tensor& m,
                                int64_t out, const torch::Tensor& bias) {
   const bool q4 = check_packed(x, q, d, m, out, bias);
   const int64_t R = x.size(0), K = x.size(1), T = q.size(0);
   auto y = torch::empty({R, T * TILE}, x.options());
-  std::vector<int8_t> xq(R * K);
-  std::vector<float> dx(R * (K / BK)), xs(R * (K / BK));
+  const bool amx = DRAFTHEADS_AMX && R >= (q4 ? AMX_MIN_ROWS_Q4_1 : AMX_MIN_ROWS_Q8_0) && amx_permitted();
+  // AMX loads 16 rows a tile: the rounded rows (and their scales, which the fold reads) padded with zeros to a multiple of 16
+  const int64_t padded = amx ? (R + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS : R;
+  std::vector<int8_t> xq(padded * K, 0);
+  std::vector<float> dx(padded * (K / BK), 0.0f), xs(padded * (K / BK), 0.0f);
   const float* xp = x.data_ptr<float>();
   for (int64_t r = 0; r < R; ++r)
-    (q4 ? quantize_row<true> : quantize_row<false>)(xp + r * K, K, xq.data() + r * K, dx.data() + r * (K / BK), xs.data() + r * (K / BK));
+    (q4 ? quantize_row<true> : quantize_row<false>)(xp + r * K, K, xq.data() + r * K, dx.data() + r * (K / BK), xs.data() + r * (K / BK),
+                                                    DRAFTHEADS_VNNI512 && !amx);
   const uint8_t* qp = static_cast<const uint8_t*>(q.data_ptr());
-  if (q4) tiles_pass_q8<true>(xq.data(), dx.data(), xs.data(), qp, d.data_ptr<float>(), m.data_ptr<float>(), y.data_ptr<float>(), R, K, T);
-  else tiles_pass_q8<false>(xq.data(), dx.data(), xs.data(), qp, d.data_ptr<float>(), nullptr, y.data_ptr<float>(), R, K, T);
+  const float* mp = q4 ? m.data_ptr<float>() : nullptr;
+  if (amx) (q4 ? tiles_pass_amx<true> : tiles_pass_amx<false>)(xq.data(), dx.data(), xs.data(), qp, d.data_ptr<float>(), mp, y.data_ptr<float>(), R, K, T);
+  else (q4 ? tiles_pass_q8<true> : tiles_pass_q8<false>)(xq.data(), dx.data(), xs.data(), qp, d.data_ptr<float>(), mp, y.data_ptr<float>(), R, K, T);
   if (y.size(1) != out) y = y.narrow(1, 0, out).contiguous();
   if (bias.numel() > 0) y.add_(bias);
   return y;

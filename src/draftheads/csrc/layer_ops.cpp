@@ -174,7 +174,11 @@ constexpr int64_t VALUE_BLOCK = 64;
 
 // softmax(q k^T * scale + mask) v for q [B, Q, H, D], k, v [B, KVH, L, D] (query head h reads kv head
 // h / (H / KVH)), mask [1 or B, 1, Q, L] additive or empty; every last dim contiguous. -> [B, Q, H * D].
-torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask, double scale) {
+// limits [B] or empty: batch row b's queries see no column at or past limits[b] (its mask hides them), so those
+// are neither read nor summed: each would add an exact zero (exp of the mask's minimum), so the floats are the
+// same, and a batch of sequences of different lengths reads each one's own keys, not the longest one's.
+torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask, double scale,
+                        const std::vector<int64_t>& limits = {}) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(), "q [B, Q, H, D], k and v [B, KVH, L, D]");
   for (const auto* t : {&q, &k, &v})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 && t->stride(3) == 1,
@@ -182,6 +186,8 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch
   const int64_t B = q.size(0), Q = q.size(1), H = q.size(2), D = q.size(3), KVH = k.size(1), L = k.size(2);
   TORCH_CHECK(k.size(0) == B && k.size(3) == D && KVH > 0 && H % KVH == 0 && D % 8 == 0 && L > 0, "shapes");
   const bool masked = mask.numel() > 0;
+  TORCH_CHECK(limits.empty() || (masked && static_cast<int64_t>(limits.size()) == B), "limits: one per batch row, with a mask");
+  for (int64_t lim : limits) TORCH_CHECK(lim > 0, "limits: at least one column each");
   if (masked)
     TORCH_CHECK(mask.dim() == 4 && (mask.size(0) == 1 || mask.size(0) == B) && mask.size(2) == Q && mask.size(3) == L &&
                 mask.stride(3) == 1 && mask.scalar_type() == torch::kFloat32, "mask: [1 or B, 1, Q, L] float32");
@@ -207,6 +213,7 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch
       const int64_t b = t / (KVH * parts), kh = (t / parts) % KVH, s0 = t % parts * per;
       const int64_t n = std::min(S, s0 + per) - s0;
       if (n <= 0) continue;
+      const int64_t Lb = limits.empty() ? L : std::min(L, limits[b]), Lbp = (Lb + 7) / 8 * 8;
       const float* kb = kp + b * k.stride(0) + kh * k.stride(1);
       const float* vb = vp + b * v.stride(0) + kh * v.stride(1);
       for (int64_t x = 0; x < n; ++x) {
@@ -216,11 +223,11 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch
         os[x] = op + ((b * Q + i) * H + h) * D;
       }
       int64_t j = 0;
-      for (; j + 4 <= L; j += 4) {
+      for (; j + 4 <= Lb; j += 4) {
         const float* ks[4] = {kb + j * k.stride(2), kb + (j + 1) * k.stride(2), kb + (j + 2) * k.stride(2), kb + (j + 3) * k.stride(2)};
         for (int64_t x = 0; x < n; ++x) dots<4>(qs[x], ks, s.data() + x * Lp + j, D);
       }
-      for (; j < L; ++j) {
+      for (; j < Lb; ++j) {
         const float* ks[1] = {kb + j * k.stride(2)};
         for (int64_t x = 0; x < n; ++x) dots<1>(qs[x], ks, s.data() + x * Lp + j, D);
       }
@@ -228,21 +235,21 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch
         float* sx = s.data() + x * Lp;
         const float* m = ms[x];
         float mx = -INFINITY;
-        for (j = 0; j < L; ++j) {
+        for (j = 0; j < Lb; ++j) {
           sx[j] = sx[j] * sc + (m ? m[j] : 0.0f);
           mx = std::max(mx, sx[j]);
         }
-        for (j = L; j < Lp; ++j) sx[j] = -INFINITY;  // padding to whole vectors: weight 0
+        for (j = Lb; j < Lbp; ++j) sx[j] = -INFINITY;  // padding to whole vectors: weight 0
         const __m256 mv = _mm256_set1_ps(mx);
-        for (j = 0; j < Lp; j += 8) _mm256_storeu_ps(sx + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(sx + j), mv)));
+        for (j = 0; j < Lbp; j += 8) _mm256_storeu_ps(sx + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(sx + j), mv)));
       }
       for (int64_t d = 0; d < D; d += 64) {
         const int C = static_cast<int>(std::min<int64_t>(8, (D - d) / 8));
         std::fill(acc.begin(), acc.end(), 0.0f);
         std::fill(total.begin(), total.end(), 0.0f);
-        for (int64_t j0 = 0; j0 < L; j0 += VALUE_BLOCK)
+        for (int64_t j0 = 0; j0 < Lb; j0 += VALUE_BLOCK)
           for (int64_t x = 0; x < n; ++x)
-            weighted_sum(C, s.data() + x * Lp, vb + d, v.stride(2), j0, std::min(L, j0 + VALUE_BLOCK), acc.data() + x * 64, total[x]);
+            weighted_sum(C, s.data() + x * Lp, vb + d, v.stride(2), j0, std::min(Lb, j0 + VALUE_BLOCK), acc.data() + x * 64, total[x]);
         for (int64_t x = 0; x < n; ++x) {
           const __m256 inv = _mm256_set1_ps(1.0f / total[x]);
           for (int c = 0; c < C; ++c)
@@ -259,6 +266,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "x += d in place (d may be empty), then RMSNorm(x) (float32 rows)");
   m.def("rope_", &rope_, "rotary embedding in place on a row's first heads (float32)");
   m.def("silu_mul", &silu_mul, "SiLU(gate) * up (float32 rows)");
-  m.def("attention", &attention, "attention over a cache with an additive mask, one row at a time (float32)");
+  m.def("attention", &attention, "attention over a cache with an additive mask, one row at a time (float32)", pybind11::arg("q"),
+        pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("mask"), pybind11::arg("scale"),
+        pybind11::arg("limits") = std::vector<int64_t>{});
 }
 #endif
