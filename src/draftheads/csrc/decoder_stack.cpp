@@ -91,10 +91,7 @@ class DecoderStack {
       rope_(qkv, cos, sin, H + KVH);
       if (padded) qkv = torch::zeros({B * Q, W}, qkv.options()).index_copy_(0, rows, qkv);  // [B * Q, W]
       const torch::Tensor all = qkv.view({B, Q, W});
-      for (int64_t b = 0; b < B; ++b) {
-        k[b].narrow(1, starts[b], Q).copy_(all[b].narrow(1, H * D, KVH * D).view({Q, KVH, D}).transpose(0, 1));
-        v[b].narrow(1, starts[b], Q).copy_(all[b].narrow(1, (H + KVH) * D, KVH * D).view({Q, KVH, D}).transpose(0, 1));
-      }
+      write_cache(all, k, v, starts);
       torch::Tensor o = attention(all.narrow(2, 0, H * D).view({B, Q, H, D}), k.narrow(2, 0, end), v.narrow(2, 0, end),
                                   mask, scale_, limits).view({B * Q, H * D});
       if (padded) o = o.index_select(0, rows);  // [R, H D]
@@ -107,6 +104,23 @@ class DecoderStack {
   }
 
  private:
+  // Sequence b's Q new keys and values (all [B, Q, W]: q, then k, then v per row) into k, v [B, KVH, capacity, D] at
+  // columns starts[b]..: a row copy per kv head (as torch copy_ per sequence, 2 B calls a layer, they were ~15% of a
+  // 48-sequence pass, one thread copying while the other waited).
+  void write_cache(const torch::Tensor& all, const torch::Tensor& k, const torch::Tensor& v, const std::vector<int64_t>& starts) const {
+    const int64_t B = all.size(0), Q = all.size(1), W = all.size(2), H = heads_, KVH = kv_heads_, D = head_dim_;
+    TORCH_CHECK(all.is_contiguous() && k.stride(3) == 1 && v.stride(3) == 1, "contiguous rows");
+    const float* src = all.data_ptr<float>();
+    float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < Q; ++i)
+        for (int64_t h = 0; h < KVH; ++h) {
+          const float* row = src + (b * Q + i) * W + (H + h) * D;
+          std::memcpy(kp + b * k.stride(0) + h * k.stride(1) + (starts[b] + i) * k.stride(2), row, D * sizeof(float));
+          std::memcpy(vp + b * v.stride(0) + h * v.stride(1) + (starts[b] + i) * v.stride(2), row + KVH * D, D * sizeof(float));
+        }
+  }
+
   std::vector<Layer> layers_;
   torch::Tensor final_norm_;
   double final_eps_;

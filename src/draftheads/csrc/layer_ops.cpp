@@ -9,7 +9,9 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <numeric>
 #include <cstdint>
 #include <vector>
 
@@ -204,13 +206,20 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch
   const int64_t S = Q * G, units = B * KVH;
   const int64_t parts = std::min<int64_t>(S, std::max<int64_t>(1, (2 * at::get_num_threads() + units - 1) / units));
   const int64_t per = (S + parts - 1) / parts;
-  const int64_t grain = std::max<int64_t>(1, 512 / (L * per));
-  at::parallel_for(0, units * parts, grain, [&](int64_t t0, int64_t t1) {
+  const int64_t grain = std::max<int64_t>(1, 512 / (L * per)), tasks = units * parts;
+  // Each thread takes the next task when it is done with one (batch rows of different lengths cost differently:
+  // halves of the list fixed in advance left one thread waiting), the longest rows first.
+  std::vector<int64_t> order(B);
+  std::iota(order.begin(), order.end(), 0);
+  if (!limits.empty()) std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return limits[x] > limits[y]; });
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), (tasks + grain - 1) / grain);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<float> s(per * Lp), acc(per * 64), total(per);
     std::vector<const float*> qs(per), ms(per);
     std::vector<float*> os(per);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / (KVH * parts), kh = (t / parts) % KVH, s0 = t % parts * per;
+    for (int64_t t = next++; t < tasks; t = next++) {
+      const int64_t b = order[t / (KVH * parts)], kh = (t / parts) % KVH, s0 = t % parts * per;
       const int64_t n = std::min(S, s0 + per) - s0;
       if (n <= 0) continue;
       const int64_t Lb = limits.empty() ? L : std::min(L, limits[b]), Lbp = (Lb + 7) / 8 * 8;
