@@ -316,40 +316,39 @@ def test_packed_kernel_rounds_no_worse_than_float32_allows(fmt, activations, mon
     assert err.max() < 8 * torch.finfo(torch.float32).eps, err.max()
 
 
+def _same_int8_floats(other, rows: tuple[int, ...], seed: int) -> None:
+    """packed_linear_q8 of this build and of `other` (the kernel built with another body) give the same floats
+    for each row count in `rows`, both formats."""
+    assert other is not None
+    g = torch.Generator().manual_seed(seed)
+    for fmt in ("q4_1", "q8_0"):
+        w = (few_rows.q4_1_values if fmt == "q4_1" else _q8_0_values)(301, 576, g)
+        p = few_rows.pack(w)
+        x, b = torch.randn(max(rows), 576, generator=g), torch.randn(301, generator=g)
+        for n in rows:
+            args = (x[:n], p.q, p.d, few_rows._EMPTY if p.m is None else p.m, p.out, b)
+            assert torch.equal(few_rows.load().packed_linear_q8(*args), other.packed_linear_q8(*args)), (fmt, n)
+
+
 @needs_kernel
 @pytest.mark.skipif("avx512_vnni" not in few_rows.cpu_info()[1], reason="one body of packed_linear_q8 on this CPU")
 def test_int8_products_are_the_same_floats_on_avx512_vnni_as_on_avx2():
     """packed_linear_q8 has an AVX-512 VNNI body and an AVX2 one (csrc/few_rows.cpp): the same integer block
     sums folded in the same order, so the same floats, whichever CPU a model runs on. Here the kernel is also
-    built without VNNI (the AVX2 body) and both run the same rows (1-9: the VNNI body's 1-4-row groups)."""
+    built without VNNI (the AVX2 body; the AMX path needs VNNI too) and both run the same rows (1-9: the VNNI
+    body's 1-4-row groups)."""
     avx2 = few_rows.build(few_rows.SOURCE, "the AVX2 body", ("-mno-avx512vnni",))
-    assert avx2 is not None
-    g = torch.Generator().manual_seed(8)
-    for fmt in ("q4_1", "q8_0"):
-        w = (few_rows.q4_1_values if fmt == "q4_1" else _q8_0_values)(301, 576, g)
-        p = few_rows.pack(w)
-        x, b = torch.randn(9, 576, generator=g), torch.randn(301, generator=g)
-        for rows in range(1, 10):
-            args = (x[:rows], p.q, p.d, few_rows._EMPTY if p.m is None else p.m, p.out, b)
-            assert torch.equal(few_rows.load().packed_linear_q8(*args), avx2.packed_linear_q8(*args)), (fmt, rows)
+    _same_int8_floats(avx2, tuple(range(1, 10)), 8)
 
 
 @needs_kernel
 @pytest.mark.skipif(not {"amx_int8", "amx_tile", "avx512_vnni"} <= few_rows.cpu_info()[1], reason="no AMX on this CPU")
 def test_int8_products_are_the_same_floats_on_amx_tiles_as_on_vnni():
-    """On a CPU with AMX, passes of 4+ rows take its tiles (csrc/few_rows.cpp, tiles_pass_amx): the same integer
+    """On a CPU with AMX, passes of enough rows take its tiles (csrc/few_rows.cpp, tiles_pass_amx): the same integer
     block sums and fold as the VNNI body, so the same floats. Here the kernel is also built without AMX and both
     run 1-40 rows (16-row tiles: full, partial, and a second and third tile), both formats."""
     vnni = few_rows.build(few_rows.SOURCE, "the VNNI body", ("-mno-amx-int8", "-mno-amx-tile"))
-    assert vnni is not None
-    g = torch.Generator().manual_seed(9)
-    for fmt in ("q4_1", "q8_0"):
-        w = (few_rows.q4_1_values if fmt == "q4_1" else _q8_0_values)(301, 576, g)
-        p = few_rows.pack(w)
-        x, b = torch.randn(40, 576, generator=g), torch.randn(301, generator=g)
-        for rows in (*range(1, 19), 31, 32, 33, 40):
-            args = (x[:rows], p.q, p.d, few_rows._EMPTY if p.m is None else p.m, p.out, b)
-            assert torch.equal(few_rows.load().packed_linear_q8(*args), vnni.packed_linear_q8(*args)), (fmt, rows)
+    _same_int8_floats(vnni, (*range(1, 19), 31, 32, 33, 40), 9)
 
 
 def test_packed_weights_are_kept_while_the_weight_is_unchanged():
