@@ -8,6 +8,7 @@ from test_loop import hf_greedy
 from tiny import tiny_heads, tiny_model
 
 from draftheads.acceptance import SamplingConfig
+import draftheads.batch as batch_module
 from draftheads.batch import BatchDecoder
 from draftheads.defaults import BATCH_DRAFT_CONFIDENCE
 from draftheads.errors import UserError
@@ -143,7 +144,15 @@ def test_hydra_heads_batch_each_sequence_drafting_as_it_would_alone(head_type):
         assert s.accepted == alone.accepted[:len(s.accepted)] and sum(s.accepted) > len(s.accepted)
 
 
-def test_generate_many_equals_generate_one_by_one():
+def _recording(init, made: list):
+    """BatchDecoder.__init__ that also keeps each instance in `made`."""
+    def wrapped(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+    return wrapped
+
+
+def test_generate_many_equals_generate_one_by_one(monkeypatch):
     from tiny import tiny_draftmodel
 
     dm = tiny_draftmodel(tree="medusa16")
@@ -157,6 +166,12 @@ def test_generate_many_equals_generate_one_by_one():
     for p, r in zip(prompts, dm.generate_many(prompts, max_batch=1, max_new_tokens=24)):
         one = dm.generate(p, max_new_tokens=24)
         assert (r.token_ids, r.stats.steps, r.stats.accepted) == (one.token_ids, one.stats.steps, one.stats.accepted)
+    # no more cache slots than prompts (each is allocated whole)
+    made = []
+    monkeypatch.setattr(batch_module.BatchDecoder, "__init__", _recording(batch_module.BatchDecoder.__init__, made))
+    two = dm.generate_many(prompts[:2], max_batch=8, max_new_tokens=4)
+    assert two[1].token_ids == dm.generate(prompts[1], max_new_tokens=4).token_ids
+    assert [b.cache.kv.shape[2] for b in made] == [2]
     # generate takes a list of prompts too (strings, conversations, id tensors): one Result each, batched
     chat = [{"role": "user", "content": prompts[1]}]
     listed = dm.generate([prompts[0], chat, torch.tensor(dm.prompt_ids(prompts[3]))], max_new_tokens=24, stop="zz")

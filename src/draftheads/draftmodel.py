@@ -133,8 +133,10 @@ class DraftModel:
         from .batch import BatchDecoder, run_all
 
         try:
-            batch = BatchDecoder(self.decoder, max_batch, max_seq_len, batch_trees=self.batch_trees,
-                                 draft_confidence=self.batch_cuts)
+            # no more slots than prompts: each slot's cache is allocated whole (the default model at 2,048
+            # tokens: 94 MB a slot)
+            batch = BatchDecoder(self.decoder, min(max_batch, max(1, len(prompts))), max_seq_len,
+                                 batch_trees=self.batch_trees, draft_confidence=self.batch_cuts)
         except UserError:
             return [self.generate(p, **kwargs) for p in prompts]
         return run_all(batch, [self.iter_generate(p, batch=batch, **kwargs) for p in prompts])
