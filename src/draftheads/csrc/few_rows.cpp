@@ -535,7 +535,7 @@ static void tiles_pass_q8(const int8_t* xq, const float* dx, const float* xs, co
 #if DRAFTHEADS_AMX
 // tiles_pass_amx: tiles_pass_q8's products on AMX. One tdpbssd (Q8_0: signed x signed bytes) or tdpbsud (Q4_1: signed x
 // unsigned nibbles) gives a block of 32 inputs' int32 sums for 16 rows x 16 outputs at once, where the VNNI body takes 8
-// (16) vpdpbusd per row; the sums are the same integers, folded into the outputs with the same float operations in the
+// vpdpbusd per row; the sums are the same integers, folded into the outputs with the same float operations in the
 // same order, so each output is q8_tile's, bit for bit. The fold (a load, a conversion and one or two multiply-adds per
 // row and block) is what remains per row. Tile state is requested from Linux once per process, configured per task and
 // released after it (oneDNN's AMX kernels configure their own).
