@@ -686,10 +686,10 @@ torch::Tensor packed_linear_q8(const torch::Tensor& x, const torch::Tensor& q, c
   const int64_t R = x.size(0), K = x.size(1), T = q.size(0);
   auto y = torch::empty({R, T * TILE}, x.options());
   const bool amx = DRAFTHEADS_AMX && R >= (q4 ? AMX_MIN_ROWS_Q4_1 : AMX_MIN_ROWS_Q8_0) && amx_permitted();
-  // AMX loads 16 rows a tile: the rounded rows (and their scales, which the fold reads) padded with zeros to a multiple of 16
+  // AMX loads 16 rows a tile: the rounded rows padded with zeros to a multiple of 16 (tiles_pass_amx pads the scales)
   const int64_t padded = amx ? (R + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS : R;
   std::vector<int8_t> xq(padded * K, 0);
-  std::vector<float> dx(padded * (K / BK), 0.0f), xs(padded * (K / BK), 0.0f);
+  std::vector<float> dx(R * (K / BK)), xs(R * (K / BK));
   const float* xp = x.data_ptr<float>();
   for (int64_t r = 0; r < R; ++r)
     (q4 ? quantize_row<true> : quantize_row<false>)(xp + r * K, K, xq.data() + r * K, dx.data() + r * (K / BK), xs.data() + r * (K / BK),
