@@ -8,7 +8,6 @@ from test_loop import hf_greedy
 from tiny import tiny_heads, tiny_model
 
 from draftheads.acceptance import SamplingConfig
-import draftheads.batch as batch_module
 from draftheads.batch import BatchDecoder
 from draftheads.defaults import BATCH_DRAFT_CONFIDENCE
 from draftheads.errors import UserError
@@ -168,7 +167,7 @@ def test_generate_many_equals_generate_one_by_one(monkeypatch):
         assert (r.token_ids, r.stats.steps, r.stats.accepted) == (one.token_ids, one.stats.steps, one.stats.accepted)
     # no more cache slots than prompts (each is allocated whole)
     made = []
-    monkeypatch.setattr(batch_module.BatchDecoder, "__init__", _recording(batch_module.BatchDecoder.__init__, made))
+    monkeypatch.setattr(BatchDecoder, "__init__", _recording(BatchDecoder.__init__, made))
     two = dm.generate_many(prompts[:2], max_batch=8, max_new_tokens=4)
     assert two[1].token_ids == dm.generate(prompts[1], max_new_tokens=4).token_ids
     assert [b.cache.kv.shape[2] for b in made] == [2]

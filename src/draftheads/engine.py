@@ -71,10 +71,9 @@ class TorchEngine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.fast_linear = True  # generic path: few-row matmuls through cpu_matmul (CPU fp32); False: stock
-        # Llama-family models take the lean forward; None: transformers' own forward (the generic path).
-        # On a CPU in fp32 it runs q/k/v and gate/up as one product each (LlamaForward's fuse).
-        fuse = self.device.type == "cpu" and self.dtype == torch.float32
-        self.lean = LlamaForward.shared(model, fuse) if unsupported_reason(model) is None else None
+        # Llama-family models take the lean forward (fused on a CPU in fp32: LlamaForward.shared); None:
+        # transformers' own forward (the generic path).
+        self.lean = LlamaForward.shared(model) if unsupported_reason(model) is None else None
         # Reduced precision on a CPU: a tree pass's rows must each compute what a plain step computes, bit for
         # bit, or output changes (bf16 logits tie often): each node's attention runs alone (LlamaForward).
         self.row_exact = self.device.type == "cpu" and self.dtype in ROW_EXACT_DTYPES

@@ -94,11 +94,15 @@ class LlamaForward:
     """The decoder stack of one supported backbone: ids -> final-norm hidden states."""
 
     @classmethod
-    def shared(cls, model, fuse: bool) -> "LlamaForward":
+    def shared(cls, model, fuse: bool | None = None) -> "LlamaForward":
         """The one LlamaForward of `model` (per `fuse`) that every engine on it uses. Fusing re-points the
         modules' weights to views of the instance's own fused tensors, so two instances that took turns (bench's
         loop and heads, two DraftModels on one backbone) re-fused and re-packed every weight at each turn:
-        0.4-0.7 s added to the first pass after each switch."""
+        0.4-0.7 s added to the first pass after each switch. fuse None: the decoding loop's choice, fused on a CPU
+        in float32 (q/k/v and gate/up as one product each)."""
+        if fuse is None:
+            p = next(model.parameters())
+            fuse = p.device.type == "cpu" and p.dtype == torch.float32
         per_fuse = _SHARED.setdefault(model, {})
         if fuse not in per_fuse:
             per_fuse[fuse] = cls(model, fuse)

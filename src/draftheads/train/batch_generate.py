@@ -50,13 +50,13 @@ class BatchGenerator:
     """Decodes many requests on `slots` slots of one SlotKVCache. `capacity` bounds prompt + answer."""
 
     def __init__(self, model, slots: int, capacity: int, eos_ids: list[int], seed: int = 0):
-        p = next(model.parameters())
         # The forward the decoding loop runs on this model (fused products and the one-call C++ pass on a CPU in
         # float32), so the data is what decoding computes, at its speed.
-        self.fwd = LlamaForward.shared(model, p.device.type == "cpu" and p.dtype == torch.float32)  # asserts support
+        self.fwd = LlamaForward.shared(model)  # asserts the model is supported
         self.lm_head = model.get_output_embeddings()
         self.cache = SlotKVCache.for_model(model, slots, capacity)
         self.eos = set(eos_ids)
+        p = next(model.parameters())
         self.device = p.device
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
         self.slots: list[_Slot | None] = [None] * slots
