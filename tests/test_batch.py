@@ -48,6 +48,26 @@ def test_batched_greedy_equals_each_sequence_alone(arch):
     assert sorted(batch.free) == [0, 1, 2] and not batch.seqs and int(batch.cache.lengths.sum()) == 0
 
 
+
+@pytest.mark.parametrize("tree", [Tree([]), Tree([[0]]), load_tree("medusa16", 3)])
+def test_a_lone_sequence_takes_the_unpadded_pass_and_stays_exact(tree, monkeypatch):
+    """A sequence alone in slot 0 (a server's one client) runs the serial loop's pass: no padding rows,
+    and no mask for a plain step. Once another slot is in the pass, the padded pass runs."""
+    model = tiny_model("qwen2")
+    batch = BatchDecoder(Decoder(model, tiny_heads(model, num_heads=3), load_tree("medusa16", 3)), slots=2,
+                         capacity=128, draft_confidence=0.0)
+    calls = []
+    for name in ("_verify_alone", "_verify_padded"):
+        monkeypatch.setattr(batch, name, lambda *a, f=getattr(batch, name), name=name: calls.append(name) or f(*a))
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 200, (n,), generator=g).tolist() for n in (7, 19, 11)]
+    for p in prompts[:2]:  # one request at a time
+        assert drive(batch, [(p, SamplingConfig(), tree)], 30) == [hf_greedy(model, p, 30)]
+    assert calls and set(calls) == {"_verify_alone"}
+    calls.clear()
+    assert drive(batch, [(p, SamplingConfig(), tree) for p in prompts], 30) == [hf_greedy(model, p, 30) for p in prompts]
+    assert "_verify_padded" in calls
+
 def test_slots_are_reused_without_leaks():
     model = tiny_model()
     batch = BatchDecoder(Decoder(model, tiny_heads(model)), slots=4, capacity=64, draft_confidence=0.0)

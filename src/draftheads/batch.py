@@ -236,26 +236,10 @@ class BatchDecoder:
             if t.size > room:
                 plans[slot] = (L, ROOT_ONLY, cands[:1])
         q = max(t.size for _, t, _ in plans.values())
-        ids = torch.zeros(S, q, dtype=torch.long, device=dev)
-        positions = torch.zeros(S, q, dtype=torch.long, device=dev)
-        for slot, (L, t, cands) in plans.items():
-            ids[slot, :t.size], positions[slot, :t.size] = cands, t.tensors(dev, dec.dtype).depths + L
-            positions[slot, t.size:] = L
-        rows = torch.cat([torch.arange(t.size, device=dev) + slot * q for slot, (_, t, _) in plans.items()])  # real rows
-        t1 = dec._sync()
-        if self.row_exact:  # each node's attention alone over its own slot's keys (engine.row_exact)
-            self.cache.begin_step(S, q)
-            h = dec.lean.hidden(self.cache, ids, positions, None, {slot: tuple(t.parent) for slot, (_, t, _) in plans.items()},
-                                rows)
+        if S == 1 and not self.row_exact:  # alone in the lowest slot (a server's lone client): nothing to pad
+            h, logits, t1, t2 = self._verify_alone(*plans[0])
         else:
-            # Padding nodes (and idle slots) see only themselves: no all -inf row, nothing real touched.
-            bias = torch.full((S, q, q), torch.finfo(dec.dtype).min, dtype=dec.dtype, device=dev)
-            bias.diagonal(dim1=1, dim2=2).zero_()
-            for slot, (_, t, _) in plans.items():
-                bias[slot, :t.size, :t.size] = t.tensors(dev, dec.dtype).tree_bias
-            h = dec.lean.hidden(self.cache, ids, positions, self.cache.tree_mask(bias), None, rows)  # [S, q, H]
-        logits = dec.logits(h.view(S * q, -1)[rows])  # [real nodes, vocab]
-        t2 = dec._sync()
+            h, logits, t1, t2 = self._verify_padded(plans, S, q)
         off, accepted = 0, {}
         for s in seqs:
             L, t, cands = plans[s.slot]
@@ -278,6 +262,48 @@ class BatchDecoder:
             self.costs.record(B, with_table and trees, sum(len(s.emitted) for s in seqs), t3 - t0)
         return B
 
+    def _verify_alone(self, L: int, t: Tree, cands: torch.Tensor):
+        """The pass of a lone sequence in slot 0, as the serial loop's engine.verify runs it: ids [1, q] with
+        no padding rows to pack, and no mask for a plain step (it sees every cached entry and itself).
+        Returns hidden [1, q, H], logits [q, vocab] and the times the pass began and ended."""
+        dec = self.dec
+        tt = t.tensors(dec.device, dec.dtype)  # built once per tree shape
+        t1 = dec._sync()
+        if t.size == 1:
+            self.cache.begin_step(1, 1)
+            mask = None
+        else:
+            mask = self.cache.tree_mask(tt.tree_bias[None])  # [1, 1, q, keys]
+        h = dec.lean.hidden(self.cache, cands[None], (tt.depths + L)[None], mask)  # [1, q, H]
+        logits = dec.logits(h[0])  # [q, vocab]
+        return h, logits, t1, dec._sync()
+
+    def _verify_padded(self, plans: dict, S: int, q: int):
+        """One pass over slots [0, S), each slot's plan (L, tree, ids) padded to q nodes. Returns hidden
+        [S, q, H], logits [real nodes, vocab] (slot by slot, each tree's nodes in order) and the times the
+        pass began and ended."""
+        dec, dev = self.dec, self.dec.device
+        ids = torch.zeros(S, q, dtype=torch.long, device=dev)
+        positions = torch.zeros(S, q, dtype=torch.long, device=dev)
+        for slot, (L, t, cands) in plans.items():
+            ids[slot, :t.size], positions[slot, :t.size] = cands, t.tensors(dev, dec.dtype).depths + L
+            positions[slot, t.size:] = L
+        rows = torch.cat([torch.arange(t.size, device=dev) + slot * q for slot, (_, t, _) in plans.items()])  # real rows
+        t1 = dec._sync()
+        if self.row_exact:  # each node's attention alone over its own slot's keys (engine.row_exact)
+            self.cache.begin_step(S, q)
+            h = dec.lean.hidden(self.cache, ids, positions, None, {slot: tuple(t.parent) for slot, (_, t, _) in plans.items()},
+                                rows)
+        else:
+            # Padding nodes (and idle slots) see only themselves: no all -inf row, nothing real touched.
+            bias = torch.full((S, q, q), torch.finfo(dec.dtype).min, dtype=dec.dtype, device=dev)
+            bias.diagonal(dim1=1, dim2=2).zero_()
+            for slot, (_, t, _) in plans.items():
+                bias[slot, :t.size, :t.size] = t.tensors(dev, dec.dtype).tree_bias
+            h = dec.lean.hidden(self.cache, ids, positions, self.cache.tree_mask(bias), None, rows)  # [S, q, H]
+        logits = dec.logits(h.view(S * q, -1)[rows])  # [real nodes, vocab]
+        return h, logits, t1, dec._sync()
+
 
 def propose_all(seqs: list[_Sequence], tree: dict[int, Tree], dev, confidence: float = 0.0) -> dict[int, tuple[Tree, torch.Tensor]]:
     """{slot: its step tree and candidate ids [its size]} of each sequence, as Hybrid.propose gives them;
@@ -295,6 +321,10 @@ def propose_all(seqs: list[_Sequence], tree: dict[int, Tree], dev, confidence: f
             out[s.slot] = d.propose(s.hidden, torch.tensor(s.root, device=dev), t)
     for group in groups.values():
         t, heads = tree[group[0].slot], group[0].drafter.heads
+        if len(group) == 1 and not (confidence > 0 and group[0].by_batch):  # alone: the serial loop's one call
+            s = group[0]
+            out[s.slot] = s.drafter.propose(s.hidden, torch.tensor(s.root, device=dev), t)
+            continue
         hidden, roots = torch.stack([s.hidden for s in group]), torch.tensor([s.root for s in group], device=dev)
         if confidence > 0 and group[0].by_batch:  # a tree the request named is verified whole
             out.update((s.slot, plan) for s, plan in zip(group, heads.draft_confident(hidden, roots, t, confidence)))
