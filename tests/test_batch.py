@@ -48,7 +48,6 @@ def test_batched_greedy_equals_each_sequence_alone(arch):
     assert sorted(batch.free) == [0, 1, 2] and not batch.seqs and int(batch.cache.lengths.sum()) == 0
 
 
-
 @pytest.mark.parametrize("tree", [Tree([]), Tree([[0]]), load_tree("medusa16", 3)])
 def test_a_lone_sequence_takes_the_unpadded_pass_and_stays_exact(tree, monkeypatch):
     """A sequence alone in slot 0 (a server's one client) runs the serial loop's pass: no padding rows,
@@ -67,6 +66,7 @@ def test_a_lone_sequence_takes_the_unpadded_pass_and_stays_exact(tree, monkeypat
     calls.clear()
     assert drive(batch, [(p, SamplingConfig(), tree) for p in prompts], 30) == [hf_greedy(model, p, 30) for p in prompts]
     assert "_verify_padded" in calls
+
 
 def test_slots_are_reused_without_leaks():
     model = tiny_model()
