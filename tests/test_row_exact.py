@@ -331,3 +331,28 @@ def test_a_chain_attends_in_one_call_per_layer_and_a_branching_tree_node_by_node
         calls.clear()
         engine.verify(cache, torch.arange(1, tree.size + 1), tree)
         assert calls == per_layer * 3, name  # 3 layers
+
+
+def test_a_lone_bf16_sequence_keeps_the_row_exact_pass(monkeypatch):
+    """Alone in slot 0 a sequence takes the serial loop's unpadded pass only where attention needs no row-exact
+    care: in bf16 on a CPU it keeps the row-exact one (each node over its own path), and equals decoding alone."""
+    from draftheads.batch import BatchDecoder
+    from draftheads.generate import Decoder, Stats
+    from test_batch import drive
+
+    model = tiny_model("qwen2", hidden=128, layers=3).to(torch.bfloat16)
+    heads = tiny_heads(tiny_model("qwen2", hidden=128, layers=3), num_heads=3, noise=0.02).to(torch.bfloat16)
+    dec = Decoder(model, heads, load_tree("medusa16", 3))
+    batch = BatchDecoder(dec, slots=2, capacity=96, draft_confidence=0.0)
+    calls = []
+    for name in ("_verify_alone", "_verify_padded"):
+        monkeypatch.setattr(batch, name, lambda *a, f=getattr(batch, name), name=name: calls.append(name) or f(*a))
+    p = torch.randint(0, 250, (11,), generator=torch.Generator().manual_seed(6)).tolist()
+    got = drive(batch, [(p, SamplingConfig(), None)], 30)[0]
+    alone = []
+    for step in dec.steps(p, 30, SamplingConfig(), Stats()):
+        alone += step
+        if len(alone) >= 30:
+            break
+    assert got == alone[:30]
+    assert calls and set(calls) == {"_verify_padded"}
