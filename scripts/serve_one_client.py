@@ -75,7 +75,7 @@ def main() -> None:
     configs = {name: CONFIGS[name] for name in a.only.split(",")}
     prompts = [q.turns[0] for q in load_questions(a.prompts, a.num)]
     base = ["--threads", "2", "--dtype", a.dtype, "--heads", a.heads]
-    servers = {}
+    servers, http = {}, httpx.Client(timeout=600)  # one connection per server, kept (bench_serve.ask)
     try:
         for name, extra in configs.items():
             if a.profile:
@@ -88,7 +88,7 @@ def main() -> None:
         before = {name: proc_stat(proc.pid) for name, (proc, _) in servers.items()}
         for p in prompts:
             for name, (_, url) in servers.items():
-                r = ask(url, p, a.max_tokens, stream=not a.no_stream)
+                r = ask(url, p, a.max_tokens, stream=not a.no_stream, client=http)
                 totals[name][0] += r["tokens"]
                 totals[name][1] += r["seconds"]
         for name, (tokens, seconds) in totals.items():

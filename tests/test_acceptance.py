@@ -9,7 +9,7 @@ from scipy.stats import chisquare
 from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from draftheads.acceptance import SamplingConfig, accept_greedy, accept_typical, sampling_probs
+from draftheads.acceptance import SamplingConfig, accept_greedy, accept_typical, greedy_tokens, sampling_probs
 from draftheads.errors import UserError
 from draftheads.generate import Decoder, Stats
 from draftheads.tree import Tree
@@ -32,6 +32,19 @@ def test_greedy_follows_the_argmax_down_the_tree():
     assert (nodes, nxt) == ([0, 2, 5], 7)
     nodes, nxt = accept_greedy(forced_logits({0: 8}), cands, TREE)
     assert (nodes, nxt) == ([0], 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_greedy_tokens_are_torch_argmax_with_the_first_of_equal_maxima(dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 49152, generator=g).to(dtype)
+    logits[1, [5, 9, 40000]] = 30.0  # a tie: the first index wins, as torch.argmax's
+    logits[4] = 0.0  # all equal
+    assert greedy_tokens(logits) == logits.argmax(-1).tolist()
+    assert greedy_tokens(logits)[1] == 5 and greedy_tokens(logits)[4] == 0
+    assert greedy_tokens(logits[3]) == int(logits[3].argmax()) and isinstance(greedy_tokens(logits[3]), int)
+    with torch.inference_mode():  # the decoders' logits are inference tensors
+        assert greedy_tokens(logits * 1) == logits.argmax(-1).tolist()
 
 
 def test_typical_accepts_above_threshold_and_is_greedy_at_low_entropy():

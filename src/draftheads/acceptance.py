@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .errors import UserError
@@ -68,10 +69,22 @@ def sampling_probs(logits: torch.Tensor, sp: SamplingConfig) -> torch.Tensor:
     return logits.softmax(-1)
 
 
+_NUMPY_DTYPES = (torch.float32, torch.float16, torch.float64)
+
+
+def greedy_tokens(logits: torch.Tensor) -> list[int] | int:
+    """The argmax of logits [..., vocab] over its last dim, the first of equal maxima (as torch.argmax): a list
+    for [n, vocab], an int for [vocab]. On a CPU through numpy: torch's argmax took 74 us a row of the default
+    model's 49,152 logits on this Xeon, numpy's 4.4 (eight sequences' rows were 4% of a batched pass)."""
+    if logits.is_cpu and logits.dtype in _NUMPY_DTYPES:
+        return np.argmax(logits.detach().numpy(), -1).tolist()
+    return logits.argmax(-1).tolist()
+
+
 def sample(logits: torch.Tensor, sp: SamplingConfig, generator: torch.Generator | None) -> int:
     """One token from logits [vocab]: argmax at temperature 0, else a sample of sampling_probs."""
     if sp.temperature == 0:
-        return int(logits.argmax())
+        return int(greedy_tokens(logits))
     return int(torch.multinomial(sampling_probs(logits, sp), 1, generator=generator))
 
 
@@ -91,7 +104,7 @@ def _walk(tree: Tree, candidates: list[int], choose) -> tuple[list[int], int]:
 def accept_greedy(logits: torch.Tensor, candidates: torch.Tensor, tree: Tree) -> tuple[list[int], int]:
     """logits [nodes, vocab], candidates [nodes]."""
     assert logits.shape[0] == candidates.shape[0] == tree.size
-    best = logits.argmax(-1).tolist()
+    best = greedy_tokens(logits)
     return _walk(tree, candidates.tolist(), best.__getitem__)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..acceptance import SamplingConfig, sampling_probs
+from ..acceptance import SamplingConfig, greedy_tokens, sampling_probs
 from ..cpu_matmul import linear
 from ..kvcache import SlotKVCache
 from ..llama_forward import LlamaForward
@@ -67,7 +67,7 @@ class BatchGenerator:
 
     def _pick(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
         """logits [n, vocab] of the slots `rows` -> one token each, by each request's own sampling."""
-        out = logits.argmax(-1)  # [n]
+        out = torch.tensor(greedy_tokens(logits), device=logits.device)  # [n]
         for sp in {id(self.slots[r].req.sampling): self.slots[r].req.sampling for r in rows}.values():
             if sp.temperature == 0:
                 continue
