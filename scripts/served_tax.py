@@ -40,16 +40,17 @@ def served(prompts: list[str], a) -> None:
                              ["--max-batch", str(a.max_batch)])
     try:
         load_level(url, [(0, prompts[0])], 1, 8)  # warm-up
-        before, mine = thread_cpu(proc.pid), resource.getrusage(resource.RUSAGE_SELF)
+        phases = lambda: httpx.get(url + "/health", timeout=10).json().get("phases", {})  # noqa: E731
+        before, mine, ph0 = thread_cpu(proc.pid), resource.getrusage(resource.RUSAGE_SELF), phases()
         wall, results = load_level(url, list(enumerate(prompts)), a.clients, a.max_tokens)
         after, mine2 = thread_cpu(proc.pid), resource.getrusage(resource.RUSAGE_SELF)
         tokens = sum(r["tokens"] for r in results)
         clients = mine2.ru_utime - mine.ru_utime + mine2.ru_stime - mine.ru_stime
         threads = sorted((after[t] - before.get(t, 0.0) for t in after), reverse=True)
-        phases = httpx.get(url + "/health", timeout=10).json().get("phases", {})
+        ph = {k: v - ph0.get(k, 0) for k, v in phases().items()}  # this level's, without the warm-up
         print(f"served:     {tokens / wall:6.1f} tokens/s ({tokens} in {wall:.2f} s); CPU s: clients {clients:.2f}, "
               f"server threads {', '.join(f'{t:.2f}' for t in threads if t >= 0.05)}; phases "
-              + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in phases.items()), flush=True)
+              + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in ph.items()), flush=True)
     finally:
         proc.kill()
         proc.wait()
