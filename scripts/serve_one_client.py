@@ -101,6 +101,7 @@ def main() -> None:
             if ph and ph["passes"]:
                 print(f"  {1e3 * ph['passes_s'] / ph['passes']:.1f} ms a pass over {ph['passes']} passes")
     finally:
+        http.close()
         for proc, _ in servers.values():
             if a.profile:  # an interrupted serve returns normally, so cProfile writes its file
                 proc.send_signal(signal.SIGINT)
