@@ -67,14 +67,15 @@ class BatchGenerator:
 
     def _pick(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
         """logits [n, vocab] of the slots `rows` -> one token each, by each request's own sampling."""
-        out = torch.tensor(greedy_tokens(logits), device=logits.device)  # [n]
+        out = greedy_tokens(logits)  # [n] ids
         for sp in {id(self.slots[r].req.sampling): self.slots[r].req.sampling for r in rows}.values():
             if sp.temperature == 0:
                 continue
             idx = [i for i, r in enumerate(rows) if self.slots[r].req.sampling is sp]
             probs = sampling_probs(logits[idx], sp)  # [m, vocab]
-            out[idx] = torch.multinomial(probs, 1, generator=self.gen).squeeze(-1)
-        return out.tolist()
+            for i, token in zip(idx, torch.multinomial(probs, 1, generator=self.gen).squeeze(-1).tolist()):
+                out[i] = token
+        return out
 
     def _take(self, slot: _Slot, token: int) -> None:
         slot.new_ids.append(token)
