@@ -9,7 +9,8 @@
 #   bash scripts/distill_chat.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# --activations float32: the set was distilled with x as it is (before int8 activations); a resumed run keeps that
-OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} .venv/bin/draftheads distill --activations float32 -o data/distilled-chat --num 3000 \
+# --activations float32 --kv-cache float32: the set was distilled with x as it is and a float32 cache (before int8
+# activations and the float16 cache); a resumed run keeps that
+OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} .venv/bin/draftheads distill --activations float32 --kv-cache float32 -o data/distilled-chat --num 3000 \
     --shard-size 500 --batch-size 128 --max-new-tokens 192 --max-prompt-tokens 192 --data-free 1 --seed 1 \
     --threads 2

@@ -8,8 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=${1:-../shared/data}
-# --activations float32: the set was distilled with x as it is (before int8 activations); a resumed run keeps that
-OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} .venv/bin/draftheads distill --activations float32 -o data/distilled --num 16000 --shard-size 500 --batch-size 128 \
+# --activations float32 --kv-cache float32: the set was distilled with x as it is and a float32 cache (before int8
+# activations and the float16 cache); a resumed run keeps that
+OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} .venv/bin/draftheads distill --activations float32 --kv-cache float32 -o data/distilled --num 16000 --shard-size 500 --batch-size 128 \
     --max-new-tokens 192 --max-prompt-tokens 192 \
     --prompts $D/gsm8k_train.jsonl:0.3 --prompts $D/gpteacher_codegen_instruct.json:0.25 \
     --prompts $D/gpteacher_roleplay_instruct.json:0.12 --prompts $D/self_instruct_user_oriented_252.jsonl:0.016 \

@@ -4,9 +4,10 @@ import pytest
 import torch
 from scipy.stats import chisquare
 from bench_fixtures import tiny_dirs  # noqa: F401 (a fixture)
-from test_loop import hf_greedy
+from test_loop import hf_greedy, run
 from tiny import tiny_heads, tiny_model
 
+from draftheads import kvcache
 from draftheads.acceptance import SamplingConfig
 from draftheads.batch import BatchDecoder
 from draftheads.defaults import BATCH_DRAFT_CONFIDENCE
@@ -35,16 +36,22 @@ def drive(batch: BatchDecoder, requests, n_new):
     return [out[i][:n_new] for i in range(len(requests))]
 
 
+@pytest.mark.parametrize("kv", ["float32", "float16"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_batched_greedy_equals_each_sequence_alone(arch):
+def test_batched_greedy_equals_each_sequence_alone(arch, kv, monkeypatch):
+    """In float32 each sequence's output is transformers' greedy output; with the cache in float16 (the default
+    on a CPU) it is our plain loop's over the same rounded cache, each sequence decoded alone."""
+    monkeypatch.setattr(kvcache, "_KV_CACHE", kv)
     model = tiny_model(arch)
     heads = tiny_heads(model, num_heads=3)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 200, (n,), generator=g).tolist() for n in (5, 17, 9, 30, 12)]
     trees = [load_tree("medusa16", 3), Tree([]), load_tree("chain3"), Tree([[0], [1], [0, 0]]), None]
     batch = BatchDecoder(Decoder(model, heads, load_tree("medusa16", 3)), slots=3, capacity=128, draft_confidence=0.0)
+    assert batch.cache.kv.dtype == getattr(torch, kv)
     got = drive(batch, [(p, SamplingConfig(), t) for p, t in zip(prompts, trees)], 40)
-    assert got == [hf_greedy(model, p, 40) for p in prompts]
+    alone = [hf_greedy(model, p, 40) for p in prompts] if kv == "float32" else [run(Decoder(model), p, 40) for p in prompts]
+    assert got == alone
     assert sorted(batch.free) == [0, 1, 2] and not batch.seqs and int(batch.cache.lengths.sum()) == 0
 
 

@@ -72,13 +72,14 @@ def packed_model(arch: str, seed: int = 0):
     return model
 
 
-def passes(decoder: Decoder, stack: bool, monkeypatch) -> list[torch.Tensor]:
-    """A 20-token prefill, a medusa16 tree pass and three one-token steps: their hidden states and the cache."""
+def passes(decoder: Decoder, stack: bool, monkeypatch, kv_dtype=None) -> list[torch.Tensor]:
+    """A 20-token prefill, a medusa16 tree pass and three one-token steps: their hidden states and the cache
+    (keys and values stored in kv_dtype; None: the model's)."""
     monkeypatch.setattr(decoder_stack, "ENABLED", stack)
     g = torch.Generator().manual_seed(1)
     prompt, tt = torch.randint(0, 200, (20,), generator=g), load_tree("medusa16", 3).tensors("cpu", torch.float32)
     cands = torch.randint(0, 200, (tt.depths.numel(),), generator=g)
-    cache, fwd = TreeKVCache.for_model(decoder.model, 64), decoder.engine._forward
+    cache, fwd = TreeKVCache.for_model(decoder.model, 64, kv_dtype), decoder.engine._forward
     with torch.inference_mode():
         out = [fwd(cache, prompt, torch.arange(20), torch.full((20, 20), MIN).triu(1)),
                fwd(cache, cands, tt.depths + 20, tt.tree_bias)]
@@ -88,8 +89,11 @@ def passes(decoder: Decoder, stack: bool, monkeypatch) -> list[torch.Tensor]:
     return out + [cache.kv[..., :cache.length, :].clone()]
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-def test_the_stack_computes_what_the_ops_one_by_one_compute(arch, stacks, monkeypatch):
+def test_the_stack_computes_what_the_ops_one_by_one_compute(arch, kv_dtype, stacks, monkeypatch):
+    """Also with the cache in float16: the stack rounds each key and value to the nearest half as torch's copy
+    does, and both attend over the same halves."""
     model = packed_model(arch)
     assert {few_rows.packed(m.weight).kind for m in model.modules() if type(m).__name__ == "Linear" and m is not model.lm_head
             } == {"q4_1", "q8_0"} and (arch != "qwen2" or model.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0)
@@ -99,10 +103,11 @@ def test_the_stack_computes_what_the_ops_one_by_one_compute(arch, stacks, monkey
     appends = []
     append = TreeKVCache.append
     monkeypatch.setattr(TreeKVCache, "append", lambda self, *a: appends.append(1) or append(self, *a))
-    with_stack = passes(decoder, True, monkeypatch)
+    with_stack = passes(decoder, True, monkeypatch, kv_dtype)
     assert len(stacks) == 1 and stacks[0].calls == 5 and not appends  # every pass in one call, no layer by layer
-    by_ops = passes(decoder, False, monkeypatch)
+    by_ops = passes(decoder, False, monkeypatch, kv_dtype)
     assert stacks[0].calls == 5 and appends
+    assert with_stack[-1].dtype == by_ops[-1].dtype == kv_dtype
     for a, b in zip(with_stack, by_ops, strict=True):
         assert torch.equal(a, b)
 

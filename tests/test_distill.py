@@ -194,6 +194,9 @@ def test_a_resumed_set_keeps_its_activations_and_an_older_manifest_means_float32
     with pytest.raises(UserError, match=r"dist was distilled with activations='float32', this run has 'int8': use "
                                         r"another output directory, or the same setting$"):
         ShardWriter(d, 2, {**old, "activations": "int8"})
+    ShardWriter(d, 2, {**old, "activations": "float32", "kv_cache": "float32"}).close()  # the cache's: as old
+    with pytest.raises(UserError, match=r"dist was distilled with kv_cache='float32', this run has 'float16'"):
+        ShardWriter(d, 2, {**old, "activations": "float32", "kv_cache": "float16"})
 
 
 def test_requests_queued_after_the_plan_ran_out_are_decoded():

@@ -10,6 +10,7 @@ import pytest
 
 import draftheads
 from bench_fixtures import tiny_dirs  # noqa: F401  (pytest fixture)
+from draftheads import defaults
 from draftheads.cli import main
 
 
@@ -181,6 +182,34 @@ def test_activations_flag_sets_the_products_rounding_and_a_bad_setting_is_one_li
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and run.stderr.strip().splitlines() == [
         "draftheads: error: $DRAFTHEADS_ACTIVATIONS must be one of int8, float32, not 'int4'"], run.stderr
+
+
+def test_kv_cache_setting_from_the_cli_the_api_and_the_environment(tiny_dirs, capsys, monkeypatch):
+    """A float32 model on a CPU keeps its cache in float16 by default (--kv-cache float32: as computed); greedy
+    speculation stays exact either way, and a bad kind is a one-line error."""
+    import torch
+
+    from draftheads import kvcache
+
+    bb, heads, _ = tiny_dirs
+    monkeypatch.setattr(kvcache, "_KV_CACHE", defaults.KV_CACHE)
+    assert draftheads.load(heads=None, backbone=str(bb)).decoder.engine.new_cache(8).kv_dtype == torch.float16
+    assert main(["generate", "hi", "--backbone", str(bb), "--heads", str(heads), "--max-new-tokens", "2", "--kv-cache",
+                 "float32"]) == 0
+    assert kvcache.kv_cache() == "float32"
+    for kind, dtype in (("float32", torch.float32), ("float16", torch.float16)):
+        spec = draftheads.load(heads=str(heads), backbone=str(bb), kv_cache=kind)
+        assert kvcache.kv_cache() == kind and spec.decoder.engine.new_cache(8).kv_dtype == dtype
+        plain = draftheads.load(heads=None, backbone=str(bb))
+        assert spec.generate("hello", max_new_tokens=24).token_ids == plain.generate("hello", max_new_tokens=24).token_ids
+    with pytest.raises(SystemExit):
+        main(["generate", "hi", "--backbone", str(bb), "--kv-cache", "int4"])
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
+    env = dict(os.environ, DRAFTHEADS_KV_CACHE="bf16")
+    run = subprocess.run([sys.executable, "-m", "draftheads.cli", "generate", "hi", "--backbone", str(bb), "--max-new-tokens",
+                          "1", "--threads", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "draftheads: error: $DRAFTHEADS_KV_CACHE must be one of float16, float32, not 'bf16'"], run.stderr
 
 
 def test_heads_without_a_tree_get_a_safe_tree_and_say_so(tiny_dirs, capsys, tmp_path):

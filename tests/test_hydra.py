@@ -67,7 +67,7 @@ def test_teacher_topk_matches_drafting_along_the_true_path():
     assert heads.draft(hidden[t], ids[t + 1], chain)[1] == top[0, t, 0]
 
 
-def test_prefix_layer_cache_after_acceptance_equals_recomputation():
+def test_prefix_layer_cache_after_acceptance_equals_recomputation(kv_float32):
     model = tiny_model()
     heads = tiny_hydra_heads(model, "hydra++")
     prompt = torch.randint(0, 200, (12,), generator=torch.Generator().manual_seed(5)).tolist()
@@ -81,7 +81,7 @@ def test_prefix_layer_cache_after_acceptance_equals_recomputation():
     torch.testing.assert_close(heads._last, fresh, atol=1e-4, rtol=1e-4)
 
 
-def test_token_prefix_cache_after_acceptance_equals_recomputation():
+def test_token_prefix_cache_after_acceptance_equals_recomputation(kv_float32):
     """prefix_token: each position's input pairs its hidden state with the next token; the last accepted
     position waits for the root, which draft adds. After decoding (steps with and without a tree), the
     prefix layer's cache and its output at the last position equal the layer over the whole sequence."""

@@ -82,6 +82,23 @@ def test_attention_equals_sdpa(heads, kv_heads, d, q, keys, shared_mask):
     torch.testing.assert_close(out, ref.transpose(1, 2).reshape(b, q, heads * d), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("q", [1, 3])
+def test_attention_over_half_keys_and_values_is_attention_over_their_float32_values(q):
+    """A float16 cache: each key and value is converted as it is read (exactly: every half is a float32), and
+    the sums are float32 as before, so the result is the same floats as over the converted tensors."""
+    b, heads, kv_heads, d, keys = 3, 9, 3, 64, 150
+    g = torch.Generator().manual_seed(q)
+    queries = torch.randn(b, q, heads, d, generator=g)
+    k, v = (t.half() for t in torch.randn(2, b, kv_heads, keys + 5, d, generator=g)[..., :keys, :] * 3)
+    mask = torch.where(torch.rand(b, 1, q, keys, generator=g) < 0.3, MIN, 0.0)
+    lengths = [150, 61, 97]
+    halves = layer_ops.attention(queries, k, v, mask, 0.125, lengths)
+    assert halves.dtype == torch.float32
+    assert torch.equal(halves, layer_ops.attention(queries, k.float(), v.float(), mask, 0.125, lengths))
+    with pytest.raises(RuntimeError, match="both float32 or both float16"):
+        layer_ops.attention(queries, k, v.float(), mask, 0.125)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_attention_computes_each_row_as_it_would_alone(threads):
     """Tasks share a kv head's key and value reads among the queries of a batch row (and split them where
@@ -152,8 +169,9 @@ def test_attention_gives_a_tree_node_what_a_plain_step_over_its_path_computes(pr
         assert torch.equal(tree[0, node], plain[0, 0]), node
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_lean_forward_with_the_ops_equals_it_with_torchs(arch, monkeypatch):
+def test_lean_forward_with_the_ops_equals_it_with_torchs(arch, kv_dtype, monkeypatch):
     model = tiny_model(arch)
     decoder = Decoder(model)
     prompt = torch.randint(0, 200, (20,), generator=torch.Generator().manual_seed(0))
@@ -165,15 +183,18 @@ def test_lean_forward_with_the_ops_equals_it_with_torchs(arch, monkeypatch):
     outputs = {}
     for ops in (True, False):
         monkeypatch.setattr(layer_ops, "ENABLED", ops)
-        cache = TreeKVCache.for_model(model, 64)
+        cache = TreeKVCache.for_model(model, 64, kv_dtype)
         with torch.inference_mode():
             prefill = decoder.engine._forward(cache, prompt, torch.arange(20), causal)
             tree = decoder.engine._forward(cache, cands, tt.depths + 20, tt.tree_bias)
             outputs[ops] = [prefill, tree, cache.kv[:, :, :, :, :20 + cands.numel()].clone()]
         assert bool(calls) == ops
         calls.clear()
+    # In float16 a key that the two orders of summation leave on either side of a half's rounding boundary moves by
+    # a half's step (2^-11 of it), and the rows that attend to it a little less
+    tol = 1e-5 if kv_dtype == torch.float32 else 1e-3
     for with_ops, without in zip(outputs[True], outputs[False]):
-        torch.testing.assert_close(with_ops, without, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(with_ops.float(), without.float(), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))

@@ -94,7 +94,7 @@ class BatchDecoder:
         self.dec, self.heads = decoder, _heads(decoder)
         self.lookup_cfg = _lookup_cfg(decoder)
         self.lookup_nodes = PromptLookup(self.lookup_cfg).max_nodes if self.lookup_cfg else 0
-        self.cache = SlotKVCache.for_model(decoder.model, slots, capacity)
+        self.cache = SlotKVCache.for_model(decoder.model, slots, capacity, decoder.lean.kv_dtype)
         self.capacity = capacity
         # Most tree nodes one pass verifies (None: no limit). Past it, every sequence decodes plainly in
         # that pass: on a CPU many sequences' trees cost more than they gain (README, batching).

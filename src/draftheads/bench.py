@@ -23,6 +23,7 @@ from .bench_cli import LLAMACPP_METHODS, METHODS
 from .calibrate import _console, load_parts, machine, progress, run_calibrate, step_latency
 from .errors import UserError
 from .few_rows import activations, rounds_activations
+from .llama_forward import rounds_cache
 from .lookup import LookupConfig
 from .questions import load_questions
 
@@ -106,11 +107,11 @@ def run_bench(args) -> dict:
     run, tok = Runner(dm, plain, lookup), plain.tokenizer
     records, mismatches, rounding = [], [], []
     # Exactness is checked against the reference: transformers' generate in fp32, where every path rounds
-    # alike to within ties; in reduced precision (any device), or with int8 activations on GGUF-block weights
-    # (few_rows), our own loop, whose kernels round otherwise than transformers' stock ones (on a CPU its
-    # row-exact ones: another rounding of the model, not an error, reported apart).
+    # alike to within ties; in reduced precision (any device), with int8 activations on GGUF-block weights
+    # (few_rows) or a float16 cache (--kv-cache), our own loop, whose kernels round otherwise than transformers'
+    # stock ones (on a CPU its row-exact ones: another rounding of the model, not an error, reported apart).
     dtype = dm.backbone.dtype
-    ours_rounds = dtype != torch.float32 or rounds_activations(dm.backbone)
+    ours_rounds = dtype != torch.float32 or rounds_activations(dm.backbone) or rounds_cache(dm.backbone)
     reference = "loop" if ours_rounds and dm.engine is None and "loop" in methods else baseline
     tie = max(1e-3, 4 * torch.finfo(dtype).eps * 32)  # a few units in the last place of a logit of ~32
     with progress() as bar:
@@ -219,6 +220,7 @@ def _report(args, dm, methods, records, mismatches, latency, lookup, reference, 
                    "tree": dm.tree.to_json() if dm.tree else None, "tree_size": dm.tree.size if dm.tree else 1,
                    "num_heads": dm.heads.cfg.num_heads, "device": args.device, "dtype": str(dm.backbone.dtype),
                    "activations": activations() if rounds_activations(dm.backbone) else "as the dtype",
+                   "kv_cache": "float16" if rounds_cache(dm.backbone) else "as the dtype",
                    "engine": f"llama.cpp ({dm.engine.description})" if dm.engine is not None else "torch",
                    "baseline": baseline_of(methods), "exactness_reference": reference,
                    "lookup": asdict(lookup),
@@ -266,7 +268,8 @@ def write_markdown(rep: dict, path: Path) -> None:
     ref = c.get("exactness_reference", baseline_of(o))
     sections = [(f"Greedy outputs that differ from {LABELS[ref]}", rep["greedy_mismatches"])]
     if ref != baseline_of(o):
-        int8 = ", int8 activations" if c.get("activations") == "int8" else ""
+        int8 = (", int8 activations" if c.get("activations") == "int8" else "") + (
+            ", float16 cache" if c.get("kv_cache") == "float16" else "")
         sections.append((f"{LABELS[baseline_of(o)]} against {LABELS[ref]} (another rounding of the model in "
                          f"{c['dtype']}{int8}: stock kernels against ours; not an error)",
                          rep["baseline_rounding_differences"]))
@@ -361,7 +364,8 @@ def print_summary(rep: dict) -> None:
     if c.get("exactness_reference", c["baseline"]) != c["baseline"]:
         con.print(f"{LABELS[rep['config']['baseline']].split(' (')[0]} against {ref}: "
                   f"{rep['baseline_rounding_differences']['count']} differ (another rounding: {rep['config']['dtype']}"
-                  + (", int8 activations)" if rep["config"].get("activations") == "int8" else ")"))
+                  + (", int8 activations" if rep["config"].get("activations") == "int8" else "")
+                  + (", float16 cache)" if rep["config"].get("kv_cache") == "float16" else ")"))
 
 
 def cmd_bench(args) -> None:

@@ -37,6 +37,10 @@ def add_threads(p: argparse.ArgumentParser) -> None:
                    help="what CPU products of weights in GGUF blocks (the default model's) multiply: x rounded to 8 bits "
                         "per block of 32, as llama.cpp does (faster), or x as it is (exact float32 products). "
                         f"Default: $DRAFTHEADS_ACTIVATIONS, else {defaults.ACTIVATIONS}")
+    p.add_argument("--kv-cache", choices=defaults.KV_CACHE_KINDS, default=None,
+                   help="what the KV cache of a float32 model on a CPU stores keys and values in: float16 halves the bytes "
+                        "each step's attention reads (faster with many sequences or long contexts, as llama.cpp's "
+                        f"default), float32 keeps them as computed. Default: $DRAFTHEADS_KV_CACHE, else {defaults.KV_CACHE}")
 
 
 def _add_model_args(p: argparse.ArgumentParser, heads_default="default") -> None:
@@ -154,6 +158,10 @@ def main(argv=None) -> int:
             from .few_rows import set_activations
 
             set_activations(args.activations)
+        if getattr(args, "kv_cache", None):
+            from .kvcache import set_kv_cache
+
+            set_kv_cache(args.kv_cache)
         args.func(args)
     except UserError as e:
         print(f"draftheads: error: {e}", file=sys.stderr)

@@ -63,6 +63,14 @@ ADAPT_TREES = True
 ACTIVATIONS = "int8"
 ACTIVATION_KINDS = ("int8", "float32")
 
+# What the KV cache stores keys and values in under a float32 forward on a CPU (--kv-cache): "float16" halves the
+# bytes every step's attention reads, which bound batches and long contexts (docs/verify_profile.md; llama.cpp's
+# default cache type too); each key and value is rounded to the nearest half when written, and the attention's
+# sums stay float32. Every pass reads the same rounded entries, so speculative output still equals plain output.
+# "float32" keeps them as computed. Process-wide, like --activations.
+KV_CACHE = "float16"
+KV_CACHE_KINDS = ("float16", "float32")
+
 
 def set_threads(threads: int | None) -> None:
     """Apply --threads. 0 or None: one thread per core, unless other jobs already keep the cores busy

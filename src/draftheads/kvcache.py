@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from collections import OrderedDict
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from . import defaults
 from .errors import UserError
 
 FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' names for the layer types we mask
@@ -30,6 +32,29 @@ FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' names for
 # attention new. On this project's AMD EPYC a rows_attention call took 1,245 us over a new key count and
 # 145 us over one seen before (scripts/bench_row_attention.py --new-shapes).
 KEY_BLOCK = 64
+
+
+def _kv_kind(kind: str, where: str) -> str:
+    if kind not in defaults.KV_CACHE_KINDS:
+        raise UserError(f"{where} must be one of {', '.join(defaults.KV_CACHE_KINDS)}, not {kind!r}")
+    return kind
+
+
+_KV_CACHE = _kv_kind(os.environ.get("DRAFTHEADS_KV_CACHE") or defaults.KV_CACHE, "$DRAFTHEADS_KV_CACHE")
+
+
+def set_kv_cache(kind: str | None) -> None:
+    """What caches made from now on store keys and values in, process-wide, where the forward allows it
+    (LlamaForward.kv_dtype: float32 weights on a CPU): "float16" or "float32"; None leaves it
+    (defaults.KV_CACHE, or $DRAFTHEADS_KV_CACHE where set)."""
+    global _KV_CACHE
+    if kind is not None:
+        _KV_CACHE = _kv_kind(kind, "kv-cache")
+
+
+def kv_cache() -> str:
+    """The current setting of set_kv_cache."""
+    return _KV_CACHE
 
 
 def attended(end: int, capacity: int) -> int:
@@ -114,6 +139,12 @@ class _PreallocatedLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
+        """transformers' entry: the layer's entries in the forward's dtype (a 16-bit cache's, converted)."""
+        keys, values = self.write(key_states, value_states)
+        return keys.to(key_states.dtype), values.to(key_states.dtype)
+
+    def write(self, key_states, value_states) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append q entries [batch, kv_heads, q, head_dim]; views of all of the layer's, in the cache's dtype."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
@@ -140,11 +171,14 @@ class _PreallocatedLayer(CacheLayerMixin):
 
 
 class TreeKVCache:
-    """KV cache for one sequence (batch 1) of at most `capacity` tokens."""
+    """KV cache for one sequence (batch 1) of at most `capacity` tokens. dtype: the forward's (its masks');
+    kv_dtype: what the keys and values are stored in (default dtype; float16 under a float32 CPU forward
+    that reads halves itself: LlamaForward.kv_dtype)."""
 
     def __init__(self, num_layers: int, capacity: int, dtype: torch.dtype, device: torch.device | str,
-                 windows: dict[str, int | None] | None = None):
+                 windows: dict[str, int | None] | None = None, kv_dtype: torch.dtype | None = None):
         self.capacity, self.dtype, self.device = capacity, dtype, device
+        self.kv_dtype = kv_dtype or dtype
         self.windows = windows or {FULL: None}  # layer type -> sliding window (attention_windows)
         self.kv: torch.Tensor | None = None  # [layers, 2, batch, kv_heads, capacity, head_dim]
         self.layers = [_PreallocatedLayer(self, i) for i in range(num_layers)]
@@ -154,9 +188,9 @@ class TreeKVCache:
         self._views: tuple | None = None  # (kv, per-layer keys, per-layer values): write_views'
 
     @classmethod
-    def for_model(cls, model, capacity: int) -> "TreeKVCache":
+    def for_model(cls, model, capacity: int, kv_dtype: torch.dtype | None = None) -> "TreeKVCache":
         p = next(model.parameters())
-        return cls(model.config.num_hidden_layers, capacity, p.dtype, p.device, attention_windows(model.config))
+        return cls(model.config.num_hidden_layers, capacity, p.dtype, p.device, attention_windows(model.config), kv_dtype)
 
     def reserve(self, capacity: int) -> None:
         """Make room for `capacity` entries, keeping those cached (for a cache that grows with its sequence:
@@ -172,13 +206,14 @@ class TreeKVCache:
     def _allocate(self, key_states: torch.Tensor) -> None:
         if self.kv is None:
             b, h, _, d = key_states.shape
-            self.kv = torch.zeros(len(self.layers), 2, b, h, self.capacity, d, dtype=key_states.dtype,
+            self.kv = torch.zeros(len(self.layers), 2, b, h, self.capacity, d, dtype=self.kv_dtype,
                                   device=key_states.device)
 
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write q new entries of one layer (keys, values [batch, kv_heads, q, head_dim]) after the cached
-        ones; returns views of all of that layer's entries [batch, kv_heads, cached + q, head_dim]."""
-        return self.layers[layer].update(keys, values)
+        ones; returns views of all of that layer's entries [batch, kv_heads, cached + q, head_dim], in the
+        cache's dtype (kv_dtype)."""
+        return self.layers[layer].write(keys, values)
 
     def write_views(self, b: int, q: int, kv_heads: int, head_dim: int) -> tuple[list, list, list[int], int]:
         """For a pass that writes its q new entries itself (decoder_stack.py, every layer in one call): each
@@ -260,7 +295,7 @@ class TreeKVCache:
         assert self.length == 0 and kv.shape[3] <= self.capacity, "a prefix loads into an empty cache with room"
         if self.kv is None:
             L, _, h, _, d = kv.shape
-            self.kv = kv.new_zeros(L, 2, 1, h, self.capacity, d)
+            self.kv = kv.new_zeros(L, 2, 1, h, self.capacity, d, dtype=self.kv_dtype)
         self.kv[:, :, 0, :, :kv.shape[3]] = kv
         for layer in self.layers:
             layer.length = kv.shape[3]
@@ -287,9 +322,9 @@ class SlotKVCache:
     ever padded. Used by batched distillation (train/batch_generate.py)."""
 
     def __init__(self, num_layers: int, slots: int, capacity: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        self.capacity, self.dtype, self.device = capacity, dtype, device
-        self.kv = torch.zeros(num_layers, 2, slots, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+                 dtype: torch.dtype, device: torch.device | str, kv_dtype: torch.dtype | None = None):
+        self.capacity, self.dtype, self.device = capacity, dtype, device  # dtype: the masks' (TreeKVCache)
+        self.kv = torch.zeros(num_layers, 2, slots, kv_heads, capacity, head_dim, dtype=kv_dtype or dtype, device=device)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # [slots]
         # Slot and column indices on the cache's device, made once: steps slice them instead of allocating.
         self._rows = torch.arange(slots, device=device)
@@ -305,11 +340,11 @@ class SlotKVCache:
         self._views: dict[int, tuple[list, list]] = {}  # write_views' per-layer keys and values, by batch size
 
     @classmethod
-    def for_model(cls, model, slots: int, capacity: int) -> "SlotKVCache":
+    def for_model(cls, model, slots: int, capacity: int, kv_dtype: torch.dtype | None = None) -> "SlotKVCache":
         cfg, p = model.config, next(model.parameters())
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        return cls(cfg.num_hidden_layers, slots, capacity, kv_heads, head_dim, p.dtype, p.device)
+        return cls(cfg.num_hidden_layers, slots, capacity, kv_heads, head_dim, p.dtype, p.device, kv_dtype)
 
     def load(self, slot: int, prefill: TreeKVCache) -> None:
         """Make `slot` hold the sequence that `prefill` (a batch-1 cache) holds."""
@@ -328,7 +363,7 @@ class SlotKVCache:
         assert int(self.lengths.max()) < self.capacity, "KV cache overflow: a slot outgrew its capacity"
         self._n, self._end, self._rows_at = self._rows.numel(), int(self.lengths.max()) + 1, None
         visible = self._cols[:self._end] <= self.lengths[:, None]  # [slots, end]
-        mask = self.kv.new_zeros(visible.shape)
+        mask = self.kv.new_zeros(visible.shape, dtype=self.dtype)
         return mask.masked_fill_(~visible, torch.finfo(self.dtype).min)[:, None, None]
 
     def write_views(self, b: int, q: int, kv_heads: int, head_dim: int) -> tuple[list, list, list[int], int]:
@@ -373,7 +408,7 @@ class SlotKVCache:
         self.begin_step(S, q)
         lengths = self.lengths[:S]
         prefix = self._cols[:self._end] < lengths[:, None]  # [n, end]
-        mask = self.kv.new_full((S, q, self._end), torch.finfo(self.dtype).min)
+        mask = self.kv.new_full((S, q, self._end), torch.finfo(self.dtype).min, dtype=self.dtype)
         mask.masked_fill_(prefix[:, None, :], 0)
         cols = (lengths[:, None] + self._cols[:q])[:, None, :].expand(S, q, q)  # [n, q, q]
         return mask.scatter_(2, cols, tree_bias.to(self.dtype))[:, None]
@@ -400,11 +435,11 @@ class SlotKVCache:
         else:
             # index_copy_ over flat rows: a third of the time of the equivalent indexed assignment; keys and
             # values in one call (this runs for every layer of every pass)
-            self._flat[layer].index_copy_(1, self._rows_at, torch.stack((keys, values)).view(2, -1, d))
+            self._flat[layer].index_copy_(1, self._rows_at, torch.stack((keys, values)).view(2, -1, d).to(self.kv.dtype))
         read_end, read = self._read
         assert read_end == end, "every layer of a step reads the same columns"
         all_keys, all_values = read[layer].unbind()  # [n, kv_heads, end, head_dim] each
-        return all_keys, all_values
+        return all_keys, all_values  # in the cache's dtype: LlamaForward's attention reads halves itself
 
     def keep(self, slot: int, nodes: list[int]) -> None:
         """After a tree step wrote slot `slot`'s nodes after its length L: keep `nodes` (root first, each

@@ -27,7 +27,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from . import decoder_stack, few_rows, layer_ops
 from .cpu_matmul import MAX_ROWS, linear, packed_rows
-from .kvcache import TreeKVCache, is_chain
+from .kvcache import TreeKVCache, is_chain, kv_cache
 from .row_attention import batched_rows_are_exact, chain_visibility, rows_attention
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
@@ -54,6 +54,24 @@ def unsupported_reason(model) -> str | None:
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def cache_dtype(weight: torch.Tensor) -> torch.dtype:
+    """What the lean forward's caches store keys and values in, for a model with this weight: float16 for float32
+    weights on a CPU with the C++ attention, which reads halves as it goes (kvcache.kv_cache(), --kv-cache), else
+    the weights' dtype."""
+    if (weight.device.type == "cpu" and weight.dtype == torch.float32 and kv_cache() == "float16"
+            and layer_ops.load() is not None):
+        return torch.float16
+    return weight.dtype
+
+
+def rounds_cache(model) -> bool:
+    """Whether our forward of `model` rounds its cached keys and values where transformers' own does not."""
+    if not isinstance(model, torch.nn.Module) or unsupported_reason(model) is not None:
+        return False
+    w = model.get_input_embeddings().weight
+    return cache_dtype(w) != w.dtype
 
 
 def _plain_linear(module: torch.nn.Module) -> bool:
@@ -150,6 +168,11 @@ class LlamaForward:
             self._fused = [tuple(fuse_linears(g) for g in pair) for pair in groups]
             self._fused_at = self._addresses()
         return self._fused
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """What this forward's caches store keys and values in (cache_dtype)."""
+        return cache_dtype(self.embed.weight)
 
     def _decoder_stack(self, rows: int, fused: list | None):
         """The C++ decoder stack for a pass of `rows` rows (decoder_stack.py), rebuilt where a weight it holds
@@ -276,16 +299,18 @@ class LlamaForward:
                 if rows is None:
                     qs, ks = apply_rotary_pos_emb(qs, ks, cos, sin)
                 if trees is None:
-                    keys, values = cache.append(i, ks, vs)  # [b, kv_heads, keys, d]
+                    keys, values = (t.to(qs.dtype) for t in cache.append(i, ks, vs))  # [b, kv_heads, keys, d]
                     o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=self.scaling,
                                                        enable_gqa=True)  # [b, heads, q, d]
                 else:
                     keys, values, paths = cache.append_rows(i, ks, vs, per_node)  # [b, kv_heads, keys, d]
+                    keys, values = keys.to(qs.dtype), values.to(qs.dtype)  # a 16-bit cache under float32: converted
                     if starts is not None and visible is None:  # every layer attends over the same columns
                         visible = chain_visibility(starts, q, keys.shape[2], g)  # [b, 1, q * g, keys]
                     o = rows_attention(qs, keys, values, visible, self.scaling) if visible is not None else qs.new_zeros(qs.shape)
                     for r, node, k1, v1 in paths:  # [1, kv_heads, its keys, d]: the path a branching tree's node sees
-                        o[r, :, node] = rows_attention(qs[r:r + 1, :, node:node + 1], k1, v1, None, self.scaling)[0, :, 0]
+                        o[r, :, node] = rows_attention(qs[r:r + 1, :, node:node + 1], k1.to(qs.dtype), v1.to(qs.dtype), None,
+                                                       self.scaling)[0, :, 0]
                 o = o.transpose(1, 2).reshape(b * q, -1)  # [b * q, heads * d]
             x, h = _add_norm(x, linear(o[rows] if rows is not None else o, at.o_proj.weight, at.o_proj.bias),
                              layer.post_attention_layernorm, cpp)
@@ -322,7 +347,7 @@ class PrefillChunks:
 
     def __iter__(self):
         P, w = self.ids.numel(), self.fwd.embed.weight
-        tmp = TreeKVCache(len(self.fwd.layers), P, w.dtype, w.device)
+        tmp = TreeKVCache(len(self.fwd.layers), P, w.dtype, w.device, kv_dtype=self.cache.kv.dtype)
         causal = torch.full((self.chunk, self.chunk), torch.finfo(w.dtype).min, dtype=w.dtype, device=w.device).triu(1)
         key = self.ids.tolist() if self.prompts is not None else None  # the prompt cache's key, made once
         done = self.prompts.restore(tmp, key) if self.prompts is not None else None  # [m, H]

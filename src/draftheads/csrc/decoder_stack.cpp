@@ -108,16 +108,33 @@ class DecoderStack {
   // columns starts[b]..: a row copy per kv head (as torch copy_ per sequence, 2 B calls a layer, they were ~15% of a
   // 48-sequence pass, one thread copying while the other waited).
   void write_cache(const torch::Tensor& all, const torch::Tensor& k, const torch::Tensor& v, const std::vector<int64_t>& starts) const {
+    TORCH_CHECK(all.is_contiguous() && k.stride(3) == 1 && v.stride(3) == 1 && v.scalar_type() == k.scalar_type(), "contiguous rows");
+    if (k.scalar_type() == torch::kHalf)
+      write_rows<at::Half>(all, k, v, starts);
+    else
+      write_rows<float>(all, k, v, starts);
+  }
+
+  // Row copies into a float32 cache; into a float16 one, each float rounded to the nearest half (F16C).
+  static void put(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+  static void put(at::Half* dst, const float* src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; ++i) dst[i] = at::Half(src[i]);
+  }
+
+  template <typename T>
+  void write_rows(const torch::Tensor& all, const torch::Tensor& k, const torch::Tensor& v, const std::vector<int64_t>& starts) const {
     const int64_t B = all.size(0), Q = all.size(1), W = all.size(2), H = heads_, KVH = kv_heads_, D = head_dim_;
-    TORCH_CHECK(all.is_contiguous() && k.stride(3) == 1 && v.stride(3) == 1, "contiguous rows");
     const float* src = all.data_ptr<float>();
-    float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+    T *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
     for (int64_t b = 0; b < B; ++b)
       for (int64_t i = 0; i < Q; ++i)
         for (int64_t h = 0; h < KVH; ++h) {
           const float* row = src + (b * Q + i) * W + (H + h) * D;
-          std::memcpy(kp + b * k.stride(0) + h * k.stride(1) + (starts[b] + i) * k.stride(2), row, D * sizeof(float));
-          std::memcpy(vp + b * v.stride(0) + h * v.stride(1) + (starts[b] + i) * v.stride(2), row + KVH * D, D * sizeof(float));
+          put(kp + b * k.stride(0) + h * k.stride(1) + (starts[b] + i) * k.stride(2), row, D);
+          put(vp + b * v.stride(0) + h * v.stride(1) + (starts[b] + i) * v.stride(2), row + KVH * D, D);
         }
   }
 

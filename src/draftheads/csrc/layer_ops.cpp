@@ -123,14 +123,18 @@ torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
   return y;
 }
 
+// 8 keys' or values' floats, stored as float32 or float16 (F16C converts exactly: every half is a float).
+static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
 // One query head against D floats of key: 8 lanes over the dims in order, then hsum.
-template <int N>
-static inline void dots(const float* q, const float* const* k, float* out, int64_t D) {
+template <int N, typename T>
+static inline void dots(const float* q, const T* const* k, float* out, int64_t D) {
   __m256 a[N];
   for (int n = 0; n < N; ++n) a[n] = _mm256_setzero_ps();
   for (int64_t d = 0; d < D; d += 8) {
     const __m256 qv = _mm256_loadu_ps(q + d);
-    for (int n = 0; n < N; ++n) a[n] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[n] + d), a[n]);
+    for (int n = 0; n < N; ++n) a[n] = _mm256_fmadd_ps(qv, load8(k[n] + d), a[n]);
   }
   for (int n = 0; n < N; ++n) out[n] = hsum(a[n]);
 }
@@ -140,8 +144,8 @@ static inline void dots(const float* q, const float* const* k, float* out, int64
 // order, which costs no time beside them. In column order, not in lanes: a tree node's masked columns (exact
 // zeros) then leave its sums as a plain step's, whatever columns its path's keys sit at. Blocks of keys in
 // order, the sums carried in acc and total: the same additions in the same order as one pass over all keys.
-template <int C>
-static inline void weighted_sum(const float* p, const float* v, int64_t stride, int64_t j0, int64_t j1, float* acc,
+template <int C, typename T>
+static inline void weighted_sum(const float* p, const T* v, int64_t stride, int64_t j0, int64_t j1, float* acc,
                                 float& total) {
   __m256 a[C];
   for (int c = 0; c < C; ++c) a[c] = _mm256_loadu_ps(acc + 8 * c);
@@ -149,24 +153,25 @@ static inline void weighted_sum(const float* p, const float* v, int64_t stride, 
   for (int64_t j = j0; j < j1; ++j) {
     const __m256 pj = _mm256_set1_ps(p[j]);
     t += p[j];
-    const float* vr = v + j * stride;
-    for (int c = 0; c < C; ++c) a[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 8 * c), a[c]);
+    const T* vr = v + j * stride;
+    for (int c = 0; c < C; ++c) a[c] = _mm256_fmadd_ps(pj, load8(vr + 8 * c), a[c]);
   }
   for (int c = 0; c < C; ++c) _mm256_storeu_ps(acc + 8 * c, a[c]);
   total = t;
 }
 
-static void weighted_sum(int C, const float* p, const float* v, int64_t stride, int64_t j0, int64_t j1, float* acc,
+template <typename T>
+static void weighted_sum(int C, const float* p, const T* v, int64_t stride, int64_t j0, int64_t j1, float* acc,
                          float& total) {
   switch (C) {
-    case 1: weighted_sum<1>(p, v, stride, j0, j1, acc, total); break;
-    case 2: weighted_sum<2>(p, v, stride, j0, j1, acc, total); break;
-    case 3: weighted_sum<3>(p, v, stride, j0, j1, acc, total); break;
-    case 4: weighted_sum<4>(p, v, stride, j0, j1, acc, total); break;
-    case 5: weighted_sum<5>(p, v, stride, j0, j1, acc, total); break;
-    case 6: weighted_sum<6>(p, v, stride, j0, j1, acc, total); break;
-    case 7: weighted_sum<7>(p, v, stride, j0, j1, acc, total); break;
-    default: weighted_sum<8>(p, v, stride, j0, j1, acc, total);
+    case 1: weighted_sum<1, T>(p, v, stride, j0, j1, acc, total); break;
+    case 2: weighted_sum<2, T>(p, v, stride, j0, j1, acc, total); break;
+    case 3: weighted_sum<3, T>(p, v, stride, j0, j1, acc, total); break;
+    case 4: weighted_sum<4, T>(p, v, stride, j0, j1, acc, total); break;
+    case 5: weighted_sum<5, T>(p, v, stride, j0, j1, acc, total); break;
+    case 6: weighted_sum<6, T>(p, v, stride, j0, j1, acc, total); break;
+    case 7: weighted_sum<7, T>(p, v, stride, j0, j1, acc, total); break;
+    default: weighted_sum<8, T>(p, v, stride, j0, j1, acc, total);
   }
 }
 
@@ -179,12 +184,9 @@ constexpr int64_t VALUE_BLOCK = 64;
 // limits [B] or empty: batch row b's queries see no column at or past limits[b] (its mask hides them), so those
 // are neither read nor summed: each would add an exact zero (exp of the mask's minimum), so the floats are the
 // same, and a batch of sequences of different lengths reads each one's own keys, not the longest one's.
-torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask, double scale,
-                        const std::vector<int64_t>& limits = {}) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(), "q [B, Q, H, D], k and v [B, KVH, L, D]");
-  for (const auto* t : {&q, &k, &v})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 && t->stride(3) == 1,
-                "q, k, v: float32 CPU tensors with contiguous last dims");
+template <typename T>
+static torch::Tensor attention_of(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                  const torch::Tensor& mask, double scale, const std::vector<int64_t>& limits) {
   const int64_t B = q.size(0), Q = q.size(1), H = q.size(2), D = q.size(3), KVH = k.size(1), L = k.size(2);
   TORCH_CHECK(k.size(0) == B && k.size(3) == D && KVH > 0 && H % KVH == 0 && D % 8 == 0 && L > 0, "shapes");
   const bool masked = mask.numel() > 0;
@@ -195,7 +197,8 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch
                 mask.stride(3) == 1 && mask.scalar_type() == torch::kFloat32, "mask: [1 or B, 1, Q, L] float32");
   const int64_t G = H / KVH, Lp = (L + 7) / 8 * 8;
   auto out = torch::empty({B, Q, H * D}, q.options());
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  const T *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
   const float* mp = masked ? mask.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
@@ -223,8 +226,8 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch
       const int64_t n = std::min(S, s0 + per) - s0;
       if (n <= 0) continue;
       const int64_t Lb = limits.empty() ? L : std::min(L, limits[b]), Lbp = (Lb + 7) / 8 * 8;
-      const float* kb = kp + b * k.stride(0) + kh * k.stride(1);
-      const float* vb = vp + b * v.stride(0) + kh * v.stride(1);
+      const T* kb = kp + b * k.stride(0) + kh * k.stride(1);
+      const T* vb = vp + b * v.stride(0) + kh * v.stride(1);
       for (int64_t x = 0; x < n; ++x) {
         const int64_t i = (s0 + x) / G, h = kh * G + (s0 + x) % G;
         qs[x] = qp + b * q.stride(0) + i * q.stride(1) + h * q.stride(2);
@@ -233,11 +236,11 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch
       }
       int64_t j = 0;
       for (; j + 4 <= Lb; j += 4) {
-        const float* ks[4] = {kb + j * k.stride(2), kb + (j + 1) * k.stride(2), kb + (j + 2) * k.stride(2), kb + (j + 3) * k.stride(2)};
+        const T* ks[4] = {kb + j * k.stride(2), kb + (j + 1) * k.stride(2), kb + (j + 2) * k.stride(2), kb + (j + 3) * k.stride(2)};
         for (int64_t x = 0; x < n; ++x) dots<4>(qs[x], ks, s.data() + x * Lp + j, D);
       }
       for (; j < Lb; ++j) {
-        const float* ks[1] = {kb + j * k.stride(2)};
+        const T* ks[1] = {kb + j * k.stride(2)};
         for (int64_t x = 0; x < n; ++x) dots<1>(qs[x], ks, s.data() + x * Lp + j, D);
       }
       for (int64_t x = 0; x < n; ++x) {
@@ -268,6 +271,19 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch
     }
   });
   return out;
+}
+
+// softmax(q k^T * scale + mask) v for q [B, Q, H, D] float32, k, v [B, KVH, L, D] float32 or float16 (a cache in 16
+// bits: each value converted to float32 as it is read; the sums are float32 either way) -> [B, Q, H * D] float32.
+torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask, double scale,
+                        const std::vector<int64_t>& limits = {}) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(), "q [B, Q, H, D], k and v [B, KVH, L, D]");
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && (k.scalar_type() == torch::kFloat32 || k.scalar_type() == torch::kHalf) &&
+              v.scalar_type() == k.scalar_type(), "q float32; k and v both float32 or both float16");
+  for (const auto* t : {&q, &k, &v})
+    TORCH_CHECK(t->device().is_cpu() && t->stride(3) == 1, "q, k, v: CPU tensors with contiguous last dims");
+  return k.scalar_type() == torch::kHalf ? attention_of<at::Half>(q, k, v, mask, scale, limits)
+                                         : attention_of<float>(q, k, v, mask, scale, limits);
 }
 
 #ifndef DRAFTHEADS_NO_MODULE  // decoder_stack.cpp includes this file and calls its functions

@@ -54,7 +54,7 @@ class BatchGenerator:
         # float32), so the data is what decoding computes, at its speed.
         self.fwd = LlamaForward.shared(model)  # asserts the model is supported
         self.lm_head = model.get_output_embeddings()
-        self.cache = SlotKVCache.for_model(model, slots, capacity)
+        self.cache = SlotKVCache.for_model(model, slots, capacity, self.fwd.kv_dtype)
         self.eos = set(eos_ids)
         p = next(model.parameters())
         self.device = p.device

@@ -26,6 +26,7 @@ from ..acceptance import SamplingConfig
 from ..backbone import output_embedding_fingerprint
 from ..errors import UserError
 from ..few_rows import rounds_activations
+from ..llama_forward import rounds_cache
 from ..llama_forward import unsupported_reason
 from .batch_generate import BatchGenerator, Request
 from .prompts import dedup, load_prompts, norm
@@ -174,8 +175,9 @@ def run(cfg: DistillConfig, backbone, progress: bool = True, command: str = "") 
                 "hidden_size": model.config.hidden_size, "command": command, "seed": cfg.seed,
                 "temperature": g.temperature, "top_p": g.top_p, "max_new_tokens": g.max_new_tokens,
                 "max_prompt_tokens": g.max_prompt_tokens, "sources": {s.name: s.weight for s in cfg.sources},
-                # the answers' rounding (README, --activations): a resumed run must keep it
-                "activations": "int8" if batched and rounds_activations(model) else "float32"}
+                # the answers' rounding (README, --activations, --kv-cache): a resumed run must keep it
+                "activations": "int8" if batched and rounds_activations(model) else "float32",
+                "kv_cache": "float16" if batched and rounds_cache(model) else "float32"}
         out = ShardWriter(cfg.output, cfg.shard_size, meta)
     else:
         out = JsonlAppender(cfg.output)

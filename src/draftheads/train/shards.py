@@ -29,9 +29,11 @@ from safetensors.torch import load_file, save_file
 from ..errors import UserError
 
 # Settings that change what the data is: a resumed run must use the same ones.
-FIXED_SETTINGS = ("backbone_fingerprint", "temperature", "top_p", "max_new_tokens", "max_prompt_tokens", "activations")
-# What a manifest without the key was made with: sets distilled before int8 activations existed took x as it is
-LEGACY_SETTINGS = {"activations": "float32"}
+FIXED_SETTINGS = ("backbone_fingerprint", "temperature", "top_p", "max_new_tokens", "max_prompt_tokens", "activations",
+                  "kv_cache")
+# What a manifest without the key was made with: sets distilled before int8 activations existed took x as it is, and
+# before the float16 cache kept keys and values in float32
+LEGACY_SETTINGS = {"activations": "float32", "kv_cache": "float32"}
 
 
 def is_shard_dir(path: str | Path) -> bool:
