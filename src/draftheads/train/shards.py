@@ -68,9 +68,10 @@ class ShardWriter:
             return {**meta, "shards": []}
         man = json.loads(path.read_text())
         for key in FIXED_SETTINGS:
-            if man.get(key, LEGACY_SETTINGS.get(key)) != meta.get(key):
-                raise UserError(f"{self.dir} was distilled with {key}={man.get(key, LEGACY_SETTINGS.get(key))!r}, this run "
-                                f"has {meta.get(key)!r}: use another output directory, or the same setting")
+            was, now = man.get(key, LEGACY_SETTINGS.get(key)), meta.get(key, LEGACY_SETTINGS.get(key))
+            if was != now:
+                raise UserError(f"{self.dir} was distilled with {key}={was!r}, this run has {now!r}: use another output "
+                                "directory, or the same setting")
         man.update({k: v for k, v in meta.items() if k not in FIXED_SETTINGS})
         return man
 
