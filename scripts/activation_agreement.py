@@ -5,8 +5,8 @@ the reply it produced with float32 activations and cache), teacher-forced, the l
 both modes. Reports top-1 agreement, the mean KL(float32 || other), the share of positions where the two top-1s
 differ while float32's top-2 margin exceeds 0.5, and each mode's agreement with the recorded reply token. Then, as
 a measure of quality that favours neither mode, each mode's mean negative log-likelihood of human-written answers
-(`--human`: a JSONL of {"question", "answer"}, GSM8K's training split by default) after their question. The other
-setting stays at its default.
+(`--human`: a JSONL of {"question", "answer"}, GSM8K's training split by default) after their question, and the
+difference's standard error paired over answers. The other setting stays at its default.
 
     .venv/bin/python scripts/activation_agreement.py [--setting activations|kv-cache] [--data data/distilled]
         [--records 40] [--human ../shared/data/gsm8k_train.jsonl] [--human-records 40] [--threads 2]
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import torch
 
@@ -76,23 +77,30 @@ def main() -> None:
         agree += (~flip).sum().item()
         confident_flips += (flip & (top2[:, 0] - top2[:, 1] > 0.5)).sum().item()
         kl += torch.nn.functional.kl_div(q.log_softmax(-1), f.log_softmax(-1), log_target=True, reduction="sum").item()
-    nll, tokens = {exact: 0.0, other: 0.0}, 0
+    nll, tokens, diffs = {exact: 0.0, other: 0.0}, 0, []  # diffs: per answer, other's summed NLL minus exact's
     with open(args.human) as f:
         pairs = [json.loads(line) for _, line in zip(range(args.human_records), f)]
     for pair in pairs:
         prompt = chat_ids(backbone.tokenizer, pair["question"])
         answer = backbone.tokenizer.encode(pair["answer"], add_special_tokens=False)
+        one = {}
         for kind in nll:
             set_kind(kind)
             logits = reply_logits(dec, prompt + answer, len(prompt))  # [answer, vocab]
-            nll[kind] += torch.nn.functional.cross_entropy(logits, torch.tensor(answer), reduction="sum").item()
+            one[kind] = torch.nn.functional.cross_entropy(logits, torch.tensor(answer), reduction="sum").item()
+            nll[kind] += one[kind]
         tokens += len(answer)
+        diffs.append(one[other] - one[exact])
+    # the per-token difference's standard error, paired over answers (each answer's sum is one sample)
+    se = statistics.stdev(diffs) * len(diffs) ** 0.5 / tokens if len(diffs) > 1 else float("nan")
     print(json.dumps({"setting": args.setting, "records": len(records), "positions": n, "top1_agreement": agree / n,
                       f"mean_kl_{exact}_{other}": kl / n,
                       "flips_with_float32_margin_over_0.5": confident_flips / n,
                       "reply_token_agreement": {k: v / n for k, v in matches.items()},
                       "human_answers": {"file": args.human, "answers": len(pairs), "tokens": tokens,
-                                        "mean_nll": {k: v / tokens for k, v in nll.items()}}}, indent=1))
+                                        "mean_nll": {k: v / tokens for k, v in nll.items()},
+                                        f"nll_{other}_minus_{exact}": sum(diffs) / tokens, "paired_standard_error": se}},
+                     indent=1))
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@ per model loaded in one process, in the order `--models` names them, timed in bl
 alternate between the models (the first block of each untimed). Prints the median and mean ms per pass
 per model, and how much of the process's memory sits in transparent huge pages.
 
-Two uses: whether the heads server's plain passes cost more than the plain server's (load both, in
-either order), and whether huge pages for torch's allocations change a pass
-(`THP_MEM_ALLOC_ENABLE=1` against none, one model per process).
+Three uses: whether the heads server's plain passes cost more than the plain server's (load both, in
+either order), what the KV cache's dtype does to a pass (a model is HEADS[:KV], KV float32 or float16: the
+cache setting its batch is made under, README --kv-cache), and whether huge pages for torch's allocations change
+a pass (`THP_MEM_ALLOC_ENABLE=1` against none, one model per process).
 
     python scripts/time_batched_passes.py --prompts runs/batch_tune_prompts.jsonl --models default,none
     python scripts/time_batched_passes.py --prompts runs/batch_tune_prompts.jsonl --models none,default
+    python scripts/time_batched_passes.py --prompts P --models none:float32,none:float16 --blocks 40
     THP_MEM_ALLOC_ENABLE=1 python scripts/time_batched_passes.py --prompts runs/batch_tune_prompts.jsonl --models none
 
 Use prompts that are neither training nor evaluation data (scripts/unused_prompts.py).
@@ -33,7 +35,8 @@ from draftheads.train.prompts import load_prompts
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", required=True)
-    ap.add_argument("--models", default="default,none", help="heads per model, in load order (none: no heads)")
+    ap.add_argument("--models", default="default,none",
+                    help="heads per model, in load order (none: no heads), each optionally :float32 or :float16 (its cache)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--blocks", type=int, default=24)
     ap.add_argument("--dtype", default="float32")
@@ -42,16 +45,18 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     prompts = load_prompts(a.prompts)[:a.batch]
     runs = {}
-    for heads in a.models.split(","):
-        m = draftheads.load(heads=None if heads == "none" else heads, dtype=a.dtype)
+    for spec in a.models.split(","):
+        heads, _, kv = spec.partition(":")
+        m = draftheads.load(heads=None if heads == "none" else heads, dtype=a.dtype, kv_cache=kv or None)
         batch = BatchDecoder(m.decoder, a.batch, 2048, None, m.batch_trees, None, None, m.batch_cuts)
         gens = []
         for p in prompts:
             g = batch.steps(m.prompt_ids([{"role": "user", "content": p}]), 1000, SamplingConfig(), Stats())
             next(g)  # the prefill
             gens.append(g)
-        print(f"{heads}: the tree at {a.batch} sequences has {batch.tree_at(a.batch, m.decoder.tree).size} node(s)")
-        runs[heads] = (batch, gens, [])
+        print(f"{spec}: the tree at {a.batch} sequences has {batch.tree_at(a.batch, m.decoder.tree).size} node(s), "
+              f"the cache {batch.cache.kv.dtype}")
+        runs[spec] = (batch, gens, [])
 
     def block(name: str) -> float:
         batch, gens, _ = runs[name]
