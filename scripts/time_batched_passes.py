@@ -26,6 +26,7 @@ import time
 import torch
 
 import draftheads
+from draftheads import kvcache
 from draftheads.acceptance import SamplingConfig
 from draftheads.batch import BatchDecoder
 from draftheads.generate import Stats
@@ -44,10 +45,11 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     prompts = load_prompts(a.prompts)[:a.batch]
-    runs = {}
+    runs, kv_default = {}, kvcache.kv_cache()
     for spec in a.models.split(","):
         heads, _, kv = spec.partition(":")
-        m = draftheads.load(heads=None if heads == "none" else heads, dtype=a.dtype, kv_cache=kv or None)
+        # the setting is process-wide: a model without :KV takes the one the process started with, not the last named
+        m = draftheads.load(heads=None if heads == "none" else heads, dtype=a.dtype, kv_cache=kv or kv_default)
         batch = BatchDecoder(m.decoder, a.batch, 2048, None, m.batch_trees, None, None, m.batch_cuts)
         gens = []
         for p in prompts:

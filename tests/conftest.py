@@ -11,12 +11,9 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture
-def kv_float32():
+def kv_float32(monkeypatch):
     """Caches keep float32 keys and values for the test: for comparisons with transformers' own forward, which
     keeps them so (by default a float32 CPU forward stores them in float16: defaults.KV_CACHE)."""
     from draftheads import kvcache
 
-    before = kvcache.kv_cache()
-    kvcache.set_kv_cache("float32")
-    yield
-    kvcache.set_kv_cache(before)
+    monkeypatch.setattr(kvcache, "_KV_CACHE", "float32")

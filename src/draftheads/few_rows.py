@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 from . import defaults
-from .errors import UserError
+from .errors import one_of
 
 SOURCE = Path(__file__).with_name("csrc") / "few_rows.cpp"
 log = logging.getLogger(__name__)
@@ -304,7 +304,7 @@ def set_activations(kind: str | None) -> None:
     of 32 inputs, as llama.cpp does) or "float32" (x as it is); None leaves it (defaults.ACTIVATIONS, or
     $DRAFTHEADS_ACTIVATIONS where set)."""
     global _ACTIVATIONS
-    if kind is not None and _activation_kind(kind, "activations") != _ACTIVATIONS:
+    if kind is not None and one_of(kind, defaults.ACTIVATION_KINDS, "activations") != _ACTIVATIONS:
         _ACTIVATIONS = kind
         from . import cpu_matmul
 
@@ -326,12 +326,6 @@ def rounds_activations(model) -> bool:
     return _ACTIVATIONS == "int8" and w is not None and w.is_contiguous() and packed(w) is not None
 
 
-def _activation_kind(kind: str, source: str) -> str:
-    if kind not in defaults.ACTIVATION_KINDS:
-        raise UserError(f"{source} must be one of {', '.join(defaults.ACTIVATION_KINDS)}, not {kind!r}")
-    return kind
-
-
 def packed_linear(x: torch.Tensor, p: Packed, b: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] float32 @ w.T (+ b) -> [..., out] for the weight w that p holds (load() must have given the
     kernel). Under `activations()` "int8" each row of x is first rounded to 8 bits per block of 32 inputs
@@ -346,4 +340,5 @@ def packed_linear(x: torch.Tensor, p: Packed, b: torch.Tensor | None = None) -> 
 
 
 _EMPTY = torch.empty(0)  # Q8_0's m, no bias
-_ACTIVATIONS = _activation_kind(os.environ.get("DRAFTHEADS_ACTIVATIONS") or defaults.ACTIVATIONS, "$DRAFTHEADS_ACTIVATIONS")
+_ACTIVATIONS = one_of(os.environ.get("DRAFTHEADS_ACTIVATIONS") or defaults.ACTIVATIONS, defaults.ACTIVATION_KINDS,
+                      "$DRAFTHEADS_ACTIVATIONS")

@@ -22,7 +22,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import defaults
-from .errors import UserError
+from .errors import UserError, one_of
 
 FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' names for the layer types we mask
 
@@ -34,13 +34,7 @@ FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' names for
 KEY_BLOCK = 64
 
 
-def _kv_kind(kind: str, where: str) -> str:
-    if kind not in defaults.KV_CACHE_KINDS:
-        raise UserError(f"{where} must be one of {', '.join(defaults.KV_CACHE_KINDS)}, not {kind!r}")
-    return kind
-
-
-_KV_CACHE = _kv_kind(os.environ.get("DRAFTHEADS_KV_CACHE") or defaults.KV_CACHE, "$DRAFTHEADS_KV_CACHE")
+_KV_CACHE = one_of(os.environ.get("DRAFTHEADS_KV_CACHE") or defaults.KV_CACHE, defaults.KV_CACHE_KINDS, "$DRAFTHEADS_KV_CACHE")
 
 
 def set_kv_cache(kind: str | None) -> None:
@@ -49,7 +43,7 @@ def set_kv_cache(kind: str | None) -> None:
     (defaults.KV_CACHE, or $DRAFTHEADS_KV_CACHE where set)."""
     global _KV_CACHE
     if kind is not None:
-        _KV_CACHE = _kv_kind(kind, "kv-cache")
+        _KV_CACHE = one_of(kind, defaults.KV_CACHE_KINDS, "kv-cache")
 
 
 def kv_cache() -> str:
