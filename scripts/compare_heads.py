@@ -1,7 +1,7 @@
 """Two or more sets of heads for one backbone, in one run: mean accepted tokens per step, tokens/s, and
 whether each output equals plain greedy decoding, on held-out prompts. Methods are interleaved per prompt
 (plain loop, then every set of heads), so machine noise falls on all of them alike. Each set uses its own
-calibrated tree unless --tree is given. Ratios are against the first --heads.
+calibrated tree (and its cut for one sequence) unless --tree is given. Ratios are against the first --heads.
 
     python scripts/compare_heads.py --heads default --heads hydra --limit 20 --max-new-tokens 128 \
         --out runs/hydra/compare.json
@@ -43,7 +43,7 @@ def main() -> None:
     for dm in [plain, *models]:  # warm-up: first-call costs (kernel choice, allocations) fall on no method
         dm.generate("Hello.", max_new_tokens=8)
     rows = {"plain loop": {"tokens": 0, "time": 0.0}}
-    rows |= {h: {"tokens": 0, "time": 0.0, "accepted": [], "identical": 0} for h in a.heads}
+    rows |= {h: {"tokens": 0, "time": 0.0, "accepted": [], "identical": 0, "nodes": 0, "steps": 0} for h in a.heads}
     for p in tqdm(prompts, desc="prompts"):
         ref = plain.generate(p, max_new_tokens=a.max_new_tokens)
         rows["plain loop"]["tokens"] += len(ref.token_ids)
@@ -53,6 +53,8 @@ def main() -> None:
             rows[h]["tokens"] += len(r.token_ids)
             rows[h]["time"] += r.stats.total_s
             rows[h]["accepted"] += r.stats.accepted
+            rows[h]["nodes"] += r.stats.nodes  # fewer than steps x tree size where the heads cut their tree
+            rows[h]["steps"] += r.stats.steps
             rows[h]["identical"] += int(r.token_ids == ref.token_ids)
     loop_tps = rows["plain loop"]["tokens"] / rows["plain loop"]["time"]
     report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
@@ -61,6 +63,7 @@ def main() -> None:
     for h, dm in zip(a.heads, models):
         s = rows[h]
         report["heads"][h] = {"head_type": dm.heads.cfg.head_type, "tree": dm.tree.to_json(),
+                              "cut": dm.decoder.min_prob, "nodes_per_step": s["nodes"] / max(1, s["steps"]),
                               "mean_accepted": sum(s["accepted"]) / max(1, len(s["accepted"])),
                               "tok_s": s["tokens"] / s["time"],
                               "identical_to_plain_greedy": f"{s['identical']}/{len(prompts)}"}

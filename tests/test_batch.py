@@ -314,7 +314,11 @@ def test_heads_config_batch_cuts_are_checked_and_loaded(tiny_dirs):
     (heads / "config.json").write_text(json.dumps({**cfg, "tree": [[0]], "batch_trees": {"1": [[0]], "4": [[0]]},
                                                    "batch_draft_confidence": {"4": 0.4}}))
     assert load(heads=str(heads), backbone=str(bb)).batch_cuts == {4: 0.4}
+    assert load(heads=str(heads), backbone=str(bb)).decoder.min_prob == 0.0  # no cut for one sequence
     assert load(heads=str(heads), backbone=str(bb), tree="chain2").batch_cuts == {}  # a named tree is not cut
+    (heads / "config.json").write_text(json.dumps({**cfg, "tree": [[0], [0, 0]], "batch_draft_confidence": {"1": 0.3}}))
+    assert load(heads=str(heads), backbone=str(bb)).decoder.min_prob == 0.3  # the loop takes the cut for one
+    assert load(heads=str(heads), backbone=str(bb), tree="chain2").decoder.min_prob == 0.0
     (heads / "config.json").write_text(json.dumps({**cfg, "device_trees": {"cpu bfloat16": {
         "tree": [[0]], "batch_trees": {"8": [[0]]}, "batch_draft_confidence": {"8": 0.5}}}}))
     assert load(heads=str(heads), backbone=str(bb), dtype=torch.bfloat16).batch_cuts == {8: 0.5}
@@ -649,6 +653,39 @@ def test_a_batch_cuts_trees_to_their_confident_nodes_and_stays_exact():
     gens[0].close()
 
 
+def test_one_sequence_cuts_its_tree_where_calibrate_chose_a_cut_for_one_and_stays_exact():
+    """A cut for one sequence (min_prob of the loop, draft_confidence {1: ...} of the batched step): the loop and a
+    sequence alone in the batched step verify fewer nodes than the tree has, a tree named per call is verified
+    whole, and the output is still plain greedy decoding's."""
+    model = tiny_model()
+    heads = tiny_heads(model, num_heads=3)
+    tree = load_tree("chain3", 3)
+    prompt = [5, 9, 2, 7, 4, 11]
+    want = hf_greedy(model, prompt, 24)
+    whole, cut = Stats(), Stats()
+    out = [t for step in Decoder(model, heads, tree).steps(prompt, 24, SamplingConfig(), whole) for t in step][:24]
+    assert out == want
+    loop = Decoder(model, heads, tree, min_prob=0.05)
+    out = [t for step in loop.steps(prompt, 24, SamplingConfig(), cut) for t in step][:24]
+    # some nodes kept, some cut (the steps near the cache's end verify the root alone either way)
+    assert out == want and cut.steps < cut.nodes < whole.nodes * cut.steps / whole.steps
+    named = Stats()
+    out = [t for step in loop.steps(prompt, 24, SamplingConfig(), named, load_tree("chain3", 3)) for t in step][:24]
+    assert out == want and (named.steps, named.nodes) == (whole.steps, whole.nodes)  # a tree named per call: whole
+    batch = BatchDecoder(Decoder(model, heads, tree), slots=2, capacity=128, draft_confidence={1: 0.05, 2: 0.0})
+    stats = [Stats(), Stats()]
+    gens = [batch.steps(prompt, 40, SamplingConfig(), stats[0]), batch.steps([3, 8, 1], 40, SamplingConfig(), stats[1])]
+    passes(batch, gens, 4)
+    assert [s.nodes for s in stats] == [4 * tree.size] * 2  # two sequences: whole chains (their cut is 0)
+    gens[1].close()
+    before = stats[0].nodes
+    for _ in range(6):
+        assert batch.step() == 1
+        next(gens[0])
+    assert 6 < stats[0].nodes - before < 6 * tree.size  # alone: its cut for one
+    gens[0].close()
+
+
 def passes(batch: BatchDecoder, gens, n: int) -> None:
     """Prefill every sequence of `gens` (BatchDecoder.steps generators), then run `n` passes over all of them."""
     for gen in gens:
@@ -667,6 +704,8 @@ def test_the_cut_follows_the_batch_size():
     assert [batch.confidence_at(b) for b in (1, 2, 3, 8)] == [0.0, 0.0, 0.99, 0.99]
     assert BatchDecoder(Decoder(model, heads, tree), 2, 64, draft_confidence={4: 0.3}).confidence_at(2) == BATCH_DRAFT_CONFIDENCE
     assert BatchDecoder(Decoder(model, heads, tree), 2, 64, draft_confidence=0.3).confidence_at(8) == 0.3
+    assert BatchDecoder(Decoder(model, heads, tree), 2, 64, draft_confidence=0.3).confidence_at(1) == 0.0  # 2+ only
+    assert BatchDecoder(Decoder(model, heads, tree), 2, 64, draft_confidence={1: 0.2, 4: 0.3}).confidence_at(2) == 0.2
     stats = [Stats() for _ in range(3)]
     gens = [batch.steps([5 + i, 6, 7, 8], 40, SamplingConfig(), s) for i, s in enumerate(stats)]
     passes(batch, gens, 2)

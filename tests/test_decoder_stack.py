@@ -183,3 +183,37 @@ def test_speculative_and_batched_decoding_on_the_stack_equal_plain_decoding(stac
         assert drive(batch, [(p, SamplingConfig(), t) for p, t in zip(prompts, trees)], 30) == plain
         assert sum(s.calls for s in stacks) > used + 2 and not appends  # the steps too, none layer by layer
     assert sum(s.padded for s in stacks) > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_prompt_longer_than_the_packed_rows_is_prefilled_in_pieces_that_compute_the_same_keys(arch, monkeypatch):
+    """Past cpu_matmul.packed_rows a prefill's products would leave the packed kernel: the engine and the batch's
+    PrefillChunks prefill such a prompt in pieces of that many rows. Each row computes what it computes in a
+    prefill whose pieces are larger (the same kernels; the masked keys add exact zeros), and greedy decoding after
+    it is plain decoding's."""
+    from draftheads.llama_forward import LlamaForward
+
+    model = packed_model(arch)
+    threads = torch.get_num_threads()
+    prompt = torch.randint(0, 200, (23,), generator=torch.Generator().manual_seed(4))
+    forwards, hidden = [], LlamaForward.hidden
+    monkeypatch.setattr(LlamaForward, "hidden", lambda self, c, ids, *a, **k: forwards.append(ids.numel()) or hidden(self, c, ids, *a, **k))
+    runs = {}
+    cpu_matmul.routes()  # measured (or read) first, so that the limit set below stays
+    for rows in (24, 5):  # the whole prompt in one forward, then in pieces of 5 rows (5 + 5 + 5 + 5 + 3)
+        monkeypatch.setattr(cpu_matmul, "_PACKED_ROWS", {threads: rows})
+        decoder = Decoder(model)
+        assert decoder.lean.prefill_rows() == rows
+        forwards.clear()
+        cache, slots = decoder.engine.new_cache(40), SlotKVCache.for_model(model, 2, 40)
+        with torch.inference_mode():
+            h, logits = decoder.engine.prefill(cache, prompt)
+            chunks = list(decoder.lean.prefill_slot_chunks(slots, 1, prompt, 8))
+        runs[rows] = (list(forwards), h, logits, cache.kv[..., :23, :].clone(), slots.kv[:, :, 1, :, :23].clone(), chunks)
+        out = [t for step in decoder.steps(prompt.tolist(), 6, SamplingConfig(), Stats()) for t in step][:6]
+        assert out == [t for step in Decoder(model).steps(prompt.tolist(), 6, SamplingConfig(), Stats()) for t in step][:6]
+    whole, pieces = runs[24], runs[5]
+    assert whole[0][0] == 23 and pieces[0][:5] == [5, 5, 5, 5, 3]  # the engine's forwards
+    assert pieces[0][5:] == [5, 3, 5, 3, 5, 2] and pieces[5] == [8, 16, 23]  # the batch's chunks of 8, in pieces of 5
+    for a, b in zip(whole[1:5], pieces[1:5]):
+        assert torch.equal(a, b)

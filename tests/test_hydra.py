@@ -25,6 +25,76 @@ def test_greedy_with_hydra_equals_plain_greedy(head_type, residual, token, arch,
     assert stats.steps < 48  # some drafts were accepted
 
 
+@pytest.mark.parametrize("head_type,token", [("hydra", False), ("hydra++", False), ("hydra++", True)])
+def test_a_cut_hydra_loop_equals_plain_greedy_and_its_prefix_layer_follows(head_type, token, kv_float32):
+    """The loop with a cut for one sequence (min_prob): fewer nodes verified than the tree has, greedy output
+    unchanged, and Hydra++'s prefix layer after it still the layer over the accepted sequence."""
+    model = tiny_model()
+    heads = tiny_hydra_heads(model, head_type, grounded_residual="hidden" if token else "projection",
+                             prefix_token=token, noise=0.3)
+    prompt = torch.randint(0, 200, (12,), generator=torch.Generator().manual_seed(3)).tolist()
+    tree = load_tree("chain3")
+    whole, cut = Stats(), Stats()
+    assert run(decoder_on("lean", model, heads, tree), prompt, n=30, stats=whole) == hf_greedy(model, prompt, 30)
+    dec = decoder_on("lean", model, heads, tree)
+    dec.min_prob = 0.05
+    out = []
+    for step in dec.steps(prompt, 30, SamplingConfig(), cut, None):
+        out += step  # whole steps, as in the prefix-layer tests
+    assert out[:30] == hf_greedy(model, prompt, 30)
+    assert cut.steps < cut.nodes < whole.nodes * cut.steps / whole.steps  # some nodes kept, some cut
+    if head_type == "hydra++":
+        seq = torch.tensor(prompt + out)
+        seen = heads._cache.length
+        assert seen == len(seq) - (2 if token else 1)
+        hidden = model.base_model(input_ids=seq[None]).last_hidden_state  # [1, T, H]
+        if token:
+            with torch.inference_mode():
+                heads.draft(hidden[0, seen], seq[seen + 1], tree)  # the waiting position joins with its root
+        ahead = seq[None, 1:seen + 2] if token else None
+        fresh = heads.prefix_states(hidden[:, :seen + (1 if token else 0)], None, ahead)[0, -1]
+        torch.testing.assert_close(heads._last, fresh, atol=1e-4, rtol=1e-4)
+
+
+def test_hydra_draft_confident_keeps_paths_by_probability_and_runs_no_head_below_a_level_it_cut():
+    model = tiny_model()
+    heads = tiny_hydra_heads(model, num_heads=3, noise=0.3)
+    h, root, tree = torch.randn(64), torch.tensor(7), load_tree("chain3")
+    ids = heads.draft(h, root, tree)
+    path, probs = [root], []
+    for k in range(3):
+        logits = heads.head(k, h[None], torch.stack(path)[None])[0]  # [vocab]
+        probs.append(float(logits.softmax(-1)[ids[k + 1]]))
+        path.append(ids[k + 1])
+    along = [probs[0], probs[0] * probs[1], probs[0] * probs[1] * probs[2]]
+    for c in (along[1] * 0.999, along[1] * 1.001):
+        (cut, kept), = heads.draft_confident(h[None], root.view(1), tree, c)
+        n = sum(p >= c for p in along)
+        assert cut.size == 1 + n and torch.equal(kept, ids[:1 + n])
+    calls = []
+    real = heads.head
+    heads.head = lambda k, *a: calls.append(k) or real(k, *a)
+    (cut, kept), = heads.draft_confident(h[None], root.view(1), tree, min(along[0] * 1.001, 0.999))
+    assert cut.size == 1 and calls == [0]  # the first node cut: heads 2 and 3 never ran
+
+
+def test_hydra_teacher_probabilities_are_the_heads_own_along_the_true_path():
+    """What calibrate predicts a cut from (teacher_top_probs): each head's top ids as teacher_topk gives them,
+    and their softmax probabilities as draft_confident computes them on that path."""
+    model = tiny_model()
+    heads = tiny_hydra_heads(model, "hydra++", num_heads=3, noise=0.3)
+    ids = torch.randint(0, 200, (20,), generator=torch.Generator().manual_seed(0))
+    hidden = model.base_model(input_ids=ids[None]).last_hidden_state[0]  # [T, H]
+    top, probs = heads.teacher_top_probs(hidden, ids, 10)  # [K, T, 10] each
+    assert torch.equal(top, heads.teacher_topk(hidden, ids, 10))
+    t = 9
+    heads.reset()
+    heads.observe(hidden[:t + 1])
+    for k in range(3):
+        logits = heads.head(k, heads._last[None], ids[t + 1:t + 2 + k][None])[0]
+        torch.testing.assert_close(probs[k, t], logits.softmax(-1)[top[k, t]], rtol=1e-5, atol=1e-6)
+
+
 def test_hydra_drafts_depend_on_the_path_and_medusa_drafts_do_not():
     model = tiny_model()
     hidden, tree = torch.randn(64), load_tree("chain3")
@@ -183,6 +253,11 @@ def test_native_round_trip_keeps_the_head_type(tmp_path, head_type, token):
         heads.reset(), back.reset()
         heads.observe(x, ids), back.observe(x, ids)
     assert torch.equal(heads.draft(h, torch.tensor(4), tree), back.eval().draft(h, torch.tensor(4), tree))
+    if head_type == "hydra++":  # decoded, its prefix layer's q/k/v are disjoint views of one fused tensor: saved all the same
+        assert heads._lean._fused is not None
+        save_heads(heads, tmp_path / "again")
+        again = load_heads(tmp_path / "again", model)
+        assert all(torch.equal(a, b) for a, b in zip(heads.state_dict().values(), again.state_dict().values()))
 
 
 def test_prefix_layer_cache_grows_past_its_first_allocation_and_keeps_every_position():

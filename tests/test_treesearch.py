@@ -114,14 +114,27 @@ def test_calibrate_on_a_tiny_model_writes_a_valid_tree(tiny_dirs, tmp_path):
     assert [x["size"] for x in table["3"]["latency"]] == [1, 4, 8] and table["3"]["latency"][0]["step_s"] > 0
     # a cut chosen from the grid where the batched step cuts (2+ sequences; the root alone: none), whole trees alone
     row = table["3"]
-    assert row["draft_confidence"] in (0.0, *defaults.BATCH_DRAFT_CONFIDENCES) and "draft_confidence" not in table["1"]
+    assert row["draft_confidence"] in (0.0, *defaults.BATCH_DRAFT_CONFIDENCES)
     assert (row["draft_confidence"] == 0.0) == (row["size"] == 1)
     assert 1 <= row["predicted_rows"] <= row["size"]
     assert sorted((c["depth"], c["draft_confidence"]) for c in row["candidates"]) == [(0, 0.0)] + [
         (d, c) for d in (1, 2, 3) for c in defaults.BATCH_DRAFT_CONFIDENCES]
+    # one sequence: whole trees, or a chain cut to its confident nodes where that was predicted faster; the loop
+    # and the table's entry for 1 take the same
+    solo = data.get("draft_confidence")
+    cands = data["cut_chains"]["candidates"] if solo else []
+    if solo:
+        assert solo in defaults.BATCH_DRAFT_CONFIDENCES and data["search"] == "cut chain"
+        assert data["predicted_tokens_per_s"] > data["whole_tree_predicted_tokens_per_s"]
+        assert table["1"]["draft_confidence"] == solo and table["1"]["tree"] == data["tree"]
+        assert max(c["tokens_per_s"] for c in cands) >= data["predicted_tokens_per_s"]
+    else:
+        assert "draft_confidence" not in table["1"]
     written = json.loads((heads / "config.json").read_text())
-    assert written["batch_draft_confidence"] == {"3": row["draft_confidence"]}
-    assert load(heads=str(heads), backbone=str(bb)).batch_cuts == {3: row["draft_confidence"]}
+    assert written["batch_draft_confidence"] == {"3": row["draft_confidence"], **({"1": solo} if solo else {})}
+    dm = load(heads=str(heads), backbone=str(bb))
+    assert dm.batch_cuts == {3: row["draft_confidence"], **({1: solo} if solo else {})}
+    assert dm.decoder.min_prob == (solo or 0.0)
     assert [x["size"] for x in table["3"]["chain_latency"]] == [1, 2, 3, 4] and table["3"]["tree"] in ([], [[0]], [[0], [0, 0]], [[0], [0, 0], [0, 0, 0]])
     assert json.loads((heads / "config.json").read_text())["batch_trees"] == {b: r["tree"] for b, r in table.items()}
     tree = load_tree(str(out), 3)
@@ -230,6 +243,10 @@ def test_a_deeper_chain_takes_over_only_when_it_is_clearly_faster():
     # each step under the margin, but two add up past it against the pick: the 2-deep takes over
     assert pick_chain([{"depth": d, "tokens_per_s": t} for d, t in enumerate([100, 104, 108, 112])])["depth"] == 2
     assert pick_chain([{"depth": 0, "tokens_per_s": 100}, {"depth": 1, "tokens_per_s": 105}])["depth"] == 0  # a tie at 5%
+    # from a depth already trusted (one sequence's best whole tree): the fastest down to it, the margin past it
+    four = [{"depth": d, "tokens_per_s": t} for d, t in enumerate([100, 104, 108, 112])]
+    assert pick_chain(four, start=2)["depth"] == 2 and pick_chain(four, start=3)["depth"] == 3
+    assert pick_chain([{"depth": d, "tokens_per_s": t} for d, t in enumerate([100, 110, 104, 108])], start=2)["depth"] == 1
 
 
 def test_searches_respect_ranks_and_depth_bounds():
@@ -281,3 +298,47 @@ def test_batch_table_fits_chain_costs_within_the_few_row_regime():
     assert skewed[0]["depth"] == 0 and skewed[0]["round_s"] < 0.04  # the 48- and 64-row rounds drag the line
     assert fitted[0]["depth"] == 0 and fitted[0]["round_s"] == pytest.approx(0.05)
     assert all(16 * c["rows"] <= 32 for c in fitted) and any(16 * c["rows"] > 32 for c in skewed)
+
+
+def test_calibrate_cuts_one_sequence_s_chain_where_that_beats_every_whole_tree(tiny_dirs, tmp_path, monkeypatch):
+    """calibrate's choice for one sequence: where every whole tree loses to plain steps but a chain cut to its
+    confident nodes wins, the loop's tree is that chain with its cut, the table's entry for one sequence takes the
+    same, both are written to the heads, and load() hands the cut to the loop. Accuracies and step costs are
+    forced (_confident_half; each row 40% of a plain step)."""
+    from draftheads import calibrate
+
+    def measures(dm, prompt_ids, continuation, probs=False):
+        ranks, p = _confident_half(2 * (len(continuation) // 2))
+        return ranks, p if probs else None
+
+    def costs(dm, prompt_ids, sizes, steps=8, p=None, trees=None):
+        return [{"size": n, "draft_s": 0.0, "verify_s": 0.01 * (1 + 0.4 * (n - 1)), "accept_s": 0.0,
+                 "step_s": 0.01 * (1 + 0.4 * (n - 1))} for n in (sizes or [t.size for t in trees])]
+
+    monkeypatch.setattr(calibrate, "head_measures", measures)
+    monkeypatch.setattr(calibrate, "step_latency", costs)
+    bb, heads, questions = tiny_dirs
+    out = tmp_path / "tree.json"
+    assert main(["calibrate", "--backbone", str(bb), "--heads", str(heads), "--prompts", str(questions), "--out", str(out),
+                 "--max-new-tokens", "12", "--max-nodes", "4", "--latency-sizes", "1,2,4", "--threads", "1",
+                 "--draft-confidence", "0.2,0.95", "--measure-limit", "2", "--write-to-heads", "--batch-sizes", "1"]) == 0
+    data = json.loads(out.read_text())
+    # whole: 1 + 0.5 + 0.5 + 0.5 tokens for 4 rows (2.5 / 0.022 s) or fewer; cut at 0.2: the sure half's 3 nodes
+    # only, 2.5 rows for 2.5 tokens (2.5 / 0.016 s); plain 1 / 0.01 s
+    assert data["tree"] == [[0], [0, 0], [0, 0, 0]] and data["draft_confidence"] == 0.2
+    assert data["predicted_rows"] == pytest.approx(2.5) and data["predicted_tokens_per_s"] == pytest.approx(2.5 / 0.016)
+    assert data["whole_tree_predicted_tokens_per_s"] < data["predicted_tokens_per_s"]
+    assert data["cut_chains"]["chain_scale"] == pytest.approx(1.0)  # chains on the whole trees' scale
+    assert data["batch_trees"]["1"]["tree"] == data["tree"] and data["batch_trees"]["1"]["draft_confidence"] == 0.2
+    assert data["measured"]["calibrated"]["steps"] > 0  # generate ran with the cut
+    written = json.loads((heads / "config.json").read_text())
+    assert written["tree"] == data["tree"] and written["batch_draft_confidence"] == {"1": 0.2}
+    dm = load(heads=str(heads), backbone=str(bb))
+    assert dm.decoder.min_prob == 0.2 and dm.batch_cuts == {1: 0.2}
+    # calibrated again without a cut to choose: the cut for one sequence goes
+    monkeypatch.undo()
+    assert main(["calibrate", "--backbone", str(bb), "--heads", str(heads), "--prompts", str(questions), "--out", str(out),
+                 "--max-new-tokens", "8", "--max-nodes", "4", "--latency-sizes", "1,4", "--latency-steps", "2",
+                 "--threads", "1", "--draft-confidence", "0", "--no-measure", "--write-to-heads"]) == 0
+    assert "1" not in (json.loads((heads / "config.json").read_text())["batch_draft_confidence"] or {})
+    assert load(heads=str(heads), backbone=str(bb)).decoder.min_prob == 0.0

@@ -114,8 +114,9 @@ class BatchDecoder:
         # In a pass of two or more sequences, the table's followers verify only the nodes their heads give
         # at least this probability (MedusaHeads.draft_confident; 0: every node): one for every batch size,
         # or per batch size as calibrate chose it with the table (the entry of the largest size <= B; the
-        # default below the smallest). Alone, a sequence's extra rows cost little and it keeps its whole tree.
-        cuts = draft_confidence if isinstance(draft_confidence, dict) else {1: draft_confidence}
+        # default below the smallest). Alone, a sequence keeps its whole tree unless calibrate chose a cut
+        # for one sequence too (an entry for 1, which the decoding loop takes as well).
+        cuts = draft_confidence if isinstance(draft_confidence, dict) else {2: draft_confidence}
         assert all(b >= 1 and 0.0 <= c < 1.0 for b, c in cuts.items())
         self.draft_confidence = sorted(cuts.items())
         self.free = list(range(slots))
@@ -137,10 +138,8 @@ class BatchDecoder:
 
     def confidence_at(self, batch: int) -> float:
         """The path probability a table follower's node needs to be verified in a pass of `batch` sequences."""
-        if batch < 2:
-            return 0.0
         found = _at(self.draft_confidence, batch)
-        return BATCH_DRAFT_CONFIDENCE if found is None else found
+        return found if found is not None else 0.0 if batch < 2 else BATCH_DRAFT_CONFIDENCE
 
     @torch.inference_mode()
     def steps(self, prompt_ids: list[int], max_new_tokens: int, sp: SamplingConfig, stats: Stats,

@@ -389,11 +389,16 @@ def cmd_calibrate(args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     if args.write_to_heads:
-        _write_tree_to_heads(heads_dir(args.heads), result["tree"], result.get("batch_trees"), result["calibrated_for"])
+        _write_tree_to_heads(heads_dir(args.heads), result["tree"], result.get("batch_trees"), result["calibrated_for"],
+                             result.get("draft_confidence"))
     con = _console()
     m63 = result["medusa63"]
     con.print(f"accuracy (conditional, rank 0 per head): {', '.join(f'{row[0]:.2f}' for row in result['accuracy'])} "
               f"over {result['positions']} positions")
+    if "draft_confidence" in result:
+        con.print(f"one sequence: the chain of {result['depth']} cut at path probability {result['draft_confidence']} "
+                  f"({result['predicted_rows']:.2f} rows a step), predicted {result['predicted_tokens_per_s']:.1f} tok/s "
+                  f"against {result['whole_tree_predicted_tokens_per_s']:.1f} for the best whole tree ({len(result['whole_tree'])} nodes)")
     con.print(f"chosen tree: {result['size']} nodes, depth {result['depth']} ({result['search']}); predicted mean "
               f"accepted {result['predicted_mean_accepted']:.3f} (empirical on calibration positions "
               f"{result['predicted_mean_accepted_empirical']:.3f}), predicted {result['predicted_tokens_per_s']:.1f} tok/s "
@@ -420,9 +425,10 @@ def cmd_calibrate(args) -> None:
 
 
 def _write_tree_to_heads(directory: Path, tree: list[list[int]], batch_trees: dict | None = None,
-                         where: str = "cpu float32") -> None:
+                         where: str = "cpu float32", cut: float | None = None) -> None:
     """Store the tree (and trees per batch size) in the heads' config: as its own `tree` for a CPU in
-    float32, else under device_trees[where] ("cpu bfloat16", "cuda bfloat16"), which `load` takes there."""
+    float32, else under device_trees[where] ("cpu bfloat16", "cuda bfloat16"), which `load` takes there.
+    cut: the path probability one sequence's nodes need (batch_draft_confidence["1"]), None: whole trees."""
     from .draftmodel import DEFAULT_TREES_KEY
     from .heads.checkpoint import _atomic_write, read_config
 
@@ -440,4 +446,9 @@ def _write_tree_to_heads(directory: Path, tree: list[list[int]], batch_trees: di
             entry["batch_draft_confidence"] = cuts
         else:  # a table of batch size 1 alone: no cut left over from an earlier calibration
             entry.pop("batch_draft_confidence", None)
+    else:  # the tree for one sequence only: its cut replaces an earlier one, the batch sizes' stay
+        cuts = {b: c for b, c in (entry.get("batch_draft_confidence") or {}).items() if b != "1"}
+        entry["batch_draft_confidence"] = {"1": cut, **cuts} if cut else cuts or None
+    if batch_trees and cut and "1" not in batch_trees:  # a table without batch size 1: the cut for one sequence
+        entry["batch_draft_confidence"] = {"1": cut, **(entry.get("batch_draft_confidence") or {})}
     _atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=1) + "\n"))

@@ -50,7 +50,7 @@ def head_measures(dm: DraftModel, prompt_ids: list[int], continuation: list[int]
     ids = torch.tensor(seq, device=model.device)
     hidden = dm.decoder.engine.hidden_states(ids)  # [T, hidden]
     first, T, K = len(prompt_ids) - 1, len(seq), heads.cfg.num_heads
-    top, top_p = heads.teacher_top_probs(hidden, MAX_RANK) if probs else (heads.teacher_topk(hidden, ids, MAX_RANK), None)
+    top, top_p = heads.teacher_top_probs(hidden, ids, MAX_RANK) if probs else (heads.teacher_topk(hidden, ids, MAX_RANK), None)
     top = top[:, first:T - 1]  # [K, c, 10]
     target = torch.tensor(seq + [-1] * (K + 2), device=model.device)
     pos = torch.arange(first, T - 1, device=model.device)
@@ -171,13 +171,23 @@ def tree_of_size(size: int, num_heads: int, p=None) -> Tree:
 
 
 @torch.inference_mode()
-def step_latency(dm: DraftModel, prompt_ids: list[int], sizes: list[int], steps: int = 8, p=None) -> list[dict]:
-    """Median seconds per loop step (draft, verify, accept) for trees of the given sizes, timed inside
-    our own loop (Decoder.steps) after 2 warm-up steps. Sizes are interleaved over rounds so that
-    drift on a shared machine hits all alike."""
+def trees_by_size(dm: DraftModel, sizes: list[int], p=None, trees: list[Tree] | None = None) -> dict[int, Tree]:
+    """{size: tree} to time: the best tree of each size for the accuracies p (tree_of_size), or `trees`, one per size."""
+    if trees is None:
+        return {n: tree_of_size(n, dm.heads.cfg.num_heads, p) for n in sizes}
+    assert len({t.size for t in trees}) == len(trees), "one tree per size"
+    return {t.size: t for t in trees}
+
+
+def step_latency(dm: DraftModel, prompt_ids: list[int], sizes: list[int], steps: int = 8, p=None,
+                 trees: list[Tree] | None = None) -> list[dict]:
+    """Median seconds per loop step (draft, verify, accept) for trees of the given sizes (or each of
+    `trees`, one per size), timed inside our own loop (Decoder.steps) after 2 warm-up steps, every node
+    verified. Sizes are interleaved over rounds so that drift on a shared machine hits all alike."""
     assert dm.heads is not None
     decoder = Decoder(dm.backbone, dm.heads, None, engine=dm.engine)
-    trees = {n: tree_of_size(n, dm.heads.cfg.num_heads, p) for n in sizes}
+    trees = trees_by_size(dm, sizes, p, trees)
+    sizes = list(trees)
     samples = {n: {"draft": [], "verify": [], "accept": []} for n in sizes}
     sp = SamplingConfig()
     rounds = 2
@@ -216,11 +226,7 @@ def batch_round_latency(dm: DraftModel, prompt_ids: list[int], batch: int, sizes
 
     assert dm.heads is not None and batch >= 1
     decoder = Decoder(dm.backbone, dm.heads, None, engine=dm.engine)
-    if trees is None:
-        trees = {n: tree_of_size(n, dm.heads.cfg.num_heads, p) for n in sizes}
-    else:
-        assert len({t.size for t in trees}) == len(trees), "one tree per size"
-        trees = {t.size: t for t in trees}
+    trees = trees_by_size(dm, sizes, p, trees)
     sizes = list(trees)
     samples: dict[int, list[float]] = {n: [] for n in sizes}
     drafts: dict[int, list[float]] = {n: [] for n in sizes}
@@ -283,34 +289,46 @@ def batch_table(p, latency: dict[int, list[dict]], max_nodes: int, max_depth: in
                  "predicted_tokens_per_s": b * best["tokens_per_s"]}
         if cut is not None and b >= 2:
             ranks, probs, min_probs, chain_latency = cut
-            cl = chain_latency[b]
-            cx, cd = [x["size"] for x in cl], [x.get("draft_s", 0.0) for x in cl]
-            fitted = [i for i, n in enumerate(cx) if max_rows is None or b * n <= max_rows]
-            fitted = fitted if len(fitted) >= 2 else list(range(len(cx)))
-            verify = line_fit([cx[i] for i in fitted], [cl[i]["step_s"] - cd[i] for i in fitted])
-            candidates, by_depth = [], []
-            for t in map(chain, range(min(max_depth, max_nodes - 1, max(cx) - 1) + 1)):
-                cuts = []
-                for min_prob in min_probs if t.size > 1 else [0.0]:  # the root alone is never cut
-                    rows, tokens = cut_rows_tokens(ranks, probs, t.paths, min_prob)
-                    if max_rows is not None and b * rows > max_rows and t.size > 1:
-                        continue
-                    seconds = verify(rows) + interpolate(cx, cd, t.size)
-                    cuts.append({"depth": t.depth, "draft_confidence": min_prob, "rows": rows, "tokens": tokens,
-                                 "round_s": seconds, "tokens_per_s": b * tokens / seconds})
-                candidates += cuts
-                if cuts:  # the root is always one
-                    by_depth.append(max(cuts, key=lambda c: c["tokens_per_s"]))
-            best = pick_chain(by_depth)
-            entry = {"tree": chain(best["depth"]).paths, "size": best["depth"] + 1,
-                     "predicted_mean_accepted": best["tokens"], "predicted_tokens_per_s": best["tokens_per_s"],
-                     "draft_confidence": best["draft_confidence"], "predicted_rows": best["rows"],
-                     "chain_latency": cl, "candidates": candidates}
+            entry = cut_chain_entry(ranks, probs, min_probs, chain_latency[b], b, max_nodes, max_depth, max_rows)
         elif b >= 2:  # chosen for whole trees: serve must verify them whole there
             entry["draft_confidence"] = 0.0
         table[str(b)] = {**entry, "tree": Tree(entry["tree"]).to_json(),
                          "plain_tokens_per_s": b * plain["tokens_per_s"], "latency": lat}
     return table
+
+
+def cut_chain_entry(ranks: torch.Tensor, probs: torch.Tensor, min_probs, chain_latency: list[dict], batch: int,
+                    max_nodes: int, max_depth: int, max_rows: int | None = None, start: int = 0) -> dict:
+    """The fastest chain for `batch` sequences, each depth at its best cut of `min_probs` (batch_table's rule,
+    module docstring there; pick_chain from depth `start`): {"tree", "size", "predicted_mean_accepted",
+    "predicted_tokens_per_s" (all sequences together), "predicted_step_s", "draft_confidence", "predicted_rows",
+    "chain_latency", "candidates"}. chain_latency: the whole chains' timed rounds or loop steps [{"size",
+    "step_s", "draft_s"}]."""
+    from .treesearch import interpolate
+
+    cl = chain_latency
+    cx, cd = [x["size"] for x in cl], [x.get("draft_s", 0.0) for x in cl]
+    fitted = [i for i, n in enumerate(cx) if max_rows is None or batch * n <= max_rows]
+    fitted = fitted if len(fitted) >= 2 else list(range(len(cx)))
+    verify = line_fit([cx[i] for i in fitted], [cl[i]["step_s"] - cd[i] for i in fitted])
+    candidates, by_depth = [], []
+    for t in map(chain, range(min(max_depth, max_nodes - 1, max(cx) - 1) + 1)):
+        cuts = []
+        for min_prob in min_probs if t.size > 1 else [0.0]:  # the root alone is never cut
+            rows, tokens = cut_rows_tokens(ranks, probs, t.paths, min_prob)
+            if max_rows is not None and batch * rows > max_rows and t.size > 1:
+                continue
+            seconds = verify(rows) + interpolate(cx, cd, t.size)
+            cuts.append({"depth": t.depth, "draft_confidence": min_prob, "rows": rows, "tokens": tokens,
+                         "round_s": seconds, "tokens_per_s": batch * tokens / seconds})
+        candidates += cuts
+        if cuts:  # the root is always one
+            by_depth.append(max(cuts, key=lambda c: c["tokens_per_s"]))
+    best = pick_chain(by_depth, start)
+    return {"tree": chain(best["depth"]).paths, "size": best["depth"] + 1,
+            "predicted_mean_accepted": best["tokens"], "predicted_tokens_per_s": best["tokens_per_s"],
+            "predicted_step_s": best["round_s"], "draft_confidence": best["draft_confidence"],
+            "predicted_rows": best["rows"], "chain_latency": cl, "candidates": candidates}
 
 
 def line_fit(xs: list[float], ys: list[float]):
@@ -322,11 +340,13 @@ def line_fit(xs: list[float], ys: list[float]):
     return lambda x: my + slope * (x - mx)
 
 
-def pick_chain(candidates: list[dict]) -> dict:
+def pick_chain(candidates: list[dict], start: int = 0) -> dict:
     """The chain a batch size takes, from candidates ordered shallow to deep ({"depth", "tokens_per_s", ...}):
-    a deeper one takes over from the current pick only when it is DEEPER_CHAIN_MARGIN faster."""
-    best = candidates[0]
-    for c in candidates[1:]:
+    the fastest down to depth `start` (a depth already trusted: one sequence's best whole tree), then a deeper
+    one takes over from the current pick only when it is DEEPER_CHAIN_MARGIN faster."""
+    shallow = [c for c in candidates if c["depth"] <= start] or candidates[:1]
+    best = max(shallow, key=lambda c: c["tokens_per_s"])
+    for c in candidates[len(shallow):]:
         if c["tokens_per_s"] > best["tokens_per_s"] * (1 + DEEPER_CHAIN_MARGIN):
             best = c
     return best
@@ -372,16 +392,27 @@ def _console():
     return Console(file=sys.stderr)
 
 
-def measure_trees(dm: DraftModel, prompts: list[list[int]], trees: dict[str, Tree], max_new_tokens: int, bar=None) -> dict:
-    """Run generate with each tree on each prompt (tree order rotated per prompt); pooled figures."""
+def measure_trees(dm: DraftModel, prompts: list[list[int]], trees: dict[str, Tree], max_new_tokens: int, bar=None,
+                  cuts: dict[str, float] | None = None) -> dict:
+    """Run generate with each tree on each prompt (tree order rotated per prompt), cut where `cuts` names a
+    path probability (Decoder.min_prob); pooled figures."""
     out = {name: {"new_tokens": 0, "seconds": 0.0, "steps": 0, "accepted": 0} for name in trees}
-    names = list(trees)
-    for tree in trees.values():  # warm-up
-        dm.generate(torch.tensor(prompts[0]), max_new_tokens=min(max_new_tokens, 16), tree=tree)
+    names, cuts = list(trees), cuts or {}
+
+    def run(ids, name, n):
+        saved = dm.decoder.tree, dm.decoder.min_prob
+        dm.decoder.tree, dm.decoder.min_prob = trees[name], cuts.get(name, 0.0)  # the loop's own tree, as loaded
+        try:
+            return dm.generate(torch.tensor(ids), max_new_tokens=n)
+        finally:
+            dm.decoder.tree, dm.decoder.min_prob = saved
+
+    for name in names:  # warm-up
+        run(prompts[0], name, min(max_new_tokens, 16))
     task = bar.add_task("measure", total=len(prompts) * len(names)) if bar else None
     for i, ids in enumerate(prompts):
         for name in names[i % len(names):] + names[:i % len(names)]:
-            r = dm.generate(torch.tensor(ids), max_new_tokens=max_new_tokens, tree=trees[name])
+            r = run(ids, name, max_new_tokens)
             o = out[name]
             o["new_tokens"] += r.stats.new_tokens
             o["seconds"] += r.stats.total_s
@@ -410,8 +441,9 @@ def run_calibrate(args) -> dict:
     prompts = [plain.prompt_ids(q.turns[0]) for q in questions]
     lookup = PromptLookup(dm.lookup) if dm.lookup else None
     ranks, probs, lk = [], [], []
-    # Where the batched step will cut the heads' trees (draft_confident), the table is chosen for the cut
-    cut = bool(args.batch_sizes) and max(args.draft_confidence) > 0 and hasattr(dm.heads, "draft_confident")
+    # Heads that cut their trees to their confident nodes (draft_confident): the batch table is chosen for the
+    # cut, and one sequence (the loop) takes a cut chain where it beats the best whole tree
+    cut = max(args.draft_confidence) > 0 and hasattr(dm.heads, "draft_confident")
     with progress() as bar:
         task = bar.add_task("accuracies", total=len(prompts))
         for ids in prompts:
@@ -441,10 +473,27 @@ def run_calibrate(args) -> dict:
                 bar.advance(task)
         found = choose(p, lambda n: interpolate(xs, ys, n), args.max_nodes, K)
         best = found["best"]
+        solo_cut = solo = None
+        if cut and lookup is None:  # chains cut to their confident nodes, timed whole in the loop
+            task = bar.add_task("cut chains", total=None)
+            chains = step_latency(dm, max(prompts, key=len), [], steps=args.latency_steps,
+                                  trees=[chain(d) for d in range(min(K, args.max_nodes - 1) + 1)])
+            bar.update(task, total=1, completed=1)
+            # Timed minutes after the whole trees, on a machine whose speed drifts by 10% in that time: on the
+            # whole trees' scale (their plain steps' ratio), so that the two are compared, not the two minutes
+            scale = interpolate(xs, ys, 1) / chains[0]["step_s"]
+            scaled = [{**x, "step_s": x["step_s"] * scale, "draft_s": x["draft_s"] * scale} for x in chains]
+            whole = Tree(best["tree"])  # the cut chain may go as deep as the best whole tree without a margin
+            start = whole.depth if all(set(p) == {0} for p in whole.paths) else 0
+            solo = cut_chain_entry(ranks, torch.cat(probs), args.draft_confidence, scaled, 1, args.max_nodes, K,
+                                   start=start)
+            solo.update(chain_latency=chains, chain_scale=scale)
+            if solo["draft_confidence"] > 0 and solo["predicted_tokens_per_s"] > best["tokens_per_s"]:
+                solo_cut = solo
         if lookup is not None:  # the tree that is fastest together with the lookup branches
             lk_depth, lk_nodes = torch.cat([d for d, _ in lk]), torch.cat([n for _, n in lk])
             best = with_lookup(found["curve"], ranks, lk_depth, lk_nodes, lambda n: interpolate(xs, ys, n))
-        chosen = Tree(best["tree"])
+        chosen = Tree(best["tree"] if solo_cut is None else solo_cut["tree"])
         m63 = Tree(truncate(MEDUSA63, K))
         result = {
             "tree": chosen.to_json(), "size": chosen.size, "depth": chosen.depth, "search": best["by"],
@@ -460,17 +509,31 @@ def run_calibrate(args) -> dict:
             "device": args.device, "machine": machine(),
             "calibrated_for": trees_key(dm.decoder.device, dm.decoder.dtype),
         }
+        if solo_cut is not None:  # the loop's figures are the cut chain's
+            result.update({"search": "cut chain", "predicted_mean_accepted": solo_cut["predicted_mean_accepted"],
+                           "predicted_mean_accepted_empirical": solo_cut["predicted_mean_accepted"],
+                           "predicted_tokens_per_s": solo_cut["predicted_tokens_per_s"],
+                           "predicted_step_s": solo_cut["predicted_step_s"], "draft_confidence": solo_cut["draft_confidence"],
+                           "predicted_rows": solo_cut["predicted_rows"], "whole_tree": Tree(best["tree"]).to_json(),
+                           "whole_tree_predicted_tokens_per_s": best["tokens_per_s"]})
+        if solo is not None:  # what the chains cut for one sequence were predicted to give, chosen or not
+            result["cut_chains"] = {k: solo[k] for k in ("tree", "draft_confidence", "predicted_tokens_per_s",
+                                                          "chain_latency", "chain_scale", "candidates")}
         if by_batch:
             few_rows_regime = dm.decoder.device.type == "cpu" and dm.decoder.lean is not None  # cpu_matmul's routes
             result["batch_trees"] = batch_table(p, by_batch, args.max_nodes, K,
                                                 (ranks, torch.cat(probs), args.draft_confidence, chain_latency) if cut else None,
                                                 max_rows=MAX_ROWS if few_rows_regime else None)
+            if solo_cut is not None and "1" in result["batch_trees"]:
+                # one cut for one sequence, in the loop and in the batched step alike: the loop's choice
+                result["batch_trees"]["1"].update({k: result[k] for k in (
+                    "tree", "size", "predicted_mean_accepted", "predicted_tokens_per_s", "draft_confidence", "predicted_rows")})
         if lookup is not None:
             result["lookup"] = {**lookup_summary(lookup, ranks, lk_depth, lk_nodes, chosen.paths),
                                 "predicted_tokens_per_s": best["tokens_per_s_hybrid"]}
         if args.measure:
             measured = measure_trees(dm, prompts[: args.measure_limit or None], {"calibrated": chosen, "medusa63": m63},
-                                     args.max_new_tokens, bar)
+                                     args.max_new_tokens, bar, {"calibrated": result.get("draft_confidence", 0.0)})
             result["measured"] = measured
             result["measured_mean_accepted"] = measured["calibrated"]["mean_accepted"]
             predicted = best.get("expected_accepted_hybrid", best["expected_accepted"])  # measured with lookup if on

@@ -58,8 +58,9 @@ class DraftModel:
         # ... and the path probability their nodes need in a pass of that many sequences (empty: the default)
         self.batch_cuts: dict[int, float] = batch_cuts or {}
         self.lookup = lookup_config(lookup)  # prompt lookup's LookupConfig, or None (off)
+        # A sequence alone (the loop) cuts its tree where calibrate chose a cut for one sequence (batch_cuts[1])
         self.decoder = Decoder(self.backbone, heads, tree, PromptLookup(self.lookup) if self.lookup else None,
-                               engine=backbone.engine)
+                               engine=backbone.engine, min_prob=self.batch_cuts.get(1, 0.0))
         eos = self.backbone.generation_config.eos_token_id if self.backbone.generation_config else None
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {e for e in eos + [self.tokenizer.eos_token_id] if e is not None}

@@ -76,10 +76,15 @@ class Decoder:
     forwards go through `engine` (engine.py): by default a TorchEngine on `model`."""
 
     def __init__(self, model, heads=None, tree: Tree | None = None, lookup: PromptLookup | None = None,
-                 engine: Engine | None = None):
+                 engine: Engine | None = None, min_prob: float = 0.0):
         self.model, self.heads = model, heads
         self.engine = engine if engine is not None else TorchEngine(model)
         self.tree = tree if (tree is not None and heads is not None) else ROOT_ONLY
+        # Each step verifies only the nodes of `tree` whose path the heads give at least this probability
+        # (the heads' draft_confident; calibrate chose it with the tree where a row costs enough to skip
+        # unlikely ones). 0, heads that cannot cut, or a tree named per call: every node.
+        assert 0.0 <= min_prob < 1.0
+        self.min_prob = min_prob if heads is not None and hasattr(heads, "draft_confident") else 0.0
         self.drafter = Hybrid(heads, lookup) if heads is not None or lookup is not None else None
         self.context, self.device, self.dtype = self.engine.context, self.engine.device, self.engine.dtype
 
@@ -108,6 +113,7 @@ class Decoder:
         drafts plus the backbone's next token. The caller stops consuming on EOS/stop/limit.
         `cache` (tests: a kvcache.TreeKVCache) receives the KV entries; by default the engine makes one
         sized to the request."""
+        min_prob = self.min_prob if tree is None else 0.0
         tree = self.tree if tree is None or self.heads is None else tree
         prompt_len = len(prompt_ids)
         if prompt_len == 0:
@@ -142,7 +148,7 @@ class Decoder:
             root_t = torch.tensor(root, device=dev)
             step_tree, cands = ROOT_ONLY, root_t.view(1)
             if self.drafter is not None and L + reserve <= capacity:  # the step's tree, ids [nodes] root first
-                step_tree, cands = self.drafter.propose(hidden, root_t, tree)
+                step_tree, cands = self.drafter.propose(hidden, root_t, tree, min_prob)
             t1 = self._sync()
             logits, h = engine.verify(cache, cands, step_tree)  # [nodes, vocab], [nodes, hidden_size]
             t2 = self._sync()

@@ -191,6 +191,18 @@ class LlamaForward:
             return False
         return few_rows.packed(self.layers[0].mlp.down_proj.weight) is not None  # never fused: packed as it is
 
+    def prefill_rows(self) -> int | None:
+        """The most prompt rows one forward should take (None: any): where the packed kernel takes a prefill's
+        products, the rows it takes (cpu_matmul.packed_rows). Past them the products go to torch's float32 GEMM,
+        at twice the time a row on the Xeon of stop 53 (0.48 ms a row up to 128 rows, 1.0 at 129-200), so a
+        longer prompt is prefilled in pieces of that many rows, each attending to the pieces before it. Each row
+        then takes the same kernels whatever the prompt's length, and its attention the same sums (the masked
+        keys add exact zeros), so a prompt prefilled in pieces of any size computes the same keys."""
+        w = self.layers[0].mlp.down_proj.weight
+        if not (w.is_cpu and w.dtype == torch.float32) or few_rows.packed(w) is None:  # never fused: packed as it is
+            return None
+        return packed_rows() or None
+
     def _addresses(self) -> tuple[int, ...]:
         # Every forward asks: the modules' _parameters directly, as `module.weight` goes through nn.Module's
         # __getattr__ (150 lookups: 440 us a forward with the module walk, against 27 us this way).
@@ -352,10 +364,13 @@ class PrefillChunks:
         key = self.ids.tolist() if self.prompts is not None else None  # the prompt cache's key, made once
         done = self.prompts.restore(tmp, key) if self.prompts is not None else None  # [m, H]
         pieces = [] if done is None else [done]
+        rows = min(self.chunk, self.fwd.prefill_rows() or self.chunk)  # rows a forward; a chunk may take several
         for a in range(tmp.length, P, self.chunk):
             b = min(a + self.chunk, P)
-            mask = tmp.attention_mask(causal[:b - a, :b - a]) if b - a > 1 else None  # the cached chunks whole, this one causal
-            pieces.append(self.fwd.hidden(tmp, self.ids[a:b], torch.arange(a, b, device=w.device), mask))  # [b-a, H]
+            for c in range(a, b, rows):
+                d = min(c + rows, b)
+                mask = tmp.attention_mask(causal[:d - c, :d - c]) if d - c > 1 else None  # the cached rows whole, these causal
+                pieces.append(self.fwd.hidden(tmp, self.ids[c:d], torch.arange(c, d, device=w.device), mask))  # [d-c, H]
             if b == P:
                 self.cache.load(self.slot, tmp)
                 self.hidden = torch.cat(pieces)

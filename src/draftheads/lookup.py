@@ -179,10 +179,16 @@ class Hybrid:
         if self.lookup is not None:
             self.lookup.observe(hidden, ids)
 
-    def propose(self, hidden: torch.Tensor, root: torch.Tensor, tree: Tree) -> tuple[Tree, torch.Tensor]:
+    def propose(self, hidden: torch.Tensor, root: torch.Tensor, tree: Tree, min_prob: float = 0.0) -> tuple[Tree, torch.Tensor]:
         """hidden [H] at the last verified position, root 0-d, `tree` the ranked tree -> (the step's tree,
-        ids [its size], root first). Without a lookup match the step's tree is `tree` itself."""
-        ids = self.heads.draft(hidden, root, tree) if self.heads is not None and tree.size > 1 else root.view(1)
+        ids [its size], root first). Without a lookup match the step's tree is `tree` itself, or with
+        `min_prob` > 0 its nodes whose path the heads give at least that probability (draft_confident)."""
+        if self.heads is None or tree.size == 1:
+            ids = root.view(1)
+        elif min_prob > 0:
+            tree, ids = self.heads.draft_confident(hidden[None], root.view(1), tree, min_prob)[0]
+        else:
+            ids = self.heads.draft(hidden, root, tree)
         branches = self.lookup.branches(int(root)) if self.lookup is not None else []
         given, tokens = hang(tree, ids.tolist(), branches) if branches else ([], [])
         if not given:

@@ -30,7 +30,7 @@ from ..defaults import GROUNDED_RESIDUALS
 from ..kvcache import TreeKVCache
 from ..llama_forward import LlamaForward
 from ..tree import MAX_RANK, Tree
-from .medusa import DraftHeads, HeadsConfig, ResBlock, linear
+from .medusa import DraftHeads, HeadsConfig, ResBlock, linear, top_probs
 
 
 class GroundedBlock(nn.Module):
@@ -87,8 +87,10 @@ class HydraHeads(DraftHeads):
         self.embed_weight: torch.Tensor | None = None  # [vocab, H] the backbone's input embedding (frozen)
         # The prefix layer at decode time: LlamaForward's code on its weights (observing 2 positions after
         # 200: 0.55 against 1.06 ms through transformers' forward, fp32, 2 threads: scripts/
-        # time_hydra_observe.py); its cache holds accepted positions only.
-        self._lean = LlamaForward(self.prefix) if self.prefix is not None else None
+        # time_hydra_observe.py), q/k/v and gate/up fused (at their first decode: with weights of Q8_0 values,
+        # round_drafter_weights', the whole layer is then one call to the C++ decoder stack); its cache holds
+        # accepted positions only.
+        self._lean = LlamaForward(self.prefix, fuse=True) if self.prefix is not None else None
         assert self.prefix is None or len(self.prefix.layers) == 1, "observe relies on a one-layer prefix"
         self._cache: TreeKVCache | None = None
         self._last: torch.Tensor | None = None  # [H] the prefix layer's output at the last accepted position
@@ -196,6 +198,23 @@ class HydraHeads(DraftHeads):
     def draft(self, hidden: torch.Tensor, root: torch.Tensor, tree: Tree) -> torch.Tensor:
         """Candidate token per tree node, depth by depth. hidden [H] at the last verified position (Hydra++
         uses its prefix layer's output there instead), root 0-d token id. Returns ids [nodes]."""
+        return self._draft(hidden, root, tree)[0]
+
+    @torch.no_grad()
+    def draft_confident(self, hidden: torch.Tensor, roots: torch.Tensor, tree: Tree, min_prob: float) -> list[tuple[Tree, torch.Tensor]]:
+        """`draft` cut to the nodes whose path the heads give at least `min_prob` (MedusaHeads.draft_confident's
+        rule; here each node's probability is its head's given the drafted path above it). Where a depth keeps no
+        node, the deeper heads do not run. One sequence (Hydra++ keeps its state per sequence): hidden [1, H],
+        roots [1] -> [(the cut of `tree`, ids [its nodes])]."""
+        assert hidden.shape[0] == 1 and roots.shape == (1,) and 0 < min_prob < 1
+        ids, path = self._draft(hidden[0], roots[0], tree, min_prob)
+        keep = tuple((path >= min_prob).tolist())  # the root's path is 1
+        cut = tree.cut(keep)
+        return [(cut, ids if cut is tree else ids[torch.tensor(keep, device=ids.device)])]
+
+    def _draft(self, hidden: torch.Tensor, root: torch.Tensor, tree: Tree, min_prob: float | None = None):
+        """ids [nodes] and, with `min_prob`, each node's path probability [nodes] (float32; 0 below a depth that
+        kept no node, whose ids are then not drafted), else None."""
         assert hidden.dim() == 1
         if self.fuse is not None and self._pending_root is None:  # the last position, with its next token now
             assert self._pending is not None, "Hydra++: observe() the prompt's hidden states before drafting"
@@ -203,26 +222,47 @@ class HydraHeads(DraftHeads):
             self._pending_root = int(root)
         h = self._last if self.prefix is not None else hidden.to(self.dtype)
         assert h is not None, "Hydra++: observe() the prompt's hidden states before drafting"
-        ids = torch.empty(tree.size, dtype=torch.long, device=hidden.device)
+        ids = torch.zeros(tree.size, dtype=torch.long, device=hidden.device)
         ids[0] = root
+        path = None if min_prob is None else torch.zeros(tree.size, device=hidden.device)  # [nodes]
+        if path is not None:
+            path[0] = 1.0
         for d, level in enumerate(tree.levels(hidden.device), start=1):
             paths = ids[level.parent_paths]  # [p, d] tokens from the root to each parent
             logits = self.head(d - 1, h.expand(paths.shape[0], -1), paths)  # [p, out_vocab]
-            top = self.to_full_ids(logits.topk(level.topk, dim=-1).indices)  # [p, topk]
-            ids[level.nodes] = top[level.parent_pos, level.ranks]
-        return ids
+            top = logits.topk(level.topk, dim=-1)  # [p, topk]
+            ids[level.nodes] = self.to_full_ids(top.indices)[level.parent_pos, level.ranks]
+            if path is not None:
+                parents = torch.tensor([tree.parent[i] for i in level.nodes.tolist()], device=hidden.device)
+                path[level.nodes] = path[parents] * top_probs(top.values, logits)[level.parent_pos, level.ranks]
+                if not bool((path[level.nodes] >= min_prob).any()):  # nothing deeper can be kept
+                    break
+        return ids, path
 
     @torch.no_grad()
     def teacher_topk(self, hidden: torch.Tensor, ids: torch.Tensor, n: int = MAX_RANK, chunk: int = 256) -> torch.Tensor:
         """hidden [T, H] of a whole sequence, ids [T] its tokens -> each head's top-n full ids [K, T, n]
         at each position t, given the true path ids[t+1..t+1+k] (past the end: token 0, whose targets
         the caller ignores anyway). What `calibrate` measures."""
+        return self._teacher_top(hidden, ids, n, chunk, False)[0]
+
+    def teacher_top_probs(self, hidden: torch.Tensor, ids: torch.Tensor, n: int = MAX_RANK,
+                          chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """teacher_topk and the heads' softmax probabilities of those ids [K, T, n] (float32, as
+        draft_confident computes them): what `calibrate` needs to predict a cut."""
+        return self._teacher_top(hidden, ids, n, chunk, True)
+
+    @torch.no_grad()
+    def _teacher_top(self, hidden: torch.Tensor, ids: torch.Tensor, n: int, chunk: int, probs: bool):
         K, T = self.cfg.num_heads, ids.shape[0]
         padded = torch.cat([ids, ids.new_zeros(K + 1)])
         path = torch.stack([padded[1 + j:1 + j + T] for j in range(K)], -1)  # [T, K]: ids[t+1 .. t+K]
         h = self.prefix_states(hidden.to(self.dtype)[None], None, path[None, :, 0])[0]  # [T, H]
-        out = []
+        out, ps = [], []
         for s in range(0, T, chunk):
             logits = self.forward(h[s:s + chunk], path[s:s + chunk])  # [K, c, out]
-            out.append(self.to_full_ids(logits.topk(n, dim=-1).indices))
-        return torch.cat(out, 1)
+            top = logits.topk(n, dim=-1)
+            out.append(self.to_full_ids(top.indices))
+            if probs:
+                ps.append(top_probs(top.values, logits))
+        return torch.cat(out, 1), torch.cat(ps, 1) if probs else None

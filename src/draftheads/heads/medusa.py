@@ -50,7 +50,8 @@ class HeadsConfig:
     # from that batch size up to the next entry's)
     batch_trees: dict[str, list[list[int]]] | None = None
     # ... and {"8": 0.4}: the path probability a node of those trees needs to be verified in a pass of 8
-    # or more sequences (batch.BatchDecoder's draft_confidence, chosen with the tree)
+    # or more sequences (batch.BatchDecoder's draft_confidence, chosen with the tree); "1": one sequence's,
+    # in the decoding loop too (generate.Decoder's min_prob, for `tree`)
     batch_draft_confidence: dict[str, float] | None = None
     # Trees calibrated where the backbone runs other than on a CPU in float32 (what `tree`, `batch_trees`
     # and `batch_draft_confidence` are for): {"cpu bfloat16": {"tree": ..., "batch_trees": ...,
@@ -249,9 +250,11 @@ class MedusaHeads(DraftHeads):
         (Medusa heads ignore the path ids [T]). What `calibrate` measures."""
         return self._teacher_top(hidden, n, chunk, False)[0]
 
-    def teacher_top_probs(self, hidden: torch.Tensor, n: int = MAX_RANK, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    def teacher_top_probs(self, hidden: torch.Tensor, ids: torch.Tensor | None = None, n: int = MAX_RANK,
+                          chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [T, H] -> each head's top-n full ids [K, T, n] and their softmax probabilities [K, T, n]
-        (float32, as `draft_confident` computes them): what `calibrate` needs to predict that cut."""
+        (float32, as `draft_confident` computes them): what `calibrate` needs to predict that cut. The path
+        ids [T] are not used (Medusa heads do not see them)."""
         return self._teacher_top(hidden, n, chunk, True)
 
     @torch.no_grad()
