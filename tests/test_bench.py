@@ -39,6 +39,25 @@ def test_bench_writes_report_json_md_and_plots(tiny_dirs, tmp_path):
     assert next(line for line in md.splitlines() if line.startswith("| overall |")).endswith(own)
 
 
+def test_bench_times_the_calibrated_tree_with_its_cut_for_one_sequence(tiny_dirs, tmp_path):
+    """Heads whose config holds a cut for one sequence are benched as load() decodes with them: cut (fewer nodes a
+    step than the tree has), still exact; a --tree is verified whole."""
+    bb, heads, questions = tiny_dirs
+    cfg = json.loads((heads / "config.json").read_text())
+    (heads / "config.json").write_text(json.dumps({**cfg, "tree": [[0], [0, 0], [0, 0, 0]], "batch_draft_confidence": {"1": 0.05}}))
+    reps = {}
+    for name, extra in (("cut", []), ("named", ["--tree", "chain3"])):
+        out = tmp_path / name
+        assert main(["bench", str(questions), "--backbone", str(bb), "--heads", str(heads), "--limit", "3",
+                     "--max-new-tokens", "12", "--out", str(out), "--latency-sizes", "1", "--latency-steps", "1",
+                     "--threads", "1", "--methods", "transformers,loop,speculative", *extra]) == 0
+        reps[name] = json.loads((out / "report.json").read_text())
+        assert reps[name]["greedy_mismatches"]["count"] == 0
+    assert reps["cut"]["config"]["cut"] == 0.05 and "path probability of 0.05" in (tmp_path / "cut" / "report.md").read_text()
+    assert 1 < reps["cut"]["overall"]["speculative"]["nodes_per_step"] < 4
+    assert reps["named"]["config"]["cut"] == 0.0 and reps["named"]["overall"]["speculative"]["nodes_per_step"] > 3.5
+
+
 def test_in_bf16_the_heads_are_checked_against_our_own_loop(tiny_dirs, tmp_path):
     """bf16 on a CPU: transformers' stock kernels round otherwise than the row-exact loop, so exactness is
     checked against the loop (0 differ), and transformers' differences are reported apart."""

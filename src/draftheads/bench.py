@@ -55,9 +55,12 @@ class Runner:
         from .draftmodel import DraftModel
 
         bb = Backbone(plain.backbone, plain.tokenizer, plain.backbone_name, dm.engine)
-        # speculative is the heads alone whatever --lookup says; lookup and hybrid add the lookup's branches
-        self.ours = {"loop": plain, "speculative": DraftModel(bb, dm.heads, dm.tree),
-                     "lookup": DraftModel(bb, None, None, lookup), "hybrid": DraftModel(bb, dm.heads, dm.tree, lookup)}
+        # speculative is the heads alone whatever --lookup says; lookup and hybrid add the lookup's branches. Both
+        # keep the heads' cut for one sequence (a calibrated tree's, none for --tree)
+        cuts = {1: dm.batch_cuts[1]} if 1 in dm.batch_cuts else None
+        self.ours = {"loop": plain, "speculative": DraftModel(bb, dm.heads, dm.tree, batch_cuts=cuts),
+                     "lookup": DraftModel(bb, None, None, lookup),
+                     "hybrid": DraftModel(bb, dm.heads, dm.tree, lookup, batch_cuts=cuts)}
         self.plain, self.engine = plain, dm.engine  # engine: None (torch) or the llama.cpp engine
         self.eos = plain.eos_ids
         tok = plain.tokenizer
@@ -218,6 +221,7 @@ def _report(args, dm, methods, records, mismatches, latency, lookup, reference, 
         "config": {"questions": str(args.questions), "limit": args.limit, "max_new_tokens": args.max_new_tokens,
                    "categories": cats, "heads": str(args.heads), "backbone": dm.backbone_name,
                    "tree": dm.tree.to_json() if dm.tree else None, "tree_size": dm.tree.size if dm.tree else 1,
+                   "cut": dm.batch_cuts.get(1, 0.0),  # the path probability a node needs (0: every node)
                    "num_heads": dm.heads.cfg.num_heads, "device": args.device, "dtype": str(dm.backbone.dtype),
                    "activations": activations() if rounds_activations(dm.backbone) else "as the dtype",
                    "kv_cache": "float16" if rounds_cache(dm.backbone) else "as the dtype",
@@ -246,7 +250,8 @@ def write_markdown(rep: dict, path: Path) -> None:
              f"Questions `{c['questions']}` ({o[baseline_of(o)]['generations']} generations per method), "
              f"max_new_tokens {c['max_new_tokens']}, greedy, batch 1, engine {c.get('engine', 'torch')}, "
              f"device {c['device']} ({c['dtype']}), "
-             f"heads `{c['heads']}` ({c['num_heads']} heads), tree of {c['tree_size']} nodes. "
+             f"heads `{c['heads']}` ({c['num_heads']} heads), tree of {c['tree_size']} nodes"
+             + (f", cut to the nodes the heads give a path probability of {c['cut']} or more" if c.get("cut") else "") + ". "
              f"Machine: {c['machine']['processor']}, {c['machine']['cpu_count']} CPUs, torch {c['machine']['torch']}, "
              f"torch threads: {c['machine']['torch_threads']}, load average (1, 5, 15 min) when written: {c['machine'].get('load_average')}. Tokens/s = {c['timing']}.", "",
              "| method | tokens/s | speedup | mean accepted | nodes/step | draft ms/step | verify ms/step | accept ms/step | tokens |",
