@@ -98,9 +98,10 @@ def register(sub) -> None:
                    help="also time whole rounds of the batched step (the server's --max-batch) at these batch sizes, "
                         "e.g. 1,2,4,8, and choose a tree for each ('' to skip)")
     c.add_argument("--draft-confidence", type=probabilities, default=defaults.BATCH_DRAFT_CONFIDENCES,
-                   help="with --batch-sizes: the cuts to choose from with each batch size's tree (batched passes of two "
-                        "or more sequences verify only the nodes the heads give at least this path probability; "
-                        "serve takes the chosen one unless told another), comma-separated (default: "
+                   help="the cuts to choose from with one sequence's tree, and with --batch-sizes with each batch size's "
+                        "(a cut tree verifies only the nodes the heads give at least this path probability; a cut for one "
+                        "sequence is taken where it beats the best whole tree; serve takes the chosen ones unless told "
+                        "another), comma-separated (default: "
                         f"{','.join(map(str, defaults.BATCH_DRAFT_CONFIDENCES))}; 0: whole trees)")
     c.add_argument("--write-to-heads", action="store_true", help="also store the tree (and the trees per batch size) in "
                                                                   "the heads' config.json")

@@ -170,7 +170,6 @@ def tree_of_size(size: int, num_heads: int, p=None) -> Tree:
     return Tree(trees[min(size - 1, len(trees) - 1)])
 
 
-@torch.inference_mode()
 def trees_by_size(dm: DraftModel, sizes: list[int], p=None, trees: list[Tree] | None = None) -> dict[int, Tree]:
     """{size: tree} to time: the best tree of each size for the accuracies p (tree_of_size), or `trees`, one per size."""
     if trees is None:
@@ -179,6 +178,7 @@ def trees_by_size(dm: DraftModel, sizes: list[int], p=None, trees: list[Tree] | 
     return {t.size: t for t in trees}
 
 
+@torch.inference_mode()
 def step_latency(dm: DraftModel, prompt_ids: list[int], sizes: list[int], steps: int = 8, p=None,
                  trees: list[Tree] | None = None) -> list[dict]:
     """Median seconds per loop step (draft, verify, accept) for trees of the given sizes (or each of
@@ -484,7 +484,7 @@ def run_calibrate(args) -> dict:
             scale = interpolate(xs, ys, 1) / chains[0]["step_s"]
             scaled = [{**x, "step_s": x["step_s"] * scale, "draft_s": x["draft_s"] * scale} for x in chains]
             whole = Tree(best["tree"])  # the cut chain may go as deep as the best whole tree without a margin
-            start = whole.depth if all(set(p) == {0} for p in whole.paths) else 0
+            start = whole.depth if all(set(path) == {0} for path in whole.paths) else 0
             solo = cut_chain_entry(ranks, torch.cat(probs), args.draft_confidence, scaled, 1, args.max_nodes, K,
                                    start=start)
             solo.update(chain_latency=chains, chain_scale=scale)
@@ -536,7 +536,7 @@ def run_calibrate(args) -> dict:
                                      args.max_new_tokens, bar, {"calibrated": result.get("draft_confidence", 0.0)})
             result["measured"] = measured
             result["measured_mean_accepted"] = measured["calibrated"]["mean_accepted"]
-            predicted = best.get("expected_accepted_hybrid", best["expected_accepted"])  # measured with lookup if on
+            predicted = best.get("expected_accepted_hybrid", result["predicted_mean_accepted"])  # with lookup if on
             result["prediction_error"] = predicted / measured["calibrated"]["mean_accepted"] - 1
             result["speedup_vs_medusa63"] = (measured["calibrated"]["tokens_per_s"]
                                              / max(measured["medusa63"]["tokens_per_s"], 1e-9))

@@ -252,8 +252,9 @@ def load(heads="default", backbone: str | None = None, device: str = "cpu", dtyp
          lookup=None, engine: str | None = None, activations: str | None = None, kv_cache: str | None = None) -> DraftModel:
     """Load a backbone and its heads. heads: "default" or "hydra" (the Medusa or Hydra++ heads shipped for the
     default backbone), a heads directory, or None (plain decoding). backbone: None means the one the heads name.
-    tree: a name, JSON file or list of rank paths; None means the heads' calibrated tree, else a small
-    tree that is safe on `device` (said on stderr). Medusa-2 heads (trained with a LoRA adapter) get their
+    tree: a name, JSON file or list of rank paths, verified whole; None means the heads' calibrated tree (cut to
+    the nodes the heads are confident of where calibrate chose a cut for one sequence), else a small tree that is
+    safe on `device` (said on stderr). Medusa-2 heads (trained with a LoRA adapter) get their
     adapter merged into the backbone, unless it is already the merged one; said on stderr too.
     lookup: prompt-lookup branches in each step's tree (True, False, a dict of lookup.LookupConfig fields);
     None means the default, off until measured to pay off. Works with heads=None too.

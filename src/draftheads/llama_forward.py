@@ -187,9 +187,8 @@ class LlamaForward:
 
     def _packed_prefill(self, x: torch.Tensor) -> bool:
         """Whether a prefill's rows x [rows, hidden] take the packed kernel: its weights are GGUF blocks."""
-        if not (x.is_cpu and x.dtype == torch.float32 and x.shape[0] <= packed_rows()):
-            return False
-        return few_rows.packed(self.layers[0].mlp.down_proj.weight) is not None  # never fused: packed as it is
+        rows = self.prefill_rows()
+        return rows is not None and x.is_cpu and x.dtype == torch.float32 and x.shape[0] <= rows
 
     def prefill_rows(self) -> int | None:
         """The most prompt rows one forward should take (None: any): where the packed kernel takes a prefill's
