@@ -138,8 +138,10 @@ class BatchDecoder:
 
     def confidence_at(self, batch: int) -> float:
         """The path probability a table follower's node needs to be verified in a pass of `batch` sequences."""
-        found = _at(self.draft_confidence, batch)
-        return found if found is not None else 0.0 if batch < 2 else BATCH_DRAFT_CONFIDENCE
+        if batch < 2:  # one sequence: its own entry (the loop's cut), else its whole tree
+            return dict(self.draft_confidence).get(1, 0.0)
+        found = _at([(b, c) for b, c in self.draft_confidence if b >= 2], batch)
+        return BATCH_DRAFT_CONFIDENCE if found is None else found
 
     @torch.inference_mode()
     def steps(self, prompt_ids: list[int], max_new_tokens: int, sp: SamplingConfig, stats: Stats,
