@@ -209,8 +209,8 @@ def test_a_step_without_a_match_verifies_exactly_the_heads_tree():
     model = echo_model()
     heads, tree = tiny_heads(model, num_heads=3), load_tree("medusa8", 3)
     decoder = Decoder(model, heads, tree, PromptLookup())
-    rows, forward = [], decoder.engine._forward
-    decoder.engine._forward = lambda cache, ids, *a, **k: (rows.append(ids.numel()), forward(cache, ids, *a, **k))[1]
+    rows, forward = [], decoder.lean.hidden  # every forward of the lean path: the prompt's pieces and each verify
+    decoder.lean.hidden = lambda cache, ids, *a, **k: (rows.append(ids.numel()), forward(cache, ids, *a, **k))[1]
     prompt, stats = list(range(60, 80)), Stats()  # no token repeats: the first step's n-grams never occurred
     steps = decoder.steps(prompt, N_NEW, SamplingConfig(), stats)
     next(steps), next(steps)

@@ -118,7 +118,8 @@ class BatchDecoder:
         # for one sequence too (an entry for 1, which the decoding loop takes as well).
         cuts = draft_confidence if isinstance(draft_confidence, dict) else {2: draft_confidence}
         assert all(b >= 1 and 0.0 <= c < 1.0 for b, c in cuts.items())
-        self.draft_confidence = sorted(cuts.items())
+        self.one_cut = cuts.get(1, 0.0)
+        self.draft_confidence = sorted((b, c) for b, c in cuts.items() if b >= 2)
         self.free = list(range(slots))
         self.seqs: dict[int, _Sequence] = {}
 
@@ -139,8 +140,8 @@ class BatchDecoder:
     def confidence_at(self, batch: int) -> float:
         """The path probability a table follower's node needs to be verified in a pass of `batch` sequences."""
         if batch < 2:  # one sequence: its own entry (the loop's cut), else its whole tree
-            return dict(self.draft_confidence).get(1, 0.0)
-        found = _at([(b, c) for b, c in self.draft_confidence if b >= 2], batch)
+            return self.one_cut
+        found = _at(self.draft_confidence, batch)
         return BATCH_DRAFT_CONFIDENCE if found is None else found
 
     @torch.inference_mode()

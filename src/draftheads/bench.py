@@ -57,7 +57,7 @@ class Runner:
         bb = Backbone(plain.backbone, plain.tokenizer, plain.backbone_name, dm.engine)
         # speculative is the heads alone whatever --lookup says; lookup and hybrid add the lookup's branches. Both
         # keep the heads' cut for one sequence (a calibrated tree's, none for --tree)
-        cuts = {1: dm.batch_cuts[1]} if 1 in dm.batch_cuts else None
+        cuts = dm.batch_cuts
         self.ours = {"loop": plain, "speculative": DraftModel(bb, dm.heads, dm.tree, batch_cuts=cuts),
                      "lookup": DraftModel(bb, None, None, lookup),
                      "hybrid": DraftModel(bb, dm.heads, dm.tree, lookup, batch_cuts=cuts)}

@@ -444,6 +444,7 @@ def run_calibrate(args) -> dict:
     # Heads that cut their trees to their confident nodes (draft_confident): the batch table is chosen for the
     # cut, and one sequence (the loop) takes a cut chain where it beats the best whole tree
     cut = max(args.draft_confidence) > 0 and hasattr(dm.heads, "draft_confident")
+    chains = [chain(d) for d in range(min(K, args.max_nodes - 1) + 1)]  # what a cut is chosen among
     with progress() as bar:
         task = bar.add_task("accuracies", total=len(prompts))
         for ids in prompts:
@@ -468,26 +469,24 @@ def run_calibrate(args) -> dict:
             for b in args.batch_sizes:
                 by_batch[b] = batch_round_latency(dm, longest, b, sizes, steps=args.latency_steps, p=p)
                 if cut and b >= 2:  # what the cut chains cost (batch_table)
-                    chain_latency[b] = batch_round_latency(dm, longest, b, [], steps=args.latency_steps,
-                                                           trees=[chain(d) for d in range(min(K, args.max_nodes - 1) + 1)])
+                    chain_latency[b] = batch_round_latency(dm, longest, b, [], steps=args.latency_steps, trees=chains)
                 bar.advance(task)
         found = choose(p, lambda n: interpolate(xs, ys, n), args.max_nodes, K)
         best = found["best"]
         solo_cut = solo = None
         if cut and lookup is None:  # chains cut to their confident nodes, timed whole in the loop
             task = bar.add_task("cut chains", total=None)
-            chains = step_latency(dm, max(prompts, key=len), [], steps=args.latency_steps,
-                                  trees=[chain(d) for d in range(min(K, args.max_nodes - 1) + 1)])
+            timed = step_latency(dm, max(prompts, key=len), [], steps=args.latency_steps, trees=chains)
             bar.update(task, total=1, completed=1)
             # Timed minutes after the whole trees, on a machine whose speed drifts by 10% in that time: on the
             # whole trees' scale (their plain steps' ratio), so that the two are compared, not the two minutes
-            scale = interpolate(xs, ys, 1) / chains[0]["step_s"]
-            scaled = [{**x, "step_s": x["step_s"] * scale, "draft_s": x["draft_s"] * scale} for x in chains]
+            scale = interpolate(xs, ys, 1) / timed[0]["step_s"]
+            scaled = [{**x, "step_s": x["step_s"] * scale, "draft_s": x["draft_s"] * scale} for x in timed]
             whole = Tree(best["tree"])  # the cut chain may go as deep as the best whole tree without a margin
             start = whole.depth if all(set(path) == {0} for path in whole.paths) else 0
             solo = cut_chain_entry(ranks, torch.cat(probs), args.draft_confidence, scaled, 1, args.max_nodes, K,
                                    start=start)
-            solo.update(chain_latency=chains, chain_scale=scale)
+            solo.update(chain_latency=timed, chain_scale=scale)
             if solo["draft_confidence"] > 0 and solo["predicted_tokens_per_s"] > best["tokens_per_s"]:
                 solo_cut = solo
         if lookup is not None:  # the tree that is fastest together with the lookup branches

@@ -153,14 +153,13 @@ class TorchEngine:
         key = ids.tolist() if prompts is not None else None  # the cache's key (a device sync on a GPU: once)
         done = prompts.restore(cache, key) if prompts is not None else None  # [m, H]: a cached start
         m = 0 if done is None else done.shape[0]
-        rows = (self.lean.prefill_rows() if self.lean is not None else None) or P - m  # rows a forward (LlamaForward)
-        causal = torch.full((rows, rows), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device).triu(1)
-        pieces = [] if done is None else [done]
-        for a in range(m, P, rows):
-            b = min(a + rows, P)
-            pieces.append(self._forward(cache, ids[a:b], torch.arange(a, b, device=self.device), causal[:b - a, :b - a],
-                                        verify=False))  # [b - a, H]
-        hidden = torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # [P, H]
+        if self.lean is not None:  # in pieces the packed kernel takes (LlamaForward.prefill_rows)
+            hidden = self.lean.prefill_span(cache, ids, m, P)  # [P - m, H]
+        else:
+            causal = torch.full((P - m, P - m), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device).triu(1)
+            hidden = self._forward(cache, ids[m:], torch.arange(m, P, device=self.device), causal, verify=False)  # [P - m, H]
+        if done is not None:
+            hidden = torch.cat([done, hidden])  # [P, H]
         if prompts is not None:
             prompts.store(key, cache, hidden)
         return hidden, self.logits(hidden[-1])

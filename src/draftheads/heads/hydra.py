@@ -233,7 +233,7 @@ class HydraHeads(DraftHeads):
             top = logits.topk(level.topk, dim=-1)  # [p, topk]
             ids[level.nodes] = self.to_full_ids(top.indices)[level.parent_pos, level.ranks]
             if path is not None:
-                parents = torch.tensor([tree.parent[i] for i in level.nodes.tolist()], device=hidden.device)
+                parents = level.parent_paths[level.parent_pos, -1]  # [n] each node's parent (its path's last node)
                 path[level.nodes] = path[parents] * top_probs(top.values, logits)[level.parent_pos, level.ranks]
                 if not bool((path[level.nodes] >= min_prob).any()):  # nothing deeper can be kept
                     break
