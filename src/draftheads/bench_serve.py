@@ -101,9 +101,13 @@ def load_level(url: str, prompts: list[tuple[int, str]], clients: int, max_token
     """`clients` threads, each sending its share of `prompts` one after another: (wall seconds, results)."""
     results: list[dict] = []
     lock = threading.Lock()
+    # The clients start together: a thread started late could find another's short replies already done, and the
+    # level would have no stretch with every client sending (full_load: none)
+    together = threading.Barrier(clients)
 
     def client(k, mine):
         with httpx.Client(timeout=600) as http:  # one connection per client, kept (ask)
+            together.wait()
             for i, p in mine:
                 r = ask(url, p, max_tokens, client=http)
                 r["index"], r["client"] = i, k
