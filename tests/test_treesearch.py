@@ -123,9 +123,17 @@ def test_calibrate_on_a_tiny_model_writes_a_valid_tree(tiny_dirs, tmp_path):
     # and the table's entry for 1 take the same
     solo = data.get("draft_confidence")
     cands = data["cut_chains"]["candidates"] if solo else []
+    by_replies = data.get("chosen_by_replies")  # finalists within 10% of the fastest prediction, run whole
+    if by_replies:
+        finals = by_replies["candidates"]
+        assert len(finals) >= 2 and by_replies["prompts"] == 2  # the tiny question file's two
+        won = max(finals, key=lambda c: c["measured_tokens_per_s"])
+        assert data["tree"] == won["tree"] and (solo or 0.0) == won["draft_confidence"]
+        top = max(c["predicted_tokens_per_s"] for c in finals)
+        assert all(c["predicted_tokens_per_s"] >= 0.9 * top and c["measured_mean_accepted"] >= 1 for c in finals)
     if solo:
         assert solo in defaults.BATCH_DRAFT_CONFIDENCES and data["search"] == "cut chain"
-        assert data["predicted_tokens_per_s"] > data["whole_tree_predicted_tokens_per_s"]
+        assert by_replies or data["predicted_tokens_per_s"] > data["whole_tree_predicted_tokens_per_s"]
         assert table["1"]["draft_confidence"] == solo and table["1"]["tree"] == data["tree"]
         assert max(c["tokens_per_s"] for c in cands) >= data["predicted_tokens_per_s"]
     else:
@@ -304,7 +312,8 @@ def test_calibrate_cuts_one_sequence_s_chain_where_that_beats_every_whole_tree(t
     """calibrate's choice for one sequence: where every whole tree loses to plain steps but a chain cut to its
     confident nodes wins, the loop's tree is that chain with its cut, the table's entry for one sequence takes the
     same, both are written to the heads, and load() hands the cut to the loop. Accuracies and step costs are
-    forced (_confident_half; each row 40% of a plain step)."""
+    forced (_confident_half; each row 40% of a plain step; the chains, timed apart, on a machine then twice as
+    slow, which calibrate puts back on the whole trees' scale)."""
     from draftheads import calibrate
 
     def measures(dm, prompt_ids, continuation, probs=False):
@@ -312,8 +321,9 @@ def test_calibrate_cuts_one_sequence_s_chain_where_that_beats_every_whole_tree(t
         return ranks, p if probs else None
 
     def costs(dm, prompt_ids, sizes, steps=8, p=None, trees=None):
-        return [{"size": n, "draft_s": 0.0, "verify_s": 0.01 * (1 + 0.4 * (n - 1)), "accept_s": 0.0,
-                 "step_s": 0.01 * (1 + 0.4 * (n - 1))} for n in (sizes or [t.size for t in trees])]
+        slow = 1 if sizes else 2
+        return [{"size": n, "draft_s": 0.0, "verify_s": slow * 0.01 * (1 + 0.4 * (n - 1)), "accept_s": 0.0,
+                 "step_s": slow * 0.01 * (1 + 0.4 * (n - 1))} for n in (sizes or [t.size for t in trees])]
 
     monkeypatch.setattr(calibrate, "head_measures", measures)
     monkeypatch.setattr(calibrate, "step_latency", costs)
@@ -321,14 +331,16 @@ def test_calibrate_cuts_one_sequence_s_chain_where_that_beats_every_whole_tree(t
     out = tmp_path / "tree.json"
     assert main(["calibrate", "--backbone", str(bb), "--heads", str(heads), "--prompts", str(questions), "--out", str(out),
                  "--max-new-tokens", "12", "--max-nodes", "4", "--latency-sizes", "1,2,4", "--threads", "1",
-                 "--draft-confidence", "0.2,0.95", "--measure-limit", "2", "--write-to-heads", "--batch-sizes", "1"]) == 0
+                 "--draft-confidence", "0.2,0.95", "--measure-limit", "2", "--write-to-heads", "--batch-sizes", "1",
+                 "--choose-by-replies", "0"]) == 0
     data = json.loads(out.read_text())
     # whole: 1 + 0.5 + 0.5 + 0.5 tokens for 4 rows (2.5 / 0.022 s) or fewer; cut at 0.2: the sure half's 3 nodes
     # only, 2.5 rows for 2.5 tokens (2.5 / 0.016 s); plain 1 / 0.01 s
     assert data["tree"] == [[0], [0, 0], [0, 0, 0]] and data["draft_confidence"] == 0.2
     assert data["predicted_rows"] == pytest.approx(2.5) and data["predicted_tokens_per_s"] == pytest.approx(2.5 / 0.016)
     assert data["whole_tree_predicted_tokens_per_s"] < data["predicted_tokens_per_s"]
-    assert data["cut_chains"]["chain_scale"] == pytest.approx(1.0)  # chains on the whole trees' scale
+    assert data["cut_chains"]["chain_scale"] == pytest.approx(0.5)  # chains on the whole trees' scale
+    assert "chosen_by_replies" not in data
     assert data["batch_trees"]["1"]["tree"] == data["tree"] and data["batch_trees"]["1"]["draft_confidence"] == 0.2
     assert data["measured"]["calibrated"]["steps"] > 0  # generate ran with the cut
     written = json.loads((heads / "config.json").read_text())
@@ -342,3 +354,49 @@ def test_calibrate_cuts_one_sequence_s_chain_where_that_beats_every_whole_tree(t
                  "--threads", "1", "--draft-confidence", "0", "--no-measure", "--write-to-heads"]) == 0
     assert "1" not in (json.loads((heads / "config.json").read_text())["batch_draft_confidence"] or {})
     assert load(heads=str(heads), backbone=str(bb)).decoder.min_prob == 0.0
+
+
+def test_calibrate_lets_whole_replies_choose_among_one_sequence_s_finalists(tiny_dirs, tmp_path, monkeypatch):
+    """Accuracies and costs as in the test above (the 3-deep chain cut at 0.2 predicted fastest, 156 tok/s; the
+    2-deep one at 0.2 within 10%, 143; the best whole tree, 114, and the 1-deep chain, 125, not): replies that run
+    the 2-deep chain fastest choose it, and it is what the heads get."""
+    from draftheads import calibrate
+
+    def measures(dm, prompt_ids, continuation, probs=False):
+        ranks, p = _confident_half(2 * (len(continuation) // 2))
+        return ranks, p if probs else None
+
+    def costs(dm, prompt_ids, sizes, steps=8, p=None, trees=None):
+        return [{"size": n, "draft_s": 0.0, "verify_s": 0.01 * (1 + 0.4 * (n - 1)), "accept_s": 0.0,
+                 "step_s": 0.01 * (1 + 0.4 * (n - 1))} for n in (sizes or [t.size for t in trees])]
+
+    ran = []
+
+    def replies(dm, prompts, trees, max_new_tokens, bar=None, cuts=None):
+        ran.append((len(prompts), {n: (t.to_json(), (cuts or {}).get(n)) for n, t in trees.items()}))
+        fast = {n: 200.0 if t.size == 3 else 150.0 for n, t in trees.items()}
+        return {n: {"tokens_per_s": fast[n], "mean_accepted": 1.5} for n in trees}
+
+    monkeypatch.setattr(calibrate, "head_measures", measures)
+    monkeypatch.setattr(calibrate, "step_latency", costs)
+    monkeypatch.setattr(calibrate, "measure_trees", replies)
+    bb, heads, questions = tiny_dirs
+    from draftheads.bench import _write_tree_to_heads
+
+    _write_tree_to_heads(heads, [[0]], {"1": {"tree": [[0]]}, "4": {"tree": [], "draft_confidence": 0.3}})  # a table before
+    out = tmp_path / "tree.json"
+    assert main(["calibrate", "--backbone", str(bb), "--heads", str(heads), "--prompts", str(questions), "--out", str(out),
+                 "--max-new-tokens", "12", "--max-nodes", "4", "--latency-sizes", "1,2,4", "--threads", "1",
+                 "--draft-confidence", "0.2,0.95", "--no-measure", "--write-to-heads", "--choose-by-replies", "1"]) == 0
+    assert ran == [(1, {"4 nodes cut at 0.2": ([[0], [0, 0], [0, 0, 0]], 0.2), "3 nodes cut at 0.2": ([[0], [0, 0]], 0.2)})]
+    data = json.loads(out.read_text())
+    assert data["tree"] == [[0], [0, 0]] and data["draft_confidence"] == 0.2
+    assert data["predicted_tokens_per_s"] == pytest.approx(2 / 0.014)  # the chosen chain's own prediction
+    assert [(c["tree"], c["measured_tokens_per_s"]) for c in data["chosen_by_replies"]["candidates"]] == [
+        ([[0], [0, 0]], 200.0), ([[0], [0, 0], [0, 0, 0]], 150.0)]
+    written = json.loads((heads / "config.json").read_text())
+    # one sequence's tree and cut replace the table's entry for 1 (a lone server request); batches keep theirs
+    assert written["tree"] == [[0], [0, 0]] and written["batch_draft_confidence"] == {"1": 0.2, "4": 0.3}
+    assert written["batch_trees"] == {"1": [[0], [0, 0]], "4": []}
+    dm = load(heads=str(heads), backbone=str(bb))
+    assert dm.decoder.min_prob == 0.2 and dm.batch_cuts == {1: 0.2, 4: 0.3}

@@ -403,7 +403,12 @@ def cmd_calibrate(args) -> None:
     if "draft_confidence" in result:
         con.print(f"one sequence: the chain of {result['depth']} cut at path probability {result['draft_confidence']} "
                   f"({result['predicted_rows']:.2f} rows a step), predicted {result['predicted_tokens_per_s']:.1f} tok/s "
-                  f"against {result['whole_tree_predicted_tokens_per_s']:.1f} for the best whole tree ({len(result['whole_tree'])} nodes)")
+                  f"against {result['whole_tree_predicted_tokens_per_s']:.1f} for the best whole tree ({len(result['whole_tree']) + 1} nodes)")
+    for c in result.get("chosen_by_replies", {}).get("candidates", []):
+        con.print(f"one sequence, whole replies: {len(c['tree']) + 1} nodes"
+                  + (f" cut at {c['draft_confidence']}" if c["draft_confidence"] else " whole")
+                  + f": {c['measured_tokens_per_s']:.1f} tok/s, {c['measured_mean_accepted']:.3f} accepted "
+                  f"(predicted {c['predicted_tokens_per_s']:.1f})")
     con.print(f"chosen tree: {result['size']} nodes, depth {result['depth']} ({result['search']}); predicted mean "
               f"accepted {result['predicted_mean_accepted']:.3f} (empirical on calibration positions "
               f"{result['predicted_mean_accepted_empirical']:.3f}), predicted {result['predicted_tokens_per_s']:.1f} tok/s "
@@ -451,9 +456,11 @@ def _write_tree_to_heads(directory: Path, tree: list[list[int]], batch_trees: di
             entry["batch_draft_confidence"] = cuts
         else:  # a table of batch size 1 alone: no cut left over from an earlier calibration
             entry.pop("batch_draft_confidence", None)
-    else:  # the tree for one sequence only: its cut replaces an earlier one, the batch sizes' stay
+    else:  # the tree for one sequence only: it and its cut replace an earlier one's, the batch sizes' stay
         cuts = {b: c for b, c in (entry.get("batch_draft_confidence") or {}).items() if b != "1"}
         entry["batch_draft_confidence"] = {"1": cut, **cuts} if cut else cuts or None
+        if "1" in (entry.get("batch_trees") or {}):  # a lone server request decodes as the loop does
+            entry["batch_trees"]["1"] = tree
     if batch_trees and cut and "1" not in batch_trees:  # a table without batch size 1: the cut for one sequence
         entry["batch_draft_confidence"] = {"1": cut, **(entry.get("batch_draft_confidence") or {})}
     _atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=1) + "\n"))

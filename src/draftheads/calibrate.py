@@ -26,6 +26,10 @@ MISS, PAST_END = -1, -2
 # most with the traffic (served vicuna questions: 1.26 tokens a sequence-round for the 4-deep chain cut
 # at 0.2 where the calibration prompts gave 1.68), and timed rounds here move by +-5% between repeats.
 DEEPER_CHAIN_MARGIN = 0.05
+# One sequence's finalists, decided by whole replies (--choose-by-replies): the trees predicted within this
+# fraction of the fastest prediction. Predictions of the cut chains lie within ~4% of each other on the default
+# heads (their rows' costs and the deep heads' acceptance are each uncertain by about that), too close to call.
+FINALIST_MARGIN = 0.10
 
 
 def head_ranks(dm: DraftModel, prompt_ids: list[int], continuation: list[int]) -> torch.Tensor:
@@ -352,6 +356,39 @@ def pick_chain(candidates: list[dict], start: int = 0) -> dict:
     return best
 
 
+def finalists(best: dict, solo: dict, margin: float = FINALIST_MARGIN) -> list[dict]:
+    """One sequence's trees worth running whole replies with: the best whole tree (`choose`'s best) and, per chain
+    depth, its best cut (> 0) of cut_chain_entry's candidates, those predicted within `margin` of the fastest.
+    Each {"tree", "draft_confidence" (0: whole), "predicted_tokens_per_s", "predicted_mean_accepted",
+    "predicted_step_s", "predicted_rows" (cut chains)}, the whole tree first."""
+    out = [{"tree": Tree(best["tree"]).to_json(), "draft_confidence": 0.0, "predicted_tokens_per_s": best["tokens_per_s"],
+            "predicted_mean_accepted": best["expected_accepted"], "predicted_step_s": best["step_s"]}]
+    for depth in sorted({c["depth"] for c in solo["candidates"] if c["depth"] > 0}):
+        cuts = [c for c in solo["candidates"] if c["depth"] == depth and c["draft_confidence"] > 0]
+        if cuts:
+            c = max(cuts, key=lambda c: c["tokens_per_s"])
+            out.append({"tree": chain(depth).to_json(), "draft_confidence": c["draft_confidence"],
+                        "predicted_tokens_per_s": c["tokens_per_s"], "predicted_mean_accepted": c["tokens"],
+                        "predicted_step_s": c["round_s"], "predicted_rows": c["rows"]})
+    top = max(f["predicted_tokens_per_s"] for f in out)
+    return [f for f in out if f["predicted_tokens_per_s"] >= (1 - margin) * top]
+
+
+def choose_by_replies(dm: DraftModel, prompts: list[list[int]], candidates: list[dict], max_new_tokens: int,
+                      bar=None) -> dict:
+    """The candidate (finalists' dicts) whose greedy replies to `prompts` run fastest in the loop, each with its
+    cut, interleaved per prompt (measure_trees); every candidate gains "measured_tokens_per_s" and
+    "measured_mean_accepted". Whole replies weigh what a step's prediction leaves out: how acceptance runs in
+    streaks, what drafting costs at each depth, and the machine's drift over the minutes between timings."""
+    names = [f"{len(c['tree']) + 1} nodes" + (f" cut at {c['draft_confidence']}" if c["draft_confidence"] else "")
+             for c in candidates]
+    measured = measure_trees(dm, prompts, {n: Tree(c["tree"]) for n, c in zip(names, candidates)}, max_new_tokens, bar,
+                             {n: c["draft_confidence"] for n, c in zip(names, candidates)})
+    for n, c in zip(names, candidates):
+        c.update(measured_tokens_per_s=measured[n]["tokens_per_s"], measured_mean_accepted=measured[n]["mean_accepted"])
+    return max(candidates, key=lambda c: c["measured_tokens_per_s"])
+
+
 def machine() -> dict:
     import os
     import platform
@@ -473,7 +510,7 @@ def run_calibrate(args) -> dict:
                 bar.advance(task)
         found = choose(p, lambda n: interpolate(xs, ys, n), args.max_nodes, K)
         best = found["best"]
-        solo_cut = solo = None
+        solo_cut = solo = replies = None
         if cut and lookup is None:  # chains cut to their confident nodes, timed whole in the loop
             task = bar.add_task("cut chains", total=None)
             timed = step_latency(dm, max(prompts, key=len), [], steps=args.latency_steps, trees=chains)
@@ -489,6 +526,11 @@ def run_calibrate(args) -> dict:
             solo.update(chain_latency=timed, chain_scale=scale)
             if solo["draft_confidence"] > 0 and solo["predicted_tokens_per_s"] > best["tokens_per_s"]:
                 solo_cut = solo
+            finals = finalists(best, solo)
+            if args.choose_by_replies and len(finals) > 1:
+                won = choose_by_replies(dm, prompts[: args.choose_by_replies], finals, args.max_new_tokens, bar)
+                solo_cut = won if won["draft_confidence"] > 0 else None
+                replies = {"prompts": min(args.choose_by_replies, len(prompts)), "candidates": finals}
         if lookup is not None:  # the tree that is fastest together with the lookup branches
             lk_depth, lk_nodes = torch.cat([d for d, _ in lk]), torch.cat([n for _, n in lk])
             best = with_lookup(found["curve"], ranks, lk_depth, lk_nodes, lambda n: interpolate(xs, ys, n))
@@ -515,6 +557,8 @@ def run_calibrate(args) -> dict:
                            "predicted_step_s": solo_cut["predicted_step_s"], "draft_confidence": solo_cut["draft_confidence"],
                            "predicted_rows": solo_cut["predicted_rows"], "whole_tree": Tree(best["tree"]).to_json(),
                            "whole_tree_predicted_tokens_per_s": best["tokens_per_s"]})
+        if replies is not None:  # one sequence's finalists and what their replies ran at
+            result["chosen_by_replies"] = replies
         if solo is not None:  # what the chains cut for one sequence were predicted to give, chosen or not
             result["cut_chains"] = {k: solo[k] for k in ("tree", "draft_confidence", "predicted_tokens_per_s",
                                                           "chain_latency", "chain_scale", "candidates")}
