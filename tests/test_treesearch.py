@@ -359,8 +359,10 @@ def test_calibrate_cuts_one_sequence_s_chain_where_that_beats_every_whole_tree(t
 def test_calibrate_lets_whole_replies_choose_among_one_sequence_s_finalists(tiny_dirs, tmp_path, monkeypatch):
     """Accuracies and costs as in the test above (the 3-deep chain cut at 0.2 predicted fastest, 156 tok/s; the
     2-deep one at 0.2 within 10%, 143; the best whole tree, 114, and the 1-deep chain, 125, not): replies that run
-    the 2-deep chain fastest choose it, and it is what the heads get."""
+    the 2-deep chain fastest choose it, and it is what the heads get; replies within 1% of each other choose the
+    chain with fewer rows; replies clearly faster for the deeper chain choose it."""
     from draftheads import calibrate
+    from draftheads.bench import _write_tree_to_heads
 
     def measures(dm, prompt_ids, continuation, probs=False):
         ranks, p = _confident_half(2 * (len(continuation) // 2))
@@ -370,33 +372,37 @@ def test_calibrate_lets_whole_replies_choose_among_one_sequence_s_finalists(tiny
         return [{"size": n, "draft_s": 0.0, "verify_s": 0.01 * (1 + 0.4 * (n - 1)), "accept_s": 0.0,
                  "step_s": 0.01 * (1 + 0.4 * (n - 1))} for n in (sizes or [t.size for t in trees])]
 
-    ran = []
+    ran, speed = [], {}
 
     def replies(dm, prompts, trees, max_new_tokens, bar=None, cuts=None):
         ran.append((len(prompts), {n: (t.to_json(), (cuts or {}).get(n)) for n, t in trees.items()}))
-        fast = {n: 200.0 if t.size == 3 else 150.0 for n, t in trees.items()}
-        return {n: {"tokens_per_s": fast[n], "mean_accepted": 1.5} for n in trees}
+        return {n: {"tokens_per_s": speed[t.size], "mean_accepted": 1.5} for n, t in trees.items()}
 
     monkeypatch.setattr(calibrate, "head_measures", measures)
     monkeypatch.setattr(calibrate, "step_latency", costs)
     monkeypatch.setattr(calibrate, "measure_trees", replies)
     bb, heads, questions = tiny_dirs
-    from draftheads.bench import _write_tree_to_heads
-
     _write_tree_to_heads(heads, [[0]], {"1": {"tree": [[0]]}, "4": {"tree": [], "draft_confidence": 0.3}})  # a table before
     out = tmp_path / "tree.json"
-    assert main(["calibrate", "--backbone", str(bb), "--heads", str(heads), "--prompts", str(questions), "--out", str(out),
-                 "--max-new-tokens", "12", "--max-nodes", "4", "--latency-sizes", "1,2,4", "--threads", "1",
-                 "--draft-confidence", "0.2,0.95", "--no-measure", "--write-to-heads", "--choose-by-replies", "1"]) == 0
+
+    def calibrated(chain3: float, chain2: float) -> dict:
+        speed.update({4: chain3, 3: chain2})
+        assert main(["calibrate", "--backbone", str(bb), "--heads", str(heads), "--prompts", str(questions), "--out",
+                     str(out), "--max-new-tokens", "12", "--max-nodes", "4", "--latency-sizes", "1,2,4", "--threads", "1",
+                     "--draft-confidence", "0.2,0.95", "--no-measure", "--write-to-heads", "--choose-by-replies", "1"]) == 0
+        return json.loads(out.read_text())
+
+    data = calibrated(150.0, 200.0)
     assert ran == [(1, {"4 nodes cut at 0.2": ([[0], [0, 0], [0, 0, 0]], 0.2), "3 nodes cut at 0.2": ([[0], [0, 0]], 0.2)})]
-    data = json.loads(out.read_text())
     assert data["tree"] == [[0], [0, 0]] and data["draft_confidence"] == 0.2
     assert data["predicted_tokens_per_s"] == pytest.approx(2 / 0.014)  # the chosen chain's own prediction
     assert [(c["tree"], c["measured_tokens_per_s"]) for c in data["chosen_by_replies"]["candidates"]] == [
         ([[0], [0, 0]], 200.0), ([[0], [0, 0], [0, 0, 0]], 150.0)]
-    written = json.loads((heads / "config.json").read_text())
     # one sequence's tree and cut replace the table's entry for 1 (a lone server request); batches keep theirs
+    written = json.loads((heads / "config.json").read_text())
     assert written["tree"] == [[0], [0, 0]] and written["batch_draft_confidence"] == {"1": 0.2, "4": 0.3}
     assert written["batch_trees"] == {"1": [[0], [0, 0]], "4": []}
     dm = load(heads=str(heads), backbone=str(bb))
     assert dm.decoder.min_prob == 0.2 and dm.batch_cuts == {1: 0.2, 4: 0.3}
+    assert calibrated(200.0, 198.5)["tree"] == [[0], [0, 0]]  # a tie (within 1%): the fewer rows
+    assert calibrated(200.0, 197.0)["tree"] == [[0], [0, 0], [0, 0, 0]]  # 1.5% faster: the deeper chain

@@ -30,6 +30,10 @@ DEEPER_CHAIN_MARGIN = 0.05
 # fraction of the fastest prediction. Predictions of the cut chains lie within ~4% of each other on the default
 # heads (their rows' costs and the deep heads' acceptance are each uncertain by about that), too close to call.
 FINALIST_MARGIN = 0.10
+# Replies within this fraction of the fastest are a tie (16 prompts' replies move by about that between runs), which
+# the finalist with the fewest rows a step wins: a deeper chain's extra tokens rest on the deep heads' acceptance,
+# which falls most on traffic unlike the calibration prompts (Hydra++, stop 54: chains of 1-4 within 0.6%).
+REPLY_TIE = 0.01
 
 
 def head_ranks(dm: DraftModel, prompt_ids: list[int], continuation: list[int]) -> torch.Tensor:
@@ -377,16 +381,19 @@ def finalists(best: dict, solo: dict, margin: float = FINALIST_MARGIN) -> list[d
 def choose_by_replies(dm: DraftModel, prompts: list[list[int]], candidates: list[dict], max_new_tokens: int,
                       bar=None) -> dict:
     """The candidate (finalists' dicts) whose greedy replies to `prompts` run fastest in the loop, each with its
-    cut, interleaved per prompt (measure_trees); every candidate gains "measured_tokens_per_s" and
-    "measured_mean_accepted". Whole replies weigh what a step's prediction leaves out: how acceptance runs in
-    streaks, what drafting costs at each depth, and the machine's drift over the minutes between timings."""
+    cut, interleaved per prompt (measure_trees), or of those within REPLY_TIE of the fastest the one with the fewest
+    rows a step (predicted); every candidate gains "measured_tokens_per_s" and "measured_mean_accepted". Whole
+    replies weigh what a step's prediction leaves out: how acceptance runs in streaks, what drafting costs at each
+    depth, and the machine's drift over the minutes between timings."""
     names = [f"{len(c['tree']) + 1} nodes" + (f" cut at {c['draft_confidence']}" if c["draft_confidence"] else "")
              for c in candidates]
     measured = measure_trees(dm, prompts, {n: Tree(c["tree"]) for n, c in zip(names, candidates)}, max_new_tokens, bar,
                              {n: c["draft_confidence"] for n, c in zip(names, candidates)})
     for n, c in zip(names, candidates):
         c.update(measured_tokens_per_s=measured[n]["tokens_per_s"], measured_mean_accepted=measured[n]["mean_accepted"])
-    return max(candidates, key=lambda c: c["measured_tokens_per_s"])
+    fastest = max(c["measured_tokens_per_s"] for c in candidates)
+    tied = [c for c in candidates if c["measured_tokens_per_s"] >= (1 - REPLY_TIE) * fastest]
+    return min(tied, key=lambda c: c.get("predicted_rows", len(c["tree"]) + 1))
 
 
 def machine() -> dict:
