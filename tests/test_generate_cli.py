@@ -294,3 +294,9 @@ def test_calibrate_checks_draft_confidence_before_loading(capsys, value):
     code, _, err = run_cli(capsys, "calibrate", "--prompts", "/no/such/prompts.jsonl", "--draft-confidence", value,
                            "--backbone", "/no/such/model")
     assert code == 2 and "--draft-confidence must be at least 0 and below 1" in err and "Traceback" not in err
+
+
+def test_calibrate_checks_choose_by_replies_before_loading(capsys):
+    code, _, err = run_cli(capsys, "calibrate", "--prompts", "/no/such/prompts.jsonl", "--choose-by-replies", "-1",
+                           "--backbone", "/no/such/model")
+    assert code == 2 and "--choose-by-replies must be at least 0" in err and "Traceback" not in err

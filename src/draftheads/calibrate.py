@@ -479,6 +479,8 @@ def run_calibrate(args) -> dict:
         raise UserError("--max-nodes must be >= 1 and --max-new-tokens >= 2")
     if not all(0 <= c < 1 for c in args.draft_confidence):
         raise UserError("--draft-confidence must be at least 0 and below 1")
+    if args.choose_by_replies < 0:
+        raise UserError("--choose-by-replies must be at least 0 (0: the prediction decides)")
     questions = load_questions(args.prompts, args.limit)
     dm, plain = load_parts(args)
     K = dm.heads.cfg.num_heads
