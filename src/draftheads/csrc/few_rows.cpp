@@ -123,9 +123,10 @@ static inline void decode_step(const uint8_t* q, int k, __m256& w0, __m256& w1) 
 // A tile's values are 4.6-12 KB, so its stream crosses a 4 KB page every few blocks, where the hardware's prefetcher
 // stops; the weights of a pass (~66 MB for the default model's layers) come from memory every step, since the LM head
 // and the cache pass through the caches in between. Past the end of the weights a prefetch is a no-op (it never faults).
-// Measured (stop 54, this Xeon, `scripts/compare_packed_revisions.py --against HEAD`, 30 layers of Q4_1): 1 row 3.72 ->
-// 3.14 ms, 2 rows 3.88 -> 3.08, 4 rows 4.74 -> 3.40, 8 rows 6.03 -> 4.60 at 8 blocks ahead; 4 ahead gained less (0.80-0.84x),
-// 16 about as much (0.73-0.82x). The same floats: a prefetch changes no operation.
+// Measured (stop 54, an Intel Xeon, `scripts/compare_packed_revisions.py --against 4924597`, 30 layers of Q4_1, VNNI):
+// 1 row 3.67 -> 2.83 ms, 2 rows 3.72 -> 2.87, 4 rows 4.48 -> 3.22, 8 rows 5.79 -> 4.39 at 8 blocks ahead (the AVX2 body
+// 0.73-0.85x); 4 ahead gained less (0.80-0.84x), 16 about as much (0.73-0.82x). The same floats: a prefetch changes no
+// operation.
 constexpr int PREFETCH_BLOCKS = 8;
 
 static inline void prefetch_lines(const void* p, int bytes) {
