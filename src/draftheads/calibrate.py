@@ -533,13 +533,13 @@ def run_calibrate(args) -> dict:
             solo = cut_chain_entry(ranks, torch.cat(probs), args.draft_confidence, scaled, 1, args.max_nodes, K,
                                    start=start)
             solo.update(chain_latency=timed, chain_scale=scale)
-            if solo["draft_confidence"] > 0 and solo["predicted_tokens_per_s"] > best["tokens_per_s"]:
-                solo_cut = solo
             finals = finalists(best, solo)
-            if args.choose_by_replies and len(finals) > 1:
+            if args.choose_by_replies and len(finals) > 1:  # whole replies decide
                 won = choose_by_replies(dm, prompts[: args.choose_by_replies], finals, args.max_new_tokens, bar)
                 solo_cut = won if won["draft_confidence"] > 0 else None
                 replies = {"prompts": min(args.choose_by_replies, len(prompts)), "candidates": finals}
+            elif solo["draft_confidence"] > 0 and solo["predicted_tokens_per_s"] > best["tokens_per_s"]:  # the prediction
+                solo_cut = solo
         if lookup is not None:  # the tree that is fastest together with the lookup branches
             lk_depth, lk_nodes = torch.cat([d for d, _ in lk]), torch.cat([n for _, n in lk])
             best = with_lookup(found["curve"], ranks, lk_depth, lk_nodes, lambda n: interpolate(xs, ys, n))
