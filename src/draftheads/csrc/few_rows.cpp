@@ -401,7 +401,7 @@ static inline __m256i broadcast4(const int8_t* p) {
 #if DRAFTHEADS_VNNI512
 // q8_tile on a CPU with AVX-512 VNNI: vpdpbusd adds 4 byte products per int32 lane, 64 per instruction, so a tile's 16
 // outputs sit in one register and a row takes 1 (Q8_0) or 2 (Q4_1) instructions per 4 (8) inputs, where AVX2 takes 3;
-// with 32 registers four rows share each load of the tile. The block sums are the same integers, folded in the same
+// with 32 registers four rows (a pass's last five or six) share each load of the tile. The block sums are the same integers, folded in the same
 // order lane by lane, so the outputs are q8_tile's, bit for bit. vpdpbusd multiplies unsigned by signed bytes: Q4_1's
 // nibbles are the unsigned ones; for Q8_0 x comes as x + 128 (quantize_row flips its top bit) and 128 times each
 // output's block weight sum (one more vpdpbusd per 4 inputs, shared by the rows) is taken off.
@@ -410,11 +410,11 @@ static inline void q8_tile(const uint8_t* q, const int8_t* xq, int64_t K, const 
                            const float* d, const float* m, float* y, int64_t ystride) {
   const __m512i low = _mm512_set1_epi8(0x0F), one = _mm512_set1_epi8(1);
   __m512 a[G];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < G; ++r) a[r] = _mm512_setzero_ps();
   for (int64_t j = 0; j < KB; ++j, q += BK * (Q4 ? TILE / 2 : TILE), d += TILE, m += Q4 ? TILE : 0) {
     __m512i s[G];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < G; ++r) s[r] = _mm512_setzero_si512();
     prefetch_block<Q4>(q, d, m);
     const __m512 d0 = _mm512_loadu_ps(d);
@@ -424,7 +424,7 @@ static inline void q8_tile(const uint8_t* q, const int8_t* xq, int64_t K, const 
       for (int g = 0; g < 8; ++g) {
         const __m512i v = _mm512_loadu_si512(q + 64 * g);
         sw = _mm512_dpbusd_epi32(sw, one, v);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int r = 0; r < G; ++r) {
           int32_t x4;
           std::memcpy(&x4, xq + r * K + j * BK + 4 * g, 4);
@@ -432,17 +432,17 @@ static inline void q8_tile(const uint8_t* q, const int8_t* xq, int64_t K, const 
         }
       }
       const __m512i off = _mm512_slli_epi32(sw, 7);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int r = 0; r < G; ++r) {
         const __m512 sx = _mm512_set1_ps(dx[r * KB + j]);
         a[r] = _mm512_fmadd_ps(_mm512_mul_ps(d0, sx), _mm512_cvtepi32_ps(_mm512_sub_epi32(s[r], off)), a[r]);
       }
     } else {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int g = 0; g < 4; ++g) {
         const __m512i v = _mm512_loadu_si512(q + 64 * g);
         const __m512i e = _mm512_and_si512(v, low), o = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int r = 0; r < G; ++r) {
           int32_t xe, xo;
           std::memcpy(&xe, xq + r * K + j * BK + 8 * g, 4);
@@ -451,14 +451,14 @@ static inline void q8_tile(const uint8_t* q, const int8_t* xq, int64_t K, const 
         }
       }
       const __m512 m0 = _mm512_loadu_ps(m);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int r = 0; r < G; ++r) {
         const __m512 sx = _mm512_set1_ps(dx[r * KB + j]), sm = _mm512_set1_ps(xs[r * KB + j]);
         a[r] = _mm512_fmadd_ps(m0, sm, _mm512_fmadd_ps(_mm512_mul_ps(d0, sx), _mm512_cvtepi32_ps(s[r]), a[r]));
       }
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < G; ++r) _mm512_storeu_ps(y + r * ystride, a[r]);
 }
 #else
@@ -529,8 +529,10 @@ static inline void q8_tile(const uint8_t* q, const int8_t* xq, int64_t K, const 
 
 #endif
 
-// y [R, T * 16] from the rounded rows: each task's tiles one at a time, for DRAFTHEADS_Q8_ROWS rows at a time (AVX2:
-// pairs; half tiles for four rows at a time, or the block sums folded through memory, ran slower there: 30 layers at
+// y [R, T * 16] from the rounded rows: each task's tiles one at a time, for DRAFTHEADS_Q8_ROWS rows at a time, the last
+// 5 or 6 in one read on AVX-512 (30 layers of Q4_1 at 5 / 6 / 10 rows 0.93 / 0.92 / 0.94x the time of 4 + 1, 4 + 2, 4 + 4 + 2;
+// eight rows a read ran slower: docs/verify_profile.md, stop 48).
+// AVX2: pairs; half tiles for four rows at a time, or the block sums folded through memory, ran slower there: 30 layers at
 // 8 rows 8.6 -> 10.3 / 11.3 ms).
 template <bool Q4>
 static void tiles_pass_q8(const int8_t* xq, const float* dx, const float* xs, const uint8_t* qp, const float* dp,
@@ -540,17 +542,24 @@ static void tiles_pass_q8(const int8_t* xq, const float* dx, const float* xs, co
     for (int64_t t = 2 * p0; t < std::min(T, 2 * p1); ++t) {
       const uint8_t* q = qp + t * K * (Q4 ? TILE / 2 : TILE);
       const float *d = dp + t * KB * TILE, *m = Q4 ? mp + t * KB * TILE : nullptr;
-      for (int64_t r = 0; r < R; r += DRAFTHEADS_Q8_ROWS) {
+      for (int64_t r = 0, g; r < R; r += g) {
         const int8_t* x = xq + r * K;
         const float *sx = dx + r * KB, *sm = xs + r * KB;
         float* o = yp + r * YO + t * TILE;
-        switch (std::min<int64_t>(R - r, DRAFTHEADS_Q8_ROWS)) {
+        g = std::min<int64_t>(R - r, DRAFTHEADS_Q8_ROWS);
+        switch (g) {
           case 1: q8_tile<Q4, 1>(q, x, K, sx, sm, KB, d, m, o, YO); break;
 #if DRAFTHEADS_Q8_ROWS > 2
           case 2: q8_tile<Q4, 2>(q, x, K, sx, sm, KB, d, m, o, YO); break;
           case 3: q8_tile<Q4, 3>(q, x, K, sx, sm, KB, d, m, o, YO); break;
 #endif
-          default: q8_tile<Q4, DRAFTHEADS_Q8_ROWS>(q, x, K, sx, sm, KB, d, m, o, YO);
+          default:
+#if DRAFTHEADS_Q8_ROWS > 2
+            // the last 5 or 6 rows in one read of the tile, not 4 and then 1 or 2 (registers: 32 hold 6 rows' sums)
+            if (R - r == 5) { q8_tile<Q4, 5>(q, x, K, sx, sm, KB, d, m, o, YO); g = 5; break; }
+            if (R - r == 6) { q8_tile<Q4, 6>(q, x, K, sx, sm, KB, d, m, o, YO); g = 6; break; }
+#endif
+            q8_tile<Q4, DRAFTHEADS_Q8_ROWS>(q, x, K, sx, sm, KB, d, m, o, YO);
         }
       }
     }

@@ -127,16 +127,64 @@ torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
 static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 static inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
-// One query head against D floats of key: 8 lanes over the dims in order, then hsum.
-template <int N, typename T>
-static inline void dots(const float* q, const T* const* k, float* out, int64_t D) {
-  __m256 a[N];
-  for (int n = 0; n < N; ++n) a[n] = _mm256_setzero_ps();
+// hsum of each of a[0, 4) into out[0, 4), the same additions in the same order as hsum, for four vectors at once
+// (lanes i and i + 4, then (0 + 2) and (1 + 3), then their sum): 14 shuffles and adds where four hsums take 24.
+static inline void hsum4(const __m256* a, float* out) {
+  const __m256 x01 = _mm256_add_ps(_mm256_permute2f128_ps(a[0], a[1], 0x20), _mm256_permute2f128_ps(a[0], a[1], 0x31));
+  const __m256 x23 = _mm256_add_ps(_mm256_permute2f128_ps(a[2], a[3], 0x20), _mm256_permute2f128_ps(a[2], a[3], 0x31));
+  // per 128-bit lane [s0 + s2, s1 + s3] of a[0] (a[1] in the high lane) then of a[2] (a[3])
+  const __m256 w = _mm256_add_ps(_mm256_shuffle_ps(x01, x23, _MM_SHUFFLE(1, 0, 1, 0)), _mm256_shuffle_ps(x01, x23, _MM_SHUFFLE(3, 2, 3, 2)));
+  // [a0, a2, a0, a2 | a1, a3, a1, a3]
+  const __m256 u = _mm256_add_ps(_mm256_shuffle_ps(w, w, _MM_SHUFFLE(2, 0, 2, 0)), _mm256_shuffle_ps(w, w, _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m128 lo = _mm256_castps256_ps128(u), hi = _mm256_extractf128_ps(u, 1);
+  _mm_storeu_ps(out, _mm_unpacklo_ps(lo, hi));  // [a0, a1, a2, a3]
+}
+
+// M query heads against N keys of D floats each: per query and key 8 lanes over the dims in order, then hsum. The
+// queries share each load (and float16 conversion) of a key's 8 floats, and the M x N sums are independent chains,
+// so that the FMAs do not wait on one another; each query's sums are the ones it makes alone (M = 1), bit for bit.
+template <int M, int N, typename T>
+static inline void dots(const float* const* q, const T* const* k, float* const* out, int64_t j, int64_t D) {
+  __m256 a[M][N];
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n) a[m][n] = _mm256_setzero_ps();
   for (int64_t d = 0; d < D; d += 8) {
-    const __m256 qv = _mm256_loadu_ps(q + d);
-    for (int n = 0; n < N; ++n) a[n] = _mm256_fmadd_ps(qv, load8(k[n] + d), a[n]);
+    __m256 qv[M];
+    for (int m = 0; m < M; ++m) qv[m] = _mm256_loadu_ps(q[m] + d);
+    for (int n = 0; n < N; ++n) {
+      const __m256 kv = load8(k[n] + d);
+      for (int m = 0; m < M; ++m) a[m][n] = _mm256_fmadd_ps(qv[m], kv, a[m][n]);
+    }
   }
-  for (int n = 0; n < N; ++n) out[n] = hsum(a[n]);
+  for (int m = 0; m < M; ++m) {
+    if constexpr (N == 4) hsum4(a[m], out[m] + j);
+    else
+      for (int n = 0; n < N; ++n) out[m][j + n] = hsum(a[m][n]);
+  }
+}
+
+// The scores of queries q[0, n) against keys [0, L) of a kv head (rows `stride` apart) into out[x][j]: the queries in
+// groups of up to 3, keys 4 at a time, then one at a time.
+template <typename T>
+static void scores(const float* const* q, int64_t n, const T* kb, int64_t stride, int64_t L, float* const* out, int64_t D) {
+  for (int64_t x = 0; x < n; x += 3) {
+    const float* const* qx = q + x;
+    float* const* ox = out + x;
+    const int64_t m = std::min<int64_t>(3, n - x);
+    int64_t j = 0;
+    for (; j + 4 <= L; j += 4) {
+      const T* ks[4] = {kb + j * stride, kb + (j + 1) * stride, kb + (j + 2) * stride, kb + (j + 3) * stride};
+      if (m == 3) dots<3, 4>(qx, ks, ox, j, D);
+      else if (m == 2) dots<2, 4>(qx, ks, ox, j, D);
+      else dots<1, 4>(qx, ks, ox, j, D);
+    }
+    for (; j < L; ++j) {
+      const T* ks[1] = {kb + j * stride};
+      if (m == 3) dots<3, 1>(qx, ks, ox, j, D);
+      else if (m == 2) dots<2, 1>(qx, ks, ox, j, D);
+      else dots<1, 1>(qx, ks, ox, j, D);
+    }
+  }
 }
 
 // acc[0, 8C) += sum_j p[j] v[j][0, 8C) and total += sum_j p[j] over keys j0 <= j < j1, v's rows `stride` apart:
@@ -172,6 +220,61 @@ static void weighted_sum(int C, const float* p, const T* v, int64_t stride, int6
     case 6: weighted_sum<6, T>(p, v, stride, j0, j1, acc, total); break;
     case 7: weighted_sum<7, T>(p, v, stride, j0, j1, acc, total); break;
     default: weighted_sum<8, T>(p, v, stride, j0, j1, acc, total);
+  }
+}
+
+// weighted_sum for M queries p[0, M) at once (sums acc[m], totals total[m]), sharing each load (and float16 conversion)
+// of a value row's 8C floats: M x C chains, each the one that query's weighted_sum<C> runs, so the same floats. count:
+// add p to the totals (a query's second half of dims reads the same keys: its total is already there).
+template <int M, int C, bool count, typename T>
+static inline void weighted_sums(const float* const* p, const T* v, int64_t stride, int64_t j0, int64_t j1,
+                                 float* const* acc, float* total) {
+  __m256 a[M][C];
+  float t[M];
+  for (int m = 0; m < M; ++m) {
+    t[m] = total[m];
+    for (int c = 0; c < C; ++c) a[m][c] = _mm256_loadu_ps(acc[m] + 8 * c);
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    __m256 pj[M];
+    for (int m = 0; m < M; ++m) {
+      pj[m] = _mm256_set1_ps(p[m][j]);
+      if (count) t[m] += p[m][j];
+    }
+    const T* vr = v + j * stride;
+    for (int c = 0; c < C; ++c) {
+      const __m256 vv = load8(vr + 8 * c);
+      for (int m = 0; m < M; ++m) a[m][c] = _mm256_fmadd_ps(pj[m], vv, a[m][c]);
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    total[m] = t[m];
+    for (int c = 0; c < C; ++c) _mm256_storeu_ps(acc[m] + 8 * c, a[m][c]);
+  }
+}
+
+template <int M, bool count, typename T>
+static void weighted_sums(int C, const float* const* p, const T* v, int64_t stride, int64_t j0, int64_t j1,
+                          float* const* acc, float* total) {
+  switch (C) {
+    case 1: weighted_sums<M, 1, count, T>(p, v, stride, j0, j1, acc, total); break;
+    case 2: weighted_sums<M, 2, count, T>(p, v, stride, j0, j1, acc, total); break;
+    case 3: weighted_sums<M, 3, count, T>(p, v, stride, j0, j1, acc, total); break;
+    default: weighted_sums<M, 4, count, T>(p, v, stride, j0, j1, acc, total);
+  }
+}
+
+// The weighted sums of queries [x, x + m) (m <= 3) over dims [0, 8C) from v: one query 8C chains at once; two or three
+// 4 x 8 dims at a time (with their chains, the registers of AVX2 hold no more), sharing the value rows' loads.
+template <typename T>
+static void group_sums(int64_t m, int C, const float* const* p, const T* v, int64_t stride, int64_t j0, int64_t j1,
+                       float* const* acc, float* total) {
+  if (m == 1) return weighted_sum(C, p[0], v, stride, j0, j1, acc[0], total[0]);
+  for (int c = 0; c < C; c += 4) {
+    float* part[3] = {acc[0] + 8 * c, acc[1] + 8 * c, m == 3 ? acc[2] + 8 * c : nullptr};
+    const int Cc = std::min(4, C - c);
+    if (m == 3) (c == 0 ? weighted_sums<3, true, T> : weighted_sums<3, false, T>)(Cc, p, v + 8 * c, stride, j0, j1, part, total);
+    else (c == 0 ? weighted_sums<2, true, T> : weighted_sums<2, false, T>)(Cc, p, v + 8 * c, stride, j0, j1, part, total);
   }
 }
 
@@ -220,7 +323,9 @@ static torch::Tensor attention_of(const torch::Tensor& q, const torch::Tensor& k
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<float> s(per * Lp), acc(per * 64), total(per);
     std::vector<const float*> qs(per), ms(per);
-    std::vector<float*> os(per);
+    std::vector<float*> os(per), ss(per), accs(per);
+    std::vector<const float*> ps(per);
+    for (int64_t x = 0; x < per; ++x) ss[x] = s.data() + x * Lp, ps[x] = ss[x], accs[x] = acc.data() + x * 64;
     for (int64_t t = next++; t < tasks; t = next++) {
       const int64_t b = order[t / (KVH * parts)], kh = (t / parts) % KVH, s0 = t % parts * per;
       const int64_t n = std::min(S, s0 + per) - s0;
@@ -234,15 +339,8 @@ static torch::Tensor attention_of(const torch::Tensor& q, const torch::Tensor& k
         ms[x] = masked ? mp + (mask.size(0) == 1 ? 0 : b) * mask.stride(0) + i * mask.stride(2) : nullptr;
         os[x] = op + ((b * Q + i) * H + h) * D;
       }
+      scores(qs.data(), n, kb, k.stride(2), Lb, ss.data(), D);
       int64_t j = 0;
-      for (; j + 4 <= Lb; j += 4) {
-        const T* ks[4] = {kb + j * k.stride(2), kb + (j + 1) * k.stride(2), kb + (j + 2) * k.stride(2), kb + (j + 3) * k.stride(2)};
-        for (int64_t x = 0; x < n; ++x) dots<4>(qs[x], ks, s.data() + x * Lp + j, D);
-      }
-      for (; j < Lb; ++j) {
-        const T* ks[1] = {kb + j * k.stride(2)};
-        for (int64_t x = 0; x < n; ++x) dots<1>(qs[x], ks, s.data() + x * Lp + j, D);
-      }
       for (int64_t x = 0; x < n; ++x) {
         float* sx = s.data() + x * Lp;
         const float* m = ms[x];
@@ -260,8 +358,9 @@ static torch::Tensor attention_of(const torch::Tensor& q, const torch::Tensor& k
         std::fill(acc.begin(), acc.end(), 0.0f);
         std::fill(total.begin(), total.end(), 0.0f);
         for (int64_t j0 = 0; j0 < Lb; j0 += VALUE_BLOCK)
-          for (int64_t x = 0; x < n; ++x)
-            weighted_sum(C, s.data() + x * Lp, vb + d, v.stride(2), j0, std::min(Lb, j0 + VALUE_BLOCK), acc.data() + x * 64, total[x]);
+          for (int64_t x = 0; x < n; x += 3)
+            group_sums(std::min<int64_t>(3, n - x), C, ps.data() + x, vb + d, v.stride(2), j0, std::min(Lb, j0 + VALUE_BLOCK),
+                       accs.data() + x, total.data() + x);
         for (int64_t x = 0; x < n; ++x) {
           const __m256 inv = _mm256_set1_ps(1.0f / total[x]);
           for (int c = 0; c < C; ++c)
