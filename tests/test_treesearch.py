@@ -257,6 +257,24 @@ def test_a_deeper_chain_takes_over_only_when_it_is_clearly_faster():
     assert pick_chain([{"depth": d, "tokens_per_s": t} for d, t in enumerate([100, 110, 104, 108])], start=2)["depth"] == 1
 
 
+def test_finalists_are_the_whole_tree_and_each_depth_s_best_cut_above_zero():
+    from draftheads.calibrate import FINALIST_MARGIN, fastest_per_depth, finalists
+
+    def cand(depth, cut, tps):
+        return {"depth": depth, "draft_confidence": cut, "tokens_per_s": tps, "tokens": 1.0 + depth / 10,
+                "round_s": 0.004, "rows": 1.0 + depth / 2}
+
+    # the root alone (cut 0 only); depth 1 whole is its fastest, but a whole chain is no cut: its best cut (0.2) goes;
+    # depth 2's best cut falls outside the margin; depth 3's first of two equal cuts is kept
+    candidates = [cand(0, 0.0, 200.0), cand(1, 0.0, 260.0), cand(1, 0.1, 240.0), cand(1, 0.2, 250.0),
+                  cand(2, 0.0, 255.0), cand(2, 0.2, 200.0), cand(3, 0.1, 245.0), cand(3, 0.2, 245.0)]
+    assert [(c["depth"], c["draft_confidence"]) for c in fastest_per_depth(candidates)] == [(0, 0.0), (1, 0.0), (2, 0.0), (3, 0.1)]
+    best = {"tree": [[0], [1]], "tokens_per_s": 255.0, "expected_accepted": 1.5, "step_s": 0.005}
+    out = finalists(best, {"candidates": candidates})
+    assert [(f["tree"], f["draft_confidence"]) for f in out] == [([[0], [1]], 0.0), ([[0]], 0.2), ([[0], [0, 0], [0, 0, 0]], 0.1)]
+    assert all(f["predicted_tokens_per_s"] >= (1 - FINALIST_MARGIN) * 255.0 for f in out)
+
+
 def test_searches_respect_ranks_and_depth_bounds():
     p = [[0.5, 0.3], [0.6]]  # head 1 measured at one rank only
     assert expected_accepted(p, [(0, 1)]) == 1.0  # a rank the table lacks is never right

@@ -319,7 +319,7 @@ def cut_chain_entry(ranks: torch.Tensor, probs: torch.Tensor, min_probs, chain_l
     fitted = [i for i, n in enumerate(cx) if max_rows is None or batch * n <= max_rows]
     fitted = fitted if len(fitted) >= 2 else list(range(len(cx)))
     verify = line_fit([cx[i] for i in fitted], [cl[i]["step_s"] - cd[i] for i in fitted])
-    candidates, by_depth = [], []
+    candidates = []
     for t in map(chain, range(min(max_depth, max_nodes - 1, max(cx) - 1) + 1)):
         cuts = []
         for min_prob in min_probs if t.size > 1 else [0.0]:  # the root alone is never cut
@@ -330,13 +330,21 @@ def cut_chain_entry(ranks: torch.Tensor, probs: torch.Tensor, min_probs, chain_l
             cuts.append({"depth": t.depth, "draft_confidence": min_prob, "rows": rows, "tokens": tokens,
                          "round_s": seconds, "tokens_per_s": batch * tokens / seconds})
         candidates += cuts
-        if cuts:  # the root is always one
-            by_depth.append(max(cuts, key=lambda c: c["tokens_per_s"]))
-    best = pick_chain(by_depth, start)
+    best = pick_chain(fastest_per_depth(candidates), start)
     return {"tree": chain(best["depth"]).paths, "size": best["depth"] + 1,
             "predicted_mean_accepted": best["tokens"], "predicted_tokens_per_s": best["tokens_per_s"],
             "predicted_step_s": best["round_s"], "draft_confidence": best["draft_confidence"],
             "predicted_rows": best["rows"], "chain_latency": cl, "candidates": candidates}
+
+
+def fastest_per_depth(candidates: list[dict], cut_only: bool = False) -> list[dict]:
+    """cut_chain_entry's candidates ({"depth", "draft_confidence", "tokens_per_s", ...}), the fastest of each chain
+    depth, shallow to deep (the first of equals); cut_only: among cuts above 0 (the root alone, depth 0, has none)."""
+    out: dict[int, dict] = {}
+    for c in candidates:
+        if (not cut_only or c["draft_confidence"] > 0) and (c["depth"] not in out or c["tokens_per_s"] > out[c["depth"]]["tokens_per_s"]):
+            out[c["depth"]] = c
+    return [out[d] for d in sorted(out)]
 
 
 def line_fit(xs: list[float], ys: list[float]):
@@ -367,13 +375,10 @@ def finalists(best: dict, solo: dict, margin: float = FINALIST_MARGIN) -> list[d
     "predicted_step_s", "predicted_rows" (cut chains)}, the whole tree first."""
     out = [{"tree": Tree(best["tree"]).to_json(), "draft_confidence": 0.0, "predicted_tokens_per_s": best["tokens_per_s"],
             "predicted_mean_accepted": best["expected_accepted"], "predicted_step_s": best["step_s"]}]
-    for depth in sorted({c["depth"] for c in solo["candidates"] if c["depth"] > 0}):
-        cuts = [c for c in solo["candidates"] if c["depth"] == depth and c["draft_confidence"] > 0]
-        if cuts:
-            c = max(cuts, key=lambda c: c["tokens_per_s"])
-            out.append({"tree": chain(depth).to_json(), "draft_confidence": c["draft_confidence"],
-                        "predicted_tokens_per_s": c["tokens_per_s"], "predicted_mean_accepted": c["tokens"],
-                        "predicted_step_s": c["round_s"], "predicted_rows": c["rows"]})
+    for c in fastest_per_depth(solo["candidates"], cut_only=True):
+        out.append({"tree": chain(c["depth"]).to_json(), "draft_confidence": c["draft_confidence"],
+                    "predicted_tokens_per_s": c["tokens_per_s"], "predicted_mean_accepted": c["tokens"],
+                    "predicted_step_s": c["round_s"], "predicted_rows": c["rows"]})
     top = max(f["predicted_tokens_per_s"] for f in out)
     return [f for f in out if f["predicted_tokens_per_s"] >= (1 - margin) * top]
 
