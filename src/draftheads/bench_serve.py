@@ -160,6 +160,17 @@ def _health(url: str) -> dict:
     return httpx.get(url + "/health", timeout=10).json()
 
 
+def _idle_phases(url: str, wait_s: float = 5.0) -> dict:
+    """The worker's phases (server.Worker.phases) once it is idle: a reply's last chunk reaches its client before
+    the worker adds that pass's time, which a read at once would leave to the next level."""
+    end = time.perf_counter() + wait_s
+    body = _health(url)
+    while (body.get("running") or body.get("waiting")) and time.perf_counter() < end:
+        time.sleep(0.005)
+        body = _health(url)
+    return body.get("phases") or {}
+
+
 def run_concurrency(args) -> dict:
     from .questions import load_questions
 
@@ -200,10 +211,10 @@ def run_concurrency(args) -> dict:
             served = {name: [0.0, [], {}, [0.0, 0.0]] for name in servers}  # wall, results, phases, full load
             for k, half in enumerate([[p] for p in prompts] if c == 1 else halves):
                 for name, (_, url) in (list(servers.items()) if k % 2 == 0 else list(servers.items())[::-1]):
-                    before = _health(url).get("phases") or {}
+                    before = _idle_phases(url)
                     wall, results = load_level(url, half, c, args.max_new_tokens)
                     # the worker's time per phase during this level (server.Worker.phases)
-                    after = _health(url).get("phases") or {}
+                    after = _idle_phases(url)
                     acc = served[name]
                     acc[0] += wall
                     acc[1] += results

@@ -239,13 +239,13 @@ class Worker:
             for key, (job, chunks) in list(running.items()):
                 if not self._advance(job, chunks):
                     del running[key]
-            self.running = bool(running)
             ph = self.phases
             ph["admit_s"] += t1 - t0
             ph["passes_s"] += t2 - t1
             ph["advance_s"] += time.perf_counter() - t2
             ph["passes"] += stepped > 0
             ph["sequences"] += stepped
+            self.running = bool(running)  # after the phases: an idle worker's (/health) are complete
 
     def _advance(self, job: Job, chunks) -> bool:
         """Send `job` its next chunk (one decoding step); False once it is finished, failed or cancelled
