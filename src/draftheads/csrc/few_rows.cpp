@@ -530,8 +530,8 @@ static inline void q8_tile(const uint8_t* q, const int8_t* xq, int64_t K, const 
 #endif
 
 // y [R, T * 16] from the rounded rows: each task's tiles one at a time, for DRAFTHEADS_Q8_ROWS rows at a time, the last
-// 5 or 6 in one read on AVX-512 (30 layers of Q4_1 at 5 / 6 / 10 rows 0.93 / 0.92 / 0.94x the time of 4 + 1, 4 + 2, 4 + 4 + 2;
-// eight rows a read ran slower: docs/verify_profile.md, stop 48).
+// 5 or 6 in one read on AVX-512 (30 layers of Q4_1 at 5 / 6 / 10 rows 0.94 / 0.91 / 0.95x the time of 4 + 1, 4 + 2, 4 + 4 + 2;
+// docs/verify_profile.md, stop 55; eight rows a read ran slower, stop 48).
 // AVX2: pairs; half tiles for four rows at a time, or the block sums folded through memory, ran slower there: 30 layers at
 // 8 rows 8.6 -> 10.3 / 11.3 ms).
 template <bool Q4>
