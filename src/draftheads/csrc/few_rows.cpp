@@ -401,10 +401,10 @@ static inline __m256i broadcast4(const int8_t* p) {
 #if DRAFTHEADS_VNNI512
 // q8_tile on a CPU with AVX-512 VNNI: vpdpbusd adds 4 byte products per int32 lane, 64 per instruction, so a tile's 16
 // outputs sit in one register and a row takes 1 (Q8_0) or 2 (Q4_1) instructions per 4 (8) inputs, where AVX2 takes 3;
-// with 32 registers four rows (a pass's last five or six) share each load of the tile. The block sums are the same integers, folded in the same
-// order lane by lane, so the outputs are q8_tile's, bit for bit. vpdpbusd multiplies unsigned by signed bytes: Q4_1's
-// nibbles are the unsigned ones; for Q8_0 x comes as x + 128 (quantize_row flips its top bit) and 128 times each
-// output's block weight sum (one more vpdpbusd per 4 inputs, shared by the rows) is taken off.
+// with 32 registers four rows (a pass's last five or six) share each load of the tile. The block sums are the same
+// integers, folded in the same order lane by lane, so the outputs are q8_tile's, bit for bit. vpdpbusd multiplies
+// unsigned by signed bytes: Q4_1's nibbles are the unsigned ones; for Q8_0 x comes as x + 128 (quantize_row flips its
+// top bit) and 128 times each output's block weight sum (one more vpdpbusd per 4 inputs, shared by the rows) is taken off.
 template <bool Q4, int G>
 static inline void q8_tile(const uint8_t* q, const int8_t* xq, int64_t K, const float* dx, const float* xs, int64_t KB,
                            const float* d, const float* m, float* y, int64_t ystride) {
@@ -546,20 +546,18 @@ static void tiles_pass_q8(const int8_t* xq, const float* dx, const float* xs, co
         const int8_t* x = xq + r * K;
         const float *sx = dx + r * KB, *sm = xs + r * KB;
         float* o = yp + r * YO + t * TILE;
-        g = std::min<int64_t>(R - r, DRAFTHEADS_Q8_ROWS);
+        // rows a read of the tile; on AVX-512 the last 5 or 6 in one, not 4 and then 1 or 2 (32 registers hold 6 rows' sums)
+        const int64_t left = R - r;
+        g = DRAFTHEADS_Q8_ROWS > 2 && (left == 5 || left == 6) ? left : std::min<int64_t>(left, DRAFTHEADS_Q8_ROWS);
         switch (g) {
           case 1: q8_tile<Q4, 1>(q, x, K, sx, sm, KB, d, m, o, YO); break;
 #if DRAFTHEADS_Q8_ROWS > 2
           case 2: q8_tile<Q4, 2>(q, x, K, sx, sm, KB, d, m, o, YO); break;
           case 3: q8_tile<Q4, 3>(q, x, K, sx, sm, KB, d, m, o, YO); break;
+          case 5: q8_tile<Q4, 5>(q, x, K, sx, sm, KB, d, m, o, YO); break;
+          case 6: q8_tile<Q4, 6>(q, x, K, sx, sm, KB, d, m, o, YO); break;
 #endif
-          default:
-#if DRAFTHEADS_Q8_ROWS > 2
-            // the last 5 or 6 rows in one read of the tile, not 4 and then 1 or 2 (registers: 32 hold 6 rows' sums)
-            if (R - r == 5) { q8_tile<Q4, 5>(q, x, K, sx, sm, KB, d, m, o, YO); g = 5; break; }
-            if (R - r == 6) { q8_tile<Q4, 6>(q, x, K, sx, sm, KB, d, m, o, YO); g = 6; break; }
-#endif
-            q8_tile<Q4, DRAFTHEADS_Q8_ROWS>(q, x, K, sx, sm, KB, d, m, o, YO);
+          default: q8_tile<Q4, DRAFTHEADS_Q8_ROWS>(q, x, K, sx, sm, KB, d, m, o, YO);
         }
       }
     }

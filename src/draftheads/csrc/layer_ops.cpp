@@ -324,8 +324,7 @@ static torch::Tensor attention_of(const torch::Tensor& q, const torch::Tensor& k
     std::vector<float> s(per * Lp), acc(per * 64), total(per);
     std::vector<const float*> qs(per), ms(per);
     std::vector<float*> os(per), ss(per), accs(per);
-    std::vector<const float*> ps(per);
-    for (int64_t x = 0; x < per; ++x) ss[x] = s.data() + x * Lp, ps[x] = ss[x], accs[x] = acc.data() + x * 64;
+    for (int64_t x = 0; x < per; ++x) ss[x] = s.data() + x * Lp, accs[x] = acc.data() + x * 64;
     for (int64_t t = next++; t < tasks; t = next++) {
       const int64_t b = order[t / (KVH * parts)], kh = (t / parts) % KVH, s0 = t % parts * per;
       const int64_t n = std::min(S, s0 + per) - s0;
@@ -359,7 +358,7 @@ static torch::Tensor attention_of(const torch::Tensor& q, const torch::Tensor& k
         std::fill(total.begin(), total.end(), 0.0f);
         for (int64_t j0 = 0; j0 < Lb; j0 += VALUE_BLOCK)
           for (int64_t x = 0; x < n; x += 3)
-            group_sums(std::min<int64_t>(3, n - x), C, ps.data() + x, vb + d, v.stride(2), j0, std::min(Lb, j0 + VALUE_BLOCK),
+            group_sums(std::min<int64_t>(3, n - x), C, ss.data() + x, vb + d, v.stride(2), j0, std::min(Lb, j0 + VALUE_BLOCK),
                        accs.data() + x, total.data() + x);
         for (int64_t x = 0; x < n; ++x) {
           const __m256 inv = _mm256_set1_ps(1.0f / total[x]);
