@@ -168,6 +168,19 @@ def test_full_load_counts_only_while_every_client_is_sending():
     assert full_load([req(0, 0.0, 1.0, 3.0, 5)]) == (pytest.approx(5.0), 3.0)  # one client: the whole level
 
 
+def test_bench_concurrency_gives_lookup_to_the_heads_servers_only():
+    from draftheads.bench_serve import server_configs
+
+    for lookup, flag in ((None, []), (True, ["--lookup"]), (False, ["--no-lookup"])):
+        configs = server_configs("hydra", 8, lookup)
+        assert configs["heads, batched"] == ["--heads", "hydra", *flag, "--max-batch", "8"]
+        assert configs["heads, serial"] == ["--heads", "hydra", *flag, "--max-batch", "1"]
+        # plain decoding stays plain whatever serve's default for lookup is
+        assert configs["plain, batched"] == ["--heads", "none", "--no-lookup", "--max-batch", "8"]
+    assert server_configs("none", 4, True) == {"plain, batched": ["--heads", "none", "--no-lookup", "--max-batch", "4"],
+                                               "plain, serial": ["--heads", "none", "--no-lookup", "--max-batch", "1"]}
+
+
 def test_bench_concurrency_loads_real_servers_on_loopback(tiny_dirs, tmp_path):
     """--concurrency starts `draftheads serve` processes (heads batched, plain batched, heads serial) and
     streams to each from concurrent clients; replies at 2 clients equal those decoded alone."""
@@ -202,3 +215,4 @@ def test_bench_concurrency_loads_real_servers_on_loopback(tiny_dirs, tmp_path):
     phases = (out / "report.md").read_text().split("Where the workers")[1]
     assert "| plain, batched | 2 |" in phases and "| heads, serial | 1 |" in phases
     assert (out / "concurrency.png").read_bytes()[:4] == b"\x89PNG" and "| heads, batched | 2 |" in (out / "report.md").read_text()
+    assert "heads, serial `--heads " + str(heads) + " --max-batch 1`" in (out / "report.md").read_text()

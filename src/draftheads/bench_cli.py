@@ -72,7 +72,8 @@ def register(sub) -> None:
     b.add_argument("--latency-steps", type=int, default=8, help="timed loop steps per tree size")
     b.add_argument("--concurrency", type=sizes, default=None,
                    help="instead: serve the model (heads batched, plain batched, heads one at a time) and load each "
-                        "server with this many concurrent streaming clients, e.g. 1,2,4,8 (bench_serve.py)")
+                        "server with this many concurrent streaming clients, e.g. 1,2,4,8 (bench_serve.py); --lookup / "
+                        "--no-lookup go to the heads servers")
     b.add_argument("--requests-per-client", type=int, default=2,
                    help="with --concurrency: requests = this x the largest concurrency, shared among the clients")
     b.add_argument("--max-batch", type=int, default=defaults.MAX_BATCH,

@@ -171,6 +171,18 @@ def _idle_phases(url: str, wait_s: float = 5.0) -> dict:
     return body.get("phases") or {}
 
 
+def server_configs(heads: str | None, max_batch: int, lookup: bool | None) -> dict[str, list[str]]:
+    """`draftheads serve` arguments per configuration measured. lookup (--lookup / --no-lookup) goes to the heads
+    servers, as it would to `serve`; the plain ones never draft (--no-lookup whatever the default)."""
+    plain = ["--heads", "none", "--no-lookup"]
+    if heads in (None, "none"):
+        return {"plain, batched": [*plain, "--max-batch", str(max_batch)], "plain, serial": [*plain, "--max-batch", "1"]}
+    drafting = ["--heads", heads] + ([] if lookup is None else ["--lookup" if lookup else "--no-lookup"])
+    return {"heads, batched": [*drafting, "--max-batch", str(max_batch)],
+            "plain, batched": [*plain, "--max-batch", str(max_batch)],
+            "heads, serial": [*drafting, "--max-batch", "1"]}
+
+
 def run_concurrency(args) -> dict:
     from .questions import load_questions
 
@@ -182,13 +194,7 @@ def run_concurrency(args) -> dict:
                         ("--tree", args.tree)):
         if value is not None:
             model_args += [flag, value]
-    heads = args.heads not in (None, "none")
-    configs = {"plain, batched": ["--heads", "none", "--max-batch", str(args.max_batch)]}
-    if heads:
-        configs = {"heads, batched": ["--heads", args.heads, "--max-batch", str(args.max_batch)], **configs,
-                   "heads, serial": ["--heads", args.heads, "--max-batch", "1"]}
-    else:
-        configs["plain, serial"] = ["--heads", "none", "--max-batch", "1"]
+    configs = server_configs(args.heads, args.max_batch, args.lookup)
     report = {"questions": args.questions, "prompts": len(prompts), "max_tokens": args.max_new_tokens,
               "max_batch": args.max_batch, "threads": args.threads, "configs": {}}
     from .calibrate import machine
@@ -249,7 +255,8 @@ def run_concurrency(args) -> dict:
 def write_report(report: dict, out: Path) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    lines = ["| config | clients | tokens/s | at full load | TTFT p50 / p95 s | per-token p50 / p95 ms | differ from alone |",
+    lines = ["Servers: " + "; ".join(f"{name} `{' '.join(cfg['args'])}`" for name, cfg in report["configs"].items()), "",
+             "| config | clients | tokens/s | at full load | TTFT p50 / p95 s | per-token p50 / p95 ms | differ from alone |",
              "|---|---|---|---|---|---|---|"]
     for name, cfg in report["configs"].items():
         for row in cfg["levels"]:
