@@ -269,10 +269,21 @@ def test_finalists_are_the_whole_tree_and_each_depth_s_best_cut_above_zero():
     candidates = [cand(0, 0.0, 200.0), cand(1, 0.0, 260.0), cand(1, 0.1, 240.0), cand(1, 0.2, 250.0),
                   cand(2, 0.0, 255.0), cand(2, 0.2, 200.0), cand(3, 0.1, 245.0), cand(3, 0.2, 245.0)]
     assert [(c["depth"], c["draft_confidence"]) for c in fastest_per_depth(candidates)] == [(0, 0.0), (1, 0.0), (2, 0.0), (3, 0.1)]
-    best = {"tree": [[0], [1]], "tokens_per_s": 255.0, "expected_accepted": 1.5, "step_s": 0.005}
-    out = finalists(best, {"candidates": candidates})
-    assert [(f["tree"], f["draft_confidence"]) for f in out] == [([[0], [1]], 0.0), ([[0]], 0.2), ([[0], [0, 0], [0, 0, 0]], 0.1)]
+
+    def whole(tree, tps):
+        return {"size": len(tree) + 1, "tree": tree, "tokens_per_s": tps, "expected_accepted": 1.5, "step_s": 0.005}
+
+    # the best whole tree, then two runners-up (the 4th fastest stays out; the root alone is no runner-up),
+    # those within the margin
+    curve = [whole([], 240.0), whole([[0]], 250.0), whole([[0], [1]], 255.0), whole([[0], [1], [0, 0]], 235.0),
+             whole([[0], [1], [0, 0], [2]], 200.0), whole([[0], [1], [0, 0], [2], [0, 1]], 210.0)]
+    out = finalists(curve, {"candidates": candidates})
+    assert [(f["tree"], f["draft_confidence"]) for f in out] == [
+        ([[0], [1]], 0.0), ([[0]], 0.0), ([[0], [1], [0, 0]], 0.0), ([[0]], 0.2), ([[0], [0, 0], [0, 0, 0]], 0.1)]
     assert all(f["predicted_tokens_per_s"] >= (1 - FINALIST_MARGIN) * 255.0 for f in out)
+    assert [f["tree"] for f in finalists(curve, {"candidates": candidates}, whole=1)][:2] == [[[0], [1]], [[0]]]
+    # the root alone is kept where it is the fastest
+    assert finalists([whole([], 300.0), whole([[0]], 250.0)], {"candidates": []})[0]["tree"] == []
 
 
 def test_searches_respect_ranks_and_depth_bounds():

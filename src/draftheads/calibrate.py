@@ -30,6 +30,10 @@ DEEPER_CHAIN_MARGIN = 0.05
 # fraction of the fastest prediction. Predictions of the cut chains lie within ~4% of each other on the default
 # heads (their rows' costs and the deep heads' acceptance are each uncertain by about that), too close to call.
 FINALIST_MARGIN = 0.10
+# Whole trees among them: the fastest predicted and the runners-up (each costs the prompts' replies once more). The
+# prediction ranks neighbouring sizes within a few percent: stop 55's best predicted whole tree had 3 nodes, and the
+# 2-node one that stop 54's replies had chosen was never run.
+WHOLE_FINALISTS = 3
 # Replies within this fraction of the fastest are a tie (16 prompts' replies move by about that between runs), which
 # the finalist with the fewest rows a step wins: a deeper chain's extra tokens rest on the deep heads' acceptance,
 # which falls most on traffic unlike the calibration prompts (Hydra++, stop 54: chains of 1-4 within 0.6%).
@@ -368,13 +372,16 @@ def pick_chain(candidates: list[dict], start: int = 0) -> dict:
     return best
 
 
-def finalists(best: dict, solo: dict, margin: float = FINALIST_MARGIN) -> list[dict]:
-    """One sequence's trees worth running whole replies with: the best whole tree (`choose`'s best) and, per chain
-    depth, its best cut (> 0) of cut_chain_entry's candidates, those predicted within `margin` of the fastest.
-    Each {"tree", "draft_confidence" (0: whole), "predicted_tokens_per_s", "predicted_mean_accepted",
-    "predicted_step_s", "predicted_rows" (cut chains)}, the whole tree first."""
-    out = [{"tree": Tree(best["tree"]).to_json(), "draft_confidence": 0.0, "predicted_tokens_per_s": best["tokens_per_s"],
-            "predicted_mean_accepted": best["expected_accepted"], "predicted_step_s": best["step_s"]}]
+def finalists(curve: list[dict], solo: dict, margin: float = FINALIST_MARGIN, whole: int = WHOLE_FINALISTS) -> list[dict]:
+    """One sequence's trees worth running whole replies with: the `whole` fastest predicted whole trees of `choose`'s
+    curve (its best, then trees that draft: the root alone is no runner-up) and, per chain depth, its best cut (> 0)
+    of cut_chain_entry's candidates, those predicted within `margin` of the fastest. Each {"tree", "draft_confidence"
+    (0: whole), "predicted_tokens_per_s", "predicted_mean_accepted", "predicted_step_s", "predicted_rows" (cut
+    chains)}, the whole trees first, fastest first."""
+    ranked = sorted(curve, key=lambda c: -c["tokens_per_s"])
+    trees = ranked[:1] + [c for c in ranked[1:] if c["size"] > 1][: whole - 1]
+    out = [{"tree": Tree(c["tree"]).to_json(), "draft_confidence": 0.0, "predicted_tokens_per_s": c["tokens_per_s"],
+            "predicted_mean_accepted": c["expected_accepted"], "predicted_step_s": c["step_s"]} for c in trees]
     for c in fastest_per_depth(solo["candidates"], cut_only=True):
         out.append({"tree": chain(c["depth"]).to_json(), "draft_confidence": c["draft_confidence"],
                     "predicted_tokens_per_s": c["tokens_per_s"], "predicted_mean_accepted": c["tokens"],
@@ -538,7 +545,7 @@ def run_calibrate(args) -> dict:
             solo = cut_chain_entry(ranks, torch.cat(probs), args.draft_confidence, scaled, 1, args.max_nodes, K,
                                    start=start)
             solo.update(chain_latency=timed, chain_scale=scale)
-            finals = finalists(best, solo)
+            finals = finalists(found["curve"], solo)
             if args.choose_by_replies and len(finals) > 1:  # whole replies decide
                 won = choose_by_replies(dm, prompts[: args.choose_by_replies], finals, args.max_new_tokens, bar)
                 solo_cut = won if won["draft_confidence"] > 0 else None
