@@ -752,3 +752,32 @@ def test_a_plain_table_entry_drafts_nothing_unless_prompt_lookup_may_branch(monk
         batch = BatchDecoder(dec, slots=2, capacity=128, batch_trees=table, draft_confidence=0.0)
         assert drive(batch, reqs, 20) == [hf_greedy(model, p, 20) for p in prompts]
     assert (True, 1) in calls and (False, 1) not in calls  # plain passes: only lookup is asked
+
+
+def test_served_rounds_decide_prompt_lookup_on_a_plain_table_entry(monkeypatch):
+    """Lookup's branches hang on a plain table entry too, and every sequence's branches pad the pass: with a
+    RoundCosts the served rounds decide them as they decide trees. Rounds that take the plain kind ask no
+    drafter; both kinds are recorded and the outputs stay greedy."""
+    from draftheads.lookup import Hybrid, LookupConfig, PromptLookup
+    from draftheads.round_costs import RoundCosts
+
+    model = tiny_model()
+    heads = tiny_heads(model, num_heads=3)
+    table = {1: load_tree("medusa16", 3), 2: Tree([])}
+    prompts = [list(range(10, 20)) * 2, list(range(40, 47)) * 3]  # repeats: lookup finds matches
+    reqs = [(p, SamplingConfig(), None) for p in prompts]
+    dec = Decoder(model, heads, load_tree("chain2"), PromptLookup(LookupConfig(branches=2, tokens=3)))
+    batch = BatchDecoder(dec, slots=2, capacity=128, batch_trees=table, costs=RoundCosts(warmup=1), draft_confidence=0.0)
+    asked = []
+    real_step, real_propose = BatchDecoder.step, Hybrid.propose
+    rounds = []
+    monkeypatch.setattr(Hybrid, "propose", lambda self, h, r, t: asked.append(t.size) or real_propose(self, h, r, t))
+    monkeypatch.setattr(BatchDecoder, "step", lambda self: rounds.append(len(asked)) or real_step(self))
+    assert drive(batch, reqs, 20) == [hf_greedy(model, p, 20) for p in prompts]
+    assert set(batch.costs.rates) == {(2, True), (2, False)}
+    # the warm-up alternates from a lookup round: the next round, plain, asks no drafter
+    assert rounds[1] - rounds[0] == 2 and rounds[2] - rounds[1] == 0
+    plain_only = BatchDecoder(Decoder(model, heads, load_tree("chain2")), slots=2, capacity=128, batch_trees=table,
+                              costs=RoundCosts(warmup=1), draft_confidence=0.0)
+    drive(plain_only, reqs, 8)
+    assert plain_only.costs.rounds == {}  # no lookup and a plain entry: nothing to decide

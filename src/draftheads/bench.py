@@ -20,7 +20,7 @@ import torch
 
 from .backbone import chat_ids
 from .bench_cli import LLAMACPP_METHODS, METHODS
-from .calibrate import _console, load_parts, machine, progress, run_calibrate, step_latency
+from .calibrate import _console, finalist_name, load_parts, machine, progress, run_calibrate, step_latency
 from .errors import UserError
 from .few_rows import activations, rounds_activations
 from .llama_forward import rounds_cache
@@ -405,9 +405,7 @@ def cmd_calibrate(args) -> None:
                   f"({result['predicted_rows']:.2f} rows a step), predicted {result['predicted_tokens_per_s']:.1f} tok/s "
                   f"against {result['whole_tree_predicted_tokens_per_s']:.1f} for the best whole tree ({len(result['whole_tree']) + 1} nodes)")
     for c in result.get("chosen_by_replies", {}).get("candidates", []):
-        con.print(f"one sequence, whole replies: {len(c['tree']) + 1} nodes"
-                  + (f" cut at {c['draft_confidence']}" if c["draft_confidence"] else " whole")
-                  + f": {c['measured_tokens_per_s']:.1f} tok/s, {c['measured_mean_accepted']:.3f} accepted "
+        con.print(f"one sequence, whole replies: {finalist_name(c)}: {c['measured_tokens_per_s']:.1f} tok/s, {c['measured_mean_accepted']:.3f} accepted "
                   f"(predicted {c['predicted_tokens_per_s']:.1f})")
     con.print(f"chosen tree: {result['size']} nodes, depth {result['depth']} ({result['search']}); predicted mean "
               f"accepted {result['predicted_mean_accepted']:.3f} (empirical on calibration positions "

@@ -390,6 +390,11 @@ def finalists(curve: list[dict], solo: dict, margin: float = FINALIST_MARGIN, wh
     return [f for f in out if f["predicted_tokens_per_s"] >= (1 - margin) * top]
 
 
+def finalist_name(c: dict) -> str:
+    """A finalist ({"tree", "draft_confidence"}) as calibrate's printout and measure_trees name it."""
+    return f"{len(c['tree']) + 1} nodes " + (f"cut at {c['draft_confidence']}" if c["draft_confidence"] else "whole")
+
+
 def choose_by_replies(dm: DraftModel, prompts: list[list[int]], candidates: list[dict], max_new_tokens: int,
                       bar=None) -> dict:
     """The candidate (finalists' dicts) whose greedy replies to `prompts` run fastest in the loop, each with its
@@ -397,8 +402,7 @@ def choose_by_replies(dm: DraftModel, prompts: list[list[int]], candidates: list
     rows a step (predicted); every candidate gains "measured_tokens_per_s" and "measured_mean_accepted". Whole
     replies weigh what a step's prediction leaves out: how acceptance runs in streaks, what drafting costs at each
     depth, and the machine's drift over the minutes between timings."""
-    names = [f"{len(c['tree']) + 1} nodes" + (f" cut at {c['draft_confidence']}" if c["draft_confidence"] else "")
-             for c in candidates]
+    names = [finalist_name(c) for c in candidates]
     measured = measure_trees(dm, prompts, {n: Tree(c["tree"]) for n, c in zip(names, candidates)}, max_new_tokens, bar,
                              {n: c["draft_confidence"] for n, c in zip(names, candidates)})
     for n, c in zip(names, candidates):
