@@ -38,7 +38,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     prompts = load_prompts(a.prompts)[:2 * a.batch]
-    heads = draftheads.load(heads=a.heads, dtype=a.dtype)
+    heads = draftheads.load(heads=a.heads, dtype=a.dtype, lookup=False)
     plain = draftheads.load(heads=None, dtype=a.dtype)
     configs = [(None, 0.0)] + [(Tree(t), float(c)) for t in json.loads(a.trees) for c in a.cuts.split(",")]
     print("| table tree | cut | nodes / sequence-round | tokens / sequence-round | replies that differ from plain | tokens/s "

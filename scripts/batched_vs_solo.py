@@ -58,7 +58,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     prompts = load_prompts(a.prompts)[:a.limit]
-    m = draftheads.load(heads="default", dtype=a.dtype)
+    m = draftheads.load(heads="default", dtype=a.dtype, lookup=False)
     costs = RoundCosts()
     batch = BatchDecoder(m.decoder, 8, 2048, None, m.batch_trees, None, costs)
     m.generate(prompts[0], max_new_tokens=16)

@@ -46,7 +46,7 @@ def main() -> int:
 
     out = Path(args.out)
     rep = json.loads((out / "report.json").read_text())
-    torch_dm = draftheads.load(heads=args.heads, engine="torch")
+    torch_dm = draftheads.load(heads=args.heads, engine="torch", lookup=False)
     first = chat_ids(torch_dm.tokenizer, load_questions("vicuna", 1)[0].turns[0])  # bench's latency prompt
     sizes = [int(s) for s in SIZES.split(",")]
     curves = {"llama.cpp": rep["verify_latency"],

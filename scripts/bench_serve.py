@@ -37,7 +37,7 @@ def main() -> None:
     from draftheads.defaults import set_threads
 
     set_threads(args.threads)
-    dm = draftheads.load(heads="default")
+    dm = draftheads.load(heads="default", lookup=False)
     dm.generate("Say hi.", max_new_tokens=8)
     api = []
     for _, p in prompts:

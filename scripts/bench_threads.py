@@ -29,7 +29,7 @@ from draftheads.draftmodel import load
 prompts = json.loads(sys.argv[3])
 out = {}
 for name, heads in (("heads", "default"), ("no heads", None)):
-    dm = load(heads=heads)
+    dm = load(heads=heads, lookup=False)
     dm.generate("Hi", max_new_tokens=8)
     t0, toks = time.perf_counter(), 0
     for p in prompts:

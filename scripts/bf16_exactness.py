@@ -44,7 +44,7 @@ def row_invariance(dtype: str, prompt: str, device: str) -> dict[str, list[float
 
 def replies(dtype: str, questions, max_new: int, device: str, tree) -> tuple[int, list[int], float]:
     plain = draftheads.load(heads=None, dtype=dtype, device=device)
-    spec = draftheads.load(heads="default", dtype=dtype, device=device, tree=tree)
+    spec = draftheads.load(heads="default", dtype=dtype, device=device, tree=tree, lookup=False)
     first, accepted = [], []
     for q in questions:
         a = plain.generate(q.turns[0], max_new_tokens=max_new).token_ids

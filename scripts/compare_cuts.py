@@ -35,7 +35,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     prompts = load_prompts(a.prompts)[a.skip:a.skip + a.limit]
-    dm = draftheads.load(heads=a.heads)
+    dm = draftheads.load(heads=a.heads, lookup=False)
     plain = draftheads.load(heads=None)
     configs = {"plain": None} | {f"chain {d}, cut {c:g}": (d, c) for d in map(int, a.chains.split(","))
                                  for c in map(float, a.cuts.split(","))}

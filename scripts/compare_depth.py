@@ -35,7 +35,7 @@ def main() -> None:
     configs = [("plain", plain, None)]
     for spec in a.heads:
         name, _, depths = spec.rpartition(":")
-        model = draftheads.load(heads=name, dtype=a.dtype)
+        model = draftheads.load(heads=name, dtype=a.dtype, lookup=False)
         configs += [(f"{name} chain{d}", model, chain(int(d))) for d in depths.split(",")]
     for _, m, tree in configs:
         m.generate(prompts[0], max_new_tokens=8, tree=tree)  # warm-up

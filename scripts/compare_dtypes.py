@@ -40,7 +40,7 @@ def main() -> None:
     prompts = load_prompts(a.prompts)[:a.limit]
     models = {}
     for dt in DTYPES:
-        spec = draftheads.load(heads=a.heads, dtype=dt, tree=trees.get(dt))
+        spec = draftheads.load(heads=a.heads, dtype=dt, tree=trees.get(dt), lookup=False)
         models[dt] = (draftheads.load(heads=None, dtype=dt), spec)
     for plain, spec in models.values():  # warm-up: first-call costs fall on no method
         plain.generate("Hello.", max_new_tokens=8)

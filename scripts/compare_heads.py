@@ -37,7 +37,7 @@ def main() -> None:
         ap.error("give at least two --heads")
     torch.set_num_threads(a.threads)
     prompts = load_prompts(a.prompts)[:a.limit]
-    models = [draftheads.load(heads=h, tree=a.tree, dtype=a.dtype) for h in a.heads]
+    models = [draftheads.load(heads=h, tree=a.tree, dtype=a.dtype, lookup=False) for h in a.heads]
     plain = draftheads.DraftModel(draftheads.draftmodel.Backbone(models[0].backbone, models[0].tokenizer,
                                                                  models[0].backbone_name))
     for dm in [plain, *models]:  # warm-up: first-call costs (kernel choice, allocations) fall on no method

@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--prompt-cache-tokens", type=int, default=2048)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    m = draftheads.load(heads=a.heads, dtype=a.dtype)
+    m = draftheads.load(heads=a.heads, dtype=a.dtype, lookup=False)
     engine = m.decoder.engine
     reason = engine.use_prompt_cache(a.prompt_cache_tokens)
     if reason:

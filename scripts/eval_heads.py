@@ -34,7 +34,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     trees = [json.loads(t) if t.startswith("[") else t for t in a.trees.split(";" if "[" in a.trees else ",")]
     prompts = load_prompts(a.prompts)[:a.limit]  # first turns of the held-out set
-    dm = draftheads.load(heads=a.heads)
+    dm = draftheads.load(heads=a.heads, lookup=False)
     model, tok = dm.backbone, dm.tokenizer
     plain = draftheads.DraftModel(draftheads.draftmodel.Backbone(model, tok, dm.backbone_name))
     eos = sorted(dm.eos_ids)

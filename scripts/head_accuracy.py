@@ -39,7 +39,7 @@ def main() -> None:
     replies = plain.generate_many([q.turns[0] for q in questions], max_batch=8, max_new_tokens=a.max_new_tokens)
     report = {"questions": a.questions, "limit": len(questions), "max_new_tokens": a.max_new_tokens, "heads": {}}
     for name in a.heads:
-        dm = draftheads.load(heads=name)
+        dm = draftheads.load(heads=name, lookup=False)
         hits: dict[str, list[list[int]]] = defaultdict(lambda: [[0, 0] for _ in range(dm.heads.cfg.num_heads)])
         for q, r in zip(questions, replies):
             ranks = head_ranks(dm, chat_ids(dm.tokenizer, q.turns[0]), r.token_ids)  # [positions, heads]

@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    m = draftheads.load(heads=a.heads, dtype=a.dtype)
+    m = draftheads.load(heads=a.heads, dtype=a.dtype, lookup=False)
     probs, right = [], []
     for prompt in [p for f in a.prompts for p in load_prompts(f)]:
         ids = m.prompt_ids(prompt)

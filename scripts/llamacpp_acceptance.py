@@ -33,8 +33,8 @@ def main() -> int:
     from draftheads.calibrate import accuracies, head_ranks
     from draftheads.questions import load_questions
 
-    engines = {"torch": draftheads.load(heads=args.heads, engine="torch"),
-               "llama.cpp": draftheads.load(heads=args.heads, engine="llama.cpp")}
+    engines = {"torch": draftheads.load(heads=args.heads, engine="torch", lookup=False),
+               "llama.cpp": draftheads.load(heads=args.heads, engine="llama.cpp", lookup=False)}
     ref, heads = engines["torch"], engines["torch"].heads
     prompts = [ref.prompt_ids(q.turns[0]) for q in load_questions(args.prompts, args.limit)]
     ranks = {name: [] for name in engines}

@@ -38,7 +38,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     for dtype in ("float32", "bfloat16"):
         for name in ("default", "hydra"):
-            model = draftheads.load(heads=name, dtype=dtype)
+            model = draftheads.load(heads=name, dtype=dtype, lookup=False)
             heads, tree = model.heads, model.decoder.tree
             w = next(heads.parameters())
             x = torch.randn(300, heads.cfg.hidden_size, generator=torch.Generator().manual_seed(0)).to(w.dtype)

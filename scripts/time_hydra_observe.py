@@ -22,7 +22,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     for dtype in ("float32", "bfloat16"):
-        heads = draftheads.load(heads="hydra", dtype=dtype).heads
+        heads = draftheads.load(heads="hydra", dtype=dtype, lookup=False).heads
         x = torch.randn(300, heads.cfg.hidden_size, generator=torch.Generator().manual_seed(0)).to(heads.dtype)
         with torch.inference_mode():
             heads.reset()

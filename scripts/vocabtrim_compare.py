@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    dm = draftheads.load(heads=a.heads)
+    dm = draftheads.load(heads=a.heads, lookup=False)
     heads, model = dm.heads, dm.backbone
     assert heads.vocab_map is not None, "these heads are not trimmed"
     full_cfg = copy.deepcopy(heads.cfg)

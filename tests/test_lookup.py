@@ -265,7 +265,7 @@ def test_cli_lookup_without_heads_and_the_api(tiny_dirs, capsys):
                  "--max-new-tokens", "24"]) == 0
     out, err = capsys.readouterr()
     plain = draftheads.load(heads=None, backbone=str(bb))
-    assert plain.lookup is None  # off by default
+    assert plain.lookup is None  # without heads decoding stays plain unless asked
     assert out.rstrip("\n") == plain.generate("abc abc abc abc", max_new_tokens=24).text and "tokens from lookup" in err
     hybrid = draftheads.load(heads=str(heads), backbone=str(bb), lookup={"tokens": 3})
     assert hybrid.lookup.tokens == 3
@@ -273,6 +273,22 @@ def test_cli_lookup_without_heads_and_the_api(tiny_dirs, capsys):
     assert main(["generate", "hi", "--backbone", str(bb), "--heads", str(heads), "--no-lookup",
                  "--max-new-tokens", "4"]) == 0
     assert "tokens from lookup" not in capsys.readouterr().err
+
+
+def test_lookup_is_on_beside_heads_by_default_and_off_for_calibrate_and_bench_s_models(tiny_dirs, capsys):
+    import argparse
+
+    from draftheads.calibrate import load_parts
+    from draftheads.lookup import LookupConfig
+
+    bb, heads, _ = tiny_dirs
+    assert draftheads.load(heads=str(heads), backbone=str(bb)).lookup == LookupConfig()
+    assert draftheads.load(heads=str(heads), backbone=str(bb), lookup=False).lookup is None
+    assert main(["generate", "hi", "--backbone", str(bb), "--heads", str(heads), "--max-new-tokens", "4"]) == 0
+    assert "tokens from lookup" in capsys.readouterr().err
+    args = argparse.Namespace(heads=str(heads), backbone=str(bb), device="cpu", dtype=None)
+    assert load_parts(args)[0].lookup is None  # calibrate chooses the heads' own trees
+    assert load_parts(argparse.Namespace(**vars(args), lookup=True))[0].lookup == LookupConfig()
 
 
 def test_calibrate_with_lookup_reports_it(tiny_dirs, tmp_path):

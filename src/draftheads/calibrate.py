@@ -424,7 +424,9 @@ def machine() -> dict:
 
 
 def load_parts(args) -> tuple[DraftModel, DraftModel]:
-    """(speculative model with heads and tree, plain model without heads) sharing one loaded backbone."""
+    """(speculative model with heads and tree, plain model without heads) sharing one loaded backbone. Prompt
+    lookup only where asked (--lookup), not by default: calibrate chooses the heads' own trees (lookup's branches
+    come and go with its matches), and bench times lookup in methods of its own."""
     from .backbone import Backbone
     from .draftmodel import load
 
@@ -432,7 +434,7 @@ def load_parts(args) -> tuple[DraftModel, DraftModel]:
     if heads is None:
         raise UserError("this command needs heads: pass --heads DIR (or leave the default heads)")
     dm = load(heads=heads, backbone=args.backbone, device=args.device, dtype=args.dtype, tree=getattr(args, "tree", None),
-              lookup=getattr(args, "lookup", None), engine=getattr(args, "engine", None))
+              lookup=getattr(args, "lookup", None) or False, engine=getattr(args, "engine", None))
     plain = DraftModel(Backbone(dm.backbone, dm.tokenizer, dm.backbone_name, dm.engine), None, None)
     return dm, plain
 

@@ -59,7 +59,8 @@ def build_models(args) -> dict[str, DraftModel]:
     if not raw.get("adapter") and not raw.get("tuned_fingerprint"):
         raise UserError(f"{source} are not Medusa-2 heads (no adapter): they leave the backbone as it is, so there "
                         "is nothing to compare; `draftheads bench` measures their speed")
-    tuned = load(heads=source, backbone=args.backbone, device=args.device, dtype=args.dtype, tree=args.tree)
+    # the heads alone, as Medusa-1's below: lookup's branches would ride on one side of the comparison only
+    tuned = load(heads=source, backbone=args.backbone, device=args.device, dtype=args.dtype, tree=args.tree, lookup=False)
     original = load_backbone(args.backbone or raw.get("backbone") or None, device=args.device, dtype=args.dtype)
     models = {ORIGINAL: DraftModel(original, None, None)}
     if args.medusa1_heads:

@@ -10,10 +10,12 @@ THREADS = 0
 # assistant answer ends at its end-of-turn token rather than mid-sentence (256 cut replies short).
 MAX_NEW_TOKENS = 512
 
-# Prompt-lookup branches in the tree (--lookup / --no-lookup, load(lookup=...)): off, as measured on
-# generic questions (vicuna: hybrid 1.00x heads-only, -12% on coding; README, Results 2026-12-02
-# afternoon); answers that copy their prompt gain 1.25x with --lookup.
-LOOKUP = False
+# Prompt-lookup branches in the tree beside the heads (--lookup / --no-lookup, load(lookup=...)); without heads
+# decoding stays plain unless asked. On since stop 56: with a draft row ~9% of a step, the branches pay for one
+# request (vicuna, all 80: 1.06-1.08x heads alone; unused training prompts 1.10x; served at 1 client 1.22x plain
+# against 1.12x without), and served batches take them only where their own rounds measure them faster
+# (batch.py; at 8 clients they padded every pass: 0.88x). Off on 2026-12-02, when a row cost ~2x more.
+LOOKUP = True
 
 # Requests the server decodes together (--max-batch): each verify pass covers every running request's
 # tree (batch.py). 1 serves one request at a time.

