@@ -303,3 +303,18 @@ def test_calibrate_with_lookup_reports_it(tiny_dirs, tmp_path):
     lk = data["lookup"]
     assert lk["positions"] == data["positions"] and lk["mean_accepted_hybrid"] >= lk["mean_accepted_heads_only"]
     assert all("tokens_per_s_hybrid" in c for c in data["curve"])
+
+
+def test_batched_api_calls_share_one_round_model_that_decides_lookup(tiny_dirs):
+    """model.generate([...]) decides lookup's branches (on beside heads) per batch size from its rounds, as the
+    server does; the model keeps them across calls, so a batch size's warm-up is paid once. Outputs stay each
+    prompt's alone."""
+    bb, heads, _ = tiny_dirs
+    m = draftheads.load(heads=str(heads), backbone=str(bb), tree="chain2")
+    prompts = ["abc abc abc abc", "xyz xyz xyz"]
+    alone = [m.generate(p, max_new_tokens=12).token_ids for p in prompts]
+    assert [r.token_ids for r in m.generate(prompts, max_new_tokens=12)] == alone
+    first = dict(m.round_costs.rounds)
+    assert first.get(2, 0) > 0
+    m.generate(prompts, max_new_tokens=12)
+    assert m.round_costs.rounds[2] > first[2]

@@ -405,8 +405,8 @@ def cmd_calibrate(args) -> None:
                   f"({result['predicted_rows']:.2f} rows a step), predicted {result['predicted_tokens_per_s']:.1f} tok/s "
                   f"against {result['whole_tree_predicted_tokens_per_s']:.1f} for the best whole tree ({len(result['whole_tree']) + 1} nodes)")
     for c in result.get("chosen_by_replies", {}).get("candidates", []):
-        con.print(f"one sequence, whole replies: {finalist_name(c)}: {c['measured_tokens_per_s']:.1f} tok/s, {c['measured_mean_accepted']:.3f} accepted "
-                  f"(predicted {c['predicted_tokens_per_s']:.1f})")
+        con.print(f"one sequence, whole replies: {finalist_name(c)}: {c['measured_tokens_per_s']:.1f} tok/s, "
+                  f"{c['measured_mean_accepted']:.3f} accepted (predicted {c['predicted_tokens_per_s']:.1f})")
     con.print(f"chosen tree: {result['size']} nodes, depth {result['depth']} ({result['search']}); predicted mean "
               f"accepted {result['predicted_mean_accepted']:.3f} (empirical on calibration positions "
               f"{result['predicted_mean_accepted_empirical']:.3f}), predicted {result['predicted_tokens_per_s']:.1f} tok/s "

@@ -16,10 +16,11 @@ import torch
 
 from .acceptance import SamplingConfig
 from .backbone import Backbone, chat_ids, load_backbone
-from .defaults import LOOKUP, MAX_BATCH, MAX_NEW_TOKENS, MAX_SEQ_LEN
+from .defaults import ADAPT_TREES, LOOKUP, MAX_BATCH, MAX_NEW_TOKENS, MAX_SEQ_LEN
 from .errors import UserError
 from .generate import Decoder, Stats
 from .lookup import PromptLookup, lookup_config
+from .round_costs import RoundCosts
 from .heads import load_heads
 from .heads.checkpoint import read_config
 from .tree import Tree, load_tree, truncate
@@ -58,6 +59,8 @@ class DraftModel:
         # ... and the path probability their nodes need in a pass of that many sequences (empty: the default)
         self.batch_cuts: dict[int, float] = batch_cuts or {}
         self.lookup = lookup_config(lookup)  # prompt lookup's LookupConfig, or None (off)
+        # Batched calls' rounds (round_costs.py), kept across calls so that each batch size's warm-up is paid once
+        self.round_costs = RoundCosts() if ADAPT_TREES else None
         # A sequence alone (the loop) cuts its tree where calibrate chose a cut for one sequence (batch_cuts[1])
         self.decoder = Decoder(self.backbone, heads, tree, PromptLookup(self.lookup) if self.lookup else None,
                                engine=backbone.engine, min_prob=self.batch_cuts.get(1, 0.0))
@@ -135,9 +138,11 @@ class DraftModel:
 
         try:
             # no more slots than prompts: each slot's cache is allocated whole (the default model at 2,048
-            # tokens: 94 MB a slot in float32, 47 MB in float16)
+            # tokens: 94 MB a slot in float32, 47 MB in float16). Rounds decide trees and lookup's branches per
+            # batch size, as the server's do (defaults.ADAPT_TREES): taken in every pass, lookup's branches pad
+            # each sequence's rows to the longest tree.
             batch = BatchDecoder(self.decoder, min(max_batch, max(1, len(prompts))), max_seq_len,
-                                 batch_trees=self.batch_trees, draft_confidence=self.batch_cuts)
+                                 batch_trees=self.batch_trees, draft_confidence=self.batch_cuts, costs=self.round_costs)
         except UserError:
             return [self.generate(p, **kwargs) for p in prompts]
         return run_all(batch, [self.iter_generate(p, batch=batch, **kwargs) for p in prompts])
