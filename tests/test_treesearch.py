@@ -284,6 +284,12 @@ def test_finalists_are_the_whole_tree_and_each_depth_s_best_cut_above_zero():
     assert [f["tree"] for f in finalists(curve, {"candidates": candidates}, whole=1)][:2] == [[[0], [1]], [[0]]]
     # the root alone is kept where it is the fastest
     assert finalists([whole([], 300.0), whole([[0]], 250.0)], {"candidates": []})[0]["tree"] == []
+    # whole trees are weighed against the best whole tree, not against a cut predicted far above them (stop 56:
+    # cuts predicted 367 tok/s, whole trees 340 and 326; the whole trees' replies were the fastest)
+    far = candidates + [cand(2, 0.3, 300.0)]
+    out = finalists(curve, {"candidates": far})
+    assert [(f["tree"], f["draft_confidence"]) for f in out] == [
+        ([[0], [1]], 0.0), ([[0]], 0.0), ([[0], [1], [0, 0]], 0.0), ([[0], [0, 0]], 0.3)]
 
 
 def test_searches_respect_ranks_and_depth_bounds():
@@ -387,9 +393,10 @@ def test_calibrate_cuts_one_sequence_s_chain_where_that_beats_every_whole_tree(t
 
 def test_calibrate_lets_whole_replies_choose_among_one_sequence_s_finalists(tiny_dirs, tmp_path, monkeypatch):
     """Accuracies and costs as in the test above (the 3-deep chain cut at 0.2 predicted fastest, 156 tok/s; the
-    2-deep one at 0.2 within 10%, 143; the best whole tree, 114, and the 1-deep chain, 125, not): replies that run
-    the 2-deep chain fastest choose it, and it is what the heads get; replies within 1% of each other choose the
-    chain with fewer rows; replies clearly faster for the deeper chain choose it."""
+    2-deep one at 0.2 within 10%, 143; the 1-deep chain, 125, not; the best whole tree, 114, always, as whole trees
+    are weighed against each other): replies that run the 2-deep chain fastest choose it, and it is what the heads
+    get; replies within 1% of each other choose the chain with fewer rows; replies clearly faster for the deeper
+    chain choose it."""
     from draftheads import calibrate
     from draftheads.bench import _write_tree_to_heads
 
@@ -405,7 +412,7 @@ def test_calibrate_lets_whole_replies_choose_among_one_sequence_s_finalists(tiny
 
     def replies(dm, prompts, trees, max_new_tokens, bar=None, cuts=None):
         ran.append((len(prompts), {n: (t.to_json(), (cuts or {}).get(n)) for n, t in trees.items()}))
-        return {n: {"tokens_per_s": speed[t.size], "mean_accepted": 1.5} for n, t in trees.items()}
+        return {n: {"tokens_per_s": speed.get(n, 100.0), "mean_accepted": 1.5} for n, t in trees.items()}  # whole: 100
 
     monkeypatch.setattr(calibrate, "head_measures", measures)
     monkeypatch.setattr(calibrate, "step_latency", costs)
@@ -415,18 +422,22 @@ def test_calibrate_lets_whole_replies_choose_among_one_sequence_s_finalists(tiny
     out = tmp_path / "tree.json"
 
     def calibrated(chain3: float, chain2: float) -> dict:
-        speed.update({4: chain3, 3: chain2})
+        speed.update({"4 nodes cut at 0.2": chain3, "3 nodes cut at 0.2": chain2})
         assert main(["calibrate", "--backbone", str(bb), "--heads", str(heads), "--prompts", str(questions), "--out",
                      str(out), "--max-new-tokens", "12", "--max-nodes", "4", "--latency-sizes", "1,2,4", "--threads", "1",
                      "--draft-confidence", "0.2,0.95", "--no-measure", "--write-to-heads", "--choose-by-replies", "1"]) == 0
         return json.loads(out.read_text())
 
     data = calibrated(150.0, 200.0)
-    assert ran == [(1, {"4 nodes cut at 0.2": ([[0], [0, 0], [0, 0, 0]], 0.2), "3 nodes cut at 0.2": ([[0], [0, 0]], 0.2)})]
+    # the whole trees within 10% of the best whole one (the chains of 1-3, equal predictions here) and the cuts
+    assert ran == [(1, {"4 nodes whole": ([[0], [0, 0], [0, 0, 0]], 0.0), "3 nodes whole": ([[0], [0, 0]], 0.0),
+                        "2 nodes whole": ([[0]], 0.0), "4 nodes cut at 0.2": ([[0], [0, 0], [0, 0, 0]], 0.2),
+                        "3 nodes cut at 0.2": ([[0], [0, 0]], 0.2)})]
     assert data["tree"] == [[0], [0, 0]] and data["draft_confidence"] == 0.2
     assert data["predicted_tokens_per_s"] == pytest.approx(2 / 0.014)  # the chosen chain's own prediction
-    assert [(c["tree"], c["measured_tokens_per_s"]) for c in data["chosen_by_replies"]["candidates"]] == [
-        ([[0], [0, 0]], 200.0), ([[0], [0, 0], [0, 0, 0]], 150.0)]
+    assert [(c["tree"], c["draft_confidence"], c["measured_tokens_per_s"]) for c in data["chosen_by_replies"]["candidates"]] == [
+        ([[0], [0, 0], [0, 0, 0]], 0.0, 100.0), ([[0], [0, 0]], 0.0, 100.0), ([[0]], 0.0, 100.0),
+        ([[0], [0, 0]], 0.2, 200.0), ([[0], [0, 0], [0, 0, 0]], 0.2, 150.0)]
     # one sequence's tree and cut replace the table's entry for 1 (a lone server request); batches keep theirs
     written = json.loads((heads / "config.json").read_text())
     assert written["tree"] == [[0], [0, 0]] and written["batch_draft_confidence"] == {"1": 0.2, "4": 0.3}

@@ -373,21 +373,25 @@ def pick_chain(candidates: list[dict], start: int = 0) -> dict:
 
 
 def finalists(curve: list[dict], solo: dict, margin: float = FINALIST_MARGIN, whole: int = WHOLE_FINALISTS) -> list[dict]:
-    """One sequence's trees worth running whole replies with: the `whole` fastest predicted whole trees of `choose`'s
-    curve (its best, then trees that draft: the root alone is no runner-up) and, per chain depth, its best cut (> 0)
-    of cut_chain_entry's candidates, those predicted within `margin` of the fastest. Each {"tree", "draft_confidence"
-    (0: whole), "predicted_tokens_per_s", "predicted_mean_accepted", "predicted_step_s", "predicted_rows" (cut
-    chains)}, the whole trees first, fastest first."""
+    """One sequence's trees worth running whole replies with: `choose`'s best whole tree, up to `whole` - 1 runners-up
+    of its curve predicted within `margin` of it (trees that draft: the root alone is no runner-up), and per chain
+    depth its best cut (> 0) of cut_chain_entry's candidates, those predicted within `margin` of the fastest
+    prediction. The two kinds are predicted on different timings (the cut chains' scaled to the whole trees'), and
+    the cuts' ran 10-25% above their replies where the whole trees' ran ~10% above (stop 56): so whole trees are
+    weighed against whole trees. Each {"tree", "draft_confidence" (0: whole), "predicted_tokens_per_s",
+    "predicted_mean_accepted", "predicted_step_s", "predicted_rows" (cut chains)}, the whole trees first, fastest
+    first."""
     ranked = sorted(curve, key=lambda c: -c["tokens_per_s"])
-    trees = ranked[:1] + [c for c in ranked[1:] if c["size"] > 1][: whole - 1]
+    best = ranked[0]["tokens_per_s"]
+    trees = ranked[:1] + [c for c in ranked[1:] if c["size"] > 1 and c["tokens_per_s"] >= (1 - margin) * best][: whole - 1]
     out = [{"tree": Tree(c["tree"]).to_json(), "draft_confidence": 0.0, "predicted_tokens_per_s": c["tokens_per_s"],
             "predicted_mean_accepted": c["expected_accepted"], "predicted_step_s": c["step_s"]} for c in trees]
-    for c in fastest_per_depth(solo["candidates"], cut_only=True):
-        out.append({"tree": chain(c["depth"]).to_json(), "draft_confidence": c["draft_confidence"],
-                    "predicted_tokens_per_s": c["tokens_per_s"], "predicted_mean_accepted": c["tokens"],
-                    "predicted_step_s": c["round_s"], "predicted_rows": c["rows"]})
-    top = max(f["predicted_tokens_per_s"] for f in out)
-    return [f for f in out if f["predicted_tokens_per_s"] >= (1 - margin) * top]
+    cuts = [{"tree": chain(c["depth"]).to_json(), "draft_confidence": c["draft_confidence"],
+             "predicted_tokens_per_s": c["tokens_per_s"], "predicted_mean_accepted": c["tokens"],
+             "predicted_step_s": c["round_s"], "predicted_rows": c["rows"]}
+            for c in fastest_per_depth(solo["candidates"], cut_only=True)]
+    top = max([best] + [c["predicted_tokens_per_s"] for c in cuts])
+    return out + [c for c in cuts if c["predicted_tokens_per_s"] >= (1 - margin) * top]
 
 
 def finalist_name(c: dict) -> str:
