@@ -446,3 +446,7 @@ def test_calibrate_lets_whole_replies_choose_among_one_sequence_s_finalists(tiny
     assert dm.decoder.min_prob == 0.2 and dm.batch_cuts == {1: 0.2, 4: 0.3}
     assert calibrated(200.0, 198.5)["tree"] == [[0], [0, 0]]  # a tie (within 1%): the fewer rows
     assert calibrated(200.0, 197.0)["tree"] == [[0], [0, 0], [0, 0, 0]]  # 1.5% faster: the deeper chain
+    speed["3 nodes whole"] = 250.0  # a runner-up whole tree's replies win: it is the tree, whole, with its prediction
+    data = calibrated(200.0, 197.0)
+    assert data["tree"] == [[0], [0, 0]] and "draft_confidence" not in data
+    assert data["predicted_tokens_per_s"] == next(c["tokens_per_s"] for c in data["curve"] if c["size"] == 3)

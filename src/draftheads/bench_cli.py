@@ -105,8 +105,9 @@ def register(sub) -> None:
                         "another), comma-separated (default: "
                         f"{','.join(map(str, defaults.BATCH_DRAFT_CONFIDENCES))}; 0: whole trees)")
     c.add_argument("--choose-by-replies", type=int, default=16, metavar="N",
-                   help="one sequence's tree, where the heads can cut: run the finalists (the 3 fastest predicted whole "
-                        "trees and each chain at its best cut, those predicted within 10%% of the fastest) on the first N prompts' "
+                   help="one sequence's tree, where the heads can cut: run the finalists (the best whole tree and up to 2 "
+                        "more predicted within 10%% of it, and each chain at its best cut predicted within 10%% of the "
+                        "fastest) on the first N prompts' "
                         "whole greedy replies, interleaved, and take the fastest, or within 1%% of it the fewest rows (0: the "
                         "prediction decides)")
     c.add_argument("--write-to-heads", action="store_true", help="also store the tree (and the trees per batch size) in "

@@ -559,6 +559,8 @@ def run_calibrate(args) -> dict:
             if args.choose_by_replies and len(finals) > 1:  # whole replies decide
                 won = choose_by_replies(dm, prompts[: args.choose_by_replies], finals, args.max_new_tokens, bar)
                 solo_cut = won if won["draft_confidence"] > 0 else None
+                if solo_cut is None:  # a whole tree won: the best predicted or a runner-up
+                    best = next(c for c in found["curve"] if Tree(c["tree"]).to_json() == won["tree"])
                 replies = {"prompts": min(args.choose_by_replies, len(prompts)), "candidates": finals}
             elif solo["draft_confidence"] > 0 and solo["predicted_tokens_per_s"] > best["tokens_per_s"]:  # the prediction
                 solo_cut = solo
