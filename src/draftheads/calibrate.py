@@ -600,10 +600,14 @@ def run_calibrate(args) -> dict:
             result["batch_trees"] = batch_table(p, by_batch, args.max_nodes, K,
                                                 (ranks, torch.cat(probs), args.draft_confidence, chain_latency) if cut else None,
                                                 max_rows=MAX_ROWS if few_rows_regime else None)
-            if solo_cut is not None and "1" in result["batch_trees"]:
-                # one cut for one sequence, in the loop and in the batched step alike: the loop's choice
-                result["batch_trees"]["1"].update({k: result[k] for k in (
-                    "tree", "size", "predicted_mean_accepted", "predicted_tokens_per_s", "draft_confidence", "predicted_rows")})
+            if (solo_cut is not None or replies is not None) and "1" in result["batch_trees"]:
+                # one tree (and cut) for one sequence, in the loop and in the batched step alike: the loop's choice, cut
+                # or whole, where the prediction (a cut) or the replies decided it
+                one = result["batch_trees"]["1"]
+                for k in ("draft_confidence", "predicted_rows"):
+                    one.pop(k, None)
+                one.update({k: result[k] for k in ("tree", "size", "predicted_mean_accepted", "predicted_tokens_per_s",
+                                                    "draft_confidence", "predicted_rows") if k in result})
         if lookup is not None:
             result["lookup"] = {**lookup_summary(lookup, ranks, lk_depth, lk_nodes, chosen.paths),
                                 "predicted_tokens_per_s": best["tokens_per_s_hybrid"]}
