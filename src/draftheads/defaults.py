@@ -12,8 +12,8 @@ MAX_NEW_TOKENS = 512
 
 # Prompt-lookup branches in the tree beside the heads (--lookup / --no-lookup, load(lookup=...)); without heads
 # decoding stays plain unless asked. On since stop 56: with a draft row ~9% of a step, the branches pay for one
-# request (vicuna, all 80: 1.06-1.08x heads alone; unused training prompts 1.10x; served at 1 client 1.22x plain
-# against 1.12x without), and served batches take them only where their own rounds measure them faster
+# request (vicuna, all 80: 1.06-1.09x heads alone; unused training prompts 1.10x; served at 1 client 1.17-1.22x
+# plain against 1.08-1.12x without), and served batches take them only where their own rounds measure them faster
 # (batch.py; at 8 clients they padded every pass: 0.88x). Off on 2026-12-02, when a row cost ~2x more.
 LOOKUP = True
 
