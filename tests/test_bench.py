@@ -111,6 +111,11 @@ def test_question_formats(tmp_path):
     (tmp_path / "t.txt").write_text("line one\n\nline two\n")
     assert [q.turns for q in load_questions(tmp_path / "t.txt", limit=1)] == [["line one"]]
     assert load_questions(f, categories=["math"])[0].qid == "7"
+    # distill's chat records: the user turns (stop 56: calibrate's data-free prompts were skipped without a word)
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"id": "free:3", "messages": [
+        {"role": "system", "content": "s"}, {"role": "user", "content": "u1"}, {"role": "assistant", "content": "a"},
+        {"role": "user", "content": "u2"}]}) + "\n")
+    assert [(q.qid, q.turns) for q in load_questions(tmp_path / "chat.jsonl")] == [("free:3", ["u1", "u2"])]
     (tmp_path / "empty.jsonl").write_text('{"foo": 1}\n')
     with pytest.raises(UserError, match="no questions"):
         load_questions(tmp_path / "empty.jsonl")

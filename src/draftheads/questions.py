@@ -1,6 +1,7 @@
 """Reading a prompt set: MT-bench / Spec-Bench question files (JSONL with `question_id`, `category`,
 `turns`) or a plain prompt file (JSON list, JSONL of strings or of objects with a `prompt`,
-`instruction`, `question` or `turns` field, or one prompt per text line)."""
+`instruction`, `question` or `turns` field, chat records with `messages` (what `draftheads distill` writes:
+the user turns), or one prompt per text line)."""
 
 from __future__ import annotations
 
@@ -28,9 +29,12 @@ def _record(obj, i: int) -> Question | None:
         return Question(str(i), "default", [obj]) if obj.strip() else None
     if not isinstance(obj, dict):
         return None
-    turns = obj.get("turns")
+    turns, messages = obj.get("turns"), obj.get("messages")
     if isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns):
         turns = [t for t in turns if t.strip()]
+    elif isinstance(messages, list):  # a chat record (distill's output): its user turns
+        turns = [m["content"] for m in messages if isinstance(m, dict) and m.get("role") == "user"
+                 and isinstance(m.get("content"), str) and m["content"].strip()]
     else:
         text = next((obj[f] for f in PROMPT_FIELDS if isinstance(obj.get(f), str) and obj[f].strip()), None)
         if text is None:
