@@ -98,7 +98,7 @@ def test_bench_user_errors(tiny_dirs, tmp_path, capsys):
     assert "category nope" in capsys.readouterr().err
 
 
-def test_question_formats(tmp_path):
+def test_question_formats(tmp_path, capsys):
     f = tmp_path / "q.jsonl"
     f.write_text('{"question_id": 7, "category": "math", "turns": ["a", "b"]}\n"just a string"\n'
                  '{"instruction": "do it", "input": "on this"}\n{"prompt": "p"}\n')
@@ -116,6 +116,9 @@ def test_question_formats(tmp_path):
         {"role": "system", "content": "s"}, {"role": "user", "content": "u1"}, {"role": "assistant", "content": "a"},
         {"role": "user", "content": "u2"}]}) + "\n")
     assert [(q.qid, q.turns) for q in load_questions(tmp_path / "chat.jsonl")] == [("free:3", ["u1", "u2"])]
+    (tmp_path / "mixed.jsonl").write_text('{"prompt": "p"}\n{"foo": 1}\n{"prompt": "  "}\n')
+    assert [q.turns for q in load_questions(tmp_path / "mixed.jsonl")] == [["p"]]
+    assert "2 of 3 records skipped" in capsys.readouterr().err
     (tmp_path / "empty.jsonl").write_text('{"foo": 1}\n')
     with pytest.raises(UserError, match="no questions"):
         load_questions(tmp_path / "empty.jsonl")

@@ -6,6 +6,7 @@ the user turns), or one prompt per text line)."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,8 +81,12 @@ def load_questions(path, limit: int | None = None, categories: list[str] | None 
             records.append(line)  # a plain text line is a prompt
     questions = [q for i, r in enumerate(records) if (q := _record(r, i)) is not None]
     if not questions:
-        raise UserError(f"{path} holds no questions (expected JSONL with 'turns' or 'prompt'/'instruction'/"
+        raise UserError(f"{path} holds no questions (expected JSONL with 'turns', 'messages' or 'prompt'/'instruction'/"
                         "'question' fields, a JSON list, or text lines)")
+    unread = sum(isinstance(r, dict) and _record(r, 0) is None for r in records)
+    if unread:  # a set that shrinks without a word skews every figure measured on it
+        print(f"{path}: {unread} of {len(records)} records skipped: no 'turns', 'messages' or prompt field with text",
+              file=sys.stderr)
     if categories:
         known = sorted({q.category for q in questions})
         unknown = [c for c in categories if c not in known]
