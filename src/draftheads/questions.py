@@ -79,11 +79,12 @@ def load_questions(path, limit: int | None = None, categories: list[str] | None 
                     if line.lstrip().startswith("{"):
                         raise UserError(f"{path}:{n} is not valid JSON") from None
             records.append(line)  # a plain text line is a prompt
-    questions = [q for i, r in enumerate(records) if (q := _record(r, i)) is not None]
+    read = [_record(r, i) for i, r in enumerate(records)]
+    questions = [q for q in read if q is not None]
     if not questions:
         raise UserError(f"{path} holds no questions (expected JSONL with 'turns', 'messages' or 'prompt'/'instruction'/"
                         "'question' fields, a JSON list, or text lines)")
-    unread = sum(isinstance(r, dict) and _record(r, 0) is None for r in records)
+    unread = sum(q is None and isinstance(r, dict) for q, r in zip(read, records))
     if unread:  # a set that shrinks without a word skews every figure measured on it
         print(f"{path}: {unread} of {len(records)} records skipped: no 'turns', 'messages' or prompt field with text",
               file=sys.stderr)
