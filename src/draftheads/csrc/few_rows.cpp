@@ -125,9 +125,10 @@ static inline void decode_step(const uint8_t* q, int k, __m256& w0, __m256& w1) 
 // and the cache pass through the caches in between. Past the end of the weights a prefetch is a no-op (it never faults).
 // Measured (stop 54, an Intel Xeon, `scripts/compare_packed_revisions.py --against 4924597`, 30 layers of Q4_1, VNNI):
 // 1 row 3.67 -> 2.83 ms, 2 rows 3.72 -> 2.87, 4 rows 4.48 -> 3.22, 8 rows 5.79 -> 4.39 at 8 blocks ahead (the AVX2 body
-// 0.73-0.85x); 4 ahead gained less (0.80-0.84x), 16 about as much (0.73-0.82x). The same floats: a prefetch changes no
-// operation.
-constexpr int PREFETCH_BLOCKS = 8;
+// 0.73-0.85x); 4 ahead gained less (0.80-0.84x), 16 about as much (0.73-0.82x). On the AMD EPYC (Zen 5) of stop 57, 16
+// ahead against 8 (the same script, `--against` the 8-ahead commit, two runs): 30 layers 0.95-0.99x at 1 row, 0.85-0.88x
+// at 8, the LM head 0.81-0.88x at 8; 24 or 32 ahead no better than 16. The same floats: a prefetch changes no operation.
+constexpr int PREFETCH_BLOCKS = 16;
 
 static inline void prefetch_lines(const void* p, int bytes) {
   for (int l = 0; l < bytes; l += 64) _mm_prefetch(static_cast<const char*>(p) + l, _MM_HINT_T0);
