@@ -744,7 +744,7 @@ def test_a_plain_table_entry_drafts_nothing_unless_prompt_lookup_may_branch(monk
     table = {1: load_tree("medusa16", 3), 2: Tree([])}
     calls = []
     real = Hybrid.propose
-    monkeypatch.setattr(Hybrid, "propose", lambda self, h, r, t: calls.append((self.lookup is not None, t.size)) or real(self, h, r, t))
+    monkeypatch.setattr(Hybrid, "propose", lambda self, h, r, t, **kw: calls.append((self.lookup is not None, t.size)) or real(self, h, r, t, **kw))
     prompts = [list(range(10, 20)) * 2, list(range(40, 47)) * 3]  # repeats: lookup finds matches
     reqs = [(p, SamplingConfig(), None) for p in prompts]
     for lookup in (None, PromptLookup(LookupConfig(branches=2, tokens=3))):
@@ -752,6 +752,31 @@ def test_a_plain_table_entry_drafts_nothing_unless_prompt_lookup_may_branch(monk
         batch = BatchDecoder(dec, slots=2, capacity=128, batch_trees=table, draft_confidence=0.0)
         assert drive(batch, reqs, 20) == [hf_greedy(model, p, 20) for p in prompts]
     assert (True, 1) in calls and (False, 1) not in calls  # plain passes: only lookup is asked
+
+
+def test_in_a_batched_pass_lookup_s_branches_fit_each_sequence_s_share_of_rows(monkeypatch):
+    """A pass of B >= 2 sequences gives each BATCH_LOOKUP_ROWS // B rows (its tree's included): lookup's branches are cut
+    to fit (uncut, 2 branches of 5 tokens made a round of 8 sequences cost 2.4x a plain one). A sequence alone in the
+    batch keeps them whole, as the serial loop does. Outputs stay greedy either way."""
+    from draftheads import batch as batch_module
+    from draftheads.lookup import Hybrid, LookupConfig, PromptLookup
+
+    model = tiny_model()
+    heads = tiny_heads(model, num_heads=3)
+    table = {1: Tree([]), 2: Tree([])}
+    prompts = [list(range(10, 20)) * 3, list(range(40, 47)) * 4]  # repeats: lookup finds matches
+    monkeypatch.setattr(batch_module, "BATCH_LOOKUP_ROWS", 8)  # 4 rows a sequence at 2
+    sizes = []
+    real = Hybrid.propose
+    monkeypatch.setattr(Hybrid, "propose", lambda *a, **kw: (lambda out: sizes.append((kw.get("max_nodes"), out[0].size)) or out)(real(*a, **kw)))
+    dec = Decoder(model, heads, load_tree("chain2"), PromptLookup(LookupConfig(branches=2, tokens=5)))
+    batch = BatchDecoder(dec, slots=2, capacity=128, batch_trees=table, draft_confidence=0.0)
+    assert drive(batch, [(p, SamplingConfig(), None) for p in prompts], 20) == [hf_greedy(model, p, 20) for p in prompts]
+    assert sizes and all(cap == 4 and size <= 4 for cap, size in sizes) and max(size for _, size in sizes) == 4
+    sizes.clear()
+    alone = BatchDecoder(dec, slots=2, capacity=128, batch_trees=table, draft_confidence=0.0)
+    assert drive(alone, [(prompts[0], SamplingConfig(), None)], 20) == [hf_greedy(model, prompts[0], 20)]
+    assert all(cap is None for cap, _ in sizes) and max(size for _, size in sizes) > 4
 
 
 def test_served_rounds_decide_prompt_lookup_on_a_plain_table_entry(monkeypatch):
@@ -771,7 +796,7 @@ def test_served_rounds_decide_prompt_lookup_on_a_plain_table_entry(monkeypatch):
     asked = []
     real_step, real_propose = BatchDecoder.step, Hybrid.propose
     rounds = []
-    monkeypatch.setattr(Hybrid, "propose", lambda self, h, r, t: asked.append(t.size) or real_propose(self, h, r, t))
+    monkeypatch.setattr(Hybrid, "propose", lambda self, h, r, t, **kw: asked.append(t.size) or real_propose(self, h, r, t, **kw))
     monkeypatch.setattr(BatchDecoder, "step", lambda self: rounds.append(len(asked)) or real_step(self))
     assert drive(batch, reqs, 20) == [hf_greedy(model, p, 20) for p in prompts]
     assert set(batch.costs.rates) == {(2, True), (2, False)}

@@ -143,6 +143,21 @@ def test_branches_merge_into_the_heads_tree_as_a_trie():
     assert again is step  # same shape, same Tree: its tensors are not rebuilt
 
 
+def test_a_node_budget_cuts_lookup_s_branches_first_match_first_never_the_heads_tree():
+    """Hybrid.propose(max_nodes=n) (a batched pass's share of rows): the step's tree has at most n nodes, or the
+    heads' tree whole where that alone is larger; the branches' nodes kept are a prefix of hang's, parents first."""
+    tree = Tree([[0], [1], [0, 0]])
+    hybrid = Hybrid(FixedHeads([1, 2, 3]), FixedLookup([[1, 3, 7, 8], [1, 4], [9]]))
+    full, full_ids = hybrid.propose(torch.zeros(4), torch.tensor(100), tree)
+    for n in range(0, full.size + 2):
+        step, ids = hybrid.propose(torch.zeros(4), torch.tensor(100), tree, max_nodes=n)
+        assert step.size == min(max(n, tree.size), full.size) and ids[:4].tolist() == [100, 1, 2, 3]
+        for node in range(1, step.size):  # each kept node holds the token it holds in the uncut tree
+            assert ids[node] == full_ids[full.index[step.paths[node - 1]]]
+    step, _ = hybrid.propose(torch.zeros(4), torch.tensor(100), tree, max_nodes=6)
+    assert step.paths[3:] == [(0, 0, -1), (0, 0, -1, -1)]  # the first branch's 7, 8 before the second's 4
+
+
 def test_without_a_match_the_step_tree_is_the_heads_tree():
     tree = Tree([[0], [1], [0, 0]])
     step, ids = Hybrid(FixedHeads([1, 2, 3]), FixedLookup([])).propose(torch.zeros(4), torch.tensor(5), tree)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .acceptance import SamplingConfig, accept, sample
-from .defaults import BATCH_DRAFT_CONFIDENCE
+from .defaults import BATCH_DRAFT_CONFIDENCE, BATCH_LOOKUP_ROWS
 from .errors import UserError
 from .generate import ROOT_ONLY, Decoder, Stats
 from .kvcache import SlotKVCache
@@ -221,7 +221,9 @@ class BatchDecoder:
                   and any(s.by_batch and s.drafter is not None for s in seqs))
         with_table = self.costs.use_trees(B) if choice else True
         tree = {s.slot: (table if with_table else ROOT_ONLY) if s.by_batch else s.tree for s in seqs}
-        trees = self.max_rows is None or sum(t.size + self.lookup_nodes for t in tree.values()) <= self.max_rows
+        share = BATCH_LOOKUP_ROWS // B if B > 1 else None  # a sequence's most rows with lookup's branches (Hybrid.propose)
+        lookup_rows = lambda t: self.lookup_nodes if share is None else min(self.lookup_nodes, max(share - t.size, 0))
+        trees = self.max_rows is None or sum(t.size + lookup_rows(t) for t in tree.values()) <= self.max_rows
         drafting = []
         for s in seqs:
             L = int(self.cache.lengths[s.slot])
@@ -231,7 +233,7 @@ class BatchDecoder:
             if (trees and s.drafter is not None and L + s.reserve <= s.end and (with_table or not s.by_batch)
                     and (tree[s.slot].size > 1 or s.drafter.lookup is not None)):
                 drafting.append(s)
-        for slot, (step_tree, cands) in propose_all(drafting, tree, dev, self.confidence_at(B)).items():
+        for slot, (step_tree, cands) in propose_all(drafting, tree, dev, self.confidence_at(B), share).items():
             plans[slot] = (plans[slot][0], step_tree, cands)
         # The pass writes q rows after every slot's length, its padding included: a tree that would push a
         # slot near its end past the capacity (another's, larger than that slot's own reserve) waits a pass.
@@ -309,20 +311,21 @@ class BatchDecoder:
         return h, logits, t1, dec._sync()
 
 
-def propose_all(seqs: list[_Sequence], tree: dict[int, Tree], dev, confidence: float = 0.0) -> dict[int, tuple[Tree, torch.Tensor]]:
+def propose_all(seqs: list[_Sequence], tree: dict[int, Tree], dev, confidence: float = 0.0,
+                max_nodes: int | None = None) -> dict[int, tuple[Tree, torch.Tensor]]:
     """{slot: its step tree and candidate ids [its size]} of each sequence, as Hybrid.propose gives them;
     tree: {slot: its ranked tree}. Sequences whose drafter is the same stateless heads (Medusa:
     `draft_many`) without prompt lookup, on the same tree, draft in one call: at 8 sequences one product
     per head instead of eight (~1.5 ms of a ~30 ms bf16 round). With `confidence` > 0 those of them that
     follow the batch table keep only the nodes their heads give at least that probability
-    (MedusaHeads.draft_confident)."""
+    (MedusaHeads.draft_confident). max_nodes: each sequence's most nodes with lookup's branches (Hybrid.propose)."""
     out, groups = {}, {}
     for s in seqs:
         d, t = s.drafter, tree[s.slot]
         if d.lookup is None and t.size > 1 and hasattr(d.heads, "draft_many"):
             groups.setdefault((id(d.heads), id(t), s.by_batch), []).append(s)
         else:
-            out[s.slot] = d.propose(s.hidden, torch.tensor(s.root, device=dev), t)
+            out[s.slot] = d.propose(s.hidden, torch.tensor(s.root, device=dev), t, max_nodes=max_nodes)
     for group in groups.values():
         t, heads = tree[group[0].slot], group[0].drafter.heads
         if len(group) == 1 and not (confidence > 0 and group[0].by_batch):  # alone: the serial loop's one call

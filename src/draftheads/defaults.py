@@ -39,6 +39,12 @@ MAX_TOKENS_LIMIT = 2048
 DEFAULT_MAX_TOKENS = 256
 QUEUE_SIZE = 16
 MAX_SEQ_LEN = 2048
+# Rows a batched pass of B >= 2 sequences gives each sequence for its tree and prompt lookup's branches together:
+# BATCH_LOOKUP_ROWS // B (at least its tree; lookup's branches are cut to fit, the longest match first). Past a few rows
+# a pass is compute-bound on a CPU (~0.3 ms a row of the default model here): uncut, lookup's 2 branches of 5 tokens made a
+# round of 4 sequences cost 2.1x a plain one (0.95x its tokens/s), of 8 2.4x (0.69x); cut to this share 1.5x (1.13x) and
+# 1.3x (1.00x); at 2 sequences the cut gained too (1.43x -> 1.61x plain's tokens/s). Stop 57, scripts/time_lookup_rounds.py.
+BATCH_LOOKUP_ROWS = 16
 # Tree nodes one batched pass verifies when the heads carry no tree per batch size (--max-tree-rows):
 # a CPU's matmuls turn compute-bound at a few rows, so past it the running requests decode plainly.
 MAX_TREE_ROWS = 16

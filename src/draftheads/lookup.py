@@ -179,10 +179,13 @@ class Hybrid:
         if self.lookup is not None:
             self.lookup.observe(hidden, ids)
 
-    def propose(self, hidden: torch.Tensor, root: torch.Tensor, tree: Tree, min_prob: float = 0.0) -> tuple[Tree, torch.Tensor]:
+    def propose(self, hidden: torch.Tensor, root: torch.Tensor, tree: Tree, min_prob: float = 0.0,
+                max_nodes: int | None = None) -> tuple[Tree, torch.Tensor]:
         """hidden [H] at the last verified position, root 0-d, `tree` the ranked tree -> (the step's tree,
         ids [its size], root first). Without a lookup match the step's tree is `tree` itself, or with
-        `min_prob` > 0 its nodes whose path the heads give at least that probability (draft_confident)."""
+        `min_prob` > 0 its nodes whose path the heads give at least that probability (draft_confident).
+        max_nodes: the most nodes the step's tree may have (a batched pass's share of rows): lookup's branches
+        are cut to fit, the first (longest match) kept before the next; the heads' tree is never cut here."""
         if self.heads is None or tree.size == 1:
             ids = root.view(1)
         elif min_prob > 0:
@@ -191,6 +194,9 @@ class Hybrid:
             ids = self.heads.draft(hidden, root, tree)
         branches = self.lookup.branches(int(root)) if self.lookup is not None else []
         given, tokens = hang(tree, ids.tolist(), branches) if branches else ([], [])
+        if max_nodes is not None:  # hang lists a branch's nodes parent first: any prefix of them is a tree
+            room = max(max_nodes - tree.size, 0)
+            given, tokens = given[:room], tokens[:room]
         if not given:
             return tree, ids
         step = tree.with_given(given)
