@@ -779,6 +779,33 @@ def test_in_a_batched_pass_lookup_s_branches_fit_each_sequence_s_share_of_rows(m
     assert all(cap is None for cap, _ in sizes) and max(size for _, size in sizes) > 4
 
 
+def test_lookup_on_a_plain_entry_must_win_by_the_margin_the_table_s_trees_need_not():
+    """The served rounds take lookup's branches on a plain table entry only where they beat plain by LOOKUP_MARGIN
+    (the table chose plain there); a tree the table gives needs only to tie. Outputs stay greedy."""
+    from draftheads import batch as batch_module
+    from draftheads.lookup import LookupConfig, PromptLookup
+    from draftheads.round_costs import RoundCosts
+
+    asked = []
+
+    class Recording(RoundCosts):
+        def use_trees(self, batch, margin=1.0):
+            asked.append(margin)
+            return super().use_trees(batch, margin)
+
+    model = tiny_model()
+    heads = tiny_heads(model, num_heads=3)
+    prompts = [list(range(10, 20)) * 2, list(range(40, 47)) * 3]  # repeats: lookup finds matches
+    reqs = [(p, SamplingConfig(), None) for p in prompts]
+    assert batch_module.LOOKUP_MARGIN > 1
+    for table, margin in (({1: Tree([]), 2: Tree([])}, batch_module.LOOKUP_MARGIN), ({1: Tree([[0]]), 2: Tree([[0]])}, 1.0)):
+        asked.clear()
+        dec = Decoder(model, heads, load_tree("chain2"), PromptLookup(LookupConfig(branches=2, tokens=3)))
+        batch = BatchDecoder(dec, slots=2, capacity=128, batch_trees=table, costs=Recording(warmup=1), draft_confidence=0.0)
+        assert drive(batch, reqs, 12) == [hf_greedy(model, p, 12) for p in prompts]
+        assert asked and set(asked) == {margin}
+
+
 def test_served_rounds_decide_prompt_lookup_on_a_plain_table_entry(monkeypatch):
     """Lookup's branches hang on a plain table entry too, and every sequence's branches pad the pass: with a
     RoundCosts the served rounds decide them as they decide trees. Rounds that take the plain kind ask no

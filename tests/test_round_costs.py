@@ -112,6 +112,17 @@ def test_equal_rates_keep_the_trees():
     assert costs.use_trees(4)  # a tie goes to the heads' trees (what the table was calibrated to take)
 
 
+def test_a_margin_asks_the_trees_to_win_by_it():
+    """use_trees(b, margin): the trees only where the recent pairs give them at least margin x plain's rate (the batch
+    asks lookup's branches on a plain table entry to win by defaults.LOOKUP_MARGIN)."""
+    costs = RoundCosts(warmup=1, explore_every=100)
+    costs.record(4, True, 103, 1.0)
+    costs.record(4, False, 100, 1.0)
+    assert costs.use_trees(4) and costs.use_trees(4, 1.03) and not costs.use_trees(4, 1.05)
+    with pytest.raises(AssertionError):
+        costs.use_trees(4, 0.0)
+
+
 @pytest.mark.parametrize("faster", [True, False])
 def test_a_kind_that_loses_widely_is_explored_four_times_less_often(faster):
     costs = RoundCosts(warmup=2, explore_every=5, wide_margin=1.2)

@@ -45,6 +45,11 @@ MAX_SEQ_LEN = 2048
 # round of 4 sequences cost 2.1x a plain one (0.95x its tokens/s), of 8 2.4x (0.69x); cut to this share 1.5x (1.13x) and
 # 1.3x (1.00x); at 2 sequences the cut gained too (1.43x -> 1.61x plain's tokens/s). Stop 57, scripts/time_lookup_rounds.py.
 BATCH_LOOKUP_ROWS = 16
+# Where a batch size's table entry is plain, the served rounds (ADAPT_TREES) take lookup's branches only while their recent
+# pairs of rounds measure them this much faster than plain: the pairs read ~4% in the branches' favour against every round
+# of each kind (8 sequences, unused training prompts: 1.00-1.05 where all rounds gave 0.94-0.96; stop 57), and a served
+# run at 8 clients spent 38% of its rounds with branches that ran 0.85x plain's tokens/s.
+LOOKUP_MARGIN = 1.05
 # Tree nodes one batched pass verifies when the heads carry no tree per batch size (--max-tree-rows):
 # a CPU's matmuls turn compute-bound at a few rows, so past it the running requests decode plainly.
 MAX_TREE_ROWS = 16

@@ -66,15 +66,16 @@ class RoundCosts:
     def __post_init__(self):
         assert self.warmup >= 1 and self.explore_every >= 2 and 0 < self.decay <= 1 and self.wide_margin > 1
 
-    def use_trees(self, batch: int) -> bool:
-        """Whether the next round of `batch` sequences should take the table's trees."""
-        assert batch >= 1
+    def use_trees(self, batch: int, margin: float = 1.0) -> bool:
+        """Whether the next round of `batch` sequences should take the table's trees: once warmed up, where the
+        recent pairs give them at least `margin` times plain's rate (a tie, at 1.0, goes to the trees)."""
+        assert batch >= 1 and margin > 0
         trees, plain, pairs = self._rate(batch, True), self._rate(batch, False), self.pairs.get(batch, _Pairs())
         if min(trees.rounds, plain.rounds, pairs.count) < self.warmup:  # warm-up: alternate, each round a pair
             if self.last is not None and self.last[0] == batch:
                 return not self.last[1]
             return trees.rounds <= plain.rounds
-        best = pairs.trees >= pairs.plain
+        best = pairs.trees >= margin * pairs.plain
         hi, lo = max(pairs.trees, pairs.plain), min(pairs.trees, pairs.plain)
         every = self.explore_every * (4 if hi >= self.wide_margin * lo else 1)
         explore = self.rounds.get(batch, 0) % every == every - 1
