@@ -489,18 +489,21 @@ def _alone(decoder, prompt, n, sp, stats):
 
 @pytest.mark.parametrize("sampled,drafters", [(False, "heads+lookup"), (True, "heads+lookup"), (False, "heads"),
                                               (False, "lookup"), (False, "none")])
-def test_a_batched_sequence_drafts_accepts_and_samples_as_it_does_alone(sampled, drafters):
+def test_a_batched_sequence_drafts_accepts_and_samples_as_it_does_alone(sampled, drafters, monkeypatch):
     """Per sequence, in a batch of three: the same tokens (a seeded sample too), the same steps, verified
     nodes and accepted drafts (heads, prompt lookup, both, neither), and its drafter given the same hidden
-    state and root every step."""
+    state and root every step, where the batch leaves lookup's branches whole (its row share, BATCH_LOOKUP_ROWS,
+    cuts them in a pass of several sequences: test_batch pins that)."""
     from test_lookup import PROMPT, echo_model
     from tiny import tiny_heads
 
+    from draftheads import batch as batch_module
     from draftheads.acceptance import SamplingConfig
     from draftheads.batch import BatchDecoder
     from draftheads.generate import Decoder, Stats
     from draftheads.lookup import LookupConfig, PromptLookup
 
+    monkeypatch.setattr(batch_module, "BATCH_LOOKUP_ROWS", 10**6)
     model = echo_model()
     prompts = [PROMPT, list(range(60, 75)) * 2, list(range(90, 99))]
     sps = [SamplingConfig(temperature=0.7, acceptance="exact", seed=s) if sampled else SamplingConfig()
