@@ -220,7 +220,7 @@ class BatchDecoder:
         choice = (self.costs is not None and B > 1 and (table.size > 1 or self.lookup_cfg is not None)
                   and any(s.by_batch and s.drafter is not None for s in seqs))
         # Lookup alone on a plain entry must beat plain by LOOKUP_MARGIN: the table chose plain there, and the paired
-        # rounds read ~4% in the trees' favour (8 sequences: 1.00-1.05 where all rounds gave 0.94-0.96; stop 57)
+        # rounds' ratio strays by a few % either way (defaults)
         with_table = self.costs.use_trees(B, 1.0 if table.size > 1 else LOOKUP_MARGIN) if choice else True
         tree = {s.slot: (table if with_table else ROOT_ONLY) if s.by_batch else s.tree for s in seqs}
         share = BATCH_LOOKUP_ROWS // B if B > 1 else None  # a sequence's most rows with lookup's branches (Hybrid.propose)

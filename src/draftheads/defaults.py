@@ -46,9 +46,10 @@ MAX_SEQ_LEN = 2048
 # 1.3x (1.00x); at 2 sequences the cut gained too (1.43x -> 1.61x plain's tokens/s). Stop 57, scripts/time_lookup_rounds.py.
 BATCH_LOOKUP_ROWS = 16
 # Where a batch size's table entry is plain, the served rounds (ADAPT_TREES) take lookup's branches only while their recent
-# pairs of rounds measure them this much faster than plain: the pairs read ~4% in the branches' favour against every round
-# of each kind (8 sequences, unused training prompts: 1.00-1.05 where all rounds gave 0.94-0.96; stop 57), and a served
-# run at 8 clients spent 38% of its rounds with branches that ran 0.85x plain's tokens/s.
+# pairs of rounds measure them this much faster than plain: the pairs' ratio strays from every round's by a few % either
+# way (scripts/round_pairs.py at 8 sequences: 1.008 against 0.988, 1.030 against 1.075; stop 57), and without a margin a
+# served run at 8 clients flipped to branches in 38% of its rounds, which ran 0.85x plain's tokens/s (a tie is plain's:
+# the table chose plain there).
 LOOKUP_MARGIN = 1.05
 # Tree nodes one batched pass verifies when the heads carry no tree per batch size (--max-tree-rows):
 # a CPU's matmuls turn compute-bound at a few rows, so past it the running requests decode plainly.
