@@ -32,7 +32,7 @@ class Forced(RoundCosts):
         super().__init__()
         self.trees = trees
 
-    def use_trees(self, batch: int) -> bool:
+    def use_trees(self, batch: int, margin: float = 1.0) -> bool:
         return self.trees
 
 
