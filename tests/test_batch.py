@@ -766,9 +766,14 @@ def test_in_a_batched_pass_lookup_s_branches_fit_each_sequence_s_share_of_rows(m
     table = {1: Tree([]), 2: Tree([])}
     prompts = [list(range(10, 20)) * 3, list(range(40, 47)) * 4]  # repeats: lookup finds matches
     monkeypatch.setattr(batch_module, "BATCH_LOOKUP_ROWS", 8)  # 4 rows a sequence at 2
-    sizes = []
-    real = Hybrid.propose
-    monkeypatch.setattr(Hybrid, "propose", lambda *a, **kw: (lambda out: sizes.append((kw.get("max_nodes"), out[0].size)) or out)(real(*a, **kw)))
+    sizes, real = [], Hybrid.propose  # (the node budget asked, the step tree's size) per proposal
+
+    def recording(*args, **kw):
+        out = real(*args, **kw)
+        sizes.append((kw.get("max_nodes"), out[0].size))
+        return out
+
+    monkeypatch.setattr(Hybrid, "propose", recording)
     dec = Decoder(model, heads, load_tree("chain2"), PromptLookup(LookupConfig(branches=2, tokens=5)))
     batch = BatchDecoder(dec, slots=2, capacity=128, batch_trees=table, draft_confidence=0.0)
     assert drive(batch, [(p, SamplingConfig(), None) for p in prompts], 20) == [hf_greedy(model, p, 20) for p in prompts]
