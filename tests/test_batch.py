@@ -779,6 +779,11 @@ def test_in_a_batched_pass_lookup_s_branches_fit_each_sequence_s_share_of_rows(m
     assert drive(batch, [(p, SamplingConfig(), None) for p in prompts], 20) == [hf_greedy(model, p, 20) for p in prompts]
     assert sizes and all(cap == 4 and size <= 4 for cap, size in sizes) and max(size for _, size in sizes) == 4
     sizes.clear()
+    monkeypatch.setattr(batch_module, "BATCH_LOOKUP_ROWS", 2)  # 1 row a sequence at 2: no room, nothing to draft
+    full = BatchDecoder(dec, slots=2, capacity=128, batch_trees=table, draft_confidence=0.0)
+    assert drive(full, [(p, SamplingConfig(), None) for p in prompts], 20) == [hf_greedy(model, p, 20) for p in prompts]
+    assert all(cap is None for cap, _ in sizes)  # only the passes where one sequence ran alone asked
+    sizes.clear()
     alone = BatchDecoder(dec, slots=2, capacity=128, batch_trees=table, draft_confidence=0.0)
     assert drive(alone, [(prompts[0], SamplingConfig(), None)], 20) == [hf_greedy(model, prompts[0], 20)]
     assert all(cap is None for cap, _ in sizes) and max(size for _, size in sizes) > 4

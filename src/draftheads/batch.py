@@ -223,7 +223,7 @@ class BatchDecoder:
         # rounds' ratio strays by a few % either way (defaults)
         with_table = self.costs.use_trees(B, 1.0 if table.size > 1 else LOOKUP_MARGIN) if choice else True
         tree = {s.slot: (table if with_table else ROOT_ONLY) if s.by_batch else s.tree for s in seqs}
-        share = BATCH_LOOKUP_ROWS // B if B > 1 else None  # a sequence's most rows with lookup's branches (Hybrid.propose)
+        share = BATCH_LOOKUP_ROWS // B if B > 1 else None  # a sequence's most rows with lookup's branches
         lookup_rows = lambda t: self.lookup_nodes if share is None else min(self.lookup_nodes, max(share - t.size, 0))
         trees = self.max_rows is None or sum(t.size + lookup_rows(t) for t in tree.values()) <= self.max_rows
         drafting = []
@@ -233,7 +233,7 @@ class BatchDecoder:
             # A one-node tree drafts nothing unless prompt lookup hangs branches on it (at 8 sequences the
             # table's entry is plain: the heads' server then runs the plain server's pass, nothing more)
             if (trees and s.drafter is not None and L + s.reserve <= s.end and (with_table or not s.by_batch)
-                    and (tree[s.slot].size > 1 or s.drafter.lookup is not None)):
+                    and (tree[s.slot].size > 1 or (s.drafter.lookup is not None and lookup_rows(tree[s.slot]) > 0))):
                 drafting.append(s)
         for slot, (step_tree, cands) in propose_all(drafting, tree, dev, self.confidence_at(B), share).items():
             plans[slot] = (plans[slot][0], step_tree, cands)

@@ -40,16 +40,17 @@ DEFAULT_MAX_TOKENS = 256
 QUEUE_SIZE = 16
 MAX_SEQ_LEN = 2048
 # Rows a batched pass of B >= 2 sequences gives each sequence for its tree and prompt lookup's branches together:
-# BATCH_LOOKUP_ROWS // B (at least its tree; lookup's branches are cut to fit, the longest match first). Past a few rows
-# a pass is compute-bound on a CPU (~0.3 ms a row of the default model here): uncut, lookup's 2 branches of 5 tokens made a
-# round of 4 sequences cost 2.1x a plain one (0.95x its tokens/s), of 8 2.4x (0.69x); cut to this share 1.5x (1.13x) and
-# 1.3x (1.00x); at 2 sequences the cut gained too (1.43x -> 1.61x plain's tokens/s). Stop 57, scripts/time_lookup_rounds.py.
+# BATCH_LOOKUP_ROWS // B (at least its tree; lookup's branches are cut to fit, the longest match first). Past a few
+# rows a pass is compute-bound on a CPU (~0.3 ms a row of the default model here): uncut, lookup's 2 branches of 5
+# tokens made a round of 4 sequences cost 2.1x a plain one (0.95x its tokens/s), of 8 2.4x (0.69x); cut to this share
+# 1.5x (1.13x) and 1.3x (1.00x); at 2 sequences the cut gained too (1.43x -> 1.61x plain's tokens/s). Stop 57,
+# scripts/time_lookup_rounds.py.
 BATCH_LOOKUP_ROWS = 16
-# Where a batch size's table entry is plain, the served rounds (ADAPT_TREES) take lookup's branches only while their recent
-# pairs of rounds measure them this much faster than plain: the pairs' ratio strays from every round's by a few % either
-# way (scripts/round_pairs.py at 8 sequences: 1.008 against 0.988, 1.030 against 1.075; stop 57), and without a margin a
-# served run at 8 clients flipped to branches in 38% of its rounds, which ran 0.85x plain's tokens/s (a tie is plain's:
-# the table chose plain there).
+# Where a batch size's table entry is plain, the served rounds (ADAPT_TREES) take lookup's branches only while their
+# recent pairs of rounds measure them this much faster than plain: the pairs' ratio strays from every round's by a
+# few % either way (scripts/round_pairs.py at 8 sequences: 1.008 against 0.988, 1.030 against 1.075; stop 57), and
+# without a margin a served run at 8 clients flipped to branches in 38% of its rounds, which ran 0.85x plain's
+# tokens/s (a tie is plain's: the table chose plain there).
 LOOKUP_MARGIN = 1.05
 # Tree nodes one batched pass verifies when the heads carry no tree per batch size (--max-tree-rows):
 # a CPU's matmuls turn compute-bound at a few rows, so past it the running requests decode plainly.
