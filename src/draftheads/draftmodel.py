@@ -17,6 +17,7 @@ import torch
 from .acceptance import SamplingConfig
 from .backbone import Backbone, chat_ids, load_backbone
 from .defaults import ADAPT_TREES, LOOKUP, MAX_BATCH, MAX_NEW_TOKENS, MAX_SEQ_LEN
+from .detokenize import Detokenizer
 from .errors import UserError
 from .generate import Decoder, Stats
 from .lookup import PromptLookup, lookup_config
@@ -96,6 +97,7 @@ class DraftModel:
         room = decoder.context - len(ids)
         limit, limit_reason = (max_new_tokens, "length") if max_new_tokens <= room else (room, "context")
         stats, tokens, text, sent, finish = Stats(), [], "", 0, None
+        detok = Detokenizer(self.tokenizer)  # the reply's text a few tokens at a time, not the whole reply a step
         start = time.perf_counter()
         steps = decoder.steps(ids, limit, sp, stats, tree)
         for step in steps:
@@ -107,7 +109,7 @@ class DraftModel:
                 if len(tokens) >= limit:
                     finish = limit_reason
                     break
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            text = detok.text(tokens)
             cut = min((i for i in (text.find(s, max(sent - len(s), 0)) for s in stops) if i >= 0), default=-1)
             if cut >= 0:
                 text, finish = text[:cut], "stop"
