@@ -25,6 +25,10 @@ mkdir -p $R
     --output $R/train --precompute-features --feature-dtype bfloat16 --num-heads 4 --num-layers 1 --lm-head own --trim-vocab 4096 --epochs 1 --lr 1e-3 --feature-batch 512 \
     --save-dtype float16 --threads 2
 
+#    The n-gram store beside them (src/draftheads/ngrams.py): which token most often followed each context of
+#    2-4 tokens in the same replies (seconds).
+$dh ngrams --data data/distilled --data data/distilled-chat --heads $R/train/heads
+
 # 2. Calibrate the tree on prompts that are neither training nor evaluation data: 12 training-source
 #    prompts that distillation did not use, and 12 general-chat questions the backbone writes itself
 #    (data-free, another seed than data/distilled-chat's), for one request and for batches of 2, 4 and 8
@@ -44,4 +48,4 @@ $dh calibrate --heads $R/train/heads --prompts $R/calib_prompts.jsonl --limit 24
 
 # 3. Ship.
 mkdir -p src/draftheads/default_heads
-cp $R/train/heads/config.json $R/train/heads/model.safetensors src/draftheads/default_heads/
+cp $R/train/heads/config.json $R/train/heads/model.safetensors $R/train/heads/ngrams.safetensors src/draftheads/default_heads/

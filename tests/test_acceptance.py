@@ -176,3 +176,23 @@ def test_exact_sampling_with_lookup_branches_matches_backbone_distribution(small
     counts, stats = _sample_counts(Decoder(model, heads, tree, lookup), prompt, sp, tree)
     assert stats.lookup_accepted > SAMPLES // 5, "lookup drafts were hardly accepted: the test would prove little"
     assert _chi_square_pvalue(counts, dist) > 1e-3
+
+
+def test_exact_sampling_with_ngram_store_branches_matches_backbone_distribution(small_vocab_setup):
+    """The n-gram store's chain is a function of the context too: `exact` stays exact with it."""
+    from draftheads.lookup import LookupConfig, PromptLookup
+    from draftheads.ngrams import NgramStore
+
+    model, heads, _, prompt = small_vocab_setup
+    tree = Tree([[0]])
+    sp = SamplingConfig(temperature=0.9, top_k=3, acceptance="exact")
+    dist = _exact_distribution(model, prompt, sp)
+    # the store: what the backbone samples after the prompt, as distillation with temperature would give
+    torch.manual_seed(0)
+    samples = model.generate(torch.tensor([prompt] * 64), max_new_tokens=12, do_sample=True, top_k=3, temperature=0.9)
+    store = NgramStore.build([(s, len(prompt)) for s in samples.tolist()], vocab_size=VOCAB, min_count=1)
+    lookup = PromptLookup(LookupConfig(max_ngram=3, min_ngram=3, branches=1, tokens=2, store_tokens=2,
+                                       store_min_prob=0.0), store)
+    counts, stats = _sample_counts(Decoder(model, heads, tree, lookup), prompt, sp, tree)
+    assert stats.lookup_accepted > SAMPLES // 5, "store drafts were hardly accepted: the test would prove little"
+    assert _chi_square_pvalue(counts, dist) > 1e-3

@@ -93,6 +93,7 @@ class BatchDecoder:
             raise UserError(reason)
         self.dec, self.heads = decoder, _heads(decoder)
         self.lookup_cfg = _lookup_cfg(decoder)
+        self.lookup_store = decoder.drafter.lookup.store if self.lookup_cfg else None  # shared, read only
         self.lookup_nodes = PromptLookup(self.lookup_cfg).max_nodes if self.lookup_cfg else 0
         self.cache = SlotKVCache.for_model(decoder.model, slots, capacity, decoder.lean.kv_dtype)
         self.capacity = capacity
@@ -192,7 +193,7 @@ class BatchDecoder:
         drafter = None
         if self.heads is not None or self.lookup_cfg is not None:
             heads = self.heads.for_sequence() if self.heads is not None else None  # Hydra++: its own prefix cache
-            drafter = Hybrid(heads, PromptLookup(self.lookup_cfg) if self.lookup_cfg else None)
+            drafter = Hybrid(heads, PromptLookup(self.lookup_cfg, self.lookup_store) if self.lookup_cfg else None)
             drafter.reset()
             drafter.observe(h, ids)
         gen = torch.Generator(device=dev).manual_seed(sp.seed) if sp.seed is not None else None

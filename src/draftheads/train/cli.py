@@ -6,6 +6,7 @@ import argparse
 
 from .. import defaults
 from ..cli import add_threads
+from ..ngrams import MIN_COUNT as NGRAM_MIN_COUNT
 
 
 def _source(spec: str):
@@ -62,6 +63,41 @@ def cmd_train(args) -> None:
     out = train(config_from_args(args))
     if os.environ.get("RANK", "0") == "0":  # one line, not one per process under accelerate launch
         print(f"heads: {out}")
+
+
+def cmd_ngrams(args) -> None:
+    """Build the n-gram store of a heads directory from distilled directories of the same backbone."""
+    import json
+    import shlex
+    import sys
+    from pathlib import Path
+
+    from ..backbone import fingerprints_match
+    from ..errors import UserError
+    from ..heads.checkpoint import read_config
+    from ..ngrams import FILE, NgramStore
+    from .shards import read_distilled
+
+    heads = Path(args.heads).expanduser()
+    cfg = read_config(heads)
+    sequences, records = [], 0
+    for d in args.data:
+        man = Path(d) / "manifest.json"
+        if not man.is_file():
+            raise UserError(f"{d} is not a distilled directory (no manifest.json): make one with draftheads distill -o DIR")
+        fp = json.loads(man.read_text()).get("backbone_fingerprint") or []
+        if cfg.get("backbone_fingerprint") and not fingerprints_match(cfg["backbone_fingerprint"], fp):
+            raise UserError(f"{d} was distilled from another backbone than the heads in {heads} were trained on")
+        recs = [r for r in read_distilled(d, features=False)[0] if r.get("ids") and "prompt_len" in r]
+        records += len(recs)
+        sequences += [(r["ids"], r["prompt_len"]) for r in recs]
+    if not sequences:
+        raise UserError(f"no records with token ids in {', '.join(args.data)}")
+    store = NgramStore.build(sequences, cfg["vocab_size"], min_count=args.min_count)
+    store.save(heads / FILE, {"data": args.data, "records": records, "min_count": args.min_count,
+                              "command": shlex.join(["draftheads"] + sys.argv[1:])})
+    size = (heads / FILE).stat().st_size / 2**20
+    print(f"n-gram store: {heads / FILE} ({store.entries:,} contexts of {records:,} replies, {size:.1f} MB)")
 
 
 def cmd_compare(args) -> None:
@@ -122,6 +158,18 @@ def register(sub) -> None:
                                      "LoRA adapter on it)")
     add_train_args(t)
     t.set_defaults(func=cmd_train)
+
+    n = sub.add_parser("ngrams", help="store the backbone's own n-grams (from distilled data) beside heads, for prompt "
+                                      "lookup to draft from",
+                       description="Count, in distilled replies, which token most often followed each context of 2-4 "
+                                   "tokens; write the store to HEADS/ngrams.safetensors, which load() and every "
+                                   "command then use with prompt lookup.")
+    n.add_argument("--data", action="append", required=True, help="a distilled directory (draftheads distill -o DIR); "
+                                                                  "repeatable")
+    n.add_argument("--heads", required=True, help="the heads directory the store goes into (same backbone)")
+    n.add_argument("--min-count", type=int, default=NGRAM_MIN_COUNT,
+                   help="contexts seen fewer times are left out (a context seen once says little)")
+    n.set_defaults(func=cmd_ngrams)
 
 
 def add_train_args(t: argparse.ArgumentParser) -> None:
