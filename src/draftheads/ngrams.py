@@ -35,8 +35,10 @@ def token_bits(vocab_size: int) -> int:
 class NgramStore:
     """tables: n -> (keys [E] uint64 sorted, next token [E] int64, share [E] float32)."""
 
-    def __init__(self, tables: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], vocab_size: int):
+    def __init__(self, tables: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], vocab_size: int,
+                 meta: dict | None = None):
         self.tables, self.vocab_size = tables, vocab_size
+        self.meta = meta or {}  # what `save` was given: the data, the backbone's fingerprint, the command
         self.bits = token_bits(vocab_size)
         self.max_ngram = max(tables) if tables else MIN_NGRAM
 
@@ -129,7 +131,7 @@ class NgramStore:
                           for k in f.keys() if k.startswith("keys.")}
         except (SafetensorError, OSError) as e:
             raise UserError(f"cannot read the n-gram store {path}: {e}") from None
-        store = cls(tables, int(md["vocab_size"]))
+        store = cls(tables, int(md["vocab_size"]), json.loads(md.get("meta") or "{}"))
         if vocab_size is not None and store.vocab_size != vocab_size:
             raise UserError(f"{path} holds n-grams of a {store.vocab_size}-token vocabulary; the backbone has {vocab_size}")
         return store

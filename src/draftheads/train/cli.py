@@ -95,6 +95,7 @@ def cmd_ngrams(args) -> None:
         raise UserError(f"no records with token ids in {', '.join(args.data)}")
     store = NgramStore.build(sequences, cfg["vocab_size"], min_count=args.min_count)
     store.save(heads / FILE, {"data": args.data, "records": records, "min_count": args.min_count,
+                              "backbone": cfg.get("backbone"), "backbone_fingerprint": cfg.get("backbone_fingerprint"),
                               "command": shlex.join(["draftheads"] + sys.argv[1:])})
     size = (heads / FILE).stat().st_size / 2**20
     print(f"n-gram store: {heads / FILE} ({store.entries:,} contexts of {records:,} replies, {size:.1f} MB)")
