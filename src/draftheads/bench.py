@@ -29,8 +29,8 @@ from .questions import load_questions
 
 LABELS = {"transformers": "transformers generate (baseline)", "llamacpp": "llama.cpp greedy (baseline)",
           "loop": "our loop, no heads",
-          "speculative": "our loop + heads (speculative)", "lookup": "our loop + prompt lookup, no heads",
-          "hybrid": "our loop + heads + prompt lookup (hybrid)", "prompt_lookup": "transformers prompt lookup"}
+          "speculative": "our loop + heads (speculative)", "lookup": "our loop + prompt lookup (and n-gram store), no heads",
+          "hybrid": "our loop + heads + prompt lookup (and n-gram store) (hybrid)", "prompt_lookup": "transformers prompt lookup"}
 LOOKUP_METHODS = ("lookup", "hybrid")
 
 
@@ -228,6 +228,8 @@ def _report(args, dm, methods, records, mismatches, latency, lookup, reference, 
                    "engine": f"llama.cpp ({dm.engine.description})" if dm.engine is not None else "torch",
                    "baseline": baseline_of(methods), "exactness_reference": reference,
                    "lookup": asdict(lookup),
+                   # the backbone's n-gram store the lookup methods draft from (ngrams.py), or None
+                   "ngram_store": {"contexts": dm.ngrams.entries, **dm.ngrams.meta} if dm.ngrams else None,
                    "methods": methods, "machine": machine(), "timing": "new tokens / wall time of the whole generate call"},
         "overall": _aggregate(records, methods),
         "per_category": {c: _aggregate([r for r in records if r["category"] == c], methods) for c in cats},
