@@ -3,6 +3,8 @@ without the store and with it (the default), interleaved per prompt so that mach
 Mean accepted tokens per step, tokens/s, nodes verified per step, and whether each output equals the plain loop's.
 
     python scripts/compare_store.py --prompts runs/default/calib_prompts.jsonl --limit 24 --max-new-tokens 128
+
+--variant JSON (repeatable) adds heads + lookup with those LookupConfig fields, e.g. '{"store_min_prob": 0.5}'.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variant", action="append", default=[], help="LookupConfig fields as JSON; repeatable")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -41,6 +44,8 @@ def main() -> None:
               "heads": draftheads.DraftModel(bb, dm.heads, dm.tree, lookup=False, **kw),
               "heads + lookup, no store": draftheads.DraftModel(bb, dm.heads, dm.tree, lookup={"store_tokens": 0}, **kw),
               "heads + lookup + store": draftheads.DraftModel(bb, dm.heads, dm.tree, lookup=True, **kw)}
+    for v in a.variant:
+        models[f"heads + lookup + store {v}"] = draftheads.DraftModel(bb, dm.heads, dm.tree, lookup=json.loads(v), **kw)
     for m in models.values():  # warm-up: first-call costs fall on no method
         m.generate("Hello.", max_new_tokens=8)
     rows = {k: {"tokens": 0, "time": 0.0, "accepted": [], "nodes": 0, "steps": 0, "identical": 0} for k in models}
