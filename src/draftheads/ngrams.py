@@ -1,11 +1,11 @@
 """The backbone's own n-grams: for every context of 2..4 tokens that its distilled replies hold at least
 twice, the token that most often came next and how often (its share of the context's occurrences).
 
-Prompt lookup copies from the prompt and the reply so far; where they give no branch, the store drafts
-what the backbone wrote after the same few tokens on its training prompts (REST, He et al. 2023, with
-counts instead of a suffix array): one greedy chain a step, continued while the product of its tokens'
-shares stays at or above a floor. A small model's replies repeat their phrasing ("To find the total
-...", "Here is a Python function that"), which is what the store holds.
+Prompt lookup copies from the prompt and the reply so far; where they give fewer branches than it asks
+for, the store drafts what the backbone wrote after the same few tokens on its training prompts (REST, He
+et al. 2023, with counts instead of a suffix array): one greedy chain a step, continued while the product
+of its tokens' shares stays at or above a floor. A small model's replies repeat their phrasing ("To find
+the total ...", "Here is a Python function that"), which is what the store holds.
 
 Layout: per n, the contexts packed into uint64 keys (`bits` per token, oldest token highest), sorted,
 with the next token and its share at the same index; a lookup is one binary search per n tried.
