@@ -219,15 +219,17 @@ def test_heads_without_a_tree_get_a_safe_tree_and_say_so(tiny_dirs, capsys, tmp_
     model = draftheads.load(heads=str(heads), backbone=str(bb))
     err = capsys.readouterr().err
     assert model.tree.to_json() == [[0], [1], [0, 0]]  # small: a CPU verify of <= 4 nodes costs one token's
-    assert "no calibrated tree" in err and "[[0], [1], [0, 0]]" in err and "draftheads calibrate" in err
-    assert safe_tree("cpu", 1).to_json() == [[0], [1]]
+    assert "no tree calibrated for cpu" in err and "[[0], [1], [0, 0]]" in err and "draftheads calibrate" in err
+    assert safe_tree("cpu", 1).to_json() == [[0], [1]] and safe_tree("cpu", 3, "llama.cpp").size == 1
     assert safe_tree("cuda", 3).size > safe_tree("cpu", 3).size
     draftheads.load(heads=str(heads), backbone=str(bb), tree="chain2")  # an explicit tree: nothing to say
-    assert "no calibrated tree" not in capsys.readouterr().err
+    assert "no tree calibrated" not in capsys.readouterr().err
     cfg = json.loads((heads / "config.json").read_text())
     (heads / "config.json").write_text(json.dumps({**cfg, "tree": [[0]]}))
     assert draftheads.load(heads=str(heads), backbone=str(bb)).tree.to_json() == [[0]]
-    assert "no calibrated tree" not in capsys.readouterr().err
+    (heads / "config.json").write_text(json.dumps({**cfg, "tree": []}))  # calibrated plain: kept, not "none"
+    assert draftheads.load(heads=str(heads), backbone=str(bb)).tree.size == 1
+    assert "no tree calibrated" not in capsys.readouterr().err
 
 
 def test_exact_at_temperature_zero_says_it_is_greedy(tiny_dirs, capsys):

@@ -28,7 +28,9 @@ LOGIT_TOL = 0.02
 def model():
     import draftheads
 
-    return draftheads.load(heads="default", engine="llama.cpp")
+    # A tree and lookup (with the n-gram store) that draft, whatever the shipped heads were calibrated to on
+    # llama.cpp (where they may decode plainly): the tests check bookkeeping and exactness, not speed.
+    return draftheads.load(heads="default", engine="llama.cpp", tree=[[0], [1], [0, 0]], lookup=True)
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +114,24 @@ def test_greedy_speculative_equals_llamacpps_own_greedy(model):
         assert r.token_ids == engine.greedy(ids, 48, model.eos_ids), prompt
         stats.append(r.stats)
     assert sum(s.new_tokens for s in stats) > sum(s.steps for s in stats) + len(stats)  # drafts were accepted
+    assert model.ngrams is not None and sum(s.lookup_accepted for s in stats) > 0
+
+
+@needs_engine
+def test_llamacpp_takes_its_own_calibrated_tree_and_no_lookup_by_default(capsys):
+    """torch's calibrated tree does not carry over to llama.cpp, whose rows cost several of torch's: the heads'
+    "llama.cpp cpu" entry, else a plain tree with a note; prompt lookup is off unless asked."""
+    import draftheads
+    from draftheads.draftmodel import DEFAULT_HEADS_DIR
+    from draftheads.heads.checkpoint import read_config
+
+    entry = (read_config(DEFAULT_HEADS_DIR).get("device_trees") or {}).get("llama.cpp cpu")
+    dm = draftheads.load(heads="default", engine="llama.cpp")
+    assert dm.lookup is None
+    if entry is not None:
+        assert dm.tree.to_json() == Tree(entry["tree"]).to_json()
+    else:
+        assert dm.tree.size == 1 and "calibrated for llama.cpp" in capsys.readouterr().err
 
 
 @needs_engine
@@ -199,3 +219,19 @@ def test_a_tree_larger_than_the_batch_is_refused_and_one_that_fits_runs():
     engine.keep(cache, cache.length, [0, 1, 3])
     with pytest.raises(UserError, match="needs a llama.cpp batch of 9"):
         engine.verify(cache, torch.arange(200, 207), Tree([[0], [1], [2], [0, 0], [0, 1], [1, 0]]))
+
+
+@needs_engine
+def test_hydra_heads_run_on_llamacpp_and_equal_its_greedy(model):
+    """Hydra++ heads embed the drafted path with the backbone's input embedding: the GGUF backbone dequantises
+    token_embd for them (a traceback before stop 58)."""
+    import draftheads
+    from draftheads.draftmodel import SHIPPED_HEADS
+
+    if not (SHIPPED_HEADS["hydra"] / "config.json").exists():
+        pytest.skip("no Hydra heads are shipped")
+    hydra = draftheads.load(heads="hydra", engine="llama.cpp", tree="chain2")
+    prompt = "Explain what a hash table is."
+    r = hydra.generate(prompt, max_new_tokens=48)
+    assert r.token_ids == model.decoder.engine.greedy(model.prompt_ids(prompt), 48, model.eos_ids)
+    assert r.stats.mean_accepted > 1.05, r.stats.to_dict()

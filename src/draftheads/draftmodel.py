@@ -33,7 +33,8 @@ SHIPPED_HEADS = {"default": DEFAULT_HEADS_DIR, "hydra": Path(__file__).parent / 
 # Trees for heads that carry no calibrated one. On CPU a verify of up to ~4 nodes costs one token's
 # forward and bigger ones cost more (README, "Verify cost vs tree size"): a 17-node tree ran slower
 # than no heads at all. On a GPU the verify cost is nearly flat in tree size (not measured here yet).
-SAFE_TREES = {"cpu": [[0], [1], [0, 0]], "cuda": "medusa16"}
+# llama.cpp: plain, since a 2-node decode costs about two 1-node ones on a CPU (stop 58: 12.7 against 6.1 ms)
+SAFE_TREES = {"cpu": [[0], [1], [0, 0]], "cuda": "medusa16", "llama.cpp": []}
 _SP = SamplingConfig()  # the sampling defaults, named once for generate/stream/iter_generate
 
 
@@ -226,36 +227,44 @@ def heads_dir(heads) -> Path:
     return Path(heads).expanduser()
 
 
-def safe_tree(device, num_heads: int) -> Tree:
-    """The tree for heads without a calibrated one: small on CPU, larger on a GPU."""
-    spec = SAFE_TREES["cuda" if str(device).startswith("cuda") else "cpu"]
+def safe_tree(device, num_heads: int, engine: str | None = None) -> Tree:
+    """The tree for heads without a calibrated one: small on CPU, larger on a GPU, none on llama.cpp."""
+    spec = SAFE_TREES["llama.cpp" if engine == "llama.cpp" else "cuda" if str(device).startswith("cuda") else "cpu"]
     return load_tree(truncate(spec, num_heads) if isinstance(spec, list) else spec, num_heads)
 
 
-def trees_key(device, dtype) -> str:
-    """Where a backbone runs, as HeadsConfig.device_trees names it: "cpu bfloat16"."""
+def trees_key(device, dtype, engine: str | None = None) -> str:
+    """Where a backbone runs, as HeadsConfig.device_trees names it: "cpu bfloat16", or "llama.cpp cpu" on the
+    llama.cpp engine (its GGUF's own types)."""
+    if engine == "llama.cpp":
+        return f"llama.cpp {torch.device(device).type}"
     return f"{torch.device(device).type} {str(dtype).removeprefix('torch.')}"
 
 
 DEFAULT_TREES_KEY = "cpu float32"  # what a heads config's own `tree` and `batch_trees` were calibrated for
 
 
-def calibrated_trees(cfg, device, dtype) -> tuple[list | None, dict | None, dict | None]:
-    """The heads' calibrated tree, trees per batch size and their cuts for a backbone on `device` in `dtype`."""
-    entry = (cfg.device_trees or {}).get(trees_key(device, dtype))
+def calibrated_trees(cfg, device, dtype, engine: str | None = None) -> tuple[list | None, dict | None, dict | None]:
+    """The heads' calibrated tree, trees per batch size and their cuts for a backbone on `device` in `dtype`
+    (on `engine`: None for torch, or "llama.cpp")."""
+    entry = (cfg.device_trees or {}).get(trees_key(device, dtype, engine))
     if entry is not None:
         return entry.get("tree"), entry.get("batch_trees"), entry.get("batch_draft_confidence")
+    if engine == "llama.cpp":  # torch's trees do not carry over: a llama.cpp row costs several of torch's
+        return None, None, None
     return cfg.tree, cfg.batch_trees, cfg.batch_draft_confidence
 
 
-def _tree_for(heads, head_module, device, tree, calibrated) -> Tree:
+def _tree_for(heads, head_module, device, tree, calibrated, engine: str | None = None) -> Tree:
     """An explicit tree, else the heads' calibrated one, else a safe default, said on stderr."""
-    if tree is not None or calibrated:
-        return load_tree(tree or calibrated, head_module.cfg.num_heads)
-    chosen = safe_tree(device, head_module.cfg.num_heads)
-    print(f"draftheads: note: {heads} holds no calibrated tree; using {chosen.to_json()} ({chosen.size} nodes, "
-          f"safe on {device}). Calibrate one for these heads on this machine: draftheads calibrate --heads {heads} "
-          "--prompts FILE --write-to-heads (docs/bench.md)", file=sys.stderr)
+    if tree is not None or calibrated is not None:
+        return load_tree(tree if tree is not None else calibrated, head_module.cfg.num_heads)
+    chosen = safe_tree(device, head_module.cfg.num_heads, engine)
+    where = "llama.cpp" if engine == "llama.cpp" else device
+    flag = " --engine llama.cpp" if engine == "llama.cpp" else ""
+    print(f"draftheads: note: {heads} holds no tree calibrated for {where}; using {chosen.to_json()} ({chosen.size} "
+          f"nodes, safe there). Calibrate one for these heads on this machine: draftheads calibrate --heads {heads}"
+          f"{flag} --prompts FILE --write-to-heads (docs/bench.md)", file=sys.stderr)
     return chosen
 
 
@@ -297,6 +306,7 @@ def load(heads="default", backbone: str | None = None, device: str = "cpu", dtyp
 
         bb = prepare_backbone(bb, heads, raw)
     head_module, batch_trees, batch_cuts = None, None, None
+    engine_name = "llama.cpp" if bb.engine is not None else None
     if heads is not None:
         head_module = load_heads(heads, bb.model).to(device=bb.model.device, dtype=bb.model.dtype)
         head_module.attach(bb.model).eval()
@@ -304,13 +314,15 @@ def load(heads="default", backbone: str | None = None, device: str = "cpu", dtyp
             from .few_rows import round_drafter_weights
 
             round_drafter_weights(head_module)  # int8 activations: their products on the packed kernel too
-        calibrated, by_batch, cuts = calibrated_trees(head_module.cfg, bb.model.device, bb.model.dtype)
+        calibrated, by_batch, cuts = calibrated_trees(head_module.cfg, bb.model.device, bb.model.dtype, engine_name)
         if tree is None:  # an explicit tree holds at every batch size
             batch_trees = {int(b): load_tree(t, head_module.cfg.num_heads) for b, t in (by_batch or {}).items()}
             batch_cuts = {int(b): float(c) for b, c in (cuts or {}).items()}
-        tree = _tree_for(heads, head_module, device, tree, calibrated)
+        tree = _tree_for(heads, head_module, device, tree, calibrated, engine_name)
     if lookup is None:
-        lookup = LOOKUP and head_module is not None
+        # Not on llama.cpp: each branch row costs about a whole step there (stop 58, training-side prompts:
+        # heads + lookup 0.59x llama.cpp's greedy, heads alone 0.68x, our loop on it 0.94x)
+        lookup = LOOKUP and head_module is not None and engine_name is None
     ngrams = ngram_store(heads, bb.model)  # also where lookup is off: bench and calibrate turn it on per method
     return DraftModel(bb, head_module, tree, lookup=lookup, batch_trees=batch_trees,
                       batch_cuts=batch_cuts, ngrams=ngrams)

@@ -64,6 +64,15 @@ class GGUFBackbone:
         self.output_shape, self.output_fingerprint = (vocab, hidden), identity["fingerprint"]
         self.device, self.dtype = torch.device("cpu"), torch.float32
         self._output: torch.nn.Linear | None = None
+        self._input: torch.nn.Embedding | None = None
+
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        """The token embedding [vocab, hidden] in float32, dequantised on first use (Hydra heads embed the
+        drafted path with it)."""
+        if self._input is None:
+            w = torch.from_numpy(_rows(_input_tensor(_reader(self.path))))  # [vocab, hidden]
+            self._input = torch.nn.Embedding.from_pretrained(w, freeze=True)
+        return self._input
 
     def get_output_embeddings(self) -> torch.nn.Linear:
         if self._output is None:
@@ -134,12 +143,23 @@ def _output_tensor(reader):
     return out
 
 
+def _input_tensor(reader):
+    t = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if t is None:
+        raise UserError("the GGUF has no token_embd.weight: heads that embed tokens (Hydra) cannot run on it")
+    return t
+
+
 def _output_rows(reader, rows=None):
     """The output matrix [vocab, hidden] in float32, or only the given rows [len(rows), hidden]."""
+    return _rows(_output_tensor(reader), rows)
+
+
+def _rows(t, rows=None):
+    """A GGUF matrix [vocab, hidden] in float32, or only the given rows [len(rows), hidden]."""
     import gguf
     import numpy as np
 
-    t = _output_tensor(reader)
     data = t.data if rows is None else t.data[np.asarray(rows)]  # quantised rows are whole blocks: sliceable
     return np.ascontiguousarray(gguf.quants.dequantize(data, t.tensor_type), dtype=np.float32)
 

@@ -92,7 +92,7 @@ class HeadsConfig:
                 and set(v) <= {"tree", "batch_trees", "batch_draft_confidence"}
                 and all(map(_batch_size, v.get("batch_trees") or {})) and _cuts(v.get("batch_draft_confidence") or {})
                 for k, v in cfg.device_trees.items())):
-            raise UserError("heads config: device_trees must map \"DEVICE DTYPE\" (\"cpu bfloat16\") to "
+            raise UserError("heads config: device_trees must map \"DEVICE DTYPE\" (\"cpu bfloat16\", \"llama.cpp cpu\") to "
                             "{\"tree\": ..., \"batch_trees\": ..., \"batch_draft_confidence\": ...}")
         if cfg.lm_head not in ("own", "shared"):
             raise UserError(f"heads config: lm_head must be 'own' or 'shared', not {cfg.lm_head!r}")
