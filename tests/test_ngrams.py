@@ -191,8 +191,8 @@ def test_ngrams_command_writes_a_store_that_load_uses(tiny_dirs, tmp_path, capsy
     data = distilled_dir(tmp_path, bb)
     assert main(["ngrams", "--data", data, "--heads", str(heads), "--min-count", "1"]) == 0
     assert "n-gram store" in capsys.readouterr().out
-    meta = json.loads(__import__("safetensors").safe_open(str(heads / FILE), "numpy").metadata()["meta"])
-    assert meta["records"] == 8 and meta["min_count"] == 1
+    meta = NgramStore.load(heads / FILE).meta
+    assert meta["records"] == 8 and meta["min_count"] == 1 and meta["backbone_fingerprint"]
     dm = draftheads.load(heads=str(heads), backbone=str(bb))
     assert dm.ngrams is not None and dm.ngrams.entries > 0 and dm.decoder.drafter.lookup.store is dm.ngrams
     r = dm.generate("question number 3", max_new_tokens=16)
