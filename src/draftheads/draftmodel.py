@@ -22,7 +22,7 @@ from .detokenize import Detokenizer
 from .errors import UserError
 from .generate import Decoder, Stats
 from .lookup import PromptLookup, lookup_config
-from .ngrams import FILE as NGRAMS_FILE, NgramStore
+from .ngrams import FILE as NGRAMS_FILE, NgramStore, read_identity
 from .round_costs import RoundCosts
 from .heads import load_heads
 from .heads.checkpoint import read_config
@@ -323,7 +323,9 @@ def load(heads="default", backbone: str | None = None, device: str = "cpu", dtyp
         # Not on llama.cpp: each branch row costs about a whole step there (stop 58, training-side prompts:
         # heads + lookup 0.59x llama.cpp's greedy, heads alone 0.68x, our loop on it 0.94x)
         lookup = LOOKUP and head_module is not None and engine_name is None
-    ngrams = ngram_store(heads, bb.model)  # also where lookup is off: bench and calibrate turn it on per method
+    # Kept beside heads where lookup is off too (bench and calibrate turn it on per method); a plain model drafts
+    # nothing
+    ngrams = ngram_store(heads, bb.model) if heads is not None or lookup else None
     return DraftModel(bb, head_module, tree, lookup=lookup, batch_trees=batch_trees,
                       batch_cuts=batch_cuts, ngrams=ngrams)
 
@@ -336,15 +338,15 @@ def ngram_store(heads: Path | None, model) -> NgramStore | None:
     path = Path(heads) / NGRAMS_FILE if own else DEFAULT_HEADS_DIR / NGRAMS_FILE
     if not path.is_file():
         return None
-    store = NgramStore.load(path)
-    fp = store.meta.get("backbone_fingerprint")
-    if store.vocab_size != output_embedding_shape(model)[0] or (
+    vocab, meta = read_identity(path)  # the header: a store of another backbone is never read whole
+    fp = meta.get("backbone_fingerprint")
+    if vocab != output_embedding_shape(model)[0] or (
             fp and not fingerprints_match(fp, output_embedding_fingerprint(model))):
         if own:
             raise UserError(f"{path} holds n-grams of another backbone than the one loaded: rebuild it with "
                             f"draftheads ngrams --data DIR --heads {heads}")
         return None
-    return store
+    return NgramStore.load(path)
 
 
 ENGINES = ("torch", "llama.cpp")

@@ -37,7 +37,7 @@ class LookupConfig:
     min_ngram: int = 2  # shortest; one-token matches are mostly noise in prose
     branches: int = 2  # distinct continuations per step
     tokens: int = 5  # tokens per continuation
-    # The n-gram store's chain (where the heads' directory has one): most tokens (0: off; `tokens` caps it as it
+    # The n-gram store's chain (where the backbone has one: draftmodel.ngram_store): most tokens (0: off; `tokens` caps it as it
     # caps every branch), and the product of their shares it keeps to. On 76 training-side prompts (stop 58,
     # docs/training.md) the store took accepted 1.95 -> 2.33 and tokens/s 1.08x at 4 / 0.35; 2-3 tokens and
     # floors 0.2-0.5 came within 2% of it

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -119,22 +120,35 @@ class NgramStore:
     @classmethod
     def load(cls, path: str | Path, vocab_size: int | None = None) -> NgramStore:
         """The store at `path`; vocab_size: the backbone's, which the store's must equal."""
-        from safetensors import SafetensorError, safe_open
+        found, meta = read_identity(path)
+        if vocab_size is not None and found != vocab_size:
+            raise UserError(f"{path} holds n-grams of a {found}-token vocabulary; the backbone has {vocab_size}")
+        with _opened(path) as f:
+            tables = {int(k.split(".")[1]): (f.get_tensor(k), f.get_tensor("next." + k.split(".")[1]).astype(np.int64),
+                                              f.get_tensor("share." + k.split(".")[1]).astype(np.float32))
+                      for k in f.keys() if k.startswith("keys.")}
+        return cls(tables, found, meta)
 
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                md = f.metadata() or {}
-                if md.get("format") != FORMAT:
-                    raise UserError(f"{path} is not an n-gram store ({FORMAT})")
-                tables = {int(k.split(".")[1]): (f.get_tensor(k), f.get_tensor("next." + k.split(".")[1]).astype(np.int64),
-                                                  f.get_tensor("share." + k.split(".")[1]).astype(np.float32))
-                          for k in f.keys() if k.startswith("keys.")}
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"cannot read the n-gram store {path}: {e}") from None
-        store = cls(tables, int(md["vocab_size"]), json.loads(md.get("meta") or "{}"))
-        if vocab_size is not None and store.vocab_size != vocab_size:
-            raise UserError(f"{path} holds n-grams of a {store.vocab_size}-token vocabulary; the backbone has {vocab_size}")
-        return store
+
+def read_identity(path: str | Path) -> tuple[int, dict]:
+    """(vocabulary size, what `save` was given) from the store's header, its tables left unread: whether a store
+    fits a backbone is known before its megabytes are read."""
+    with _opened(path) as f:
+        md = f.metadata() or {}
+    if md.get("format") != FORMAT:
+        raise UserError(f"{path} is not an n-gram store ({FORMAT})")
+    return int(md["vocab_size"]), json.loads(md.get("meta") or "{}")
+
+
+@contextmanager
+def _opened(path: str | Path):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"cannot read the n-gram store {path}: {e}") from None
 
 
 def _pack(grams: np.ndarray, bits: int) -> np.ndarray:
