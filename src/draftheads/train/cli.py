@@ -67,7 +67,6 @@ def cmd_train(args) -> None:
 
 def cmd_ngrams(args) -> None:
     """Build the n-gram store of a heads directory from distilled directories of the same backbone."""
-    import json
     import shlex
     import sys
     from pathlib import Path
@@ -76,16 +75,15 @@ def cmd_ngrams(args) -> None:
     from ..errors import UserError
     from ..heads.checkpoint import read_config
     from ..ngrams import FILE, NgramStore
-    from .shards import read_distilled
+    from .shards import manifest_fingerprint, read_distilled
 
     heads = Path(args.heads).expanduser()
     cfg = read_config(heads)
     sequences, records = [], 0
     for d in args.data:
-        man = Path(d) / "manifest.json"
-        if not man.is_file():
+        if not (Path(d) / "manifest.json").is_file():
             raise UserError(f"{d} is not a distilled directory (no manifest.json): make one with draftheads distill -o DIR")
-        fp = json.loads(man.read_text()).get("backbone_fingerprint") or []
+        fp = manifest_fingerprint(d) or []
         if cfg.get("backbone_fingerprint") and not fingerprints_match(cfg["backbone_fingerprint"], fp):
             raise UserError(f"{d} was distilled from another backbone than the heads in {heads} were trained on")
         recs = [r for r in read_distilled(d, features=False)[0] if r.get("ids") and "prompt_len" in r]

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .shards import fill_features, read_distilled
+from .shards import fill_features, manifest_fingerprint, read_distilled
 
 IGNORE = -100
 
@@ -64,8 +64,7 @@ def load_training_data(path: str | Path, tok, max_length: int, fingerprint: str 
     Returns ([(ids [T], mask [T])], [hidden [T, H] fp16 or None]).
     """
     if Path(path).is_dir():
-        man = Path(path) / "manifest.json"
-        made_by = json.loads(man.read_text()).get("backbone_fingerprint") if man.exists() else None
+        made_by = manifest_fingerprint(path)
         if fingerprint and made_by and made_by != fingerprint:
             raise UserError(f"{path} was distilled from another backbone (output-embedding fingerprint {made_by}, "
                             f"this one {fingerprint}): distil again with this backbone")

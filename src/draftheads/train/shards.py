@@ -36,6 +36,12 @@ FIXED_SETTINGS = ("backbone_fingerprint", "temperature", "top_p", "max_new_token
 LEGACY_SETTINGS = {"activations": "float32", "kv_cache": "float32"}
 
 
+def manifest_fingerprint(directory: str | Path) -> list[float] | None:
+    """The backbone fingerprint a distilled directory's manifest records; None without a manifest (or one)."""
+    man = Path(directory) / "manifest.json"
+    return json.loads(man.read_text()).get("backbone_fingerprint") if man.exists() else None
+
+
 def is_shard_dir(path: str | Path) -> bool:
     p = Path(path)
     return p.is_dir() or not p.suffix
