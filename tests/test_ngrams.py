@@ -70,6 +70,7 @@ def test_longest_stored_context_first_and_the_chain_floor():
     assert store.next_token([4, 4]) is None and store.next_token([2]) is None  # nothing, or shorter than 2
     assert store.chain([4, 1, 2], 3, 0.0)[:2] == [3, 6]  # then 2 3 -> 6 (two of three)
     assert store.chain([4, 1, 2], 3, 0.51) == []  # the first token's share alone is under the floor
+    assert store.chain([4, 1, 2], 3, 0.5)[:1] == [3]  # a product equal to the floor is kept
     full = store.chain([9, 1, 2], 5, 0.0)
     assert full[:3] == [3, 6, 6] and len(full) == 5
     assert store.chain([9, 1, 2], 2, 0.0) == full[:2]  # at most `tokens`
@@ -123,6 +124,9 @@ def test_lookup_takes_the_store_chain_where_the_prompt_leaves_room():
     assert lk.branches(6) == [[11, 12, 5], [7, 8]]  # the copy first, then the store
     lk.observe(None, [6, 7, 8, 5])
     assert lk.branches(6) == [[7, 8, 5], [11, 12, 5]]  # two copies fill the branches; the store's is a prefix anyway
+    full = PromptLookup(cfg, store)
+    full.observe(None, [5, 6, 11, 12, 5, 6, 13, 14, 5])
+    assert full.branches(6) == [[13, 14, 5], [11, 12, 5]]  # two copies: no room, the store's [7, 8] is not asked
     assert PromptLookup(LookupConfig(store_tokens=0), store).branches(6) == []  # off
     short = PromptLookup(LookupConfig(tokens=1, store_tokens=4), store)
     short.observe(None, [1, 5])
