@@ -320,6 +320,94 @@ def test_calibrate_with_lookup_reports_it(tiny_dirs, tmp_path):
     assert all("tokens_per_s_hybrid" in c for c in data["curve"])
 
 
+def test_calibrate_decides_lookup_by_whole_replies_and_load_follows(tiny_dirs, tmp_path, monkeypatch):
+    """calibrate --lookup runs the heads' own tree without prompt lookup against the tree fastest with it, on whole
+    replies; the faster is written (a tie, within REPLY_TIE, goes to the heads alone: fewer rows), and
+    load(lookup=None) takes what was written. Calibrating again without --lookup drops the decision (it was made
+    for another tree): the default rule applies again."""
+    import json
+
+    from draftheads import calibrate
+    from draftheads.heads.checkpoint import read_config
+    from draftheads.lookup import LookupConfig
+
+    ran, speed = [], {}
+
+    def replies(dm, prompts, trees, max_new_tokens, bar=None, cuts=None, lookups=None):
+        ran.append({n: (t.to_json(), (lookups or {}).get(n, True)) for n, t in trees.items()})
+        assert dm.lookup is not None  # --lookup loaded it; the heads alone set it aside per reply
+        return {n: {"tokens_per_s": speed[n], "mean_accepted": 1.5} for n in trees}
+
+    monkeypatch.setattr(calibrate, "measure_trees", replies)
+    bb, heads, questions = tiny_dirs
+    out = tmp_path / "tree.json"
+
+    def calibrated(alone: float, both: float, *extra) -> dict:
+        speed.update({"heads alone": alone, "heads + lookup": both})
+        assert main(["calibrate", "--backbone", str(bb), "--heads", str(heads), "--prompts", str(questions), "--out",
+                     str(out), "--max-new-tokens", "12", "--max-nodes", "4", "--latency-sizes", "1,4", "--latency-steps",
+                     "2", "--threads", "1", "--draft-confidence", "0", "--no-measure", "--write-to-heads",
+                     "--choose-by-replies", "2", *extra]) == 0
+        return json.loads(out.read_text())
+
+    data = calibrated(100.0, 120.0, "--lookup")
+    lk = data["lookup"]
+    assert lk["on"] is True and lk["decided_by"] == "replies" and len(ran) == 1
+    assert ran[0] == {"heads alone": (lk["heads_alone"]["tree"], False), "heads + lookup": (lk["with_lookup"]["tree"], True)}
+    assert lk["with_lookup"]["measured_tokens_per_s"] == 120.0 and data["tree"] == lk["with_lookup"]["tree"]
+    assert read_config(heads)["lookup"] is True
+    assert draftheads.load(heads=str(heads), backbone=str(bb)).lookup == LookupConfig()
+
+    data = calibrated(100.0, 100.5, "--lookup")  # within 1%: the heads alone
+    lk = data["lookup"]
+    assert lk["on"] is False and data["tree"] == lk["heads_alone"]["tree"]
+    assert read_config(heads)["lookup"] is False
+    assert draftheads.load(heads=str(heads), backbone=str(bb)).lookup is None
+    assert draftheads.load(heads=str(heads), backbone=str(bb), lookup=True).lookup == LookupConfig()  # asked: on
+
+    ran.clear()
+    data = calibrated(100.0, 100.0)  # without --lookup: nothing decided, no replies run for it
+    assert "lookup" not in data and ran == [] and read_config(heads).get("lookup") is None
+    assert draftheads.load(heads=str(heads), backbone=str(bb)).lookup == LookupConfig()  # the rule: on beside heads
+
+
+def test_decide_lookup_by_prediction_and_measure_trees_sets_lookup_aside(tiny_dirs):
+    from draftheads.calibrate import decide_lookup, measure_trees
+    from draftheads.tree import Tree
+
+    alone = {"tree": [[0]], "draft_confidence": 0.0, "predicted_tokens_per_s": 10.0}
+    assert decide_lookup(None, [], alone, {"tree": [], "tokens_per_s_hybrid": 12.0}, 8)["on"] is True
+    d = decide_lookup(None, [], alone, {"tree": [(0,)], "tokens_per_s_hybrid": 9.0}, 8)
+    assert d["on"] is False and d["decided_by"] == "prediction" and d["with_lookup"]["tree"] == [[0]]
+
+    bb, heads, _ = tiny_dirs
+    m = draftheads.load(heads=str(heads), backbone=str(bb), tree="chain2")
+    lookup, seen, generate = m.decoder.drafter.lookup, [], m.generate
+
+    def spy(*a, **k):
+        seen.append(m.decoder.drafter.lookup is not None)
+        return generate(*a, **k)
+
+    m.generate = spy
+    ids = m.prompt_ids("abc abc abc")
+    measure_trees(m, [ids, ids], {"alone": Tree([[0]]), "both": Tree([[0]])}, 6, lookups={"alone": False})
+    assert seen == [False, True, False, True, True, False]  # warm-ups, then the order rotated per prompt
+    assert m.decoder.drafter.lookup is lookup
+
+
+def test_heads_config_refuses_a_lookup_that_is_not_a_bool():
+    from draftheads.errors import UserError
+    from draftheads.heads.medusa import HeadsConfig
+
+    base = {"num_heads": 2, "hidden_size": 8, "vocab_size": 16}
+    assert HeadsConfig.from_dict({**base, "lookup": False}).lookup is False
+    assert HeadsConfig.from_dict({**base, "device_trees": {"llama.cpp cpu": {"tree": [], "lookup": True}}})
+    with pytest.raises(UserError, match="lookup must be"):
+        HeadsConfig.from_dict({**base, "lookup": "yes"})
+    with pytest.raises(UserError, match="device_trees"):
+        HeadsConfig.from_dict({**base, "device_trees": {"llama.cpp cpu": {"tree": [], "lookup": 1}}})
+
+
 def test_batched_api_calls_share_one_round_model_that_decides_lookup(tiny_dirs):
     """model.generate([...]) decides lookup's branches (on beside heads) per batch size from its rounds, as the
     server does; the model keeps them across calls, so a batch size's warm-up is paid once. Outputs stay each

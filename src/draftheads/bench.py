@@ -397,7 +397,7 @@ def cmd_calibrate(args) -> None:
     out.write_text(json.dumps(result, indent=1) + "\n")
     if args.write_to_heads:
         _write_tree_to_heads(heads_dir(args.heads), result["tree"], result.get("batch_trees"), result["calibrated_for"],
-                             result.get("draft_confidence"))
+                             result.get("draft_confidence"), result["lookup"]["on"] if "lookup" in result else None)
     con = _console()
     m63 = result["medusa63"]
     con.print(f"accuracy (conditional, rank 0 per head): {', '.join(f'{row[0]:.2f}' for row in result['accuracy'])} "
@@ -424,8 +424,12 @@ def cmd_calibrate(args) -> None:
         lk = result["lookup"]
         con.print(f"prompt lookup: matches at {100 * lk['match_rate']:.0f}% of positions, {lk['mean_nodes']:.1f} nodes/step; "
                   f"mean accepted on calibration positions: heads {lk['mean_accepted_heads_only']:.3f}, lookup "
-                  f"{lk['mean_accepted_lookup_only']:.3f}, both {lk['mean_accepted_hybrid']:.3f} (the tree was chosen "
-                  f"for both: predicted {lk['predicted_tokens_per_s']:.1f} tok/s)")
+                  f"{lk['mean_accepted_lookup_only']:.3f}, both {lk['mean_accepted_hybrid']:.3f}")
+        tps = "measured_tokens_per_s" if lk["decided_by"] == "replies" else "predicted_tokens_per_s"
+        alone, both = lk["heads_alone"], lk["with_lookup"]
+        con.print(f"prompt lookup beside the heads: {'on' if lk['on'] else 'off'} (by {lk['decided_by']}: heads alone "
+                  f"{len(alone['tree']) + 1} nodes {alone[tps]:.1f} tok/s, with lookup {len(both['tree']) + 1} nodes "
+                  f"{both[tps]:.1f} tok/s)")
     for b, row in result.get("batch_trees", {}).items():
         cut = (f" (cut at {row['draft_confidence']}: {row['predicted_rows']:.2f} rows a sequence)"
                if "predicted_rows" in row else "")
@@ -435,10 +439,12 @@ def cmd_calibrate(args) -> None:
 
 
 def _write_tree_to_heads(directory: Path, tree: list[list[int]], batch_trees: dict | None = None,
-                         where: str = "cpu float32", cut: float | None = None) -> None:
+                         where: str = "cpu float32", cut: float | None = None, lookup: bool | None = None) -> None:
     """Store the tree (and trees per batch size) in the heads' config: as its own `tree` for a CPU in
     float32, else under device_trees[where] ("cpu bfloat16", "cuda bfloat16"), which `load` takes there.
-    cut: the path probability one sequence's nodes need (batch_draft_confidence["1"]), None: whole trees."""
+    cut: the path probability one sequence's nodes need (batch_draft_confidence["1"]), None: whole trees.
+    lookup: whether prompt lookup paid beside the tree (`calibrate --lookup`); None: not decided, and an earlier
+    decision, made for an earlier tree, is dropped (load's default rule applies)."""
     from .draftmodel import DEFAULT_TREES_KEY
     from .heads.checkpoint import _atomic_write, read_config
 
@@ -449,6 +455,10 @@ def _write_tree_to_heads(directory: Path, tree: list[list[int]], batch_trees: di
         cfg["device_trees"] = cfg.get("device_trees") or {}  # saved heads carry null
         entry = cfg["device_trees"].setdefault(where, {})
     entry["tree"] = tree
+    if lookup is None:
+        entry.pop("lookup", None)
+    else:
+        entry["lookup"] = lookup
     if batch_trees:
         entry["batch_trees"] = {b: row["tree"] for b, row in batch_trees.items()}
         cuts = {b: row["draft_confidence"] for b, row in batch_trees.items() if "draft_confidence" in row}

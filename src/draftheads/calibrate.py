@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -416,6 +417,29 @@ def choose_by_replies(dm: DraftModel, prompts: list[list[int]], candidates: list
     return min(tied, key=lambda c: c.get("predicted_rows", len(c["tree"]) + 1))
 
 
+def decide_lookup(dm: DraftModel, prompts: list[list[int]], alone: dict, hybrid: dict, max_new_tokens: int,
+                  bar=None) -> dict:
+    """Whether prompt lookup (and the n-gram store) pays beside the heads for one sequence on this machine: the heads'
+    own choice without it (`alone`: {"tree", "draft_confidence", "predicted_tokens_per_s"}) against the tree that is
+    fastest together with it (`hybrid`: with_lookup's entry), on whole greedy replies to `prompts`, interleaved; no
+    prompts: the predictions decide. A tie (REPLY_TIE) goes to the heads alone, the fewer rows. What a row costs
+    decides it: on llama.cpp a row costs about a step, on torch a few percent of one (stop 58). Returns {"on",
+    "decided_by", "heads_alone", "with_lookup"}, the two candidates with their predicted (and measured) tokens/s."""
+    out = {"heads_alone": dict(alone), "with_lookup": {"tree": Tree(hybrid["tree"]).to_json(),
+                                                       "predicted_tokens_per_s": hybrid["tokens_per_s_hybrid"]}}
+    if not prompts:
+        return {"on": hybrid["tokens_per_s_hybrid"] > alone["predicted_tokens_per_s"], "decided_by": "prediction", **out}
+    names = {"heads_alone": "heads alone", "with_lookup": "heads + lookup"}
+    measured = measure_trees(dm, prompts, {names["heads_alone"]: Tree(alone["tree"]), names["with_lookup"]: Tree(hybrid["tree"])},
+                             max_new_tokens, bar, {names["heads_alone"]: alone["draft_confidence"]},
+                             lookups={names["heads_alone"]: False})
+    for key, name in names.items():
+        out[key].update(measured_tokens_per_s=measured[name]["tokens_per_s"],
+                        measured_mean_accepted=measured[name]["mean_accepted"])
+    on = out["with_lookup"]["measured_tokens_per_s"] > (1 + REPLY_TIE) * out["heads_alone"]["measured_tokens_per_s"]
+    return {"on": on, "decided_by": "replies", **out}
+
+
 def machine() -> dict:
     import os
     import platform
@@ -429,8 +453,9 @@ def machine() -> dict:
 
 def load_parts(args) -> tuple[DraftModel, DraftModel]:
     """(speculative model with heads and tree, plain model without heads) sharing one loaded backbone. Prompt
-    lookup only where asked (--lookup), not by default: calibrate chooses the heads' own trees (lookup's branches
-    come and go with its matches), and bench times lookup in methods of its own."""
+    lookup only where asked (--lookup: calibrate then also decides whether it pays beside the heads), not by
+    default: calibrate chooses the heads' own trees (lookup's branches come and go with its matches), and bench
+    times lookup in methods of its own."""
     from .backbone import Backbone
     from .draftmodel import load
 
@@ -458,18 +483,33 @@ def _console():
     return Console(file=sys.stderr)
 
 
+@contextmanager
+def lookup_aside(dm: DraftModel, aside: bool = True):
+    """Within it `dm` drafts with its heads alone where `aside`: its loaded prompt lookup is set aside."""
+    drafter = dm.decoder.drafter
+    saved = drafter.lookup if drafter is not None else None
+    if drafter is not None and aside:
+        drafter.lookup = None
+    try:
+        yield
+    finally:
+        if drafter is not None:
+            drafter.lookup = saved
+
+
 def measure_trees(dm: DraftModel, prompts: list[list[int]], trees: dict[str, Tree], max_new_tokens: int, bar=None,
-                  cuts: dict[str, float] | None = None) -> dict:
+                  cuts: dict[str, float] | None = None, lookups: dict[str, bool] | None = None) -> dict:
     """Run generate with each tree on each prompt (tree order rotated per prompt), cut where `cuts` names a
-    path probability (Decoder.min_prob); pooled figures."""
+    path probability (Decoder.min_prob), with dm's prompt lookup unless `lookups` says False; pooled figures."""
     out = {name: {"new_tokens": 0, "seconds": 0.0, "steps": 0, "accepted": 0} for name in trees}
-    names, cuts = list(trees), cuts or {}
+    names, cuts, lookups = list(trees), cuts or {}, lookups or {}
 
     def run(ids, name, n):
         saved = dm.decoder.tree, dm.decoder.min_prob
         dm.decoder.tree, dm.decoder.min_prob = trees[name], cuts.get(name, 0.0)  # the loop's own tree, as loaded
         try:
-            return dm.generate(torch.tensor(ids), max_new_tokens=n)
+            with lookup_aside(dm, not lookups.get(name, True)):
+                return dm.generate(torch.tensor(ids), max_new_tokens=n)
         finally:
             dm.decoder.tree, dm.decoder.min_prob = saved
 
@@ -542,7 +582,7 @@ def run_calibrate(args) -> dict:
         found = choose(p, lambda n: interpolate(xs, ys, n), args.max_nodes, K)
         best = found["best"]
         solo_cut = solo = replies = None
-        if cut and lookup is None:  # chains cut to their confident nodes, timed whole in the loop
+        if cut:  # chains cut to their confident nodes, timed whole in the loop
             task = bar.add_task("cut chains", total=None)
             timed = step_latency(dm, max(prompts, key=len), [], steps=args.latency_steps, trees=chains)
             bar.update(task, total=1, completed=1)
@@ -557,16 +597,23 @@ def run_calibrate(args) -> dict:
             solo.update(chain_latency=timed, chain_scale=scale)
             finals = finalists(found["curve"], solo)
             if args.choose_by_replies and len(finals) > 1:  # whole replies decide
-                won = choose_by_replies(dm, prompts[: args.choose_by_replies], finals, args.max_new_tokens, bar)
+                with lookup_aside(dm):  # the heads' own choice; lookup beside it is decided below
+                    won = choose_by_replies(dm, prompts[: args.choose_by_replies], finals, args.max_new_tokens, bar)
                 solo_cut = won if won["draft_confidence"] > 0 else None
                 if solo_cut is None:  # a whole tree won: the best predicted or a runner-up
                     best = next(c for c in found["curve"] if Tree(c["tree"]).to_json() == won["tree"])
                 replies = {"prompts": min(args.choose_by_replies, len(prompts)), "candidates": finals}
             elif solo["draft_confidence"] > 0 and solo["predicted_tokens_per_s"] > best["tokens_per_s"]:  # the prediction
                 solo_cut = solo
-        if lookup is not None:  # the tree that is fastest together with the lookup branches
+        decision = None
+        if lookup is not None:  # the heads' own choice against the tree that is fastest together with the lookup
             lk_depth, lk_nodes = torch.cat([d for d, _ in lk]), torch.cat([n for _, n in lk])
-            best = with_lookup(found["curve"], ranks, lk_depth, lk_nodes, lambda n: interpolate(xs, ys, n))
+            hybrid = with_lookup(found["curve"], ranks, lk_depth, lk_nodes, lambda n: interpolate(xs, ys, n))
+            alone = ({k: solo_cut[k] for k in ("tree", "draft_confidence", "predicted_tokens_per_s")} if solo_cut else
+                     {"tree": Tree(best["tree"]).to_json(), "draft_confidence": 0.0, "predicted_tokens_per_s": best["tokens_per_s"]})
+            decision = decide_lookup(dm, prompts[: args.choose_by_replies], alone, hybrid, args.max_new_tokens, bar)
+            if decision["on"]:
+                best, solo_cut = hybrid, None
         chosen = Tree(best["tree"] if solo_cut is None else solo_cut["tree"])
         m63 = Tree(truncate(MEDUSA63, K))
         result = {
@@ -608,15 +655,17 @@ def run_calibrate(args) -> dict:
                     one.pop(k, None)
                 one.update({k: result[k] for k in ("tree", "size", "predicted_mean_accepted", "predicted_tokens_per_s",
                                                     "draft_confidence", "predicted_rows") if k in result})
-        if lookup is not None:
+        with_lookup_on = decision is not None and decision["on"]
+        if decision is not None:
             result["lookup"] = {**lookup_summary(lookup, ranks, lk_depth, lk_nodes, chosen.paths),
-                                "predicted_tokens_per_s": best["tokens_per_s_hybrid"]}
+                                "predicted_tokens_per_s": hybrid["tokens_per_s_hybrid"], **decision}
         if args.measure:
             measured = measure_trees(dm, prompts[: args.measure_limit or None], {"calibrated": chosen, "medusa63": m63},
-                                     args.max_new_tokens, bar, {"calibrated": result.get("draft_confidence", 0.0)})
+                                     args.max_new_tokens, bar, {"calibrated": result.get("draft_confidence", 0.0)},
+                                     {"calibrated": decision is None or with_lookup_on, "medusa63": decision is None or with_lookup_on})
             result["measured"] = measured
             result["measured_mean_accepted"] = measured["calibrated"]["mean_accepted"]
-            predicted = best.get("expected_accepted_hybrid", result["predicted_mean_accepted"])  # with lookup if on
+            predicted = best["expected_accepted_hybrid"] if with_lookup_on else result["predicted_mean_accepted"]
             result["prediction_error"] = predicted / measured["calibrated"]["mean_accepted"] - 1
             result["speedup_vs_medusa63"] = (measured["calibrated"]["tokens_per_s"]
                                              / max(measured["medusa63"]["tokens_per_s"], 1e-9))

@@ -59,8 +59,9 @@ def _add_model_args(p: argparse.ArgumentParser, heads_default="default") -> None
                         "draftheads[llamacpp]). Default: llama.cpp for a .gguf --backbone, else torch")
     p.add_argument("--lookup", action=argparse.BooleanOptionalAction, default=None,
                    help="prompt lookup: add branches copied from earlier in the prompt and reply to each step's tree, "
-                        "verified in the same pass; works with --heads none (default: on beside heads, off without; "
-                        "calibrate: off)")
+                        "verified in the same pass; works with --heads none (default: what calibrate --lookup measured for the "
+                        "heads there, else on beside heads on torch, off on llama.cpp and without heads; calibrate: off, "
+                        "--lookup also decides whether it pays beside the heads' tree)")
     add_threads(p)
 
 

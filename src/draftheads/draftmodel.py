@@ -244,15 +244,15 @@ def trees_key(device, dtype, engine: str | None = None) -> str:
 DEFAULT_TREES_KEY = "cpu float32"  # what a heads config's own `tree` and `batch_trees` were calibrated for
 
 
-def calibrated_trees(cfg, device, dtype, engine: str | None = None) -> tuple[list | None, dict | None, dict | None]:
-    """The heads' calibrated tree, trees per batch size and their cuts for a backbone on `device` in `dtype`
-    (on `engine`: None for torch, or "llama.cpp")."""
+def calibrated_trees(cfg, device, dtype, engine: str | None = None) -> tuple[list | None, dict | None, dict | None, bool | None]:
+    """The heads' calibrated tree, trees per batch size, their cuts and whether prompt lookup paid beside the tree
+    (None: not decided) for a backbone on `device` in `dtype` (on `engine`: None for torch, or "llama.cpp")."""
     entry = (cfg.device_trees or {}).get(trees_key(device, dtype, engine))
     if entry is not None:
-        return entry.get("tree"), entry.get("batch_trees"), entry.get("batch_draft_confidence")
+        return entry.get("tree"), entry.get("batch_trees"), entry.get("batch_draft_confidence"), entry.get("lookup")
     if engine == "llama.cpp":  # torch's trees do not carry over: a llama.cpp row costs several of torch's
-        return None, None, None
-    return cfg.tree, cfg.batch_trees, cfg.batch_draft_confidence
+        return None, None, None, None
+    return cfg.tree, cfg.batch_trees, cfg.batch_draft_confidence, cfg.lookup
 
 
 def _tree_for(heads, head_module, device, tree, calibrated, engine: str | None = None) -> Tree:
@@ -277,8 +277,9 @@ def load(heads="default", backbone: str | None = None, device: str = "cpu", dtyp
     safe on `device` (said on stderr). Medusa-2 heads (trained with a LoRA adapter) get their
     adapter merged into the backbone, unless it is already the merged one; said on stderr too.
     lookup: prompt-lookup branches in each step's tree (True, False, a dict of lookup.LookupConfig fields);
-    None means the default: on beside heads (defaults.LOOKUP), off without them (heads=None stays plain
-    decoding; lookup=True drafts with the lookup alone). The lookup also drafts from the backbone's n-gram store
+    None means what `calibrate --lookup` measured for these heads where the backbone runs (their config's
+    `lookup`), else the default: on beside heads on torch (defaults.LOOKUP), off on llama.cpp and without heads
+    (heads=None stays plain decoding; lookup=True drafts with the lookup alone). The lookup also drafts from the backbone's n-gram store
     (ngram_store: the heads directory's ngrams.safetensors, else the one shipped for the default backbone;
     lookup.LookupConfig's store_tokens=0 turns it off).
     engine: "torch" (transformers' model) or "llama.cpp" (a GGUF on llama.cpp, needs the llamacpp extra);
@@ -305,7 +306,7 @@ def load(heads="default", backbone: str | None = None, device: str = "cpu", dtyp
         from .adapter import prepare_backbone
 
         bb = prepare_backbone(bb, heads, raw)
-    head_module, batch_trees, batch_cuts = None, None, None
+    head_module, batch_trees, batch_cuts, calibrated_lookup = None, None, None, None
     engine_name = "llama.cpp" if bb.engine is not None else None
     if heads is not None:
         head_module = load_heads(heads, bb.model).to(device=bb.model.device, dtype=bb.model.dtype)
@@ -314,12 +315,15 @@ def load(heads="default", backbone: str | None = None, device: str = "cpu", dtyp
             from .few_rows import round_drafter_weights
 
             round_drafter_weights(head_module)  # int8 activations: their products on the packed kernel too
-        calibrated, by_batch, cuts = calibrated_trees(head_module.cfg, bb.model.device, bb.model.dtype, engine_name)
+        calibrated, by_batch, cuts, calibrated_lookup = calibrated_trees(head_module.cfg, bb.model.device, bb.model.dtype,
+                                                                         engine_name)
         if tree is None:  # an explicit tree holds at every batch size
             batch_trees = {int(b): load_tree(t, head_module.cfg.num_heads) for b, t in (by_batch or {}).items()}
             batch_cuts = {int(b): float(c) for b, c in (cuts or {}).items()}
         tree = _tree_for(heads, head_module, device, tree, calibrated, engine_name)
-    if lookup is None:
+    if lookup is None and calibrated_lookup is not None:  # `calibrate --lookup` measured it for these heads here
+        lookup = calibrated_lookup
+    elif lookup is None:
         # Not on llama.cpp: each branch row costs about a whole step there (stop 58, training-side prompts:
         # heads + lookup 0.59x llama.cpp's greedy, heads alone 0.68x, our loop on it 0.94x)
         lookup = LOOKUP and head_module is not None and engine_name is None

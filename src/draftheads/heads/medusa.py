@@ -53,6 +53,9 @@ class HeadsConfig:
     # or more sequences (batch.BatchDecoder's draft_confidence, chosen with the tree); "1": one sequence's,
     # in the decoding loop too (generate.Decoder's min_prob, for `tree`)
     batch_draft_confidence: dict[str, float] | None = None
+    # `calibrate --lookup`: whether prompt lookup (and the n-gram store) paid beside `tree` for one sequence,
+    # measured on whole replies; what `load(lookup=None)` then takes. None: not decided (the default rule)
+    lookup: bool | None = None
     # Trees calibrated where the backbone runs other than on a CPU in float32 (what `tree`, `batch_trees`
     # and `batch_draft_confidence` are for): {"cpu bfloat16": {"tree": ..., "batch_trees": ...,
     # "batch_draft_confidence": ...}}, taken there instead (a bf16 verify costs another curve:
@@ -87,13 +90,16 @@ class HeadsConfig:
         if cfg.batch_draft_confidence is not None and not _cuts(cfg.batch_draft_confidence):
             raise UserError("heads config: batch_draft_confidence must map batch sizes (\"2\", \"8\", ...) to "
                             "probabilities in [0, 1)")
+        if cfg.lookup is not None and not isinstance(cfg.lookup, bool):
+            raise UserError(f"heads config: lookup must be true, false or null, not {cfg.lookup!r}")
         if cfg.device_trees is not None and not (isinstance(cfg.device_trees, dict) and all(
                 isinstance(k, str) and len(k.split()) == 2 and isinstance(v, dict)
-                and set(v) <= {"tree", "batch_trees", "batch_draft_confidence"}
+                and set(v) <= {"tree", "batch_trees", "batch_draft_confidence", "lookup"}
+                and isinstance(v.get("lookup"), (bool, type(None)))
                 and all(map(_batch_size, v.get("batch_trees") or {})) and _cuts(v.get("batch_draft_confidence") or {})
                 for k, v in cfg.device_trees.items())):
             raise UserError("heads config: device_trees must map \"DEVICE DTYPE\" (\"cpu bfloat16\", \"llama.cpp cpu\") to "
-                            "{\"tree\": ..., \"batch_trees\": ..., \"batch_draft_confidence\": ...}")
+                            "{\"tree\": ..., \"batch_trees\": ..., \"batch_draft_confidence\": ..., \"lookup\": ...}")
         if cfg.lm_head not in ("own", "shared"):
             raise UserError(f"heads config: lm_head must be 'own' or 'shared', not {cfg.lm_head!r}")
         if cfg.grounded_residual not in GROUNDED_RESIDUALS:
