@@ -32,7 +32,8 @@ $dh ngrams --data data/distilled --data data/distilled-chat --heads $R/train/hea
 # 2. Calibrate the tree on prompts that are neither training nor evaluation data: 12 training-source
 #    prompts that distillation did not use, and 12 general-chat questions the backbone writes itself
 #    (data-free, another seed than data/distilled-chat's), for one request and for batches of 2, 4 and 8
-#    (the server's batched step); store the trees in the heads' config.json.
+#    (the server's batched step); store the trees in the heads' config.json. --lookup also decides by whole
+#    replies whether prompt lookup and the n-gram store pay beside the heads there (stored as `lookup`).
 .venv/bin/python scripts/unused_prompts.py data/distilled $D/gsm8k_train.jsonl $D/gpteacher_codegen_instruct.json \
     $D/gpteacher_roleplay_instruct.json --num 12 -o $R/calib_files.jsonl
 [ -f $R/calib_chat.jsonl ] || $dh distill -o $R/calib_chat.jsonl --num 12 --data-free 1 --seed 7 --max-new-tokens 8 \
@@ -40,11 +41,15 @@ $dh ngrams --data data/distilled --data data/distilled-chat --heads $R/train/hea
 cat $R/calib_files.jsonl $R/calib_chat.jsonl > $R/calib_prompts.jsonl
 $dh calibrate --heads $R/train/heads --prompts $R/calib_prompts.jsonl --limit 24 --max-new-tokens 96 \
     --max-nodes 32 --latency-sizes 1,2,3,4,5,6,8,12,16,24,32 --latency-steps 16 --measure-limit 8 \
-    --batch-sizes 1,2,4,8 --threads 2 --out $R/tree.json --write-to-heads
+    --batch-sizes 1,2,4,8 --threads 2 --lookup --out $R/tree.json --write-to-heads
 #    and for bf16 on this CPU (stored in the heads' device_trees)
 $dh calibrate --heads $R/train/heads --prompts $R/calib_prompts.jsonl --limit 24 --max-new-tokens 96 \
     --max-nodes 32 --latency-sizes 1,2,3,4,5,6,8,12,16,24,32 --latency-steps 16 --measure-limit 8 \
     --batch-sizes 1,2,4,8 --threads 2 --dtype bfloat16 --out $R/tree_bf16.json --write-to-heads
+#    and on the llama.cpp engine (its rows cost about a step: the tree and the lookup decided there)
+$dh calibrate --heads $R/train/heads --engine llama.cpp --prompts $R/calib_prompts.jsonl --limit 24 --max-new-tokens 96 \
+    --max-nodes 8 --latency-sizes 1,2,3,4,6,8 --latency-steps 16 --measure-limit 8 --threads 2 --lookup \
+    --out $R/tree_llamacpp.json --write-to-heads
 
 # 3. Ship.
 mkdir -p src/draftheads/default_heads

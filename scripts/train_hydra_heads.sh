@@ -38,6 +38,12 @@ mkdir -p $R
 [ -f $R/tree_bf16.json ] || $dh calibrate --heads $R/train/heads --prompts $R/calib_prompts.jsonl --limit 24 \
     --max-new-tokens 96 --max-nodes 32 --latency-sizes 1,2,3,4,5,6,8,12,16,24,32 --latency-steps 16 \
     --measure-limit 8 --threads 2 --dtype bfloat16 --out $R/tree_bf16.json --write-to-heads
+#    and on the llama.cpp engine, deciding prompt lookup there too. (Not on torch: with --lookup, stop 59's run chose
+#    the plain tree beside the lookup, i.e. Hydra++ unused, and a config holds one tree per device, which --no-lookup
+#    would then get; README, stop 59.)
+[ -f $R/tree_llamacpp.json ] || $dh calibrate --heads $R/train/heads --engine llama.cpp --prompts $R/calib_prompts.jsonl \
+    --limit 24 --max-new-tokens 96 --max-nodes 8 --latency-sizes 1,2,3,4,6,8 --latency-steps 16 --measure-limit 8 \
+    --threads 2 --lookup --out $R/tree_llamacpp.json --write-to-heads
 
 # 3. Shipped Medusa heads against these, each with its own calibrated tree, interleaved per prompt.
 [ -f $R/compare.json ] || .venv/bin/python scripts/compare_heads.py --heads default --heads $R/train/heads \
