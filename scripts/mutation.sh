@@ -47,6 +47,8 @@ modules=(
   "server|server.py|test_server.py test_server_validation.py test_mutation_pins2.py||$server_fns"
   "generate|generate.py|test_loop.py test_families.py test_lookup.py test_mutation_pins2.py"
   "decoder_stack|decoder_stack.py|test_decoder_stack.py test_llama_forward.py test_cpu_matmul.py"
+  "ngrams|ngrams.py|test_ngrams.py test_lookup.py"
+  "lookup|lookup.py|test_lookup.py test_ngrams.py test_mutation_pins2.py test_batch.py|$batch_chi2"
 )
 
 want=("$@")

@@ -421,3 +421,36 @@ def test_batched_api_calls_share_one_round_model_that_decides_lookup(tiny_dirs):
     assert first.get(2, 0) > 0
     m.generate(prompts, max_new_tokens=12)
     assert m.round_costs.rounds[2] > first[2]
+
+
+def test_pins_of_lookup_rules_mutation_testing_found_loose():
+    """Rules that survived mutants of lookup.py (scripts/mutation.sh lookup, stop 59)."""
+    from draftheads.ngrams import NgramStore
+
+    with pytest.raises(UserError, match="lookup settings need 1 <= min_ngram <= max_ngram, branches >= 1, tokens >= 1"):
+        LookupConfig(tokens=0)  # branches fine: either one below 1 is refused
+    for p in (0.0, 1.0):  # both ends of the store's floor are settings
+        assert LookupConfig(store_min_prob=p).store_min_prob == p
+    with pytest.raises(UserError, match="lookup settings need store_tokens >= 0 and 0 <= store_min_prob <= 1"):
+        LookupConfig(store_tokens=-1)
+    with pytest.raises(UserError, match="lookup settings: .*bogus"):
+        lookup_config({"bogus": 1})
+    with pytest.raises(UserError, match="lookup must be True, False, a dict or a LookupConfig, not 3"):
+        lookup_config(3)
+    # tensor ids are observed as the token ids they hold
+    lk = PromptLookup(LookupConfig(branches=2, tokens=2))
+    lk.observe(None, torch.tensor([5, 6, 7, 5]))
+    assert lk.branches(6) == [[7, 5]]
+    # the store's chain: not taken where it repeats a copy's start, no empty branch where it has none
+    store = NgramStore.build([([1, 5, 6, 7, 5], 0)] * 2 + [([3, 4, 9], 0)] * 2, vocab_size=10, min_count=1)
+    lk = PromptLookup(LookupConfig(branches=2, tokens=2), store)
+    lk.observe(None, [5, 6, 7, 5])
+    assert store.chain([7, 5, 6], 2, 0.35) == [7, 5] and lk.branches(6) == [[7, 5]]
+    assert lk.branches(8) == []  # no copy, and the store knows nothing after 5 8
+    lk.observe(None, [3])
+    assert lk.branches(4) == [[9]]  # no copy: the store's chain 3 4 -> 9
+    # calibrate's view (teacher_topk) drafts with the store too, up to the sequence's last root
+    seq = torch.tensor([0, 3, 4])
+    top = PromptLookup(LookupConfig(branches=2, tokens=2), store).teacher_topk(None, seq, 2)
+    assert top[:, 1, 0].tolist() == [9, -1] and top[:, 0, 0].tolist() == [-1, -1]
+    assert PromptLookup(LookupConfig(branches=2, tokens=2)).teacher_topk(None, seq, 2)[:, 1, 0].tolist() == [-1, -1]

@@ -231,3 +231,55 @@ def test_a_heads_directory_store_for_another_backbone_is_refused_and_the_shipped
         heads / FILE, {"backbone_fingerprint": json.loads((other / "config.json").read_text())["backbone_fingerprint"]})
     with pytest.raises(UserError, match="another backbone"):
         draftheads.load(heads=str(heads), backbone=str(bb))
+
+
+# ------------------------------------------------------------------------------------------------ pins
+
+def test_pins_of_the_store_rules_mutation_testing_found_loose(tmp_path):
+    """Rules that survived mutants of ngrams.py (scripts/mutation.sh ngrams, stop 59)."""
+    import os
+    import stat
+
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    # the floor is on the product of the shares, also where the first share is under 1
+    seqs = [([1, 2, 3, 4], 0)] * 3 + [([1, 2, 3, 6], 0), ([1, 2, 5], 0)]
+    store = NgramStore.build(seqs, vocab_size=10, min_count=1)
+    assert store.next_token([1, 2]) == (3, pytest.approx(0.8)) and store.next_token([1, 2, 3]) == (4, 0.75)
+    assert store.chain([1, 2], 3, 0.0) == [3, 4] and store.chain([1, 2], 3, 0.7) == [3]  # 0.8 x 0.75 = 0.6 < 0.7
+    seqs = [([1, 2, 3, 4, 5], 0)] * 4 + [([1, 2, 3, 4, 6], 0), ([1, 2, 7], 0)]  # shares 5/6, 1, 4/5
+    store = NgramStore.build(seqs, vocab_size=10, min_count=1)
+    assert store.chain([1, 2], 3, 0.0) == [3, 4, 5] and store.chain([1, 2], 3, 0.7) == [3, 4]  # 2/3 < 0.7 <= 5/6
+    # the context grows to max_ngram tokens, then slides by one: the 3-gram 1 2 3 -> 4, not the 2-gram 2 3 -> 7
+    seqs = [([1, 2, 3, 4], 0)] * 2 + [([5, 2, 3, 7], 0)] * 3
+    store = NgramStore.build(seqs, vocab_size=10, max_ngram=3, min_count=1)
+    assert store.next_token([2, 3]) == (7, pytest.approx(0.6)) and store.next_token([1, 2, 3]) == (4, 1.0)
+    assert store.chain([1, 2], 2, 0.0) == [3, 4] and store.chain([0, 1, 2], 2, 0.0) == [3, 4]
+    # max_ngram: 2 is allowed; cut to what 64 bits hold (5 bits a token: 12)
+    assert NgramStore.build(seqs, vocab_size=10, max_ngram=2, min_count=1).max_ngram == 2
+    assert NgramStore.build([(list(range(20)) * 2, 0)], vocab_size=32, max_ngram=20, min_count=1).max_ngram == 12
+    assert token_bits(65536) == 16 and token_bits(65537) == 17
+    assert NgramStore.build([(list(range(8)) * 2, 0)], vocab_size=10, min_count=1).max_ngram == 4  # the default
+    with pytest.raises(UserError, match="leaves no room for 2-token contexts"):
+        NgramStore.build(seqs, vocab_size=2 ** 33)
+    # no context at all (replies of fewer than 2 tokens after their context): an empty store that drafts nothing
+    empty = NgramStore.build([([1, 2], 0)], vocab_size=10, min_count=1)
+    assert empty.tables == {} and empty.chain([1, 2], 4, 0.0) == [] and empty.next_token([1, 2]) is None
+    # the file: next tokens in 16 bits where they fit, shares in float16; readable as the umask allows
+    old = os.umask(0o022)
+    try:
+        NgramStore.build(seqs, vocab_size=49152, min_count=1).save(tmp_path / "a.safetensors", {})  # 16 bits
+        NgramStore.build([([150000, 7, 150001, 7], 0)], vocab_size=151936, min_count=1).save(tmp_path / "b.safetensors", {})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.safetensors").stat().st_mode) == 0o644
+    wide = NgramStore.build([([70000, 7, 70001, 7, 70000, 7, 70001], 0)], vocab_size=100000, min_count=1)  # 17 bits
+    wide.save(tmp_path / "c.safetensors", {})
+    assert NgramStore.load(tmp_path / "c.safetensors").next_token([70000, 7]) == (70001, 1.0)
+    for name, want in (("a", np.uint16), ("b", np.int32)):
+        with safe_open(str(tmp_path / f"{name}.safetensors"), framework="numpy") as f:
+            assert f.get_tensor("next.2").dtype == want and f.get_tensor("share.2").dtype == np.float16
+    save_file({"x": np.zeros(2, dtype=np.float32)}, str(tmp_path / "other.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match="is not an n-gram store"):
+        NgramStore.load(tmp_path / "other.safetensors")
