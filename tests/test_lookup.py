@@ -365,6 +365,17 @@ def test_calibrate_decides_lookup_by_whole_replies_and_load_follows(tiny_dirs, t
     assert draftheads.load(heads=str(heads), backbone=str(bb)).lookup is None
     assert draftheads.load(heads=str(heads), backbone=str(bb), lookup=True).lookup == LookupConfig()  # asked: on
 
+    # With a batch table: a lone served request decodes as the loop does, with the tree chosen beside the lookup (here
+    # the table's rounds, timed without it, make every tree lose; the lookup's tree is the curve's biggest)
+    with_lookup = calibrate.with_lookup
+    monkeypatch.setattr(calibrate, "with_lookup", lambda curve, *a: (with_lookup(curve, *a), curve[-1])[1])
+    monkeypatch.setattr(calibrate, "batch_round_latency", lambda dm, ids, b, sizes, steps=8, p=None, trees=None: [
+        {"size": n, "step_s": 0.01 * n ** 3, "draft_s": 0.0} for n in (sizes or [t.size for t in trees])])
+    data = calibrated(100.0, 120.0, "--lookup", "--batch-sizes", "1,2")
+    cfg = read_config(heads)
+    assert data["lookup"]["on"] is True and cfg["lookup"] is True and cfg["batch_trees"]["1"] == data["tree"]
+    assert set(cfg["batch_trees"]) == {"1", "2"} and cfg["batch_trees"]["2"] == [] and len(data["tree"]) == 3
+
     ran.clear()
     data = calibrated(100.0, 100.0)  # without --lookup: nothing decided, no replies run for it
     assert "lookup" not in data and ran == [] and read_config(heads).get("lookup") is None

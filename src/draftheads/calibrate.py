@@ -647,9 +647,9 @@ def run_calibrate(args) -> dict:
             result["batch_trees"] = batch_table(p, by_batch, args.max_nodes, K,
                                                 (ranks, torch.cat(probs), args.draft_confidence, chain_latency) if cut else None,
                                                 max_rows=MAX_ROWS if few_rows_regime else None)
-            if (solo_cut is not None or replies is not None) and "1" in result["batch_trees"]:
+            if (solo_cut is not None or replies is not None or decision is not None) and "1" in result["batch_trees"]:
                 # one tree (and cut) for one sequence, in the loop and in the batched step alike: the loop's choice, cut
-                # or whole, where the prediction (a cut) or the replies decided it
+                # or whole, where the prediction (a cut) or the replies decided it (with or without the lookup)
                 one = result["batch_trees"]["1"]
                 for k in ("draft_confidence", "predicted_rows"):
                     one.pop(k, None)
