@@ -31,6 +31,8 @@ batch_chi2="not sigkill and not keeps_the_backbones_distribution"
 # The server's validation and error objects (request checks, middleware, error mapping), not its
 # worker threads and streaming (a mutant there hangs a request until the timeout, not a test).
 server_fns="x_create_app* x__unicode* x__param* x__from_worker* x__finish* x__usage* x__ours* xǁGuardǁ* xǁAPIErrorǁ* xǁWorkerǁsubmit*"
+# calibrate's lookup decision and measurements (stop 59), not its search (treesearch) or its timing loops.
+calibrate_fns="x_decide_lookup* x_measure_trees* x_with_lookup* x_lookup_depths* x_lookup_summary*"
 modules=(
   "acceptance|acceptance.py|test_acceptance.py test_properties.py test_mutation_pins.py|$slow_k"
   "tree|tree.py|test_tree_and_heads.py test_properties.py test_mutation_pins.py test_batch.py|$batch_chi2"
@@ -49,6 +51,7 @@ modules=(
   "decoder_stack|decoder_stack.py|test_decoder_stack.py test_llama_forward.py test_cpu_matmul.py"
   "ngrams|ngrams.py|test_ngrams.py test_lookup.py"
   "lookup|lookup.py|test_lookup.py test_ngrams.py test_mutation_pins2.py test_batch.py|$batch_chi2"
+  "calibrate|calibrate.py|test_lookup.py test_treesearch.py||$calibrate_fns"
 )
 
 want=("$@")

@@ -465,3 +465,85 @@ def test_pins_of_lookup_rules_mutation_testing_found_loose():
     top = PromptLookup(LookupConfig(branches=2, tokens=2), store).teacher_topk(None, seq, 2)
     assert top[:, 1, 0].tolist() == [9, -1] and top[:, 0, 0].tolist() == [-1, -1]
     assert PromptLookup(LookupConfig(branches=2, tokens=2)).teacher_topk(None, seq, 2)[:, 1, 0].tolist() == [-1, -1]
+
+
+def test_pins_of_calibrate_s_lookup_measures_mutation_testing_found_loose(monkeypatch):
+    """Calibrate's lookup functions (scripts/mutation.sh calibrate, stop 59): measure_trees pools every reply of
+    each tree with that tree's cut and the reply budget and puts the loaded tree back; decide_lookup's ties go to
+    the heads alone, by prediction and by replies, and it runs the heads alone with their cut; with_lookup's step time
+    is the tree's size plus the lookup's mean nodes; lookup_depths is each position's best branch's leading run of
+    true tokens (token 0 included); lookup_summary's figures and keys."""
+    import random
+    from types import SimpleNamespace
+
+    from draftheads import calibrate
+    from draftheads.calibrate import REPLY_TIE, decide_lookup, measure_trees
+
+    calls = []
+
+    class FakeModel:  # replies whose figures depend on the tree and the prompt
+        decoder = SimpleNamespace(tree="loaded", min_prob=0.0, drafter=None)
+
+        def generate(self, ids, max_new_tokens):
+            calls.append((self.decoder.tree, self.decoder.min_prob, ids.tolist(), max_new_tokens))
+            k, p = {"a": 1, "b": 2, "z": 0}[self.decoder.tree], ids[0].item()
+            return SimpleNamespace(stats=SimpleNamespace(new_tokens=10 * k, total_s=0.25 * k,
+                                                         accepted=[k + 1] * (3 + p)))
+
+    dm = FakeModel()
+    out = measure_trees(dm, [[0], [1]], {"a": "a", "b": "b", "z": "z"}, 40, cuts={"b": 0.3})
+    assert calls[:3] == [("a", 0.0, [0], 16), ("b", 0.3, [0], 16), ("z", 0.0, [0], 16)]  # warm-ups
+    assert [c[0] for c in calls[3:]] == ["a", "b", "z", "b", "z", "a"] and {c[3] for c in calls[3:]} == {40}
+    assert out["a"] == {"new_tokens": 20, "seconds": 0.5, "steps": 7, "accepted": 14, "mean_accepted": 2.0,
+                        "tokens_per_s": 40.0}
+    assert out["b"]["accepted"] == 21 and out["b"]["mean_accepted"] == 3.0 and out["b"]["tokens_per_s"] == 40.0
+    assert out["z"]["tokens_per_s"] == 0.0 and (dm.decoder.tree, dm.decoder.min_prob) == ("loaded", 0.0)
+
+    alone = {"tree": [[0]], "draft_confidence": 0.2, "predicted_tokens_per_s": 10.0}
+    assert decide_lookup(None, [], alone, {"tree": [], "tokens_per_s_hybrid": 10.0}, 8)["on"] is False  # a tie
+    seen = {}
+
+    def replies(dm, prompts, trees, max_new_tokens, bar=None, cuts=None, lookups=None):
+        seen.update(bar=bar, cuts=cuts, lookups=lookups, n=max_new_tokens)
+        return {"heads alone": {"tokens_per_s": 200.0, "mean_accepted": 1.5},
+                "heads + lookup": {"tokens_per_s": speed, "mean_accepted": 2.5}}
+
+    monkeypatch.setattr(calibrate, "measure_trees", replies)
+    for speed, on in (((1 + REPLY_TIE) * 200.0, False), (202.5, True)):
+        d = decide_lookup("dm", [[1]], alone, {"tree": [], "tokens_per_s_hybrid": 9.0}, 8, bar="bar")
+        assert d["on"] is on and d["decided_by"] == "replies"
+    assert seen == {"bar": "bar", "cuts": {"heads alone": 0.2}, "lookups": {"heads alone": False}, "n": 8}
+    assert d["heads_alone"]["measured_mean_accepted"] == 1.5 and d["with_lookup"]["measured_mean_accepted"] == 2.5
+    assert d["with_lookup"]["predicted_tokens_per_s"] == 9.0
+
+    ranks = torch.tensor([[0, 0], [1, -1], [-1, -1]])
+    curve = [{"size": 1, "tree": []}, {"size": 3, "tree": [(0,), (0, 0)]}]
+    with_lookup(curve, ranks, torch.tensor([2, 0, 1]), torch.tensor([4, 0, 2]), lambda n: n)  # a step costs its rows
+    assert curve[1]["expected_accepted_hybrid"] == pytest.approx(1 + (2 + 0 + 1) / 3)
+    assert curve[1]["tokens_per_s_hybrid"] == pytest.approx(curve[1]["expected_accepted_hybrid"] / (3 + 2))
+    one = [{"size": 2, "tree": [(0,)]}]
+    with_lookup(one, torch.tensor([[0, -1]]), torch.tensor([0]), torch.tensor([0]), lambda n: n)
+    assert one[0]["expected_accepted_hybrid"] == 2.0 and one[0]["tokens_per_s_hybrid"] == 1.0
+    with_lookup(one, torch.tensor([[0, -1]])[:0], torch.tensor([], dtype=torch.long), torch.tensor([]), lambda n: n)
+    assert one[0]["tokens_per_s_hybrid"] == 0.0  # no positions: no extra nodes, nothing accepted
+
+    rng = random.Random(3)
+    lk = PromptLookup(LookupConfig(max_ngram=3, min_ngram=2, branches=2, tokens=3))
+    for _ in range(20):  # against the definition, on small vocabularies where copies (and token 0) abound
+        prompt, cont = [rng.randrange(3) for _ in range(rng.randrange(3, 9))], [rng.randrange(3) for _ in range(6)]
+        depth, _ = lookup_depths(lk, prompt, cont)
+        seq, first = prompt + cont, len(prompt) - 1
+        top = lk.teacher_topk(None, torch.tensor(seq), 2)
+        want = []
+        for c in range(first, len(seq) - 1):
+            runs = [next((k for k in range(3) if c + 2 + k >= len(seq) or top[k, c, r] != seq[c + 2 + k]), 3)
+                    for r in range(2)]
+            want.append(max(runs))
+        assert depth.tolist() == want
+
+    one_token = PromptLookup(LookupConfig(max_ngram=2, min_ngram=2, branches=1, tokens=1))
+    s = lookup_summary(one_token, torch.tensor([[0]]), torch.tensor([1]), torch.tensor([1]), [(0,)])
+    assert {k: s[k] for k in ("positions", "match_rate", "accuracy", "mean_nodes")} == {
+        "positions": 1, "match_rate": 1.0, "accuracy": [1.0], "mean_nodes": 1.0}
+    assert (s["mean_accepted_lookup_only"], s["mean_accepted_heads_only"], s["mean_accepted_hybrid"]) == (2.0, 2.0, 2.0)
+    assert s["config"] == {**vars(LookupConfig(max_ngram=2, min_ngram=2, branches=1, tokens=1))}
