@@ -321,12 +321,12 @@ def load(heads="default", backbone: str | None = None, device: str = "cpu", dtyp
             batch_trees = {int(b): load_tree(t, head_module.cfg.num_heads) for b, t in (by_batch or {}).items()}
             batch_cuts = {int(b): float(c) for b, c in (cuts or {}).items()}
         tree = _tree_for(heads, head_module, device, tree, calibrated, engine_name)
-    if lookup is None and calibrated_lookup is not None:  # `calibrate --lookup` measured it for these heads here
-        lookup = calibrated_lookup
-    elif lookup is None:
-        # Not on llama.cpp: each branch row costs about a whole step there (stop 58, training-side prompts:
-        # heads + lookup 0.59x llama.cpp's greedy, heads alone 0.68x, our loop on it 0.94x)
-        lookup = LOOKUP and head_module is not None and engine_name is None
+    if lookup is None:
+        # What `calibrate --lookup` measured for these heads here, else the rule: beside heads, not on llama.cpp, where
+        # each branch row costs about a whole step (stop 58, training-side prompts: heads + lookup 0.59x llama.cpp's
+        # greedy, heads alone 0.68x, our loop on it 0.94x)
+        lookup = (calibrated_lookup if calibrated_lookup is not None
+                  else LOOKUP and head_module is not None and engine_name is None)
     # Kept beside heads where lookup is off too (bench and calibrate turn it on per method); a plain model drafts
     # nothing
     ngrams = ngram_store(heads, bb.model) if heads is not None or lookup else None
