@@ -40,8 +40,10 @@ def main() -> None:
         raise SystemExit(f"{a.heads} holds no n-gram store: make one with draftheads ngrams --data DIR --heads DIR")
     bb = Backbone(dm.backbone, dm.tokenizer, dm.backbone_name)
     kw = {"batch_cuts": dm.batch_cuts, "ngrams": dm.ngrams}
+    # the heads alone on their own tree and cut where calibrate chose dm's beside the lookup
+    alone, alone_cuts = (dm.tree_by_lookup or {}).get(False, (dm.tree, dm.batch_cuts))
     models = {"plain loop": draftheads.DraftModel(bb),
-              "heads": draftheads.DraftModel(bb, dm.heads, dm.tree, lookup=False, **kw),
+              "heads": draftheads.DraftModel(bb, dm.heads, alone, lookup=False, **{**kw, "batch_cuts": alone_cuts}),
               "heads + lookup, no store": draftheads.DraftModel(bb, dm.heads, dm.tree, lookup={"store_tokens": 0}, **kw),
               "heads + lookup + store": draftheads.DraftModel(bb, dm.heads, dm.tree, lookup=True, **kw)}
     for v in a.variant:

@@ -25,6 +25,28 @@ def test_greedy_with_hydra_equals_plain_greedy(head_type, residual, token, arch,
     assert stats.steps < 48  # some drafts were accepted
 
 
+def test_on_a_plain_tree_the_heads_are_not_run_and_the_lookup_still_drafts(monkeypatch):
+    """A plain tree (calibrate may choose it beside prompt lookup) drafts nothing from the heads: Hydra++'s prefix layer,
+    which would follow every accepted token, is not run, the lookup's branches are, and the output is plain greedy's.
+    A tree named for one call still gets the heads, whose state then starts with that call."""
+    from draftheads.generate import Decoder
+    from draftheads.lookup import LookupConfig, PromptLookup
+
+    model = tiny_model()
+    heads = tiny_hydra_heads(model, "hydra++")
+    observed = []
+    observe = heads.observe
+    monkeypatch.setattr(heads, "observe", lambda h, ids: (observed.append(len(ids)), observe(h, ids))[1])
+    prompt = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]
+    want = hf_greedy(model, prompt)
+    stats = Stats()
+    assert run(Decoder(model, heads, load_tree([], 3), PromptLookup(LookupConfig())), prompt, stats=stats) == want
+    assert observed == [] and stats.nodes > stats.steps  # branches were verified
+    assert run(Decoder(model, heads, load_tree([], 3)), prompt) == want and observed == []
+    assert run(Decoder(model, heads, load_tree([], 3)), prompt, tree=load_tree("chain2", 3)) == want
+    assert observed[0] == len(prompt)  # the prefill's positions, then each step's accepted ones
+
+
 @pytest.mark.parametrize("head_type,token", [("hydra", False), ("hydra++", False), ("hydra++", True)])
 def test_a_cut_hydra_loop_equals_plain_greedy_and_its_prefix_layer_follows(head_type, token, kv_float32):
     """The loop with a cut for one sequence (min_prob): fewer nodes verified than the tree has, greedy output

@@ -336,7 +336,7 @@ def test_calibrate_decides_lookup_by_whole_replies_and_load_follows(tiny_dirs, t
     def replies(dm, prompts, trees, max_new_tokens, bar=None, cuts=None, lookups=None):
         ran.append({n: (t.to_json(), (lookups or {}).get(n, True)) for n, t in trees.items()})
         assert dm.lookup is not None  # --lookup loaded it; the heads alone set it aside per reply
-        return {n: {"tokens_per_s": speed[n], "mean_accepted": 1.5} for n in trees}
+        return {n: {"tokens_per_s": speed.get(n, speed["heads + lookup"]), "mean_accepted": 1.5} for n in trees}
 
     monkeypatch.setattr(calibrate, "measure_trees", replies)
     bb, heads, questions = tiny_dirs
@@ -353,32 +353,41 @@ def test_calibrate_decides_lookup_by_whole_replies_and_load_follows(tiny_dirs, t
     data = calibrated(100.0, 120.0, "--lookup")
     lk = data["lookup"]
     assert lk["on"] is True and lk["decided_by"] == "replies" and len(ran) == 1
-    assert ran[0] == {"heads alone": (lk["heads_alone"]["tree"], False), "heads + lookup": (lk["with_lookup"]["tree"], True)}
+    assert ran[0] == {"heads alone": (lk["heads_alone"]["tree"], False),
+                      **{f"heads + lookup, {len(c['tree']) + 1} nodes": (c["tree"], True) for c in lk["with_lookup_candidates"]}}
     assert lk["with_lookup"]["measured_tokens_per_s"] == 120.0 and data["tree"] == lk["with_lookup"]["tree"]
+    # the lookup's candidates tie: the fewest nodes wins
+    assert len(lk["with_lookup"]["tree"]) == min(len(c["tree"]) for c in lk["with_lookup_candidates"])
     assert read_config(heads)["lookup"] is True
-    assert draftheads.load(heads=str(heads), backbone=str(bb)).lookup == LookupConfig()
+    assert read_config(heads)["heads_alone"] == {"tree": lk["heads_alone"]["tree"], "draft_confidence": None}
+    m = draftheads.load(heads=str(heads), backbone=str(bb))
+    assert m.lookup == LookupConfig() and m.tree.to_json() == data["tree"]
+    # with lookup off the heads take their own choice, which the replies ran without the lookup
+    assert draftheads.load(heads=str(heads), backbone=str(bb), lookup=False).tree.to_json() == lk["heads_alone"]["tree"]
 
     data = calibrated(100.0, 100.5, "--lookup")  # within 1%: the heads alone
     lk = data["lookup"]
     assert lk["on"] is False and data["tree"] == lk["heads_alone"]["tree"]
-    assert read_config(heads)["lookup"] is False
+    assert read_config(heads)["lookup"] is False and "heads_alone" not in read_config(heads)  # `tree` is theirs
     assert draftheads.load(heads=str(heads), backbone=str(bb)).lookup is None
     assert draftheads.load(heads=str(heads), backbone=str(bb), lookup=True).lookup == LookupConfig()  # asked: on
 
     # With a batch table: a lone served request decodes as the loop does, with the tree chosen beside the lookup (here
     # the table's rounds, timed without it, make every tree lose; the lookup's tree is the curve's biggest)
-    with_lookup = calibrate.with_lookup
-    monkeypatch.setattr(calibrate, "with_lookup", lambda curve, *a: (with_lookup(curve, *a), curve[-1])[1])
+    monkeypatch.setattr(calibrate, "lookup_finalists", lambda curve: [curve[-1]])
     monkeypatch.setattr(calibrate, "batch_round_latency", lambda dm, ids, b, sizes, steps=8, p=None, trees=None: [
         {"size": n, "step_s": 0.01 * n ** 3, "draft_s": 0.0} for n in (sizes or [t.size for t in trees])])
     data = calibrated(100.0, 120.0, "--lookup", "--batch-sizes", "1,2")
     cfg = read_config(heads)
     assert data["lookup"]["on"] is True and cfg["lookup"] is True and cfg["batch_trees"]["1"] == data["tree"]
     assert set(cfg["batch_trees"]) == {"1", "2"} and cfg["batch_trees"]["2"] == [] and len(data["tree"]) == 3
+    alone = draftheads.load(heads=str(heads), backbone=str(bb), lookup=False)  # a lone batched sequence as the loop
+    assert alone.batch_trees[1].to_json() == data["lookup"]["heads_alone"]["tree"] == alone.tree.to_json() != data["tree"]
 
     ran.clear()
     data = calibrated(100.0, 100.0)  # without --lookup: nothing decided, no replies run for it
     assert "lookup" not in data and ran == [] and read_config(heads).get("lookup") is None
+    assert read_config(heads).get("heads_alone") is None
     assert draftheads.load(heads=str(heads), backbone=str(bb)).lookup == LookupConfig()  # the rule: on beside heads
 
 
@@ -387,9 +396,10 @@ def test_decide_lookup_by_prediction_and_measure_trees_sets_lookup_aside(tiny_di
     from draftheads.tree import Tree
 
     alone = {"tree": [[0]], "draft_confidence": 0.0, "predicted_tokens_per_s": 10.0}
-    assert decide_lookup(None, [], alone, {"tree": [], "tokens_per_s_hybrid": 12.0}, 8)["on"] is True
-    d = decide_lookup(None, [], alone, {"tree": [(0,)], "tokens_per_s_hybrid": 9.0}, 8)
+    assert decide_lookup(None, [], alone, [{"tree": [], "tokens_per_s_hybrid": 12.0}], 8)["on"] is True
+    d = decide_lookup(None, [], alone, [{"tree": [(0,)], "tokens_per_s_hybrid": 9.0}, {"tree": [], "tokens_per_s_hybrid": 8.0}], 8)
     assert d["on"] is False and d["decided_by"] == "prediction" and d["with_lookup"]["tree"] == [[0]]
+    assert [c["tree"] for c in d["with_lookup_candidates"]] == [[[0]], []]
 
     bb, heads, _ = tiny_dirs
     m = draftheads.load(heads=str(heads), backbone=str(bb), tree="chain2")
@@ -417,6 +427,57 @@ def test_heads_config_refuses_a_lookup_that_is_not_a_bool():
         HeadsConfig.from_dict({**base, "lookup": "yes"})
     with pytest.raises(UserError, match="device_trees"):
         HeadsConfig.from_dict({**base, "device_trees": {"llama.cpp cpu": {"tree": [], "lookup": 1}}})
+
+
+def test_heads_alone_is_checked_and_taken_where_lookup_is_off(tiny_dirs, monkeypatch):
+    """A tree chosen beside prompt lookup (`tree`) and the heads' own (`heads_alone`, with its cut): load takes the one
+    that matches the lookup, an explicit tree overrides both, and bench's heads-alone method times the heads' own."""
+    import argparse
+
+    from draftheads.bench import Runner
+    from draftheads.calibrate import load_parts
+    from draftheads.heads.checkpoint import read_config
+    from draftheads.heads.medusa import HeadsConfig
+
+    base = {"num_heads": 2, "hidden_size": 8, "vocab_size": 16}
+    assert HeadsConfig.from_dict({**base, "heads_alone": {"tree": [[0]], "draft_confidence": 0.3}}).heads_alone
+    for bad in ({"tree": [[0]], "draft_confidence": 1.0}, {"draft_confidence": 0.2}, {"tree": [[0]], "cut": 0.2}, [[0]]):
+        with pytest.raises(UserError, match="heads_alone must be"):
+            HeadsConfig.from_dict({**base, "heads_alone": bad})
+    with pytest.raises(UserError, match="device_trees"):
+        HeadsConfig.from_dict({**base, "device_trees": {"cpu bfloat16": {"tree": [], "heads_alone": {"tree": 3}}}})
+    from draftheads.draftmodel import calibrated_trees, without_lookup
+
+    entry = {"tree": [], "batch_trees": {"1": [], "8": []}, "batch_draft_confidence": {"8": 0.4}, "lookup": True,
+             "heads_alone": {"tree": [[0]], "draft_confidence": 0.25}}
+    cfg = HeadsConfig.from_dict({**base, "tree": [[0], [1]], "device_trees": {"cpu bfloat16": entry}})
+    cal = calibrated_trees(cfg, "cpu", torch.bfloat16)  # another device's entry, every field of it
+    assert tuple(cal) == ([], {"1": [], "8": []}, {"8": 0.4}, True, {"tree": [[0]], "draft_confidence": 0.25})
+    assert tuple(without_lookup(cal)) == ([[0]], {"1": [[0]], "8": []}, {"8": 0.4, "1": 0.25}, False, None)
+    assert calibrated_trees(cfg, "cpu", torch.float32).tree == [[0], [1]]
+    assert without_lookup(calibrated_trees(cfg, "cpu", torch.float32)).tree == [[0], [1]]  # nothing stored apart
+
+    bb, heads, _ = tiny_dirs
+    cfg = read_config(heads)
+    cfg.update(tree=[[0]], lookup=True, batch_trees={"1": [[0]], "4": []}, batch_draft_confidence={"4": 0.2},
+               heads_alone={"tree": [[0], [0, 0]], "draft_confidence": 0.3})
+    (heads / "config.json").write_text(__import__("json").dumps(cfg))
+    m = draftheads.load(heads=str(heads), backbone=str(bb))
+    assert m.lookup == LookupConfig() and m.tree.to_json() == [[0]] and m.batch_cuts == {4: 0.2} and m.decoder.min_prob == 0
+    off = draftheads.load(heads=str(heads), backbone=str(bb), lookup=False)
+    assert off.lookup is None and off.tree.to_json() == [[0], [0, 0]] and off.decoder.min_prob == 0.3
+    assert {b: t.to_json() for b, t in off.batch_trees.items()} == {1: [[0], [0, 0]], 4: []} and off.batch_cuts == {1: 0.3, 4: 0.2}
+    both = {on: (t.to_json(), c) for on, (t, c) in m.tree_by_lookup.items()}
+    assert both == {on: (t.to_json(), c) for on, (t, c) in off.tree_by_lookup.items()}
+    assert both == {True: ([[0]], {4: 0.2}), False: ([[0], [0, 0]], {1: 0.3, 4: 0.2})}
+    named = draftheads.load(heads=str(heads), backbone=str(bb), lookup=False, tree="chain2")
+    assert named.tree.to_json() == [[0], [0, 0]] and named.batch_trees == {} and named.tree_by_lookup is None
+
+    dm, plain = load_parts(argparse.Namespace(heads=str(heads), backbone=str(bb), device="cpu", dtype=None))
+    run = Runner(dm, plain, LookupConfig())  # bench loads without the lookup; its methods take their own trees
+    assert run.ours["speculative"].tree.to_json() == [[0], [0, 0]] and run.ours["speculative"].decoder.min_prob == 0.3
+    assert run.ours["hybrid"].tree.to_json() == [[0]] and run.ours["hybrid"].decoder.min_prob == 0
+    assert run.ours["hybrid"].lookup == LookupConfig() and run.ours["speculative"].lookup is None
 
 
 def test_batched_api_calls_share_one_round_model_that_decides_lookup(tiny_dirs):
@@ -500,21 +561,44 @@ def test_pins_of_calibrate_s_lookup_measures_mutation_testing_found_loose(monkey
     assert out["z"]["tokens_per_s"] == 0.0 and (dm.decoder.tree, dm.decoder.min_prob) == ("loaded", 0.0)
 
     alone = {"tree": [[0]], "draft_confidence": 0.2, "predicted_tokens_per_s": 10.0}
-    assert decide_lookup(None, [], alone, {"tree": [], "tokens_per_s_hybrid": 10.0}, 8)["on"] is False  # a tie
+    assert decide_lookup(None, [], alone, [{"tree": [], "tokens_per_s_hybrid": 10.0}], 8)["on"] is False  # a tie
     seen = {}
 
     def replies(dm, prompts, trees, max_new_tokens, bar=None, cuts=None, lookups=None):
         seen.update(bar=bar, cuts=cuts, lookups=lookups, n=max_new_tokens)
         return {"heads alone": {"tokens_per_s": 200.0, "mean_accepted": 1.5},
-                "heads + lookup": {"tokens_per_s": speed, "mean_accepted": 2.5}}
+                "heads + lookup, 1 nodes": {"tokens_per_s": speed, "mean_accepted": 2.5}}
 
     monkeypatch.setattr(calibrate, "measure_trees", replies)
     for speed, on in (((1 + REPLY_TIE) * 200.0, False), (202.5, True)):
-        d = decide_lookup("dm", [[1]], alone, {"tree": [], "tokens_per_s_hybrid": 9.0}, 8, bar="bar")
+        d = decide_lookup("dm", [[1]], alone, [{"tree": [], "tokens_per_s_hybrid": 9.0}], 8, bar="bar")
         assert d["on"] is on and d["decided_by"] == "replies"
     assert seen == {"bar": "bar", "cuts": {"heads alone": 0.2}, "lookups": {"heads alone": False}, "n": 8}
     assert d["heads_alone"]["measured_mean_accepted"] == 1.5 and d["with_lookup"]["measured_mean_accepted"] == 2.5
     assert d["with_lookup"]["predicted_tokens_per_s"] == 9.0
+
+    # several trees with the lookup: the fastest reply wins, not the best prediction; within REPLY_TIE the fewest nodes
+    def two(dm, prompts, trees, max_new_tokens, bar=None, cuts=None, lookups=None):
+        assert list(trees) == ["heads alone", "heads + lookup, 2 nodes", "heads + lookup, 1 nodes"]
+        return {"heads alone": {"tokens_per_s": 200.0, "mean_accepted": 1.5},
+                "heads + lookup, 2 nodes": {"tokens_per_s": fast[0], "mean_accepted": 2.5},
+                "heads + lookup, 1 nodes": {"tokens_per_s": fast[1], "mean_accepted": 2.0}}
+
+    monkeypatch.setattr(calibrate, "measure_trees", two)
+    hybrids = [{"tree": [(0,)], "tokens_per_s_hybrid": 9.0}, {"tree": [], "tokens_per_s_hybrid": 8.9}]
+    for fast, tree, on in (((230.0, 220.0), [[0]], True), ((220.0, 230.0), [], True), ((230.0, 229.0), [], True),
+                           ((202.0, 195.0), [[0]], False)):
+        d = decide_lookup("dm", [[1]], alone, hybrids, 8)
+        assert d["with_lookup"]["tree"] == tree and d["on"] is on, fast
+        assert [c["measured_tokens_per_s"] for c in d["with_lookup_candidates"]] == list(fast)
+    from draftheads.calibrate import FINALIST_MARGIN, lookup_finalists
+
+    curve = [{"tree": t, "tokens_per_s_hybrid": v} for t, v in (([], 100.0), ([(0,)], 101.0), ([(0,), (1,)], 91.5),
+                                                                  ([(0,), (0, 0)], 100.5 * (1 - FINALIST_MARGIN) - 1))]
+    assert [c["tree"] for c in lookup_finalists(curve)] == [[(0,)], [], [(0,), (1,)]]
+    assert [c["tree"] for c in lookup_finalists(curve, whole=2)] == [[(0,)], []]
+    assert [c["tree"] for c in lookup_finalists(curve, margin=0.02)] == [[(0,)], []]
+    assert [c["tree"] for c in lookup_finalists(curve, margin=0.005)] == [[(0,)]]
 
     ranks = torch.tensor([[0, 0], [1, -1], [-1, -1]])
     curve = [{"size": 1, "tree": []}, {"size": 3, "tree": [(0,), (0, 0)]}]

@@ -5,6 +5,7 @@ equals plain greedy; the batch equals the sequence alone); `draftheads ngrams` a
 import json
 import random
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,6 +219,11 @@ def test_ngrams_command_refuses_another_backbones_data(tiny_dirs, tmp_path, caps
     assert "another backbone" in capsys.readouterr().err and not (heads / FILE).exists()
     assert main(["ngrams", "--data", str(tmp_path / "nowhere"), "--heads", str(heads)]) == 2
     assert "not a distilled directory" in capsys.readouterr().err
+    # a set that names no backbone (an older manifest) is taken, as training takes it, and said so
+    manifest = Path(data) / "manifest.json"
+    manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != "backbone_fingerprint"}))
+    assert main(["ngrams", "--data", data, "--heads", str(heads), "--min-count", "1"]) == 0
+    assert "records no backbone fingerprint" in capsys.readouterr().err and (heads / FILE).exists()
 
 
 def test_a_heads_directory_store_for_another_backbone_is_refused_and_the_shipped_one_is_not_taken(tiny_dirs, tmp_path):  # noqa: F811

@@ -55,12 +55,14 @@ class Runner:
         from .draftmodel import DraftModel
 
         bb = Backbone(plain.backbone, plain.tokenizer, plain.backbone_name, dm.engine)
-        # speculative is the heads alone whatever --lookup says; lookup and hybrid add the lookup's branches. Both
-        # keep the heads' cut for one sequence (a calibrated tree's, none for --tree)
-        cuts = dm.batch_cuts
-        self.ours = {"loop": plain, "speculative": DraftModel(bb, dm.heads, dm.tree, batch_cuts=cuts),
+        # speculative is the heads alone whatever --lookup says; lookup and hybrid add the lookup's branches. Each keeps
+        # its tree's cut for one sequence (a calibrated tree's, none for --tree); where calibrate chose the heads' tree
+        # beside the lookup and without it apart, each method takes its own
+        alone, both = (dm.tree_by_lookup or {}).get(False), (dm.tree_by_lookup or {}).get(True)
+        alone, both = alone or (dm.tree, dm.batch_cuts), both or (dm.tree, dm.batch_cuts)
+        self.ours = {"loop": plain, "speculative": DraftModel(bb, dm.heads, alone[0], batch_cuts=alone[1]),
                      "lookup": DraftModel(bb, None, None, lookup, ngrams=dm.ngrams),
-                     "hybrid": DraftModel(bb, dm.heads, dm.tree, lookup, batch_cuts=cuts, ngrams=dm.ngrams)}
+                     "hybrid": DraftModel(bb, dm.heads, both[0], lookup, batch_cuts=both[1], ngrams=dm.ngrams)}
         self.plain, self.engine = plain, dm.engine  # engine: None (torch) or the llama.cpp engine
         self.eos = plain.eos_ids
         tok = plain.tokenizer
@@ -222,6 +224,9 @@ def _report(args, dm, methods, records, mismatches, latency, lookup, reference, 
                    "categories": cats, "heads": str(args.heads), "backbone": dm.backbone_name,
                    "tree": dm.tree.to_json() if dm.tree else None, "tree_size": dm.tree.size if dm.tree else 1,
                    "cut": dm.batch_cuts.get(1, 0.0),  # the path probability a node needs (0: every node)
+                   # each method's tree and cut where calibrate chose them beside prompt lookup and without it apart
+                   "tree_by_method": ({m: {"tree": dm.tree_by_lookup[on][0].to_json(), "cut": dm.tree_by_lookup[on][1].get(1, 0.0)}
+                                       for m, on in (("speculative", False), ("hybrid", True))} if dm.tree_by_lookup else None),
                    "num_heads": dm.heads.cfg.num_heads, "device": args.device, "dtype": str(dm.backbone.dtype),
                    "activations": activations() if rounds_activations(dm.backbone) else "as the dtype",
                    "kv_cache": "float16" if rounds_cache(dm.backbone) else "as the dtype",
@@ -396,8 +401,10 @@ def cmd_calibrate(args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     if args.write_to_heads:
+        lookup = result.get("lookup")
         _write_tree_to_heads(heads_dir(args.heads), result["tree"], result.get("batch_trees"), result["calibrated_for"],
-                             result.get("draft_confidence"), result["lookup"]["on"] if "lookup" in result else None)
+                             result.get("draft_confidence"), lookup["on"] if lookup else None,
+                             lookup["heads_alone"] if lookup and lookup["on"] else None)
     con = _console()
     m63 = result["medusa63"]
     con.print(f"accuracy (conditional, rank 0 per head): {', '.join(f'{row[0]:.2f}' for row in result['accuracy'])} "
@@ -429,7 +436,8 @@ def cmd_calibrate(args) -> None:
         alone, both = lk["heads_alone"], lk["with_lookup"]
         con.print(f"prompt lookup beside the heads: {'on' if lk['on'] else 'off'} (by {lk['decided_by']}: heads alone "
                   f"{len(alone['tree']) + 1} nodes {alone[tps]:.1f} tok/s, with lookup {len(both['tree']) + 1} nodes "
-                  f"{both[tps]:.1f} tok/s)")
+                  f"{both[tps]:.1f} tok/s; the trees tried with it: "
+                  + ", ".join(f"{len(c['tree']) + 1} nodes {c[tps]:.1f}" for c in lk["with_lookup_candidates"]) + ")")
     for b, row in result.get("batch_trees", {}).items():
         cut = (f" (cut at {row['draft_confidence']}: {row['predicted_rows']:.2f} rows a sequence)"
                if "predicted_rows" in row else "")
@@ -439,12 +447,14 @@ def cmd_calibrate(args) -> None:
 
 
 def _write_tree_to_heads(directory: Path, tree: list[list[int]], batch_trees: dict | None = None,
-                         where: str = "cpu float32", cut: float | None = None, lookup: bool | None = None) -> None:
+                         where: str = "cpu float32", cut: float | None = None, lookup: bool | None = None,
+                         heads_alone: dict | None = None) -> None:
     """Store the tree (and trees per batch size) in the heads' config: as its own `tree` for a CPU in
     float32, else under device_trees[where] ("cpu bfloat16", "cuda bfloat16"), which `load` takes there.
     cut: the path probability one sequence's nodes need (batch_draft_confidence["1"]), None: whole trees.
     lookup: whether prompt lookup paid beside the tree (`calibrate --lookup`); None: not decided, and an earlier
-    decision, made for an earlier tree, is dropped (load's default rule applies)."""
+    decision, made for an earlier tree, is dropped (load's default rule applies). heads_alone: where lookup paid, the
+    heads' own choice without it ({"tree", "draft_confidence"}, calibrate's), which load takes with lookup off."""
     from .draftmodel import DEFAULT_TREES_KEY
     from .heads.checkpoint import _atomic_write, read_config
 
@@ -459,6 +469,10 @@ def _write_tree_to_heads(directory: Path, tree: list[list[int]], batch_trees: di
         entry.pop("lookup", None)
     else:
         entry["lookup"] = lookup
+    if heads_alone is None:  # `tree` serves with lookup and without
+        entry.pop("heads_alone", None)
+    else:
+        entry["heads_alone"] = {"tree": heads_alone["tree"], "draft_confidence": heads_alone.get("draft_confidence") or None}
     if batch_trees:
         entry["batch_trees"] = {b: row["tree"] for b, row in batch_trees.items()}
         cuts = {b: row["draft_confidence"] for b, row in batch_trees.items() if "draft_confidence" in row}

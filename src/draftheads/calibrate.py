@@ -417,25 +417,38 @@ def choose_by_replies(dm: DraftModel, prompts: list[list[int]], candidates: list
     return min(tied, key=lambda c: c.get("predicted_rows", len(c["tree"]) + 1))
 
 
-def decide_lookup(dm: DraftModel, prompts: list[list[int]], alone: dict, hybrid: dict, max_new_tokens: int,
+def lookup_finalists(curve: list[dict], margin: float = FINALIST_MARGIN, whole: int = WHOLE_FINALISTS) -> list[dict]:
+    """The trees worth running whole replies with together with the lookup (curve entries that with_lookup annotated):
+    the fastest predicted and up to `whole` - 1 runners-up predicted within `margin` of it, fastest first. The plain
+    tree is one of them: beside the lookup's branches the heads' own nodes can cost what they bring (stop 58), and
+    the predictions of the plain tree and a 2-node one lay within 0.3% of each other (stop 60)."""
+    ranked = sorted(curve, key=lambda c: -c["tokens_per_s_hybrid"])
+    return [c for c in ranked if c["tokens_per_s_hybrid"] >= (1 - margin) * ranked[0]["tokens_per_s_hybrid"]][:whole]
+
+
+def decide_lookup(dm: DraftModel, prompts: list[list[int]], alone: dict, hybrids: list[dict], max_new_tokens: int,
                   bar=None) -> dict:
     """Whether prompt lookup (and the n-gram store) pays beside the heads for one sequence on this machine: the heads'
-    own choice without it (`alone`: {"tree", "draft_confidence", "predicted_tokens_per_s"}) against the tree that is
-    fastest together with it (`hybrid`: with_lookup's entry), on whole greedy replies to `prompts`, interleaved; no
-    prompts: the predictions decide. A tie (REPLY_TIE) goes to the heads alone, the fewer rows. What a row costs
-    decides it: on llama.cpp a row costs about a step, on torch a few percent of one (stop 58). Returns {"on",
-    "decided_by", "heads_alone", "with_lookup"}, the two candidates with their predicted (and measured) tokens/s."""
-    out = {"heads_alone": dict(alone), "with_lookup": {"tree": Tree(hybrid["tree"]).to_json(),
-                                                       "predicted_tokens_per_s": hybrid["tokens_per_s_hybrid"]}}
+    own choice without it (`alone`: {"tree", "draft_confidence", "predicted_tokens_per_s"}) against the trees that
+    are fastest together with it (`hybrids`: lookup_finalists, the best predicted first), on whole greedy replies to
+    `prompts`, interleaved. With the lookup the fastest reply wins (within REPLY_TIE, the fewest nodes); it is taken
+    only above REPLY_TIE over the heads alone (the fewer rows). No prompts: the best prediction decides. What a row
+    costs decides it: on llama.cpp a row costs about a step, on torch a few percent of one (stop 58). Returns {"on",
+    "decided_by", "heads_alone", "with_lookup", "with_lookup_candidates"}, the candidates with their predicted (and
+    measured) tokens/s; "with_lookup" is the winner among them."""
+    assert hybrids, "at least one tree with the lookup"
+    cands = [{"tree": Tree(h["tree"]).to_json(), "predicted_tokens_per_s": h["tokens_per_s_hybrid"]} for h in hybrids]
+    out = {"heads_alone": dict(alone), "with_lookup": cands[0], "with_lookup_candidates": cands}
     if not prompts:
-        return {"on": hybrid["tokens_per_s_hybrid"] > alone["predicted_tokens_per_s"], "decided_by": "prediction", **out}
-    names = {"heads_alone": "heads alone", "with_lookup": "heads + lookup"}
-    measured = measure_trees(dm, prompts, {names["heads_alone"]: Tree(alone["tree"]), names["with_lookup"]: Tree(hybrid["tree"])},
-                             max_new_tokens, bar, {names["heads_alone"]: alone["draft_confidence"]},
-                             lookups={names["heads_alone"]: False})
-    for key, name in names.items():
-        out[key].update(measured_tokens_per_s=measured[name]["tokens_per_s"],
-                        measured_mean_accepted=measured[name]["mean_accepted"])
+        return {"on": cands[0]["predicted_tokens_per_s"] > alone["predicted_tokens_per_s"], "decided_by": "prediction", **out}
+    alone_name, names = "heads alone", [f"heads + lookup, {len(c['tree']) + 1} nodes" for c in cands]
+    measured = measure_trees(dm, prompts, {alone_name: Tree(alone["tree"]), **{n: Tree(c["tree"]) for n, c in zip(names, cands)}},
+                             max_new_tokens, bar, {alone_name: alone["draft_confidence"]}, lookups={alone_name: False})
+    for c, name in [(out["heads_alone"], alone_name), *zip(cands, names)]:
+        c.update(measured_tokens_per_s=measured[name]["tokens_per_s"], measured_mean_accepted=measured[name]["mean_accepted"])
+    fastest = max(c["measured_tokens_per_s"] for c in cands)
+    out["with_lookup"] = min((c for c in cands if c["measured_tokens_per_s"] >= (1 - REPLY_TIE) * fastest),
+                             key=lambda c: len(c["tree"]))
     on = out["with_lookup"]["measured_tokens_per_s"] > (1 + REPLY_TIE) * out["heads_alone"]["measured_tokens_per_s"]
     return {"on": on, "decided_by": "replies", **out}
 
@@ -608,10 +621,12 @@ def run_calibrate(args) -> dict:
         decision = None
         if lookup is not None:  # the heads' own choice against the tree that is fastest together with the lookup
             lk_depth, lk_nodes = torch.cat([d for d, _ in lk]), torch.cat([n for _, n in lk])
-            hybrid = with_lookup(found["curve"], ranks, lk_depth, lk_nodes, lambda n: interpolate(xs, ys, n))
+            with_lookup(found["curve"], ranks, lk_depth, lk_nodes, lambda n: interpolate(xs, ys, n))
+            hybrids = lookup_finalists(found["curve"])
             alone = ({k: solo_cut[k] for k in ("tree", "draft_confidence", "predicted_tokens_per_s")} if solo_cut else
                      {"tree": Tree(best["tree"]).to_json(), "draft_confidence": 0.0, "predicted_tokens_per_s": best["tokens_per_s"]})
-            decision = decide_lookup(dm, prompts[: args.choose_by_replies], alone, hybrid, args.max_new_tokens, bar)
+            decision = decide_lookup(dm, prompts[: args.choose_by_replies], alone, hybrids, args.max_new_tokens, bar)
+            hybrid = next(h for h in hybrids if Tree(h["tree"]).to_json() == decision["with_lookup"]["tree"])
             if decision["on"]:
                 best, solo_cut = hybrid, None
         chosen = Tree(best["tree"] if solo_cut is None else solo_cut["tree"])

@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
@@ -55,7 +55,7 @@ class Chunk:
 class DraftModel:
     def __init__(self, backbone: Backbone, heads=None, tree: Tree | None = None, lookup=None,
                  batch_trees: dict[int, Tree] | None = None, batch_cuts: dict[int, float] | None = None,
-                 ngrams=None):
+                 ngrams=None, tree_by_lookup: dict[bool, tuple[Tree, dict[int, float]]] | None = None):
         self.backbone, self.tokenizer, self.heads = backbone.model, backbone.tokenizer, heads
         self.backbone_name, self.engine = backbone.name, backbone.engine  # engine None: a TorchEngine on the model
         self.tree = tree
@@ -65,6 +65,9 @@ class DraftModel:
         self.batch_cuts: dict[int, float] = batch_cuts or {}
         self.lookup = lookup_config(lookup)  # prompt lookup's LookupConfig, or None (off)
         self.ngrams = ngrams  # the backbone's n-gram store (ngrams.py) that prompt lookup drafts from too, or None
+        # {lookup on: (tree, cuts)} where calibrate chose the heads' tree beside prompt lookup and without it apart
+        # (bench times both ways); None: `tree` and `batch_cuts` serve both
+        self.tree_by_lookup = tree_by_lookup
         # Batched calls' rounds (round_costs.py), kept across calls so that each batch size's warm-up is paid once
         self.round_costs = RoundCosts() if ADAPT_TREES else None
         # A sequence alone (the loop) cuts its tree where calibrate chose a cut for one sequence (batch_cuts[1])
@@ -244,15 +247,35 @@ def trees_key(device, dtype, engine: str | None = None) -> str:
 DEFAULT_TREES_KEY = "cpu float32"  # what a heads config's own `tree` and `batch_trees` were calibrated for
 
 
-def calibrated_trees(cfg, device, dtype, engine: str | None = None) -> tuple[list | None, dict | None, dict | None, bool | None]:
-    """The heads' calibrated tree, trees per batch size, their cuts and whether prompt lookup paid beside the tree
-    (None: not decided) for a backbone on `device` in `dtype` (on `engine`: None for torch, or "llama.cpp")."""
+class Calibrated(NamedTuple):
+    """What `calibrate --write-to-heads` stored for heads where the backbone runs (None: nothing)."""
+    tree: list | None  # one sequence's tree (chosen beside prompt lookup where `lookup` is true)
+    batch_trees: dict | None  # {"8": tree} per batch size
+    cuts: dict | None  # {"1": p, "8": p}: the path probability a node needs
+    lookup: bool | None  # whether prompt lookup paid beside `tree` (None: not decided)
+    heads_alone: dict | None  # where it paid: {"tree", "draft_confidence"}, the heads' own choice without it
+
+
+def calibrated_trees(cfg, device, dtype, engine: str | None = None) -> Calibrated:
+    """The heads' calibration for a backbone on `device` in `dtype` (on `engine`: None for torch, or "llama.cpp")."""
     entry = (cfg.device_trees or {}).get(trees_key(device, dtype, engine))
     if entry is not None:
-        return entry.get("tree"), entry.get("batch_trees"), entry.get("batch_draft_confidence"), entry.get("lookup")
+        return Calibrated(*(entry.get(k) for k in ("tree", "batch_trees", "batch_draft_confidence", "lookup", "heads_alone")))
     if engine == "llama.cpp":  # torch's trees do not carry over: a llama.cpp row costs several of torch's
-        return None, None, None, None
-    return cfg.tree, cfg.batch_trees, cfg.batch_draft_confidence, cfg.lookup
+        return Calibrated(None, None, None, None, None)
+    return Calibrated(cfg.tree, cfg.batch_trees, cfg.batch_draft_confidence, cfg.lookup, cfg.heads_alone)
+
+
+def without_lookup(cal: Calibrated) -> Calibrated:
+    """The calibration as the heads take it with prompt lookup off: where calibrate stored the heads' own choice
+    beside a tree chosen with the lookup, that choice, its cut for one sequence and a lone batched sequence's tree."""
+    alone = cal.heads_alone
+    if alone is None:
+        return cal
+    cut = alone.get("draft_confidence") or 0.0
+    cuts = {**{b: c for b, c in (cal.cuts or {}).items() if b != "1"}, **({"1": cut} if cut > 0 else {})}
+    by_batch = {**cal.batch_trees, "1": alone["tree"]} if "1" in (cal.batch_trees or {}) else cal.batch_trees
+    return Calibrated(alone["tree"], by_batch, cuts or None, False, None)
 
 
 def _tree_for(heads, head_module, device, tree, calibrated, engine: str | None = None) -> Tree:
@@ -306,8 +329,9 @@ def load(heads="default", backbone: str | None = None, device: str = "cpu", dtyp
         from .adapter import prepare_backbone
 
         bb = prepare_backbone(bb, heads, raw)
-    head_module, batch_trees, batch_cuts, calibrated_lookup = None, None, None, None
+    head_module, batch_trees, batch_cuts, by_lookup = None, None, None, None
     engine_name = "llama.cpp" if bb.engine is not None else None
+    cal = Calibrated(None, None, None, None, None)
     if heads is not None:
         head_module = load_heads(heads, bb.model).to(device=bb.model.device, dtype=bb.model.dtype)
         head_module.attach(bb.model).eval()
@@ -315,23 +339,27 @@ def load(heads="default", backbone: str | None = None, device: str = "cpu", dtyp
             from .few_rows import round_drafter_weights
 
             round_drafter_weights(head_module)  # int8 activations: their products on the packed kernel too
-        calibrated, by_batch, cuts, calibrated_lookup = calibrated_trees(head_module.cfg, bb.model.device, bb.model.dtype,
-                                                                         engine_name)
-        if tree is None:  # an explicit tree holds at every batch size
-            batch_trees = {int(b): load_tree(t, head_module.cfg.num_heads) for b, t in (by_batch or {}).items()}
-            batch_cuts = {int(b): float(c) for b, c in (cuts or {}).items()}
-        tree = _tree_for(heads, head_module, device, tree, calibrated, engine_name)
+        cal = calibrated_trees(head_module.cfg, bb.model.device, bb.model.dtype, engine_name)
     if lookup is None:
         # What `calibrate --lookup` measured for these heads here, else the rule: beside heads, not on llama.cpp, where
         # each branch row costs about a whole step (stop 58, training-side prompts: heads + lookup 0.59x llama.cpp's
         # greedy, heads alone 0.68x, our loop on it 0.94x)
-        lookup = (calibrated_lookup if calibrated_lookup is not None
-                  else LOOKUP and head_module is not None and engine_name is None)
+        lookup = cal.lookup if cal.lookup is not None else LOOKUP and head_module is not None and engine_name is None
+    if heads is not None:
+        if tree is None:  # an explicit tree holds at every batch size, with lookup or without
+            if cal.heads_alone is not None:  # both choices, for bench's methods with lookup and without
+                by_lookup = {on: (load_tree(c.tree, head_module.cfg.num_heads), {int(b): float(x) for b, x in (c.cuts or {}).items()})
+                             for on, c in ((True, cal), (False, without_lookup(cal)))}
+            if not lookup_config(lookup):
+                cal = without_lookup(cal)
+            batch_trees = {int(b): load_tree(t, head_module.cfg.num_heads) for b, t in (cal.batch_trees or {}).items()}
+            batch_cuts = {int(b): float(c) for b, c in (cal.cuts or {}).items()}
+        tree = _tree_for(heads, head_module, device, tree, cal.tree, engine_name)
     # Kept beside heads where lookup is off too (bench and calibrate turn it on per method); a plain model drafts
     # nothing
     ngrams = ngram_store(heads, bb.model) if heads is not None or lookup else None
     return DraftModel(bb, head_module, tree, lookup=lookup, batch_trees=batch_trees,
-                      batch_cuts=batch_cuts, ngrams=ngrams)
+                      batch_cuts=batch_cuts, ngrams=ngrams, tree_by_lookup=by_lookup)
 
 
 def ngram_store(heads: Path | None, model) -> NgramStore | None:

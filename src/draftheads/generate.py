@@ -115,12 +115,17 @@ class Decoder:
         sized to the request."""
         min_prob = self.min_prob if tree is None else 0.0
         tree = self.tree if tree is None or self.heads is None else tree
+        drafter = self.drafter
+        if drafter is not None and drafter.heads is not None and tree.size == 1:
+            # The heads draft nothing on a plain tree (calibrate may choose it beside the lookup): their state (Hydra++'s
+            # prefix layer runs on every accepted token) would cost each step for nothing
+            drafter = Hybrid(None, drafter.lookup) if drafter.lookup is not None else None
         prompt_len = len(prompt_ids)
         if prompt_len == 0:
             raise UserError("the prompt is empty")
         if prompt_len >= self.context:
             raise UserError(f"the prompt has {prompt_len} tokens but the model's context is {self.context}")
-        reserve = self.drafter.max_size(tree) if self.drafter is not None else 1  # most nodes of a step
+        reserve = drafter.max_size(tree) if drafter is not None else 1  # most nodes of a step
         capacity = min(self.context, prompt_len + max_new_tokens + reserve)
         engine = self.engine
         cache = cache or engine.new_cache(capacity)
@@ -132,12 +137,12 @@ class Decoder:
         t0 = self._sync()
         ids = torch.tensor(prompt_ids, device=dev)
         # Only Hydra++'s prefix layer reads every prompt position and the lookup none: an engine may skip rows.
-        need = self.drafter.prompt_hidden if self.drafter is not None else "none"
+        need = drafter.prompt_hidden if drafter is not None else "none"
         prompt_hidden, logits = engine.prefill(cache, ids, need)  # [P or fewer, hidden] (None: none), [vocab]
         hidden = prompt_hidden[-1] if prompt_hidden is not None else None  # [hidden_size]
-        if self.drafter is not None:
-            self.drafter.reset()  # drafters with state (Hydra++'s prefix layer, lookup's n-grams) start the sequence
-            self.drafter.observe(prompt_hidden, ids)
+        if drafter is not None:
+            drafter.reset()  # drafters with state (Hydra++'s prefix layer, lookup's n-grams) start the sequence
+            drafter.observe(prompt_hidden, ids)
         root = sample(logits, sp, gen)
         stats.prefill_s = self._sync() - t0
         yield [root]
@@ -147,16 +152,16 @@ class Decoder:
             t0 = self._sync()
             root_t = torch.tensor(root, device=dev)
             step_tree, cands = ROOT_ONLY, root_t.view(1)
-            if self.drafter is not None and L + reserve <= capacity:  # the step's tree, ids [nodes] root first
-                step_tree, cands = self.drafter.propose(hidden, root_t, tree, min_prob)
+            if drafter is not None and L + reserve <= capacity:  # the step's tree, ids [nodes] root first
+                step_tree, cands = drafter.propose(hidden, root_t, tree, min_prob)
             t1 = self._sync()
             logits, h = engine.verify(cache, cands, step_tree)  # [nodes, vocab], [nodes, hidden_size]
             t2 = self._sync()
             nodes, root = accept(logits, cands, step_tree, sp, gen)
             engine.keep(cache, L, nodes)
             hidden = h[nodes[-1]]
-            if self.drafter is not None:
-                self.drafter.observe(h[nodes], cands[nodes])  # the accepted positions' hidden states and ids
+            if drafter is not None:
+                drafter.observe(h[nodes], cands[nodes])  # the accepted positions' hidden states and ids
             emitted = cands[nodes[1:]].tolist() + [root]
             t3 = self._sync()
             stats.record(step_tree, nodes, t1 - t0, t2 - t1, t3 - t2)

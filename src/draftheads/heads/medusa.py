@@ -32,6 +32,12 @@ def _cuts(d) -> bool:
                                        and 0 <= c < 1 for b, c in d.items())
 
 
+def _heads_alone(v) -> bool:
+    """Whether `v` is a `heads_alone` entry: None, or {"tree": a list of paths, "draft_confidence": a cut or None}."""
+    return v is None or (isinstance(v, dict) and set(v) <= {"tree", "draft_confidence"} and isinstance(v.get("tree"), list)
+                         and (v.get("draft_confidence") is None or _cuts({"1": v["draft_confidence"]})))
+
+
 @dataclass
 class HeadsConfig:
     """What `config.json` of a native heads directory holds. Unknown keys are an error."""
@@ -56,6 +62,10 @@ class HeadsConfig:
     # `calibrate --lookup`: whether prompt lookup (and the n-gram store) paid beside `tree` for one sequence,
     # measured on whole replies; what `load(lookup=None)` then takes. None: not decided (the default rule)
     lookup: bool | None = None
+    # ... and where it paid, the heads' own choice for one sequence without it: {"tree": ..., "draft_confidence": the
+    # cut or null}, what `load` takes where lookup is off (--no-lookup; bench's heads-alone method). `tree` was chosen
+    # beside the lookup and can be another (plain, even: the lookup alone). None: `tree` serves both
+    heads_alone: dict | None = None
     # Trees calibrated where the backbone runs other than on a CPU in float32 (what `tree`, `batch_trees`
     # and `batch_draft_confidence` are for): {"cpu bfloat16": {"tree": ..., "batch_trees": ...,
     # "batch_draft_confidence": ...}}, taken there instead (a bf16 verify costs another curve:
@@ -92,14 +102,18 @@ class HeadsConfig:
                             "probabilities in [0, 1)")
         if cfg.lookup is not None and not isinstance(cfg.lookup, bool):
             raise UserError(f"heads config: lookup must be true, false or null, not {cfg.lookup!r}")
+        if not _heads_alone(cfg.heads_alone):
+            raise UserError("heads config: heads_alone must be null or {\"tree\": [...], \"draft_confidence\": a "
+                            "probability in [0, 1) or null}")
         if cfg.device_trees is not None and not (isinstance(cfg.device_trees, dict) and all(
                 isinstance(k, str) and len(k.split()) == 2 and isinstance(v, dict)
-                and set(v) <= {"tree", "batch_trees", "batch_draft_confidence", "lookup"}
-                and isinstance(v.get("lookup"), (bool, type(None)))
+                and set(v) <= {"tree", "batch_trees", "batch_draft_confidence", "lookup", "heads_alone"}
+                and isinstance(v.get("lookup"), (bool, type(None))) and _heads_alone(v.get("heads_alone"))
                 and all(map(_batch_size, v.get("batch_trees") or {})) and _cuts(v.get("batch_draft_confidence") or {})
                 for k, v in cfg.device_trees.items())):
             raise UserError("heads config: device_trees must map \"DEVICE DTYPE\" (\"cpu bfloat16\", \"llama.cpp cpu\") to "
-                            "{\"tree\": ..., \"batch_trees\": ..., \"batch_draft_confidence\": ..., \"lookup\": ...}")
+                            "{\"tree\": ..., \"batch_trees\": ..., \"batch_draft_confidence\": ..., \"lookup\": ..., "
+                            "\"heads_alone\": ...}")
         if cfg.lm_head not in ("own", "shared"):
             raise UserError(f"heads config: lm_head must be 'own' or 'shared', not {cfg.lm_head!r}")
         if cfg.grounded_residual not in GROUNDED_RESIDUALS:

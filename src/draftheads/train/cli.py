@@ -83,8 +83,11 @@ def cmd_ngrams(args) -> None:
     for d in args.data:
         if not (Path(d) / "manifest.json").is_file():
             raise UserError(f"{d} is not a distilled directory (no manifest.json): make one with draftheads distill -o DIR")
-        fp = manifest_fingerprint(d) or []
-        if cfg.get("backbone_fingerprint") and not fingerprints_match(cfg["backbone_fingerprint"], fp):
+        fp = manifest_fingerprint(d)
+        if not fp:  # as training does: a set that names no backbone is taken (drafts only; outputs stay exact)
+            print(f"draftheads: note: {d}/manifest.json records no backbone fingerprint, so it is not checked against "
+                  f"the heads' backbone", file=sys.stderr)
+        elif cfg.get("backbone_fingerprint") and not fingerprints_match(cfg["backbone_fingerprint"], fp):
             raise UserError(f"{d} was distilled from another backbone than the heads in {heads} were trained on")
         recs = [r for r in read_distilled(d, features=False)[0] if r.get("ids") and "prompt_len" in r]
         records += len(recs)
