@@ -429,7 +429,7 @@ def test_heads_config_refuses_a_lookup_that_is_not_a_bool():
         HeadsConfig.from_dict({**base, "device_trees": {"llama.cpp cpu": {"tree": [], "lookup": 1}}})
 
 
-def test_heads_alone_is_checked_and_taken_where_lookup_is_off(tiny_dirs, monkeypatch):
+def test_heads_alone_is_checked_and_taken_where_lookup_is_off(tiny_dirs, capsys):
     """A tree chosen beside prompt lookup (`tree`) and the heads' own (`heads_alone`, with its cut): load takes the one
     that matches the lookup, an explicit tree overrides both, and bench's heads-alone method times the heads' own."""
     import argparse
@@ -478,6 +478,21 @@ def test_heads_alone_is_checked_and_taken_where_lookup_is_off(tiny_dirs, monkeyp
     assert run.ours["speculative"].tree.to_json() == [[0], [0, 0]] and run.ours["speculative"].decoder.min_prob == 0.3
     assert run.ours["hybrid"].tree.to_json() == [[0]] and run.ours["hybrid"].decoder.min_prob == 0
     assert run.ours["hybrid"].lookup == LookupConfig() and run.ours["speculative"].lookup is None
+    from draftheads.bench import _trees_said
+
+    by = {"speculative": {"tree": [[0], [0, 0]], "cut": 0.3}, "hybrid": {"tree": [[0]], "cut": 0.0}}
+    assert _trees_said({"tree_size": 3, "cut": 0.3, "tree_by_method": by}) == (
+        "speculative: tree of 3 nodes, cut to the nodes the heads give a path probability of 0.3 or more; "
+        "hybrid: tree of 2 nodes (calibrated apart)")
+    assert _trees_said({"tree_size": 2, "cut": 0.0, "tree_by_method": None}) == "tree of 2 nodes"
+
+    cfg.update(tree=[], batch_trees=None)  # the plain tree chosen beside the lookup: said where it decodes
+    (heads / "config.json").write_text(__import__("json").dumps(cfg))
+    assert main(["generate", "abc abc abc", "--backbone", str(bb), "--heads", str(heads), "--max-new-tokens", "4"]) == 0
+    assert "--no-lookup drafts with the heads" in capsys.readouterr().err
+    assert main(["generate", "abc abc abc", "--backbone", str(bb), "--heads", str(heads), "--max-new-tokens", "4",
+                 "--no-lookup"]) == 0
+    assert "tree 3 nodes" in capsys.readouterr().err
 
 
 def test_batched_api_calls_share_one_round_model_that_decides_lookup(tiny_dirs):

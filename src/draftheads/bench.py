@@ -213,6 +213,18 @@ def _aggregate(records: list[dict], methods: list[str]) -> dict:
     return out
 
 
+def _trees_said(c: dict) -> str:
+    """The tree (and cut) each method with heads ran, as the report's header says it."""
+    def one(tree_size: int, cut: float) -> str:
+        return f"tree of {tree_size} nodes" + (f", cut to the nodes the heads give a path probability of {cut} or more"
+                                               if cut else "")
+
+    by = c.get("tree_by_method")
+    if not by:
+        return one(c["tree_size"], c.get("cut"))
+    return "; ".join(f"{m}: {one(len(t['tree']) + 1, t['cut'])}" for m, t in by.items()) + " (calibrated apart)"
+
+
 def _report(args, dm, methods, records, mismatches, latency, lookup, reference, rounding) -> dict:
     cats = sorted({r["category"] for r in records})
     acc = [a for r in records if r["method"] == "speculative" and r["stats"] for a in r["stats"]["accepted"]]
@@ -257,8 +269,7 @@ def write_markdown(rep: dict, path: Path) -> None:
              f"Questions `{c['questions']}` ({o[baseline_of(o)]['generations']} generations per method), "
              f"max_new_tokens {c['max_new_tokens']}, greedy, batch 1, engine {c.get('engine', 'torch')}, "
              f"device {c['device']} ({c['dtype']}), "
-             f"heads `{c['heads']}` ({c['num_heads']} heads), tree of {c['tree_size']} nodes"
-             + (f", cut to the nodes the heads give a path probability of {c['cut']} or more" if c.get("cut") else "") + ". "
+             f"heads `{c['heads']}` ({c['num_heads']} heads), " + _trees_said(c) + ". "
              f"Machine: {c['machine']['processor']}, {c['machine']['cpu_count']} CPUs, torch {c['machine']['torch']}, "
              f"torch threads: {c['machine']['torch_threads']}, load average (1, 5, 15 min) when written: {c['machine'].get('load_average')}. Tokens/s = {c['timing']}.", "",
              "| method | tokens/s | speedup | mean accepted | nodes/step | draft ms/step | verify ms/step | accept ms/step | tokens |",

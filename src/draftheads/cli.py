@@ -113,7 +113,10 @@ def cmd_generate(args) -> None:
 def _lookup_note(model, s) -> str:
     if not model.lookup:
         return ""
-    return f" + lookup ({s.nodes / max(s.steps, 1):.1f} nodes/step verified, {s.lookup_accepted} tokens from lookup)"
+    note = f" + lookup ({s.nodes / max(s.steps, 1):.1f} nodes/step verified, {s.lookup_accepted} tokens from lookup)"
+    if model.heads is not None and s.tree_size == 1 and model.tree_by_lookup:  # calibrate's plain tree beside the lookup
+        note += " (calibrated here: the heads' nodes did not pay beside the lookup; --no-lookup drafts with the heads)"
+    return note
 
 
 def _ms(total: float, steps: int) -> str:
