@@ -32,7 +32,10 @@ batch_chi2="not sigkill and not keeps_the_backbones_distribution"
 # worker threads and streaming (a mutant there hangs a request until the timeout, not a test).
 server_fns="x_create_app* x__unicode* x__param* x__from_worker* x__finish* x__usage* x__ours* xǁGuardǁ* xǁAPIErrorǁ* xǁWorkerǁsubmit*"
 # calibrate's lookup decision and measurements (stop 59), not its search (treesearch) or its timing loops.
-calibrate_fns="x_decide_lookup* x_measure_trees* x_with_lookup* x_lookup_depths* x_lookup_summary*"
+calibrate_fns="x_decide_lookup* x_lookup_finalists* x_measure_trees* x_with_lookup* x_lookup_depths* x_lookup_summary*"
+# What a heads config's calibration gives load() with prompt lookup on and off (stop 60), and what writes it.
+draftmodel_fns="x_calibrated_trees* x_without_lookup*"
+calibration_io_fns="x__write_tree_to_heads* x__trees_said*"
 modules=(
   "acceptance|acceptance.py|test_acceptance.py test_properties.py test_mutation_pins.py|$slow_k"
   "tree|tree.py|test_tree_and_heads.py test_properties.py test_mutation_pins.py test_batch.py|$batch_chi2"
@@ -52,6 +55,8 @@ modules=(
   "ngrams|ngrams.py|test_ngrams.py test_lookup.py"
   "lookup|lookup.py|test_lookup.py test_ngrams.py test_mutation_pins2.py test_batch.py|$batch_chi2"
   "calibrate|calibrate.py|test_lookup.py test_treesearch.py||$calibrate_fns"
+  "draftmodel|draftmodel.py|test_lookup.py test_batch.py test_row_exact.py test_llamacpp.py|$batch_chi2|$draftmodel_fns"
+  "calibration_io|bench.py|test_lookup.py test_treesearch.py test_row_exact.py test_bench.py||$calibration_io_fns"
 )
 
 want=("$@")
