@@ -456,6 +456,12 @@ def test_heads_alone_is_checked_and_taken_where_lookup_is_off(tiny_dirs, capsys)
     assert tuple(without_lookup(cal)) == ([[0]], {"1": [[0]], "8": []}, {"8": 0.4, "1": 0.25}, False, None)
     assert calibrated_trees(cfg, "cpu", torch.float32).tree == [[0], [1]]
     assert without_lookup(calibrated_trees(cfg, "cpu", torch.float32)).tree == [[0], [1]]  # nothing stored apart
+    assert tuple(calibrated_trees(cfg, "cpu", torch.float32, "llama.cpp")) == (None,) * 5  # torch's do not carry over
+    cfg.device_trees["llama.cpp cpu"] = {"tree": [], "lookup": False}
+    assert tuple(calibrated_trees(cfg, "cpu", torch.float32, "llama.cpp")) == ([], None, None, False, None)
+    # the heads alone uncut: a cut for one sequence chosen beside the lookup does not carry over to them
+    cal = cal._replace(cuts={"1": 0.2, "8": 0.4}, heads_alone={"tree": [[0]], "draft_confidence": None})
+    assert without_lookup(cal).cuts == {"8": 0.4} and without_lookup(cal._replace(cuts={"1": 0.2})).cuts is None
 
     bb, heads, _ = tiny_dirs
     cfg = read_config(heads)
@@ -614,6 +620,11 @@ def test_pins_of_calibrate_s_lookup_measures_mutation_testing_found_loose(monkey
     assert [c["tree"] for c in lookup_finalists(curve, whole=2)] == [[(0,)], []]
     assert [c["tree"] for c in lookup_finalists(curve, margin=0.02)] == [[(0,)], []]
     assert [c["tree"] for c in lookup_finalists(curve, margin=0.005)] == [[(0,)]]
+    edge = [{"tree": [], "tokens_per_s_hybrid": 100.0}, {"tree": [(0,)], "tokens_per_s_hybrid": 50.0}]
+    assert len(lookup_finalists(edge, margin=0.5)) == 2  # exactly at the margin: a finalist
+    # a reply exactly at the tie's edge ties: the fewest nodes
+    fast = (230.0, (1 - REPLY_TIE) * 230.0)
+    assert decide_lookup("dm", [[1]], alone, hybrids, 8)["with_lookup"]["tree"] == []
 
     ranks = torch.tensor([[0, 0], [1, -1], [-1, -1]])
     curve = [{"size": 1, "tree": []}, {"size": 3, "tree": [(0,), (0, 0)]}]
@@ -646,3 +657,30 @@ def test_pins_of_calibrate_s_lookup_measures_mutation_testing_found_loose(monkey
         "positions": 1, "match_rate": 1.0, "accuracy": [1.0], "mean_nodes": 1.0}
     assert (s["mean_accepted_lookup_only"], s["mean_accepted_heads_only"], s["mean_accepted_hybrid"]) == (2.0, 2.0, 2.0)
     assert s["config"] == {**vars(LookupConfig(max_ngram=2, min_ngram=2, branches=1, tokens=1))}
+
+
+def test_pins_of_the_calibration_writer_mutation_testing_found_loose(tmp_path):
+    """bench._write_tree_to_heads (scripts/mutation.sh calibration_io, stop 60): another device's entry keeps the
+    entries already there; heads_alone keeps its cut; a table without cuts drops an earlier one; a table without
+    batch size 1 takes the cut for one sequence beside its own; no cuts at all is null."""
+    import json
+
+    from draftheads.bench import _write_tree_to_heads
+    from draftheads.heads.checkpoint import read_config, save_heads
+
+    save_heads(tiny_heads(tiny_model(), 2), tmp_path)
+    _write_tree_to_heads(tmp_path, [], None, "llama.cpp cpu", None, False)
+    _write_tree_to_heads(tmp_path, [], None, "cpu bfloat16", None, True, {"tree": [[0]], "draft_confidence": 0.3})
+    cfg = read_config(tmp_path)
+    assert cfg["device_trees"]["llama.cpp cpu"] == {"tree": [], "lookup": False, "batch_draft_confidence": None}
+    assert cfg["device_trees"]["cpu bfloat16"]["heads_alone"] == {"tree": [[0]], "draft_confidence": 0.3}
+    _write_tree_to_heads(tmp_path, [[0]], {"2": {"tree": [[0]], "draft_confidence": 0.2}})
+    _write_tree_to_heads(tmp_path, [[0]], {"2": {"tree": []}})  # a table without cuts: the earlier ones go
+    assert "batch_draft_confidence" not in read_config(tmp_path)
+    _write_tree_to_heads(tmp_path, [[0]], {"2": {"tree": [], "draft_confidence": 0.2}}, cut=0.4)
+    assert read_config(tmp_path)["batch_draft_confidence"] == {"1": 0.4, "2": 0.2}
+    _write_tree_to_heads(tmp_path, [[0]], {"1": {"tree": [[0]]}, "2": {"tree": [], "draft_confidence": 0.2}}, cut=0.4)
+    assert read_config(tmp_path)["batch_draft_confidence"] == {"2": 0.2}  # the table's entry for 1 holds it (none)
+    _write_tree_to_heads(tmp_path, [[0]], {"1": {"tree": [[0]]}})
+    _write_tree_to_heads(tmp_path, [[0]])  # one sequence's tree alone, uncut, nothing else cut
+    assert json.loads((tmp_path / "config.json").read_text())["batch_draft_confidence"] is None
