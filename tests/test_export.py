@@ -22,7 +22,8 @@ def _heads(model, lm_head="own", trimmed=None, layers=1, seed=3):
     torch.manual_seed(seed)
     cfg = HeadsConfig(num_heads=3, hidden_size=64, vocab_size=model.config.vocab_size, num_layers=layers,
                       lm_head=lm_head, trimmed_vocab=trimmed, backbone="tiny",
-                      backbone_fingerprint=tiny_heads(model).cfg.backbone_fingerprint, tree=[[0], [0, 0]])
+                      backbone_fingerprint=tiny_heads(model).cfg.backbone_fingerprint, tree=[[0], [0, 0]],
+                      lookup=True, heads_alone={"tree": [[0], [1], [0, 0]], "draft_confidence": 0.2})
     heads = MedusaHeads(cfg)
     if trimmed:
         heads.vocab_map.copy_(torch.randperm(cfg.vocab_size)[:trimmed])
@@ -43,6 +44,7 @@ def _same(a: MedusaHeads, b: MedusaHeads):
     assert (a.cfg.num_heads, a.cfg.num_layers, a.cfg.lm_head, a.cfg.trimmed_vocab, a.cfg.vocab_size) == \
            (b.cfg.num_heads, b.cfg.num_layers, b.cfg.lm_head, b.cfg.trimmed_vocab, b.cfg.vocab_size)
     assert b.cfg.backbone_fingerprint == a.cfg.backbone_fingerprint and b.cfg.tree == a.cfg.tree
+    assert (b.cfg.lookup, b.cfg.heads_alone) == (a.cfg.lookup, a.cfg.heads_alone)  # what load picks a tree by
 
 
 @pytest.mark.parametrize("to", ["vllm", "medusa", "tgi"])
@@ -52,6 +54,15 @@ def test_round_trip(model, tmp_path, to, lm_head, layers):
     export_heads(heads, tmp_path, to, backbone_weight=model.get_output_embeddings().weight)
     back = load_heads(tmp_path, model)
     _same(heads, back)
+
+
+def test_an_export_whose_calibration_is_malformed_is_refused_in_one_line(model, tmp_path):
+    export_heads(_heads(model), tmp_path, "vllm")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["draftheads"]["heads_alone"] = {"tree": [[0]], "draft_confidence": 2}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="heads_alone must be"):
+        load_heads(tmp_path, model)
 
 
 def test_vllm_layout_names(model, tmp_path):

@@ -170,6 +170,8 @@ def _restore_identity(cfg: HeadsConfig, raw: dict) -> None:
     cfg.backbone = ours.get("backbone", cfg.backbone) or cfg.backbone
     cfg.backbone_fingerprint = list(ours.get("backbone_fingerprint") or cfg.backbone_fingerprint)
     cfg.tree = ours.get("tree", cfg.tree)
+    cfg.lookup, cfg.heads_alone = ours.get("lookup", cfg.lookup), ours.get("heads_alone", cfg.heads_alone)
+    HeadsConfig.from_dict(cfg.to_dict())  # what was restored is checked as a native config is
     cfg.tuned_fingerprint = list(ours.get("tuned_fingerprint") or cfg.tuned_fingerprint)  # Medusa-2 exports
 
 

@@ -49,9 +49,10 @@ def export_heads(heads: MedusaHeads, out: str | Path, to: str, backbone_weight: 
     cfg = heads.cfg
     state = {k: (v.float() if v.is_floating_point() else v).detach().contiguous().cpu()
              for k, v in heads.state_dict().items()}
-    # What engines ignore but our import restores: the wrong-backbone check and the calibrated tree.
+    # What engines ignore but our import restores: the wrong-backbone check and the calibrated tree (with the lookup
+    # decision it was chosen beside and the heads' own tree apart, which `load` picks between).
     ours = {"backbone": cfg.backbone, "backbone_fingerprint": cfg.backbone_fingerprint, "tree": cfg.tree,
-            "exported_by": "draftheads"}
+            "lookup": cfg.lookup, "heads_alone": cfg.heads_alone, "exported_by": "draftheads"}
     if cfg.tuned_fingerprint:  # Medusa-2 heads: refuse the untuned backbone after a round trip too
         ours["tuned_fingerprint"] = cfg.tuned_fingerprint
     if to == "vllm":
