@@ -170,6 +170,30 @@ def test_hydra_heads_batch_each_sequence_drafting_as_it_would_alone(head_type):
         assert s.accepted == alone.accepted[:len(s.accepted)] and sum(s.accepted) > len(s.accepted)
 
 
+def test_a_plain_table_runs_no_hydra_prefix_layer_in_the_batch(monkeypatch):
+    """Heads whose every tree in the batch is plain (calibrate's choice beside prompt lookup) draft nothing: the
+    batch leaves them out of each sequence's drafter (Hydra++'s prefix layer is never run), the lookup still drafts,
+    and the output equals plain greedy; a table with a tree, or a request naming one, keeps them."""
+    from tiny import tiny_hydra_heads
+
+    from draftheads.lookup import LookupConfig, PromptLookup
+
+    model = tiny_model()
+    heads = tiny_hydra_heads(model, "hydra++")
+    observed = []
+    observe = type(heads).observe  # on the class: each sequence drafts with its own copy (for_sequence)
+    monkeypatch.setattr(type(heads), "observe", lambda self, h, ids: (observed.append(len(ids)), observe(self, h, ids))[1])
+    prompts = [[5, 6, 7, 8] * 3, [9, 10, 11] * 4]
+    dec = Decoder(model, heads, load_tree([], 3), PromptLookup(LookupConfig()))
+    batch = BatchDecoder(dec, slots=2, capacity=96, batch_trees={1: Tree([]), 2: Tree([])}, draft_confidence=0.0)
+    assert drive(batch, [(p, SamplingConfig(), None) for p in prompts], 20) == [hf_greedy(model, p, 20) for p in prompts]
+    assert observed == []
+    batch = BatchDecoder(dec, slots=2, capacity=96, batch_trees={1: Tree([]), 2: load_tree("chain2", 3)},
+                         draft_confidence=0.0)
+    assert drive(batch, [(p, SamplingConfig(), None) for p in prompts], 20) == [hf_greedy(model, p, 20) for p in prompts]
+    assert observed  # a tree at 2 sequences: the heads follow every sequence from its prompt on
+
+
 def _recording(init, made: list):
     """BatchDecoder.__init__ that also keeps each instance in `made`."""
     def wrapped(self, *args, **kwargs):

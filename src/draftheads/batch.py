@@ -191,8 +191,12 @@ class BatchDecoder:
         dec, dev = self.dec, self.dec.device
         t0 = dec._sync()
         drafter = None
-        if self.heads is not None or self.lookup_cfg is not None:
-            heads = self.heads.for_sequence() if self.heads is not None else None  # Hydra++: its own prefix cache
+        # The heads draft only where a tree it may take has nodes: with a plain table (calibrate's choice beside the
+        # lookup) Hydra++'s prefix layer would follow every token for nothing
+        table = [t for _, t in self.batch_trees] if by_batch and self.batch_trees else [tree]  # tree_at's choices
+        drafts = any(t.size > 1 for t in table)
+        if (self.heads is not None and drafts) or self.lookup_cfg is not None:
+            heads = self.heads.for_sequence() if self.heads is not None and drafts else None  # Hydra++: its own prefix cache
             drafter = Hybrid(heads, PromptLookup(self.lookup_cfg, self.lookup_store) if self.lookup_cfg else None)
             drafter.reset()
             drafter.observe(h, ids)
