@@ -45,7 +45,7 @@ $dh calibrate --heads $R/train/heads --prompts $R/calib_prompts.jsonl --limit 24
 #    and for bf16 on this CPU (stored in the heads' device_trees)
 $dh calibrate --heads $R/train/heads --prompts $R/calib_prompts.jsonl --limit 24 --max-new-tokens 96 \
     --max-nodes 32 --latency-sizes 1,2,3,4,5,6,8,12,16,24,32 --latency-steps 16 --measure-limit 8 \
-    --batch-sizes 1,2,4,8 --threads 2 --dtype bfloat16 --out $R/tree_bf16.json --write-to-heads
+    --batch-sizes 1,2,4,8 --threads 2 --dtype bfloat16 --lookup --out $R/tree_bf16.json --write-to-heads
 #    and on the llama.cpp engine (its rows cost about a step: the tree and the lookup decided there)
 $dh calibrate --heads $R/train/heads --engine llama.cpp --prompts $R/calib_prompts.jsonl --limit 24 --max-new-tokens 96 \
     --max-nodes 8 --latency-sizes 1,2,3,4,6,8 --latency-steps 16 --measure-limit 8 --threads 2 --lookup \

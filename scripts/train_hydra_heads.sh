@@ -33,14 +33,13 @@ mkdir -p $R
     $D/gpteacher_codegen_instruct.json $D/gpteacher_roleplay_instruct.json --num 24 -o $R/calib_prompts.jsonl
 [ -f $R/tree.json ] || $dh calibrate --heads $R/train/heads --prompts $R/calib_prompts.jsonl --limit 24 \
     --max-new-tokens 96 --max-nodes 32 --latency-sizes 1,2,3,4,5,6,8,12,16,24,32 --latency-steps 16 \
-    --measure-limit 8 --threads 2 --out $R/tree.json --write-to-heads
+    --measure-limit 8 --threads 2 --lookup --out $R/tree.json --write-to-heads
 #    and for bf16 on this CPU (stored in the heads' device_trees)
 [ -f $R/tree_bf16.json ] || $dh calibrate --heads $R/train/heads --prompts $R/calib_prompts.jsonl --limit 24 \
     --max-new-tokens 96 --max-nodes 32 --latency-sizes 1,2,3,4,5,6,8,12,16,24,32 --latency-steps 16 \
-    --measure-limit 8 --threads 2 --dtype bfloat16 --out $R/tree_bf16.json --write-to-heads
-#    and on the llama.cpp engine, deciding prompt lookup there too. (Not on torch: with --lookup, stop 59's run chose
-#    the plain tree beside the lookup, i.e. Hydra++ unused, and a config holds one tree per device, which --no-lookup
-#    would then get; README, stop 59.)
+    --measure-limit 8 --threads 2 --dtype bfloat16 --lookup --out $R/tree_bf16.json --write-to-heads
+#    and on the llama.cpp engine. Each run with --lookup also decides whether prompt lookup pays beside the heads there
+#    and keeps the heads' own tree apart (heads_alone) for --no-lookup (README, stop 60).
 [ -f $R/tree_llamacpp.json ] || $dh calibrate --heads $R/train/heads --engine llama.cpp --prompts $R/calib_prompts.jsonl \
     --limit 24 --max-new-tokens 96 --max-nodes 8 --latency-sizes 1,2,3,4,6,8 --latency-steps 16 --measure-limit 8 \
     --threads 2 --lookup --out $R/tree_llamacpp.json --write-to-heads
