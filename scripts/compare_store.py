@@ -41,7 +41,7 @@ def main() -> None:
     bb = Backbone(dm.backbone, dm.tokenizer, dm.backbone_name)
     kw = {"batch_cuts": dm.batch_cuts, "ngrams": dm.ngrams}
     # the heads alone on their own tree and cut where calibrate chose dm's beside the lookup
-    alone, alone_cuts = (dm.tree_by_lookup or {}).get(False, (dm.tree, dm.batch_cuts))
+    alone, alone_cuts = dm.tree_for(False)
     models = {"plain loop": draftheads.DraftModel(bb),
               "heads": draftheads.DraftModel(bb, dm.heads, alone, lookup=False, **{**kw, "batch_cuts": alone_cuts}),
               "heads + lookup, no store": draftheads.DraftModel(bb, dm.heads, dm.tree, lookup={"store_tokens": 0}, **kw),

@@ -34,7 +34,7 @@ server_fns="x_create_app* x__unicode* x__param* x__from_worker* x__finish* x__us
 # calibrate's lookup decision and measurements (stop 59), not its search (treesearch) or its timing loops.
 calibrate_fns="x_decide_lookup* x_lookup_finalists* x_measure_trees* x_with_lookup* x_lookup_depths* x_lookup_summary*"
 # What a heads config's calibration gives load() with prompt lookup on and off (stop 60), and what writes it.
-draftmodel_fns="x_calibrated_trees* x_without_lookup*"
+draftmodel_fns="x_calibrated_trees* x_without_lookup* xǁDraftModelǁtree_for*"
 calibration_io_fns="x__write_tree_to_heads* x__trees_said*"
 modules=(
   "acceptance|acceptance.py|test_acceptance.py test_properties.py test_mutation_pins.py|$slow_k"

@@ -476,8 +476,10 @@ def test_heads_alone_is_checked_and_taken_where_lookup_is_off(tiny_dirs, capsys)
     both = {on: (t.to_json(), c) for on, (t, c) in m.tree_by_lookup.items()}
     assert both == {on: (t.to_json(), c) for on, (t, c) in off.tree_by_lookup.items()}
     assert both == {True: ([[0]], {4: 0.2}), False: ([[0], [0, 0]], {1: 0.3, 4: 0.2})}
+    assert {on: (t.to_json(), c) for on in (True, False) for t, c in [off.tree_for(on)]} == both
     named = draftheads.load(heads=str(heads), backbone=str(bb), lookup=False, tree="chain2")
     assert named.tree.to_json() == [[0], [0, 0]] and named.batch_trees == {} and named.tree_by_lookup is None
+    assert named.tree_for(True) == named.tree_for(False) == (named.tree, named.batch_cuts)  # a named tree serves both
 
     dm, plain = load_parts(argparse.Namespace(heads=str(heads), backbone=str(bb), device="cpu", dtype=None))
     run = Runner(dm, plain, LookupConfig())  # bench loads without the lookup; its methods take their own trees

@@ -58,8 +58,7 @@ class Runner:
         # speculative is the heads alone whatever --lookup says; lookup and hybrid add the lookup's branches. Each keeps
         # its tree's cut for one sequence (a calibrated tree's, none for --tree); where calibrate chose the heads' tree
         # beside the lookup and without it apart, each method takes its own
-        alone, both = (dm.tree_by_lookup or {}).get(False), (dm.tree_by_lookup or {}).get(True)
-        alone, both = alone or (dm.tree, dm.batch_cuts), both or (dm.tree, dm.batch_cuts)
+        alone, both = dm.tree_for(False), dm.tree_for(True)
         self.ours = {"loop": plain, "speculative": DraftModel(bb, dm.heads, alone[0], batch_cuts=alone[1]),
                      "lookup": DraftModel(bb, None, None, lookup, ngrams=dm.ngrams),
                      "hybrid": DraftModel(bb, dm.heads, both[0], lookup, batch_cuts=both[1], ngrams=dm.ngrams)}
@@ -237,7 +236,7 @@ def _report(args, dm, methods, records, mismatches, latency, lookup, reference, 
                    "tree": dm.tree.to_json() if dm.tree else None, "tree_size": dm.tree.size if dm.tree else 1,
                    "cut": dm.batch_cuts.get(1, 0.0),  # the path probability a node needs (0: every node)
                    # each method's tree and cut where calibrate chose them beside prompt lookup and without it apart
-                   "tree_by_method": ({m: {"tree": dm.tree_by_lookup[on][0].to_json(), "cut": dm.tree_by_lookup[on][1].get(1, 0.0)}
+                   "tree_by_method": ({m: {"tree": dm.tree_for(on)[0].to_json(), "cut": dm.tree_for(on)[1].get(1, 0.0)}
                                        for m, on in (("speculative", False), ("hybrid", True))} if dm.tree_by_lookup else None),
                    "num_heads": dm.heads.cfg.num_heads, "device": args.device, "dtype": str(dm.backbone.dtype),
                    "activations": activations() if rounds_activations(dm.backbone) else "as the dtype",

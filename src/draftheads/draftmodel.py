@@ -77,6 +77,11 @@ class DraftModel:
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {e for e in eos + [self.tokenizer.eos_token_id] if e is not None}
 
+    def tree_for(self, lookup: bool) -> tuple[Tree | None, dict[int, float]]:
+        """The heads' tree and cuts with prompt lookup on (True) or off: calibrate's choice for that setting where it
+        chose them apart (tree_by_lookup), else `tree` and `batch_cuts`."""
+        return (self.tree_by_lookup or {}).get(lookup, (self.tree, self.batch_cuts))
+
     def prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, torch.Tensor):
             if prompt.dim() == 2 and prompt.shape[0] != 1:
