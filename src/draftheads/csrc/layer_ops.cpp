@@ -1,5 +1,5 @@
 // The small ops of a decoder layer between its products, for the few rows of a decoding pass (float32,
-// CPU, AVX2): RMSNorm (with the residual add before it), rotary embedding in place, attention over the
+// CPU, AVX2; attention's sums on AVX-512 where the CPU has it): RMSNorm (with the residual add before it), rotary embedding in place, attention over the
 // cache with an additive mask and grouped kv heads, and SiLU(gate) * up. At one row each torch op costs
 // 15-90 us of dispatch for ~1 us of arithmetic (docs/verify_profile.md); here each is one call.
 //
@@ -163,10 +163,92 @@ static inline void dots(const float* const* q, const T* const* k, float* const* 
   }
 }
 
+#if defined(__AVX512F__)
+// On AVX-512 a head of 16k dims (the default model's 64) takes 16 lanes a load: half the loads, float16 conversions and
+// FMAs of the 8-lane body per key. Each query's sums are again the same operations in the same order whatever the
+// rows and queries beside it (16 lanes over the dims in order, the halves added, then hsum / hsum4), so the row
+// independence above holds; they are not the 8-lane body's floats, so a head width takes one body on a given CPU.
+#define DRAFTHEADS_ATTENTION512 1
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+static inline __m256 halves_added(__m512 a) {
+  return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+}
+
+// dots on 16 lanes (D % 16 == 0)
+template <int M, int N, typename T>
+static inline void dots16(const float* const* q, const T* const* k, float* const* out, int64_t j, int64_t D) {
+  __m512 a[M][N];
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n) a[m][n] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 16) {
+    __m512 qv[M];
+    for (int m = 0; m < M; ++m) qv[m] = _mm512_loadu_ps(q[m] + d);
+    for (int n = 0; n < N; ++n) {
+      const __m512 kv = load16(k[n] + d);
+      for (int m = 0; m < M; ++m) a[m][n] = _mm512_fmadd_ps(qv[m], kv, a[m][n]);
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    __m256 h[N];
+    for (int n = 0; n < N; ++n) h[n] = halves_added(a[m][n]);
+    if constexpr (N == 4) hsum4(h, out[m] + j);
+    else
+      for (int n = 0; n < N; ++n) out[m][j + n] = hsum(h[n]);
+  }
+}
+
+// weighted_sums on 16 lanes: M queries' sums over dims [0, 16C) in M x C chains, the totals counted along
+template <int M, int C, typename T>
+static inline void weighted_sums16(const float* const* p, const T* v, int64_t stride, int64_t j0, int64_t j1,
+                                   float* const* acc, float* total) {
+  __m512 a[M][C];
+  float t[M];
+  for (int m = 0; m < M; ++m) {
+    t[m] = total[m];
+    for (int c = 0; c < C; ++c) a[m][c] = _mm512_loadu_ps(acc[m] + 16 * c);
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    __m512 pj[M];
+    for (int m = 0; m < M; ++m) {
+      pj[m] = _mm512_set1_ps(p[m][j]);
+      t[m] += p[m][j];
+    }
+    const T* vr = v + j * stride;
+    for (int c = 0; c < C; ++c) {
+      const __m512 vv = load16(vr + 16 * c);
+      for (int m = 0; m < M; ++m) a[m][c] = _mm512_fmadd_ps(pj[m], vv, a[m][c]);
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    total[m] = t[m];
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc[m] + 16 * c, a[m][c]);
+  }
+}
+
+template <int M, typename T>
+static void weighted_sums16(int C, const float* const* p, const T* v, int64_t stride, int64_t j0, int64_t j1,
+                            float* const* acc, float* total) {
+  switch (C) {
+    case 1: weighted_sums16<M, 1, T>(p, v, stride, j0, j1, acc, total); break;
+    case 2: weighted_sums16<M, 2, T>(p, v, stride, j0, j1, acc, total); break;
+    case 3: weighted_sums16<M, 3, T>(p, v, stride, j0, j1, acc, total); break;
+    default: weighted_sums16<M, 4, T>(p, v, stride, j0, j1, acc, total);
+  }
+}
+#else
+#define DRAFTHEADS_ATTENTION512 0
+#endif
+
 // The scores of queries q[0, n) against keys [0, L) of a kv head (rows `stride` apart) into out[x][j]: the queries in
 // groups of up to 3, keys 4 at a time, then one at a time.
 template <typename T>
 static void scores(const float* const* q, int64_t n, const T* kb, int64_t stride, int64_t L, float* const* out, int64_t D) {
+#if DRAFTHEADS_ATTENTION512
+  const bool wide = D % 16 == 0;
+#else
+  const bool wide = false;
+#endif
   for (int64_t x = 0; x < n; x += 3) {
     const float* const* qx = q + x;
     float* const* ox = out + x;
@@ -174,12 +256,28 @@ static void scores(const float* const* q, int64_t n, const T* kb, int64_t stride
     int64_t j = 0;
     for (; j + 4 <= L; j += 4) {
       const T* ks[4] = {kb + j * stride, kb + (j + 1) * stride, kb + (j + 2) * stride, kb + (j + 3) * stride};
+#if DRAFTHEADS_ATTENTION512
+      if (wide) {
+        if (m == 3) dots16<3, 4>(qx, ks, ox, j, D);
+        else if (m == 2) dots16<2, 4>(qx, ks, ox, j, D);
+        else dots16<1, 4>(qx, ks, ox, j, D);
+        continue;
+      }
+#endif
       if (m == 3) dots<3, 4>(qx, ks, ox, j, D);
       else if (m == 2) dots<2, 4>(qx, ks, ox, j, D);
       else dots<1, 4>(qx, ks, ox, j, D);
     }
     for (; j < L; ++j) {
       const T* ks[1] = {kb + j * stride};
+#if DRAFTHEADS_ATTENTION512
+      if (wide) {
+        if (m == 3) dots16<3, 1>(qx, ks, ox, j, D);
+        else if (m == 2) dots16<2, 1>(qx, ks, ox, j, D);
+        else dots16<1, 1>(qx, ks, ox, j, D);
+        continue;
+      }
+#endif
       if (m == 3) dots<3, 1>(qx, ks, ox, j, D);
       else if (m == 2) dots<2, 1>(qx, ks, ox, j, D);
       else dots<1, 1>(qx, ks, ox, j, D);
@@ -357,9 +455,20 @@ static torch::Tensor attention_of(const torch::Tensor& q, const torch::Tensor& k
         std::fill(acc.begin(), acc.end(), 0.0f);
         std::fill(total.begin(), total.end(), 0.0f);
         for (int64_t j0 = 0; j0 < Lb; j0 += VALUE_BLOCK)
-          for (int64_t x = 0; x < n; x += 3)
-            group_sums(std::min<int64_t>(3, n - x), C, ss.data() + x, vb + d, v.stride(2), j0, std::min(Lb, j0 + VALUE_BLOCK),
-                       accs.data() + x, total.data() + x);
+          for (int64_t x = 0; x < n; x += 3) {
+            const int64_t m = std::min<int64_t>(3, n - x), j1 = std::min(Lb, j0 + VALUE_BLOCK);
+#if DRAFTHEADS_ATTENTION512
+            if (D % 16 == 0) {  // C / 2 chains of 16 lanes a query
+              const float* const* px = ss.data() + x;
+              float* const* ax = accs.data() + x;
+              if (m == 3) weighted_sums16<3>(C / 2, px, vb + d, v.stride(2), j0, j1, ax, total.data() + x);
+              else if (m == 2) weighted_sums16<2>(C / 2, px, vb + d, v.stride(2), j0, j1, ax, total.data() + x);
+              else weighted_sums16<1>(C / 2, px, vb + d, v.stride(2), j0, j1, ax, total.data() + x);
+              continue;
+            }
+#endif
+            group_sums(m, C, ss.data() + x, vb + d, v.stride(2), j0, j1, accs.data() + x, total.data() + x);
+          }
         for (int64_t x = 0; x < n; ++x) {
           const __m256 inv = _mm256_set1_ps(1.0f / total[x]);
           for (int c = 0; c < C; ++c)
