@@ -129,6 +129,12 @@ def test_lookup_takes_the_store_chain_where_the_prompt_leaves_room():
     full.observe(None, [5, 6, 11, 12, 5, 6, 13, 14, 5])
     assert full.branches(6) == [[13, 14, 5], [11, 12, 5]]  # two copies: no room, the store's [7, 8] is not asked
     assert PromptLookup(LookupConfig(store_tokens=0), store).branches(6) == []  # off
+    # the default: one branch, the latest copy where the context has one, the store's chain only where it has none
+    default = PromptLookup(LookupConfig(tokens=3, store_tokens=2, store_min_prob=0.5), store)
+    default.observe(None, [1, 5])
+    assert default.branches(6) == [[7, 8]]
+    default.observe(None, [6, 11, 12, 5, 6, 13, 14, 5])
+    assert default.branches(6) == [[13, 14, 5]]
     short = PromptLookup(LookupConfig(tokens=1, store_tokens=4), store)
     short.observe(None, [1, 5])
     assert short.branches(6) == [[7]]  # `tokens` caps the chain as every branch

@@ -35,7 +35,11 @@ SCAN = 64  # occurrences looked at per n-gram length: enough to find `branches` 
 class LookupConfig:
     max_ngram: int = 3  # longest suffix matched
     min_ngram: int = 2  # shortest; one-token matches are mostly noise in prose
-    branches: int = 2  # distinct continuations per step
+    # distinct continuations per step. One: a second copy (and the store's chain beside a copy) cost more rows than
+    # they brought. On training-side prompts (stop 61, scripts/compare_store.py, 128 tokens, this EPYC) 2 -> 1 took
+    # nodes a step 3.84 -> 3.30 and 3.88 -> 3.36, accepted 1.88 -> 1.82 and 1.95 -> 1.90, tokens/s 1.024x and 1.036x
+    # (20 and 40 prompts)
+    branches: int = 1
     tokens: int = 5  # tokens per continuation
     # The n-gram store's chain (where the backbone has one: draftmodel.ngram_store): most tokens (0: off; `tokens` caps it as it
     # caps every branch), and the product of their shares it keeps to. On 76 training-side prompts (stop 58,
