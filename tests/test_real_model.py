@@ -69,8 +69,8 @@ def test_shipped_heads_accept_several_tokens_per_step(heads_alone):
     heads for another backbone) falls to ~1 token per step while still passing the equality test. Alone:
     beside prompt lookup and the n-gram store, those would draft for them."""
     r = heads_alone.generate("Explain what a hash table is and when to use one.", max_new_tokens=96)
-    # Greedy, so deterministic: on their 4-node tree the shipped heads give 1.40 here (on [[0]], 1.17 with int8
-    # activations, 1.34 with float32 ones: another text, the two part at a near-tie); plain decoding gives exactly 1.0.
+    # Greedy, so deterministic: on their 5-node tree the shipped heads give 1.44 here (4 nodes: 1.40; on [[0]], 1.17 with
+    # int8 activations, 1.34 with float32 ones: another text, the two part at a near-tie); plain decoding gives exactly 1.0.
     assert r.stats.mean_accepted > 1.1 and r.stats.lookup_accepted == 0, r.stats.to_dict()
 
 
@@ -87,7 +87,7 @@ def test_shipped_hydra_heads_are_lossless_and_draft(models):
     prompt = "Explain what a hash table is and when to use one."
     r = hydra.generate(prompt, max_new_tokens=96)
     assert r.token_ids == plain.generate(prompt, max_new_tokens=96).token_ids
-    assert r.stats.mean_accepted > 1.1 and r.stats.lookup_accepted == 0, r.stats.to_dict()  # 1.51 (plain decoding: 1.0)
+    assert r.stats.mean_accepted > 1.1 and r.stats.lookup_accepted == 0, r.stats.to_dict()  # 1.58 (plain decoding: 1.0)
 
 
 def test_shipped_ngram_store_drafts_beside_any_heads_on_the_default_backbone(models):
