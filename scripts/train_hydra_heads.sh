@@ -28,9 +28,19 @@ mkdir -p $R
     --lm-head shared --trim-vocab 4096 --grounded-residual hidden --soft-targets --dropout 0.2 --epochs 1 \
     --batch-size 8 --lr 1e-3 --save-dtype float16 --threads 2
 
-# 2. Calibrate its tree on the prompts the Medusa heads were calibrated on (training sources, not distilled).
-[ -f $R/calib_prompts.jsonl ] || .venv/bin/python scripts/unused_prompts.py data/distilled $D/gsm8k_train.jsonl \
-    $D/gpteacher_codegen_instruct.json $D/gpteacher_roleplay_instruct.json --num 24 -o $R/calib_prompts.jsonl
+# 2. Calibrate its tree on the prompts the Medusa heads were calibrated on (scripts/train_default_heads.sh, step 2: 12
+#    training-source prompts distillation did not use and 12 data-free chat questions), made the same way where that
+#    run left none; the shipped configs of both head sets were calibrated on them.
+C=runs/default
+if [ ! -f $C/calib_prompts.jsonl ]; then
+    mkdir -p $C
+    .venv/bin/python scripts/unused_prompts.py data/distilled $D/gsm8k_train.jsonl $D/gpteacher_codegen_instruct.json \
+        $D/gpteacher_roleplay_instruct.json --num 12 -o $C/calib_files.jsonl
+    [ -f $C/calib_chat.jsonl ] || $dh distill -o $C/calib_chat.jsonl --num 12 --data-free 1 --seed 7 --max-new-tokens 8 \
+        --batch-size 12 --threads 2 --no-progress
+    cat $C/calib_files.jsonl $C/calib_chat.jsonl > $C/calib_prompts.jsonl
+fi
+[ -f $R/calib_prompts.jsonl ] || cp $C/calib_prompts.jsonl $R/calib_prompts.jsonl
 [ -f $R/tree.json ] || $dh calibrate --heads $R/train/heads --prompts $R/calib_prompts.jsonl --limit 24 \
     --max-new-tokens 96 --max-nodes 32 --latency-sizes 1,2,3,4,5,6,8,12,16,24,32 --latency-steps 16 \
     --measure-limit 8 --threads 2 --lookup --out $R/tree.json --write-to-heads
