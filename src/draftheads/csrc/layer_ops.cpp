@@ -175,6 +175,26 @@ static inline __m256 halves_added(__m512 a) {
   return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
 }
 
+// exp8 on 16 lanes: the same operations lane by lane, so the same floats
+static inline __m512 exp16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.0f);
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), lo);
+  __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                  _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(x, x), x), _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mov_ps(keep, _mm512_mul_ps(y, _mm512_castsi512_ps(e)));
+}
+
 // dots on 16 lanes (D % 16 == 0)
 template <int M, int N, typename T>
 static inline void dots16(const float* const* q, const T* const* k, float* const* out, int64_t j, int64_t D) {
@@ -442,13 +462,31 @@ static torch::Tensor attention_of(const torch::Tensor& q, const torch::Tensor& k
         float* sx = s.data() + x * Lp;
         const float* m = ms[x];
         float mx = -INFINITY;
-        for (j = 0; j < Lb; ++j) {
+        j = 0;
+#if DRAFTHEADS_ATTENTION512
+        {  // the scalar loop's operations 16 lanes at a time (a product, then a sum: no FMA), so the same floats
+          const __m512 scale16 = _mm512_set1_ps(sc), zero = _mm512_setzero_ps();
+          __m512 top = _mm512_set1_ps(-INFINITY);
+          for (; j + 16 <= Lb; j += 16) {
+            const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(sx + j), scale16), m ? _mm512_loadu_ps(m + j) : zero);
+            _mm512_storeu_ps(sx + j, v);
+            top = _mm512_max_ps(top, v);
+          }
+          mx = _mm512_reduce_max_ps(top);
+        }
+#endif
+        for (; j < Lb; ++j) {
           sx[j] = sx[j] * sc + (m ? m[j] : 0.0f);
           mx = std::max(mx, sx[j]);
         }
         for (j = Lb; j < Lbp; ++j) sx[j] = -INFINITY;  // padding to whole vectors: weight 0
         const __m256 mv = _mm256_set1_ps(mx);
-        for (j = 0; j < Lbp; j += 8) _mm256_storeu_ps(sx + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(sx + j), mv)));
+        j = 0;
+#if DRAFTHEADS_ATTENTION512
+        for (const __m512 mv16 = _mm512_set1_ps(mx); j + 16 <= Lbp; j += 16)
+          _mm512_storeu_ps(sx + j, exp16(_mm512_sub_ps(_mm512_loadu_ps(sx + j), mv16)));
+#endif
+        for (; j < Lbp; j += 8) _mm256_storeu_ps(sx + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(sx + j), mv)));
       }
       for (int64_t d = 0; d < D; d += 64) {
         const int C = static_cast<int>(std::min<int64_t>(8, (D - d) / 8));
