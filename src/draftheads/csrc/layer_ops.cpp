@@ -1,7 +1,8 @@
 // The small ops of a decoder layer between its products, for the few rows of a decoding pass (float32,
-// CPU, AVX2; attention's sums on AVX-512 where the CPU has it): RMSNorm (with the residual add before it), rotary embedding in place, attention over the
-// cache with an additive mask and grouped kv heads, and SiLU(gate) * up. At one row each torch op costs
-// 15-90 us of dispatch for ~1 us of arithmetic (docs/verify_profile.md); here each is one call.
+// CPU, AVX2; attention on 16 lanes where the CPU has AVX-512): RMSNorm (with the residual add before it),
+// rotary embedding in place, attention over the cache with an additive mask and grouped kv heads, and
+// SiLU(gate) * up. At one row each torch op costs 15-90 us of dispatch for ~1 us of arithmetic
+// (docs/verify_profile.md); here each is one call.
 //
 // Every row is computed alone, in an order that depends on nothing but that row: its keys' columns, never
 // the row count or the columns masked out. So a tree node's hidden state equals, bit for bit, what a plain
