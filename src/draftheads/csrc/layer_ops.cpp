@@ -124,10 +124,6 @@ torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
   return y;
 }
 
-// 8 keys' or values' floats, stored as float32 or float16 (F16C converts exactly: every half is a float).
-static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-static inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-
 // hsum of each of a[0, 4) into out[0, 4), the same additions in the same order as hsum, for four vectors at once
 // (lanes i and i + 4, then (0 + 2) and (1 + 3), then their sum): 14 shuffles and adds where four hsums take 24.
 static inline void hsum4(const __m256* a, float* out) {
@@ -141,40 +137,39 @@ static inline void hsum4(const __m256* a, float* out) {
   _mm_storeu_ps(out, _mm_unpacklo_ps(lo, hi));  // [a0, a1, a2, a3]
 }
 
-// M query heads against N keys of D floats each: per query and key 8 lanes over the dims in order, then hsum. The
-// queries share each load (and float16 conversion) of a key's 8 floats, and the M x N sums are independent chains,
-// so that the FMAs do not wait on one another; each query's sums are the ones it makes alone (M = 1), bit for bit.
-template <int M, int N, typename T>
-static inline void dots(const float* const* q, const T* const* k, float* const* out, int64_t j, int64_t D) {
-  __m256 a[M][N];
-  for (int m = 0; m < M; ++m)
-    for (int n = 0; n < N; ++n) a[m][n] = _mm256_setzero_ps();
-  for (int64_t d = 0; d < D; d += 8) {
-    __m256 qv[M];
-    for (int m = 0; m < M; ++m) qv[m] = _mm256_loadu_ps(q[m] + d);
-    for (int n = 0; n < N; ++n) {
-      const __m256 kv = load8(k[n] + d);
-      for (int m = 0; m < M; ++m) a[m][n] = _mm256_fmadd_ps(qv[m], kv, a[m][n]);
-    }
-  }
-  for (int m = 0; m < M; ++m) {
-    if constexpr (N == 4) hsum4(a[m], out[m] + j);
-    else
-      for (int n = 0; n < N; ++n) out[m][j + n] = hsum(a[m][n]);
-  }
-}
+// The float lanes the attention sums run on, W at a time: 8 (AVX2), or 16 where the CPU has AVX-512 and a head's dims
+// are whole 16s (the default model's 64): half the loads, float16 conversions and FMAs per key. Each query's sums are
+// the same operations in the same order whatever the rows and queries beside it, on either width (a 16-lane sum has
+// its halves added, then hsum / hsum4), so the row independence above holds; the two widths' floats differ, so a head
+// width takes one of them on a given CPU.
+struct Lanes8 {
+  using V = __m256;
+  static constexpr int W = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  // keys and values stored as float16 (F16C converts exactly: every half is a float)
+  static V load(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static __m256 halves(V v) { return v; }  // 8 lanes for hsum
+};
 
 #if defined(__AVX512F__)
-// On AVX-512 a head of 16k dims (the default model's 64) takes 16 lanes a load: half the loads, float16 conversions and
-// FMAs of the 8-lane body per key. Each query's sums are again the same operations in the same order whatever the
-// rows and queries beside it (16 lanes over the dims in order, the halves added, then hsum / hsum4), so the row
-// independence above holds; they are not the 8-lane body's floats, so a head width takes one body on a given CPU.
 #define DRAFTHEADS_ATTENTION512 1
-static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-static inline __m512 load16(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-static inline __m256 halves_added(__m512 a) {
-  return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-}
+struct Lanes16 {
+  using V = __m512;
+  static constexpr int W = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static __m256 halves(V v) {
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  }
+};
 
 // exp8 on 16 lanes: the same operations lane by lane, so the same floats
 static inline __m512 exp16(__m512 x) {
@@ -195,81 +190,39 @@ static inline __m512 exp16(__m512 x) {
   const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
   return _mm512_maskz_mov_ps(keep, _mm512_mul_ps(y, _mm512_castsi512_ps(e)));
 }
+#else
+#define DRAFTHEADS_ATTENTION512 0
+#endif
 
-// dots on 16 lanes (D % 16 == 0)
-template <int M, int N, typename T>
-static inline void dots16(const float* const* q, const T* const* k, float* const* out, int64_t j, int64_t D) {
-  __m512 a[M][N];
+// M query heads against N keys of D floats each: per query and key X::W lanes over the dims in order, then hsum. The
+// queries share each load (and float16 conversion) of a key's floats, and the M x N sums are independent chains,
+// so that the FMAs do not wait on one another; each query's sums are the ones it makes alone (M = 1), bit for bit.
+template <class X, int M, int N, typename T>
+static inline void dots(const float* const* q, const T* const* k, float* const* out, int64_t j, int64_t D) {
+  typename X::V a[M][N];
   for (int m = 0; m < M; ++m)
-    for (int n = 0; n < N; ++n) a[m][n] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; d += 16) {
-    __m512 qv[M];
-    for (int m = 0; m < M; ++m) qv[m] = _mm512_loadu_ps(q[m] + d);
+    for (int n = 0; n < N; ++n) a[m][n] = X::zero();
+  for (int64_t d = 0; d < D; d += X::W) {
+    typename X::V qv[M];
+    for (int m = 0; m < M; ++m) qv[m] = X::load(q[m] + d);
     for (int n = 0; n < N; ++n) {
-      const __m512 kv = load16(k[n] + d);
-      for (int m = 0; m < M; ++m) a[m][n] = _mm512_fmadd_ps(qv[m], kv, a[m][n]);
+      const typename X::V kv = X::load(k[n] + d);
+      for (int m = 0; m < M; ++m) a[m][n] = X::fma(qv[m], kv, a[m][n]);
     }
   }
   for (int m = 0; m < M; ++m) {
     __m256 h[N];
-    for (int n = 0; n < N; ++n) h[n] = halves_added(a[m][n]);
+    for (int n = 0; n < N; ++n) h[n] = X::halves(a[m][n]);
     if constexpr (N == 4) hsum4(h, out[m] + j);
     else
       for (int n = 0; n < N; ++n) out[m][j + n] = hsum(h[n]);
   }
 }
 
-// weighted_sums on 16 lanes: M queries' sums over dims [0, 16C) in M x C chains, the totals counted along
-template <int M, int C, typename T>
-static inline void weighted_sums16(const float* const* p, const T* v, int64_t stride, int64_t j0, int64_t j1,
-                                   float* const* acc, float* total) {
-  __m512 a[M][C];
-  float t[M];
-  for (int m = 0; m < M; ++m) {
-    t[m] = total[m];
-    for (int c = 0; c < C; ++c) a[m][c] = _mm512_loadu_ps(acc[m] + 16 * c);
-  }
-  for (int64_t j = j0; j < j1; ++j) {
-    __m512 pj[M];
-    for (int m = 0; m < M; ++m) {
-      pj[m] = _mm512_set1_ps(p[m][j]);
-      t[m] += p[m][j];
-    }
-    const T* vr = v + j * stride;
-    for (int c = 0; c < C; ++c) {
-      const __m512 vv = load16(vr + 16 * c);
-      for (int m = 0; m < M; ++m) a[m][c] = _mm512_fmadd_ps(pj[m], vv, a[m][c]);
-    }
-  }
-  for (int m = 0; m < M; ++m) {
-    total[m] = t[m];
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc[m] + 16 * c, a[m][c]);
-  }
-}
-
-template <int M, typename T>
-static void weighted_sums16(int C, const float* const* p, const T* v, int64_t stride, int64_t j0, int64_t j1,
-                            float* const* acc, float* total) {
-  switch (C) {
-    case 1: weighted_sums16<M, 1, T>(p, v, stride, j0, j1, acc, total); break;
-    case 2: weighted_sums16<M, 2, T>(p, v, stride, j0, j1, acc, total); break;
-    case 3: weighted_sums16<M, 3, T>(p, v, stride, j0, j1, acc, total); break;
-    default: weighted_sums16<M, 4, T>(p, v, stride, j0, j1, acc, total);
-  }
-}
-#else
-#define DRAFTHEADS_ATTENTION512 0
-#endif
-
 // The scores of queries q[0, n) against keys [0, L) of a kv head (rows `stride` apart) into out[x][j]: the queries in
 // groups of up to 3, keys 4 at a time, then one at a time.
-template <typename T>
+template <class X, typename T>
 static void scores(const float* const* q, int64_t n, const T* kb, int64_t stride, int64_t L, float* const* out, int64_t D) {
-#if DRAFTHEADS_ATTENTION512
-  const bool wide = D % 16 == 0;
-#else
-  const bool wide = false;
-#endif
   for (int64_t x = 0; x < n; x += 3) {
     const float* const* qx = q + x;
     float* const* ox = out + x;
@@ -277,123 +230,88 @@ static void scores(const float* const* q, int64_t n, const T* kb, int64_t stride
     int64_t j = 0;
     for (; j + 4 <= L; j += 4) {
       const T* ks[4] = {kb + j * stride, kb + (j + 1) * stride, kb + (j + 2) * stride, kb + (j + 3) * stride};
-#if DRAFTHEADS_ATTENTION512
-      if (wide) {
-        if (m == 3) dots16<3, 4>(qx, ks, ox, j, D);
-        else if (m == 2) dots16<2, 4>(qx, ks, ox, j, D);
-        else dots16<1, 4>(qx, ks, ox, j, D);
-        continue;
-      }
-#endif
-      if (m == 3) dots<3, 4>(qx, ks, ox, j, D);
-      else if (m == 2) dots<2, 4>(qx, ks, ox, j, D);
-      else dots<1, 4>(qx, ks, ox, j, D);
+      if (m == 3) dots<X, 3, 4>(qx, ks, ox, j, D);
+      else if (m == 2) dots<X, 2, 4>(qx, ks, ox, j, D);
+      else dots<X, 1, 4>(qx, ks, ox, j, D);
     }
     for (; j < L; ++j) {
       const T* ks[1] = {kb + j * stride};
-#if DRAFTHEADS_ATTENTION512
-      if (wide) {
-        if (m == 3) dots16<3, 1>(qx, ks, ox, j, D);
-        else if (m == 2) dots16<2, 1>(qx, ks, ox, j, D);
-        else dots16<1, 1>(qx, ks, ox, j, D);
-        continue;
-      }
-#endif
-      if (m == 3) dots<3, 1>(qx, ks, ox, j, D);
-      else if (m == 2) dots<2, 1>(qx, ks, ox, j, D);
-      else dots<1, 1>(qx, ks, ox, j, D);
+      if (m == 3) dots<X, 3, 1>(qx, ks, ox, j, D);
+      else if (m == 2) dots<X, 2, 1>(qx, ks, ox, j, D);
+      else dots<X, 1, 1>(qx, ks, ox, j, D);
     }
   }
 }
 
-// acc[0, 8C) += sum_j p[j] v[j][0, 8C) and total += sum_j p[j] over keys j0 <= j < j1, v's rows `stride` apart:
-// 8C independent chains, so that no FMA waits on the one before it, and the sum of p along them in column
-// order, which costs no time beside them. In column order, not in lanes: a tree node's masked columns (exact
-// zeros) then leave its sums as a plain step's, whatever columns its path's keys sit at. Blocks of keys in
-// order, the sums carried in acc and total: the same additions in the same order as one pass over all keys.
-template <int C, typename T>
-static inline void weighted_sum(const float* p, const T* v, int64_t stride, int64_t j0, int64_t j1, float* acc,
-                                float& total) {
-  __m256 a[C];
-  for (int c = 0; c < C; ++c) a[c] = _mm256_loadu_ps(acc + 8 * c);
-  float t = total;
-  for (int64_t j = j0; j < j1; ++j) {
-    const __m256 pj = _mm256_set1_ps(p[j]);
-    t += p[j];
-    const T* vr = v + j * stride;
-    for (int c = 0; c < C; ++c) a[c] = _mm256_fmadd_ps(pj, load8(vr + 8 * c), a[c]);
-  }
-  for (int c = 0; c < C; ++c) _mm256_storeu_ps(acc + 8 * c, a[c]);
-  total = t;
-}
-
-template <typename T>
-static void weighted_sum(int C, const float* p, const T* v, int64_t stride, int64_t j0, int64_t j1, float* acc,
-                         float& total) {
-  switch (C) {
-    case 1: weighted_sum<1, T>(p, v, stride, j0, j1, acc, total); break;
-    case 2: weighted_sum<2, T>(p, v, stride, j0, j1, acc, total); break;
-    case 3: weighted_sum<3, T>(p, v, stride, j0, j1, acc, total); break;
-    case 4: weighted_sum<4, T>(p, v, stride, j0, j1, acc, total); break;
-    case 5: weighted_sum<5, T>(p, v, stride, j0, j1, acc, total); break;
-    case 6: weighted_sum<6, T>(p, v, stride, j0, j1, acc, total); break;
-    case 7: weighted_sum<7, T>(p, v, stride, j0, j1, acc, total); break;
-    default: weighted_sum<8, T>(p, v, stride, j0, j1, acc, total);
-  }
-}
-
-// weighted_sum for M queries p[0, M) at once (sums acc[m], totals total[m]), sharing each load (and float16 conversion)
-// of a value row's 8C floats: M x C chains, each the one that query's weighted_sum<C> runs, so the same floats. count:
-// add p to the totals (a query's second half of dims reads the same keys: its total is already there).
-template <int M, int C, bool count, typename T>
+// M queries' weighted sums acc[m][0, W C) += sum_j p[m][j] v[j][0, W C) and totals total[m] += sum_j p[m][j] over keys
+// j0 <= j < j1, v's rows `stride` apart (W = X::W): M x C independent chains, so that no FMA waits on the one before
+// it, sharing each load (and float16 conversion) of a value row; the sums of p along them in column order, which cost
+// no time beside them. In column order, not in lanes: a tree node's masked columns (exact zeros) then leave its sums
+// as a plain step's, whatever columns its path's keys sit at. Blocks of keys in order, the sums carried in acc and
+// total: the same additions in the same order as one pass over all keys. Each query's chains are the ones it runs
+// alone (M = 1), so the same floats. count: add p to the totals (a query's later dims read the same keys: its total
+// is already there).
+template <class X, int M, int C, bool count, typename T>
 static inline void weighted_sums(const float* const* p, const T* v, int64_t stride, int64_t j0, int64_t j1,
                                  float* const* acc, float* total) {
-  __m256 a[M][C];
+  typename X::V a[M][C];
   float t[M];
   for (int m = 0; m < M; ++m) {
     t[m] = total[m];
-    for (int c = 0; c < C; ++c) a[m][c] = _mm256_loadu_ps(acc[m] + 8 * c);
+    for (int c = 0; c < C; ++c) a[m][c] = X::load(acc[m] + X::W * c);
   }
   for (int64_t j = j0; j < j1; ++j) {
-    __m256 pj[M];
+    typename X::V pj[M];
     for (int m = 0; m < M; ++m) {
-      pj[m] = _mm256_set1_ps(p[m][j]);
+      pj[m] = X::set1(p[m][j]);
       if (count) t[m] += p[m][j];
     }
     const T* vr = v + j * stride;
     for (int c = 0; c < C; ++c) {
-      const __m256 vv = load8(vr + 8 * c);
-      for (int m = 0; m < M; ++m) a[m][c] = _mm256_fmadd_ps(pj[m], vv, a[m][c]);
+      const typename X::V vv = X::load(vr + X::W * c);
+      for (int m = 0; m < M; ++m) a[m][c] = X::fma(pj[m], vv, a[m][c]);
     }
   }
   for (int m = 0; m < M; ++m) {
     total[m] = t[m];
-    for (int c = 0; c < C; ++c) _mm256_storeu_ps(acc[m] + 8 * c, a[m][c]);
+    for (int c = 0; c < C; ++c) X::store(acc[m] + X::W * c, a[m][c]);
   }
 }
 
-template <int M, bool count, typename T>
+// weighted_sums for C = 1..4 chains a query, 1..8 for one query alone (its chains fit the registers; group_sums)
+template <class X, int M, bool count, typename T>
 static void weighted_sums(int C, const float* const* p, const T* v, int64_t stride, int64_t j0, int64_t j1,
                           float* const* acc, float* total) {
+  if constexpr (M == 1) {
+    if (C > 4) {
+      switch (C) {
+        case 5: weighted_sums<X, 1, 5, count, T>(p, v, stride, j0, j1, acc, total); break;
+        case 6: weighted_sums<X, 1, 6, count, T>(p, v, stride, j0, j1, acc, total); break;
+        case 7: weighted_sums<X, 1, 7, count, T>(p, v, stride, j0, j1, acc, total); break;
+        default: weighted_sums<X, 1, 8, count, T>(p, v, stride, j0, j1, acc, total);
+      }
+      return;
+    }
+  }
   switch (C) {
-    case 1: weighted_sums<M, 1, count, T>(p, v, stride, j0, j1, acc, total); break;
-    case 2: weighted_sums<M, 2, count, T>(p, v, stride, j0, j1, acc, total); break;
-    case 3: weighted_sums<M, 3, count, T>(p, v, stride, j0, j1, acc, total); break;
-    default: weighted_sums<M, 4, count, T>(p, v, stride, j0, j1, acc, total);
+    case 1: weighted_sums<X, M, 1, count, T>(p, v, stride, j0, j1, acc, total); break;
+    case 2: weighted_sums<X, M, 2, count, T>(p, v, stride, j0, j1, acc, total); break;
+    case 3: weighted_sums<X, M, 3, count, T>(p, v, stride, j0, j1, acc, total); break;
+    default: weighted_sums<X, M, 4, count, T>(p, v, stride, j0, j1, acc, total);
   }
 }
 
-// The weighted sums of queries [x, x + m) (m <= 3) over dims [0, 8C) from v: one query 8C chains at once; two or three
-// 4 x 8 dims at a time (with their chains, the registers of AVX2 hold no more), sharing the value rows' loads.
-template <typename T>
+// The weighted sums of queries [x, x + m) (m <= 3) over dims [0, W C) from v: one query all C chains at once; two or
+// three 4 x W dims at a time (with their chains, AVX2's registers hold no more), sharing the value rows' loads.
+template <class X, typename T>
 static void group_sums(int64_t m, int C, const float* const* p, const T* v, int64_t stride, int64_t j0, int64_t j1,
                        float* const* acc, float* total) {
-  if (m == 1) return weighted_sum(C, p[0], v, stride, j0, j1, acc[0], total[0]);
+  if (m == 1) return weighted_sums<X, 1, true, T>(C, p, v, stride, j0, j1, acc, total);
   for (int c = 0; c < C; c += 4) {
-    float* part[3] = {acc[0] + 8 * c, acc[1] + 8 * c, m == 3 ? acc[2] + 8 * c : nullptr};
+    float* part[3] = {acc[0] + X::W * c, acc[1] + X::W * c, m == 3 ? acc[2] + X::W * c : nullptr};
     const int Cc = std::min(4, C - c);
-    if (m == 3) (c == 0 ? weighted_sums<3, true, T> : weighted_sums<3, false, T>)(Cc, p, v + 8 * c, stride, j0, j1, part, total);
-    else (c == 0 ? weighted_sums<2, true, T> : weighted_sums<2, false, T>)(Cc, p, v + 8 * c, stride, j0, j1, part, total);
+    if (m == 3) (c == 0 ? weighted_sums<X, 3, true, T> : weighted_sums<X, 3, false, T>)(Cc, p, v + X::W * c, stride, j0, j1, part, total);
+    else (c == 0 ? weighted_sums<X, 2, true, T> : weighted_sums<X, 2, false, T>)(Cc, p, v + X::W * c, stride, j0, j1, part, total);
   }
 }
 
@@ -406,7 +324,7 @@ constexpr int64_t VALUE_BLOCK = 64;
 // limits [B] or empty: batch row b's queries see no column at or past limits[b] (its mask hides them), so those
 // are neither read nor summed: each would add an exact zero (exp of the mask's minimum), so the floats are the
 // same, and a batch of sequences of different lengths reads each one's own keys, not the longest one's.
-template <typename T>
+template <class X, typename T>
 static torch::Tensor attention_of(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                   const torch::Tensor& mask, double scale, const std::vector<int64_t>& limits) {
   const int64_t B = q.size(0), Q = q.size(1), H = q.size(2), D = q.size(3), KVH = k.size(1), L = k.size(2);
@@ -457,7 +375,7 @@ static torch::Tensor attention_of(const torch::Tensor& q, const torch::Tensor& k
         ms[x] = masked ? mp + (mask.size(0) == 1 ? 0 : b) * mask.stride(0) + i * mask.stride(2) : nullptr;
         os[x] = op + ((b * Q + i) * H + h) * D;
       }
-      scores(qs.data(), n, kb, k.stride(2), Lb, ss.data(), D);
+      scores<X>(qs.data(), n, kb, k.stride(2), Lb, ss.data(), D);
       int64_t j = 0;
       for (int64_t x = 0; x < n; ++x) {
         float* sx = s.data() + x * Lp;
@@ -490,27 +408,16 @@ static torch::Tensor attention_of(const torch::Tensor& q, const torch::Tensor& k
         for (; j < Lbp; j += 8) _mm256_storeu_ps(sx + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(sx + j), mv)));
       }
       for (int64_t d = 0; d < D; d += 64) {
-        const int C = static_cast<int>(std::min<int64_t>(8, (D - d) / 8));
+        const int C = static_cast<int>(std::min<int64_t>(64, D - d) / X::W);  // chains of W lanes a query
         std::fill(acc.begin(), acc.end(), 0.0f);
         std::fill(total.begin(), total.end(), 0.0f);
         for (int64_t j0 = 0; j0 < Lb; j0 += VALUE_BLOCK)
-          for (int64_t x = 0; x < n; x += 3) {
-            const int64_t m = std::min<int64_t>(3, n - x), j1 = std::min(Lb, j0 + VALUE_BLOCK);
-#if DRAFTHEADS_ATTENTION512
-            if (D % 16 == 0) {  // C / 2 chains of 16 lanes a query
-              const float* const* px = ss.data() + x;
-              float* const* ax = accs.data() + x;
-              if (m == 3) weighted_sums16<3>(C / 2, px, vb + d, v.stride(2), j0, j1, ax, total.data() + x);
-              else if (m == 2) weighted_sums16<2>(C / 2, px, vb + d, v.stride(2), j0, j1, ax, total.data() + x);
-              else weighted_sums16<1>(C / 2, px, vb + d, v.stride(2), j0, j1, ax, total.data() + x);
-              continue;
-            }
-#endif
-            group_sums(m, C, ss.data() + x, vb + d, v.stride(2), j0, j1, accs.data() + x, total.data() + x);
-          }
+          for (int64_t x = 0; x < n; x += 3)
+            group_sums<X>(std::min<int64_t>(3, n - x), C, ss.data() + x, vb + d, v.stride(2), j0, std::min(Lb, j0 + VALUE_BLOCK),
+                          accs.data() + x, total.data() + x);
         for (int64_t x = 0; x < n; ++x) {
           const __m256 inv = _mm256_set1_ps(1.0f / total[x]);
-          for (int c = 0; c < C; ++c)
+          for (int c = 0; c < C * X::W / 8; ++c)
             _mm256_storeu_ps(os[x] + d + 8 * c, _mm256_mul_ps(_mm256_loadu_ps(acc.data() + x * 64 + 8 * c), inv));
         }
       }
@@ -528,8 +435,13 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch
               v.scalar_type() == k.scalar_type(), "q float32; k and v both float32 or both float16");
   for (const auto* t : {&q, &k, &v})
     TORCH_CHECK(t->device().is_cpu() && t->stride(3) == 1, "q, k, v: CPU tensors with contiguous last dims");
-  return k.scalar_type() == torch::kHalf ? attention_of<at::Half>(q, k, v, mask, scale, limits)
-                                         : attention_of<float>(q, k, v, mask, scale, limits);
+#if DRAFTHEADS_ATTENTION512
+  if (q.size(3) % 16 == 0)
+    return k.scalar_type() == torch::kHalf ? attention_of<Lanes16, at::Half>(q, k, v, mask, scale, limits)
+                                           : attention_of<Lanes16, float>(q, k, v, mask, scale, limits);
+#endif
+  return k.scalar_type() == torch::kHalf ? attention_of<Lanes8, at::Half>(q, k, v, mask, scale, limits)
+                                         : attention_of<Lanes8, float>(q, k, v, mask, scale, limits);
 }
 
 #ifndef DRAFTHEADS_NO_MODULE  // decoder_stack.cpp includes this file and calls its functions
