@@ -81,6 +81,13 @@ def main() -> None:
         weights = {"30 layers (Q4_1)": layers, "LM head (Q8_0)": [q8_0_head(g)]}
         packs = {(name, k): [m.pack(w) for w in ws] for name, ws in weights.items() for k, m in kernels.items()}
         assert all(p is not None for ps in packs.values() for p in ps)
+        # Where both revisions pack alike, both kernels read the same packed tensors: packs of their own sit at other
+        # addresses, which moved the time of unchanged code by up to 7% (stop 62)
+        for name in weights:
+            a, b = (packs[name, k] for k in kernels)
+            if all(torch.equal(x.q, y.q) and torch.equal(x.d, y.d) and (x.m is None) == (y.m is None)
+                   and (x.m is None or torch.equal(x.m, y.m)) for x, y in zip(a, b)):
+                packs[name, "working tree"] = a
         print(f"{args.threads} threads, ms a pass (median of 9), {args.against} against the working tree\n")
         print(f"| weights | rows | {args.against} | working tree | ratio | same floats |\n|---|---:|---:|---:|---:|---|")
         for name in weights:

@@ -7,7 +7,7 @@ from bench_fixtures import tiny_dirs  # noqa: F401 (a fixture)
 from test_loop import hf_greedy, run
 from tiny import tiny_heads, tiny_model
 
-from draftheads import kvcache
+from draftheads import few_rows, kvcache
 from draftheads.acceptance import SamplingConfig
 from draftheads.batch import BatchDecoder
 from draftheads.defaults import BATCH_DRAFT_CONFIDENCE
@@ -504,14 +504,50 @@ def test_draft_many_gives_each_row_what_draft_gives_it():
         assert torch.equal(many[i], heads.draft(hidden[i], roots[i], tree))
 
 
+@pytest.mark.skipif(few_rows.unavailable_reason() is not None, reason="no AVX2/FMA on this CPU")
+@pytest.mark.parametrize("activations", ["int8", "float32"])
+def test_packed_heads_draft_a_lone_sequence_in_one_call_with_the_same_ids(monkeypatch, activations):
+    """Heads whose weights pack (Q8_0 values, as round_drafter_weights leaves the shipped ones) draft one sequence
+    in one C++ call (few_rows.heads_top): the same products, silu and top-k as the per-op path, so the same ids
+    (draft_many's), on trees of several depths and ranks, through VocabTrim's id map; heads that do not pack,
+    or a product that needs gradients, take the per-op path."""
+    monkeypatch.setattr(few_rows, "_ACTIVATIONS", activations)
+    model = tiny_model()
+    heads = tiny_heads(model, num_heads=3)
+    monkeypatch.setattr(heads, "vocab_map", torch.randperm(model.config.vocab_size, generator=torch.Generator().manual_seed(2)))
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for m in heads.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(few_rows.q8_0_rounded(m.weight))
+    calls = []
+    packed_top = heads._packed_top
+    monkeypatch.setattr(heads, "_packed_top", lambda *a: calls.append(packed_top(*a)) or calls[-1])
+    hidden, roots = torch.randn(6, model.config.hidden_size, generator=g), torch.arange(6)
+    for tree in (load_tree("medusa16", 3), Tree([[0]]), Tree([[0], [1], [0, 0], [0, 0, 0]]), Tree([[0], [1], [2]])):
+        many = heads.draft_many(hidden, roots, tree)  # [6, nodes], the per-op path
+        for i in range(6):
+            assert torch.equal(heads.draft(hidden[i], roots[i], tree), many[i]), (tree, i)
+    assert calls and all(c is not None for c in calls)
+    with torch.enable_grad():
+        assert packed_top(hidden[:1], 1, 1) is None  # gradients: the per-op path
+    calls.clear()
+    with torch.no_grad():
+        heads.lm_heads[1].weight.add_(1e-3)  # no longer Q8_0 values: it does not pack
+    tree = Tree([[0], [0, 0]])
+    assert torch.equal(heads.draft(hidden[0], roots[0], tree), heads.draft_many(hidden[:1], roots[:1], tree)[0])
+    assert calls == [None]
+
+
 def test_sequences_on_the_same_tree_draft_in_one_heads_call(monkeypatch):
     """The table's followers draft together (one product per head for all of them); a sequence with a
     tree of its own drafts apart; output is unchanged."""
     model = tiny_model()
     heads = tiny_heads(model, num_heads=3)
     calls = []
-    real = heads.draft_many
+    real, alone = heads.draft_many, heads.draft
     monkeypatch.setattr(heads, "draft_many", lambda h, r, t: calls.append((h.shape[0], t.size)) or real(h, r, t))
+    monkeypatch.setattr(heads, "draft", lambda h, r, t: calls.append((1, t.size)) or alone(h, r, t))
     batch = BatchDecoder(Decoder(model, heads, load_tree("medusa16", 3)), slots=4, capacity=128, draft_confidence=0.0)
     prompts = [list(range(10, 20)), list(range(40, 47)), list(range(90, 102)), list(range(60, 66))]
     trees = [None, None, None, load_tree("chain3")]

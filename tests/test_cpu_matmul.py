@@ -336,7 +336,7 @@ def test_int8_products_are_the_same_floats_on_avx512_vnni_as_on_avx2():
     """packed_linear_q8 has an AVX-512 VNNI body and an AVX2 one (csrc/few_rows.cpp): the same integer block
     sums folded in the same order, so the same floats, whichever CPU a model runs on. Here the kernel is also
     built without VNNI (the AVX2 body; the AMX path needs VNNI too) and both run the same rows (1-9: the VNNI
-    body's 1-4-row groups)."""
+    body's groups of 1-8 rows)."""
     avx2 = few_rows.build(few_rows.SOURCE, "the AVX2 body", ("-mno-avx512vnni",))
     _same_int8_floats(avx2, tuple(range(1, 10)), 8)
 

@@ -530,9 +530,13 @@ static inline void q8_tile(const uint8_t* q, const int8_t* xq, int64_t K, const 
 
 #endif
 
-// y [R, T * 16] from the rounded rows: each task's tiles one at a time, for DRAFTHEADS_Q8_ROWS rows at a time, the last
-// 5 or 6 in one read on AVX-512 (30 layers of Q4_1 at 5 / 6 / 10 rows 0.94 / 0.91 / 0.95x the time of 4 + 1, 4 + 2, 4 + 4 + 2;
-// docs/verify_profile.md, stop 55; eight rows a read ran slower, stop 48).
+// y [R, T * 16] from the rounded rows: each task's tiles one at a time, for DRAFTHEADS_Q8_ROWS rows at a time; on AVX-512
+// past 4 rows in groups of 5-8 as even as they go (9 = 5 + 4, 16 = 8 + 8), each group one read of the tile. The last 5
+// or 6 in one read gained on the Xeon of stop 55 (30 layers of Q4_1 at 5 / 6 / 10 rows 0.94 / 0.91 / 0.95x the time of
+// 4 + 1, 4 + 2, 4 + 4 + 2; eight rows a read ran slower there, stop 48). On the Zen 5 EPYC of stop 62, groups of up to 8
+// against 4s and a last 5-6 (scripts/compare_packed_revisions.py, both kernels on the same packed weights): 30 layers at
+// 7 / 12 / 16 rows 0.955 / 0.964 / 0.956x, the LM head 0.73 / 0.93 / 0.88x; the same floats (a row's sums never depend
+// on its group).
 // AVX2: pairs; half tiles for four rows at a time, or the block sums folded through memory, ran slower there: 30 layers at
 // 8 rows 8.6 -> 10.3 / 11.3 ms).
 template <bool Q4>
@@ -549,7 +553,7 @@ static void tiles_pass_q8(const int8_t* xq, const float* dx, const float* xs, co
         float* o = yp + r * YO + t * TILE;
         // rows a read of the tile; on AVX-512 the last 5 or 6 in one, not 4 and then 1 or 2 (32 registers hold 6 rows' sums)
         const int64_t left = R - r;
-        g = DRAFTHEADS_Q8_ROWS > 2 && (left == 5 || left == 6) ? left : std::min<int64_t>(left, DRAFTHEADS_Q8_ROWS);
+        g = DRAFTHEADS_Q8_ROWS > 2 && left > 4 ? (left + (left + 7) / 8 - 1) / ((left + 7) / 8) : std::min<int64_t>(left, DRAFTHEADS_Q8_ROWS);
         switch (g) {
           case 1: q8_tile<Q4, 1>(q, x, K, sx, sm, KB, d, m, o, YO); break;
 #if DRAFTHEADS_Q8_ROWS > 2
@@ -557,6 +561,8 @@ static void tiles_pass_q8(const int8_t* xq, const float* dx, const float* xs, co
           case 3: q8_tile<Q4, 3>(q, x, K, sx, sm, KB, d, m, o, YO); break;
           case 5: q8_tile<Q4, 5>(q, x, K, sx, sm, KB, d, m, o, YO); break;
           case 6: q8_tile<Q4, 6>(q, x, K, sx, sm, KB, d, m, o, YO); break;
+          case 7: q8_tile<Q4, 7>(q, x, K, sx, sm, KB, d, m, o, YO); break;
+          case 8: q8_tile<Q4, 8>(q, x, K, sx, sm, KB, d, m, o, YO); break;
 #endif
           default: q8_tile<Q4, DRAFTHEADS_Q8_ROWS>(q, x, K, sx, sm, KB, d, m, o, YO);
         }
@@ -740,10 +746,36 @@ torch::Tensor packed_linear_q8(const torch::Tensor& x, const torch::Tensor& q, c
   return y;
 }
 
+// Medusa heads' draft in one call: for each head h, y = x, then per block y = y + silu(y @ W.T + b), then its LM head,
+// then each row's top k ids -> [heads, R, k] int64. Every product is packed_linear's (int8: packed_linear_q8's) and silu,
+// the sum and topk are ATen's, so the ids are the ones medusa.py's Python path computes; in the decoding loop that path's
+// ~6 Python ops a head cost ~10-20 us each, a verify pass having just pushed the interpreter out of the caches.
+// Per head the lists hold, in order: each block's q, d, m (empty: Q8_0), bias; then the LM head's q, d, m, and out
+// [heads] the LM heads' output widths. x [R, H] float32.
+torch::Tensor heads_top(const torch::Tensor& x, const std::vector<torch::Tensor>& blocks, int64_t layers,
+                        const std::vector<torch::Tensor>& lm, const std::vector<int64_t>& out, int64_t k, bool int8) {
+  const int64_t heads = static_cast<int64_t>(out.size()), H = x.size(1);
+  TORCH_CHECK(x.dim() == 2 && layers >= 0 && static_cast<int64_t>(blocks.size()) == heads * layers * 4
+              && static_cast<int64_t>(lm.size()) == heads * 3 && k >= 1, "heads_top: lists of the wrong length");
+  const auto product = int8 ? packed_linear_q8 : packed_linear;
+  std::vector<torch::Tensor> tops;
+  for (int64_t h = 0; h < heads; ++h) {
+    torch::Tensor y = x;
+    for (int64_t l = 0; l < layers; ++l) {
+      const torch::Tensor* b = &blocks[(h * layers + l) * 4];
+      y = y + at::silu(product(y, b[0], b[1], b[2], H, b[3]));
+    }
+    const torch::Tensor* p = &lm[h * 3];
+    tops.push_back(std::get<1>(at::topk(product(y, p[0], p[1], p[2], out[h], torch::empty({0})), k, -1)));
+  }
+  return at::stack(tops);
+}
+
 #ifndef DRAFTHEADS_NO_MODULE  // decoder_stack.cpp includes this file and calls its functions
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("few_rows_linear", &few_rows_linear, "x @ w.T (+ b) for few rows of x (float32, CPU, AVX2)");
   m.def("packed_linear", &packed_linear, "x @ w.T for few rows of x and w in tiles of Q4_1 or Q8_0 blocks (float32)");
   m.def("packed_linear_q8", &packed_linear_q8, "packed_linear with x rounded to 8 bits per block of 32 inputs");
+  m.def("heads_top", &heads_top, "Medusa heads' top-k ids for rows of x, their weights packed");
 }
 #endif

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
-from ..cpu_matmul import linear as few_row_linear
+from .. import few_rows
+from ..cpu_matmul import linear as few_row_linear, packed_rows
 from ..defaults import GROUNDED_RESIDUALS
 from ..errors import UserError
 from ..tree import MAX_RANK, Tree
@@ -129,6 +130,9 @@ class HeadsConfig:
         return asdict(self)
 
 
+_NONE = torch.empty(0)  # the C++ kernels' absent bias or Q8_0 offsets
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """A head's product: fp32 on a CPU through cpu_matmul's few-row routing (the shipped Medusa heads' draft
     0.85 -> 0.55 ms, 2 threads), other dtypes through F.linear (bf16: cpu_matmul pads one row to two for
@@ -222,11 +226,44 @@ class MedusaHeads(DraftHeads):
         """Medusa heads keep no state between steps."""
 
     @torch.no_grad()
+    @torch.no_grad()
     def draft(self, hidden: torch.Tensor, root: torch.Tensor, tree: Tree) -> torch.Tensor:
         """Candidate token per tree node: hidden [hidden_size] at the last verified position, root 0-d
-        token id of node 0. Returns ids [nodes]."""
-        assert hidden.dim() == 1
-        return self.draft_many(hidden[None], root.view(1), tree)[0]
+        token id of node 0. Returns ids [nodes]: draft_many's for one sequence, with each head's top ids read
+        as ints and the nodes picked in Python. The loop drafts every step, and draft_many's small ops
+        (stack, index, transpose, cat) cost as much as the heads' two products there."""
+        assert hidden.dim() == 1 and root.dim() == 0
+        if tree.size == 1:
+            return root.view(1)
+        x = hidden[None].to(self.blocks[0][0].linear.weight.dtype)  # [1, H]
+        top = self._packed_top(x, tree.depth, tree.topk)  # [heads, 1, topk] trimmed ids, or None
+        if top is None:
+            top = torch.stack([self.lm_logits(k, self.blocks[k](x)).topk(tree.topk, dim=-1).indices for k in range(tree.depth)])
+        tops = self.to_full_ids(top[:, 0]).tolist()  # per head its top ids, best first
+        ranked = tree.paths[:tree.ranked_size - 1]  # head len(p) - 1 drafts node p, its rank p[-1]
+        return torch.tensor([int(root)] + [tops[len(p) - 1][p[-1]] for p in ranked], device=hidden.device)
+
+    def _packed_top(self, x: torch.Tensor, heads: int, k: int) -> torch.Tensor | None:
+        """The first `heads` heads' top-k trimmed ids [heads, rows, k] for x [rows, H] in one C++ call (few_rows.heads_top:
+        the products linear() would run, the same ids), where every weight is packed and x is what linear() sends to the
+        packed kernel (CPU float32, no gradient, rows within cpu_matmul.packed_rows()); else None."""
+        if not (x.is_cpu and x.dtype == torch.float32 and self.lm_heads is not None and not torch.is_grad_enabled()
+                and x.shape[0] <= packed_rows()):
+            return None
+        module = few_rows.load()
+        blocks, lm, out = [], [], []
+        for h in range(heads):
+            for block in self.blocks[h]:
+                p = few_rows.packed(block.linear.weight)
+                if p is None:
+                    return None
+                blocks += [p.q, p.d, _NONE if p.m is None else p.m, _NONE if block.linear.bias is None else block.linear.bias]
+            p = few_rows.packed(self.lm_heads[h].weight)
+            if p is None or module is None:
+                return None
+            lm += [p.q, p.d, _NONE if p.m is None else p.m]
+            out.append(p.out)
+        return module.heads_top(x.contiguous(), blocks, len(self.blocks[0]), lm, out, k, few_rows.activations() == "int8")
 
     @torch.no_grad()
     def draft_many(self, hidden: torch.Tensor, roots: torch.Tensor, tree: Tree) -> torch.Tensor:
