@@ -87,7 +87,7 @@ def test_shipped_hydra_heads_are_lossless_and_draft(models):
     prompt = "Explain what a hash table is and when to use one."
     r = hydra.generate(prompt, max_new_tokens=96)
     assert r.token_ids == plain.generate(prompt, max_new_tokens=96).token_ids
-    assert r.stats.mean_accepted > 1.1 and r.stats.lookup_accepted == 0, r.stats.to_dict()  # 1.58 (plain decoding: 1.0)
+    assert r.stats.mean_accepted > 1.1 and r.stats.lookup_accepted == 0, r.stats.to_dict()  # 1.48 on its chain of 2 (plain: 1.0)
 
 
 def test_shipped_ngram_store_drafts_beside_any_heads_on_the_default_backbone(models):
