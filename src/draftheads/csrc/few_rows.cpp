@@ -747,13 +747,14 @@ torch::Tensor packed_linear_q8(const torch::Tensor& x, const torch::Tensor& q, c
 }
 
 // Medusa heads' draft in one call: for each head h, y = x, then per block y = y + silu(y @ W.T + b), then its LM head,
-// then each row's top k ids -> [heads, R, k] int64. Every product is packed_linear's (int8: packed_linear_q8's) and silu,
+// then each row's top k ids -> [heads, R, k] int64, through `vocab` (VocabTrim's map to full ids) where it is not empty. Every product is packed_linear's (int8: packed_linear_q8's) and silu,
 // the sum and topk are ATen's, so the ids are the ones medusa.py's Python path computes; in the decoding loop that path's
 // ~6 Python ops a head cost ~10-20 us each, a verify pass having just pushed the interpreter out of the caches.
 // Per head the lists hold, in order: each block's q, d, m (empty: Q8_0), bias; then the LM head's q, d, m, and out
 // [heads] the LM heads' output widths. x [R, H] float32.
 torch::Tensor heads_top(const torch::Tensor& x, const std::vector<torch::Tensor>& blocks, int64_t layers,
-                        const std::vector<torch::Tensor>& lm, const std::vector<int64_t>& out, int64_t k, bool int8) {
+                        const std::vector<torch::Tensor>& lm, const std::vector<int64_t>& out, int64_t k, bool int8,
+                        const torch::Tensor& vocab) {
   const int64_t heads = static_cast<int64_t>(out.size()), H = x.size(1);
   TORCH_CHECK(x.dim() == 2 && layers >= 0 && static_cast<int64_t>(blocks.size()) == heads * layers * 4
               && static_cast<int64_t>(lm.size()) == heads * 3 && k >= 1, "heads_top: lists of the wrong length");
@@ -768,7 +769,8 @@ torch::Tensor heads_top(const torch::Tensor& x, const std::vector<torch::Tensor>
     const torch::Tensor* p = &lm[h * 3];
     tops.push_back(std::get<1>(at::topk(product(y, p[0], p[1], p[2], out[h], torch::empty({0})), k, -1)));
   }
-  return at::stack(tops);
+  const torch::Tensor ids = at::stack(tops);
+  return vocab.numel() > 0 ? vocab.index({ids}) : ids;
 }
 
 #ifndef DRAFTHEADS_NO_MODULE  // decoder_stack.cpp includes this file and calls its functions

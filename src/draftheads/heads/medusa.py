@@ -226,7 +226,6 @@ class MedusaHeads(DraftHeads):
         """Medusa heads keep no state between steps."""
 
     @torch.no_grad()
-    @torch.no_grad()
     def draft(self, hidden: torch.Tensor, root: torch.Tensor, tree: Tree) -> torch.Tensor:
         """Candidate token per tree node: hidden [hidden_size] at the last verified position, root 0-d
         token id of node 0. Returns ids [nodes]: draft_many's for one sequence, with each head's top ids read
@@ -235,18 +234,25 @@ class MedusaHeads(DraftHeads):
         assert hidden.dim() == 1 and root.dim() == 0
         if tree.size == 1:
             return root.view(1)
-        x = hidden[None].to(self.blocks[0][0].linear.weight.dtype)  # [1, H]
-        top = self._packed_top(x, tree.depth, tree.topk)  # [heads, 1, topk] trimmed ids, or None
+        if torch.is_grad_enabled():  # called outside the loop's inference mode
+            with torch.no_grad():
+                return self.draft(hidden, root, tree)
+        x = hidden.view(1, -1)  # [1, H]
+        dtype = self.blocks[0][0].linear.weight.dtype
+        x = x if x.dtype == dtype else x.to(dtype)
+        top = self._packed_top(x, tree.depth, tree.topk)  # [heads, 1, topk] full ids, or None
         if top is None:
-            top = torch.stack([self.lm_logits(k, self.blocks[k](x)).topk(tree.topk, dim=-1).indices for k in range(tree.depth)])
-        tops = self.to_full_ids(top[:, 0]).tolist()  # per head its top ids, best first
+            top = self.to_full_ids(torch.stack([self.lm_logits(k, self.blocks[k](x)).topk(tree.topk, dim=-1).indices
+                                                for k in range(tree.depth)]))
+        tops = top.tolist()  # per head its top ids, best first
         ranked = tree.paths[:tree.ranked_size - 1]  # head len(p) - 1 drafts node p, its rank p[-1]
-        return torch.tensor([int(root)] + [tops[len(p) - 1][p[-1]] for p in ranked], device=hidden.device)
+        return torch.tensor([int(root)] + [tops[len(p) - 1][0][p[-1]] for p in ranked], device=hidden.device)
 
     def _packed_top(self, x: torch.Tensor, heads: int, k: int) -> torch.Tensor | None:
-        """The first `heads` heads' top-k trimmed ids [heads, rows, k] for x [rows, H] in one C++ call (few_rows.heads_top:
-        the products linear() would run, the same ids), where every weight is packed and x is what linear() sends to the
-        packed kernel (CPU float32, no gradient, rows within cpu_matmul.packed_rows()); else None."""
+        """The first `heads` heads' top-k ids [heads, rows, k] (full ids: through VocabTrim's map) for x [rows, H] in one
+        C++ call (few_rows.heads_top: the products linear() would run, the same ids), where every weight is packed and x
+        is what linear() sends to the packed kernel (CPU float32, no gradient, rows within cpu_matmul.packed_rows());
+        else None."""
         if not (x.is_cpu and x.dtype == torch.float32 and self.lm_heads is not None and not torch.is_grad_enabled()
                 and x.shape[0] <= packed_rows()):
             return None
@@ -263,7 +269,8 @@ class MedusaHeads(DraftHeads):
                 return None
             lm += [p.q, p.d, _NONE if p.m is None else p.m]
             out.append(p.out)
-        return module.heads_top(x.contiguous(), blocks, len(self.blocks[0]), lm, out, k, few_rows.activations() == "int8")
+        return module.heads_top(x.contiguous(), blocks, len(self.blocks[0]), lm, out, k, few_rows.activations() == "int8",
+                                _NONE if self.vocab_map is None else self.vocab_map)
 
     @torch.no_grad()
     def draft_many(self, hidden: torch.Tensor, roots: torch.Tensor, tree: Tree) -> torch.Tensor:
