@@ -534,9 +534,9 @@ static inline void q8_tile(const uint8_t* q, const int8_t* xq, int64_t K, const 
 // past 4 rows in groups of 5-8 as even as they go (9 = 5 + 4, 16 = 8 + 8), each group one read of the tile. The last 5
 // or 6 in one read gained on the Xeon of stop 55 (30 layers of Q4_1 at 5 / 6 / 10 rows 0.94 / 0.91 / 0.95x the time of
 // 4 + 1, 4 + 2, 4 + 4 + 2; eight rows a read ran slower there, stop 48). On the Zen 5 EPYC of stop 62, groups of up to 8
-// against 4s and a last 5-6 (scripts/compare_packed_revisions.py, both kernels on the same packed weights): 30 layers at
-// 7 / 12 / 16 rows 0.955 / 0.964 / 0.956x, the LM head 0.73 / 0.93 / 0.88x; the same floats (a row's sums never depend
-// on its group).
+// against 4s and a last 5-6 (scripts/compare_packed_revisions.py, both kernels on the same packed weights, two runs):
+// 30 layers at 7 / 12 / 16 rows 0.95 / 0.96-0.97 / 0.96x, the LM head 0.73-0.78 / 0.93-0.95 / 0.88x; the same floats (a
+// row's sums never depend on its group).
 // AVX2: pairs; half tiles for four rows at a time, or the block sums folded through memory, ran slower there: 30 layers at
 // 8 rows 8.6 -> 10.3 / 11.3 ms).
 template <bool Q4>
@@ -551,7 +551,7 @@ static void tiles_pass_q8(const int8_t* xq, const float* dx, const float* xs, co
         const int8_t* x = xq + r * K;
         const float *sx = dx + r * KB, *sm = xs + r * KB;
         float* o = yp + r * YO + t * TILE;
-        // rows a read of the tile; on AVX-512 the last 5 or 6 in one, not 4 and then 1 or 2 (32 registers hold 6 rows' sums)
+        // rows a read of the tile; on AVX-512 past 4 rows groups of 5-8 as even as they go (32 registers hold 8 rows' sums)
         const int64_t left = R - r;
         g = DRAFTHEADS_Q8_ROWS > 2 && left > 4 ? (left + (left + 7) / 8 - 1) / ((left + 7) / 8) : std::min<int64_t>(left, DRAFTHEADS_Q8_ROWS);
         switch (g) {
@@ -747,9 +747,10 @@ torch::Tensor packed_linear_q8(const torch::Tensor& x, const torch::Tensor& q, c
 }
 
 // Medusa heads' draft in one call: for each head h, y = x, then per block y = y + silu(y @ W.T + b), then its LM head,
-// then each row's top k ids -> [heads, R, k] int64, through `vocab` (VocabTrim's map to full ids) where it is not empty. Every product is packed_linear's (int8: packed_linear_q8's) and silu,
-// the sum and topk are ATen's, so the ids are the ones medusa.py's Python path computes; in the decoding loop that path's
-// ~6 Python ops a head cost ~10-20 us each, a verify pass having just pushed the interpreter out of the caches.
+// then each row's top k ids -> [heads, R, k] int64, through `vocab` (VocabTrim's map to full ids) where it is not
+// empty. Every product is packed_linear's (int8: packed_linear_q8's) and silu, the sum and topk are ATen's, so the ids
+// are the ones medusa.py's Python path computes; in the decoding loop that path's ~6 Python ops a head cost ~10-20 us
+// each, a verify pass having just pushed the interpreter out of the caches.
 // Per head the lists hold, in order: each block's q, d, m (empty: Q8_0), bias; then the LM head's q, d, m, and out
 // [heads] the LM heads' output widths. x [R, H] float32.
 torch::Tensor heads_top(const torch::Tensor& x, const std::vector<torch::Tensor>& blocks, int64_t layers,

@@ -225,7 +225,6 @@ class MedusaHeads(DraftHeads):
     def observe(self, hidden: torch.Tensor, ids: torch.Tensor | None = None) -> None:
         """Medusa heads keep no state between steps."""
 
-    @torch.no_grad()
     def draft(self, hidden: torch.Tensor, root: torch.Tensor, tree: Tree) -> torch.Tensor:
         """Candidate token per tree node: hidden [hidden_size] at the last verified position, root 0-d
         token id of node 0. Returns ids [nodes]: draft_many's for one sequence, with each head's top ids read
