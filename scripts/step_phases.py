@@ -1,10 +1,11 @@
 """Where one sequence's step goes, per decoding method: our loop without heads, prompt lookup + the n-gram store
 without heads, the default (heads + lookup + store), and the default with the heads' nodes cut at each
-`--min-prob` (Decoder.min_prob: only nodes whose path the heads give at least that probability). Every method runs
+`--min-prob` (Decoder.min_prob: only nodes whose path the heads give at least that probability), and the default
+heads + lookup on each tree of `--trees`. Every method runs
 on every prompt, their order rotated per prompt; prints tokens/s (decoding steps only, prefill excluded), the ratio
 over our loop, and per step: ms of draft, verify and accept, nodes verified and tokens emitted.
 
-    .venv/bin/python scripts/step_phases.py --prompts P --limit 40 [--min-prob 0.2,0.35,0.5]
+    .venv/bin/python scripts/step_phases.py --prompts P --limit 40 [--min-prob 0.2,0.35,0.5] [--trees '[[[0]]]']
 
 Use prompts that are neither training nor evaluation data (scripts/unused_prompts.py).
 """
@@ -12,6 +13,7 @@ Use prompts that are neither training nor evaluation data (scripts/unused_prompt
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 
@@ -27,6 +29,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=40)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--min-prob", default="", help="cuts of the heads' nodes to time beside the default, comma-separated")
+    ap.add_argument("--trees", default="[]", help="JSON list of trees (rank paths) to time the default heads + lookup on, "
+                    "beside the calibrated one, e.g. '[[[0]], [[0], [1], [0, 0]]]'")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -36,6 +40,7 @@ def main() -> None:
     lookup = draftheads.load(heads=None, lookup=True)
     methods = {"our loop": (loop, 0.0), "lookup + store": (lookup, 0.0), "default": (default, 0.0)}
     methods.update({f"default, cut {p}": (default, float(p)) for p in a.min_prob.split(",") if p})
+    methods.update({f"{json.dumps(t)} + lookup": (draftheads.load(tree=t), 0.0) for t in json.loads(a.trees)})
     keys = ("new_tokens", "steps", "nodes", "draft_s", "verify_s", "accept_s")
     totals = {name: dict.fromkeys(keys + ("decode_s",), 0.0) for name in methods}
     names = list(methods)

@@ -42,9 +42,7 @@ def main() -> None:
             t = time.perf_counter()
             engine.verify(cache, ids, tree)
             times[n].append(time.perf_counter() - t)
-            engine.keep(cache, L, [0])
-            for layer in cache.layers:  # back to the prompt alone: every pass sees the same context
-                layer.length = L
+            cache.keep([], L)  # back to the prompt alone: every pass sees the same context
     print(f"{a.threads} threads, {a.context}-token context, median of {a.repeats} passes\n")
     print("| nodes | ms a pass | step from one node fewer |\n|---:|---:|---:|")
     prev = None

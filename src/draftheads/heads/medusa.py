@@ -130,9 +130,6 @@ class HeadsConfig:
         return asdict(self)
 
 
-_NONE = torch.empty(0)  # the C++ kernels' absent bias or Q8_0 offsets
-
-
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """A head's product: fp32 on a CPU through cpu_matmul's few-row routing (the shipped Medusa heads' draft
     0.85 -> 0.55 ms, 2 threads), other dtypes through F.linear (bf16: cpu_matmul pads one row to two for
@@ -227,22 +224,19 @@ class MedusaHeads(DraftHeads):
 
     def draft(self, hidden: torch.Tensor, root: torch.Tensor, tree: Tree) -> torch.Tensor:
         """Candidate token per tree node: hidden [hidden_size] at the last verified position, root 0-d
-        token id of node 0. Returns ids [nodes]: draft_many's for one sequence, with each head's top ids read
-        as ints and the nodes picked in Python. The loop drafts every step, and draft_many's small ops
-        (stack, index, transpose, cat) cost as much as the heads' two products there."""
+        token id of node 0. Returns ids [nodes]: draft_many's for one sequence. Where the heads' weights pack,
+        their top ids come from one C++ call (_packed_top) and the nodes are picked in Python: the loop drafts
+        every step, and draft_many's small ops (stack, index, transpose, cat) cost as much as the heads' two
+        products there."""
         assert hidden.dim() == 1 and root.dim() == 0
         if tree.size == 1:
             return root.view(1)
         if torch.is_grad_enabled():  # called outside the loop's inference mode
             with torch.no_grad():
                 return self.draft(hidden, root, tree)
-        x = hidden.view(1, -1)  # [1, H]
-        dtype = self.blocks[0][0].linear.weight.dtype
-        x = x if x.dtype == dtype else x.to(dtype)
-        top = self._packed_top(x, tree.depth, tree.topk)  # [heads, 1, topk] full ids, or None
-        if top is None:
-            top = self.to_full_ids(torch.stack([self.lm_logits(k, self.blocks[k](x)).topk(tree.topk, dim=-1).indices
-                                                for k in range(tree.depth)]))
+        top = self._packed_top(hidden.view(1, -1), tree.depth, tree.topk)  # [heads, 1, topk] full ids, or None
+        if top is None:  # the per-op path
+            return self.draft_many(hidden[None], root.view(1), tree)[0]
         tops = top.tolist()  # per head its top ids, best first
         ranked = tree.paths[:tree.ranked_size - 1]  # head len(p) - 1 drafts node p, its rank p[-1]
         return torch.tensor([int(root)] + [tops[len(p) - 1][0][p[-1]] for p in ranked], device=hidden.device)
@@ -259,17 +253,20 @@ class MedusaHeads(DraftHeads):
         blocks, lm, out = [], [], []
         for h in range(heads):
             for block in self.blocks[h]:
-                p = few_rows.packed(block.linear.weight)
+                w = block.linear.weight
+                p = few_rows.packed(w) if w.is_contiguous() else None  # as linear() routes it
                 if p is None:
                     return None
-                blocks += [p.q, p.d, _NONE if p.m is None else p.m, _NONE if block.linear.bias is None else block.linear.bias]
-            p = few_rows.packed(self.lm_heads[h].weight)
+                b = block.linear.bias
+                blocks += [p.q, p.d, few_rows._EMPTY if p.m is None else p.m, few_rows._EMPTY if b is None else b]
+            w = self.lm_heads[h].weight
+            p = few_rows.packed(w) if w.is_contiguous() else None
             if p is None or module is None:
                 return None
-            lm += [p.q, p.d, _NONE if p.m is None else p.m]
+            lm += [p.q, p.d, few_rows._EMPTY if p.m is None else p.m]
             out.append(p.out)
         return module.heads_top(x.contiguous(), blocks, len(self.blocks[0]), lm, out, k, few_rows.activations() == "int8",
-                                _NONE if self.vocab_map is None else self.vocab_map)
+                                few_rows._EMPTY if self.vocab_map is None else self.vocab_map)
 
     @torch.no_grad()
     def draft_many(self, hidden: torch.Tensor, roots: torch.Tensor, tree: Tree) -> torch.Tensor:
