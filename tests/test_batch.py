@@ -539,6 +539,41 @@ def test_packed_heads_draft_a_lone_sequence_in_one_call_with_the_same_ids(monkey
     assert calls == [None]
 
 
+@pytest.mark.skipif(few_rows.unavailable_reason() is not None, reason="no AVX2/FMA on this CPU")
+def test_packed_heads_draft_follows_weights_written_or_replaced(monkeypatch):
+    """The one-call draft keeps its packed argument lists between steps (MedusaHeads._top_args): a weight written in
+    place (a training step) or a parameter replaced (load_state_dict(assign=True)) drafts its new ids, the per-op
+    path's, not the old packing's."""
+    monkeypatch.setattr(few_rows, "_ACTIVATIONS", "int8")
+    model = tiny_model()
+    heads = tiny_heads(model, num_heads=2)
+    g = torch.Generator().manual_seed(4)
+    new_q8 = lambda w: few_rows.q8_0_rounded(torch.randn(w.shape, generator=g) * w.abs().max())  # noqa: E731
+    with torch.no_grad():
+        for m in heads.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(few_rows.q8_0_rounded(m.weight))
+    calls = []
+    packed_top = heads._packed_top
+    monkeypatch.setattr(heads, "_packed_top", lambda *a: calls.append(packed_top(*a)) or calls[-1])
+    hidden, roots = torch.randn(4, model.config.hidden_size, generator=g), torch.arange(4)
+    tree = Tree([[0], [1], [0, 0], [0, 1]])
+
+    def drafts():
+        out = torch.stack([heads.draft(hidden[i], roots[i], tree) for i in range(4)])
+        assert torch.equal(out, heads.draft_many(hidden, roots, tree))
+        return out
+
+    first = drafts()
+    with torch.no_grad():
+        heads.lm_heads[0].weight.copy_(new_q8(heads.lm_heads[0].weight))
+    written = drafts()
+    heads.blocks[1][0].linear.weight = torch.nn.Parameter(new_q8(heads.blocks[1][0].linear.weight))
+    replaced = drafts()
+    assert not torch.equal(first[:, 1:3], written[:, 1:3]) and not torch.equal(written[:, 3:], replaced[:, 3:])
+    assert len(calls) == 12 and all(c is not None for c in calls)
+
+
 def test_sequences_on_the_same_tree_draft_in_one_heads_call(monkeypatch):
     """The table's followers draft together (one product per head for all of them); a sequence with a
     tree of its own drafts apart; output is unchanged."""

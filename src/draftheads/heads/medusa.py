@@ -206,6 +206,8 @@ class MedusaHeads(DraftHeads):
         super().__init__(cfg)
         self.blocks = nn.ModuleList(nn.Sequential(*[ResBlock(cfg.hidden_size) for _ in range(cfg.num_layers)])
                                     for _ in range(cfg.num_heads))
+        # _packed_top's arguments per number of heads, with what they were packed from (_top_arguments)
+        self._top_args: dict[int, tuple] = {}
 
     def forward(self, hidden: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
         """hidden [..., hidden_size] -> logits [n, ..., out_vocab] (trimmed ids under VocabTrim) of the
@@ -249,24 +251,43 @@ class MedusaHeads(DraftHeads):
         if not (x.is_cpu and x.dtype == torch.float32 and self.lm_heads is not None and not torch.is_grad_enabled()
                 and x.shape[0] <= packed_rows()):
             return None
+        # The call's argument lists are kept while every weight is the one they were packed from, unwritten: gathering
+        # them (module lookups, few_rows.packed per weight) cost ~60 us a step in the loop, right after a verify pass
+        # has pushed the interpreter out of the caches, where the call itself took ~130.
+        args = self._top_args.get(heads)
+        if args is None or not all(m.weight is w and m.bias is b and w._version == v and w.data_ptr() == p
+                                   for m, w, b, v, p in args[0]):
+            args = self._top_args[heads] = self._top_arguments(heads)
+        checks, module, blocks, lm, out = args
+        if module is None:
+            return None
+        return module.heads_top(x.contiguous(), blocks, len(self.blocks[0]), lm, out, k, few_rows.activations() == "int8",
+                                few_rows._EMPTY if self.vocab_map is None else self.vocab_map)
+
+    def _top_arguments(self, heads: int) -> tuple:
+        """(checks, module, blocks, lm, out) for heads_top, module None where some weight does not pack as linear()
+        routes it (contiguous and packable) or the kernel is not built; checks: per nn.Linear (it, its weight and bias,
+        the weight's version and data_ptr), what the lists stay valid for."""
         module = few_rows.load()
-        blocks, lm, out = [], [], []
+        checks, blocks, lm, out = [], [], [], []
         for h in range(heads):
             for block in self.blocks[h]:
-                w = block.linear.weight
+                w, b = block.linear.weight, block.linear.bias
                 p = few_rows.packed(w) if w.is_contiguous() else None  # as linear() routes it
+                checks.append((block.linear, w, b, w._version, w.data_ptr()))
                 if p is None:
-                    return None
-                b = block.linear.bias
+                    module = None
+                    continue
                 blocks += [p.q, p.d, few_rows._EMPTY if p.m is None else p.m, few_rows._EMPTY if b is None else b]
             w = self.lm_heads[h].weight
             p = few_rows.packed(w) if w.is_contiguous() else None
-            if p is None or module is None:
-                return None
+            checks.append((self.lm_heads[h], w, None, w._version, w.data_ptr()))
+            if p is None:
+                module = None
+                continue
             lm += [p.q, p.d, few_rows._EMPTY if p.m is None else p.m]
             out.append(p.out)
-        return module.heads_top(x.contiguous(), blocks, len(self.blocks[0]), lm, out, k, few_rows.activations() == "int8",
-                                few_rows._EMPTY if self.vocab_map is None else self.vocab_map)
+        return checks, module, blocks, lm, out
 
     @torch.no_grad()
     def draft_many(self, hidden: torch.Tensor, roots: torch.Tensor, tree: Tree) -> torch.Tensor:
