@@ -90,19 +90,25 @@ class PromptLookup:
 
     def reset(self) -> None:
         self.context: list[int] = []
-        # per n: n-gram -> positions just after each of its occurrences in the context, in order
+        # per n: n-gram -> positions just after each of its occurrences in the context, in order; it covers
+        # context[:indexed] (observe only appends: a batched round that drafts no branches pays nothing for them)
         self.index: dict[int, dict[tuple[int, ...], list[int]]] = {
             n: {} for n in range(self.cfg.min_ngram, self.cfg.max_ngram + 1)}
+        self.indexed = 0
 
     def observe(self, hidden: torch.Tensor | None, ids) -> None:
         """Tokens [a] newly in the context (the prompt after prefill, each step's accepted path); the
         hidden states are not used."""
-        for t in ids.tolist() if isinstance(ids, torch.Tensor) else ids:
-            self.context.append(int(t))
-            end = len(self.context)
+        self.context += ids.tolist() if isinstance(ids, torch.Tensor) else [int(t) for t in ids]
+
+    def _catch_up(self) -> None:
+        """Index the n-grams that end in the context's tokens observed since the last call."""
+        ctx = self.context
+        for end in range(self.indexed + 1, len(ctx) + 1):
             for n, index in self.index.items():
                 if end >= n:
-                    index.setdefault(tuple(self.context[end - n:]), []).append(end)
+                    index.setdefault(tuple(ctx[end - n:end]), []).append(end)
+        self.indexed = len(ctx)
 
     def branches(self, root: int) -> list[list[int]]:
         """Continuations of context + [root]: longest n-gram first, most recent occurrence first, each
@@ -117,6 +123,7 @@ class PromptLookup:
         return out
 
     def _copies(self, root: int) -> list[list[int]]:
+        self._catch_up()
         ctx, k, out = self.context, self.cfg.tokens, []
         for n in range(self.cfg.max_ngram, self.cfg.min_ngram - 1, -1):
             if len(ctx) < n - 1:
