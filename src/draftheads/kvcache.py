@@ -164,6 +164,33 @@ class _PreallocatedLayer(CacheLayerMixin):
         return self.owner.capacity
 
 
+class _PrefixMask:
+    """One sequence's additive mask for a step of q new tokens after L cached ones, [1, 1, q, L + q]: every cached
+    entry visible, the new tokens as the step's tree says. A view of a buffer kept across steps, in which only the
+    step's columns change: columns [0, zeroed) are 0 in every row, and a step writes its q x q block over whatever
+    its columns held (a shorter sequence in the same buffer finds its prefix zeroed already, and what was zeroed
+    past its block is zeroed again as it grows)."""
+
+    def __init__(self, capacity: int, dtype: torch.dtype, device: torch.device | str):
+        self.capacity, self.dtype, self.device = capacity, dtype, device
+        self.buffer: torch.Tensor | None = None  # [1, 1, max_query, capacity]
+        self.zeroed = 0
+
+    def after(self, L: int, tree_bias: torch.Tensor) -> torch.Tensor:
+        """tree_bias [q, q] -> [1, 1, q, L + q]."""
+        q = tree_bias.shape[0]
+        assert L + q <= self.capacity
+        if self.buffer is None or self.buffer.shape[2] < q:
+            self.buffer = torch.full((1, 1, q, self.capacity), torch.finfo(self.dtype).min, dtype=self.dtype,
+                                     device=self.device)
+            self.zeroed = 0
+        if self.zeroed < L:
+            self.buffer[..., self.zeroed:L] = 0
+        self.zeroed = L  # the block below overwrites columns from L on (a new sequence may start below zeroed)
+        self.buffer[0, 0, :q, L:L + q] = tree_bias
+        return self.buffer[:, :, :q, :L + q]
+
+
 class TreeKVCache:
     """KV cache for one sequence (batch 1) of at most `capacity` tokens. dtype: the forward's (its masks');
     kv_dtype: what the keys and values are stored in (default dtype; float16 under a float32 CPU forward
@@ -177,8 +204,7 @@ class TreeKVCache:
         self.kv: torch.Tensor | None = None  # [layers, 2, batch, kv_heads, capacity, head_dim]
         self.layers = [_PreallocatedLayer(self, i) for i in range(num_layers)]
         self.hf = Cache(layers=self.layers)  # what the backbone's forward takes as its cache (cache_keyword)
-        self._mask: torch.Tensor | None = None  # [1, 1, max_query, capacity] additive bias
-        self._mask_zeroed = 0  # columns [0, _mask_zeroed) of _mask are already 0 in every row
+        self._mask = _PrefixMask(capacity, dtype, device)
         self._views: tuple | None = None  # (kv, per-layer keys, per-layer values): write_views'
 
     @classmethod
@@ -192,7 +218,7 @@ class TreeKVCache:
         if capacity <= self.capacity:
             return
         self.capacity, old = capacity, self.kv
-        self._mask, self._mask_zeroed = None, 0
+        self._mask = _PrefixMask(capacity, self.dtype, self.device)
         if old is not None:
             self.kv = old.new_zeros(*old.shape[:4], capacity, old.shape[5])
             self.kv[..., :old.shape[4], :] = old
@@ -270,19 +296,8 @@ class TreeKVCache:
         return full.masked_fill(too_far, torch.finfo(self.dtype).min)
 
     def _full_mask(self, tree_bias: torch.Tensor) -> torch.Tensor:
-        """The whole prefix visible, the new tokens as tree_bias says: [1, 1, q, L + q], a view of a buffer
-        kept across steps (only the new columns change)."""
-        q, L = tree_bias.shape[0], self.length
-        assert L + q <= self.capacity
-        if self._mask is None or self._mask.shape[2] < q:
-            self._mask = torch.full((1, 1, q, self.capacity), torch.finfo(self.dtype).min, dtype=self.dtype,
-                                    device=self.device)
-            self._mask_zeroed = 0
-        if self._mask_zeroed < L:
-            self._mask[..., self._mask_zeroed:L] = 0
-            self._mask_zeroed = L
-        self._mask[0, 0, :q, L:L + q] = tree_bias
-        return self._mask[:, :, :q, :L + q]
+        """The whole prefix visible, the new tokens as tree_bias says: [1, 1, q, L + q]."""
+        return self._mask.after(self.length, tree_bias)
 
     def load_prefix(self, kv: torch.Tensor) -> None:
         """Make this empty cache hold m entries, kv [layers, 2, kv_heads, m, head_dim] (PromptCache)."""
@@ -326,6 +341,7 @@ class SlotKVCache:
         self._end = 1  # keys a step attends over: max(lengths) + q
         self._n = slots  # a step covers slots [0, _n): the batch keeps its running sequences in the low slots
         self._starts: list[int] = []  # lengths[:_n] at begin_step
+        self._lone_mask = _PrefixMask(capacity, dtype, device)  # tree_mask's for slot 0 alone
         # Where this step's entries go and what it reads, for every layer at once (append, on its first layer):
         # per-layer indexing of the 6-d cache cost 16.2 -> 9.6 us a layer at one sequence (scripts/bench_slot_cache.py)
         self._rows_at: torch.Tensor | None = None  # flat rows of a layer's keys, or one slot's view [layers, 2, kv_heads, q, head_dim]
@@ -400,6 +416,8 @@ class SlotKVCache:
         itself, so that no row is all -inf)."""
         S, q, _ = tree_bias.shape
         self.begin_step(S, q)
+        if S == 1:  # a lone sequence (a server's one client): the loop's kept buffer, not ~8 ops a step
+            return self._lone_mask.after(self._starts[0], tree_bias[0])
         lengths = self.lengths[:S]
         prefix = self._cols[:self._end] < lengths[:, None]  # [n, end]
         mask = self.kv.new_full((S, q, self._end), torch.finfo(self.dtype).min, dtype=self.dtype)
