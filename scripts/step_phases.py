@@ -1,7 +1,7 @@
 """Where one sequence's step goes, per decoding method: our loop without heads, prompt lookup + the n-gram store
 without heads, the default (heads + lookup + store), and the default with the heads' nodes cut at each
 `--min-prob` (Decoder.min_prob: only nodes whose path the heads give at least that probability), and the default
-heads + lookup on each tree of `--trees`. Every method runs
+heads + lookup on each tree of `--trees` (uncut, and at each `--min-prob`). Every method runs
 on every prompt, their order rotated per prompt; prints tokens/s (decoding steps only, prefill excluded), the ratio
 over our loop, and per step: ms of draft, verify and accept, nodes verified and tokens emitted.
 
@@ -40,7 +40,10 @@ def main() -> None:
     lookup = draftheads.load(heads=None, lookup=True)
     methods = {"our loop": (loop, 0.0), "lookup + store": (lookup, 0.0), "default": (default, 0.0)}
     methods.update({f"default, cut {p}": (default, float(p)) for p in a.min_prob.split(",") if p})
-    methods.update({f"{json.dumps(t)} + lookup": (draftheads.load(tree=t), 0.0) for t in json.loads(a.trees)})
+    cuts = [0.0] + [float(p) for p in a.min_prob.split(",") if p]
+    for t in json.loads(a.trees):
+        model = draftheads.load(tree=t)
+        methods.update({f"{json.dumps(t)} + lookup" + (f", cut {c}" if c else ""): (model, c) for c in cuts})
     keys = ("new_tokens", "steps", "nodes", "draft_s", "verify_s", "accept_s")
     totals = {name: dict.fromkeys(keys + ("decode_s",), 0.0) for name in methods}
     names = list(methods)

@@ -529,6 +529,24 @@ def test_packed_heads_draft_a_lone_sequence_in_one_call_with_the_same_ids(monkey
         for i in range(6):
             assert torch.equal(heads.draft(hidden[i], roots[i], tree), many[i]), (tree, i)
     assert calls and all(c is not None for c in calls)
+    # draft_confident alone takes the same call and keeps the nodes the per-op path keeps for the row in a batch, at
+    # cuts between nodes and exactly on one node's path probability (kept: >=; node [0, 0]'s is its parent's times its own)
+    tree = Tree([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
+    prob = heads._draft_many(hidden, roots, tree, True)[1]  # [6, nodes - 1], node [0] in column 0, [0, 0] in 2
+    # a depth-2 node whose float32 path product rounded up: a product taken in float64 falls below it and cuts the node
+    pairs = [(i, a, b) for i in range(6) for a, b in [(0, 2), (0, 3), (1, 4)]]  # parent's column, node's: [0, 0], [0, 1], [1, 0]
+    up = next((float(prob[i, a] * prob[i, b]) for i, a, b in pairs if float(prob[i, a]) * float(prob[i, b]) < float(prob[i, a] * prob[i, b])))
+    sizes = set()
+    for min_prob in [0.0, float(prob.median()), float(prob.max()), up]:
+        calls.clear()
+        batch = heads.draft_confident(hidden, roots, tree, min_prob)  # six rows: the per-op path
+        assert calls == []
+        for i in range(6):
+            cut, ids = heads.draft_confident(hidden[i:i + 1], roots[i:i + 1], tree, min_prob)[0]
+            assert cut is batch[i][0] and torch.equal(ids, batch[i][1]), (min_prob, i)
+            sizes.add(cut.size)
+        assert len(calls) == 6 and all(c is not None for c in calls)
+    assert len(sizes) >= 3  # whole trees, cut ones and bare roots
     with torch.enable_grad():
         assert packed_top(hidden[:1], 1, 1) is None  # gradients: the per-op path
     calls.clear()

@@ -748,19 +748,21 @@ torch::Tensor packed_linear_q8(const torch::Tensor& x, const torch::Tensor& q, c
 
 // Medusa heads' draft in one call: for each head h, y = x, then per block y = y + silu(y @ W.T + b), then its LM head,
 // then each row's top k ids -> [heads, R, k] int64, through `vocab` (VocabTrim's map to full ids) where it is not
-// empty. Every product is packed_linear's (int8: packed_linear_q8's) and silu, the sum and topk are ATen's, so the ids
-// are the ones medusa.py's Python path computes; in the decoding loop that path's ~6 Python ops a head cost ~10-20 us
-// each, a verify pass having just pushed the interpreter out of the caches.
+// empty, and with `probs` their softmax probabilities [heads, R, k] float32 (exp(value - logsumexp of the row), as
+// medusa.top_probs; else an empty tensor: they cost ~10 us, which a draft of the whole tree does not need).
+// Every product is packed_linear's (int8: packed_linear_q8's) and silu, the sum, topk and logsumexp are ATen's, so the
+// ids and probabilities are the ones medusa.py's Python path computes; in the decoding loop that path's ~6 Python ops
+// a head cost ~10-20 us each, a verify pass having just pushed the interpreter out of the caches.
 // Per head the lists hold, in order: each block's q, d, m (empty: Q8_0), bias; then the LM head's q, d, m, and out
 // [heads] the LM heads' output widths. x [R, H] float32.
-torch::Tensor heads_top(const torch::Tensor& x, const std::vector<torch::Tensor>& blocks, int64_t layers,
-                        const std::vector<torch::Tensor>& lm, const std::vector<int64_t>& out, int64_t k, bool int8,
-                        const torch::Tensor& vocab) {
+std::tuple<torch::Tensor, torch::Tensor> heads_top(const torch::Tensor& x, const std::vector<torch::Tensor>& blocks, int64_t layers,
+                                                   const std::vector<torch::Tensor>& lm, const std::vector<int64_t>& out, int64_t k,
+                                                   bool int8, const torch::Tensor& vocab, bool probs) {
   const int64_t heads = static_cast<int64_t>(out.size()), H = x.size(1);
   TORCH_CHECK(x.dim() == 2 && layers >= 0 && static_cast<int64_t>(blocks.size()) == heads * layers * 4
               && static_cast<int64_t>(lm.size()) == heads * 3 && k >= 1, "heads_top: lists of the wrong length");
   const auto product = int8 ? packed_linear_q8 : packed_linear;
-  std::vector<torch::Tensor> tops;
+  std::vector<torch::Tensor> tops, chances;
   for (int64_t h = 0; h < heads; ++h) {
     torch::Tensor y = x;
     for (int64_t l = 0; l < layers; ++l) {
@@ -768,10 +770,13 @@ torch::Tensor heads_top(const torch::Tensor& x, const std::vector<torch::Tensor>
       y = y + at::silu(product(y, b[0], b[1], b[2], H, b[3]));
     }
     const torch::Tensor* p = &lm[h * 3];
-    tops.push_back(std::get<1>(at::topk(product(y, p[0], p[1], p[2], out[h], torch::empty({0})), k, -1)));
+    const torch::Tensor logits = product(y, p[0], p[1], p[2], out[h], torch::empty({0}));  // [R, out]
+    const auto top = at::topk(logits, k, -1);
+    tops.push_back(std::get<1>(top));
+    if (probs) chances.push_back((std::get<0>(top) - at::logsumexp(logits, {-1}, true)).exp());
   }
   const torch::Tensor ids = at::stack(tops);
-  return vocab.numel() > 0 ? vocab.index({ids}) : ids;
+  return {vocab.numel() > 0 ? vocab.index({ids}) : ids, probs ? at::stack(chances) : torch::empty({0})};
 }
 
 #ifndef DRAFTHEADS_NO_MODULE  // decoder_stack.cpp includes this file and calls its functions
@@ -779,6 +784,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("few_rows_linear", &few_rows_linear, "x @ w.T (+ b) for few rows of x (float32, CPU, AVX2)");
   m.def("packed_linear", &packed_linear, "x @ w.T for few rows of x and w in tiles of Q4_1 or Q8_0 blocks (float32)");
   m.def("packed_linear_q8", &packed_linear_q8, "packed_linear with x rounded to 8 bits per block of 32 inputs");
-  m.def("heads_top", &heads_top, "Medusa heads' top-k ids for rows of x, their weights packed");
+  m.def("heads_top", &heads_top, "Medusa heads' top-k ids and their probabilities for rows of x, their weights packed");
 }
 #endif

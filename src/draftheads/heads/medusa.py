@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -236,16 +237,16 @@ class MedusaHeads(DraftHeads):
         if torch.is_grad_enabled():  # called outside the loop's inference mode
             with torch.no_grad():
                 return self.draft(hidden, root, tree)
-        top = self._packed_top(hidden.view(1, -1), tree.depth, tree.topk)  # [heads, 1, topk] full ids, or None
+        top = self._packed_top(hidden.view(1, -1), tree.depth, tree.topk)  # ([heads, 1, topk] full ids, empty) or None
         if top is None:  # the per-op path
             return self.draft_many(hidden[None], root.view(1), tree)[0]
-        tops = top.tolist()  # per head its top ids, best first
+        tops = top[0].tolist()  # per head its top ids, best first
         ranked = tree.paths[:tree.ranked_size - 1]  # head len(p) - 1 drafts node p, its rank p[-1]
         return torch.tensor([int(root)] + [tops[len(p) - 1][0][p[-1]] for p in ranked], device=hidden.device)
 
-    def _packed_top(self, x: torch.Tensor, heads: int, k: int) -> torch.Tensor | None:
-        """The first `heads` heads' top-k ids [heads, rows, k] (full ids: through VocabTrim's map) for x [rows, H] in one
-        C++ call (few_rows.heads_top: the products linear() would run, the same ids), where every weight is packed and x
+    def _packed_top(self, x: torch.Tensor, heads: int, k: int, probs: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The first `heads` heads' top-k ids [heads, rows, k] (full ids: through VocabTrim's map) and with `probs`
+        their softmax probabilities [heads, rows, k] (float32, top_probs'; else empty) for x [rows, H] in one C++ call (few_rows.heads_top: the products linear() would run, the same ids), where every weight is packed and x
         is what linear() sends to the packed kernel (CPU float32, no gradient, rows within cpu_matmul.packed_rows());
         else None."""
         if not (x.is_cpu and x.dtype == torch.float32 and self.lm_heads is not None and not torch.is_grad_enabled()
@@ -262,7 +263,7 @@ class MedusaHeads(DraftHeads):
         if module is None:
             return None
         return module.heads_top(x.contiguous(), blocks, len(self.blocks[0]), lm, out, k, few_rows.activations() == "int8",
-                                few_rows._EMPTY if self.vocab_map is None else self.vocab_map)
+                                few_rows._EMPTY if self.vocab_map is None else self.vocab_map, probs)
 
     def _top_arguments(self, heads: int) -> tuple:
         """(checks, module, blocks, lm, out) for heads_top, module None where some weight does not pack as linear()
@@ -300,7 +301,12 @@ class MedusaHeads(DraftHeads):
         """`draft_many`, each sequence cut to the nodes whose path the heads give at least `min_prob`: the
         product of the heads' softmax probabilities of the node's token and its ancestors' (the root: 1).
         Where a node is unlikely, verifying it costs a row of the pass for little; in a batch those rows
-        add up (docs/serving.md). Returns per sequence (its tree, a cut of `tree`; ids [its nodes])."""
+        add up (docs/serving.md). Returns per sequence (its tree, a cut of `tree`; ids [its nodes]). One sequence
+        whose heads pack (the loop's, a server's lone client) takes draft's one C++ call, which gives the
+        probabilities too: the per-op path cost ~0.25 ms a step more there (scripts/step_phases.py --min-prob)."""
+        lone = self._packed_top(hidden, tree.depth, tree.topk, True) if hidden.shape[0] == 1 and tree.size > 1 else None
+        if lone is not None:
+            return [self._cut_one(tree, int(roots[0]), *(t.tolist() for t in lone), min_prob, hidden.device)]
         ids, prob = self._draft_many(hidden, roots, tree, True)  # [B, nodes], [B, nodes - 1]
         path = [prob.new_ones(prob.shape[0])]  # per node, [B]; parents come before their children
         for node in range(1, tree.size):
@@ -311,6 +317,20 @@ class MedusaHeads(DraftHeads):
             cut = tree.cut(tuple(k))
             out.append((cut, row if cut is tree else row[torch.tensor(k, device=row.device)]))
         return out
+
+    @staticmethod
+    def _cut_one(tree: Tree, root: int, ids: list, probs: list, min_prob: float, device) -> tuple[Tree, torch.Tensor]:
+        """draft_confident's cut for one sequence from heads_top's lists (per head [1][topk] ids and probabilities):
+        path products rounded to float32 at each step and compared with min_prob in float32, as the tensors of the
+        per-op path are, so that both keep the same nodes."""
+        ranked = tree.paths[:tree.ranked_size - 1]  # head len(p) - 1 drafts node p, its rank p[-1]
+        floor, path, keep, kept = np.float32(min_prob), [np.float32(1.0)], [True], [root]
+        for node, p in enumerate(ranked, 1):
+            path.append(np.float32(path[tree.parent[node]] * np.float32(probs[len(p) - 1][0][p[-1]])))
+            keep.append(bool(path[-1] >= floor))
+            if keep[-1]:
+                kept.append(ids[len(p) - 1][0][p[-1]])
+        return tree.cut(tuple(keep)), torch.tensor(kept, device=device)
 
     def _draft_many(self, hidden: torch.Tensor, roots: torch.Tensor, tree: Tree, probs: bool):
         """ids [B, nodes] and, if `probs`, the heads' softmax probability of each non-root node's token
