@@ -246,9 +246,9 @@ class MedusaHeads(DraftHeads):
 
     def _packed_top(self, x: torch.Tensor, heads: int, k: int, probs: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The first `heads` heads' top-k ids [heads, rows, k] (full ids: through VocabTrim's map) and with `probs`
-        their softmax probabilities [heads, rows, k] (float32, top_probs'; else empty) for x [rows, H] in one C++ call (few_rows.heads_top: the products linear() would run, the same ids), where every weight is packed and x
-        is what linear() sends to the packed kernel (CPU float32, no gradient, rows within cpu_matmul.packed_rows());
-        else None."""
+        their softmax probabilities [heads, rows, k] (float32, top_probs'; else empty) for x [rows, H] in one C++ call
+        (few_rows.heads_top: the products linear() would run, the same ids), where every weight is packed and x is what
+        linear() sends to the packed kernel (CPU float32, no gradient, rows within cpu_matmul.packed_rows()); else None."""
         if not (x.is_cpu and x.dtype == torch.float32 and self.lm_heads is not None and not torch.is_grad_enabled()
                 and x.shape[0] <= packed_rows()):
             return None
