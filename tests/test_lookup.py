@@ -373,10 +373,15 @@ def test_calibrate_decides_lookup_by_whole_replies_and_load_follows(tiny_dirs, t
     assert draftheads.load(heads=str(heads), backbone=str(bb), lookup=True).lookup == LookupConfig()  # asked: on
 
     # With a batch table: a lone served request decodes as the loop does, with the tree chosen beside the lookup (here
-    # the table's rounds, timed without it, make every tree lose; the lookup's tree is the curve's biggest)
+    # the table's rounds and the loop's steps, timed without it, make every tree lose; the lookup's tree is the curve's
+    # biggest). The loop's steps are set, not timed: on the real timings of a tiny model a 4-node tree could win alone
+    # too (it did after other tests had run), and then both trees are the same
     monkeypatch.setattr(calibrate, "lookup_finalists", lambda curve: [curve[-1]])
     monkeypatch.setattr(calibrate, "batch_round_latency", lambda dm, ids, b, sizes, steps=8, p=None, trees=None: [
         {"size": n, "step_s": 0.01 * n ** 3, "draft_s": 0.0} for n in (sizes or [t.size for t in trees])])
+    monkeypatch.setattr(calibrate, "step_latency", lambda dm, ids, sizes, steps=8, p=None, trees=None: [
+        {"size": n, "step_s": 0.01 * n ** 3, "draft_s": 0.0, "verify_s": 0.01 * n ** 3, "accept_s": 0.0}
+        for n in (sizes or [t.size for t in trees])])
     data = calibrated(100.0, 120.0, "--lookup", "--batch-sizes", "1,2")
     cfg = read_config(heads)
     assert data["lookup"]["on"] is True and cfg["lookup"] is True and cfg["batch_trees"]["1"] == data["tree"]
