@@ -504,18 +504,12 @@ def test_draft_many_gives_each_row_what_draft_gives_it():
         assert torch.equal(many[i], heads.draft(hidden[i], roots[i], tree))
 
 
-@pytest.mark.skipif(few_rows.unavailable_reason() is not None, reason="no AVX2/FMA on this CPU")
-@pytest.mark.parametrize("activations", ["int8", "float32"])
-def test_packed_heads_draft_a_lone_sequence_in_one_call_with_the_same_ids(monkeypatch, activations):
-    """Heads whose weights pack (Q8_0 values, as round_drafter_weights leaves the shipped ones) draft one sequence
-    in one C++ call (few_rows.heads_top): the same products, silu and top-k as the per-op path, so the same ids
-    (draft_many's), on trees of several depths and ranks, through VocabTrim's id map; heads that do not pack,
-    or a product that needs gradients, take the per-op path."""
+def _packed_heads(monkeypatch, activations: str, num_heads: int):
+    """(model, heads whose weights are Q8_0 values, so that they pack, the list of what each _packed_top call returned,
+    the unwrapped _packed_top) under `activations`."""
     monkeypatch.setattr(few_rows, "_ACTIVATIONS", activations)
     model = tiny_model()
-    heads = tiny_heads(model, num_heads=3)
-    monkeypatch.setattr(heads, "vocab_map", torch.randperm(model.config.vocab_size, generator=torch.Generator().manual_seed(2)))
-    g = torch.Generator().manual_seed(9)
+    heads = tiny_heads(model, num_heads=num_heads)
     with torch.no_grad():
         for m in heads.modules():
             if isinstance(m, torch.nn.Linear):
@@ -523,6 +517,19 @@ def test_packed_heads_draft_a_lone_sequence_in_one_call_with_the_same_ids(monkey
     calls = []
     packed_top = heads._packed_top
     monkeypatch.setattr(heads, "_packed_top", lambda *a: calls.append(packed_top(*a)) or calls[-1])
+    return model, heads, calls, packed_top
+
+
+@pytest.mark.skipif(few_rows.unavailable_reason() is not None, reason="no AVX2/FMA on this CPU")
+@pytest.mark.parametrize("activations", ["int8", "float32"])
+def test_packed_heads_draft_a_lone_sequence_in_one_call_with_the_same_ids(monkeypatch, activations):
+    """Heads whose weights pack (Q8_0 values, as round_drafter_weights leaves the shipped ones) draft one sequence
+    in one C++ call (few_rows.heads_top): the same products, silu and top-k as the per-op path, so the same ids
+    (draft_many's), on trees of several depths and ranks, through VocabTrim's id map; heads that do not pack,
+    or a product that needs gradients, take the per-op path."""
+    model, heads, calls, packed_top = _packed_heads(monkeypatch, activations, 3)
+    monkeypatch.setattr(heads, "vocab_map", torch.randperm(model.config.vocab_size, generator=torch.Generator().manual_seed(2)))
+    g = torch.Generator().manual_seed(9)
     hidden, roots = torch.randn(6, model.config.hidden_size, generator=g), torch.arange(6)
     for tree in (load_tree("medusa16", 3), Tree([[0]]), Tree([[0], [1], [0, 0], [0, 0, 0]]), Tree([[0], [1], [2]])):
         many = heads.draft_many(hidden, roots, tree)  # [6, nodes], the per-op path
@@ -562,18 +569,9 @@ def test_packed_heads_draft_follows_weights_written_or_replaced(monkeypatch):
     """The one-call draft keeps its packed argument lists between steps (MedusaHeads._top_args): a weight written in
     place (a training step) or a parameter replaced (load_state_dict(assign=True)) drafts its new ids, the per-op
     path's, not the old packing's."""
-    monkeypatch.setattr(few_rows, "_ACTIVATIONS", "int8")
-    model = tiny_model()
-    heads = tiny_heads(model, num_heads=2)
+    model, heads, calls, _ = _packed_heads(monkeypatch, "int8", 2)
     g = torch.Generator().manual_seed(4)
     new_q8 = lambda w: few_rows.q8_0_rounded(torch.randn(w.shape, generator=g) * w.abs().max())  # noqa: E731
-    with torch.no_grad():
-        for m in heads.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.weight.copy_(few_rows.q8_0_rounded(m.weight))
-    calls = []
-    packed_top = heads._packed_top
-    monkeypatch.setattr(heads, "_packed_top", lambda *a: calls.append(packed_top(*a)) or calls[-1])
     hidden, roots = torch.randn(4, model.config.hidden_size, generator=g), torch.arange(4)
     tree = Tree([[0], [1], [0, 0], [0, 1]])
 
