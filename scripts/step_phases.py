@@ -39,11 +39,11 @@ def main() -> None:
     loop = DraftModel(Backbone(default.backbone, default.tokenizer, default.backbone_name, default.engine), None, None)
     lookup = draftheads.load(heads=None, lookup=True)
     methods = {"our loop": (loop, 0.0), "lookup + store": (lookup, 0.0), "default": (default, 0.0)}
-    methods.update({f"default, cut {p}": (default, float(p)) for p in a.min_prob.split(",") if p})
-    cuts = [0.0] + [float(p) for p in a.min_prob.split(",") if p]
+    cuts = [float(p) for p in a.min_prob.split(",") if p]
+    methods.update({f"default, cut {c}": (default, c) for c in cuts})
     for t in json.loads(a.trees):
         model = draftheads.load(tree=t)
-        methods.update({f"{json.dumps(t)} + lookup" + (f", cut {c}" if c else ""): (model, c) for c in cuts})
+        methods.update({f"{json.dumps(t)} + lookup" + (f", cut {c}" if c else ""): (model, c) for c in [0.0] + cuts})
     keys = ("new_tokens", "steps", "nodes", "draft_s", "verify_s", "accept_s")
     totals = {name: dict.fromkeys(keys + ("decode_s",), 0.0) for name in methods}
     names = list(methods)

@@ -542,7 +542,8 @@ def test_packed_heads_draft_a_lone_sequence_in_one_call_with_the_same_ids(monkey
     prob = heads._draft_many(hidden, roots, tree, True)[1]  # [6, nodes - 1], node [0] in column 0, [0, 0] in 2
     # a depth-2 node whose float32 path product rounded up: a product taken in float64 falls below it and cuts the node
     pairs = [(i, a, b) for i in range(6) for a, b in [(0, 2), (0, 3), (1, 4)]]  # parent's column, node's: [0, 0], [0, 1], [1, 0]
-    up = next((float(prob[i, a] * prob[i, b]) for i, a, b in pairs if float(prob[i, a]) * float(prob[i, b]) < float(prob[i, a] * prob[i, b])))
+    row, parent, col = next((i, a, b) for i, a, b in pairs if float(prob[i, a]) * float(prob[i, b]) < float(prob[i, a] * prob[i, b]))
+    up = float(prob[row, parent] * prob[row, col])
     sizes = set()
     for min_prob in [0.0, float(prob.median()), float(prob.max()), up]:
         calls.clear()
@@ -554,6 +555,7 @@ def test_packed_heads_draft_a_lone_sequence_in_one_call_with_the_same_ids(monkey
             sizes.add(cut.size)
         assert len(calls) == 6 and all(c is not None for c in calls)
     assert len(sizes) >= 3  # whole trees, cut ones and bare roots
+    assert tree.paths[col] in heads.draft_confident(hidden, roots, tree, up)[row][0].paths  # its path reaches the cut: kept
     with torch.enable_grad():
         assert packed_top(hidden[:1], 1, 1) is None  # gradients: the per-op path
     calls.clear()

@@ -202,6 +202,19 @@ def top_probs(values: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return (values.float() - logits.float().logsumexp(-1, keepdim=True)).exp()
 
 
+def _cut(tree: Tree, ids: list[int], probs: list[float], min_prob: float, device) -> tuple[Tree, torch.Tensor]:
+    """draft_confident's cut of one sequence: ids [nodes] and the heads' probability of each non-root node's token
+    [nodes - 1] -> (the cut of `tree`, ids [its nodes]). A node's path probability is its parent's times its own,
+    rounded to float32 at each node, and it is kept where that reaches min_prob (in float32): a child never keeps
+    more than its parent, so the kept nodes form a tree."""
+    floor, path, keep = np.float32(min_prob), [np.float32(1.0)], [True]
+    for node in range(1, tree.size):
+        path.append(np.float32(path[tree.parent[node]] * np.float32(probs[node - 1])))
+        keep.append(bool(path[-1] >= floor))
+    cut = tree.cut(tuple(keep))
+    return cut, torch.tensor(ids if cut is tree else [i for i, k in zip(ids, keep) if k], device=device)
+
+
 class MedusaHeads(DraftHeads):
     def __init__(self, cfg: HeadsConfig):
         super().__init__(cfg)
@@ -306,31 +319,14 @@ class MedusaHeads(DraftHeads):
         probabilities too: the per-op path cost ~0.25 ms a step more there (scripts/step_phases.py --min-prob)."""
         lone = self._packed_top(hidden, tree.depth, tree.topk, True) if hidden.shape[0] == 1 and tree.size > 1 else None
         if lone is not None:
-            return [self._cut_one(tree, int(roots[0]), *(t.tolist() for t in lone), min_prob, hidden.device)]
-        ids, prob = self._draft_many(hidden, roots, tree, True)  # [B, nodes], [B, nodes - 1]
-        path = [prob.new_ones(prob.shape[0])]  # per node, [B]; parents come before their children
-        for node in range(1, tree.size):
-            path.append(path[tree.parent[node]] * prob[:, node - 1])
-        keep = (torch.stack(path, 1) >= min_prob).tolist()  # [B][nodes]
-        out = []
-        for row, k in zip(ids, keep):
-            cut = tree.cut(tuple(k))
-            out.append((cut, row if cut is tree else row[torch.tensor(k, device=row.device)]))
-        return out
-
-    @staticmethod
-    def _cut_one(tree: Tree, root: int, ids: list, probs: list, min_prob: float, device) -> tuple[Tree, torch.Tensor]:
-        """draft_confident's cut for one sequence from heads_top's lists (per head [1][topk] ids and probabilities):
-        path products rounded to float32 at each step and compared with min_prob in float32, as the tensors of the
-        per-op path are, so that both keep the same nodes."""
-        ranked = tree.paths[:tree.ranked_size - 1]  # head len(p) - 1 drafts node p, its rank p[-1]
-        floor, path, keep, kept = np.float32(min_prob), [np.float32(1.0)], [True], [root]
-        for node, p in enumerate(ranked, 1):
-            path.append(np.float32(path[tree.parent[node]] * np.float32(probs[len(p) - 1][0][p[-1]])))
-            keep.append(bool(path[-1] >= floor))
-            if keep[-1]:
-                kept.append(ids[len(p) - 1][0][p[-1]])
-        return tree.cut(tuple(keep)), torch.tensor(kept, device=device)
+            head_ids, head_probs = (t.tolist() for t in lone)  # per head [1][topk]
+            ranked = tree.paths[:tree.ranked_size - 1]  # head len(p) - 1 drafts node p, its rank p[-1]
+            rows = [([int(roots[0])] + [head_ids[len(p) - 1][0][p[-1]] for p in ranked],
+                     [head_probs[len(p) - 1][0][p[-1]] for p in ranked])]
+        else:
+            ids, prob = self._draft_many(hidden, roots, tree, True)  # [B, nodes], [B, nodes - 1]
+            rows = zip(ids.tolist(), prob.tolist())
+        return [_cut(tree, row, node_probs, min_prob, hidden.device) for row, node_probs in rows]
 
     def _draft_many(self, hidden: torch.Tensor, roots: torch.Tensor, tree: Tree, probs: bool):
         """ids [B, nodes] and, if `probs`, the heads' softmax probability of each non-root node's token
