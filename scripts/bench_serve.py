@@ -1,4 +1,4 @@
-"""A request over HTTP against the same request through the Python API (README, "One thread for torch
+"""A request over HTTP against the same request through the Python API (docs/results.md, "One thread for torch
 work"): the serial server at 1 client, then the same prompts one by one through
 `draftheads.load(...).generate` in this process. The load test itself is `draftheads bench
 --concurrency` (src/draftheads/bench_serve.py).

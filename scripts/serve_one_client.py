@@ -1,7 +1,7 @@
 """One client against several `draftheads serve` configurations at once, one request to each in turn
 (the finest interleaving, so that the machine's drift falls on all alike): tokens/s per configuration
 over the same prompts. Used to look for what makes the batched worker at one client slower than the
-serial one (README, results of 2026-12-04, late night).
+serial one (docs/results.md, results of 2026-12-04, late night).
 
     python scripts/serve_one_client.py --prompts runs/batch_tune_prompts.jsonl --num 24 --max-tokens 64
     python scripts/serve_one_client.py --prompts runs/batch_tune_prompts.jsonl --num 12 --max-tokens 64 \

@@ -1,7 +1,7 @@
 """What drafting costs per step, apart from the verify pass: each shipped head set's `draft` on its
 calibrated tree for the dtype, and Hydra++'s `observe` of 2 accepted positions after a 200-position prompt
 (its prefix layer; Medusa heads keep no state), median of `--repeats` rounds of 50 calls, per dtype.
-README, "2026-12-04".
+docs/results.md, "2026-12-04".
 
     .venv/bin/python scripts/time_drafters.py [--threads 2]
 """

@@ -1,6 +1,6 @@
 """Hydra++'s prefix layer at decode time: `HydraHeads.observe` (LlamaForward's code, a TreeKVCache) against
 the same layer through transformers' forward with a DynamicCache, after a 200-position prompt, observing
-2 positions per call (a typical accepted path), 50 calls, per dtype. README, "2026-12-03".
+2 positions per call (a typical accepted path), 50 calls, per dtype. docs/results.md, "2026-12-03".
 
     .venv/bin/python scripts/time_hydra_observe.py [--threads 2]
 """

@@ -49,7 +49,7 @@ fi
     --max-new-tokens 96 --max-nodes 32 --latency-sizes 1,2,3,4,5,6,8,12,16,24,32 --latency-steps 16 \
     --measure-limit 8 --threads 2 --dtype bfloat16 --lookup --out $R/tree_bf16.json --write-to-heads
 #    and on the llama.cpp engine. Each run with --lookup also decides whether prompt lookup pays beside the heads there
-#    and keeps the heads' own tree apart (heads_alone) for --no-lookup (README, stop 60).
+#    and keeps the heads' own tree apart (heads_alone) for --no-lookup (docs/results.md, stop 60).
 [ -f $R/tree_llamacpp.json ] || $dh calibrate --heads $R/train/heads --engine llama.cpp --prompts $R/calib_prompts.jsonl \
     --limit 24 --max-new-tokens 96 --max-nodes 8 --latency-sizes 1,2,3,4,6,8 --latency-steps 16 --measure-limit 8 \
     --threads 2 --lookup --out $R/tree_llamacpp.json --write-to-heads

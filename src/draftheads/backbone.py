@@ -29,7 +29,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 def emulated_on_cpu(dtype: torch.dtype) -> bool:
     """Whether this CPU lacks the instructions for `dtype` products (bf16: AVX512-BF16 or AMX; fp16: AMX-FP16),
     so that torch emulates them. On an AVX2 AMD EPYC the default model decoded 1.6x slower in bf16 than in
-    fp32 one request at a time and 3.8x slower 8 at a time (README, 2026-12-05). False where torch cannot tell."""
+    fp32 one request at a time and 3.8x slower 8 at a time (docs/results.md, 2026-12-05). False where torch cannot tell."""
     if dtype not in (torch.bfloat16, torch.float16):
         return False
     try:

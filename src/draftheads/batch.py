@@ -98,7 +98,7 @@ class BatchDecoder:
         self.cache = SlotKVCache.for_model(decoder.model, slots, capacity, decoder.lean.kv_dtype)
         self.capacity = capacity
         # Most tree nodes one pass verifies (None: no limit). Past it, every sequence decodes plainly in
-        # that pass: on a CPU many sequences' trees cost more than they gain (README, batching).
+        # that pass: on a CPU many sequences' trees cost more than they gain (docs/results.md, "batching").
         self.max_rows = max_rows
         # The tree for a pass of B sequences: the entry of the largest batch size <= B (`calibrate
         # --batch-sizes` measures whole rounds per batch size; a tree that pays alone may not in a batch).

@@ -71,7 +71,7 @@ ADAPT_TREES = True
 # What the CPU products of weights held in GGUF Q4_1 / Q8_0 blocks (the default model's: few_rows.py) multiply
 # (--activations): "int8" rounds each row of x to 8 bits per block of 32 inputs and sums integer products, as
 # llama.cpp's CPU dot products do (a one-row pass of the default model 8.2 -> 6.4 ms on this project's AVX2 EPYC, 8
-# rows 23.5 -> 12.9; top-1 as float32's at 95% of positions, +0.5% NLL on human answers: README, stop 47);
+# rows 23.5 -> 12.9; top-1 as float32's at 95% of positions, +0.5% NLL on human answers: docs/results.md, stop 47);
 # "float32" multiplies the blocks' exact float32 values by x as it is. Either way a row's result never depends on
 # the rows beside it, so speculative output equals plain output; the two modes' outputs differ from each other by
 # that rounding. Process-wide, like the thread count.
@@ -91,7 +91,7 @@ def set_threads(threads: int | None) -> None:
     """Apply --threads. 0 or None: one thread per core, unless other jobs already keep the cores busy
     (1-minute load average), then fewer: beside a busy 2-thread process our 2-thread loop with heads
     fell from 31.8 to 1.0 tokens/s (OpenMP threads spinning against it), with 1 thread it ran at 11.7
-    (README, "Threads beside another job")."""
+    (docs/results.md, "Threads beside another job")."""
     if threads is not None and threads < 0:
         from .errors import UserError
 

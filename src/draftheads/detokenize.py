@@ -2,7 +2,7 @@
 
 Decoding every step's full token list costs O(reply) a step: 11 us at 64 tokens and 76 us at 512 for the default
 model's tokenizer (transformers' `decode`); served with 256-token replies, the batched worker's hand-out (where the
-text is made) took 2.0 s of an 18-s level at 8 clients, 1.1 s with this (README, stop 57).
+text is made) took 2.0 s of an 18-s level at 8 clients, 1.1 s with this (docs/results.md, stop 57).
 
 This decodes a short window instead, as vLLM's incremental detokenizer does: `prefix` and `read` offsets into the ids,
 the text of ids[:read] kept, and each step the window ids[prefix:] decoded and compared with the text of

@@ -31,7 +31,7 @@ from .tree import Tree, load_tree, truncate
 DEFAULT_HEADS_DIR = Path(__file__).parent / "default_heads"
 SHIPPED_HEADS = {"default": DEFAULT_HEADS_DIR, "hydra": Path(__file__).parent / "default_hydra_heads"}
 # Trees for heads that carry no calibrated one. On CPU a verify of up to ~4 nodes costs one token's
-# forward and bigger ones cost more (README, "Verify cost vs tree size"): a 17-node tree ran slower
+# forward and bigger ones cost more (docs/results.md, "Verify cost vs tree size"): a 17-node tree ran slower
 # than no heads at all. On a GPU the verify cost is nearly flat in tree size (not measured here yet).
 # llama.cpp: plain, since a 2-node decode costs about two 1-node ones on a CPU (stop 58: 12.7 against 6.1 ms)
 SAFE_TREES = {"cpu": [[0], [1], [0, 0]], "cuda": "medusa16", "llama.cpp": []}

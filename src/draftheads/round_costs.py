@@ -3,7 +3,7 @@
 `calibrate --batch-sizes` picks a tree per batch size from rounds it times on its own prompts. Served
 rounds differ: other prompts, requests joining and leaving, prefill chunks in between, another load on
 the machine. On this project's CPU its table chose 2-node chains at 8 sequences and the served
-heads-batched runs came out at 0.81x plain-batched (README, batching). So the batched step asks this
+heads-batched runs came out at 0.81x plain-batched (docs/results.md, "batching"). So the batched step asks this
 model, per round, whether the sequences that follow the table take its tree or decode plainly: it keeps,
 per batch size, how the two kinds compare, takes the better, and spends one round in `explore_every`
 on the other to follow a changing load (one in 4 x `explore_every` when the other loses by

@@ -23,7 +23,7 @@ class ModelConfig:
     prefix_token: bool = False
     lm_head: str = "own"  # "own" or "shared" (the backbone's output embedding, frozen)
     # VocabTrim: the heads predict the N most frequent output tokens (0 or None: the full vocabulary).
-    # Full-vocabulary LM heads cost ~9x the drafting time and ~10x the file for SmolLM2 (README, VocabTrim).
+    # Full-vocabulary LM heads cost ~9x the drafting time and ~10x the file for SmolLM2 (docs/results.md, "VocabTrim").
     trim_vocab: int | None = 4096
 
 
