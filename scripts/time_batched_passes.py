@@ -30,7 +30,15 @@ from draftheads import kvcache
 from draftheads.acceptance import SamplingConfig
 from draftheads.batch import BatchDecoder
 from draftheads.generate import Stats
+from draftheads.round_costs import RoundCosts
 from draftheads.train.prompts import load_prompts
+
+
+class _PlainRounds(RoundCosts):
+    """Served rounds that always chose plain decoding."""
+
+    def use_trees(self, batch: int, margin: float = 1.0) -> bool:
+        return False
 
 
 def main() -> None:
@@ -42,6 +50,10 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=24)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", choices=["table", "plain"], default="table",
+                    help="table: every pass takes the table's tree, prompt lookup's branches included (a server without "
+                         "--adapt-trees); plain: every pass is the plain round the served rounds choose where no tree pays "
+                         "(nothing drafted; the drafters still observe)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     prompts = load_prompts(a.prompts)[:a.batch]
@@ -50,7 +62,8 @@ def main() -> None:
         heads, _, kv = spec.partition(":")
         # the setting is process-wide: a model without :KV takes the one the process started with, not the last named
         m = draftheads.load(heads=None if heads == "none" else heads, dtype=a.dtype, kv_cache=kv or kv_default)
-        batch = BatchDecoder(m.decoder, a.batch, 2048, None, m.batch_trees, None, None, m.batch_cuts)
+        costs = _PlainRounds() if a.rounds == "plain" else None
+        batch = BatchDecoder(m.decoder, a.batch, 2048, None, m.batch_trees, None, costs, m.batch_cuts)
         gens = []
         for p in prompts:
             g = batch.steps(m.prompt_ids([{"role": "user", "content": p}]), 1000, SamplingConfig(), Stats())
