@@ -1,7 +1,8 @@
 """Where one sequence's step goes, per decoding method: our loop without heads, prompt lookup + the n-gram store
 without heads, the default (heads + lookup + store), and the default with the heads' nodes cut at each
 `--min-prob` (Decoder.min_prob: only nodes whose path the heads give at least that probability), and the default
-heads + lookup on each tree of `--trees` (uncut, and at each `--min-prob`). Every method runs
+heads + lookup on each tree of `--trees` and the heads alone on each of `--alone-trees` (uncut, and at each
+`--min-prob`). Every method runs
 on every prompt, their order rotated per prompt; prints tokens/s (decoding steps only, prefill excluded), the ratio
 over our loop, and per step: ms of draft, verify and accept, nodes verified and tokens emitted.
 
@@ -31,6 +32,8 @@ def main() -> None:
     ap.add_argument("--min-prob", default="", help="cuts of the heads' nodes to time beside the default, comma-separated")
     ap.add_argument("--trees", default="[]", help="JSON list of trees (rank paths) to time the default heads + lookup on, "
                     "beside the calibrated one, e.g. '[[[0]], [[0], [1], [0, 0]]]'")
+    ap.add_argument("--alone-trees", default="[]", help="JSON list of trees to time the default heads on without prompt "
+                    "lookup and the store (uncut, and at each --min-prob)")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -44,6 +47,9 @@ def main() -> None:
     for t in json.loads(a.trees):
         model = draftheads.load(tree=t)
         methods.update({f"{json.dumps(t)} + lookup" + (f", cut {c}" if c else ""): (model, c) for c in [0.0] + cuts})
+    for t in json.loads(a.alone_trees):
+        model = draftheads.load(tree=t, lookup=False)
+        methods.update({f"{json.dumps(t)} alone" + (f", cut {c}" if c else ""): (model, c) for c in [0.0] + cuts})
     keys = ("new_tokens", "steps", "nodes", "draft_s", "verify_s", "accept_s")
     totals = {name: dict.fromkeys(keys + ("decode_s",), 0.0) for name in methods}
     names = list(methods)

@@ -288,6 +288,57 @@ def test_trees_calibrated_for_bf16_are_stored_apart_and_taken_in_bf16(tiny_dirs)
             HeadsConfig.from_dict({"num_heads": 2, "hidden_size": 8, "vocab_size": 10, "device_trees": bad})
 
 
+def test_cpu_class_follows_the_flags_the_kernels_compile_for():
+    from draftheads.few_rows import CPU_CLASSES, cpu_class
+
+    assert cpu_class({"sse4_2", "avx"}) is None and cpu_class({"avx2"}) is None  # no FMA: the kernels do not build
+    assert cpu_class({"avx2", "fma", "avx512f"}) == "avx2"  # AVX-512 without VNNI takes the AVX2 bodies
+    assert cpu_class({"avx2", "fma", "avx512bw", "avx512_vnni"}) == "avx512-vnni"
+    assert cpu_class({"avx2", "fma", "avx512bw", "avx512_vnni", "amx_tile", "amx_int8"}) == "amx"
+    assert cpu_class() in (*CPU_CLASSES, None)  # this machine's
+
+
+def test_trees_calibrated_for_a_cpu_class_are_taken_on_that_class_only(tiny_dirs, monkeypatch, capsys):
+    """calibrate --cpu-class --write-to-heads stores device_trees["cpu float32 <class>"] beside the tree for any CPU;
+    load takes it on a CPU of that class and the other elsewhere; --cpu-class without --write-to-heads is refused
+    in one line; a class the kernels do not have is refused in the config."""
+    import json
+
+    from draftheads import few_rows, load
+    from draftheads.bench import _write_tree_to_heads
+    from draftheads.cli import main
+    from draftheads.errors import UserError
+    from draftheads.heads.medusa import HeadsConfig
+
+    bb, heads, questions = tiny_dirs
+    _write_tree_to_heads(heads, [[0], [1], [0, 0]], {"1": {"tree": [[0]]}})  # for any CPU
+    _write_tree_to_heads(heads, [], None, "cpu float32 avx2", None, True, {"tree": [[0], [0, 0]], "draft_confidence": 0.3})
+    cfg = json.loads((heads / "config.json").read_text())
+    assert cfg["tree"] == [[0], [1], [0, 0]] and cfg["device_trees"]["cpu float32 avx2"]["tree"] == []
+    for cls, tree, alone in (("avx2", [], [[0], [0, 0]]), ("avx512-vnni", [[0], [1], [0, 0]], [[0], [1], [0, 0]]),
+                             (None, [[0], [1], [0, 0]], [[0], [1], [0, 0]])):
+        monkeypatch.setattr(few_rows, "cpu_class", lambda flags=None, cls=cls: cls)
+        dm = load(heads=str(heads), backbone=str(bb), lookup=True)
+        assert dm.tree.to_json() == tree, cls
+        assert load(heads=str(heads), backbone=str(bb), lookup=False).tree.to_json() == alone, cls
+    # in bf16 the class's bf16 entry, else the bf16 one, never the float32 class's
+    _write_tree_to_heads(heads, [[0], [1]], None, "cpu bfloat16")
+    for cls, tree in (("avx2", [[0], [1]]), ("avx512-vnni", [[0], [1]])):
+        monkeypatch.setattr(few_rows, "cpu_class", lambda flags=None, cls=cls: cls)
+        assert load(heads=str(heads), backbone=str(bb), dtype="bfloat16", lookup=False).tree.to_json() == tree
+    _write_tree_to_heads(heads, [[0], [0, 0], [0, 0, 0]], None, "cpu bfloat16 avx2")
+    for cls, tree in (("avx2", [[0], [0, 0], [0, 0, 0]]), ("avx512-vnni", [[0], [1]])):
+        monkeypatch.setattr(few_rows, "cpu_class", lambda flags=None, cls=cls: cls)
+        assert load(heads=str(heads), backbone=str(bb), dtype="bfloat16", lookup=False).tree.to_json() == tree
+    assert main(["calibrate", "--backbone", str(bb), "--heads", str(heads), "--prompts", str(questions), "--cpu-class"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("draftheads: error:")]
+    assert len(errors) == 1 and "--cpu-class stores a CPU's calibration" in errors[0]
+    HeadsConfig.from_dict({"num_heads": 2, "hidden_size": 8, "vocab_size": 10, "device_trees": {"cpu float32 amx": {}}})
+    for bad in ("cpu float32 sse", "cpu float32 avx2 extra"):
+        with pytest.raises(UserError, match="device_trees must map"):
+            HeadsConfig.from_dict({"num_heads": 2, "hidden_size": 8, "vocab_size": 10, "device_trees": {bad: {"tree": [[0]]}}})
+
+
 def test_a_row_exact_batch_step_refuses_to_write_past_a_slot():
     from draftheads.kvcache import SlotKVCache
 

@@ -112,5 +112,9 @@ def register(sub) -> None:
                         "prediction decides)")
     c.add_argument("--write-to-heads", action="store_true", help="also store the tree (and the trees per batch size) in "
                                                                   "the heads' config.json")
+    c.add_argument("--cpu-class", action="store_true",
+                   help="with --write-to-heads on a CPU: store the calibration for CPUs of this one's class only (avx2, "
+                        "avx512-vnni or amx: the kernels' bodies, which set what a verified row costs), taken there before "
+                        "the one for any CPU")
     c.set_defaults(func=cmd_calibrate)
 

@@ -14,6 +14,7 @@ from typing import Iterator, NamedTuple
 
 import torch
 
+from . import few_rows
 from .acceptance import SamplingConfig
 from .backbone import (Backbone, chat_ids, fingerprints_match, load_backbone, output_embedding_fingerprint,
                        output_embedding_shape)
@@ -241,12 +242,13 @@ def safe_tree(device, num_heads: int, engine: str | None = None) -> Tree:
     return load_tree(truncate(spec, num_heads) if isinstance(spec, list) else spec, num_heads)
 
 
-def trees_key(device, dtype, engine: str | None = None) -> str:
+def trees_key(device, dtype, engine: str | None = None, cpu_class: str | None = None) -> str:
     """Where a backbone runs, as HeadsConfig.device_trees names it: "cpu bfloat16", or "llama.cpp cpu" on the
-    llama.cpp engine (its GGUF's own types)."""
-    if engine == "llama.cpp":
-        return f"llama.cpp {torch.device(device).type}"
-    return f"{torch.device(device).type} {str(dtype).removeprefix('torch.')}"
+    llama.cpp engine (its GGUF's own types); with `cpu_class` (few_rows.CPU_CLASSES) for CPUs of that class only:
+    "cpu float32 avx2"."""
+    key = (f"llama.cpp {torch.device(device).type}" if engine == "llama.cpp"
+           else f"{torch.device(device).type} {str(dtype).removeprefix('torch.')}")
+    return f"{key} {cpu_class}" if cpu_class else key
 
 
 DEFAULT_TREES_KEY = "cpu float32"  # what a heads config's own `tree` and `batch_trees` were calibrated for
@@ -262,8 +264,13 @@ class Calibrated(NamedTuple):
 
 
 def calibrated_trees(cfg, device, dtype, engine: str | None = None) -> Calibrated:
-    """The heads' calibration for a backbone on `device` in `dtype` (on `engine`: None for torch, or "llama.cpp")."""
-    entry = (cfg.device_trees or {}).get(trees_key(device, dtype, engine))
+    """The heads' calibration for a backbone on `device` in `dtype` (on `engine`: None for torch, or "llama.cpp"):
+    on a CPU the one stored for its class (`calibrate --cpu-class`) where there is one, else the one for any CPU."""
+    trees = cfg.device_trees or {}
+    cls = few_rows.cpu_class() if torch.device(device).type == "cpu" else None
+    entry = trees.get(trees_key(device, dtype, engine, cls)) if cls else None
+    if entry is None:
+        entry = trees.get(trees_key(device, dtype, engine))
     if entry is not None:
         return Calibrated(*(entry.get(k) for k in ("tree", "batch_trees", "batch_draft_confidence", "lookup", "heads_alone")))
     if engine == "llama.cpp":  # torch's trees do not carry over: a llama.cpp row costs several of torch's

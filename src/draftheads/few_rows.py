@@ -70,6 +70,30 @@ def cpu_info() -> tuple[str, set[str]]:
     return model, flags
 
 
+# The bodies csrc/few_rows.cpp compiles, by what this CPU has: what a verified row costs depends on it most (rows a read
+# of the weights: 2 on AVX2, up to 8 on AVX-512 VNNI; AMX tiles from 4 rows), so trees are calibrated per class
+# (draftmodel.trees_key). On an AVX2 EPYC (stop 64) a third or fourth row costs 15-21% of a one-row pass, on a Zen 5
+# with VNNI ~8%.
+CPU_CLASSES = ("avx2", "avx512-vnni", "amx")
+
+
+def cpu_class(flags: set[str] | None = None) -> str | None:
+    """Which of CPU_CLASSES this CPU's kernels are (`flags`: /proc/cpuinfo's, else this machine's), as the C++
+    sources' preprocessor picks their bodies under -march=native; None where they do not build (no AVX2 and FMA)."""
+    if flags is None:
+        return _machine_class()
+    if not {"avx2", "fma"} <= flags:
+        return None
+    if not {"avx512_vnni", "avx512bw"} <= flags:
+        return "avx2"
+    return "amx" if {"amx_tile", "amx_int8"} <= flags else "avx512-vnni"
+
+
+@cache
+def _machine_class() -> str | None:
+    return cpu_class(cpu_info()[1]) if platform.machine().lower() in ("x86_64", "amd64") else None
+
+
 def unavailable_reason() -> str | None:
     """Why the kernel cannot be built here (before trying), or None."""
     if platform.machine().lower() not in ("x86_64", "amd64"):

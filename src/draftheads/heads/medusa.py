@@ -108,12 +108,14 @@ class HeadsConfig:
             raise UserError("heads config: heads_alone must be null or {\"tree\": [...], \"draft_confidence\": a "
                             "probability in [0, 1) or null}")
         if cfg.device_trees is not None and not (isinstance(cfg.device_trees, dict) and all(
-                isinstance(k, str) and len(k.split()) == 2 and isinstance(v, dict)
+                isinstance(k, str) and (len(k.split()) == 2 or len(k.split()) == 3 and k.split()[2] in few_rows.CPU_CLASSES)
+                and isinstance(v, dict)
                 and set(v) <= {"tree", "batch_trees", "batch_draft_confidence", "lookup", "heads_alone"}
                 and isinstance(v.get("lookup"), (bool, type(None))) and _heads_alone(v.get("heads_alone"))
                 and all(map(_batch_size, v.get("batch_trees") or {})) and _cuts(v.get("batch_draft_confidence") or {})
                 for k, v in cfg.device_trees.items())):
-            raise UserError("heads config: device_trees must map \"DEVICE DTYPE\" (\"cpu bfloat16\", \"llama.cpp cpu\") to "
+            raise UserError("heads config: device_trees must map \"DEVICE DTYPE [CPU CLASS]\" (\"cpu bfloat16\", \"llama.cpp cpu\", "
+                            f"\"cpu float32 avx2\"; classes: {', '.join(few_rows.CPU_CLASSES)}) to "
                             "{\"tree\": ..., \"batch_trees\": ..., \"batch_draft_confidence\": ..., \"lookup\": ..., "
                             "\"heads_alone\": ...}")
         if cfg.lm_head not in ("own", "shared"):
