@@ -50,6 +50,10 @@ $dh calibrate --heads $R/train/heads --prompts $R/calib_prompts.jsonl --limit 24
 $dh calibrate --heads $R/train/heads --engine llama.cpp --prompts $R/calib_prompts.jsonl --limit 24 --max-new-tokens 96 \
     --max-nodes 8 --latency-sizes 1,2,3,4,6,8 --latency-steps 16 --measure-limit 8 --threads 2 --lookup \
     --out $R/tree_llamacpp.json --write-to-heads
+#    The shipped config also holds a calibration for AVX2 CPUs (device_trees["cpu float32 avx2"], stop 64): made on
+#    such a CPU with the first command plus --cpu-class, then settled in one process on 40 training-side prompts
+#    (scripts/step_phases.py --prompts runs/s61/tune_prompts.jsonl --limit 40 --min-prob 0.3 --alone-trees
+#    '[[[0],[1],[0,0]]]'), where calibrate's 8 measured replies could not tell its finalists apart.
 
 # 3. Ship.
 mkdir -p src/draftheads/default_heads
