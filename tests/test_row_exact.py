@@ -330,6 +330,15 @@ def test_trees_calibrated_for_a_cpu_class_are_taken_on_that_class_only(tiny_dirs
     for cls, tree in (("avx2", [[0], [0, 0], [0, 0, 0]]), ("avx512-vnni", [[0], [1]])):
         monkeypatch.setattr(few_rows, "cpu_class", lambda flags=None, cls=cls: cls)
         assert load(heads=str(heads), backbone=str(bb), dtype="bfloat16", lookup=False).tree.to_json() == tree
+    # the command: a calibration for this class goes under its key, the one for any CPU stays
+    monkeypatch.setattr(few_rows, "cpu_class", lambda flags=None: "amx")
+    out = heads.parent / "tree.json"
+    assert main(["calibrate", "--backbone", str(bb), "--heads", str(heads), "--prompts", str(questions), "--out", str(out),
+                 "--max-new-tokens", "8", "--max-nodes", "4", "--latency-sizes", "1,4", "--latency-steps", "2",
+                 "--threads", "1", "--draft-confidence", "0", "--no-measure", "--write-to-heads", "--cpu-class"]) == 0
+    cfg = json.loads((heads / "config.json").read_text())
+    assert json.loads(out.read_text())["calibrated_for"] == "cpu float32 amx" and cfg["tree"] == [[0], [1], [0, 0]]
+    assert load(heads=str(heads), backbone=str(bb), lookup=False).tree.to_json() == cfg["device_trees"]["cpu float32 amx"]["tree"]
     assert main(["calibrate", "--backbone", str(bb), "--heads", str(heads), "--prompts", str(questions), "--cpu-class"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("draftheads: error:")]
     assert len(errors) == 1 and "--cpu-class stores a CPU's calibration" in errors[0]
