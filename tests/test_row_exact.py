@@ -293,7 +293,9 @@ def test_cpu_class_follows_the_flags_the_kernels_compile_for():
 
     assert cpu_class({"sse4_2", "avx"}) is None and cpu_class({"avx2"}) is None  # no FMA: the kernels do not build
     assert cpu_class({"avx2", "fma", "avx512f"}) == "avx2"  # AVX-512 without VNNI takes the AVX2 bodies
+    assert cpu_class({"avx2", "fma", "avx512_vnni"}) == "avx2"  # the VNNI bodies need AVX-512 BW too
     assert cpu_class({"avx2", "fma", "avx512bw", "avx512_vnni"}) == "avx512-vnni"
+    assert cpu_class({"avx2", "fma", "avx512bw", "avx512_vnni", "amx_tile"}) == "avx512-vnni"  # the AMX body: int8 tiles
     assert cpu_class({"avx2", "fma", "avx512bw", "avx512_vnni", "amx_tile", "amx_int8"}) == "amx"
     assert cpu_class() in (*CPU_CLASSES, None)  # this machine's
 

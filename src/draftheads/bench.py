@@ -406,17 +406,13 @@ def cmd_bench(args) -> None:
 def cmd_calibrate(args) -> None:
     from .draftmodel import heads_dir
 
-    where = None
     if args.cpu_class:
         from .few_rows import cpu_class
 
         if not args.write_to_heads or not str(args.device).startswith("cpu") or cpu_class() is None:
             raise UserError("--cpu-class stores a CPU's calibration: it needs --write-to-heads, --device cpu and an x86-64 "
                             "CPU with AVX2 and FMA (the kernels' classes)")
-        where = cpu_class()
     result = run_calibrate(args)
-    if where is not None:
-        result["calibrated_for"] += f" {where}"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
+from . import few_rows
 from .acceptance import SamplingConfig
 from .cpu_matmul import MAX_ROWS
 from .draftmodel import DraftModel, trees_key
@@ -643,7 +644,8 @@ def run_calibrate(args) -> dict:
             "latency": latency, "curve": [{k: v for k, v in c.items() if k != "tree"} for c in found["curve"]],
             "heads": str(args.heads), "backbone": dm.backbone_name, "max_new_tokens": args.max_new_tokens,
             "device": args.device, "machine": machine(),
-            "calibrated_for": trees_key(dm.decoder.device, dm.decoder.dtype, "llama.cpp" if dm.engine is not None else None),
+            "calibrated_for": trees_key(dm.decoder.device, dm.decoder.dtype, "llama.cpp" if dm.engine is not None else None,
+                                        few_rows.cpu_class() if args.cpu_class else None),
         }
         if solo_cut is not None:  # the loop's figures are the cut chain's
             result.update({"search": "cut chain", "predicted_mean_accepted": solo_cut["predicted_mean_accepted"],

@@ -98,8 +98,7 @@ def unavailable_reason() -> str | None:
     """Why the kernel cannot be built here (before trying), or None."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"it is written for x86-64 with AVX2, not {platform.machine()}"
-    model, flags = cpu_info()
-    if not {"avx2", "fma"} <= flags:
+    if cpu_class() is None:
         return "this CPU lacks AVX2 or FMA"
     return None
 
