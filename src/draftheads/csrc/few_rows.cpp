@@ -463,19 +463,27 @@ static inline void q8_tile(const uint8_t* q, const int8_t* xq, int64_t K, const 
   for (int r = 0; r < G; ++r) _mm512_storeu_ps(y + r * ystride, a[r]);
 }
 #else
-// q8_tile on AVX2: each output half (8 lanes) its own registers; G 1 or 2.
+// q8_tile on AVX2: each output half (8 lanes) its own registers. One or two rows keep their outputs in registers from
+// block to block; three or four rows' block sums take the registers, so their outputs fold through y (each row its own
+// load-fold-store chain, which more rows than one hide). The sums are named registers, finished per group of 4 (Q8_0)
+// or 8 (Q4_1) inputs before the next group starts (the empty asm): in an array, left to itself, GCC computed a block's
+// products first and summed them after, ~30 stack spills and reloads a block at two rows, bound on the load ports.
 template <bool Q4, int G>
 static inline void q8_tile(const uint8_t* q, const int8_t* xq, int64_t K, const float* dx, const float* xs, int64_t KB,
                            const float* d, const float* m, float* y, int64_t ystride) {
+  static_assert(1 <= G && G <= 4);
+  constexpr bool in_y = G > 2;
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  __m256 a[G][2];
-#pragma GCC unroll 2
-  for (int r = 0; r < G; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 a00 = zero, a01 = zero, a10 = zero, a11 = zero;  // rows 0 and 1's outputs (G <= 2)
+  if constexpr (in_y)
+#pragma GCC unroll 4
+    for (int r = 0; r < G; ++r) _mm256_storeu_ps(y + r * ystride, zero), _mm256_storeu_ps(y + r * ystride + 8, zero);
   for (int64_t j = 0; j < KB; ++j, q += BK * (Q4 ? TILE / 2 : TILE), d += TILE, m += Q4 ? TILE : 0) {
-    __m256i s[G][2];
-#pragma GCC unroll 2
-    for (int r = 0; r < G; ++r) s[r][0] = s[r][1] = _mm256_setzero_si256();
+    __m256i s00, s01, s10, s11, s20, s21, s30, s31;  // row r's block sums, each output half
+    s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = _mm256_setzero_si256();
     prefetch_block<Q4>(q, d, m);
+    const int8_t* xj = xq + j * BK;
     if constexpr (!Q4) {
       // Q8_0: |w| times x with w's sign (vpmaddubsw multiplies unsigned by signed bytes); a pair of products reaches
       // 2 * 127 * 127, so each goes to int32 at once (vpmaddwd)
@@ -484,19 +492,16 @@ static inline void q8_tile(const uint8_t* q, const int8_t* xq, int64_t K, const 
         const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * g));
         const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * g + 32));
         const __m256i u0 = _mm256_abs_epi8(v0), u1 = _mm256_abs_epi8(v1);
-#pragma GCC unroll 2
-        for (int r = 0; r < G; ++r) {
-          const __m256i xb = broadcast4(xq + r * K + j * BK + 4 * g);
-          s[r][0] = _mm256_add_epi32(s[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(xb, v0)), ones));
-          s[r][1] = _mm256_add_epi32(s[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(xb, v1)), ones));
-        }
-      }
-      const __m256 d0 = _mm256_loadu_ps(d), d1 = _mm256_loadu_ps(d + 8);
-#pragma GCC unroll 2
-      for (int r = 0; r < G; ++r) {
-        const __m256 sx = _mm256_broadcast_ss(dx + r * KB + j);
-        a[r][0] = _mm256_fmadd_ps(_mm256_mul_ps(d0, sx), _mm256_cvtepi32_ps(s[r][0]), a[r][0]);
-        a[r][1] = _mm256_fmadd_ps(_mm256_mul_ps(d1, sx), _mm256_cvtepi32_ps(s[r][1]), a[r][1]);
+        const auto row = [&](int r, __m256i& t0, __m256i& t1) {
+          const __m256i xb = broadcast4(xj + r * K + 4 * g);
+          t0 = _mm256_add_epi32(t0, _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(xb, v0)), ones));
+          t1 = _mm256_add_epi32(t1, _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(xb, v1)), ones));
+          asm("" : "+x"(t0), "+x"(t1));
+        };
+        row(0, s00, s01);
+        if constexpr (G > 1) row(1, s10, s11);
+        if constexpr (G > 2) row(2, s20, s21);
+        if constexpr (G > 3) row(3, s30, s31);
       }
     } else {
       // Q4_1: the nibbles as unsigned bytes; 8 products a lane reach 8 * 2 * 15 * 127 < 2^15, so int16 sums
@@ -506,26 +511,47 @@ static inline void q8_tile(const uint8_t* q, const int8_t* xq, int64_t K, const 
         const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * g + 32));
         const __m256i e0 = _mm256_and_si256(v0, low), o0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
         const __m256i e1 = _mm256_and_si256(v1, low), o1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
-#pragma GCC unroll 2
-        for (int r = 0; r < G; ++r) {
-          const int8_t* xr = xq + r * K + j * BK + 8 * g;
-          const __m256i xe = broadcast4(xr), xo = broadcast4(xr + 4);
-          s[r][0] = _mm256_add_epi16(s[r][0], _mm256_add_epi16(_mm256_maddubs_epi16(e0, xe), _mm256_maddubs_epi16(o0, xo)));
-          s[r][1] = _mm256_add_epi16(s[r][1], _mm256_add_epi16(_mm256_maddubs_epi16(e1, xe), _mm256_maddubs_epi16(o1, xo)));
-        }
-      }
-      const __m256 d0 = _mm256_loadu_ps(d), d1 = _mm256_loadu_ps(d + 8), m0 = _mm256_loadu_ps(m), m1 = _mm256_loadu_ps(m + 8);
-#pragma GCC unroll 2
-      for (int r = 0; r < G; ++r) {
-        const __m256 sx = _mm256_broadcast_ss(dx + r * KB + j), sm = _mm256_broadcast_ss(xs + r * KB + j);
-        const __m256 f0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(s[r][0], ones)), f1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(s[r][1], ones));
-        a[r][0] = _mm256_fmadd_ps(m0, sm, _mm256_fmadd_ps(_mm256_mul_ps(d0, sx), f0, a[r][0]));
-        a[r][1] = _mm256_fmadd_ps(m1, sm, _mm256_fmadd_ps(_mm256_mul_ps(d1, sx), f1, a[r][1]));
+        const auto row = [&](int r, __m256i& t0, __m256i& t1) {
+          const __m256i xe = broadcast4(xj + r * K + 8 * g), xo = broadcast4(xj + r * K + 8 * g + 4);
+          t0 = _mm256_add_epi16(t0, _mm256_add_epi16(_mm256_maddubs_epi16(e0, xe), _mm256_maddubs_epi16(o0, xo)));
+          t1 = _mm256_add_epi16(t1, _mm256_add_epi16(_mm256_maddubs_epi16(e1, xe), _mm256_maddubs_epi16(o1, xo)));
+          asm("" : "+x"(t0), "+x"(t1));
+        };
+        row(0, s00, s01);
+        if constexpr (G > 1) row(1, s10, s11);
+        if constexpr (G > 2) row(2, s20, s21);
+        if constexpr (G > 3) row(3, s30, s31);
       }
     }
+    const __m256 d0 = _mm256_loadu_ps(d), d1 = _mm256_loadu_ps(d + 8);
+    // row r's fold: y += (d dx) * sum, then (Q4_1) y += m * the block's float sum of x
+    const auto fold = [&](int r, __m256i t0, __m256i t1, __m256& y0, __m256& y1) {
+      const __m256 sx = _mm256_broadcast_ss(dx + r * KB + j);
+      y0 = _mm256_fmadd_ps(_mm256_mul_ps(d0, sx), _mm256_cvtepi32_ps(Q4 ? _mm256_madd_epi16(t0, ones) : t0), y0);
+      y1 = _mm256_fmadd_ps(_mm256_mul_ps(d1, sx), _mm256_cvtepi32_ps(Q4 ? _mm256_madd_epi16(t1, ones) : t1), y1);
+      if constexpr (Q4) {
+        const __m256 sm = _mm256_broadcast_ss(xs + r * KB + j);
+        y0 = _mm256_fmadd_ps(_mm256_loadu_ps(m), sm, y0);
+        y1 = _mm256_fmadd_ps(_mm256_loadu_ps(m + 8), sm, y1);
+      }
+    };
+    const auto fold_y = [&](int r, __m256i t0, __m256i t1) {
+      __m256 y0 = _mm256_loadu_ps(y + r * ystride), y1 = _mm256_loadu_ps(y + r * ystride + 8);
+      fold(r, t0, t1, y0, y1);
+      _mm256_storeu_ps(y + r * ystride, y0), _mm256_storeu_ps(y + r * ystride + 8, y1);
+    };
+    if constexpr (in_y) {
+      fold_y(0, s00, s01), fold_y(1, s10, s11), fold_y(2, s20, s21);
+      if constexpr (G > 3) fold_y(3, s30, s31);
+    } else {
+      fold(0, s00, s01, a00, a01);
+      if constexpr (G > 1) fold(1, s10, s11, a10, a11);
+    }
   }
-#pragma GCC unroll 2
-  for (int r = 0; r < G; ++r) _mm256_storeu_ps(y + r * ystride, a[r][0]), _mm256_storeu_ps(y + r * ystride + 8, a[r][1]);
+  if constexpr (!in_y) {
+    _mm256_storeu_ps(y, a00), _mm256_storeu_ps(y + 8, a01);
+    if constexpr (G > 1) _mm256_storeu_ps(y + ystride, a10), _mm256_storeu_ps(y + ystride + 8, a11);
+  }
 }
 
 #endif
@@ -553,9 +579,15 @@ static void tiles_pass_q8(const int8_t* xq, const float* dx, const float* xs, co
         float* o = yp + r * YO + t * TILE;
         // rows a read of the tile; on AVX-512 past 4 rows groups of 5-8 as even as they go (32 registers hold 8 rows' sums)
         const int64_t left = R - r;
-        g = DRAFTHEADS_Q8_ROWS > 2 && left > 4 ? (left + (left + 7) / 8 - 1) / ((left + 7) / 8) : std::min<int64_t>(left, DRAFTHEADS_Q8_ROWS);
+        g = DRAFTHEADS_Q8_ROWS > 2 && left > 4 ? (left + (left + 7) / 8 - 1) / ((left + 7) / 8)
+            : !DRAFTHEADS_VNNI512 && left > 2 ? (left + (left + 3) / 4 - 1) / ((left + 3) / 4)
+            : std::min<int64_t>(left, DRAFTHEADS_Q8_ROWS);
         switch (g) {
           case 1: q8_tile<Q4, 1>(q, x, K, sx, sm, KB, d, m, o, YO); break;
+#if !DRAFTHEADS_VNNI512
+          case 3: q8_tile<Q4, 3>(q, x, K, sx, sm, KB, d, m, o, YO); break;
+          case 4: q8_tile<Q4, 4>(q, x, K, sx, sm, KB, d, m, o, YO); break;
+#endif
 #if DRAFTHEADS_Q8_ROWS > 2
           case 2: q8_tile<Q4, 2>(q, x, K, sx, sm, KB, d, m, o, YO); break;
           case 3: q8_tile<Q4, 3>(q, x, K, sx, sm, KB, d, m, o, YO); break;
