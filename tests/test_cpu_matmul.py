@@ -274,7 +274,8 @@ FORMATS = [("q4_1", "float32"), ("q4_1", "int8"), ("q8_0", "float32"), ("q8_0", 
 @pytest.mark.parametrize("out", [301, 320])  # 301: a last tile padded, and an odd number of tiles
 def test_packed_kernel_gives_each_row_what_it_gets_alone(fmt, activations, out, monkeypatch):
     """Every row count takes its own path through the kernel (two tiles decoded in registers for 1-2 rows,
-    one for 3-4, a shared buffer past 4; with int8 activations one row or pairs of rows); each row's result is
+    one for 3-4, a shared buffer past 4; with int8 activations on AVX2 one row, pairs, or groups of 3-4 folded through
+    the outputs; on AVX-512 up to 8 rows a read); each row's result is
     the same bit for bit, near F.linear's (with int8 activations: near the rounded rows' products)."""
     monkeypatch.setattr(few_rows, "_ACTIVATIONS", activations)
     g = torch.Generator().manual_seed(out)

@@ -340,7 +340,7 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& q, cons
 // operations in the same order whatever the row count, so rows stay independent of the rows beside them; the result
 // is not packed_linear's (x is rounded to ~2.5 significant digits), which is why it is a setting, not a route.
 
-// Which body of q8_tile (below) this CPU compiles: AVX-512 VNNI reads a tile for 4 rows at once, AVX2 for 2.
+// Which body of q8_tile (below) this CPU compiles: AVX-512 VNNI reads a tile for 4 rows at once, AVX2 for 2 (or 3-4, below).
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define DRAFTHEADS_VNNI512 1
 #define DRAFTHEADS_Q8_ROWS 4
@@ -563,8 +563,12 @@ static inline void q8_tile(const uint8_t* q, const int8_t* xq, int64_t K, const 
 // against 4s and a last 5-6 (scripts/compare_packed_revisions.py, both kernels on the same packed weights, two runs):
 // 30 layers at 7 / 12 / 16 rows 0.95 / 0.96-0.97 / 0.96x, the LM head 0.73-0.78 / 0.93-0.95 / 0.88x; the same floats (a
 // row's sums never depend on its group).
-// AVX2: pairs; half tiles for four rows at a time, or the block sums folded through memory, ran slower there: 30 layers at
-// 8 rows 8.6 -> 10.3 / 11.3 ms).
+// AVX2: one or two rows, or past two groups of 3-4 as even as they go (5 = 3 + 2, 8 = 4 + 4), whose outputs fold through
+// y. Half tiles for four rows at a time ran slower (stop 47, 8 rows 8.6 -> 10.3 ms; also, stop 65, with named sums: the
+// four rows' sums spilled); so did folding one or two rows through y (the chain bound them). Against pairs with the sums
+// in an array (stop 65, AVX2 EPYC, scripts/compare_packed_revisions.py --against 80c3e44, two runs): 30 layers at 3 / 4 /
+// 8 / 16 / 32 rows 0.90-0.94 / 0.90-0.91 / 0.76-0.89 / 0.86-0.87 / 0.83-0.84x, the LM head 0.83-0.93 / 0.80-0.96 /
+// 0.79-0.92 / 0.82-0.96 / 0.89-1.01x, 1-2 rows 0.95-1.01x; the same floats.
 template <bool Q4>
 static void tiles_pass_q8(const int8_t* xq, const float* dx, const float* xs, const uint8_t* qp, const float* dp,
                           const float* mp, float* yp, int64_t R, int64_t K, int64_t T) {
