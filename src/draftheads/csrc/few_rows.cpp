@@ -467,7 +467,7 @@ static inline void q8_tile(const uint8_t* q, const int8_t* xq, int64_t K, const 
 // block to block; three or four rows' block sums take the registers, so their outputs fold through y (each row its own
 // load-fold-store chain, which more rows than one hide). The sums are named registers, finished per group of 4 (Q8_0)
 // or 8 (Q4_1) inputs before the next group starts (the empty asm): in an array, left to itself, GCC computed a block's
-// products first and summed them after, ~30 stack spills and reloads a block at two rows, bound on the load ports.
+// products first and summed them after: ~30 stack spills and reloads a block at two rows (objdump -d of the build).
 template <bool Q4, int G>
 static inline void q8_tile(const uint8_t* q, const int8_t* xq, int64_t K, const float* dx, const float* xs, int64_t KB,
                            const float* d, const float* m, float* y, int64_t ystride) {
