@@ -1,8 +1,8 @@
 """Where the C++ decoder stack's time goes in plain batched passes: a copy of csrc/ whose DecoderStack.forward
 times each phase (norms, the q/k/v product, rope and the cache write, attention, o_proj, gate/up, SiLU * up,
 down_proj) is built in a temporary folder and replaces the stack for one run of scripts/time_batched_passes.py
-(plain rounds of `--batch` sequences without heads, `--blocks` blocks of 5 passes). Prints ms a pass per phase
-and the share of the stack; the pass's median beside it includes the LM head and the Python around the stack.
+(plain rounds of `--batch` sequences without heads, `--blocks` blocks of 5 passes). Only passes of one new row a
+sequence are timed (the rounds; the prompts' prefills are not). Prints ms a pass per phase and the share of the stack; the pass's median beside it includes the LM head and the Python around the stack.
 The timers cost ~1 us a phase (steady_clock), nothing in the repository's build changes.
 
     .venv/bin/python scripts/stack_phases.py --prompts runs/s61/tune_prompts.jsonl --batch 8 [--blocks 60]
@@ -26,12 +26,21 @@ PHASES = ["norms", "q/k/v product", "rope + cache write", "attention", "o produc
           "down product"]
 TIMERS = """#include <chrono>
 static double phase_seconds_[8];
+static int64_t timed_passes_;
 static inline double now_() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
-#define TIC(i) { const double t1_ = now_(); phase_seconds_[i] += t1_ - t0_; t0_ = t1_; }
-std::vector<double> phase_times() { std::vector<double> v(phase_seconds_, phase_seconds_ + 8); for (auto& x : phase_seconds_) x = 0; return v; }
+#define TIC(i) { const double t1_ = now_(); if (Q == 1) phase_seconds_[i] += t1_ - t0_; t0_ = t1_; }
+// the seconds per phase, then the passes they cover; both reset
+std::vector<double> phase_times() {
+  std::vector<double> v(phase_seconds_, phase_seconds_ + 8);
+  v.push_back(static_cast<double>(timed_passes_));
+  for (auto& x : phase_seconds_) x = 0;
+  timed_passes_ = 0;
+  return v;
+}
 """
 # (the forward's lines, the same with a timer after each phase)
 EDITS = [
+    ("    torch::Tensor delta = EMPTY_;\n", "    torch::Tensor delta = EMPTY_;\n    if (Q == 1) ++timed_passes_;\n"),
     ("      torch::Tensor h = add_rms_norm(x, delta, l.in_norm, l.in_eps);  // [R, hidden]\n",
      "      double t0_ = now_();\n      torch::Tensor h = add_rms_norm(x, delta, l.in_norm, l.in_eps);  // [R, hidden]\n      TIC(0)\n"),
     ("      torch::Tensor qkv = l.qkv(h, int8);  // [R, (H + 2 KVH) D]\n",
@@ -83,10 +92,9 @@ def main() -> None:
                     "--blocks", str(a.blocks), "--threads", str(a.threads)]
         module.phase_times()
         time_batched_passes.main()
-        seconds = module.phase_times()
-    passes = 5 * (a.blocks + 1)  # time_batched_passes' blocks of 5 passes, its warm-up block included
+        *seconds, passes = module.phase_times()
     total = sum(seconds)
-    print(f"\n{torch.get_num_threads()} threads, {a.batch} sequences a pass, {passes} passes; the C++ stack by phase:")
+    print(f"\n{torch.get_num_threads()} threads, {a.batch} sequences a pass, {passes:.0f} passes; the C++ stack by phase:")
     print("| phase | ms a pass | share |\n|---|---:|---:|")
     for name, s in zip(PHASES, seconds):
         print(f"| {name} | {1e3 * s / passes:.2f} | {100 * s / total:.1f}% |")

@@ -71,7 +71,7 @@ def cpu_info() -> tuple[str, set[str]]:
 
 
 # The bodies csrc/few_rows.cpp compiles, by what this CPU has: what a verified row costs depends on it most (rows a read
-# of the weights: 2 on AVX2, up to 8 on AVX-512 VNNI; AMX tiles from 4 rows), so trees are calibrated per class
+# of the weights: 2-4 on AVX2, up to 8 on AVX-512 VNNI; AMX tiles from 4 rows), so trees are calibrated per class
 # (draftmodel.trees_key). On an AVX2 EPYC (stop 64) a third or fourth row costs 15-21% of a one-row pass, on a Zen 5
 # with VNNI ~8%.
 CPU_CLASSES = ("avx2", "avx512-vnni", "amx")
