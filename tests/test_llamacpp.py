@@ -235,3 +235,100 @@ def test_hydra_heads_run_on_llamacpp_and_equal_its_greedy(model):
     r = hydra.generate(prompt, max_new_tokens=48)
     assert r.token_ids == model.decoder.engine.greedy(model.prompt_ids(prompt), 48, model.eos_ids)
     assert r.stats.mean_accepted > 1.05, r.stats.to_dict()
+
+
+# ---------------------------------------------------------------- many sequences at once (issue 19)
+
+BATCH_PROMPTS = ["Write a haiku about the sea.", "Explain what a hash table is, with an example in Python.",
+                 "List three prime numbers.", "Tell me about the moon.", "Why is the sky blue? Answer briefly.",
+                 "Give me a recipe for pancakes.", "Name a color."]
+
+
+def _drive(batch, gens: dict) -> dict:
+    """Step `batch` until every iter_generate generator in `gens` (name -> generator, prefilled) is done:
+    name -> its Result."""
+    out = {}
+    while gens:
+        batch.step()
+        for name, g in list(gens.items()):
+            chunk = next(g)
+            if chunk.result is not None:
+                out[name] = chunk.result
+                del gens[name]
+    return out
+
+
+@needs_engine
+def test_batched_replies_equal_llamacpps_own_greedy_and_streams_are_reused(model):
+    """Seven prompts of different lengths through three llama.cpp streams, each reused as replies end: every
+    reply is llama.cpp's own greedy decoding of its prompt alone, though the model names a tree (a batch
+    decodes one token a sequence a step: batch_llamacpp.py)."""
+    engine = model.decoder.engine
+    results = model.generate_many(BATCH_PROMPTS, max_batch=3, max_new_tokens=24)
+    for prompt, r in zip(BATCH_PROMPTS, results):
+        assert r.token_ids == engine.greedy(model.prompt_ids(prompt), 24, model.eos_ids), prompt
+        assert r.stats.tree_size == 1 and max(r.stats.accepted) == 1  # one token a step
+
+
+@needs_engine
+def test_a_reply_cancelled_mid_batch_leaves_the_others_and_frees_its_stream(model):
+    from draftheads.batch import batch_decoder
+
+    engine = model.decoder.engine
+    batch = batch_decoder(model.decoder, 2, 256)
+    assert type(batch).__name__ == "LlamaCppBatch" and batch.context == 255
+    a, b = (model.iter_generate(p, batch=batch, max_new_tokens=24) for p in BATCH_PROMPTS[:2])
+    next(a), next(b)  # the prefills
+    for _ in range(6):
+        batch.step()
+        next(a), next(b)
+    b.close()  # its client left: the slot is free for the next request, whose stream starts empty
+    assert batch.free == [1] and list(batch.seqs) == [0]
+    c = model.iter_generate(BATCH_PROMPTS[2], batch=batch, max_new_tokens=24)
+    next(c)
+    results = _drive(batch, {"a": a, "c": c})
+    for name, prompt in (("a", BATCH_PROMPTS[0]), ("c", BATCH_PROMPTS[2])):
+        assert results[name].token_ids == engine.greedy(model.prompt_ids(prompt), 24, model.eos_ids), name
+    assert sorted(batch.free) == [0, 1] and not batch.seqs
+
+
+@needs_engine
+def test_batched_sampling_draws_what_the_plain_loop_draws_from_the_same_seed(model):
+    """Exact sampling in a batch: the same logits (llama.cpp's, as a lone decode gives them) and the loop's
+    own `accept`, so a seeded request draws token for token what the plain loop on llama.cpp draws."""
+    kw = dict(max_new_tokens=24, temperature=0.8, top_p=0.95, acceptance="exact")
+    batched = model.generate_many(BATCH_PROMPTS[:3], max_batch=3, seed=11, **kw)
+    alone = [model.generate(p, tree=[], seed=11, **kw) for p in BATCH_PROMPTS[:3]]
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+    assert len({tuple(r.token_ids) for r in batched}) == 3
+
+
+@needs_engine
+def test_batched_llamacpp_server_replies_equal_its_one_at_a_time_replies(model):
+    """Six concurrent clients (the official openai client) on a --max-batch 3 server on llama.cpp get the
+    replies the one-at-a-time server gives, which verifies the model's tree."""
+    import concurrent.futures
+
+    from openai import OpenAI
+
+    from draftheads.server import create_app
+    from test_server import Server
+
+    def replies(max_batch):
+        srv = Server(create_app(model, model_name="x", max_batch=max_batch, max_seq_len=512))
+        client = OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        try:
+            def ask(p):
+                r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": p}],
+                                                   max_tokens=20, temperature=0)
+                return r.choices[0].message.content
+            with concurrent.futures.ThreadPoolExecutor(6) as ex:
+                out = list(ex.map(ask, BATCH_PROMPTS[:6]))
+            return out, srv.server.config.app.state.worker.phases
+        finally:
+            srv.stop()
+
+    batched, phases = replies(3)
+    serial, _ = replies(1)
+    assert batched == serial and all(batched)
+    assert phases["sequences"] > phases["passes"]  # some decodes took several sequences

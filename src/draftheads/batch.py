@@ -37,11 +37,27 @@ def _lookup_cfg(decoder: Decoder):
     return decoder.drafter.lookup.cfg if decoder.drafter is not None and decoder.drafter.lookup else None
 
 
+def _on_llamacpp(decoder: Decoder) -> bool:
+    return hasattr(decoder.engine, "batch_slots")  # engine_llamacpp.LlamaCppEngine
+
+
 def refusal(decoder: Decoder) -> str | None:
     """Why `decoder`'s model cannot take the batched step (it then decodes one request at a time), or None."""
-    if decoder.lean is None:
-        return "batched decoding runs on the lean forward (Llama, Mistral, Qwen2); this model decodes one request at a time"
+    if decoder.lean is None and not _on_llamacpp(decoder):
+        return ("batched decoding runs on the lean forward (Llama, Mistral, Qwen2) or on llama.cpp; this model "
+                "decodes one request at a time")
     return None
+
+
+def batch_decoder(decoder: Decoder, slots: int, capacity: int, *args, **kwargs):
+    """The batched step for decoder's engine: BatchDecoder (arguments as its) on the lean forward, or
+    batch_llamacpp.LlamaCppBatch on llama.cpp, which verifies no trees (its docstring says why) and so takes
+    none of the tree arguments."""
+    if decoder.lean is None and _on_llamacpp(decoder):
+        from .batch_llamacpp import LlamaCppBatch
+
+        return LlamaCppBatch(decoder, slots, capacity)
+    return BatchDecoder(decoder, slots, capacity, *args, **kwargs)
 
 
 def step_room(decoder: Decoder, tree: Tree, table: dict[int, Tree]) -> int:
@@ -53,6 +69,8 @@ def step_room(decoder: Decoder, tree: Tree, table: dict[int, Tree]) -> int:
 
 def slot_context(decoder: Decoder, capacity: int, batch_trees: dict[int, Tree] | None = None) -> int:
     """Tokens a sequence that follows the batch-size table may hold in a slot of `capacity`."""
+    if decoder.lean is None and _on_llamacpp(decoder):  # a step writes one token (batch_llamacpp.py)
+        return min(capacity, decoder.engine.context) - 1
     table = (batch_trees or {}) if _heads(decoder) is not None else {}  # without heads no table applies
     return capacity - step_room(decoder, decoder.tree, table)
 

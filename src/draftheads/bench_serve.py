@@ -190,8 +190,8 @@ def run_concurrency(args) -> dict:
     n = max(levels) * args.requests_per_client
     prompts = list(enumerate(q.turns[0] for q in load_questions(args.questions, n)))
     model_args = ["--threads", str(args.threads)]
-    for flag, value in (("--backbone", args.backbone), ("--device", args.device), ("--dtype", args.dtype),
-                        ("--tree", args.tree)):
+    for flag, value in (("--backbone", args.backbone), ("--engine", args.engine), ("--device", args.device),
+                        ("--dtype", args.dtype), ("--tree", args.tree)):
         if value is not None:
             model_args += [flag, value]
     configs = server_configs(args.heads, args.max_batch, args.lookup)

@@ -147,18 +147,18 @@ class DraftModel:
     def generate_many(self, prompts: list, *, max_batch: int = MAX_BATCH, max_seq_len: int = MAX_SEQ_LEN,
                       **kwargs) -> list[Result]:
         """One Result per prompt, decoded together: up to `max_batch` sequences share each verify pass
-        (batch.BatchDecoder; `max_seq_len` tokens per sequence). Keyword arguments as for `generate`;
+        (batch.batch_decoder; `max_seq_len` tokens per sequence). Keyword arguments as for `generate`;
         the results equal decoding each prompt alone (greedy: token for token). Models the batched
-        step does not take (not Llama-family) decode one prompt after another."""
-        from .batch import BatchDecoder, run_all
+        step does not take (neither Llama-family nor on llama.cpp) decode one prompt after another."""
+        from .batch import batch_decoder, run_all
 
         try:
             # no more slots than prompts: each slot's cache is allocated whole (the default model at 2,048
             # tokens: 94 MB a slot in float32, 47 MB in float16). Rounds decide trees and lookup's branches per
             # batch size, as the server's do (defaults.ADAPT_TREES): taken in every pass, lookup's branches pad
             # each sequence's rows to the longest tree.
-            batch = BatchDecoder(self.decoder, min(max_batch, max(1, len(prompts))), max_seq_len,
-                                 batch_trees=self.batch_trees, draft_confidence=self.batch_cuts, costs=self.round_costs)
+            batch = batch_decoder(self.decoder, min(max_batch, max(1, len(prompts))), max_seq_len,
+                                  batch_trees=self.batch_trees, draft_confidence=self.batch_cuts, costs=self.round_costs)
         except UserError:
             return [self.generate(p, **kwargs) for p in prompts]
         return run_all(batch, [self.iter_generate(p, batch=batch, **kwargs) for p in prompts])

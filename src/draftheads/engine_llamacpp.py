@@ -122,6 +122,22 @@ def plan(tree: Tree) -> _Plan:
                  seqs, chain, len(leaves))
 
 
+def batch_arrays(lib, n: int, seqs: int) -> tuple:
+    """A llama_batch over arrays we own, for n tokens of up to `seqs` sequence ids each: one numpy write per
+    field per step, no per-token ctypes calls. Returns (token, pos, n_seq_id, logits flags, seq ids [n, seqs],
+    the llama_batch, the row pointers it holds, which must live as long as it)."""
+    i32 = ctypes.POINTER(ctypes.c_int32)
+    tok, pos, nseq = (np.zeros(n, dtype=np.int32) for _ in range(3))
+    out = np.zeros(n, dtype=np.int8)
+    seq = np.zeros((n, seqs), dtype=np.int32)  # row i: token i's sequence ids
+    seq_rows = (i32 * n)(*[ctypes.cast(seq[i].ctypes.data, i32) for i in range(n)])
+    batch = lib.llama_batch(
+        n_tokens=0, token=tok.ctypes.data_as(i32), embd=None, pos=pos.ctypes.data_as(i32),
+        n_seq_id=nseq.ctypes.data_as(i32), seq_id=ctypes.cast(seq_rows, ctypes.POINTER(i32)),
+        logits=out.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)))
+    return tok, pos, nseq, out, seq, batch, seq_rows
+
+
 class LlamaCppCache:
     """One sequence's place in the engine's (single) llama.cpp KV cache. `length` tokens are accepted; the
     first `cells` of them are in llama.cpp's cells, in position order, and the rest (`redo`, ids) go into
@@ -156,20 +172,11 @@ class LlamaCppEngine:
         self.vocab_size = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
         self.hidden_size = lib.llama_model_n_embd(self.model)
         train = lib.llama_model_n_ctx_train(self.model)
-        threads = s.threads or torch.get_num_threads()
-        cp = lib.llama_context_default_params()
-        cp.n_ctx = min(s.context or train, train)
-        cp.n_batch = cp.n_ubatch = s.batch
-        cp.n_seq_max = s.max_leaves  # sequence 0 is also leaf 0's
-        cp.kv_unified = True  # sequences share cells: the tree's nodes belong to several (module docstring)
-        cp.pooling_type = lib.LLAMA_POOLING_TYPE_NONE  # a hidden state per token, not one per sequence
-        cp.embeddings = False  # switched on per decode that needs hidden states
-        cp.n_threads = cp.n_threads_batch = threads
-        cp.type_v = lib.GGML_TYPE_Q8_0  # module docstring: why not f16 like the keys
-        cp.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if s.flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        self.ctx = lib.llama_init_from_model(self.model, cp)
+        self.threads = s.threads or torch.get_num_threads()
+        # sequence 0 is also leaf 0's; sequences share cells: the tree's nodes belong to several (module docstring)
+        self.ctx = self._new_context(min(s.context or train, train), s.max_leaves, unified=True)
         if not self.ctx:
-            raise UserError(f"llama.cpp cannot make a context of {cp.n_ctx} tokens for {path}")
+            raise UserError(f"llama.cpp cannot make a context of {min(s.context or train, train)} tokens for {path}")
         self.context = lib.llama_n_ctx(self.ctx)
         self.memory = lib.llama_get_memory(self.ctx)
         buf = ctypes.create_string_buffer(128)
@@ -178,19 +185,27 @@ class LlamaCppEngine:
         self._embeddings: bool | None = None
         self._plans: dict[Tree, _Plan] = {}
         self._live: LlamaCppCache | None = None
-        self._batch_arrays(s.batch, s.max_leaves)
+        self._tok, self._pos, self._nseq, self._out, self._seq, self._batch, self._seq_ptrs = batch_arrays(
+            lib, s.batch, s.max_leaves)
 
-    def _batch_arrays(self, n: int, seqs: int) -> None:
-        """A llama_batch over arrays we own: one numpy write per field per step, no per-token ctypes calls."""
-        i32 = ctypes.POINTER(ctypes.c_int32)
-        self._tok, self._pos, self._nseq = (np.zeros(n, dtype=np.int32) for _ in range(3))
-        self._out = np.zeros(n, dtype=np.int8)
-        self._seq = np.zeros((n, seqs), dtype=np.int32)  # row i: token i's sequence ids
-        self._seq_rows = (i32 * n)(*[ctypes.cast(self._seq[i].ctypes.data, i32) for i in range(n)])
-        self._batch = self.lib.llama_batch(
-            n_tokens=0, token=self._tok.ctypes.data_as(i32), embd=None, pos=self._pos.ctypes.data_as(i32),
-            n_seq_id=self._nseq.ctypes.data_as(i32), seq_id=ctypes.cast(self._seq_rows, ctypes.POINTER(i32)),
-            logits=self._out.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)))
+    def _new_context(self, cells: int, sequences: int, unified: bool):
+        """A llama.cpp context on this model with the engine's settings (threads, batch, flash attention, the
+        q8_0 V cache: what makes a batch's rows score as one-token decodes do), or NULL where llama.cpp refuses."""
+        lib = self.lib
+        cp = lib.llama_context_default_params()
+        cp.n_ctx, cp.n_seq_max, cp.kv_unified = cells, sequences, unified
+        cp.n_batch = cp.n_ubatch = self.settings.batch
+        cp.pooling_type = lib.LLAMA_POOLING_TYPE_NONE  # a hidden state per token, not one per sequence
+        cp.embeddings = False  # switched on per decode that needs hidden states
+        cp.n_threads = cp.n_threads_batch = self.threads
+        cp.type_v = lib.GGML_TYPE_Q8_0  # module docstring: why not f16 like the keys
+        flash = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.settings.flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cp.flash_attn_type = flash
+        return lib.llama_init_from_model(self.model, cp)
+
+    def batch_slots(self, slots: int, capacity: int) -> "LlamaCppSlots":
+        """`slots` sequences of up to `capacity` tokens each, decoded together (LlamaCppSlots)."""
+        return LlamaCppSlots(self, slots, capacity)
 
     # ---------------------------------------------------------------- llama.cpp calls
 
@@ -369,6 +384,72 @@ class LlamaCppEngine:
                 lib.llama_free(self.ctx)
             if getattr(self, "model", None):
                 lib.llama_model_free(self.model)
+        except Exception:  # noqa: BLE001 -- at interpreter exit the library may be gone already
+            pass
+
+
+class LlamaCppSlots:
+    """Many sequences on llama.cpp at once, for the batched step (batch_llamacpp.py): slot s is llama.cpp
+    sequence s in a context of its own on the engine's model, whose KV cache is split in one stream per
+    sequence (kv_unified off). A stream's cells then follow its sequence's positions whatever the others do,
+    so a step's row attends to the cells a lone decode would, in the same order (the module docstring: another
+    order rounds differently), and it scores as llama.cpp's own one-token decoding does: tested, every reply of
+    a batch equals llama.cpp's greedy decoding of its prompt alone. A token of several sequences cannot be
+    split across streams, so trees are not verified here: each step decodes one token a sequence."""
+
+    def __init__(self, engine: LlamaCppEngine, slots: int, capacity: int):
+        assert slots >= 1 and 1 <= capacity <= engine.context, (slots, capacity, engine.context)
+        if slots > engine.settings.batch:  # llama.cpp reserves an output row per sequence in every decode
+            raise UserError(f"{slots} sequences at once need a llama.cpp batch of at least {slots} tokens, not "
+                            f"{engine.settings.batch}")
+        self.engine, self.lib, self.slots, self.capacity = engine, engine.lib, slots, capacity
+        self.vocab_size = engine.vocab_size
+        self.ctx = engine._new_context(slots * capacity, slots, unified=False)  # capacity cells a stream
+        if not self.ctx:
+            raise UserError(f"llama.cpp cannot make a context of {slots} sequences of {capacity} tokens")
+        self.memory = self.lib.llama_get_memory(self.ctx)
+        self.rows = engine.settings.batch  # a prompt's chunk, as the engine reads a lone prompt, or one token a slot
+        self._tok, self._pos, self._nseq, self._out, self._seq, self._batch, self._seq_ptrs = batch_arrays(
+            self.lib, self.rows, 1)
+
+    def _decode(self, n: int) -> np.ndarray:
+        """Decode the first n rows (filled by the caller) -> logits [flagged rows, vocab], a view of
+        llama.cpp's buffer valid until the next decode."""
+        self._batch.n_tokens = n
+        rc = self.lib.llama_decode(self.ctx, self._batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with {rc} on {n} tokens (1: no room in the KV cache)")
+        return np.ctypeslib.as_array(self.lib.llama_get_logits(self.ctx), shape=(int(self._out[:n].sum()), self.vocab_size))
+
+    def prefill(self, slot: int, ids: list[int]) -> np.ndarray:
+        """The prompt ids into the empty slot, read as the engine reads a lone prompt (chunks of its batch)
+        -> logits [vocab] after the last one (a copy)."""
+        assert 0 <= slot < self.slots and 0 < len(ids) <= self.capacity
+        for a in range(0, len(ids), self.rows):
+            b = min(a + self.rows, len(ids))
+            n = b - a
+            self._tok[:n], self._pos[:n], self._nseq[:n], self._seq[:n, 0] = ids[a:b], np.arange(a, b), 1, slot
+            self._out[:n] = 0
+            self._out[n - 1] = b == len(ids)
+            logits = self._decode(n)
+        return logits[-1].copy()
+
+    def step(self, slots: list[int], tokens: list[int], positions: list[int]) -> np.ndarray:
+        """One token per slot, each at its position (its slot's length) -> logits [len(slots), vocab] after
+        each, a view valid until the next call."""
+        n = len(slots)
+        assert 0 < n <= self.slots and len(tokens) == len(positions) == n
+        self._tok[:n], self._pos[:n], self._nseq[:n], self._seq[:n, 0], self._out[:n] = tokens, positions, 1, slots, 1
+        return self._decode(n)
+
+    def release(self, slot: int) -> None:
+        """Empty the slot's stream: its next sequence's cells start at the stream's first."""
+        self.lib.llama_memory_seq_rm(self.memory, slot, -1, -1)
+
+    def __del__(self):
+        try:
+            if getattr(self, "ctx", None):
+                self.lib.llama_free(self.ctx)
         except Exception:  # noqa: BLE001 -- at interpreter exit the library may be gone already
             pass
 

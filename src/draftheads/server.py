@@ -165,11 +165,11 @@ class Worker:
         """Decode jobs until stop() (the worker's loop; never returns while serving)."""
         batch = None
         if self.max_batch > 1:
-            from .batch import BatchDecoder
+            from .batch import batch_decoder
 
             try:  # made on this thread: it does all the torch work from here on
-                batch = BatchDecoder(self.model.decoder, self.max_batch, self.max_seq_len, self.max_tree_rows,
-                                     self.model.batch_trees, self.prefill_chunk, self.costs, self.draft_confidence)
+                batch = batch_decoder(self.model.decoder, self.max_batch, self.max_seq_len, self.max_tree_rows,
+                                      self.model.batch_trees, self.prefill_chunk, self.costs, self.draft_confidence)
             except UserError as e:
                 log.warning("serving one request at a time: %s", e)
             except Exception:  # a dead worker would leave every request waiting forever
