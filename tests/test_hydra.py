@@ -315,3 +315,61 @@ def test_a_cache_reserve_keeps_its_entries_and_never_shrinks():
     keys, values = cache.append(0, k[:, :, :2], k[:, :, :2])  # room past the old capacity
     assert torch.equal(keys[:, :, :3], k) and torch.equal(values[:, :, :3], -k) and keys.shape[2] == 5
     assert torch.equal(cache.kv[1, 0, :, :, :3], 2 * k)
+
+
+@pytest.mark.skipif(__import__("draftheads.few_rows").few_rows.unavailable_reason() is not None,
+                    reason="no AVX2/FMA on this CPU")
+@pytest.mark.parametrize("activations", ["int8", "float32"])
+@pytest.mark.parametrize("residual,layers,lm_head", [("hidden", 1, "shared"), ("projection", 2, "own")])
+def test_packed_hydra_heads_draft_a_chain_in_one_call_with_the_same_ids_and_cuts(monkeypatch, activations, residual,
+                                                                                 layers, lm_head):
+    """Hydra heads whose weights pack (Q8_0 values, as round_drafter_weights leaves the shipped ones) draft a top-1
+    chain in one C++ call (few_rows.hydra_chain): the products, silu, top-1 and probabilities of the depth-by-depth
+    path, so the same ids, through VocabTrim's map, and the same cuts; another tree, or gradients, take that path."""
+    from draftheads import few_rows
+    from draftheads.tree import Tree
+
+    monkeypatch.setattr(few_rows, "_ACTIVATIONS", activations)
+    model = tiny_model()
+    heads = tiny_hydra_heads(model, "hydra++", num_heads=3, noise=0.3, grounded_residual=residual, num_layers=layers,
+                             lm_head=lm_head)
+    heads.vocab_map = torch.randperm(model.config.vocab_size, generator=torch.Generator().manual_seed(2))
+    heads.attach(model)  # a shared LM head takes the backbone's rows in the permuted order
+    with torch.no_grad():
+        for m in heads.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(few_rows.q8_0_rounded(m.weight))
+        if heads.shared_weight is not None:  # the backbone's rows: Q8_0 values in the default model's GGUF
+            heads.shared_weight = few_rows.q8_0_rounded(heads.shared_weight)
+    calls, packed = [], heads._packed_chain
+    monkeypatch.setattr(heads, "_packed_chain", lambda *a: calls.append(packed(*a)) or calls[-1])
+    g = torch.Generator().manual_seed(9)
+    hidden = torch.randn(20, model.config.hidden_size, generator=g)
+    heads.reset()
+    heads.observe(hidden[:12])
+    roots, chain = torch.arange(40, 46), load_tree("chain3")
+
+    def per_depth(fn):
+        with monkeypatch.context() as m:
+            m.setattr(heads, "_packed_chain", lambda *a: None)
+            return fn()
+
+    probs = []
+    for root in roots:
+        assert torch.equal(heads.draft(hidden[12], root, chain), per_depth(lambda: heads.draft(hidden[12], root, chain)))
+        with torch.no_grad():  # as the loop drafts (draft_confident's own call)
+            ids, path = heads._draft(hidden[12], root, chain, 1e-9)
+            want = per_depth(lambda: heads._draft(hidden[12], root, chain, 1e-9))
+        assert torch.equal(ids, want[0]) and torch.equal(path, want[1])
+        probs += path[1:].tolist()
+    assert len(calls) == 12 and all(c is not None for c in calls)
+    for min_prob in sorted(probs)[::5]:  # cuts between nodes, and exactly on a node's path probability (kept: >=)
+        for root in roots:
+            got = heads.draft_confident(hidden[12:13], root.view(1), chain, min_prob)[0]
+            want = per_depth(lambda: heads.draft_confident(hidden[12:13], root.view(1), chain, min_prob)[0])
+            assert got[0] is want[0] and torch.equal(got[1], want[1]), (min_prob, int(root))
+    calls.clear()
+    heads.draft(hidden[12], roots[0], Tree([[0], [1], [0, 0]]))  # a branching tree: depth by depth
+    assert calls == []
+    with torch.enable_grad():
+        assert packed(hidden[12], 5, chain) is None

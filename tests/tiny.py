@@ -94,13 +94,14 @@ def tiny_draftmodel(arch: str = "llama", tree: str = "medusa16", num_heads: int 
 
 
 def tiny_hydra_heads(model, head_type: str = "hydra", num_heads: int = 3, seed: int = 1, noise: float = 0.05,
-                     grounded_residual: str = "projection", prefix_token: bool = False):
+                     grounded_residual: str = "projection", prefix_token: bool = False, **cfg):
+    """Hydra heads on `model`, their weights perturbed by `noise`; cfg: other HeadsConfig fields (num_layers, lm_head)."""
     from draftheads.heads import HydraHeads
 
     torch.manual_seed(seed)
     cfg = HeadsConfig(num_heads=num_heads, hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size,
                       head_type=head_type, backbone="tiny", backbone_fingerprint=output_embedding_fingerprint(model),
-                      grounded_residual=grounded_residual, prefix_token=prefix_token)
+                      grounded_residual=grounded_residual, prefix_token=prefix_token, **cfg)
     heads = HydraHeads(cfg)
     heads.init_lm_heads_from(model)
     for p in heads.parameters():

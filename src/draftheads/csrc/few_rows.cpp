@@ -815,11 +815,51 @@ std::tuple<torch::Tensor, torch::Tensor> heads_top(const torch::Tensor& x, const
   return {vocab.numel() > 0 ? vocab.index({ids}) : ids, probs ? at::stack(chances) : torch::empty({0})};
 }
 
+// Hydra heads' draft of a chain in one call: head d reads x = [h, E(x_1), ..., E(x_{d+1})] (x_1 = root, the later
+// ones the heads' own top-1 above it) -> its first block, res + silu(x @ W.T + b) with res h itself (grounded residual
+// "hidden") or x @ R.T ("projection"), then its ResBlocks and LM head, as hydra.py's HydraHeads.head computes them with
+// linear() on packed weights -> the top-1 full ids [depth] int64 and their softmax probabilities [depth] float32
+// (medusa.top_probs'). embed [vocab, H] float32: the backbone's input embedding. Per head the lists hold, in order: the
+// first block's q, d, m, bias, then (projection) the residual's q, d, m; then each further block's q, d, m, bias; lm:
+// the LM head's q, d, m per head (shared heads repeat the one) and out its width. h [H] float32.
+std::tuple<torch::Tensor, torch::Tensor> hydra_chain(const torch::Tensor& h, int64_t root, const torch::Tensor& embed,
+                                                     const std::vector<torch::Tensor>& blocks, int64_t layers, bool projection,
+                                                     const std::vector<torch::Tensor>& lm, int64_t out, int64_t depth, bool int8,
+                                                     const torch::Tensor& vocab) {
+  const int64_t H = h.size(0), per_head = 4 + (projection ? 3 : 0) + (layers - 1) * 4;
+  TORCH_CHECK(h.dim() == 1 && embed.dim() == 2 && embed.size(1) == H && layers >= 1 && depth >= 1
+              && static_cast<int64_t>(blocks.size()) == depth * per_head && static_cast<int64_t>(lm.size()) == depth * 3,
+              "hydra_chain: lists of the wrong length");
+  const auto product = int8 ? packed_linear_q8 : packed_linear;
+  const torch::Tensor none = torch::empty({0});
+  std::vector<torch::Tensor> parts{h.view({1, H}), embed.narrow(0, root, 1)};
+  auto ids = torch::empty({depth}, torch::kLong), chances = torch::empty({depth}, torch::kFloat);
+  for (int64_t d = 0; d < depth; ++d) {
+    const torch::Tensor x = at::cat(parts, 1);  // [1, (d + 2) H]
+    const torch::Tensor* b = &blocks[d * per_head];
+    const torch::Tensor res = projection ? product(x, b[4], b[5], b[6], H, none) : x.narrow(1, 0, H);
+    torch::Tensor y = res + at::silu(product(x, b[0], b[1], b[2], H, b[3]));
+    for (int64_t l = 1; l < layers; ++l) {
+      const torch::Tensor* r = b + 4 + (projection ? 3 : 0) + (l - 1) * 4;
+      y = y + at::silu(product(y, r[0], r[1], r[2], H, r[3]));
+    }
+    const torch::Tensor* p = &lm[d * 3];
+    const torch::Tensor logits = product(y, p[0], p[1], p[2], out, none);  // [1, out]
+    const auto top = at::topk(logits, 1, -1);
+    const torch::Tensor id = vocab.numel() > 0 ? vocab.index({std::get<1>(top)}) : std::get<1>(top);  // [1, 1]
+    ids[d] = id.item<int64_t>();
+    chances[d] = (std::get<0>(top) - at::logsumexp(logits, {-1}, true)).exp().item<float>();
+    parts.push_back(embed.narrow(0, ids[d].item<int64_t>(), 1));
+  }
+  return {ids, chances};
+}
+
 #ifndef DRAFTHEADS_NO_MODULE  // decoder_stack.cpp includes this file and calls its functions
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("few_rows_linear", &few_rows_linear, "x @ w.T (+ b) for few rows of x (float32, CPU, AVX2)");
   m.def("packed_linear", &packed_linear, "x @ w.T for few rows of x and w in tiles of Q4_1 or Q8_0 blocks (float32)");
   m.def("packed_linear_q8", &packed_linear_q8, "packed_linear with x rounded to 8 bits per block of 32 inputs");
   m.def("heads_top", &heads_top, "Medusa heads' top-k ids and their probabilities for rows of x, their weights packed");
+  m.def("hydra_chain", &hydra_chain, "Hydra heads' top-1 chain and its probabilities for one hidden state, their weights packed");
 }
 #endif

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
+from .. import few_rows
+from ..cpu_matmul import packed_rows
 from ..defaults import GROUNDED_RESIDUALS
 from ..kvcache import TreeKVCache
 from ..llama_forward import LlamaForward
@@ -98,6 +100,8 @@ class HydraHeads(DraftHeads):
         # the root `draft` added it with (None: not added yet)
         self._pending: torch.Tensor | None = None
         self._pending_root: int | None = None
+        # _packed_chain's arguments per chain depth, with the weights they were packed from (_chain_arguments)
+        self._chain_args: dict[int, tuple] = {}
 
     def attach(self, backbone: nn.Module) -> "HydraHeads":
         """Give the heads the backbone's input embedding (and output rows for a shared LM head)."""
@@ -227,6 +231,13 @@ class HydraHeads(DraftHeads):
         path = None if min_prob is None else torch.zeros(tree.size, device=hidden.device)  # [nodes]
         if path is not None:
             path[0] = 1.0
+        chain = self._packed_chain(h, int(root), tree) if tree.size == tree.depth + 1 and tree.topk == 1 else None
+        if chain is not None:  # a top-1 chain (the CPU calibrations' trees): one C++ call, the same ids and floats
+            ids[1:], probs = chain
+            if path is not None:
+                for d in range(1, tree.size):  # as the levels below: each node's parent times its own
+                    path[d] = path[d - 1] * probs[d - 1]
+            return ids, path
         for d, level in enumerate(tree.levels(hidden.device), start=1):
             paths = ids[level.parent_paths]  # [p, d] tokens from the root to each parent
             logits = self.head(d - 1, h.expand(paths.shape[0], -1), paths)  # [p, out_vocab]
@@ -238,6 +249,55 @@ class HydraHeads(DraftHeads):
                 if not bool((path[level.nodes] >= min_prob).any()):  # nothing deeper can be kept
                     break
         return ids, path
+
+    def _packed_chain(self, h: torch.Tensor, root: int, tree: Tree) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The chain's drafts after `root` from h [H]: full ids [depth] and each one's softmax probability [depth]
+        (float32) in one C++ call (few_rows.hydra_chain: the products linear() would run, the same ids and floats),
+        where every weight packs and h is what linear() sends to the packed kernel (CPU float32, no gradient, no
+        dropout); else None. Drafting depth by depth in Python cost ~0.45 ms a head in the loop, ~0.1 of it products."""
+        if not (h.is_cpu and h.dtype == torch.float32 and not torch.is_grad_enabled() and not self.training
+                and packed_rows() >= 1 and self.embed_weight is not None and self.embed_weight.dtype == torch.float32
+                and self.embed_weight.is_contiguous()):
+            return None
+        depth = tree.depth
+        args = self._chain_args.get(depth)
+        if args is None or not all(getattr(owner, name) is w and w._version == v and w.data_ptr() == ptr
+                                   for owner, name, w, v, ptr in args[0]):
+            args = self._chain_args[depth] = self._chain_arguments(depth)
+        checks, module, blocks, lm, out = args
+        if module is None:
+            return None
+        vocab = few_rows._EMPTY if self.vocab_map is None else self.vocab_map
+        return module.hydra_chain(h.contiguous(), root, self.embed_weight, blocks, len(self.blocks[0]),
+                                  self.blocks[0][0].res is not None, lm, out, depth, few_rows.activations() == "int8", vocab)
+
+    def _chain_arguments(self, depth: int) -> tuple:
+        """(checks, module, blocks, lm, out) for hydra_chain, module None where some weight does not pack as linear()
+        routes it or the kernel is not built; checks: (owner, attribute, its tensor, the tensor's version and data_ptr)
+        per weight and bias, what the lists stay valid for."""
+        module, checks, blocks, lm = few_rows.load(), [], [], []
+        if module is None or not hasattr(module, "hydra_chain"):
+            return [], None, [], [], 0
+
+        def add(owner, name: str, into: list, bias: bool) -> bool:
+            w, b = getattr(owner, name), owner.bias if bias else None
+            checks.extend((owner, n, t, t._version, t.data_ptr()) for n, t in ((name, w), ("bias", b)) if t is not None)
+            p = few_rows.packed(w) if w.is_contiguous() else None  # as linear() routes it
+            if p is not None:
+                into += [p.q, p.d, few_rows._EMPTY if p.m is None else p.m] + ([few_rows._EMPTY if b is None else b] if bias else [])
+            return p is not None
+
+        ok = True
+        for k in range(depth):
+            first, rest = self.blocks[k][0], list(self.blocks[k])[1:]
+            ok &= add(first.linear, "weight", blocks, True)
+            if first.res is not None:
+                ok &= add(first.res, "weight", blocks, False)
+            for block in rest:
+                ok &= add(block.linear, "weight", blocks, True)
+            ok &= add(self.lm_heads[k], "weight", lm, False) if self.lm_heads is not None else add(self, "shared_weight", lm, False)
+        out = (self.lm_heads[0].weight if self.lm_heads is not None else self.shared_weight).shape[0]
+        return checks, module if ok else None, blocks, lm, out
 
     @torch.no_grad()
     def teacher_topk(self, hidden: torch.Tensor, ids: torch.Tensor, n: int = MAX_RANK, chunk: int = 256) -> torch.Tensor:
