@@ -556,8 +556,8 @@ def test_batch_decoder_messages_tables_and_prefill_time(monkeypatch):
     model = tiny_model()
     generic = Decoder(model, tiny_heads(model))
     generic.lean = None
-    with pytest.raises(UserError, match=r"^batched decoding runs on the lean forward \(Llama, Mistral, Qwen2\); "
-                                        r"this model decodes one request at a time$"):
+    with pytest.raises(UserError, match=r"^batched decoding runs on the lean forward \(Llama, Mistral, Qwen2\) or on "
+                                        r"llama.cpp; this model decodes one request at a time$"):
         BatchDecoder(generic, slots=2, capacity=64, draft_confidence=0.0)
     small, big = Tree([[0]]), load_tree("medusa16", 3)
     with pytest.raises(AssertionError, match="^batch sizes start at 1$"):

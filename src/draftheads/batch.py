@@ -38,7 +38,7 @@ def _lookup_cfg(decoder: Decoder):
 
 
 def _on_llamacpp(decoder: Decoder) -> bool:
-    return hasattr(decoder.engine, "batch_slots")  # engine_llamacpp.LlamaCppEngine
+    return hasattr(getattr(decoder, "engine", None), "batch_slots")  # engine_llamacpp.LlamaCppEngine
 
 
 def refusal(decoder: Decoder) -> str | None:
