@@ -3,8 +3,9 @@
 Each sequence is a llama.cpp sequence with a KV stream of its own (engine_llamacpp.LlamaCppSlots), and one
 llama_decode a step takes the next token of every running sequence. Trees are not verified in a batch: a
 tree's node belongs to the sequence of every leaf below it, and one token cannot live in several streams.
-Nor would they pay: on llama.cpp a verified row costs ~40% of a one-token step (docs/results.md, stop 48),
-so the shipped heads' calibration for llama.cpp decodes plainly even alone. So a request decodes here as
+Nor would they pay: on llama.cpp a second verified row costs 40-80% of a one-token step (stop 48's Xeon: 17.9
+against 12.5 ms; the AVX2 EPYC of stop 66: 16.2 against 9.2), so the shipped heads' calibration for llama.cpp
+decodes plainly even alone. So a request decodes here as
 llama.cpp's own decoding does, whatever tree it names; `--max-batch 1` keeps one request at a time on the
 engine's tree-verifying context. Sampling goes through the loop's `accept`, so each sequence draws what
 the loop would from the same logits and seed.
