@@ -332,3 +332,26 @@ def test_batched_llamacpp_server_replies_equal_its_one_at_a_time_replies(model):
     serial, _ = replies(1)
     assert batched == serial and all(batched)
     assert phases["sequences"] > phases["passes"]  # some decodes took several sequences
+
+
+@needs_engine
+def test_a_prompt_longer_than_a_llama_decode_is_read_in_the_engines_chunks(model):
+    """A prompt of more tokens than the engine's batch (here 64) is read in chunks of it, as the engine reads a lone
+    prompt: the batched reply is still llama.cpp's own greedy decoding of it."""
+    import draftheads
+    from draftheads.batch import batch_decoder
+    from draftheads.engine_llamacpp import LlamaCppEngine, LlamaCppSettings
+
+    small = draftheads.load(heads=None, engine="llama.cpp")
+    small.decoder.engine = LlamaCppEngine(embedded_gguf(), LlamaCppSettings(batch=64, max_leaves=8))
+    prompt = "Summarise this: " + " ".join(f"item {i} is {i * 7 % 13}." for i in range(30))
+    ids = small.prompt_ids(prompt)
+    assert len(ids) > 128
+    batch = batch_decoder(small.decoder, 2, 512)
+    results = _drive(batch, {"long": _prefilled(small.iter_generate(prompt, batch=batch, max_new_tokens=16))})
+    assert results["long"].token_ids == small.decoder.engine.greedy(ids, 16, small.eos_ids)
+
+
+def _prefilled(gen):
+    next(gen)
+    return gen

@@ -5,10 +5,9 @@ llama_decode a step takes the next token of every running sequence. Trees are no
 tree's node belongs to the sequence of every leaf below it, and one token cannot live in several streams.
 Nor would they pay: on llama.cpp a second verified row costs 40-80% of a one-token step (stop 48's Xeon: 17.9
 against 12.5 ms; the AVX2 EPYC of stop 66: 16.2 against 9.2), so the shipped heads' calibration for llama.cpp
-decodes plainly even alone. So a request decodes here as
-llama.cpp's own decoding does, whatever tree it names; `--max-batch 1` keeps one request at a time on the
-engine's tree-verifying context. Sampling goes through the loop's `accept`, so each sequence draws what
-the loop would from the same logits and seed.
+decodes plainly even alone. So a request decodes here as llama.cpp's own decoding does, whatever tree it
+names; `--max-batch 1` keeps one request at a time on the engine's tree-verifying context. Sampling goes
+through the loop's `accept`, so each sequence draws what the loop would from the same logits and seed.
 """
 
 from __future__ import annotations
@@ -96,7 +95,7 @@ class LlamaCppBatch:
                                                   [s.length for s in seqs]))  # [B, vocab], llama.cpp's buffer
         t1 = time.perf_counter()
         for j, s in enumerate(seqs):
-            nodes, s.root = accept(logits[j:j + 1], torch.tensor([s.root]), ROOT_ONLY, s.sp, s.gen)
+            _, s.root = accept(logits[j:j + 1], torch.tensor([s.root]), ROOT_ONLY, s.sp, s.gen)
             s.length += 1
             s.emitted = [s.root]
             s.done = s.length + 1 > s.end

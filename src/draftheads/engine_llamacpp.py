@@ -412,14 +412,15 @@ class LlamaCppSlots:
         self._tok, self._pos, self._nseq, self._out, self._seq, self._batch, self._seq_ptrs = batch_arrays(
             self.lib, self.rows, 1)
 
-    def _decode(self, n: int) -> np.ndarray:
+    def _decode(self, n: int) -> np.ndarray | None:
         """Decode the first n rows (filled by the caller) -> logits [flagged rows, vocab], a view of
-        llama.cpp's buffer valid until the next decode."""
+        llama.cpp's buffer valid until the next decode (None: no row flagged)."""
         self._batch.n_tokens = n
         rc = self.lib.llama_decode(self.ctx, self._batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with {rc} on {n} tokens (1: no room in the KV cache)")
-        return np.ctypeslib.as_array(self.lib.llama_get_logits(self.ctx), shape=(int(self._out[:n].sum()), self.vocab_size))
+        flagged = int(self._out[:n].sum())
+        return np.ctypeslib.as_array(self.lib.llama_get_logits(self.ctx), shape=(flagged, self.vocab_size)) if flagged else None
 
     def prefill(self, slot: int, ids: list[int]) -> np.ndarray:
         """The prompt ids into the empty slot, read as the engine reads a lone prompt (chunks of its batch)
