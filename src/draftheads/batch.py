@@ -194,11 +194,7 @@ class BatchDecoder:
             seq = self._start(slot, ids, prefill.hidden, min(self.capacity, P + max_new_tokens + reserve), reserve,
                               by_batch, sp, stats, tree)
             yield [seq.root]
-            done = False
-            while not done:  # the step that fills the slot emits tokens too, as Decoder.steps' last one does
-                assert seq.emitted is not None, "next() without a step() in between"
-                out, seq.emitted, done = seq.emitted, None, seq.done
-                yield out
+            yield from hand_out(seq)
         finally:
             self.seqs.pop(slot, None)
             self.cache.release(slot)
@@ -334,6 +330,16 @@ class BatchDecoder:
             h = dec.lean.hidden(self.cache, ids, positions, self.cache.tree_mask(bias), None, rows)  # [S, q, H]
         logits = dec.logits(h.view(S * q, -1)[rows])  # [real nodes, vocab]
         return h, logits, t1, dec._sync()
+
+
+def hand_out(seq) -> Iterator[list[int]]:
+    """The tail of a batched steps(): yield what each step() emitted for `seq` (its `emitted`, then None), until
+    the step that left it `done`, whose tokens are yielded too, as Decoder.steps' last step's are."""
+    done = False
+    while not done:
+        assert seq.emitted is not None, "next() without a step() in between"
+        out, seq.emitted, done = seq.emitted, None, seq.done
+        yield out
 
 
 def propose_all(seqs: list[_Sequence], tree: dict[int, Tree], dev, confidence: float = 0.0,

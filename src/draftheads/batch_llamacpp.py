@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .acceptance import SamplingConfig, accept
+from .batch import hand_out
 from .errors import UserError
 from .generate import ROOT_ONLY, Decoder, Stats
 
@@ -74,11 +75,7 @@ class LlamaCppBatch:
             stats.prefill_s = time.perf_counter() - t0
             seq = self.seqs[slot] = _Sequence(slot, sp, gen, stats, min(self.capacity, P + max_new_tokens + 1), P, root)
             yield [root]
-            done = False
-            while not done:
-                assert seq.emitted is not None, "next() without a step() in between"
-                out, seq.emitted, done = seq.emitted, None, seq.done
-                yield out
+            yield from hand_out(seq)
         finally:
             self.seqs.pop(slot, None)
             self.slots.release(slot)
