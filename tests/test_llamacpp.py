@@ -336,8 +336,8 @@ def test_batched_llamacpp_server_replies_equal_its_one_at_a_time_replies(model):
 
 @needs_engine
 def test_a_prompt_longer_than_a_llama_decode_is_read_in_the_engines_chunks(model):
-    """A prompt of more tokens than the engine's batch (here 64) is read in chunks of it, as the engine reads a lone
-    prompt: the batched reply is still llama.cpp's own greedy decoding of it."""
+    """A prompt of more tokens than the engine's batch (here 64) is read a chunk of it between two passes of the
+    running replies, as the engine reads a lone prompt: both replies are still llama.cpp's own greedy decoding."""
     import draftheads
     from draftheads.batch import batch_decoder
     from draftheads.engine_llamacpp import LlamaCppEngine, LlamaCppSettings
@@ -348,8 +348,16 @@ def test_a_prompt_longer_than_a_llama_decode_is_read_in_the_engines_chunks(model
     ids = small.prompt_ids(prompt)
     assert len(ids) > 128
     batch = batch_decoder(small.decoder, 2, 512)
-    results = _drive(batch, {"long": _prefilled(small.iter_generate(prompt, batch=batch, max_new_tokens=16))})
+    other = _prefilled(small.iter_generate(BATCH_PROMPTS[2], batch=batch, max_new_tokens=16))
+    batch.step()
+    next(other)
+    long = _prefilled(small.iter_generate(prompt, batch=batch, max_new_tokens=16))  # its first chunk
+    for _ in range(2):  # its next two chunks, one a pass of the running reply
+        assert batch.step() == 1
+        assert next(other).text is not None and next(long).text == ""
+    results = _drive(batch, {"long": long, "other": other})
     assert results["long"].token_ids == small.decoder.engine.greedy(ids, 16, small.eos_ids)
+    assert results["other"].token_ids == small.decoder.engine.greedy(small.prompt_ids(BATCH_PROMPTS[2]), 16, small.eos_ids)
 
 
 def _prefilled(gen):

@@ -56,8 +56,10 @@ class LlamaCppBatch:
     def steps(self, prompt_ids: list[int], max_new_tokens: int, sp: SamplingConfig, stats: Stats,
               tree=None) -> Iterator[list[int]]:
         """Decoder.steps' contract, driven from outside as BatchDecoder.steps is: the first next() prefills
-        the prompt into a free slot and yields its token, each later next() what the last step() emitted.
-        `tree` is not verified here (module docstring)."""
+        the prompt into a free slot and yields its token, each later next() what the last step() emitted. A
+        prompt longer than a llama.cpp batch is read a batch per next(), each yielding [] (no token yet), so that
+        the owner steps the others in between (in the engine's own chunks: others would round its cells
+        differently). `tree` is not verified here (module docstring)."""
         assert self.free, "no free slot: the scheduler admits at most `slots` sequences"
         P = len(prompt_ids)
         if P == 0:
@@ -68,11 +70,16 @@ class LlamaCppBatch:
         self.free.remove(slot)
         try:
             stats.prompt_tokens, stats.tree_size = P, 1
+            for start in range(0, P, self.slots.rows):  # a chunk a next(): the others step in between
+                t0 = time.perf_counter()
+                last = self.slots.prefill(slot, prompt_ids, start)  # [vocab] after the last chunk
+                stats.prefill_s += time.perf_counter() - t0
+                if last is None:
+                    yield []
             t0 = time.perf_counter()
-            logits = torch.from_numpy(self.slots.prefill(slot, prompt_ids))  # [vocab]
             gen = torch.Generator().manual_seed(sp.seed) if sp.seed is not None else None
-            _, root = accept(logits[None], torch.tensor([0]), ROOT_ONLY, sp, gen)
-            stats.prefill_s = time.perf_counter() - t0
+            _, root = accept(torch.from_numpy(last)[None], torch.tensor([0]), ROOT_ONLY, sp, gen)
+            stats.prefill_s += time.perf_counter() - t0
             seq = self.seqs[slot] = _Sequence(slot, sp, gen, stats, min(self.capacity, P + max_new_tokens + 1), P, root)
             yield [root]
             yield from hand_out(seq)

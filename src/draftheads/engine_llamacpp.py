@@ -422,18 +422,18 @@ class LlamaCppSlots:
         flagged = int(self._out[:n].sum())
         return np.ctypeslib.as_array(self.lib.llama_get_logits(self.ctx), shape=(flagged, self.vocab_size)) if flagged else None
 
-    def prefill(self, slot: int, ids: list[int]) -> np.ndarray:
-        """The prompt ids into the empty slot, read as the engine reads a lone prompt (chunks of its batch)
-        -> logits [vocab] after the last one (a copy)."""
-        assert 0 <= slot < self.slots and 0 < len(ids) <= self.capacity
-        for a in range(0, len(ids), self.rows):
-            b = min(a + self.rows, len(ids))
-            n = b - a
-            self._tok[:n], self._pos[:n], self._nseq[:n], self._seq[:n, 0] = ids[a:b], np.arange(a, b), 1, slot
-            self._out[:n] = 0
-            self._out[n - 1] = b == len(ids)
-            logits = self._decode(n)
-        return logits[-1].copy()
+    def prefill(self, slot: int, ids: list[int], start: int = 0) -> np.ndarray | None:
+        """The chunk of the prompt ids at `start` into the slot, which holds the chunks before it: chunks of the
+        engine's batch, as the engine reads a lone prompt (start: a multiple of `rows`) -> logits [vocab] after the
+        prompt's last token (a copy) with the last chunk, else None."""
+        assert 0 <= slot < self.slots and 0 < len(ids) <= self.capacity and 0 <= start < len(ids) and start % self.rows == 0
+        end = min(start + self.rows, len(ids))
+        n = end - start
+        self._tok[:n], self._pos[:n], self._nseq[:n], self._seq[:n, 0] = ids[start:end], np.arange(start, end), 1, slot
+        self._out[:n] = 0
+        self._out[n - 1] = end == len(ids)
+        logits = self._decode(n)
+        return None if logits is None else logits[-1].copy()
 
     def step(self, slots: list[int], tokens: list[int], positions: list[int]) -> np.ndarray:
         """One token per slot, each at its position (its slot's length) -> logits [len(slots), vocab] after
