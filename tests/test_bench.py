@@ -189,6 +189,28 @@ def test_bench_concurrency_gives_lookup_to_the_heads_servers_only():
                                                "plain, serial": ["--heads", "none", "--no-lookup", "--max-batch", "1"]}
 
 
+def test_bench_concurrency_serves_on_the_engine_it_is_given(monkeypatch):
+    """`bench --engine llama.cpp --concurrency ...` measures llama.cpp servers: every server gets the engine (and the
+    model flags) the bench was given, before its configuration's own."""
+    import argparse
+
+    from draftheads import bench_serve
+
+    started = []
+
+    def start(model_args, extra):
+        started.append(model_args + extra)
+        raise RuntimeError("not started")
+
+    monkeypatch.setattr(bench_serve, "start_server", start)
+    args = argparse.Namespace(concurrency=[1], requests_per_client=1, questions="vicuna", threads=1, backbone=None,
+                              engine="llama.cpp", device=None, dtype=None, tree=None, heads="default", max_batch=4,
+                              lookup=None, max_new_tokens=8)
+    with pytest.raises(RuntimeError, match="not started"):
+        bench_serve.run_concurrency(args)
+    assert started == [["--threads", "1", "--engine", "llama.cpp", "--heads", "default", "--max-batch", "4"]]
+
+
 def test_bench_concurrency_loads_real_servers_on_loopback(tiny_dirs, tmp_path):
     """--concurrency starts `draftheads serve` processes (heads batched, plain batched, heads serial) and
     streams to each from concurrent clients; replies at 2 clients equal those decoded alone."""
