@@ -307,26 +307,12 @@ def test_batched_sampling_draws_what_the_plain_loop_draws_from_the_same_seed(mod
 def test_batched_llamacpp_server_replies_equal_its_one_at_a_time_replies(model):
     """Six concurrent clients (the official openai client) on a --max-batch 3 server on llama.cpp get the
     replies the one-at-a-time server gives, which verifies the model's tree."""
-    import concurrent.futures
-
-    from openai import OpenAI
-
     from draftheads.server import create_app
-    from test_server import Server
+    from test_server import concurrent_replies
 
     def replies(max_batch):
-        srv = Server(create_app(model, model_name="x", max_batch=max_batch, max_seq_len=512))
-        client = OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
-        try:
-            def ask(p):
-                r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": p}],
-                                                   max_tokens=20, temperature=0)
-                return r.choices[0].message.content
-            with concurrent.futures.ThreadPoolExecutor(6) as ex:
-                out = list(ex.map(ask, BATCH_PROMPTS[:6]))
-            return out, srv.server.config.app.state.worker.phases
-        finally:
-            srv.stop()
+        app = create_app(model, model_name="x", max_batch=max_batch, max_seq_len=512)
+        return concurrent_replies(app, "x", BATCH_PROMPTS[:6]), app.state.worker.phases
 
     batched, phases = replies(3)
     serial, _ = replies(1)

@@ -545,26 +545,31 @@ def test_cli_serve(tmp_path, model):
         proc.wait(20)
 
 
+def concurrent_replies(app, model_name: str, prompts: list[str], max_tokens: int = 20) -> list[str]:
+    """`app` served on loopback, each prompt sent at once by its own official openai client (greedy chat): the
+    replies' texts, in the prompts' order. The server is stopped after."""
+    srv = Server(app)
+    client = OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    try:
+        def ask(p):
+            r = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": p}],
+                                               max_tokens=max_tokens, temperature=0)
+            return r.choices[0].message.content
+        with ThreadPoolExecutor(len(prompts)) as ex:
+            return list(ex.map(ask, prompts))
+    finally:
+        srv.stop()
+
+
 def test_batched_server_replies_equal_serial_replies():
     """8 concurrent clients on a --max-batch 4 server get exactly the greedy replies a one-at-a-time
     server gives."""
-    import concurrent.futures
-
     prompts = [f"question {i}: " + "abc" * i for i in range(8)]
 
     def replies(max_batch):
         # prefill in chunks of 5 tokens: longer prompts join over several passes of the running ones
-        srv = Server(create_app(tiny_draftmodel(tree="medusa16"), max_batch=max_batch, prefill_chunk=5))
-        client = OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
-        try:
-            def ask(p):
-                r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": p}],
-                                                   max_tokens=20, temperature=0)
-                return r.choices[0].message.content
-            with concurrent.futures.ThreadPoolExecutor(8) as ex:
-                return list(ex.map(ask, prompts))
-        finally:
-            srv.stop()
+        return concurrent_replies(create_app(tiny_draftmodel(tree="medusa16"), max_batch=max_batch, prefill_chunk=5),
+                                  "tiny", prompts)
     assert replies(4) == replies(1)
 
 

@@ -38,7 +38,8 @@ def _lookup_cfg(decoder: Decoder):
 
 
 def _on_llamacpp(decoder: Decoder) -> bool:
-    return hasattr(getattr(decoder, "engine", None), "batch_slots")  # engine_llamacpp.LlamaCppEngine
+    """Whether decoder batches on llama.cpp (batch_llamacpp.py): its engine is engine_llamacpp.LlamaCppEngine."""
+    return decoder.lean is None and hasattr(getattr(decoder, "engine", None), "batch_slots")
 
 
 def refusal(decoder: Decoder) -> str | None:
@@ -53,7 +54,7 @@ def batch_decoder(decoder: Decoder, slots: int, capacity: int, *args, **kwargs):
     """The batched step for decoder's engine: BatchDecoder (arguments as its) on the lean forward, or
     batch_llamacpp.LlamaCppBatch on llama.cpp, which verifies no trees (its docstring says why) and so takes
     none of the tree arguments."""
-    if decoder.lean is None and _on_llamacpp(decoder):
+    if _on_llamacpp(decoder):
         from .batch_llamacpp import LlamaCppBatch
 
         return LlamaCppBatch(decoder, slots, capacity)
@@ -69,7 +70,7 @@ def step_room(decoder: Decoder, tree: Tree, table: dict[int, Tree]) -> int:
 
 def slot_context(decoder: Decoder, capacity: int, batch_trees: dict[int, Tree] | None = None) -> int:
     """Tokens a sequence that follows the batch-size table may hold in a slot of `capacity`."""
-    if decoder.lean is None and _on_llamacpp(decoder):  # a step writes one token (batch_llamacpp.py)
+    if _on_llamacpp(decoder):  # a step writes one token (batch_llamacpp.py)
         return min(capacity, decoder.engine.context) - 1
     table = (batch_trees or {}) if _heads(decoder) is not None else {}  # without heads no table applies
     return capacity - step_room(decoder, decoder.tree, table)

@@ -43,7 +43,7 @@ class LlamaCppBatch:
 
     def __init__(self, decoder: Decoder, slots: int, capacity: int):
         engine = decoder.engine
-        self.dec, self.capacity = decoder, min(capacity, engine.context)
+        self.capacity = min(capacity, engine.context)
         self.slots = engine.batch_slots(slots, self.capacity)
         self.free = list(range(slots))
         self.seqs: dict[int, _Sequence] = {}

@@ -138,6 +138,14 @@ def batch_arrays(lib, n: int, seqs: int) -> tuple:
     return tok, pos, nseq, out, seq, batch, seq_rows
 
 
+def decode(lib, ctx, batch, n: int) -> None:
+    """llama_decode of the first n rows of `batch` (batch_arrays'), filled by the caller, in context ctx."""
+    batch.n_tokens = n
+    rc = lib.llama_decode(ctx, batch)
+    if rc != 0:
+        raise RuntimeError(f"llama_decode failed with {rc} on {n} tokens (1: no room in the KV cache)")
+
+
 class LlamaCppCache:
     """One sequence's place in the engine's (single) llama.cpp KV cache. `length` tokens are accepted; the
     first `cells` of them are in llama.cpp's cells, in position order, and the rest (`redo`, ids) go into
@@ -217,10 +225,7 @@ class LlamaCppEngine:
     def _decode(self, n: int) -> None:
         """Decode the first n batch rows (filled by the caller)."""
         assert 0 < n <= len(self._tok)
-        self._batch.n_tokens = n
-        rc = self.lib.llama_decode(self.ctx, self._batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode failed with {rc} on {n} tokens (1: no room in the KV cache)")
+        decode(self.lib, self.ctx, self._batch, n)
 
     def _logits(self, rows: int) -> np.ndarray:
         """[rows, vocab] view of llama.cpp's output buffer, valid until the next decode."""
@@ -415,10 +420,7 @@ class LlamaCppSlots:
     def _decode(self, n: int) -> np.ndarray | None:
         """Decode the first n rows (filled by the caller) -> logits [flagged rows, vocab], a view of
         llama.cpp's buffer valid until the next decode (None: no row flagged)."""
-        self._batch.n_tokens = n
-        rc = self.lib.llama_decode(self.ctx, self._batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode failed with {rc} on {n} tokens (1: no room in the KV cache)")
+        decode(self.lib, self.ctx, self._batch, n)
         flagged = int(self._out[:n].sum())
         return np.ctypeslib.as_array(self.lib.llama_get_logits(self.ctx), shape=(flagged, self.vocab_size)) if flagged else None
 
