@@ -134,6 +134,29 @@ def test_a_changed_weight_rebuilds_the_stack_and_one_that_does_not_pack_sets_it_
     assert all(torch.equal(a, b) for a, b in zip(with_stack, passes(decoder, False, monkeypatch), strict=True))
 
 
+@pytest.mark.parametrize("write", ["one fused projection", "load_state_dict"])
+def test_an_in_place_write_after_decoding_reaches_the_packed_products(write, stacks, monkeypatch):
+    """Decoding fuses q/k/v and gate/up in inference mode and packs them: a weight written in place afterwards
+    (one projection's, or every weight by load_state_dict) must be packed again, as a model loaded with the new
+    weights computes (a parameter re-pointed to a view of the fused tensor counts its writes apart from it)."""
+    model, reference = packed_model("llama"), packed_model("llama")
+    decoder = Decoder(model)
+    passes(decoder, True, monkeypatch)
+    with torch.no_grad():
+        if write == "load_state_dict":
+            new = packed_model("llama", seed=1)
+            model.load_state_dict(new.state_dict())
+            reference.load_state_dict(new.state_dict())
+        else:
+            k = lambda m: m.model.layers[1].self_attn.k_proj.weight  # noqa: E731
+            w = few_rows.q4_1_values(*k(model).shape, torch.Generator().manual_seed(5))
+            k(model).copy_(w)
+            k(reference).copy_(w)
+    after = passes(decoder, True, monkeypatch)
+    assert len(stacks) == 2 and stacks[1] is not None and stacks[1].calls == 5
+    assert all(torch.equal(a, b) for a, b in zip(after, passes(Decoder(reference), True, monkeypatch), strict=True))
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_tree_rows_through_the_stack_equal_plain_steps_bit_for_bit(arch, stacks):
     """Greedy speculation on the stack cannot differ from plain decoding on it: each node of a branching

@@ -144,9 +144,9 @@ class LlamaForward:
         self.fuse = fuse
         self.silu = cfg.hidden_act == "silu"  # what layer_ops.silu_mul computes
         self._fused: list | None = None  # per layer ((qkv weight, bias), (gate/up weight, bias)), or None: apart
-        self._fused_at: tuple[int, ...] = ()  # the weights' addresses when fused: another means they were replaced
+        self._fused_at: tuple[int, ...] = ()  # the weights' state when fused (_weights_state): another means re-fuse
         self._projections = [m for layer in self.layers for group in self._groups(layer) for m in group]
-        # What the C++ decoder stack holds besides the fused products (whose addresses _fused_at keeps)
+        # What the C++ decoder stack holds besides the fused products (whose state _fused_at keeps)
         self._held = [m for layer in self.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj,
                       layer.input_layernorm, layer.post_attention_layernorm)] + [self.norm]
         self._stack, self._stack_key = None, None
@@ -156,17 +156,23 @@ class LlamaForward:
         return [at.q_proj, at.k_proj, at.v_proj], [mlp.gate_proj, mlp.up_proj]
 
     def _fused_layers(self) -> list | None:
-        """The fused products per layer, re-fused if the modules' weights were replaced since (`model.to()`
-        gives every parameter storage of its own); None where fusing is off or does not apply."""
+        """The fused products per layer, re-fused if the modules' weights were replaced (`model.to()` gives every
+        parameter storage of its own) or written in place since (what was packed from them would be stale); None
+        where fusing is off or does not apply."""
         if not self.fuse:
             return None
-        if self._addresses() != self._fused_at:
+        if self._weights_state() != self._fused_at:
             groups = [self._groups(layer) for layer in self.layers]
             if not all(_fusable(g) for pair in groups for g in pair):
                 self.fuse = False
                 return None
-            self._fused = [tuple(fuse_linears(g) for g in pair) for pair in groups]
-            self._fused_at = self._addresses()
+            # Out of inference mode: a tensor made in it keeps no version counter, so an in-place write to a
+            # module's weight (its view: load_state_dict, an adapter merged) would leave the packed blocks and the
+            # C++ stack made from it stale, a silent wrong answer; made outside, the fused tensor and its views
+            # share one counter that every such write bumps
+            with torch.inference_mode(False):
+                self._fused = [tuple(fuse_linears(g) for g in pair) for pair in groups]
+            self._fused_at = self._weights_state()
         return self._fused
 
     @property
@@ -202,10 +208,13 @@ class LlamaForward:
             return None
         return packed_rows() or None
 
-    def _addresses(self) -> tuple[int, ...]:
+    def _weights_state(self) -> tuple[int, ...]:
         # Every forward asks: the modules' _parameters directly, as `module.weight` goes through nn.Module's
-        # __getattr__ (150 lookups: 440 us a forward with the module walk, against 27 us this way).
-        return tuple(m._parameters["weight"].data_ptr() for m in self._projections)
+        # __getattr__ (150 lookups: 440 us a forward with the module walk, against 27 us this way). A parameter
+        # re-pointed by `.data =` keeps its own version counter, not the fused tensor's: its in-place writes
+        # show only in its own.
+        return tuple(x for m in self._projections for t in m._parameters.values() if t is not None
+                     for x in (t.data_ptr(), few_rows._version(t)))
 
     def prefill_span(self, cache: TreeKVCache, ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Prompt positions start..end of ids [P] into `cache` (holding the positions before start), in pieces of at
