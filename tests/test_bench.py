@@ -49,7 +49,7 @@ def test_bench_times_the_calibrated_tree_with_its_cut_for_one_sequence(tiny_dirs
     for name, extra in (("cut", []), ("named", ["--tree", "chain3"])):
         out = tmp_path / name
         assert main(["bench", str(questions), "--backbone", str(bb), "--heads", str(heads), "--limit", "3",
-                     "--max-new-tokens", "12", "--out", str(out), "--latency-sizes", "1", "--latency-steps", "1",
+                     "--max-new-tokens", "12", "--out", str(out), "--latency-sizes", "1", "--latency-steps", "2",
                      "--threads", "1", "--methods", "transformers,loop,speculative", *extra]) == 0
         reps[name] = json.loads((out / "report.json").read_text())
         assert reps[name]["greedy_mismatches"]["count"] == 0
@@ -65,7 +65,7 @@ def test_in_bf16_the_heads_are_checked_against_our_own_loop(tiny_dirs, tmp_path)
     out = tmp_path / "report"
     assert main(["bench", str(questions), "--backbone", str(bb), "--heads", str(heads), "--limit", "3",
                  "--max-new-tokens", "12", "--out", str(out), "--tree", "medusa8", "--latency-sizes", "1",
-                 "--latency-steps", "1", "--threads", "1", "--dtype", "bfloat16",
+                 "--latency-steps", "2", "--threads", "1", "--dtype", "bfloat16",
                  "--methods", "transformers,loop,speculative"]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["config"]["exactness_reference"] == "loop" and rep["config"]["baseline"] == "transformers"

@@ -58,8 +58,9 @@ def test_reset_and_exit(model):
 
 
 def test_end_of_input_and_unknown_command(model):
-    history, out = _run(model, ["/help", "hi"], max_new_tokens=4, system="be brief")
-    assert "unknown command" in out
+    history, out = _run(model, ["/help", "/[/x]", "hi"], max_new_tokens=4, system="be brief")
+    assert "unknown command /help" in out
+    assert "unknown command /[/x]" in out  # said as typed, not read as the console's markup (which raised)
     assert history[0] == {"role": "system", "content": "be brief"} and len(history) == 3
 
 

@@ -2,16 +2,19 @@
 line on stderr and exit code 2."""
 
 import json
+import re
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import draftheads
 from bench_fixtures import tiny_dirs  # noqa: F401  (pytest fixture)
 from draftheads import defaults
 from draftheads.cli import main
+from draftheads.errors import UserError
 
 
 def run_cli(capsys, *argv):
@@ -60,7 +63,6 @@ def test_stream_equals_text_and_stop_strings(tiny_dirs):
     (["--tree", "medusa63", "--prompt-override", ""], "the prompt is empty"),
     (["--backbone", "/no/such/model"], "backbone path not found"),
     (["--temperature", "-1"], "temperature must be"),
-    (["--max-new-tokens", "0"], "max_new_tokens must be at least 1"),
 ])
 def test_user_errors_are_one_line(tiny_dirs, capsys, tmp_path, args, message):
     bb, heads, _ = tiny_dirs
@@ -74,6 +76,45 @@ def test_user_errors_are_one_line(tiny_dirs, capsys, tmp_path, args, message):
     assert code == 2
     lines = [line for line in err.splitlines() if not line.startswith("draftheads: note:")]  # e.g. the tree note
     assert len(lines) == 1 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "x", "--max-new-tokens", "0"], "argument --max-new-tokens: must be at least 1, not 0"),
+    (["generate", "x", "--seed", str(2**64)], "argument --seed: must be in"),
+    (["generate", "x", "--top-k", "-3"], "argument --top-k: must be at least 0"),
+    (["bench", "vicuna", "--limit", "-1"], "argument --limit: must be at least 0, not -1"),
+    (["bench", "vicuna", "--concurrency", "0"], "each must be at least 1"),
+    (["calibrate", "--prompts", "p", "--latency-steps", "1"], "argument --latency-steps: must be at least 2"),
+    (["serve", "--port", "99999"], "argument --port: must be in 0..65535, not 99999"),
+    (["distill", "--prompts", "p", "--output", "o", "--batch-size", "0"], "argument --batch-size: must be at least 1"),
+    (["distill", "--prompts", "p", "--output", "o", "--num", "-1"], "argument --num: must be at least 1"),
+    (["train", "--data", "d", "--output", "o", "--checkpoint-every", "0"], "argument --checkpoint-every: must be at least 1"),
+    (["train", "--data", "d", "--output", "o", "--feature-batch", "x"], "expected an integer, not 'x'"),
+])
+def test_a_bad_count_is_refused_in_one_line_before_anything_loads(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    _, err = capsys.readouterr()
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_path_that_cannot_take_the_output_is_refused_before_the_work(tiny_dirs, capsys, tmp_path):
+    bb, heads, _ = tiny_dirs
+    a_file, a_dir = tmp_path / "f", tmp_path / "d"
+    a_file.write_text("x")
+    a_dir.mkdir()
+    for argv, message in [
+        (["bench", "vicuna", "--out", str(a_file / "report")], f"--out {a_file / 'report'}: {a_file} is a file"),
+        (["calibrate", "--prompts", "p", "--out", str(a_dir)], f"--out {a_dir} is a directory: name a file"),
+        (["export", "--heads", str(heads), "--to", "vllm", "--out", str(a_file)], f"{a_file} is a file, not a directory"),
+        (["distill", "--prompts", "p", "--output", str(a_file / "x.jsonl")], f"{a_file} is a file, not a directory"),
+        (["train", "--data", "d", "--output", str(a_file)], f"--output {a_file}: {a_file} is a file"),
+        (["generate", "x", "--backbone", str(bb), "--heads", str(heads), "--tree", str(a_dir)], "cannot read tree file"),
+        (["generate", "x", "--backbone", str(bb), "--heads", str(heads), "--device", "tpu"], "unknown device 'tpu'"),
+    ]:
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and message in err and "Traceback" not in err, (argv, err)
+    assert not (a_dir / "train_config.json").exists() and a_file.read_text() == "x"
 
 
 def test_bad_tree_and_mismatched_heads(tiny_dirs, capsys, tmp_path):
@@ -302,3 +343,44 @@ def test_calibrate_checks_choose_by_replies_before_loading(capsys):
     code, _, err = run_cli(capsys, "calibrate", "--prompts", "/no/such/prompts.jsonl", "--choose-by-replies", "-1",
                            "--backbone", "/no/such/model")
     assert code == 2 and "--choose-by-replies must be at least 0" in err and "Traceback" not in err
+
+
+def test_api_mistakes_are_user_errors_and_an_empty_stop_string_is_ignored(tiny_dirs):
+    bb, heads, _ = tiny_dirs
+    m = draftheads.load(heads=str(heads), backbone=str(bb))
+    plain = m.generate("hello", max_new_tokens=8)
+    assert plain.text and m.generate("hello", max_new_tokens=8, stop="").text == plain.text  # "" ends nothing
+    assert [r.text for r in m.generate(["hello", "hello"], max_new_tokens=8, stop="")] == [plain.text] * 2
+    vocab = m.backbone.get_input_embeddings().num_embeddings
+    for call, message in [
+        (lambda: m.generate(torch.tensor([[vocab]])), f"token ids must be integers in [0, {vocab})"),
+        (lambda: m.generate(torch.tensor([[-1, 5]])), "token ids must be integers"),
+        (lambda: m.generate(torch.tensor([1.5, 2.5])), "token ids must be integers"),
+        (lambda: m.generate(["hi", torch.tensor([[vocab]])]), "token ids must be integers"),
+        (lambda: m.generate_many(["hi"], max_batch=0), "max_batch must be an integer of at least 1"),
+        (lambda: m.generate("hi", max_new_tokens="5"), "max_new_tokens must be an integer"),
+        (lambda: m.generate("hi", max_new_tokens=2.5), "max_new_tokens must be an integer"),
+        (lambda: m.generate("hi", temperature="0.5"), "temperature must be a number"),
+        (lambda: m.generate("hi", temperature=0.7, top_k=2.5), "top_k must be an integer"),
+        (lambda: m.generate("hi", temperature=0.7, seed=2**70), "seed must be in"),
+        (lambda: m.generate("hi", stop=5), "stop must be a string or a list of strings"),
+        (lambda: m.generate("hi", temperature=0.7, acceptance="typical", typical_epsilon=-1), "typical_epsilon"),
+        (lambda: m.generate([{"role": "user", "content": 5}]), "a message's content must be a string"),
+        (lambda: m.generate("hi", tree=[0, 1]), "a tree must be a list of paths of ranks"),
+        (lambda: m.generate("hi", tree=[[0.5]]), "a tree must be a list of paths of ranks"),
+        (lambda: m.generate("hi", tree=[[True]]), "a tree must be a list of paths of ranks"),
+        (lambda: draftheads.load(heads=123, backbone=str(bb)), "heads must be a directory"),
+        (lambda: draftheads.load(heads=str(heads), backbone=str(bb), device="tpu"), "unknown device 'tpu'"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            call()
+
+
+def test_serve_refuses_a_port_in_use_before_loading(capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        code, _, err = run_cli(capsys, "serve", "--port", str(taken.getsockname()[1]), "--backbone", "/no/such/model")
+    assert code == 2 and "cannot listen on 127.0.0.1:" in err and "Traceback" not in err

@@ -167,7 +167,7 @@ def test_bench_on_llamacpp_checks_the_loop_against_llama_cpps_own_greedy(tmp_pat
 
     out = tmp_path / "report"
     assert main(["bench", "vicuna", "--engine", "llama.cpp", "--limit", "2", "--max-new-tokens", "16", "--methods",
-                 "llamacpp,loop,speculative", "--latency-sizes", "1,2", "--latency-steps", "1", "--threads", "1",
+                 "llamacpp,loop,speculative", "--latency-sizes", "1,2", "--latency-steps", "2", "--threads", "1",
                  "--out", str(out)]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["config"]["exactness_reference"] == rep["config"]["baseline"] == "llamacpp"

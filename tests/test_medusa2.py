@@ -200,3 +200,11 @@ def test_cli_train_load_generate_export_compare(tmp_path, capsys):
     assert set(rep["methods"]) == {"original", "original + medusa1", "tuned + medusa2"}
     assert 0 <= rep["quality"]["agreement_top1"] <= 1 and rep["quality"]["ppl_original_on_tuned"] > 0
     assert "not lossless" in capsys.readouterr().out
+
+
+def test_an_unknown_lora_target_is_refused_before_stage_one(tmp_path):
+    cfg = _cfg(tmp_path, tmp_path / "m2")
+    cfg.joint.lora_targets = ["q_proj", "nosuch_proj"]
+    with pytest.raises(UserError, match="the backbone has no module named nosuch_proj"):
+        medusa2.train_medusa2(cfg, Backbone(tiny_model(), tiny_tokenizer(), "tiny"))
+    assert not (tmp_path / "m2" / "stage1").exists()  # no Medusa-1 warm-up ran for a run that cannot start

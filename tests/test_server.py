@@ -24,6 +24,7 @@ try:
 except ImportError:  # the openai client's HTTP library ships as httpx2 in this environment
     import httpx2 as httpx
 
+from draftheads.errors import UserError
 from draftheads.heads import save_heads
 from draftheads.server import create_app
 from tiny import tiny_draftmodel
@@ -636,3 +637,17 @@ def test_the_bench_client_reads_streamed_and_whole_replies_alike():
         srv.stop()
     assert (streamed["text"], streamed["tokens"]) == (whole["text"], whole["tokens"]) and whole["tokens"] > 0
     assert 0 < streamed["ttft"] <= streamed["seconds"] and whole["ttft"] == whole["seconds"] > 0
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # uvicorn's thread exits
+def test_serve_says_it_could_not_listen_instead_of_ending_as_if_done(model):
+    """A port taken between the CLI's check and uvicorn's bind: serve() raises, so `draftheads serve` exits 2."""
+    import socket
+
+    from draftheads.server import serve
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(UserError, match="could not listen on 127.0.0.1:"):
+            serve(model, port=taken.getsockname()[1])

@@ -1,6 +1,7 @@
 """Medusa-1 training: target alignment, loss masks, VocabTrim maps, a learning step, resume, the CLI."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -102,6 +103,47 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
         assert torch.allclose(a.float(), b.float(), atol=1e-5), k
     hist = json.loads((tmp_path / "b" / "eval.json").read_text())
     assert [h["epoch"] for h in hist] == [1, 2] and len(hist[-1]["top1"]) == 2
+
+
+def test_a_resume_with_other_settings_or_an_unreadable_checkpoint_is_one_line(tmp_path, monkeypatch):
+    real = trainer.save_checkpoint
+
+    def killed(path, heads, opt, sched, step):
+        real(path, heads, opt, sched, step)
+        raise KeyboardInterrupt  # after the first checkpoint
+    monkeypatch.setattr(trainer, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(_cfg(tmp_path, tmp_path / "r"), _bb())
+    monkeypatch.setattr(trainer, "save_checkpoint", real)
+    other = _cfg(tmp_path, tmp_path / "r")
+    other.model.num_heads = 1
+    with pytest.raises(UserError, match="holds a checkpoint of other settings .*train_config.json"):
+        trainer.train(other, _bb())
+    ckpt = tmp_path / "r" / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # cut short by a full disk or a copy
+    with pytest.raises(UserError, match="cannot read the checkpoint .*delete it to start the run over"):
+        trainer.train(_cfg(tmp_path, tmp_path / "r"), _bb())
+
+
+def test_a_run_that_cannot_start_leaves_no_output(tmp_path):
+    cfg = _cfg(tmp_path, tmp_path / "never")
+    cfg.data.paths = [str(tmp_path / "no_such.jsonl")]
+    with pytest.raises(UserError):
+        trainer.train(cfg, _bb())
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("section,field,value,message", [
+    ("data", "eval_fraction", 1.5, "0 <= eval_fraction < 1"), ("data", "eval_fraction", -0.5, "0 <= eval_fraction < 1"),
+    ("data", "max_length", 1, "max_length >= 2"), ("data", "train_tokens", -5, "train_tokens >= 1"),
+    ("optim", "batch_size", 0, "batch_size, feature_batch"), ("optim", "feature_batch", 0, "batch_size, feature_batch"),
+    ("run", "checkpoint_every", 0, "checkpoint_every must be at least 1"),
+    ("joint", "init_heads", "/no/such/heads", "init_heads (--init-heads) starts Medusa-2's joint stage")])
+def test_config_rejects_out_of_range_settings(section, field, value, message):
+    cfg = TrainConfig(data=DataConfig(paths=["x"]), run=RunConfig(output="y"))
+    setattr(getattr(cfg, section), field, value)
+    with pytest.raises(UserError, match=re.escape(message)):
+        cfg.validate()
 
 
 def test_soft_targets_run(tmp_path):

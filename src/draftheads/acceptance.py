@@ -17,6 +17,7 @@ token is the backbone's own choice after the last accepted node, which becomes t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral, Real
 
 import numpy as np
 import torch
@@ -41,6 +42,15 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self):
+        for name, kind in (("temperature", Real), ("top_p", Real), ("typical_epsilon", Real), ("typical_delta", Real),
+                           ("top_k", Integral), ("seed", Integral)):
+            value = getattr(self, name)
+            if not (isinstance(value, kind) and not isinstance(value, bool)) and not (name == "seed" and value is None):
+                raise UserError(f"{name} must be {'an integer' if kind is Integral else 'a number'}, not {value!r}")
+        if self.seed is not None and not -2**63 <= self.seed < 2**64:  # torch.manual_seed's range
+            raise UserError(f"seed must be in [-2**63, 2**64), not {self.seed}")
+        if not (self.typical_epsilon > 0 and self.typical_delta > 0):
+            raise UserError("typical_epsilon and typical_delta must be above 0")
         if 0 < self.temperature < GREEDY_BELOW:
             self.temperature = 0.0  # logits / 1e-45 overflow to inf; this close to 0 sampling is greedy anyway
         if self.acceptance not in RULES:

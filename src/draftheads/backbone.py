@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, output_dir
 
 DEFAULT_BACKBONE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -41,7 +41,7 @@ def emulated_on_cpu(dtype: torch.dtype) -> bool:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("DRAFTHEADS_CACHE", Path.home() / ".cache" / "draftheads"))
+    return output_dir(os.environ.get("DRAFTHEADS_CACHE") or Path.home() / ".cache" / "draftheads", "$DRAFTHEADS_CACHE")
 
 
 def embedded_gguf() -> Path | None:
@@ -111,6 +111,12 @@ def load_backbone(name_or_path: str | None = None, device: str = "cpu", dtype: s
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a progress bar for a 1-second load is noise on stderr
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {device!r}: cpu, cuda or cuda:N") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available")
     where = resolve(name_or_path)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -118,8 +124,6 @@ def load_backbone(name_or_path: str | None = None, device: str = "cpu", dtype: s
         dtype = DTYPES[dtype]
     if dtype is None:
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is available")
     if device == "cpu" and emulated_on_cpu(dtype):
         name = str(dtype).removeprefix("torch.")
         logging.getLogger("draftheads").warning(

@@ -21,7 +21,7 @@ import torch
 from .backbone import chat_ids
 from .bench_cli import LLAMACPP_METHODS, METHODS
 from .calibrate import _console, finalist_name, load_parts, machine, progress, run_calibrate, step_latency
-from .errors import UserError
+from .errors import UserError, output_dir, output_file
 from .few_rows import activations, rounds_activations
 from .llama_forward import rounds_cache
 from .lookup import LookupConfig
@@ -391,8 +391,8 @@ def print_summary(rep: dict) -> None:
 
 
 def cmd_bench(args) -> None:
+    out = output_dir(args.out, "--out")  # before the run: a report that cannot be written loses the whole of it
     rep = run_bench(args)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(rep, indent=1))
     write_markdown(rep, out / "report.md")
@@ -412,8 +412,8 @@ def cmd_calibrate(args) -> None:
         if not args.write_to_heads or not str(args.device).startswith("cpu") or cpu_class() is None:
             raise UserError("--cpu-class stores a CPU's calibration: it needs --write-to-heads, --device cpu and an x86-64 "
                             "CPU with AVX2 and FMA (the kernels' classes)")
+    out = output_file(args.out, "--out")
     result = run_calibrate(args)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     if args.write_to_heads:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from . import defaults
+from .errors import at_least
 
 # defined here, not in bench.py: no torch import. Per engine: its methods, the baseline first.
 METHODS = ("transformers", "loop", "speculative", "lookup", "hybrid", "prompt_lookup")
@@ -36,7 +37,7 @@ def sizes(text: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"sizes must be comma-separated integers, not {text!r}") from None
     if any(s < 1 for s in out):
-        raise argparse.ArgumentTypeError("tree sizes must be >= 1")
+        raise argparse.ArgumentTypeError(f"each must be at least 1, not {text!r}")
     return out
 
 
@@ -59,8 +60,8 @@ def register(sub) -> None:
                                    "report.md and plots to --out. --no-lookup skips our lookup and hybrid methods.")
     b.add_argument("questions", help=QUESTIONS_HELP)
     _add_model_args(b)
-    b.add_argument("--limit", type=int, default=10, help="first N questions (0: all)")
-    b.add_argument("--max-new-tokens", type=int, default=128, help="most new tokens per answer")
+    b.add_argument("--limit", type=at_least(0), default=10, help="first N questions (0: all)")
+    b.add_argument("--max-new-tokens", type=at_least(1), default=128, help="most new tokens per answer")
     b.add_argument("--out", default="bench-report", help="directory for report.json, report.md and plots")
     b.add_argument("--categories", default=None, help="comma-separated categories to keep (default: all)")
     b.add_argument("--methods", default=None,
@@ -69,14 +70,14 @@ def register(sub) -> None:
                         "decoding, the baseline, required). Default: all of the engine's")
     b.add_argument("--latency-sizes", type=sizes, default="1,2,4,8,16,32,64",
                    help="tree sizes for the verify-latency plot ('' to skip)")
-    b.add_argument("--latency-steps", type=int, default=8, help="timed loop steps per tree size")
+    b.add_argument("--latency-steps", type=at_least(2), default=8, help="timed loop steps per tree size (over 2 rounds)")
     b.add_argument("--concurrency", type=sizes, default=None,
                    help="instead: serve the model (heads batched, plain batched, heads one at a time) and load each "
                         "server with this many concurrent streaming clients, e.g. 1,2,4,8 (bench_serve.py); --lookup / "
                         "--no-lookup go to the heads servers")
-    b.add_argument("--requests-per-client", type=int, default=2,
+    b.add_argument("--requests-per-client", type=at_least(1), default=2,
                    help="with --concurrency: requests = this x the largest concurrency, shared among the clients")
-    b.add_argument("--max-batch", type=int, default=defaults.MAX_BATCH,
+    b.add_argument("--max-batch", type=at_least(1), default=defaults.MAX_BATCH,
                    help="with --concurrency: the batched servers' --max-batch")
     b.set_defaults(func=cmd_bench)
 
@@ -86,15 +87,15 @@ def register(sub) -> None:
     _add_model_args(c)
     c.add_argument("--prompts", required=True, help="prompts to calibrate on, as bench's questions: " + QUESTIONS_HELP)
     c.add_argument("--out", default="tree.json", help="where to write the chosen tree and the measurements")
-    c.add_argument("--limit", type=int, default=20, help="first N prompts (0: all)")
-    c.add_argument("--max-nodes", type=int, default=64, help="largest tree considered, root included")
-    c.add_argument("--max-new-tokens", type=int, default=64, help="greedy continuation length per prompt")
+    c.add_argument("--limit", type=at_least(0), default=20, help="first N prompts (0: all)")
+    c.add_argument("--max-nodes", type=at_least(1), default=64, help="largest tree considered, root included")
+    c.add_argument("--max-new-tokens", type=at_least(1), default=64, help="greedy continuation length per prompt")
     c.add_argument("--latency-sizes", type=sizes, default="1,2,4,8,12,16,24,32,48,64",
                    help="tree sizes whose step latency is measured (interpolated in between)")
-    c.add_argument("--latency-steps", type=int, default=8, help="timed loop steps per tree size")
+    c.add_argument("--latency-steps", type=at_least(2), default=8, help="timed loop steps per tree size (over 2 rounds)")
     c.add_argument("--no-measure", dest="measure", action="store_false",
                    help="skip running generate with the chosen tree and medusa63 afterwards")
-    c.add_argument("--measure-limit", type=int, default=10, help="prompts for that measurement (0: all)")
+    c.add_argument("--measure-limit", type=at_least(0), default=10, help="prompts for that measurement (0: all)")
     c.add_argument("--batch-sizes", type=sizes, default="",
                    help="also time whole rounds of the batched step (the server's --max-batch) at these batch sizes, "
                         "e.g. 1,2,4,8, and choose a tree for each ('' to skip)")

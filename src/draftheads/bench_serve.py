@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from .errors import UserError
+from .errors import UserError, output_dir
 
 
 def _free_port() -> int:
@@ -310,6 +310,7 @@ def write_report(report: dict, out: Path) -> list[str]:
 def cmd_bench_concurrency(args) -> None:
     if args.max_batch < 2:
         raise UserError("--max-batch must be at least 2 for the batched servers")
+    output_dir(args.out, "--out")
     report = run_concurrency(args)
     lines = write_report(report, Path(args.out))
     print("\n".join(lines))

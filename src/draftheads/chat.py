@@ -12,6 +12,7 @@ from typing import Callable
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.text import Text
 
 from .defaults import MAX_NEW_TOKENS
@@ -63,7 +64,7 @@ def run_chat(model, read: Callable[[str], str] = input, console: Console | None 
             console.print("[dim](conversation cleared)[/dim]")
             continue
         if line.startswith("/"):
-            console.print(f"[yellow]unknown command {line.split()[0]}[/yellow] {HELP}")
+            console.print(f"[yellow]unknown command {escape(line.split()[0])}[/yellow] {HELP}")
             continue
         message = {"role": "user", "content": line}
         trimmed = trim_history(model, history + [message], budget)

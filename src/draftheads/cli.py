@@ -8,7 +8,7 @@ import os
 import sys
 
 from . import defaults
-from .errors import UserError
+from .errors import UserError, at_least
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -23,10 +23,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose subcommands (argparse builds them with type(parent)) all show defaults."""
+    """An ArgumentParser whose subcommands (argparse builds them with type(parent)) all show defaults and say a
+    mistake in one line, as every other user error is said (argparse's own prints the whole usage first)."""
 
     def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def add_threads(p: argparse.ArgumentParser) -> None:
@@ -131,17 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate a reply to a prompt: text to stdout, statistics to stderr.")
     g.add_argument("prompt", help="the user message (wrapped in the backbone's chat template)")
     _add_model_args(g)
-    g.add_argument("--max-new-tokens", type=int, default=defaults.MAX_NEW_TOKENS,
+    g.add_argument("--max-new-tokens", type=at_least(1), default=defaults.MAX_NEW_TOKENS,
                    help="most new tokens; the reply usually ends earlier, at the end-of-turn token")
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
                                                             "holding this probability (1: off)")
-    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
+    g.add_argument("--top-k", type=at_least(0), default=0, help="sample among the k most likely tokens (0: off)")
     g.add_argument("--acceptance", default="greedy", choices=["greedy", "typical", "exact"],
                    help="greedy (temperature 0, identical output), exact (same distribution; the rule when "
                         "--temperature > 0), typical (lossy)")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    g.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: unseeded)")
+    g.add_argument("--seed", type=at_least(-2**63, 2**64 - 1), default=None, help="random seed for sampling (default: unseeded)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.set_defaults(func=cmd_generate)
 

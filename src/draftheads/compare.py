@@ -25,7 +25,7 @@ import torch
 
 from .backbone import Backbone, chat_ids, load_backbone
 from .draftmodel import DraftModel, heads_dir, load, safe_tree
-from .errors import UserError
+from .errors import UserError, output_dir
 from .heads import load_heads
 from .heads.checkpoint import read_config
 from .questions import load_questions
@@ -159,6 +159,7 @@ def markdown(rep: dict) -> str:
 
 
 def cmd_compare(args) -> None:
+    output_dir(args.out, "--out")
     rep = run_compare(args)
     print(markdown(rep), end="")
     print(f"wrote {Path(args.out) / 'report.json'} and report.md")

@@ -6,6 +6,7 @@ strings, max_new_tokens, the context limit), incremental text for streaming, and
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -87,9 +88,17 @@ class DraftModel:
         if isinstance(prompt, torch.Tensor):
             if prompt.dim() == 2 and prompt.shape[0] != 1:
                 raise UserError("batch size > 1 is not supported: pass one sequence of ids")
+            vocab = self.backbone.get_input_embeddings().num_embeddings if isinstance(self.backbone, torch.nn.Module) \
+                else len(self.tokenizer)
+            if prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool or (
+                    prompt.numel() and not 0 <= int(prompt.min()) <= int(prompt.max()) < vocab):
+                raise UserError(f"token ids must be integers in [0, {vocab})")
             return prompt.reshape(-1).tolist()
         if isinstance(prompt, str) and not prompt.strip():
             raise UserError("the prompt is empty")
+        if isinstance(prompt, list) and any(isinstance(m, dict) and not isinstance(m.get("content"), (str, type(None)))
+                                            for m in prompt):
+            raise UserError("a message's content must be a string")
         return chat_ids(self.tokenizer, prompt)
 
     def iter_generate(self, prompt, max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = _SP.temperature,
@@ -98,13 +107,16 @@ class DraftModel:
                       typical_delta: float = _SP.typical_delta, batch=None) -> Iterator[Chunk]:
         """One chunk of new text (maybe empty) per decoding step; the last chunk carries the Result. Arguments
         as for `generate`; `batch` (a batch.BatchDecoder) decodes inside that batch, stepped by its owner."""
-        if max_new_tokens < 1:
-            raise UserError("max_new_tokens must be at least 1")
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be an integer of at least 1, not {max_new_tokens!r}")
         sp = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, acceptance=acceptance, seed=seed,
                             typical_epsilon=typical_epsilon, typical_delta=typical_delta)
         if tree is not None and self.heads is not None:
             tree = load_tree(tree, self.heads.cfg.num_heads)
-        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+        if stop is not None and not isinstance(stop, str) and not (
+                isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)):
+            raise UserError(f"stop must be a string or a list of strings, not {stop!r}")
+        stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]  # "" would end every reply at once
         ids = self.prompt_ids(prompt)
         # The whole sequence stays within the context window.
         decoder = batch or self.decoder
@@ -152,6 +164,8 @@ class DraftModel:
         step does not take (neither Llama-family nor on llama.cpp) decode one prompt after another."""
         from .batch import batch_decoder, run_all
 
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise UserError(f"max_batch must be an integer of at least 1, not {max_batch!r}")
         try:
             # no more slots than prompts: each slot's cache is allocated whole (the default model at 2,048
             # tokens: 94 MB a slot in float32, 47 MB in float16). Rounds decide trees and lookup's branches per
@@ -231,6 +245,8 @@ def heads_dir(heads) -> Path:
         if not (SHIPPED_HEADS[heads] / "config.json").exists():
             raise UserError(f"no {heads!r} heads are shipped in this version: pass heads=<directory> or heads=None")
         return SHIPPED_HEADS[heads]
+    if not isinstance(heads, (str, os.PathLike)):
+        raise UserError(f"heads must be a directory, 'default', 'hydra' or None, not {heads!r}")
     if not Path(heads).expanduser().is_dir():
         raise UserError(f"heads directory not found: {heads}")
     return Path(heads).expanduser()

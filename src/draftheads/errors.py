@@ -10,3 +10,46 @@ def one_of(value: str, choices: tuple[str, ...], source: str) -> str:
     if value not in choices:
         raise UserError(f"{source} must be one of {', '.join(choices)}, not {value!r}")
     return value
+
+
+def at_least(low: int, high: int | None = None):
+    """An argparse type: an integer of at least `low` (and at most `high`), so a bad count is refused before any
+    model loads, in argparse's one line."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, not {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {f'in {low}..{high}' if high is not None else f'at least {low}'}, "
+                                             f"not {value}")
+        return value
+
+    return parse
+
+
+def output_dir(path, source: str):
+    """`path` as a directory a command writes into later (made once its work can start): a UserError now where a
+    file holds its name or a parent's, as the work would otherwise fail only when it writes, at its end."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise UserError(f"{source} {path}: {q} is a file, not a directory")
+            break
+    return p
+
+
+def output_file(path, source: str):
+    """`path` as a file a command writes later: a UserError now where a directory holds its name or a file a parent's."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"{source} {path} is a directory: name a file")
+    output_dir(p.parent, source)
+    return p

@@ -29,6 +29,7 @@ from . import decoder_stack, few_rows, layer_ops
 from .cpu_matmul import MAX_ROWS, linear, packed_rows
 from .kvcache import TreeKVCache, is_chain, kv_cache
 from .row_attention import batched_rows_are_exact, chain_visibility, rows_attention
+from .weight_state import WeightState
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 _NO_ROWS = torch.empty(0, dtype=torch.long)  # the decoder stack's "every row is real"
@@ -144,11 +145,12 @@ class LlamaForward:
         self.fuse = fuse
         self.silu = cfg.hidden_act == "silu"  # what layer_ops.silu_mul computes
         self._fused: list | None = None  # per layer ((qkv weight, bias), (gate/up weight, bias)), or None: apart
-        self._fused_at: tuple[int, ...] = ()  # the weights' state when fused (_weights_state): another means re-fuse
-        self._projections = [m for layer in self.layers for group in self._groups(layer) for m in group]
-        # What the C++ decoder stack holds besides the fused products (whose state _fused_at keeps)
-        self._held = [m for layer in self.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj,
-                      layer.input_layernorm, layer.post_attention_layernorm)] + [self.norm]
+        # The projections' parameters when fused: another state (re-pointed, written in place) means fuse again
+        self._projections = WeightState([m for layer in self.layers for group in self._groups(layer) for m in group])
+        self._fused_at: tuple | None = None
+        # What the C++ decoder stack holds besides the fused products
+        self._held = WeightState([m for layer in self.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj,
+                                  layer.input_layernorm, layer.post_attention_layernorm)] + [self.norm])
         self._stack, self._stack_key = None, None
 
     def _groups(self, layer) -> tuple[list, list]:
@@ -161,18 +163,17 @@ class LlamaForward:
         where fusing is off or does not apply."""
         if not self.fuse:
             return None
-        if self._weights_state() != self._fused_at:
+        if self._projections.state() is not self._fused_at:
             groups = [self._groups(layer) for layer in self.layers]
             if not all(_fusable(g) for pair in groups for g in pair):
                 self.fuse = False
                 return None
-            # Out of inference mode: a tensor made in it keeps no version counter, so an in-place write to a
-            # module's weight (its view: load_state_dict, an adapter merged) would leave the packed blocks and the
-            # C++ stack made from it stale, a silent wrong answer; made outside, the fused tensor and its views
-            # share one counter that every such write bumps
+            # Out of inference mode: a parameter re-pointed to a view of a tensor made in it becomes an inference
+            # tensor, which keeps no version counter, so an in-place write to it (load_state_dict, an adapter
+            # merged) would go unseen, and the blocks packed from it and the C++ stack stay stale
             with torch.inference_mode(False):
                 self._fused = [tuple(fuse_linears(g) for g in pair) for pair in groups]
-            self._fused_at = self._weights_state()
+            self._fused_at = self._projections.state()
         return self._fused
 
     @property
@@ -185,9 +186,8 @@ class LlamaForward:
         was replaced or written in place since; None where it does not apply."""
         if fused is None or not decoder_stack.applies(rows):
             return None
-        key = (self._fused_at, tuple(x for m in self._held for t in m._parameters.values() if t is not None
-                                     for x in (t.data_ptr(), few_rows._version(t))))
-        if key != self._stack_key:
+        key = (self._fused_at, self._held.state())
+        if self._stack_key is None or any(a is not b for a, b in zip(key, self._stack_key)):
             self._stack, self._stack_key = decoder_stack.build(self, fused), key
         return self._stack
 
@@ -207,14 +207,6 @@ class LlamaForward:
         if not (w.is_cpu and w.dtype == torch.float32) or few_rows.packed(w) is None:  # never fused: packed as it is
             return None
         return packed_rows() or None
-
-    def _weights_state(self) -> tuple[int, ...]:
-        # Every forward asks: the modules' _parameters directly, as `module.weight` goes through nn.Module's
-        # __getattr__ (150 lookups: 440 us a forward with the module walk, against 27 us this way). A parameter
-        # re-pointed by `.data =` keeps its own version counter, not the fused tensor's: its in-place writes
-        # show only in its own.
-        return tuple(x for m in self._projections for t in m._parameters.values() if t is not None
-                     for x in (t.data_ptr(), few_rows._version(t)))
 
     def prefill_span(self, cache: TreeKVCache, ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Prompt positions start..end of ids [P] into `cache` (holding the positions before start), in pieces of at

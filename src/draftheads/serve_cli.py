@@ -9,13 +9,14 @@ from pathlib import Path
 
 from . import defaults
 from .cli import _add_model_args, _load, add_threads
-from .errors import UserError
+from .errors import UserError, at_least, output_dir
 
 
 def cmd_serve(args) -> None:
     from .server import serve
 
     _check_limits(args)
+    _check_port(args.host, args.port)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"draftheads: warning: serving on {args.host} without an API key: anyone who can reach it can use it",
               file=sys.stderr)
@@ -27,6 +28,19 @@ def cmd_serve(args) -> None:
           max_tree_rows=_tree_rows(args, model), prefill_chunk=args.prefill_chunk or None,
           adapt_trees=args.adapt_trees, draft_confidence=args.draft_confidence,
           prompt_cache_tokens=args.prompt_cache_tokens)
+
+
+def _check_port(host: str, port: int) -> None:
+    """A port another process listens on is refused before the model loads (uvicorn would say so only after)."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind((host, port))
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def _tree_rows(args, model) -> int | None:
@@ -51,6 +65,7 @@ def cmd_export(args) -> None:
     from .heads.export import check_exportable, export_heads
 
     source = heads_dir(args.heads)  # "default" is the shipped heads, as for every other command
+    output_dir(args.out, "--out")
     raw = check_exportable(source)
     heads, weight, tuned = load_heads(source), None, None
     if raw.get("adapter"):
@@ -84,7 +99,7 @@ def register(sub) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
     _add_model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    s.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    s.add_argument("--port", type=at_least(0, 65535), default=8000, help="TCP port to listen on")
     s.add_argument("--api-key", default=os.environ.get("DRAFTHEADS_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route but /health (default: $DRAFTHEADS_API_KEY)")
     s.add_argument("--model-name", default=None, help="model id clients send (default: the backbone's name)")
@@ -127,13 +142,13 @@ def register(sub) -> None:
 
     c = sub.add_parser("chat", help="interactive multi-turn chat in the terminal (/reset, /exit)")
     _add_model_args(c)
-    c.add_argument("--max-new-tokens", type=int, default=defaults.MAX_NEW_TOKENS,
+    c.add_argument("--max-new-tokens", type=at_least(1), default=defaults.MAX_NEW_TOKENS,
                    help="most new tokens per reply; the reply usually ends earlier, at the end-of-turn token")
     c.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: exact sampling")
     c.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
                                                             "holding this probability (1: off)")
     c.add_argument("--system", default=None, help="system message kept at the top of the conversation")
-    c.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: unseeded)")
+    c.add_argument("--seed", type=at_least(-2**63, 2**64 - 1), default=None, help="random seed for sampling (default: unseeded)")
     c.set_defaults(func=cmd_chat)
 
     e = sub.add_parser("export", help="write heads in a serving engine's layout (vllm, medusa, tgi)")

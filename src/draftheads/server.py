@@ -587,8 +587,10 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, **limits) -> None:
     try:
         app.state.worker.run()
     except KeyboardInterrupt:
-        pass
+        return
     finally:
         server.should_exit = True
         http.join(10)
+    if not server.started:  # uvicorn said why on stderr; a script must not see success
+        raise UserError(f"the server could not listen on {host}:{port} (in use, or not an address of this machine)")
 

@@ -213,12 +213,20 @@ def truncate(paths, max_depth: int) -> list[list[int]]:
     return [list(p) for p in paths if len(p) <= max_depth]
 
 
+def _paths_of_ranks(data) -> bool:
+    """Whether data is a list of lists of integer ranks (True and False are not ranks, though Python counts them)."""
+    return isinstance(data, (list, tuple)) and all(
+        isinstance(p, (list, tuple)) and all(isinstance(r, int) and not isinstance(r, bool) for r in p) for p in data)
+
+
 def load_tree(spec, num_heads: int | None = None) -> Tree:
     """A tree from a name (`medusa63`, `medusaN`, `chainN`), a JSON file (a list of paths, or {"tree": [...]}),
     or a list of paths. Named published trees are truncated to the number of heads."""
     if isinstance(spec, Tree):
         tree = spec
     elif isinstance(spec, (list, tuple)):
+        if not _paths_of_ranks(spec):
+            raise UserError(f"a tree must be a list of paths of ranks, e.g. [[0], [1], [0, 0]], not {spec!r}")
         tree = Tree(spec)
     elif isinstance(spec, str) and spec.startswith("medusa") and spec[6:].isdigit() and 1 <= int(spec[6:]) <= 63:
         # The first N paths of mc_sim_7b_63 (listed most-probable first, every prefix is a valid tree),
@@ -229,14 +237,17 @@ def load_tree(spec, num_heads: int | None = None) -> Tree:
     else:
         path = Path(str(spec))
         if not path.exists():
-            raise UserError(f"tree file not found: {spec} (or name a tree: medusa63, medusa<N> for its first N paths, chain<N>)")
+            raise UserError(f"tree file not found: {spec} (or name a tree: medusa63, medusa<N> for its first N paths "
+                            f"with N in 1..63, chain<N>)")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"tree file {spec} is not valid JSON: {e}") from None
+        except OSError as e:  # a directory, no permission
+            raise UserError(f"cannot read tree file {spec}: {e.strerror}") from None
         if isinstance(data, dict):
             data = data.get("tree")
-        if not isinstance(data, list) or not all(isinstance(p, list) and all(isinstance(r, int) for r in p) for p in data):
+        if not _paths_of_ranks(data):
             raise UserError(f"tree file {spec} must hold a list of paths of ranks, e.g. [[0], [1], [0, 0]]")
         tree = Tree(data)
     if num_heads is not None:

@@ -855,11 +855,64 @@ std::tuple<torch::Tensor, torch::Tensor> hydra_chain(const torch::Tensor& h, int
 }
 
 #ifndef DRAFTHEADS_NO_MODULE  // decoder_stack.cpp includes this file and calls its functions
+// Whether modules' parameters are still what they were when watched (weight_state.py): each still the object in
+// its module's _parameters (no parameter replaced, added or removed), holding the same tensor (torch's
+// swap_tensors exchanges them), at the same address with the same sizes and strides (`.data =` re-points it), and
+// not written in place since (its version counter; an inference tensor keeps none). ~2 ns a parameter, where
+// asking each from Python took ~0.5 us.
+struct Watch {
+  std::vector<py::object> dicts, keys, objects;
+  std::vector<Py_ssize_t> entries;  // each dict's size
+  std::vector<const c10::TensorImpl*> impls;
+  std::vector<const void*> addresses;
+  std::vector<int64_t> versions;
+  std::vector<std::vector<int64_t>> layouts;  // sizes, then strides
+
+  static int64_t version(const at::Tensor& t) { return t.is_inference() ? -1 : static_cast<int64_t>(t._version()); }
+
+  // parameters: [(a module's _parameters, name, the tensor there)]
+  explicit Watch(const py::list& parameters) {
+    for (const py::handle& h : parameters) {
+      const py::tuple entry = py::reinterpret_borrow<py::tuple>(h);
+      TORCH_CHECK(entry.size() == 3 && PyDict_Check(entry[0].ptr()) && THPVariable_Check(entry[2].ptr()),
+                  "Watch takes (dict, name, tensor) triples");
+      const at::Tensor& t = THPVariable_Unpack(entry[2].ptr());
+      dicts.push_back(entry[0]);
+      keys.push_back(entry[1]);
+      objects.push_back(entry[2]);
+      entries.push_back(PyDict_Size(entry[0].ptr()));
+      impls.push_back(t.unsafeGetTensorImpl());
+      addresses.push_back(t.data_ptr());
+      versions.push_back(version(t));
+      std::vector<int64_t> layout(t.sizes().begin(), t.sizes().end());
+      layout.insert(layout.end(), t.strides().begin(), t.strides().end());
+      layouts.push_back(std::move(layout));
+    }
+  }
+
+  bool same() const {
+    for (size_t i = 0; i < objects.size(); ++i) {
+      PyObject* now = PyDict_GetItem(dicts[i].ptr(), keys[i].ptr());  // borrowed; NULL where it is gone
+      if (now != objects[i].ptr() || PyDict_Size(dicts[i].ptr()) != entries[i]) return false;
+      const at::Tensor& t = THPVariable_Unpack(now);
+      if (t.unsafeGetTensorImpl() != impls[i] || t.data_ptr() != addresses[i] || version(t) != versions[i]) return false;
+      const std::vector<int64_t>& l = layouts[i];
+      const size_t n = static_cast<size_t>(t.dim());
+      if (l.size() != 2 * n || !std::equal(t.sizes().begin(), t.sizes().end(), l.begin()) ||
+          !std::equal(t.strides().begin(), t.strides().end(), l.begin() + n))
+        return false;
+    }
+    return true;
+  }
+};
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("few_rows_linear", &few_rows_linear, "x @ w.T (+ b) for few rows of x (float32, CPU, AVX2)");
   m.def("packed_linear", &packed_linear, "x @ w.T for few rows of x and w in tiles of Q4_1 or Q8_0 blocks (float32)");
   m.def("packed_linear_q8", &packed_linear_q8, "packed_linear with x rounded to 8 bits per block of 32 inputs");
   m.def("heads_top", &heads_top, "Medusa heads' top-k ids and their probabilities for rows of x, their weights packed");
   m.def("hydra_chain", &hydra_chain, "Hydra heads' top-1 chain and its probabilities for one hidden state, their weights packed");
+  py::class_<Watch>(m, "Watch").def(py::init<const py::list&>()).def("same", &Watch::same,
+      "whether every watched parameter is what it was: the same object, tensor, address, layout and version");
 }
 #endif

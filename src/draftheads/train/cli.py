@@ -6,6 +6,7 @@ import argparse
 
 from .. import defaults
 from ..cli import add_threads
+from ..errors import at_least
 from ..ngrams import MIN_COUNT as NGRAM_MIN_COUNT
 
 
@@ -42,9 +43,16 @@ def cmd_distill(args) -> None:
     from ..backbone import load_backbone
     from .distill import run
 
+    from ..acceptance import SamplingConfig
+    from ..errors import output_dir, output_file
+    from .shards import is_shard_dir
+
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = distill_config(args)
+    # Settings that would fail once the backbone has loaded and the output exists fail before both
+    SamplingConfig(temperature=args.temperature, top_p=args.top_p, acceptance="exact" if args.temperature else "greedy")
+    (output_dir if is_shard_dir(args.output) else output_file)(args.output, "--output")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     bb = load_backbone(args.backbone, device=args.device, dtype=args.dtype)
@@ -117,14 +125,14 @@ def register(sub) -> None:
     d.add_argument("--field", default=None, help="record field holding the prompt (default: auto-detect)")
     d.add_argument("--output", "-o", required=True,
                    help="a .jsonl file, or a directory of shards that also keeps hidden states (rerun to resume)")
-    d.add_argument("--shard-size", type=int, default=500, help="records per shard (directory output)")
-    d.add_argument("--num", type=int, default=None, help="total conversations (default: every file prompt)")
+    d.add_argument("--shard-size", type=at_least(1), default=500, help="records per shard (directory output)")
+    d.add_argument("--num", type=at_least(1), default=None, help="total conversations (default: every file prompt)")
     d.add_argument("--backbone", default=None, help="HF model directory or cached name (default: embedded SmolLM2)")
     d.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     d.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
-    d.add_argument("--batch-size", type=int, default=16, help="prompts answered together (left-padded batch)")
-    d.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
-    d.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are skipped")
+    d.add_argument("--batch-size", type=at_least(1), default=16, help="prompts answered together (left-padded batch)")
+    d.add_argument("--max-new-tokens", type=at_least(1), default=256, help="longest answer in tokens")
+    d.add_argument("--max-prompt-tokens", type=at_least(1), default=512, help="longer prompts are skipped")
     d.add_argument("--temperature", type=float, default=0.0, help="answers: 0 greedy, above 0 sampled")
     d.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for the answers (1: off)")
     d.add_argument("--second-turn", action="store_true", help="the backbone writes a follow-up question and answers it")
@@ -150,8 +158,8 @@ def register(sub) -> None:
     c.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
     c.add_argument("--tree", default=None, help="tree for both heads (default: each heads' calibrated tree, else a "
                                                 "small one that is safe on the device)")
-    c.add_argument("--limit", type=int, default=10, help="first N questions (0: all)")
-    c.add_argument("--max-new-tokens", type=int, default=128, help="most new tokens per reply")
+    c.add_argument("--limit", type=at_least(0), default=10, help="first N questions (0: all)")
+    c.add_argument("--max-new-tokens", type=at_least(1), default=128, help="most new tokens per reply")
     c.add_argument("--out", default="compare-report", help="directory for report.json and report.md")
     add_threads(c)
     c.set_defaults(func=cmd_compare)
@@ -208,15 +216,15 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--trim-vocab", type=int, default=M.trim_vocab, metavar="N",
                    help="VocabTrim: heads predict the N most frequent output tokens (0: the full vocabulary)")
     t.add_argument("--epochs", type=float, default=O.epochs, help="passes over the training split")
-    t.add_argument("--batch-size", type=int, default=O.batch_size, help="sequences per step (per process)")
+    t.add_argument("--batch-size", type=at_least(1), default=O.batch_size, help="sequences per step (per process)")
     t.add_argument("--lr", type=float, default=O.lr, help="AdamW peak learning rate")
     t.add_argument("--weight-decay", type=float, default=O.weight_decay, help="AdamW weight decay")
     t.add_argument("--warmup", type=float, default=O.warmup, help="warmup fraction of the steps")
     t.add_argument("--decay", type=float, default=O.decay, help="head k's loss weight is decay**k")
-    t.add_argument("--max-length", type=int, default=D.max_length, help="tokens per conversation (longer ones are cut)")
+    t.add_argument("--max-length", type=at_least(2), default=D.max_length, help="tokens per conversation (longer ones are cut)")
     t.add_argument("--eval-fraction", type=float, default=D.eval_fraction,
                    help="share of conversations held out for the per-epoch accuracy")
-    t.add_argument("--train-tokens", type=int, default=D.train_tokens, metavar="N",
+    t.add_argument("--train-tokens", type=at_least(1), default=D.train_tokens, metavar="N",
                    help="train on a seeded subset of the training split with ~N assistant tokens; the held-out "
                         "split is unchanged (data-size curves)")
     t.add_argument("--shards", type=int, default=D.shards, metavar="N",
@@ -228,8 +236,8 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
                    help="precision of the feature pass: bfloat16 (autocast) is ~3x faster on CPUs with BF16 "
                         "instructions, features within ~1%% of fp32")
     t.add_argument("--soft-targets", action="store_true", help="targets are the backbone's own next-token distributions")
-    t.add_argument("--checkpoint-every", type=int, default=R.checkpoint_every, help="steps between checkpoints")
-    t.add_argument("--feature-batch", type=int, default=O.feature_batch,
+    t.add_argument("--checkpoint-every", type=at_least(1), default=R.checkpoint_every, help="steps between checkpoints")
+    t.add_argument("--feature-batch", type=at_least(1), default=O.feature_batch,
                    help="positions per step with --precompute-features")
     t.add_argument("--save-dtype", default=R.save_dtype, choices=["float32", "float16", "bfloat16"],
                    help="dtype of the final heads file (loading converts to the backbone's dtype)")

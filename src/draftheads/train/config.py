@@ -139,9 +139,20 @@ class TrainConfig:
             raise UserError(f"save_dtype must be float32, float16 or bfloat16, not {self.run.save_dtype!r}")
         if self.data.shards is not None and self.data.shards < 1:
             raise UserError("shards must be at least 1")
+        d = self.data
+        if not 0 <= d.eval_fraction < 1 or d.max_length < 2 or (d.train_tokens is not None and d.train_tokens < 1):
+            raise UserError("need 0 <= eval_fraction < 1, max_length >= 2 and train_tokens >= 1 (or none)")
+        if o.batch_size < 1 or o.feature_batch < 1 or self.run.checkpoint_every < 1:
+            raise UserError("batch_size, feature_batch and checkpoint_every must be at least 1")
         if not self.data.paths or not all(self.data.paths) or not self.run.output:
             raise UserError("training needs a conversations file (--data) and an output directory (--output)")
         j = self.joint
+        if j.init_heads and not j.enabled:
+            raise UserError("init_heads (--init-heads) starts Medusa-2's joint stage: it needs --method medusa2")
+        if j.enabled and j.init_heads:
+            from ..draftmodel import heads_dir
+
+            heads_dir(j.init_heads)  # a one-line error now, not after the backbone loaded
         if j.enabled:
             if m.head_type != "medusa":
                 raise UserError("medusa2 trains Medusa heads (head_type medusa)")

@@ -176,6 +176,11 @@ def train_medusa2(cfg: TrainConfig, backbone=None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     bb = backbone or load_backbone(m.backbone, device=str(acc.device), dtype=m.dtype)
     model, tok = bb.model, bb.tokenizer
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in j.lora_targets if t != "all-linear" and not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:  # before stage 1, not after it
+        raise UserError(f"LoRA: the backbone has no module named {', '.join(missing)} (pass --lora-targets with this "
+                        f"backbone's module names)")
 
     # 1. Stage 1 (heads warm-up), then the heads and the data of the joint stage.
     warm = warm_heads(cfg, bb, out, acc.is_main_process)

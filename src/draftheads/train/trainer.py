@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbone import load_backbone, output_embedding_fingerprint
-from ..errors import UserError
+from ..errors import UserError, output_dir
 from ..heads import HeadsConfig, build_heads, save_heads
 from ..heads.vocab import build_vocab_map, count_tokens, full_to_trimmed, trim_targets
 from .config import DataConfig, JointConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
@@ -169,7 +170,13 @@ def _mb(n: int) -> str:
 
 
 def load_checkpoint(path: Path):
-    return torch.load(path, weights_only=True, map_location="cpu") if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:  # cut short or another file: checkpoints are written whole
+        raise UserError(f"cannot read the checkpoint {path} ({str(e).splitlines()[0]}): delete it to start the run "
+                        f"over") from None
 
 
 def resume(out: Path, heads, opt, sched) -> tuple[Path, int, dict | None, list]:
@@ -178,9 +185,13 @@ def resume(out: Path, heads, opt, sched) -> tuple[Path, int, dict | None, list]:
     ckpt_path, step = out / "checkpoint.pt", 0
     state = load_checkpoint(ckpt_path)
     if state is not None:
-        heads.load_state_dict(state["heads"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
+        try:
+            heads.load_state_dict(state["heads"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"{out} holds a checkpoint of other settings ({str(e).strip().splitlines()[0]}): resume with "
+                            f"the options of its train_config.json, or train into another --output") from None
         step = state["step"]
     history_path = out / "eval.json"
     history = json.loads(history_path.read_text()) if history_path.exists() and step else []
@@ -257,11 +268,10 @@ def train(cfg: TrainConfig, backbone=None) -> Path:
     if r.threads:
         torch.set_num_threads(r.threads)
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    out = Path(r.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(r.output, "--output")
+    if d.features_dir:
+        output_dir(d.features_dir, "--features-dir")
     torch.manual_seed(r.seed)
-    if acc.is_main_process:
-        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
 
     # 1. Backbone (frozen) and data.
     bb = backbone or load_backbone(m.backbone, device=str(acc.device), dtype=m.dtype)
@@ -274,6 +284,9 @@ def train(cfg: TrainConfig, backbone=None) -> Path:
         seqs, stored, train_idx, eval_idx, source = load_training_sets(
             d.paths, tok, d.max_length, d.eval_fraction, r.seed, output_embedding_fingerprint(model),
             fill if acc.is_main_process else None, shards=d.shards)
+    out.mkdir(parents=True, exist_ok=True)  # once the data has loaded: a run that cannot start leaves nothing behind
+    if acc.is_main_process:
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
     if d.train_tokens:  # a subset of the training split; the held-out split stays the same for every size
         order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(r.seed)).tolist()
         count = torch.tensor([int(seqs[i][1].sum()) for i in train_idx])[order].cumsum(0)  # assistant tokens
