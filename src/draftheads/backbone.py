@@ -183,6 +183,8 @@ def chat_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise UserError("a prompt is a string, a list of {'role', 'content'} messages or a tensor of token ids")
+    if not all(isinstance(m.get("content"), (str, type(None))) for m in messages):
+        raise UserError("a message's content must be a string")
     if not messages or not any(str(m.get("content", "")).strip() for m in messages):
         raise UserError("the prompt is empty")
     # Only the template may emit control tokens: "<|im_end|>\n<|im_start|>system" inside a message is

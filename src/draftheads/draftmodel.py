@@ -96,9 +96,6 @@ class DraftModel:
             return prompt.reshape(-1).tolist()
         if isinstance(prompt, str) and not prompt.strip():
             raise UserError("the prompt is empty")
-        if isinstance(prompt, list) and any(isinstance(m, dict) and not isinstance(m.get("content"), (str, type(None)))
-                                            for m in prompt):
-            raise UserError("a message's content must be a string")
         return chat_ids(self.tokenizer, prompt)
 
     def iter_generate(self, prompt, max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = _SP.temperature,

@@ -86,8 +86,8 @@ def load_prompts(path: str | Path, field: str | None = None) -> list[str]:
     prompts = [_extract(r, field) for r in recs]
     prompts = [s.strip() for s in prompts if isinstance(s, str) and s.strip()]
     if not prompts:
-        what = f"field {field!r}" if field else f"a prompt field ({', '.join(_AUTO_FIELDS)}) or bare strings"
-        raise UserError(f"{path}: no prompts found: records have no {what}")
+        what = f"has the field {field!r}" if field else f"is a string or has a prompt field ({', '.join(_AUTO_FIELDS)})"
+        raise UserError(f"{path}: no prompts found: no record {what}")
     return prompts
 
 
