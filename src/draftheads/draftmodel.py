@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -104,7 +105,7 @@ class DraftModel:
                       typical_delta: float = _SP.typical_delta, batch=None) -> Iterator[Chunk]:
         """One chunk of new text (maybe empty) per decoding step; the last chunk carries the Result. Arguments
         as for `generate`; `batch` (a batch.BatchDecoder) decodes inside that batch, stepped by its owner."""
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        if not isinstance(max_new_tokens, Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be an integer of at least 1, not {max_new_tokens!r}")
         sp = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, acceptance=acceptance, seed=seed,
                             typical_epsilon=typical_epsilon, typical_delta=typical_delta)
@@ -161,7 +162,7 @@ class DraftModel:
         step does not take (neither Llama-family nor on llama.cpp) decode one prompt after another."""
         from .batch import batch_decoder, run_all
 
-        if not isinstance(max_batch, int) or max_batch < 1:
+        if not isinstance(max_batch, Integral) or max_batch < 1:
             raise UserError(f"max_batch must be an integer of at least 1, not {max_batch!r}")
         try:
             # no more slots than prompts: each slot's cache is allocated whole (the default model at 2,048

@@ -4,9 +4,10 @@ The lean forward fuses q/k/v and gate/up into one tensor each, packs the product
 (few_rows.packed) and hands them to the C++ decoder stack, once. A parameter replaced (`module.weight = ...`,
 `load_state_dict(assign=True)`, `model.to()`), re-pointed (`.data =`) or written in place (`load_state_dict`, an
 adapter merged) must be seen before the next pass, or the pass computes with the old weights: a silent wrong answer.
-Asking every parameter from Python took ~0.25 ms a pass on the default model (~4% of a one-row step); a C++ watch
-over the parameters (few_rows.cpp's Watch) asks the same in ~1 us, and the Python walk runs only where it saw a
-change (or where the C++ kernels do not build).
+Asking every parameter from Python took ~0.26 ms a pass on the default model (~4% of a one-row step); a C++ watch
+over the parameters (few_rows.cpp's Watch) asks the same in ~7 us for the fused products' ~150 parameters and as
+much for the stack's others, and the Python walk runs only where it saw a change (or where the C++ kernels do not
+build).
 """
 
 from __future__ import annotations

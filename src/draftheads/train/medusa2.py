@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..adapter import lora_changes, save_backbone, tuned_fingerprint
 from ..backbone import load_backbone, output_embedding_fingerprint
-from ..errors import UserError
+from ..errors import UserError, output_dir
 from ..heads import load_heads, save_heads
 from ..heads.vocab import full_to_trimmed, trim_targets
 from .config import TrainConfig
@@ -172,8 +172,7 @@ def train_medusa2(cfg: TrainConfig, backbone=None) -> Path:
     if r.threads:
         torch.set_num_threads(r.threads)
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    out = Path(r.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(r.output, "--output")
     bb = backbone or load_backbone(m.backbone, device=str(acc.device), dtype=m.dtype)
     model, tok = bb.model, bb.tokenizer
     names = [n for n, _ in model.named_modules()]
@@ -181,6 +180,7 @@ def train_medusa2(cfg: TrainConfig, backbone=None) -> Path:
     if missing:  # before stage 1, not after it
         raise UserError(f"LoRA: the backbone has no module named {', '.join(missing)} (pass --lora-targets with this "
                         f"backbone's module names)")
+    out.mkdir(parents=True, exist_ok=True)
 
     # 1. Stage 1 (heads warm-up), then the heads and the data of the joint stage.
     warm = warm_heads(cfg, bb, out, acc.is_main_process)
