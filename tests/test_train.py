@@ -130,6 +130,10 @@ def test_a_run_that_cannot_start_leaves_no_output(tmp_path):
     cfg.data.paths = [str(tmp_path / "no_such.jsonl")]
     with pytest.raises(UserError):
         trainer.train(cfg, _bb())
+    (tmp_path / "plain_dir").mkdir()
+    cfg.data.paths = [str(tmp_path / "plain_dir")]
+    with pytest.raises(UserError, match="plain_dir is not a distilled directory .*or pass a conversations JSONL file"):
+        trainer.train(cfg, _bb())
     assert not (tmp_path / "never").exists()
 
 

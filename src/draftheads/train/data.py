@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .shards import fill_features, manifest_fingerprint, read_distilled
+from .shards import distilled_dir, fill_features, manifest_fingerprint, read_distilled
 
 IGNORE = -100
 
@@ -39,7 +39,7 @@ def read_records(path: str | Path) -> list[dict]:
 
 def read_conversations(path: str | Path) -> list[list[dict]]:
     """`messages` lists of a JSONL file or distilled directory that have an assistant turn."""
-    records = read_distilled(path, features=False)[0] if Path(path).is_dir() else read_records(path)
+    records = read_distilled(distilled_dir(path), features=False)[0] if Path(path).is_dir() else read_records(path)
     convs = [r["messages"] for r in records if _has_answer(r)]
     if not convs:
         raise UserError(f"{path}: no conversations with an assistant turn (expected JSONL of {{\"messages\": [...]}})")
@@ -64,6 +64,7 @@ def load_training_data(path: str | Path, tok, max_length: int, fingerprint: str 
     Returns ([(ids [T], mask [T])], [hidden [T, H] fp16 or None]).
     """
     if Path(path).is_dir():
+        distilled_dir(path)
         made_by = manifest_fingerprint(path)
         if fingerprint and made_by and made_by != fingerprint:
             raise UserError(f"{path} was distilled from another backbone (output-embedding fingerprint {made_by}, "
