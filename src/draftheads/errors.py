@@ -1,4 +1,8 @@
-"""The one exception type for a user's mistake: the CLI prints its message as one line, no traceback."""
+"""The one exception type for a user's mistake (the CLI prints its message as one line, no traceback), and the
+checks that say such a mistake in a command's arguments before its work starts."""
+
+import argparse
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -15,8 +19,6 @@ def one_of(value: str, choices: tuple[str, ...], source: str) -> str:
 def at_least(low: int, high: int | None = None):
     """An argparse type: an integer of at least `low` (and at most `high`), so a bad count is refused before any
     model loads, in argparse's one line."""
-    import argparse
-
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -33,8 +35,6 @@ def at_least(low: int, high: int | None = None):
 def output_dir(path, source: str):
     """`path` as a directory a command writes into later (made once its work can start): a UserError now where a
     file holds its name or a parent's, as the work would otherwise fail only when it writes, at its end."""
-    from pathlib import Path
-
     p = Path(path).expanduser()
     for q in (p, *p.parents):
         if q.exists():
@@ -46,8 +46,6 @@ def output_dir(path, source: str):
 
 def output_file(path, source: str):
     """`path` as a file a command writes later: a UserError now where a directory holds its name or a file a parent's."""
-    from pathlib import Path
-
     p = Path(path).expanduser()
     if p.is_dir():
         raise UserError(f"{source} {path} is a directory: name a file")

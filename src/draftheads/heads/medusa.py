@@ -19,6 +19,7 @@ from ..cpu_matmul import linear as few_row_linear, packed_rows
 from ..defaults import GROUNDED_RESIDUALS
 from ..errors import UserError
 from ..tree import MAX_RANK, Tree
+from ..weight_state import WeightState
 
 
 HEAD_TYPES = ("medusa", "hydra", "hydra++")
@@ -271,39 +272,38 @@ class MedusaHeads(DraftHeads):
         # them (module lookups, few_rows.packed per weight) cost ~60 us a step in the loop, right after a verify pass
         # has pushed the interpreter out of the caches, where the call itself took ~130.
         args = self._top_args.get(heads)
-        if args is None or not all(m.weight is w and m.bias is b and w._version == v and w.data_ptr() == p
-                                   for m, w, b, v, p in args[0]):
+        if args is None or args[0].state() is not args[1]:
             args = self._top_args[heads] = self._top_arguments(heads)
-        checks, module, blocks, lm, out = args
+        _, _, module, blocks, lm, out = args
         if module is None:
             return None
         return module.heads_top(x.contiguous(), blocks, len(self.blocks[0]), lm, out, k, few_rows.activations() == "int8",
                                 few_rows._EMPTY if self.vocab_map is None else self.vocab_map, probs)
 
     def _top_arguments(self, heads: int) -> tuple:
-        """(checks, module, blocks, lm, out) for heads_top, module None where some weight does not pack as linear()
-        routes it (contiguous and packable) or the kernel is not built; checks: per nn.Linear (it, its weight and bias,
-        the weight's version and data_ptr), what the lists stay valid for."""
+        """(weights, state, module, blocks, lm, out) for heads_top, module None where some weight does not pack as
+        linear() routes it (contiguous and packable) or the kernel is not built; the lists stay valid while the
+        weights' WeightState gives `state` again."""
         module = few_rows.load()
-        checks, blocks, lm, out = [], [], [], []
+        weights = WeightState([block.linear for h in range(heads) for block in self.blocks[h]]
+                              + [self.lm_heads[h] for h in range(heads)])
+        blocks, lm, out = [], [], []
         for h in range(heads):
             for block in self.blocks[h]:
                 w, b = block.linear.weight, block.linear.bias
                 p = few_rows.packed(w) if w.is_contiguous() else None  # as linear() routes it
-                checks.append((block.linear, w, b, w._version, w.data_ptr()))
                 if p is None:
                     module = None
                     continue
                 blocks += [p.q, p.d, few_rows._EMPTY if p.m is None else p.m, few_rows._EMPTY if b is None else b]
             w = self.lm_heads[h].weight
             p = few_rows.packed(w) if w.is_contiguous() else None
-            checks.append((self.lm_heads[h], w, None, w._version, w.data_ptr()))
             if p is None:
                 module = None
                 continue
             lm += [p.q, p.d, few_rows._EMPTY if p.m is None else p.m]
             out.append(p.out)
-        return checks, module, blocks, lm, out
+        return weights, weights.state(), module, blocks, lm, out
 
     @torch.no_grad()
     def draft_many(self, hidden: torch.Tensor, roots: torch.Tensor, tree: Tree) -> torch.Tensor:

@@ -40,11 +40,10 @@ def distill_config(args):
 def cmd_distill(args) -> None:
     import torch
 
-    from ..backbone import load_backbone
-    from .distill import run
-
     from ..acceptance import SamplingConfig
+    from ..backbone import load_backbone
     from ..errors import output_dir, output_file
+    from .distill import run
     from .shards import is_shard_dir
 
     if args.threads:

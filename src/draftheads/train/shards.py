@@ -215,11 +215,9 @@ def _remove(*paths: Path) -> None:
 
 
 def distilled_dir(directory: str | Path) -> Path:
-    """`directory` as a distilled directory to train from, or a UserError that says what it is not: it holds a
-    manifest (written with its first finished shard) or the partial shard of a run still short of one."""
+    """The directory `directory` as a distilled set to train from, or a UserError that says it is not one: a set holds
+    a manifest (written with its first finished shard) or the partial shard of a run still short of one."""
     d = Path(directory)
-    if not d.is_dir():
-        raise UserError(f"distilled data directory not found: {directory}")
     if not (d / "manifest.json").is_file() and not (d / "partial.jsonl").is_file():
         raise UserError(f"{directory} is not a distilled directory (no manifest.json, no partial.jsonl): make one with "
                         f"draftheads distill -o DIR, or pass a conversations JSONL file")
