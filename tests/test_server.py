@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import uvicorn
-from openai import OpenAI
+from openai import BadRequestError, OpenAI
 
 try:
     import httpx
@@ -250,6 +250,12 @@ def test_bad_requests_other(server, client):
     r = _post(server, "/v1/chat/completions", {"model": "tiny", "messages": _msgs("hi"), "max_tokens": 3, "n": None,
                                                "temperature": None, "top_p": None, "stop": None, "stream": None})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+    # What it cannot honour, asked through the official client, is refused by name rather than ignored.
+    with pytest.raises(BadRequestError, match="logprobs: not supported by this server"):
+        client.chat.completions.create(model="tiny", messages=_msgs("hi"), max_tokens=3, logprobs=True, top_logprobs=2)
+    with pytest.raises(BadRequestError, match="response_format: not supported"):
+        client.chat.completions.create(model="tiny", messages=_msgs("hi"), max_tokens=3,
+                                       response_format={"type": "json_object"})
     # The server is still fine after all that.
     assert client.chat.completions.create(model="tiny", messages=_msgs("ok?"), max_tokens=3).choices[0].message
 

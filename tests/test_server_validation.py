@@ -369,3 +369,23 @@ def test_empty_prompt_errors_name_the_parameter_of_each_endpoint(api):
     with client.stream("POST", "/v1/chat/completions", json={**chat(), "model": "named", "stream": True}) as r:
         first = json.loads(next(line[6:] for line in r.iter_lines() if line.startswith("data: {")))
     assert (first["object"], first["model"]) == ("chat.completion.chunk", "named")
+
+
+def test_fields_that_would_change_the_reply_are_refused_unless_they_ask_for_nothing(api):
+    client, model = api()
+    asking = {"logprobs": True, "top_logprobs": 2, "tools": [{"type": "function", "function": {"name": "f"}}],
+              "tool_choice": "required", "functions": [{"name": "f"}], "function_call": {"name": "f"},
+              "response_format": {"type": "json_object"}, "logit_bias": {"5": 100}, "presence_penalty": 0.5,
+              "frequency_penalty": -1, "best_of": 2, "echo": True, "suffix": "end"}
+    for field, value in asking.items():
+        r = client.post("/v1/chat/completions", json=chat(**{field: value}))
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
+        assert r.json()["error"]["message"].startswith(f"{field}: not supported by this server ("), r.text
+    error(client.post("/v1/completions", json={"model": "stub", "prompt": "ab", "logprobs": 5}), 400,
+          "logprobs: not supported by this server (no log-probabilities are returned)", "logprobs", "value_error")
+    assert not model.calls  # nothing reached the model
+    nothing = {"logprobs": False, "top_logprobs": 0, "tools": [], "tool_choice": "auto", "functions": None,
+               "function_call": "none", "response_format": {"type": "text"}, "logit_bias": {}, "presence_penalty": 0,
+               "frequency_penalty": 0.0, "best_of": 1, "echo": False, "suffix": "", "user": "u", "metadata": {"a": "b"}}
+    assert client.post("/v1/chat/completions", json=chat(**nothing)).status_code == 200
+    assert client.post("/v1/completions", json={"model": "stub", "prompt": "ab", "logprobs": None}).status_code == 200

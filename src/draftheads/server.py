@@ -19,7 +19,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Union
 
 import torch
 from fastapi import FastAPI, Request
@@ -62,8 +62,29 @@ Text = Annotated[str, AfterValidator(_unicode)]
 Number = Field(strict=True, allow_inf_nan=False)
 
 
-# Request bodies. Unknown OpenAI fields (user, logit_bias, ...) are accepted and ignored, as other
-# OpenAI-compatible servers do, so ordinary clients work unchanged. Integers and booleans are strict.
+
+
+def _refused(accepted: Callable[[Any], bool], why: str):
+    """A field this server cannot honour: its default (null, false, 0, empty) passes, anything else is refused by
+    name, as OpenAI's API refuses what it cannot do: ignoring it would be a silent wrong answer."""
+    def check(v):
+        if not accepted(v):
+            raise ValueError(f"not supported by this server ({why})")
+        return v
+    return Annotated[Any, AfterValidator(check)]
+
+
+_UNSET = (None, False, 0, "", [], {})
+NoLogprobs = _refused(lambda v: v in _UNSET, "no log-probabilities are returned")
+NoTools = _refused(lambda v: v in _UNSET, "no tool or function calls")
+ToolChoice = _refused(lambda v: v in _UNSET or v in ("none", "auto"), "no tool or function calls")  # "auto": none given
+NoPenalty = _refused(lambda v: v in _UNSET, "sampling takes temperature, top_p and seed only")
+TextOnly = _refused(lambda v: v in _UNSET or v == {"type": "text"}, "replies are free text")
+
+
+# Request bodies. Unknown OpenAI fields (user, metadata, ...) are accepted and ignored, as other
+# OpenAI-compatible servers do, so ordinary clients work unchanged; fields that would change the reply are
+# refused unless they ask for nothing (_refused). Integers and booleans are strict.
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: StrictBool | None = None
@@ -82,6 +103,19 @@ class _Sampling(BaseModel):
     seed: StrictInt | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch's generators take
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
+    logprobs: NoLogprobs = None  # chat: a boolean; completions: a count
+    top_logprobs: NoLogprobs = None
+    tools: NoTools = None
+    tool_choice: ToolChoice = None
+    functions: NoTools = None
+    function_call: ToolChoice = None
+    response_format: TextOnly = None
+    logit_bias: NoPenalty = None
+    presence_penalty: NoPenalty = None
+    frequency_penalty: NoPenalty = None
+    best_of: _refused(lambda v: v in (None, 1), "one sequence per request") = None
+    echo: _refused(lambda v: v in _UNSET, "the reply holds the new text only") = None
+    suffix: _refused(lambda v: v in _UNSET, "no text is inserted before a suffix") = None
 
 
 class TextPart(BaseModel):
@@ -329,8 +363,8 @@ def create_app(model, model_name: str | None = None, api_key: str | None = None,
                                                            not x.get("type", "").endswith("_type")))
         if first.get("type") == "json_invalid":
             return _error(APIError(400, "the request body is not valid JSON", code="invalid_json"))
-        where = _param(first.get("loc", ()))
-        return _error(APIError(400, f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "invalid request"),
+        where, msg = _param(first.get("loc", ())), first.get("msg", "invalid value").removeprefix("Value error, ")
+        return _error(APIError(400, f"{where}: {msg}" if where else msg,
                                param=where or None, code=first.get("type")))
 
     @app.exception_handler(Exception)
