@@ -91,3 +91,27 @@ def test_a_decoding_that_is_not_local_falls_back_to_the_whole_list():
     ids = list(range(40))
     for n in range(1, 41):
         assert detok.text(ids[:n]) == tok.decode(ids[:n])
+
+
+def test_a_reply_cut_inside_a_character_ends_before_it():
+    # The tests' byte tokenizer: sampled bytes tear characters. At every cut the reply is the tokens' decode
+    # without the trailing U+FFFD of bytes the cut tore (held back while streaming, so the chunks join to it);
+    # elsewhere it is the decode itself, and the token ids are kept either way.
+    import codecs
+
+    from tiny import tiny_draftmodel
+
+    dm, torn = tiny_draftmodel(heads=False), 0
+    tok, kw = dm.tokenizer, dict(temperature=1.0, acceptance="exact", seed=2)
+    ids = dm.generate("hello", max_new_tokens=40, **kw).token_ids
+    for n in range(1, 41):
+        whole = tok.decode(ids[:n], skip_special_tokens=True)
+        chunks = list(dm.iter_generate("hello", max_new_tokens=n, **kw))
+        r = chunks[-1].result
+        assert r.token_ids == ids[:n] and r.finish_reason == "length"
+        assert "".join(c.text for c in chunks) == r.text == whole.rstrip("\ufffd")
+        if all(t < 256 for t in ids[:n]):  # all bytes: whether the cut tore one, by Python's own decoder
+            decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            decoder.decode(bytes(ids[:n]), final=False)
+            torn += decoder.getstate()[0] != b""
+    assert torn >= 2  # the case this is about happened

@@ -21,7 +21,7 @@ from .acceptance import SamplingConfig
 from .backbone import (Backbone, chat_ids, fingerprints_match, load_backbone, output_embedding_fingerprint,
                        output_embedding_shape)
 from .defaults import ADAPT_TREES, LOOKUP, MAX_BATCH, MAX_NEW_TOKENS, MAX_SEQ_LEN
-from .detokenize import Detokenizer
+from .detokenize import TORN, Detokenizer
 from .errors import UserError
 from .generate import Decoder, Stats
 from .lookup import PromptLookup, lookup_config
@@ -150,6 +150,8 @@ class DraftModel:
         # In a batch: frees the slot before the owner's next pass, which would otherwise verify a row for
         # a reply already complete (one wasted pass a request at one client, 2% of them).
         steps.close()
+        if finish in ("length", "context"):  # cut inside a multi-byte character: its torn bytes' U+FFFD, held back
+            text = text.rstrip(TORN)          # while streaming, is no text of the reply (vLLM drops it too)
         stats.new_tokens, stats.total_s = len(tokens), time.perf_counter() - start
         stats.accepted = _kept_per_step(stats.accepted, len(tokens))
         yield Chunk(text[sent:], Result(tokens, text, stats, finish))
@@ -231,8 +233,8 @@ def _kept_per_step(accepted: list[int], kept: int) -> list[int]:
 
 
 def _holdback(text: str, stops: list[str]) -> int:
-    if text.endswith("\ufffd"):
-        return len(text) - len(text.rstrip("\ufffd"))
+    if text.endswith(TORN):
+        return len(text) - len(text.rstrip(TORN))
     return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
