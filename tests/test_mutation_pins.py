@@ -305,7 +305,7 @@ def test_named_trees_and_tree_files(tmp_path):
     assert load_tree("medusa11", num_heads=1).paths == [(0,), (1,), (2,), (3,), (4,)]
     t = Tree([[0]])
     assert load_tree(t) is t
-    for name in ("medusa0", "medusa64", "chainx", "medusa"):
+    for name in ("medusa0", "medusa64", "chainx", "medusa", "chain0"):
         with pytest.raises(UserError, match="tree file not found"):
             load_tree(name)
     f = tmp_path / "t.json"

@@ -232,13 +232,13 @@ def load_tree(spec, num_heads: int | None = None) -> Tree:
         # The first N paths of mc_sim_7b_63 (listed most-probable first, every prefix is a valid tree),
         # truncated to the heads' depth.
         tree = Tree(truncate(MEDUSA63[: int(spec[6:])], num_heads or 4))
-    elif isinstance(spec, str) and spec.startswith("chain") and spec[5:].isdigit():
+    elif isinstance(spec, str) and spec.startswith("chain") and spec[5:].isdigit() and int(spec[5:]) >= 1:
         tree = chain(int(spec[5:]))
     else:
         path = Path(str(spec))
         if not path.exists():
             raise UserError(f"tree file not found: {spec} (or name a tree: medusa63, medusa<N> for its first N paths "
-                            f"with N in 1..63, chain<N>)")
+                            f"with N in 1..63, chain<N> with N >= 1)")
         try:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
