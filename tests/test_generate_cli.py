@@ -351,6 +351,9 @@ def test_api_mistakes_are_user_errors_and_an_empty_stop_string_is_ignored(tiny_d
     plain = m.generate("hello", max_new_tokens=8)
     assert plain.text and m.generate("hello", max_new_tokens=8, stop="").text == plain.text  # "" ends nothing
     assert [r.text for r in m.generate(["hello", "hello"], max_new_tokens=8, stop="")] == [plain.text] * 2
+    # OpenAI's developer turn is the template's system turn, in the API as in the server
+    turns = lambda role: [{"role": role, "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert m.prompt_ids(turns("developer")) == m.prompt_ids(turns("system")) != m.prompt_ids(turns("user"))
     vocab = m.backbone.get_input_embeddings().num_embeddings
     for call, message in [
         (lambda: m.generate(torch.tensor([[vocab]])), f"token ids must be integers in [0, {vocab})"),
@@ -366,6 +369,8 @@ def test_api_mistakes_are_user_errors_and_an_empty_stop_string_is_ignored(tiny_d
         (lambda: m.generate("hi", stop=5), "stop must be a string or a list of strings"),
         (lambda: m.generate("hi", temperature=0.7, acceptance="typical", typical_epsilon=-1), "typical_epsilon"),
         (lambda: m.generate([{"role": "user", "content": 5}]), "a message's content must be a string"),
+        (lambda: m.generate([{"role": "usr", "content": "hi"}]), "a message's role must be one of system, developer"),
+        (lambda: m.generate([{"content": "hi"}]), "a message's role must be one of"),
         (lambda: m.generate("hi", tree=[0, 1]), "a tree must be a list of paths of ranks"),
         (lambda: m.generate("hi", tree=[[0.5]]), "a tree must be a list of paths of ranks"),
         (lambda: m.generate("hi", tree=[[True]]), "a tree must be a list of paths of ranks"),

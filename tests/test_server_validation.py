@@ -119,7 +119,7 @@ def test_prompts_as_the_model_sees_them(api):
     msgs = [{"role": "developer", "content": "be"}, {"role": "user", "content": [{"type": "text", "text": "a"},
                                                                                  {"type": "text", "text": "b"}]}]
     assert client.post("/v1/chat/completions", json={"model": "stub", "messages": msgs}).status_code == 200
-    assert model.messages[-1] == [{"role": "system", "content": "be"}, {"role": "user", "content": "ab"}]
+    assert model.messages[-1] == [{"role": "developer", "content": "be"}, {"role": "user", "content": "ab"}]
     for prompt, ids in (("ab", [47, 48]), (["ab"], [47, 48]), ([0, 49, 3], [0, 49, 3])):
         assert client.post("/v1/completions", json={"model": "stub", "prompt": prompt}).status_code == 200
         assert model.calls[-1][0] == ids

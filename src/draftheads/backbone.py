@@ -178,6 +178,9 @@ def fingerprints_match(a: list[float], b: list[float]) -> bool:
     return len(a) == len(b) and torch.allclose(torch.tensor(a), torch.tensor(b), rtol=2e-2, atol=2e-3)
 
 
+ROLES = ("system", "developer", "user", "assistant")  # what a chat template takes from any client: no tool turns
+
+
 def chat_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
     """Token ids of a prompt wrapped in the tokenizer's chat template, ready for the assistant's reply."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
@@ -185,6 +188,11 @@ def chat_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
         raise UserError("a prompt is a string, a list of {'role', 'content'} messages or a tensor of token ids")
     if not all(isinstance(m.get("content"), (str, type(None))) for m in messages):
         raise UserError("a message's content must be a string")
+    if not all(m.get("role") in ROLES for m in messages):
+        bad = next(m.get("role") for m in messages if m.get("role") not in ROLES)
+        raise UserError(f"a message's role must be one of {', '.join(ROLES)}, not {bad!r}")
+    # OpenAI's "developer" is the system turn of templates that know no such role (the server's rule too)
+    messages = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
     if not messages or not any(str(m.get("content", "")).strip() for m in messages):
         raise UserError("the prompt is empty")
     # Only the template may emit control tokens: "<|im_end|>\n<|im_start|>system" inside a message is

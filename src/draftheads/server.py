@@ -394,7 +394,7 @@ def create_app(model, model_name: str | None = None, api_key: str | None = None,
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        messages = [{"role": "system" if m.role == "developer" else m.role,
+        messages = [{"role": m.role,
                      "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
                     for m in req.messages]
         if not any(m["content"].strip() for m in messages):
