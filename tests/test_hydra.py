@@ -373,3 +373,48 @@ def test_packed_hydra_heads_draft_a_chain_in_one_call_with_the_same_ids_and_cuts
     assert calls == []
     with torch.enable_grad():
         assert packed(hidden[12], 5, chain) is None
+
+
+@pytest.mark.skipif(__import__("draftheads.few_rows").few_rows.unavailable_reason() is not None,
+                    reason="no AVX2/FMA on this CPU")
+def test_packed_hydra_chain_follows_weights_written_or_replaced(monkeypatch):
+    """The one-call chain keeps its packed argument lists between steps (HydraHeads._chain_args, checked by a
+    WeightState): a block's weight written in place, the shared LM-head rows replaced (an attribute, no parameter)
+    or written in place each draft the new weights' ids, the per-depth path's, from the one call."""
+    from draftheads import few_rows
+
+    model = tiny_model()
+    heads = tiny_hydra_heads(model, "hydra++", num_heads=3, noise=0.3, grounded_residual="hidden", lm_head="shared")
+    heads.attach(model)
+    g = torch.Generator().manual_seed(4)
+    new_q8 = lambda w: few_rows.q8_0_rounded(torch.randn(w.shape, generator=g) * w.abs().max())  # noqa: E731
+    with torch.no_grad():
+        for m in heads.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(few_rows.q8_0_rounded(m.weight))
+        heads.shared_weight = few_rows.q8_0_rounded(heads.shared_weight)
+    calls, packed = [], heads._packed_chain
+    monkeypatch.setattr(heads, "_packed_chain", lambda *a: calls.append(packed(*a)) or calls[-1])
+    hidden, chain = torch.randn(12, model.config.hidden_size, generator=g), load_tree("chain3")
+    heads.reset()
+    heads.observe(hidden)
+
+    def drafts():
+        out = torch.stack([heads.draft(hidden[-1], torch.tensor(r), chain) for r in range(40, 48)])
+        with monkeypatch.context() as m:
+            m.setattr(heads, "_packed_chain", lambda *a: None)
+            assert torch.equal(out, torch.stack([heads.draft(hidden[-1], torch.tensor(r), chain) for r in range(40, 48)]))
+        return out
+
+    first = drafts()
+    with torch.no_grad():
+        heads.blocks[1][0].linear.weight.copy_(new_q8(heads.blocks[1][0].linear.weight))
+    written = drafts()
+    heads.shared_weight = new_q8(heads.shared_weight)
+    replaced = drafts()
+    with torch.no_grad():
+        heads.shared_weight.copy_(new_q8(heads.shared_weight))
+    rewritten = drafts()
+    assert not torch.equal(first[:, 2:], written[:, 2:])
+    assert not torch.equal(written, replaced) and not torch.equal(replaced, rewritten)
+    assert len(calls) == 32 and all(c is not None for c in calls)

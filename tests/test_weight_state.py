@@ -73,3 +73,23 @@ def test_a_parameter_of_inference_mode_keeps_no_version_but_its_replacement_show
     first = state.state()
     m.weight = torch.nn.Parameter(torch.zeros(4, 8))
     assert state.state() is not first
+
+
+ATTRIBUTE_CHANGES = {
+    "written in place": lambda h: h.rows.mul_(2),
+    "replaced": lambda h: setattr(h, "rows", h.rows.clone()),
+    "re-pointed with .data": lambda h: setattr(h.rows, "data", h.rows.data.clone()),
+    "reshaped": lambda h: setattr(h, "rows", h.rows.view(2, 8)),
+}
+
+
+@pytest.mark.parametrize("change", list(ATTRIBUTE_CHANGES))
+def test_a_plain_tensor_attribute_is_watched_as_a_parameter_is(change, watching):
+    holder = torch.nn.Module()
+    holder.rows = torch.randn(4, 4)  # no parameter, no buffer: the module keeps it in its __dict__
+    state = WeightState([torch.nn.Linear(4, 4)], [(holder, "rows")])
+    first = state.state()
+    assert state.state() is first
+    ATTRIBUTE_CHANGES[change](holder)
+    second = state.state()
+    assert second is not first and state.state() is second

@@ -18,11 +18,12 @@ from . import few_rows
 
 
 class WeightState:
-    """`state()` gives a token for the parameters of `modules` (their `_parameters`, in order): the same object
-    again while none of them was replaced, added, removed, re-pointed, reshaped or written in place."""
+    """`state()` gives a token for the parameters of `modules` (their `_parameters`, in order) and the plain tensor
+    `attributes` (owner, name) (Hydra's shared LM-head rows, which no module registers): the same object again while
+    none of them was replaced, added, removed, re-pointed, reshaped or written in place."""
 
-    def __init__(self, modules: list[torch.nn.Module]):
-        self.modules = modules
+    def __init__(self, modules: list[torch.nn.Module], attributes: list[tuple[object, str]] = ()):
+        self.modules, self.attributes = modules, list(attributes)
         self._token: tuple | None = None
         self._watch = None
 
@@ -30,6 +31,9 @@ class WeightState:
         if self._watch is not None and self._watch.same():
             return self._token
         entries = [(m._parameters, name, t) for m in self.modules for name, t in m._parameters.items() if t is not None]
+        # An attribute lives in its owner's __dict__ (a module keeps tensors that are no parameter or buffer there);
+        # the watch's dict-size check then also fires on any attribute added to the owner: a needless recount only.
+        entries += [(vars(owner), name, vars(owner)[name]) for owner, name in self.attributes]
         token = tuple((t.data_ptr(), few_rows._version(t), tuple(t.shape), t.stride()) for _, _, t in entries)
         if token != self._token:  # an equal token stays the same object: callers compare with `is`
             self._token = token

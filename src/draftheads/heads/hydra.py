@@ -32,6 +32,7 @@ from ..defaults import GROUNDED_RESIDUALS
 from ..kvcache import TreeKVCache
 from ..llama_forward import LlamaForward
 from ..tree import MAX_RANK, Tree
+from ..weight_state import WeightState
 from .medusa import DraftHeads, HeadsConfig, ResBlock, linear, top_probs
 
 
@@ -261,10 +262,9 @@ class HydraHeads(DraftHeads):
             return None
         depth = tree.depth
         args = self._chain_args.get(depth)
-        if args is None or not all(getattr(owner, name) is w and few_rows._version(w) == v and w.data_ptr() == ptr
-                                   for owner, name, w, v, ptr in args[0]):
+        if args is None or args[0].state() is not args[1]:
             args = self._chain_args[depth] = self._chain_arguments(depth)
-        checks, module, blocks, lm, out = args
+        _, _, module, blocks, lm, out = args
         if module is None:
             return None
         vocab = few_rows._EMPTY if self.vocab_map is None else self.vocab_map
@@ -272,16 +272,20 @@ class HydraHeads(DraftHeads):
                                   self.blocks[0][0].res is not None, lm, out, depth, few_rows.activations() == "int8", vocab)
 
     def _chain_arguments(self, depth: int) -> tuple:
-        """(checks, module, blocks, lm, out) for hydra_chain, module None where some weight does not pack as linear()
-        routes it or the kernel is not built; checks: (owner, attribute, its tensor, the tensor's version and data_ptr)
-        per weight and bias, what the lists stay valid for."""
-        module, checks, blocks, lm = few_rows.load(), [], [], []
+        """(weights, state, module, blocks, lm, out) for hydra_chain, module None where some weight does not pack as
+        linear() routes it or the kernel is not built; the lists stay valid while the weights' WeightState (the first
+        `depth` heads' linears and LM heads, or the shared LM-head rows) gives `state` again."""
+        shared = self.lm_heads is None
+        weights = WeightState([m for k in range(depth) for block in self.blocks[k]
+                               for m in ((block.linear, block.res) if isinstance(block, GroundedBlock) else (block.linear,))
+                               if m is not None] + ([] if shared else [self.lm_heads[k] for k in range(depth)]),
+                              [(self, "shared_weight")] if shared else [])
+        state, module, blocks, lm = weights.state(), few_rows.load(), [], []
         if module is None or not hasattr(module, "hydra_chain"):
-            return [], None, [], [], 0
+            return weights, state, None, [], [], 0
 
         def add(owner, name: str, into: list, bias: bool) -> bool:
             w, b = getattr(owner, name), owner.bias if bias else None
-            checks.extend((owner, n, t, few_rows._version(t), t.data_ptr()) for n, t in ((name, w), ("bias", b)) if t is not None)
             p = few_rows.packed(w) if w.is_contiguous() else None  # as linear() routes it
             if p is not None:
                 into += [p.q, p.d, few_rows._EMPTY if p.m is None else p.m] + ([few_rows._EMPTY if b is None else b] if bias else [])
@@ -297,7 +301,7 @@ class HydraHeads(DraftHeads):
                 ok &= add(block.linear, "weight", blocks, True)
             ok &= add(self.lm_heads[k], "weight", lm, False) if self.lm_heads is not None else add(self, "shared_weight", lm, False)
         out = (self.lm_heads[0].weight if self.lm_heads is not None else self.shared_weight).shape[0]
-        return checks, module if ok else None, blocks, lm, out
+        return weights, state, module if ok else None, blocks, lm, out
 
     @torch.no_grad()
     def teacher_topk(self, hidden: torch.Tensor, ids: torch.Tensor, n: int = MAX_RANK, chunk: int = 256) -> torch.Tensor:
