@@ -62,8 +62,6 @@ Text = Annotated[str, AfterValidator(_unicode)]
 Number = Field(strict=True, allow_inf_nan=False)
 
 
-
-
 def _refused(accepted: Callable[[Any], bool], why: str):
     """A field this server cannot honour: its default (null, false, 0, empty) passes, anything else is refused by
     name, as OpenAI's API refuses what it cannot do: ignoring it would be a silent wrong answer."""
