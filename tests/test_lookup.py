@@ -691,3 +691,28 @@ def test_pins_of_the_calibration_writer_mutation_testing_found_loose(tmp_path):
     _write_tree_to_heads(tmp_path, [[0]], {"1": {"tree": [[0]]}})
     _write_tree_to_heads(tmp_path, [[0]])  # one sequence's tree alone, uncut, nothing else cut
     assert json.loads((tmp_path / "config.json").read_text())["batch_draft_confidence"] is None
+
+
+def test_lookup_s_count_is_cut_to_the_tokens_the_reply_kept():
+    """The reply ends inside a step (max_new_tokens here): its tokens past the end are no reply's, so neither the
+    tokens per step nor the lookup's count may include them (`generate` on stderr: 'N tokens from lookup'). The
+    oracle: which of a longer reply's tokens the lookup gave, counted over the first n, where the shorter reply's
+    steps are the longer one's (a step's tokens: its accepted drafts, then the backbone's)."""
+    from draftheads.draftmodel import Backbone, DraftModel
+    from tiny import tiny_tokenizer
+
+    dm = DraftModel(Backbone(model=echo_model(), tokenizer=tiny_tokenizer(), name="tiny"), lookup=True)
+    ids = torch.tensor(PROMPT)
+    full = dm.generate(ids, max_new_tokens=N_NEW).stats
+    assert full.lookup_accepted >= 5  # the lookup drafted much of it
+    flags = [False] + [f for g, a in zip(full.lookup_given, full.accepted) for f in (g + (False,))[:a]]
+    assert len(flags) == N_NEW
+    checked = 0
+    for n in range(1, N_NEW):
+        s = dm.generate(ids, max_new_tokens=n).stats
+        assert 1 + sum(s.accepted) == s.new_tokens == n
+        assert s.lookup_accepted <= n - 1
+        if s.lookup_given[:-1] == full.lookup_given[:s.steps - 1] and s.lookup_given[-1:] == full.lookup_given[s.steps - 1:s.steps]:
+            assert s.lookup_accepted == sum(flags[:n]), n
+            checked += s.accepted[-1] < len(s.lookup_given[-1]) + 1  # cut inside a step with drafts
+    assert checked >= 2

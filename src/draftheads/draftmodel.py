@@ -154,6 +154,8 @@ class DraftModel:
             text = text.rstrip(TORN)          # while streaming, is no text of the reply (vLLM drops it too)
         stats.new_tokens, stats.total_s = len(tokens), time.perf_counter() - start
         stats.accepted = _kept_per_step(stats.accepted, len(tokens))
+        # a step's tokens are its accepted drafts, then the backbone's: the kept ones are its first a
+        stats.lookup_accepted = sum(sum(g[:a]) for g, a in zip(stats.lookup_given, stats.accepted))
         yield Chunk(text[sent:], Result(tokens, text, stats, finish))
 
     def generate_many(self, prompts: list, *, max_batch: int = MAX_BATCH, max_seq_len: int = MAX_SEQ_LEN,

@@ -38,12 +38,17 @@ class Stats:
     tree_size: int = 1  # the configured tree's (ranked) nodes; prompt lookup adds nodes on steps that match
     nodes: int = 0  # nodes verified, summed over steps (steps x tree_size without lookup)
     lookup_accepted: int = 0  # accepted drafts whose token was given by prompt lookup (ranked by no head)
+    # per step, whether each accepted draft was the lookup's (root's children first): what DraftModel recounts
+    # lookup_accepted from when it cuts the steps to the tokens the reply kept
+    lookup_given: list[tuple[bool, ...]] = field(default_factory=list)
 
     def record(self, tree: Tree, nodes: list[int], draft_s: float, verify_s: float, accept_s: float) -> None:
         """One step: its tree, its accepted nodes (root first) and the seconds of its three phases."""
         self.steps += 1
         self.nodes += tree.size
-        self.lookup_accepted += sum(tree.given[n] for n in nodes)
+        given = tuple(bool(tree.given[n]) for n in nodes[1:])  # the root (node 0) is no draft
+        self.lookup_accepted += sum(given)
+        self.lookup_given.append(given)
         self.draft_s += draft_s
         self.verify_s += verify_s
         self.accept_s += accept_s
@@ -58,7 +63,7 @@ class Stats:
         return self.new_tokens / self.total_s if self.total_s else 0.0
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "accepted"}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("accepted", "lookup_given")}
         d.update(mean_accepted=self.mean_accepted, tokens_per_second=self.tokens_per_second,
                  accepted_histogram=_histogram(self.accepted))
         return d
