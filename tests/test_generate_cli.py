@@ -389,3 +389,22 @@ def test_serve_refuses_a_port_in_use_before_loading(capsys):
         taken.listen()
         code, _, err = run_cli(capsys, "serve", "--port", str(taken.getsockname()[1]), "--backbone", "/no/such/model")
     assert code == 2 and "cannot listen on 127.0.0.1:" in err and "Traceback" not in err
+
+
+def test_load_pays_the_first_decode_s_one_off_costs_so_no_request_counts_them(tiny_dirs, monkeypatch):
+    """The C++ kernels pack a model's weights at its first decode (~2 s for the default model, which the first
+    request's statistics reported as its prefill): load() warms the model up, so a request packs nothing."""
+    from draftheads import few_rows
+    from draftheads.draftmodel import DraftModel
+
+    bb, heads, _ = tiny_dirs
+    packed, real = [], few_rows.pack
+    monkeypatch.setattr(few_rows, "pack", lambda w: packed.append(w) or real(w))
+    m = draftheads.load(heads=str(heads), backbone=str(bb))
+    assert packed  # the warm-up packed (or tried to pack) the weights
+    packed.clear()
+    m.generate("hello", max_new_tokens=8)
+    assert packed == []
+    monkeypatch.setattr(DraftModel, "warm_up", lambda self: None)  # the control: without it the request packs
+    draftheads.load(heads=str(heads), backbone=str(bb)).generate("hello", max_new_tokens=8)
+    assert packed

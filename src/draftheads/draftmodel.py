@@ -158,6 +158,13 @@ class DraftModel:
         stats.lookup_accepted = sum(sum(g[:a]) for g, a in zip(stats.lookup_given, stats.accepted))
         yield Chunk(text[sent:], Result(tokens, text, stats, finish))
 
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Pay the one-off costs of the first decode now (the C++ kernels' weight packing and stack: ~2 s for the
+        default model), so that no request's statistics count them as its prefill: one step of a fixed prompt."""
+        for _ in self.decoder.steps([0] * 4, 2, SamplingConfig(), Stats()):
+            pass
+
     def generate_many(self, prompts: list, *, max_batch: int = MAX_BATCH, max_seq_len: int = MAX_SEQ_LEN,
                       **kwargs) -> list[Result]:
         """One Result per prompt, decoded together: up to `max_batch` sequences share each verify pass
@@ -388,8 +395,10 @@ def load(heads="default", backbone: str | None = None, device: str = "cpu", dtyp
     # Kept beside heads where lookup is off too (bench and calibrate turn it on per method); a plain model drafts
     # nothing
     ngrams = ngram_store(heads, bb.model) if heads is not None or lookup else None
-    return DraftModel(bb, head_module, tree, lookup=lookup, batch_trees=batch_trees,
-                      batch_cuts=batch_cuts, ngrams=ngrams, tree_by_lookup=by_lookup)
+    model = DraftModel(bb, head_module, tree, lookup=lookup, batch_trees=batch_trees,
+                       batch_cuts=batch_cuts, ngrams=ngrams, tree_by_lookup=by_lookup)
+    model.warm_up()
+    return model
 
 
 def ngram_store(heads: Path | None, model) -> NgramStore | None:
