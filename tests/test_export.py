@@ -138,6 +138,11 @@ def test_cli_export(model, tmp_path):
     (tmp_path / "hydra").mkdir()
     (tmp_path / "hydra" / "config.json").write_text(json.dumps({"head_type": "hydra"}))
     assert main(["export", "--heads", str(tmp_path / "hydra"), "--to", "vllm", "--out", str(tmp_path / "x")]) == 2
+    # Never over heads: neither the source itself nor an earlier export (both kept byte for byte)
+    before = {p: p.read_bytes() for d in ("native", "vllm") for p in (tmp_path / d).iterdir()}
+    for out in ("native", "vllm"):
+        assert main(["export", "--heads", str(tmp_path / "native"), "--to", "vllm", "--out", str(tmp_path / out)]) == 2
+    assert {p: p.read_bytes() for d in ("native", "vllm") for p in (tmp_path / d).iterdir()} == before
 
 
 def test_cli_export_default_heads(tmp_path, capsys):

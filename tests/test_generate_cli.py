@@ -319,7 +319,19 @@ def test_default_threads_step_aside_for_a_busy_machine(monkeypatch, capsys):
     monkeypatch.setattr(os, "getloadavg", lambda: (1.3, 1.0, 1.0))
     assert defaults._threads_for_load() == 1 and "busy" in capsys.readouterr().err
     monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))
-    assert defaults._threads_for_load() == 1
+    assert defaults._threads_for_load() == 1 and "--threads N chooses" in capsys.readouterr().err
+    # a command without --threads (ngrams) is not told to use it
+    from draftheads.cli import main
+
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["ngrams", "--data", "/no/such/data", "--heads", "/no/such/heads"]) == 2
+    finally:
+        torch.set_num_threads(threads)  # the note's command set 1 for this process
+    err = capsys.readouterr().err
+    assert "machine is busy" in err and "--threads" not in err
 
 
 @pytest.mark.parametrize("flag,message", [("--prefill-chunk", "--prefill-chunk must be 0 or more"),

@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        defaults.set_threads(getattr(args, "threads", None))
+        defaults.set_threads(getattr(args, "threads", None), flag=hasattr(args, "threads"))
         if getattr(args, "activations", None):
             from .few_rows import set_activations
 

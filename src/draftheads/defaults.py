@@ -87,7 +87,7 @@ KV_CACHE = "float16"
 KV_CACHE_KINDS = ("float16", "float32")
 
 
-def set_threads(threads: int | None) -> None:
+def set_threads(threads: int | None, flag: bool = True) -> None:
     """Apply --threads. 0 or None: one thread per core, unless other jobs already keep the cores busy
     (1-minute load average), then fewer: beside a busy 2-thread process our 2-thread loop with heads
     fell from 31.8 to 1.0 tokens/s (OpenMP threads spinning against it), with 1 thread it ran at 11.7
@@ -97,15 +97,16 @@ def set_threads(threads: int | None) -> None:
 
         raise UserError(f"--threads must be 0 (torch's default) or more, not {threads}")
     if not threads:
-        threads = _threads_for_load()
+        threads = _threads_for_load(flag)
     if threads:
         import torch
 
         torch.set_num_threads(threads)
 
 
-def _threads_for_load() -> int | None:
-    """A thread count below the core count when other work holds cores (None: keep torch's default)."""
+def _threads_for_load(flag: bool = True) -> int | None:
+    """A thread count below the core count when other work holds cores (None: keep torch's default); the note
+    names --threads where the command has it."""
     import os
     import sys
 
@@ -118,5 +119,5 @@ def _threads_for_load() -> int | None:
         return None
     threads = max(1, free)
     print(f"draftheads: note: the machine is busy (load average {load:.1f} on {cores} cores): using {threads} "
-          "torch thread(s); --threads N chooses", file=sys.stderr)
+          f"torch thread(s){'; --threads N chooses' if flag else ''}", file=sys.stderr)
     return threads

@@ -65,7 +65,9 @@ def cmd_export(args) -> None:
     from .heads.export import check_exportable, export_heads
 
     source = heads_dir(args.heads)  # "default" is the shipped heads, as for every other command
-    output_dir(args.out, "--out")
+    if (output_dir(args.out, "--out") / "config.json").exists():  # the source heads themselves, or any others
+        raise UserError(f"--out {args.out} already holds a config.json (heads or a model): export writes into a new "
+                        "or empty directory, never over one")
     raw = check_exportable(source)
     heads, weight, tuned = load_heads(source), None, None
     if raw.get("adapter"):
