@@ -363,6 +363,9 @@ def test_api_mistakes_are_user_errors_and_an_empty_stop_string_is_ignored(tiny_d
     plain = m.generate("hello", max_new_tokens=8)
     assert plain.text and m.generate("hello", max_new_tokens=8, stop="").text == plain.text  # "" ends nothing
     assert [r.text for r in m.generate(["hello", "hello"], max_new_tokens=8, stop="")] == [plain.text] * 2
+    # A temperature above 0 samples exactly unless told otherwise, as on the command line and the server
+    sampled = m.generate("hello", max_new_tokens=8, temperature=0.7, seed=1)
+    assert sampled.token_ids == m.generate("hello", max_new_tokens=8, temperature=0.7, seed=1, acceptance="exact").token_ids
     # OpenAI's developer turn is the template's system turn, in the API as in the server
     turns = lambda role: [{"role": role, "content": "be brief"}, {"role": "user", "content": "hi"}]
     assert m.prompt_ids(turns("developer")) == m.prompt_ids(turns("system")) != m.prompt_ids(turns("user"))

@@ -245,7 +245,7 @@ def test_a_full_queue_refuses_by_name():
     with pytest.raises(Exception) as e:
         worker.submit(Job([2], {}, None, None))
     assert (e.value.status, e.value.code, e.value.type) == (429, "queue_full", "rate_limit_error")
-    assert e.value.message == "the server is busy: 1 requests are already waiting; retry later"
+    assert e.value.message == "the server is busy: 1 request is already waiting; retry later"
     assert len(worker.waiting) == 1
 
 

@@ -108,7 +108,7 @@ def cmd_generate(args) -> None:
     print()
     # new tokens = the prefill's token + steps x tokens/step (the histogram's mean), so the figures add up
     print(f"[{s.new_tokens} tokens in {s.total_s:.2f}s: {s.tokens_per_second:.1f} tok/s | prefill + {s.steps} steps x "
-          f"{s.mean_accepted:.2f} tokens/step | tree {s.tree_size} nodes{_lookup_note(model, s)} | "
+          f"{s.mean_accepted:.2f} tokens/step | tree {s.tree_size} node{'s' if s.tree_size != 1 else ''}{_lookup_note(model, s)} | "
           f"prefill {s.prefill_s * 1e3:.0f} ms, "
           f"per step: draft {_ms(s.draft_s, s.steps)}, verify {_ms(s.verify_s, s.steps)}, "
           f"accept+cache {_ms(s.accept_s, s.steps)} | finish: {result.finish_reason}]", file=sys.stderr)

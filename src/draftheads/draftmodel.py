@@ -10,7 +10,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from numbers import Integral
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -100,13 +100,15 @@ class DraftModel:
         return chat_ids(self.tokenizer, prompt)
 
     def iter_generate(self, prompt, max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = _SP.temperature,
-                      top_p: float = _SP.top_p, top_k: int = _SP.top_k, acceptance: str = _SP.acceptance, tree=None,
+                      top_p: float = _SP.top_p, top_k: int = _SP.top_k, acceptance: str | None = None, tree=None,
                       stop=None, seed: int | None = _SP.seed, typical_epsilon: float = _SP.typical_epsilon,
                       typical_delta: float = _SP.typical_delta, batch=None) -> Iterator[Chunk]:
         """One chunk of new text (maybe empty) per decoding step; the last chunk carries the Result. Arguments
         as for `generate`; `batch` (a batch.BatchDecoder) decodes inside that batch, stepped by its owner."""
         if not isinstance(max_new_tokens, Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be an integer of at least 1, not {max_new_tokens!r}")
+        if acceptance is None:  # the default: greedy at temperature 0, else the backbone's own distribution (exact)
+            acceptance = "exact" if isinstance(temperature, Real) and temperature > 0 else _SP.acceptance
         sp = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, acceptance=acceptance, seed=seed,
                             typical_epsilon=typical_epsilon, typical_delta=typical_delta)
         if tree is not None and self.heads is not None:
@@ -187,7 +189,7 @@ class DraftModel:
         return run_all(batch, [self.iter_generate(p, batch=batch, **kwargs) for p in prompts])
 
     def generate(self, prompt, *, max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = _SP.temperature,
-                 top_p: float = _SP.top_p, top_k: int = _SP.top_k, acceptance: str = _SP.acceptance, tree=None,
+                 top_p: float = _SP.top_p, top_k: int = _SP.top_k, acceptance: str | None = None, tree=None,
                  stop: str | list[str] | None = None, seed: int | None = _SP.seed,
                  typical_epsilon: float = _SP.typical_epsilon, typical_delta: float = _SP.typical_delta
                  ) -> Result | list[Result]:
@@ -200,7 +202,8 @@ class DraftModel:
         max_new_tokens: most new tokens (fewer if EOS, a stop string or the context ends the reply).
         temperature: 0 is greedy decoding; above 0 samples (with top_p in (0, 1], top_k >= 0, 0: off).
         acceptance: "greedy" (temperature 0), "exact" (the backbone's own distribution) or "typical"
-            (Medusa's lossy rule, with typical_epsilon and typical_delta). At temperature 0 every rule is greedy.
+            (Medusa's lossy rule, with typical_epsilon and typical_delta); None (default): greedy at temperature 0,
+            else exact. At temperature 0 every rule is greedy.
         tree: a tree for this call only (a name, a JSON file or a list of rank paths); default: the model's.
         stop: string(s) that end the reply; the text is cut before them.
         seed: seeds the sampling generator, for reproducible samples.
@@ -218,7 +221,7 @@ class DraftModel:
         raise AssertionError("iter_generate ended without a result")
 
     def stream(self, prompt, *, max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = _SP.temperature,
-               top_p: float = _SP.top_p, top_k: int = _SP.top_k, acceptance: str = _SP.acceptance, tree=None,
+               top_p: float = _SP.top_p, top_k: int = _SP.top_k, acceptance: str | None = None, tree=None,
                stop: str | list[str] | None = None, seed: int | None = _SP.seed,
                typical_epsilon: float = _SP.typical_epsilon, typical_delta: float = _SP.typical_delta) -> Iterator[str]:
         """Yield the reply's text as the loop accepts tokens (str pieces; joined they equal

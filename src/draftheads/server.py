@@ -173,7 +173,7 @@ class Worker:
     def submit(self, job: Job) -> None:
         with self.changed:
             if len(self.waiting) >= self.queue_size:
-                raise APIError(429, f"the server is busy: {self.queue_size} requests are already waiting; retry later",
+                raise APIError(429, f"the server is busy: {self.queue_size} request{'s are' if self.queue_size != 1 else ' is'} already waiting; retry later",
                                type="rate_limit_error", code="queue_full")
             self.waiting.append(job)
             self.changed.notify()
