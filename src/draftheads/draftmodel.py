@@ -163,8 +163,9 @@ class DraftModel:
     @torch.inference_mode()
     def warm_up(self) -> None:
         """Pay the one-off costs of the first decode now (the C++ kernels' weight packing and stack: ~2 s for the
-        default model), so that no request's statistics count them as its prefill: one step of a fixed prompt."""
-        for _ in self.decoder.steps([0] * 4, 2, SamplingConfig(), Stats()):
+        default model), so that no request's statistics count them as its prefill: a few steps after a one-token
+        prompt (any context holds it)."""
+        for _ in self.decoder.steps([0], 2, SamplingConfig(), Stats()):
             pass
 
     def generate_many(self, prompts: list, *, max_batch: int = MAX_BATCH, max_seq_len: int = MAX_SEQ_LEN,
