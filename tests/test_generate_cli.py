@@ -338,9 +338,12 @@ def test_default_threads_step_aside_for_a_busy_machine(monkeypatch, capsys):
                                           ("--max-tree-rows", "--max-tree-rows must be 0 or more"),
                                           ("--prompt-cache-tokens", "--prompt-cache-tokens must be 0 or more"),
                                           ("--max-batch", "--max-batch must be at least 1"),
-                                          ("--draft-confidence", "--draft-confidence must be at least 0 and below 1")])
+                                          ("--draft-confidence", "--draft-confidence must be at least 0 and below 1"),
+                                          ("--max-seq-len", "--max-seq-len must be at least 1"),
+                                          ("--max-seq-len=10", "--max-seq-len must be at least 64")])
 def test_serve_limits_are_checked_before_loading(capsys, flag, message):
-    code, _, err = run_cli(capsys, "serve", flag, "-1", "--backbone", "/no/such/model")
+    args = [flag] if "=" in flag else [flag, "-1"]
+    code, _, err = run_cli(capsys, "serve", *args, "--backbone", "/no/such/model")
     assert code == 2 and message in err and "Traceback" not in err
 
 

@@ -100,6 +100,7 @@ def _msgs(text):
 
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
     r = httpx.get(server.url + "/health")  # no key needed
     assert r.status_code == 200 and r.json()["status"] == "ok"
 

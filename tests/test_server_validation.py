@@ -389,3 +389,16 @@ def test_fields_that_would_change_the_reply_are_refused_unless_they_ask_for_noth
                "frequency_penalty": 0.0, "best_of": 1, "echo": False, "suffix": "", "user": "u", "metadata": {"a": "b"}}
     assert client.post("/v1/chat/completions", json=chat(**nothing)).status_code == 200
     assert client.post("/v1/completions", json={"model": "stub", "prompt": "ab", "logprobs": None}).status_code == 200
+
+
+def test_a_model_card_by_id_and_stream_options_only_with_a_stream(api):
+    client, model = api(model_name="org/named")
+    card = client.get("/v1/models/org/named").json()
+    assert card == client.get("/v1/models").json()["data"][0] and card["id"] == "org/named"
+    error(client.get("/v1/models/other"), 404, "the model 'other' does not exist; this server serves 'org/named'",
+          "model", "model_not_found")
+    body = {**chat(), "model": "org/named", "stream_options": {"include_usage": True}}
+    error(client.post("/v1/chat/completions", json=body), 400, "stream_options is only allowed when stream is true",
+          "stream_options")
+    assert not model.calls
+    assert client.post("/v1/chat/completions", json={**body, "stream_options": None}).status_code == 200

@@ -165,6 +165,9 @@ def register(sub) -> None:
     e.set_defaults(func=cmd_export)
 
 
+MIN_SEQ_LEN = 64
+
+
 def _check_limits(args) -> None:
     for name in ("max_body_bytes", "max_prompt_tokens", "max_tokens_limit", "queue_size", "max_batch", "max_seq_len"):
         if getattr(args, name, 1) < 1:
@@ -172,5 +175,7 @@ def _check_limits(args) -> None:
     for name in ("max_tree_rows", "prefill_chunk", "prompt_cache_tokens"):
         if (getattr(args, name, 0) or 0) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be 0 or more")
+    if getattr(args, "max_seq_len", MIN_SEQ_LEN) < MIN_SEQ_LEN:  # smaller, every chat prompt would be refused
+        raise UserError(f"--max-seq-len must be at least {MIN_SEQ_LEN} (a slot holds the prompt, the reply and a tree)")
     if not 0 <= (getattr(args, "draft_confidence", None) or 0.0) < 1:
         raise UserError("--draft-confidence must be at least 0 and below 1")

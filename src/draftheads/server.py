@@ -386,9 +386,18 @@ def create_app(model, model_name: str | None = None, api_key: str | None = None,
             body["prompt_cache"] = dict(prompts.counts)
         return body
 
+    card = {"id": name, "object": "model", "created": created, "owned_by": "draftheads"}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "draftheads"}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")  # :path: a model name may hold slashes (an HF repository id)
+    async def model_card(model_id: str):
+        if model_id != name:
+            raise APIError(404, f"the model {model_id!r} does not exist; this server serves {name!r}",
+                           param="model", code="model_not_found")
+        return card
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
@@ -422,6 +431,8 @@ def create_app(model, model_name: str | None = None, api_key: str | None = None,
         if req.model != name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {name!r}",
                            param="model", code="model_not_found")
+        if req.stream_options is not None and not req.stream:  # as OpenAI's API: a setting for a stream only
+            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
         try:
             ids = tokenize()
         except UserError as e:
