@@ -402,3 +402,12 @@ def test_a_model_card_by_id_and_stream_options_only_with_a_stream(api):
           "stream_options")
     assert not model.calls
     assert client.post("/v1/chat/completions", json={**body, "stream_options": None}).status_code == 200
+
+
+def test_a_body_that_is_no_json_object_is_named(api):
+    client, model = api()
+    message = "the request body must be a JSON object, sent with Content-Type: application/json"
+    error(client.post("/v1/chat/completions", json=[chat()]), 400, message, code="invalid_body")
+    error(client.post("/v1/completions", content=b'{"model": "stub", "prompt": "ab"}',
+                      headers={"Content-Type": "application/x-www-form-urlencoded"}), 400, message, code="invalid_body")
+    assert not model.calls

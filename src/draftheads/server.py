@@ -361,6 +361,9 @@ def create_app(model, model_name: str | None = None, api_key: str | None = None,
                                                            not x.get("type", "").endswith("_type")))
         if first.get("type") == "json_invalid":
             return _error(APIError(400, "the request body is not valid JSON", code="invalid_json"))
+        if tuple(first.get("loc", ())) == ("body",):  # a JSON array or string, or a body sent without its JSON type
+            return _error(APIError(400, "the request body must be a JSON object, sent with Content-Type: "
+                                        "application/json", code="invalid_body"))
         where, msg = _param(first.get("loc", ())), first.get("msg", "invalid value").removeprefix("Value error, ")
         return _error(APIError(400, f"{where}: {msg}" if where else msg,
                                param=where or None, code=first.get("type")))
