@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import defaults
 from .acceptance import GREEDY_BELOW
+from .backbone import ROLES
 from .errors import UserError
 from .batch import refusal, slot_context
 from .round_costs import RoundCosts
@@ -122,7 +123,7 @@ class TextPart(BaseModel):
 
 
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal[ROLES]  # the API's own (backbone.chat_ids maps developer to system)
     content: Union[Text, list[TextPart]]
 
 
