@@ -155,9 +155,7 @@ class DraftModel:
         if finish in ("length", "context"):  # cut inside a multi-byte character: its torn bytes' U+FFFD, held back
             text = text.rstrip(TORN)          # while streaming, is no text of the reply (vLLM drops it too)
         stats.new_tokens, stats.total_s = len(tokens), time.perf_counter() - start
-        stats.accepted = _kept_per_step(stats.accepted, len(tokens))
-        # a step's tokens are its accepted drafts, then the backbone's: the kept ones are its first a
-        stats.lookup_accepted = sum(sum(g[:a]) for g, a in zip(stats.lookup_given, stats.accepted))
+        stats.accepted = _kept_per_step(stats.accepted, len(tokens))  # lookup_accepted follows
         yield Chunk(text[sent:], Result(tokens, text, stats, finish))
 
     @torch.inference_mode()

@@ -37,18 +37,15 @@ class Stats:
     total_s: float = 0.0
     tree_size: int = 1  # the configured tree's (ranked) nodes; prompt lookup adds nodes on steps that match
     nodes: int = 0  # nodes verified, summed over steps (steps x tree_size without lookup)
-    lookup_accepted: int = 0  # accepted drafts whose token was given by prompt lookup (ranked by no head)
-    # per step, whether each accepted draft was the lookup's (root's children first): what DraftModel recounts
-    # lookup_accepted from when it cuts the steps to the tokens the reply kept
+    # per step, whether each accepted draft was the lookup's (root's children first): lookup_accepted counts them
+    # over the tokens each step kept, so a cut to the reply's tokens (DraftModel's) cuts the count too
     lookup_given: list[tuple[bool, ...]] = field(default_factory=list)
 
     def record(self, tree: Tree, nodes: list[int], draft_s: float, verify_s: float, accept_s: float) -> None:
         """One step: its tree, its accepted nodes (root first) and the seconds of its three phases."""
         self.steps += 1
         self.nodes += tree.size
-        given = tuple(bool(tree.given[n]) for n in nodes[1:])  # the root (node 0) is no draft
-        self.lookup_accepted += sum(given)
-        self.lookup_given.append(given)
+        self.lookup_given.append(tuple(bool(tree.given[n]) for n in nodes[1:]))  # the root (node 0) is no draft
         self.draft_s += draft_s
         self.verify_s += verify_s
         self.accept_s += accept_s
@@ -59,13 +56,19 @@ class Stats:
         return sum(self.accepted) / max(len(self.accepted), 1)
 
     @property
+    def lookup_accepted(self) -> int:
+        """Accepted drafts whose token was given by prompt lookup (ranked by no head): a step's tokens are its
+        accepted drafts, then the backbone's, so the kept ones are its first `accepted[i]`."""
+        return sum(sum(g[:a]) for g, a in zip(self.lookup_given, self.accepted))
+
+    @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.total_s if self.total_s else 0.0
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k not in ("accepted", "lookup_given")}
-        d.update(mean_accepted=self.mean_accepted, tokens_per_second=self.tokens_per_second,
-                 accepted_histogram=_histogram(self.accepted))
+        d.update(lookup_accepted=self.lookup_accepted, mean_accepted=self.mean_accepted,
+                 tokens_per_second=self.tokens_per_second, accepted_histogram=_histogram(self.accepted))
         return d
 
 

@@ -276,9 +276,8 @@ class HydraHeads(DraftHeads):
         linear() routes it or the kernel is not built; the lists stay valid while the weights' WeightState (the first
         `depth` heads' linears and LM heads, or the shared LM-head rows) gives `state` again."""
         shared = self.lm_heads is None
-        weights = WeightState([m for k in range(depth) for block in self.blocks[k]
-                               for m in ((block.linear, block.res) if isinstance(block, GroundedBlock) else (block.linear,))
-                               if m is not None] + ([] if shared else [self.lm_heads[k] for k in range(depth)]),
+        weights = WeightState([m for k in range(depth) for m in self.blocks[k].modules() if isinstance(m, nn.Linear)]
+                              + ([] if shared else [self.lm_heads[k] for k in range(depth)]),
                               [(self, "shared_weight")] if shared else [])
         state, module, blocks, lm = weights.state(), few_rows.load(), [], []
         if module is None or not hasattr(module, "hydra_chain"):
